@@ -1,0 +1,57 @@
+"""`slimserve serve | repo ... | optimize | bench`.
+
+Each command group lives beside what it drives and registers its own sub-parser through a
+`register(subparsers)` function; this module only assembles them. Importing it loads no
+framework.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from slimserve.errors import SlimserveError
+
+# Modules that each define `register(subparsers) -> None`; their handlers are stored with
+# `parser.set_defaults(handler=...)` and take the parsed namespace, returning an exit code.
+COMMAND_MODULES = (
+    "slimserve.app",  # serve
+    "slimserve.repository.cli",  # repo add | list | manifest
+    "slimserve.optimize.cli",  # optimize
+    "slimserve.bench",  # bench
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimserve",
+        description="Serve machine-learning models fast and safely; make them cheaper to serve.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that command group is not part of this build
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except SlimserveError as exc:
+        print(f"slimserve {args.command}: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

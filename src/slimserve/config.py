@@ -1,0 +1,137 @@
+"""Settings: every server option, defined and documented once.
+
+One typed object, filled (highest priority first) from command-line flags, the environment
+(`SLIMSERVE_<FIELD>`, e.g. `SLIMSERVE_HTTP_PORT=9000`) and an optional YAML file
+(`--config FILE`), then passed down. No other module reads the environment. The CLI builds its
+flags and their help text from the fields below, so a default is written in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from slimserve.errors import ConfigError
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every option of `slimserve serve`."""
+
+    model_config = SettingsConfigDict(env_prefix="SLIMSERVE_", extra="forbid", frozen=True)
+
+    repository: Path = Field(Path("models"), description="Model repository folder.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on. Loopback by default; 0.0.0.0 exposes the server.",
+    )
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: disabled).")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: disabled).")
+    load_models: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Models to load at start ('*': all in the repository; empty: none).",
+    )
+    model_control: bool = Field(
+        False,
+        description="Allow loading and unloading models through the repository API.",
+    )
+    max_body_bytes: int = Field(
+        64 * MiB, gt=0, description="Largest request body accepted, in bytes (413 above)."
+    )
+    max_queue_size: int = Field(
+        512,
+        gt=0,
+        description="Default bound on queued requests per model; a full queue answers 503.",
+    )
+    inference_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads that run inference across all models (0: one per CPU core).",
+    )
+    intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads inside one inference call (ONNX Runtime, torch; 0: CPU cores).",
+    )
+    ort_graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimization level."
+    )
+    verify_manifests: bool = Field(
+        True, description="Check each version's MANIFEST.json sha256 sums at load."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _host_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("host is empty; use 127.0.0.1 (loopback) or 0.0.0.0 (all)")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (init) over environment; the YAML file is merged into init by `load`.
+        return (init_settings, env_settings)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **flags: Any) -> Settings:
+        """Build settings from flags, then the environment, then `config_file`.
+
+        Flags whose value is None are treated as not given. Every mistake raises ConfigError
+        naming the field, the value and what is allowed.
+        """
+        given = {k: v for k, v in flags.items() if v is not None}
+        file_values: dict[str, Any] = {}
+        if config_file is not None:
+            file_values = _read_yaml(config_file)
+        env_names = {f"SLIMSERVE_{k.upper()}" for k in cls.model_fields}
+        import os  # the environment is read here and nowhere else
+
+        from_env = {n[len("SLIMSERVE_"):].lower() for n in env_names if n in os.environ}
+        merged = {k: v for k, v in file_values.items() if k not in from_env}
+        merged.update(given)
+        try:
+            return cls(**merged)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, config_file)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of setting: value at the top level")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _describe(exc: ValidationError, source: Path | None) -> str:
+    where = f"{source}: " if source else ""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        value = err.get("input")
+        hint = ""
+        if err["type"] == "extra_forbidden":
+            hint = f"; known settings: {', '.join(sorted(Settings.model_fields))}"
+        lines.append(f"{where}setting '{field}' = {value!r}: {err['msg']}{hint}")
+    return "\n".join(lines)

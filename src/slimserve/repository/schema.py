@@ -1,0 +1,219 @@
+"""model.yaml and variant.yaml: their schema, and errors that name file, field, value and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from slimserve.errors import ConfigError
+from slimserve.types import DATATYPES, TensorSpec
+
+Backend = Literal["onnx", "torch", "transformers", "python"]
+
+# Per-field advice appended to validation errors: what a correct value looks like.
+_FIXES: dict[str, str] = {
+    "backend": "use one of onnx, torch, transformers, python",
+    "datatype": f"use one of {', '.join(DATATYPES)}",
+    "shape": "give a list of integers, -1 for a free dimension, e.g. [-1, 784]",
+    "max_batch_size": "use 0 for a model without a batch dimension, or a positive size like 32",
+    "max_queue_delay_ms": "use a small non-negative number of milliseconds, e.g. 2",
+    "name": "give each tensor a non-empty name as the artifact declares it",
+    "task": "use embedding or sequence-classification",
+    "model_class": "name the class as 'package.module:ClassName'",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorConfig(_Strict):
+    name: str = Field(min_length=1, max_length=256)
+    datatype: str
+    shape: list[int] = Field(min_length=0, max_length=16)
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in DATATYPES:
+            raise ValueError(f"unknown datatype {value!r}")
+        return upper
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, value: list[int]) -> list[int]:
+        if any(d < -1 or d == 0 for d in value):
+            raise ValueError("dimensions must be positive, or -1 for a free dimension")
+        return value
+
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.datatype, tuple(self.shape))
+
+
+class BatchingConfig(_Strict):
+    """Dynamic batching. max_batch_size 0 means the model has no batch dimension."""
+
+    max_batch_size: int = Field(32, ge=0, le=65536)
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=10_000)
+    # None: the server's default (Settings.max_queue_size).
+    max_queue_size: int | None = Field(None, gt=0)
+
+
+class ModelConfig(_Strict):
+    """The contents of model.yaml."""
+
+    backend: Backend
+    inputs: list[TensorConfig] = Field(default_factory=list)
+    outputs: list[TensorConfig] = Field(default_factory=list)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    # torch backend, safetensors weights: the nn.Module class and its constructor arguments.
+    model_class: str | None = None
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    # transformers backend: what to compute.
+    task: Literal["embedding", "sequence-classification"] | None = None
+    normalize: bool = True
+    max_length: int = Field(256, gt=0, le=131072)
+    # Free-form options for the runtime (documented by each runtime).
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    description: str = ""
+
+    @field_validator("model_class")
+    @classmethod
+    def _class_path(cls, value: str | None) -> str | None:
+        if value is not None and (":" not in value or value.startswith(":")):
+            raise ValueError(f"{value!r} is not of the form 'package.module:ClassName'")
+        return value
+
+    def input_specs(self) -> list[TensorSpec]:
+        return [t.spec() for t in self.inputs]
+
+    def output_specs(self) -> list[TensorSpec]:
+        return [t.spec() for t in self.outputs]
+
+    @property
+    def batched(self) -> bool:
+        return self.batching.max_batch_size > 0
+
+
+class VariantProfile(BaseModel):
+    """A variant's measured profile (written by `slimserve optimize`); all fields optional."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    size_bytes: int | None = None
+    memory_bytes: int | None = None
+    latency_ms_batch1: float | None = None
+    latency_ms_best: float | None = None
+    throughput_rps: float | None = None
+    accuracy: float | None = None
+    agreement: float | None = None
+
+
+class VariantInfo(BaseModel):
+    """The contents of variant.yaml: how the variant was made, and what it measured."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    # The variant's artifact may use another backend than the original (e.g. torch -> onnx).
+    backend: Backend | None = None
+    recipe: Any = None
+    profile: VariantProfile = Field(default_factory=VariantProfile)
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: missing; write one (see README 'model.yaml') or run "
+            "`slimserve repo add NAME ARTIFACT` to generate it"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping (backend:, inputs:, outputs:, ...)")
+    return data
+
+
+def describe_validation_error(path: Path, exc: ValidationError) -> str:
+    """One line per mistake: file, field path, the value given, what is wrong, the fix."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        last = next((str(p) for p in reversed(err["loc"]) if isinstance(p, str)), "")
+        fix = _FIXES.get(last, "")
+        if err["type"] == "extra_forbidden":
+            fix = "remove it or check its spelling"
+        elif err["type"] == "missing":
+            fix = fix or "add it"
+        msg = f"{path}: field '{loc}'"
+        if err["type"] != "missing":
+            msg += f" = {value!r}"
+        msg += f": {err['msg']}"
+        if fix:
+            msg += f"; fix: {fix}"
+        lines.append(msg)
+    return "\n".join(lines)
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    """Read and validate a model.yaml; ConfigError names every mistake."""
+    data = _read_yaml_mapping(path)
+    try:
+        config = ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(path, exc)) from None
+    _check_consistency(path, config)
+    return config
+
+
+def _check_consistency(path: Path, config: ModelConfig) -> None:
+    for kind, tensors in (("inputs", config.inputs), ("outputs", config.outputs)):
+        names = [t.name for t in tensors]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"{path}: field '{kind}': duplicate names {dupes}; fix: rename them")
+        if config.batched:
+            for i, t in enumerate(tensors):
+                if not t.shape or t.shape[0] != -1:
+                    raise ConfigError(
+                        f"{path}: field '{kind}.{i}.shape' = {t.shape}: a batched model "
+                        f"(max_batch_size {config.batching.max_batch_size}) needs -1 as the "
+                        "first dimension; fix: make it -1, or set batching.max_batch_size: 0"
+                    )
+    if config.backend == "transformers" and config.task is None:
+        raise ConfigError(
+            f"{path}: field 'task' is missing: the transformers backend needs it; "
+            "fix: task: embedding or task: sequence-classification"
+        )
+
+
+def load_variant_info(path: Path) -> VariantInfo:
+    """Read a variant.yaml (a missing file means an unprofiled, hand-made variant)."""
+    if not path.exists():
+        return VariantInfo()
+    data = _read_yaml_mapping(path)
+    try:
+        return VariantInfo.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(path, exc)) from None
+
+
+def dump_model_config(config: ModelConfig) -> str:
+    """model.yaml text for a config, with defaults left out so users see what matters."""
+    data = config.model_dump(mode="json", exclude_defaults=True)
+    data["backend"] = config.backend
+    data["batching"] = config.batching.model_dump(mode="json", exclude_none=True)
+    for key in ("inputs", "outputs"):
+        data[key] = [t.model_dump(mode="json") for t in getattr(config, key)]
+    order = ["backend", "task", "model_class", "model_args", "inputs", "outputs", "batching"]
+    ordered = {k: data[k] for k in order if k in data}
+    ordered.update({k: v for k, v in data.items() if k not in ordered})
+    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None)

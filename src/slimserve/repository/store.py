@@ -1,0 +1,149 @@
+"""The repository folder: models, integer versions, named variants, and safe paths into it.
+
+Layout (see README):  ROOT/NAME/model.yaml, ROOT/NAME/VERSION/<artifact>,
+ROOT/NAME/VERSION/variants/VARIANT/<artifact + variant.yaml>.
+A served variant is addressed as `NAME:VARIANT` (or the request parameter `variant`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from slimserve.errors import InvalidArgument, NotFound, UnsafeArtifact
+from slimserve.repository.schema import (
+    ModelConfig,
+    VariantInfo,
+    load_model_config,
+    load_variant_info,
+)
+
+MODEL_YAML = "model.yaml"
+VARIANT_YAML = "variant.yaml"
+VARIANTS_DIR = "variants"
+VARIANT_SEPARATOR = ":"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+# Suffixes of files that unpickle (run code) when loaded.
+PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib"})
+
+
+def check_name(name: str, what: str = "model name") -> str:
+    """Accept only plain names: letters, digits, '_', '-', '.'; no '..', at most 128 chars."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise InvalidArgument(
+            f"invalid {what} {shown!r}: use 1-128 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit, without '..'"
+        )
+    return name
+
+
+def split_served_name(served: str) -> tuple[str, str | None]:
+    """'mlp:int8' -> ('mlp', 'int8'); 'mlp' -> ('mlp', None). Both parts validated."""
+    name, sep, variant = served.partition(VARIANT_SEPARATOR)
+    check_name(name)
+    if sep:
+        check_name(variant, "variant name")
+        return name, variant
+    return name, None
+
+
+def refuse_pickles(folder: Path) -> None:
+    """Refuse a folder holding pickle artifacts, saying how to convert them."""
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in PICKLE_SUFFIXES and path.is_file():
+            raise UnsafeArtifact(
+                f"{path}: pickle files can run arbitrary code when loaded and are refused. "
+                "Convert it: for a state dict, `safetensors.torch.save_file(torch.load(p, "
+                "weights_only=True), 'model.safetensors')`; for a transformers model, "
+                "`model.save_pretrained(dir, safe_serialization=True)`; or export to ONNX."
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One loadable unit: a version, or a variant of it, with its folder and config."""
+
+    model: str
+    version: int
+    variant: str | None
+    path: Path
+    config: ModelConfig
+    info: VariantInfo | None = None
+
+    @property
+    def key(self) -> str:
+        v = f"{self.model}/{self.version}"
+        return v if self.variant is None else f"{v}:{self.variant}"
+
+    @property
+    def backend(self) -> str:
+        if self.info is not None and self.info.backend is not None:
+            return self.info.backend
+        return self.config.backend
+
+
+class Repository:
+    """Read access to a repository folder; every path it returns stays inside the root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+
+    def _inside(self, path: Path) -> Path:
+        resolved = path.resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise UnsafeArtifact(f"{path}: resolves outside the repository {self.root}")
+        return resolved
+
+    def model_names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if (p / MODEL_YAML).is_file() and _NAME.match(p.name)
+        )
+
+    def model_dir(self, name: str) -> Path:
+        check_name(name)
+        path = self._inside(self.root / name)
+        if not (path / MODEL_YAML).is_file():
+            raise NotFound(f"model '{name}' is not in the repository {self.root}")
+        return path
+
+    def config(self, name: str) -> ModelConfig:
+        return load_model_config(self.model_dir(name) / MODEL_YAML)
+
+    def versions(self, name: str) -> list[int]:
+        folder = self.model_dir(name)
+        return sorted(
+            int(p.name) for p in folder.iterdir()
+            if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+        )
+
+    def version_dir(self, name: str, version: int) -> Path:
+        path = self._inside(self.model_dir(name) / str(version))
+        if not path.is_dir():
+            raise NotFound(f"model '{name}' has no version {version}")
+        return path
+
+    def variants(self, name: str, version: int) -> list[str]:
+        folder = self.version_dir(name, version) / VARIANTS_DIR
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and _NAME.match(p.name))
+
+    def variant_dir(self, name: str, version: int, variant: str) -> Path:
+        check_name(variant, "variant name")
+        path = self._inside(self.version_dir(name, version) / VARIANTS_DIR / variant)
+        if not path.is_dir():
+            raise NotFound(f"model '{name}' version {version} has no variant '{variant}'")
+        return path
+
+    def target(self, name: str, version: int, variant: str | None = None) -> Target:
+        config = self.config(name)
+        if variant is None:
+            return Target(name, version, None, self.version_dir(name, version), config)
+        path = self.variant_dir(name, version, variant)
+        return Target(name, version, variant, path, config, load_variant_info(path / VARIANT_YAML))

@@ -1,0 +1,77 @@
+"""The one runtime interface: load, infer a batch, unload, memory used.
+
+A runtime is the only place that touches a framework. It is built from a repository Target
+(folder + model.yaml [+ variant.yaml]) and RuntimeOptions, and used from worker threads:
+`infer` may be called from several threads at once only if `thread_safe` is True; otherwise
+the serving layer calls it from one thread at a time.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from slimserve.repository.store import Target
+from slimserve.types import TensorSpec
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """Framework-level knobs, filled from Settings by the composition root."""
+
+    intra_op_threads: int = 0  # 0: the framework's default (one per core)
+    graph_optimization: str = "all"  # ONNX Runtime: disable | basic | extended | all
+
+
+class Runtime(ABC):
+    """Runs one model version or variant. Inputs and outputs are dicts of numpy arrays.
+
+    `infer` receives arrays already validated against `inputs` (names, datatypes, shapes);
+    when the model is batched their first dimension is the batch, and every output must keep
+    that first dimension.
+    """
+
+    thread_safe: bool = False
+
+    def __init__(self, target: Target, options: RuntimeOptions | None = None) -> None:
+        self.target = target
+        self.options = options or RuntimeOptions()
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.target.config.input_specs()
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.target.config.output_specs()
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load the artifact (blocking). Raise ModelLoadError/UnsafeArtifact with a reason."""
+
+    @abstractmethod
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch; return every declared output (the caller filters)."""
+
+    @abstractmethod
+    def unload(self) -> None:
+        """Release the model and its memory; the runtime may be loaded again later."""
+
+    @abstractmethod
+    def memory_bytes(self) -> int:
+        """Bytes this loaded model holds (weights and session buffers), best estimate."""
+
+    def warmup(self) -> None:
+        """Run once on zeros so the first real request pays no lazy initialisation."""
+        feeds = {}
+        for spec in self.inputs:
+            shape = tuple(1 if d == -1 else d for d in spec.shape)
+            if spec.datatype == "BYTES":
+                feeds[spec.name] = np.full(shape, b"warm up", dtype=object)
+            else:
+                from slimserve.types import numpy_dtype
+
+                feeds[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
+        self.infer(feeds)

@@ -1,0 +1,61 @@
+"""Small torch model classes used by the demo, the tests, the benchmarks and `optimize`.
+
+Name them in model.yaml as `model_class: slimserve.zoo:MLP` with `model_args`. Importing this
+module imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network; `sizes` = [in, hidden..., out], e.g. [784, 1024, 1024, 10].
+
+    Input (B, sizes[0]) float32 -> logits (B, sizes[-1]).
+    """
+
+    def __init__(self, sizes: Sequence[int] = (784, 300, 100, 10)) -> None:
+        super().__init__()
+        if len(sizes) < 2:
+            raise ValueError(f"MLP needs at least [in, out] sizes, got {list(sizes)}")
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 for 28x28 single-channel images: input (B, 1, 28, 28) or (B, 784) -> (B, 10)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2),  # (B, 6, 28, 28)
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 6, 14, 14)
+            nn.Conv2d(6, 16, 5),  # (B, 16, 10, 10)
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, 16, 5, 5)
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * 5 * 5, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # flat 784-pixel rows
+            x = x.view(-1, 1, 28, 28)
+        return self.classifier(self.features(x))

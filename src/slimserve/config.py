@@ -101,7 +101,7 @@ class Settings(BaseSettings):
         env_names = {f"SLIMSERVE_{k.upper()}" for k in cls.model_fields}
         import os  # the environment is read here and nowhere else
 
-        from_env = {n[len("SLIMSERVE_"):].lower() for n in env_names if n in os.environ}
+        from_env = {n[len("SLIMSERVE_") :].lower() for n in env_names if n in os.environ}
         merged = {k: v for k, v in file_values.items() if k not in from_env}
         merged.update(given)
         try:

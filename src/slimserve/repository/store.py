@@ -102,7 +102,9 @@ class Repository:
         if not self.root.is_dir():
             return []
         return sorted(
-            p.name for p in self.root.iterdir() if (p / MODEL_YAML).is_file() and _NAME.match(p.name)
+            p.name
+            for p in self.root.iterdir()
+            if (p / MODEL_YAML).is_file() and _NAME.match(p.name)
         )
 
     def model_dir(self, name: str) -> Path:
@@ -118,7 +120,8 @@ class Repository:
     def versions(self, name: str) -> list[int]:
         folder = self.model_dir(name)
         return sorted(
-            int(p.name) for p in folder.iterdir()
+            int(p.name)
+            for p in folder.iterdir()
             if p.is_dir() and p.name.isdigit() and int(p.name) > 0
         )
 

@@ -1,0 +1,163 @@
+"""The composition root: builds the settings, the repository, the engine and the transports,
+runs them on one event loop, and stops them in order. Also defines `slimserve serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from slimserve.config import Settings
+from slimserve.errors import ConfigError
+from slimserve.repository.store import Repository
+from slimserve.serving.engine import Engine
+
+log = logging.getLogger("slimserve")
+
+
+def register(sub: Any) -> None:
+    """`slimserve serve`: one flag per Settings field, help from its description."""
+    parser = sub.add_parser(
+        "serve",
+        help="serve a model repository over HTTP and gRPC",
+        description="Serve every model in a repository (KServe v2 over HTTP and gRPC). "
+        "Options also come from SLIMSERVE_<OPTION> environment variables and --config FILE; "
+        "flags win over the environment, which wins over the file.",
+    )
+    parser.add_argument("--config", type=Path, help="YAML file of settings (keys as below).")
+    for name, field in Settings.model_fields.items():
+        _add_flag(parser, name, field)
+    parser.set_defaults(handler=_serve_command)
+
+
+def _add_flag(parser: argparse.ArgumentParser, name: str, field: Any) -> None:
+    flag = "--" + name.replace("_", "-")
+    default = field.default_factory() if field.default_factory else field.default
+    help_text = f"{field.description} (default: {default})"
+    annotation = field.annotation
+    if annotation is bool:
+        parser.add_argument(
+            flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+        )
+    elif typing.get_origin(annotation) is typing.Literal:
+        parser.add_argument(flag, choices=typing.get_args(annotation), default=None, help=help_text)
+    elif typing.get_origin(annotation) is list:
+        parser.add_argument(
+            flag,
+            type=lambda s: [x for x in s.split(",") if x],
+            default=None,
+            help=help_text + "; comma-separated",
+        )
+    else:
+        parser.add_argument(flag, type=annotation, default=None, help=help_text)
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    flags = {name: getattr(args, name) for name in Settings.model_fields}
+    settings = Settings.load(args.config, **flags)
+    run_server(settings)
+    return 0
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run_server(settings: Settings) -> None:
+    """Run until SIGINT/SIGTERM, on uvloop where available."""
+    configure_logging(settings)
+    try:
+        import uvloop
+
+        uvloop.run(serve(settings))
+    except ImportError:
+        asyncio.run(serve(settings))
+
+
+async def serve(settings: Settings, started: asyncio.Event | None = None) -> None:
+    """Start the engine and the transports; stop them in order on a signal."""
+    repository = Repository(settings.repository)
+    if not repository.root.is_dir():
+        raise ConfigError(
+            f"setting 'repository' = '{settings.repository}': no such folder; create it or "
+            "point --repository at your model repository"
+        )
+    engine = Engine(repository, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await engine.start()
+    http_task, http_server, grpc_server = None, None, None
+    try:
+        if settings.http_port:
+            http_server = _http_server(engine, settings)
+            http_task = loop.create_task(http_server.serve())
+        if settings.grpc_port:
+            from slimserve.transport.grpc import create_server
+
+            grpc_server = create_server(engine, settings)
+            await grpc_server.start()
+        log.info(
+            "serving %s on %s (http %s, grpc %s)",
+            repository.root,
+            settings.host,
+            settings.http_port or "off",
+            settings.grpc_port or "off",
+        )
+        if started is not None:
+            started.set()
+        await _wait_for(stop, http_task)
+    finally:
+        log.info("shutting down")
+        if http_server is not None and http_task is not None:
+            http_server.should_exit = True
+            await http_task
+        if grpc_server is not None:
+            await grpc_server.stop(grace=2.0)
+        await engine.stop()
+
+
+async def _wait_for(stop: asyncio.Event, http_task: asyncio.Task[None] | None) -> None:
+    waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
+    if http_task is not None:
+        waiters.append(http_task)  # the HTTP server failing to bind ends the process
+    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if http_task is not None and http_task in done and http_task.exception():
+        raise http_task.exception()  # type: ignore[misc]
+
+
+def _http_server(engine: Engine, settings: Settings) -> Any:
+    import uvicorn
+
+    from slimserve.transport.http import create_app
+
+    class _Server(uvicorn.Server):
+        # Signals are handled by `serve` so that gRPC and the engine stop in order too.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    config = uvicorn.Config(
+        create_app(engine, settings),
+        host=settings.host,
+        port=settings.http_port,
+        http="httptools",
+        loop="none",
+        lifespan="off",
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_keep_alive=30,
+        h11_max_incomplete_event_size=64 * 1024,
+    )
+    return _Server(config)

@@ -1,0 +1,1 @@
+"""The serving engine: model states, dynamic batching, validation, statistics."""

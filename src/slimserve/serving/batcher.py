@@ -1,0 +1,255 @@
+"""Dynamic batching: one queue per served unit (a model version or one of its variants).
+
+Requests carry one or more rows. The batcher concatenates the inputs of queued requests along
+the batch dimension once, runs the runtime off the event loop, and hands each request back
+views of exactly its own rows.
+
+When to dispatch: as soon as the runtime is free and the queue has stopped growing (checked
+across a few event-loop turns, so requests already read from sockets join), or the batch is
+full, or the oldest request has waited `max_delay_s`. A lone request therefore pays a few
+microseconds, not the whole delay; under load, batches fill while the previous one runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from slimserve.errors import DeadlineExceeded, InvalidArgument, SlimserveError, Unavailable
+
+Arrays = dict[str, np.ndarray]
+# Event-loop turns without a new arrival after which a partial batch goes out.
+_QUIET_TURNS = 2
+
+
+@dataclass(slots=True)
+class _Item:
+    inputs: Arrays
+    rows: int
+    signature: tuple[tuple[int, ...], ...]  # non-batch dims per input: only equal ones batch
+    future: asyncio.Future[Arrays]
+    enqueued_ns: int
+    deadline: float | None  # time.monotonic() seconds, None: no deadline
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """Counters in the shape Triton's statistics API reports (nanoseconds)."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_ns: int = 0
+    compute_ns: int = 0
+    inference_count: int = 0  # rows
+    execution_count: int = 0  # batches
+    last_inference_ms: int = 0
+    batch_sizes: dict[int, list[int]] = field(default_factory=dict)  # size -> [count, ns]
+
+
+class Batcher:
+    """Queue + dispatcher for one runtime. Use `submit` from the event loop."""
+
+    def __init__(
+        self,
+        infer: Callable[[Arrays], Arrays],
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+    ) -> None:
+        self._infer = infer
+        self._executor = executor
+        self.max_batch_size = max_batch_size  # 0: no batch dimension, one request per call
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.stats = BatchStats()
+        self._queue: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._busy = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        """Stop taking requests, finish the queued ones, then stop the dispatcher."""
+        self._closed = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+
+    async def submit(self, inputs: Arrays, rows: int, deadline: float | None = None) -> Arrays:
+        """Queue one request of `rows` rows; return its outputs (views of the batch result)."""
+        if self._closed:
+            raise Unavailable("the model is being unloaded; retry shortly", retry_after_s=1)
+        if self.max_batch_size and rows > self.max_batch_size:
+            raise InvalidArgument(
+                f"the request has {rows} rows but the model's max_batch_size is "
+                f"{self.max_batch_size}; split it into requests of at most that many rows"
+            )
+        if len(self._queue) >= self.max_queue:
+            raise Unavailable(
+                f"the model's queue is full ({self.max_queue} requests waiting); retry later",
+                retry_after_s=1,
+            )
+        signature = tuple(a.shape[1:] for a in inputs.values()) if self.max_batch_size else ()
+        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Item(inputs, rows, signature, future, time.perf_counter_ns(), deadline))
+        self._wakeup.set()
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._gather()
+            batch = self._take()
+            if batch:
+                await self._execute(batch)
+
+    async def _gather(self) -> None:
+        """Let a partial batch fill while requests keep arriving, up to max_delay_s."""
+        if not self.max_batch_size:
+            return
+        oldest = self._queue[0].enqueued_ns
+        limit_ns = oldest + int(self.max_delay_s * 1e9)
+        quiet, seen = 0, len(self._queue)
+        while quiet < _QUIET_TURNS and self._rows_queued() < self.max_batch_size:
+            if self._closed or time.perf_counter_ns() >= limit_ns:
+                return
+            await asyncio.sleep(0)
+            quiet = quiet + 1 if len(self._queue) == seen else 0
+            seen = len(self._queue)
+
+    def _rows_queued(self) -> int:
+        return sum(item.rows for item in self._queue)
+
+    def _take(self) -> list[_Item]:
+        """Pop a compatible set of items (same non-batch dims) up to max_batch_size rows."""
+        now = time.monotonic()
+        first = None
+        while self._queue and first is None:
+            item = self._queue.popleft()
+            if item.future.done():
+                continue  # cancelled by its caller (client gone)
+            if item.deadline is not None and now > item.deadline:
+                item.future.set_exception(
+                    DeadlineExceeded("the request's timeout passed before it reached the model")
+                )
+                continue
+            first = item
+        if first is None:
+            return []
+        batch, rows = [first], first.rows
+        if not self.max_batch_size:
+            return batch
+        kept: deque[_Item] = deque()
+        while self._queue:
+            item = self._queue.popleft()
+            if item.future.done():
+                continue
+            fits = rows + item.rows <= self.max_batch_size
+            if fits and item.signature == first.signature:
+                batch.append(item)
+                rows += item.rows
+            else:
+                kept.append(item)
+                if not fits:
+                    break
+        kept.extend(self._queue)
+        self._queue = kept
+        return batch
+
+    async def _execute(self, batch: list[_Item]) -> None:
+        start_ns = time.perf_counter_ns()
+        inputs = _concat(batch) if self.max_batch_size else batch[0].inputs
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._infer, inputs)
+        except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests only
+            self._fail(batch, exc, start_ns)
+            return
+        end_ns = time.perf_counter_ns()
+        self._deliver(batch, outputs, start_ns, end_ns)
+
+    def _deliver(self, batch: list[_Item], outputs: Arrays, start_ns: int, end_ns: int) -> None:
+        rows = sum(item.rows for item in batch)
+        try:
+            _check_rows(outputs, rows, bool(self.max_batch_size))
+        except SlimserveError as exc:
+            self._fail(batch, exc, start_ns)
+            return
+        offset = 0
+        for item in batch:
+            if not item.future.done():
+                if self.max_batch_size and len(batch) > 1:
+                    part = {k: v[offset : offset + item.rows] for k, v in outputs.items()}
+                else:
+                    part = outputs
+                item.future.set_result(part)
+            offset += item.rows
+        self._record(batch, rows, start_ns, end_ns)
+
+    def _record(self, batch: list[_Item], rows: int, start_ns: int, end_ns: int) -> None:
+        s = self.stats
+        s.execution_count += 1
+        s.inference_count += rows
+        s.success_count += len(batch)
+        s.compute_ns += end_ns - start_ns
+        for item in batch:
+            s.queue_ns += start_ns - item.enqueued_ns
+            s.success_ns += end_ns - item.enqueued_ns
+        entry = s.batch_sizes.setdefault(rows, [0, 0])
+        entry[0] += 1
+        entry[1] += end_ns - start_ns
+        s.last_inference_ms = int(time.time() * 1000)
+
+    def _fail(self, batch: list[_Item], exc: Exception, start_ns: int) -> None:
+        now = time.perf_counter_ns()
+        error = exc if isinstance(exc, SlimserveError) else _runtime_error(exc)
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
+            self.stats.fail_count += 1
+            self.stats.fail_ns += now - item.enqueued_ns
+
+
+def _concat(batch: list[_Item]) -> Arrays:
+    if len(batch) == 1:
+        return batch[0].inputs
+    names = batch[0].inputs.keys()
+    return {n: np.concatenate([item.inputs[n] for item in batch]) for n in names}
+
+
+def _check_rows(outputs: Arrays, rows: int, batched: bool) -> None:
+    if not batched:
+        return
+    for name, value in outputs.items():
+        if value.ndim == 0 or value.shape[0] != rows:
+            raise SlimserveError(
+                f"the model returned output '{name}' with shape {value.shape} for a batch of "
+                f"{rows} rows; a batched model must keep the batch dimension first"
+            )
+
+
+def _runtime_error(exc: Exception) -> SlimserveError:
+    # The framework's message helps the model's owner; its type says where it came from.
+    return SlimserveError(f"inference failed: {type(exc).__name__}: {exc}")

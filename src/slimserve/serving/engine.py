@@ -1,0 +1,365 @@
+"""The engine: the one object both transports call.
+
+It resolves a served name to a model unit, validates tensors against model.yaml, queues the
+request into that unit's batcher and returns only the outputs asked for. It also answers the
+health, metadata, statistics and repository questions of the KServe v2 protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from slimserve import __version__
+from slimserve.config import Settings
+from slimserve.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    SlimserveError,
+)
+from slimserve.repository.store import Repository, split_served_name
+from slimserve.serving.batcher import BatchStats
+from slimserve.serving.models import ModelEntry, ModelManager, RuntimeFactory, State, Unit
+from slimserve.serving.validate import check_inputs, check_outputs
+from slimserve.types import InferRequest, InferResponse
+
+log = logging.getLogger("slimserve.engine")
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "schedule_policy"]
+PLATFORMS = {
+    "onnx": "onnxruntime_onnx",
+    "torch": "pytorch_torch",
+    "transformers": "transformers",
+    "python": "python",
+}
+
+
+def parse_version(version: str | int | None) -> int | None:
+    """'' / None -> None (the default version); '3' -> 3; anything else is an error."""
+    if version is None or version == "":
+        return None
+    text = str(version)
+    if not text.isdigit() or int(text) <= 0 or len(text) > 9:
+        raise InvalidArgument(f"model version {text[:32]!r} is not a positive integer")
+    return int(text)
+
+
+class Engine:
+    def __init__(
+        self,
+        repository: Repository,
+        settings: Settings,
+        runtime_factory: RuntimeFactory | None = None,
+    ) -> None:
+        self.repository = repository
+        self.settings = settings
+        threads = settings.inference_threads or os.cpu_count() or 1
+        self._infer_pool = ThreadPoolExecutor(threads, thread_name_prefix="slimserve-infer")
+        self._load_pool = ThreadPoolExecutor(2, thread_name_prefix="slimserve-load")
+        self.models = ModelManager(
+            repository, settings, self._infer_pool, self._load_pool, runtime_factory
+        )
+        self._started = False
+        self._startup_done = False
+        self._stopping = False
+        self._startup_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, wait: bool = False) -> None:
+        """Begin loading the startup models in the background (live at once)."""
+        self._started = True
+        names = self._startup_models()
+        self._startup_task = asyncio.get_running_loop().create_task(self._load_all(names))
+        if wait:
+            await self._startup_task
+
+    def _startup_models(self) -> list[str]:
+        wanted = self.settings.load_models
+        available = self.repository.model_names()
+        if "*" in wanted:
+            return available
+        missing = [n for n in wanted if n not in available]
+        for name in missing:
+            log.error("startup model %s is not in the repository %s", name, self.repository.root)
+        return [n for n in wanted if n in available]
+
+    async def _load_all(self, names: list[str]) -> None:
+        await asyncio.gather(*(self.models.load(n) for n in names))
+        self._startup_done = True
+        log.info("startup loads done: %d model(s)", len(names))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._startup_task is not None and not self._startup_task.done():
+            self._startup_task.cancel()
+        await self.models.close()
+        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- health and metadata ---------------------------------------------------------------
+
+    def live(self) -> bool:
+        return not self._stopping
+
+    def ready(self) -> bool:
+        return self._started and self._startup_done and not self._stopping
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "slimserve", "version": __version__, "extensions": list(EXTENSIONS)}
+
+    def _resolve(
+        self, served: str, version: str | None
+    ) -> tuple[ModelEntry, int | None, str | None]:
+        name, variant = split_served_name(served)
+        return self.models.entry(name), parse_version(version), variant
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        entry, v, variant = self._resolve(name, version)
+        unit = self._describe_unit(entry, v, variant)
+        config = unit.target.config if unit is not None else entry.config
+        meta: dict[str, Any] = {
+            "name": name,
+            "versions": [str(x) for x in entry.versions()],
+            "platform": PLATFORMS.get(unit.target.backend if unit else "", ""),
+            "inputs": [s.to_dict() for s in config.input_specs()] if config else [],
+            "outputs": [s.to_dict() for s in config.output_specs()] if config else [],
+            "state": (unit.state if unit else entry.state).value,
+        }
+        reason = unit.reason if unit else entry.reason
+        if reason:
+            meta["reason"] = reason
+        if unit is not None and unit.target.variant is None:
+            variants = sorted(
+                var for (ver, var) in entry.units if ver == unit.target.version and var
+            )
+            if variants:
+                meta["variants"] = variants
+        return meta
+
+    def _describe_unit(
+        self, entry: ModelEntry, version: int | None, variant: str | None
+    ) -> Unit | None:
+        v = version if version is not None else entry.default_version()
+        if v is None:
+            v = max(entry.versions(), default=None)
+        if v is None:
+            return None
+        unit = entry.units.get((v, variant))
+        if unit is None:
+            what = f"version {v}" + (f" variant '{variant}'" if variant else "")
+            raise NotFound(f"model '{entry.name}' has no {what}")
+        return unit
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        entry, v, variant = self._resolve(name, version)
+        try:
+            self.models.unit(entry.name, v, variant)
+        except NotFound:
+            if v is None and variant is None:
+                return False
+            raise
+        except SlimserveError:
+            return False
+        return True
+
+    def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        entry, v, variant = self._resolve(name, version)
+        unit = self._describe_unit(entry, v, variant)
+        config = unit.target.config if unit else entry.config
+        if config is None:
+            raise NotFound(f"model '{name}' has no readable model.yaml: {entry.reason}")
+        batched = config.batched
+
+        def dims(shape: tuple[int, ...]) -> list[int]:
+            return list(shape[1:] if batched else shape)
+
+        def tensors(specs: list[Any]) -> list[dict[str, Any]]:
+            return [
+                {
+                    "name": s.name,
+                    "data_type": f"TYPE_{_triton_type(s.datatype)}",
+                    "dims": dims(s.shape),
+                }
+                for s in specs
+            ]
+
+        backend = unit.target.backend if unit else config.backend
+        out: dict[str, Any] = {
+            "name": name,
+            "platform": PLATFORMS.get(backend, backend),
+            "backend": backend,
+            "max_batch_size": config.batching.max_batch_size,
+            "input": tensors(config.input_specs()),
+            "output": tensors(config.output_specs()),
+        }
+        if batched:
+            out["dynamic_batching"] = {
+                "max_queue_delay_microseconds": int(config.batching.max_queue_delay_ms * 1000)
+            }
+        return out
+
+    def model_statistics(
+        self, name: str | None = None, version: str | None = None
+    ) -> dict[str, Any]:
+        if name:
+            entry, v, variant = self._resolve(name, version)
+            units = [
+                u
+                for (ver, var), u in entry.units.items()
+                if var == variant and (v is None or ver == v)
+            ]
+        else:
+            units = [u for e in self.models.models.values() for u in e.units.values()]
+        return {"model_stats": [_unit_stats(u) for u in units]}
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for name in self.repository.model_names():
+            entry = self.models.models.get(name)
+            if entry is None:
+                if not ready_only:
+                    rows.append(
+                        {"name": name, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}
+                    )
+                continue
+            for (ver, var), unit in sorted(
+                entry.units.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")
+            ):
+                if ready_only and unit.state is not State.READY:
+                    continue
+                served = name if var is None else f"{name}:{var}"
+                rows.append(
+                    {
+                        "name": served,
+                        "version": str(ver),
+                        "state": unit.state.value,
+                        "reason": unit.reason,
+                    }
+                )
+            if not entry.units and not ready_only:
+                rows.append(
+                    {
+                        "name": name,
+                        "version": "",
+                        "state": entry.state.value,
+                        "reason": entry.reason,
+                    }
+                )
+        return rows
+
+    # -- model control ---------------------------------------------------------------------
+
+    def _check_control(self) -> None:
+        if not self.settings.model_control:
+            raise PermissionDenied(
+                "model control is disabled; start the server with --model-control "
+                "(or SLIMSERVE_MODEL_CONTROL=true) to load and unload models through the API"
+            )
+
+    async def load_model(self, name: str) -> None:
+        self._check_control()
+        model, variant = split_served_name(name)
+        if variant is not None:
+            raise InvalidArgument("load a model by its name; its variants load with it")
+        self.repository.model_dir(model)  # NotFound with the repository path
+        entry = await self.models.load(model)
+        if entry.state is not State.READY:
+            from slimserve.errors import ModelLoadError
+
+            raise ModelLoadError(f"model '{model}' failed to load: {entry.reason}")
+
+    async def unload_model(self, name: str) -> None:
+        self._check_control()
+        model, variant = split_served_name(name)
+        if variant is not None:
+            raise InvalidArgument("unload a model by its name; its variants unload with it")
+        await self.models.unload(model)
+
+    # -- inference -------------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        name, variant = split_served_name(request.model)
+        param_variant = request.parameters.get("variant")
+        if param_variant is not None:
+            if variant is not None and variant != param_variant:
+                raise InvalidArgument(
+                    f"variant given twice: '{variant}' in the name, '{param_variant}' in parameters"
+                )
+            variant = split_served_name(f"{name}:{param_variant}")[1]
+        unit = self.models.unit(name, parse_version(request.version), variant)
+        config = unit.target.config
+        rows = check_inputs(request.model, config, request.inputs)
+        check_outputs(request.model, config, request.outputs)
+        deadline = _deadline(request.parameters.get("timeout"))
+        assert unit.batcher is not None  # READY units always have one
+        outputs = await unit.batcher.submit(request.inputs, rows, deadline)
+        if request.outputs:
+            outputs = {k: outputs[k] for k in request.outputs}
+        return InferResponse(
+            model=name,
+            version=str(unit.target.version),
+            outputs=outputs,
+            variant=variant,
+            id=request.id,
+        )
+
+
+def _deadline(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    try:
+        seconds = float(timeout)
+    except (TypeError, ValueError):
+        raise InvalidArgument(
+            f"parameter 'timeout' = {timeout!r} is not a number of seconds"
+        ) from None
+    if seconds <= 0:
+        raise DeadlineExceeded("the request's timeout passed before it reached the model")
+    return time.monotonic() + seconds
+
+
+def _triton_type(datatype: str) -> str:
+    return "STRING" if datatype == "BYTES" else datatype
+
+
+def _unit_stats(unit: Unit) -> dict[str, Any]:
+    s = unit.batcher.stats if unit.batcher is not None else BatchStats()
+    t = unit.target
+    served = t.model if t.variant is None else f"{t.model}:{t.variant}"
+
+    def pair(count: int, ns: int) -> dict[str, int]:
+        return {"count": count, "ns": ns}
+
+    return {
+        "name": served,
+        "version": str(t.version),
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": pair(s.success_count, s.success_ns),
+            "fail": pair(s.fail_count, s.fail_ns),
+            "queue": pair(s.success_count, s.queue_ns),
+            "compute_input": pair(s.execution_count, 0),
+            "compute_infer": pair(s.execution_count, s.compute_ns),
+            "compute_output": pair(s.execution_count, 0),
+            "cache_hit": pair(0, 0),
+            "cache_miss": pair(0, 0),
+        },
+        "batch_stats": [
+            {
+                "batch_size": size,
+                "compute_input": pair(c, 0),
+                "compute_infer": pair(c, ns),
+                "compute_output": pair(c, 0),
+            }
+            for size, (c, ns) in sorted(s.batch_sizes.items())
+        ],
+    }

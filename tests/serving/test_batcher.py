@@ -1,0 +1,176 @@
+"""The dynamic batcher: exact row routing, limits, failures, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from slimserve.errors import DeadlineExceeded, InvalidArgument, SlimserveError, Unavailable
+from slimserve.serving.batcher import Batcher
+
+
+def _double(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    x = inputs["x"]
+    return {"y": x * 2.0, "rowsum": x.sum(axis=1)}
+
+
+@pytest.fixture
+def pool():
+    with ThreadPoolExecutor(2) as executor:
+        yield executor
+
+
+def _batcher(pool, infer=_double, **kw) -> Batcher:
+    opts = {"max_batch_size": 16, "max_delay_s": 0.005, "max_queue": 10_000} | kw
+    return Batcher(infer, pool, **opts)
+
+
+async def _with(batcher: Batcher, coro):
+    batcher.start()
+    try:
+        return await coro
+    finally:
+        await batcher.close()
+
+
+def test_each_of_hundreds_of_concurrent_requests_gets_its_own_rows(pool):
+    sizes: list[int] = []
+
+    def infer(inputs):
+        sizes.append(inputs["x"].shape[0])
+        time.sleep(0.001)  # let requests pile up behind a running batch
+        return _double(inputs)
+
+    async def main():
+        b = _batcher(pool, infer)
+        rng = np.random.default_rng(0)
+        requests = [rng.random((1 + i % 3, 4), dtype=np.float32) + i for i in range(400)]
+        results = await _with(b, asyncio.gather(*(b.submit({"x": r}, len(r)) for r in requests)))
+        return requests, results
+
+    requests, results = asyncio.run(main())
+    for x, out in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(out["y"], x * 2.0)
+        np.testing.assert_allclose(out["rowsum"], x.sum(axis=1), rtol=1e-6)
+    assert max(sizes) > 1, "concurrent requests should have been batched"
+    assert max(sizes) <= 16
+    assert sum(sizes) == sum(len(r) for r in requests)
+
+
+def test_lone_request_does_not_wait_for_the_full_delay(pool):
+    async def main():
+        b = _batcher(pool, max_delay_s=5.0)
+        start = time.monotonic()
+        out = await _with(b, b.submit({"x": np.ones((1, 2), np.float32)}, 1))
+        return out, time.monotonic() - start
+
+    out, elapsed = asyncio.run(main())
+    np.testing.assert_array_equal(out["y"], [[2.0, 2.0]])
+    assert elapsed < 5.0  # dispatched when the queue went quiet, not after the delay
+
+
+def test_request_larger_than_max_batch_size_is_refused(pool):
+    async def main():
+        b = _batcher(pool, max_batch_size=4)
+        return await _with(b, b.submit({"x": np.ones((5, 2), np.float32)}, 5))
+
+    with pytest.raises(InvalidArgument, match="max_batch_size is 4"):
+        asyncio.run(main())
+
+
+def test_full_queue_answers_unavailable_with_retry_after(pool):
+    gate = threading.Event()
+
+    def blocked(inputs):
+        gate.wait(5)
+        return _double(inputs)
+
+    async def main():
+        b = _batcher(pool, blocked, max_queue=2, max_batch_size=1)
+        b.start()
+        x = {"x": np.ones((1, 2), np.float32)}
+        first = asyncio.ensure_future(b.submit(x, 1))
+        await asyncio.sleep(0.05)  # first is running, the queue is empty
+        queued = [asyncio.ensure_future(b.submit(x, 1)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Unavailable) as info:
+            await b.submit(x, 1)
+        gate.set()
+        await asyncio.gather(first, *queued)
+        await b.close()
+        return info.value
+
+    error = asyncio.run(main())
+    assert error.retry_after_s and "queue is full" in error.message
+
+
+def test_failed_batch_fails_its_requests_and_the_batcher_goes_on(pool):
+    calls = {"n": 0}
+
+    def flaky(inputs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return _double(inputs)
+
+    async def main():
+        b = _batcher(pool, flaky)
+        b.start()
+        x = {"x": np.ones((1, 2), np.float32)}
+        with pytest.raises(SlimserveError, match="boom"):
+            await b.submit(x, 1)
+        out = await b.submit(x, 1)
+        await b.close()
+        return out, b.stats
+
+    out, stats = asyncio.run(main())
+    np.testing.assert_array_equal(out["y"], [[2.0, 2.0]])
+    assert stats.fail_count == 1 and stats.success_count == 1
+
+
+def test_expired_request_never_reaches_the_model(pool):
+    seen: list[int] = []
+
+    def infer(inputs):
+        seen.append(int(inputs["x"][0, 0]))
+        time.sleep(0.05)
+        return _double(inputs)
+
+    async def main():
+        b = _batcher(pool, infer, max_batch_size=1)
+        b.start()
+        first = asyncio.ensure_future(b.submit({"x": np.full((1, 1), 1.0, np.float32)}, 1))
+        await asyncio.sleep(0.01)
+        late = b.submit({"x": np.full((1, 1), 2.0, np.float32)}, 1, time.monotonic() + 0.001)
+        with pytest.raises(DeadlineExceeded):
+            await late
+        await first
+        await b.close()
+
+    asyncio.run(main())
+    assert seen == [1]
+
+
+def test_requests_with_different_trailing_shapes_are_not_mixed(pool):
+    async def main():
+        b = _batcher(pool)
+        xs = [np.ones((1, 3), np.float32), np.ones((2, 5), np.float32), np.ones((1, 3), np.float32)]
+        return xs, await _with(b, asyncio.gather(*(b.submit({"x": x}, len(x)) for x in xs)))
+
+    xs, outs = asyncio.run(main())
+    for x, out in zip(xs, outs, strict=True):
+        assert out["y"].shape == x.shape
+
+
+def test_output_without_batch_dimension_fails_the_batch_clearly(pool):
+    async def main():
+        b = _batcher(pool, lambda inputs: {"y": np.zeros(3, np.float32)[0]})
+        return await _with(b, b.submit({"x": np.ones((2, 2), np.float32)}, 2))
+
+    with pytest.raises(SlimserveError, match="batch dimension"):
+        asyncio.run(main())

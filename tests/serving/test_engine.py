@@ -1,0 +1,210 @@
+"""The engine over a real repository folder, with a small in-test runtime."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slimserve.config import Settings
+from slimserve.errors import (
+    InvalidArgument,
+    ModelLoadError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from slimserve.repository import Repository
+from slimserve.repository.store import Target
+from slimserve.runtimes.base import Runtime, RuntimeOptions
+from slimserve.serving.engine import Engine
+from slimserve.types import InferRequest
+
+YAML = """\
+backend: python
+inputs:  [{name: x, datatype: FP32, shape: [-1, 2]}]
+outputs: [{name: y, datatype: FP32, shape: [-1, 2]}, {name: s, datatype: FP32, shape: [-1]}]
+batching: {max_batch_size: 4, max_queue_delay_ms: 1}
+"""
+
+
+class ScaleRuntime(Runtime):
+    """y = x * factor, where factor is read from the artifact file `factor.txt`."""
+
+    def load(self) -> None:
+        text = (self.target.path / "factor.txt").read_text()
+        if text == "fail":
+            raise ModelLoadError("factor.txt says fail")
+        self.factor = float(text)
+
+    def infer(self, inputs):
+        x = inputs["x"]
+        return {"y": x * self.factor, "s": x.sum(axis=1)}
+
+    def unload(self) -> None:
+        self.factor = None
+
+    def memory_bytes(self) -> int:
+        return 8
+
+
+def factory(target: Target, options: RuntimeOptions) -> Runtime:
+    return ScaleRuntime(target, options)
+
+
+def make_repo(root: Path) -> Path:
+    for name, versions in {"scale": {"1": "2", "2": "3"}, "bad": {"1": "fail"}}.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "model.yaml").write_text(YAML)
+        for v, factor in versions.items():
+            (root / name / v).mkdir()
+            (root / name / v / "factor.txt").write_text(factor)
+    variant = root / "scale" / "2" / "variants" / "half"
+    variant.mkdir(parents=True)
+    (variant / "factor.txt").write_text("0.5")
+    return root
+
+
+def run(root: Path, body, **settings):
+    async def main():
+        engine = Engine(Repository(root), Settings(repository=root, **settings), factory)
+        await engine.start(wait=True)
+        try:
+            return await body(engine)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+def x(rows: int) -> dict[str, np.ndarray]:
+    return {"x": np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)}
+
+
+def test_default_version_is_the_highest_and_versions_and_variants_are_addressable(tmp_path):
+    root = make_repo(tmp_path)
+
+    async def body(engine: Engine):
+        default = await engine.infer(InferRequest("scale", x(2)))
+        v1 = await engine.infer(InferRequest("scale", x(2), version="1"))
+        half = await engine.infer(InferRequest("scale:half", x(2)))
+        half_param = await engine.infer(InferRequest("scale", x(1), parameters={"variant": "half"}))
+        return default, v1, half, half_param
+
+    default, v1, half, half_param = run(root, body)
+    np.testing.assert_array_equal(default.outputs["y"], x(2)["x"] * 3)
+    assert default.version == "2" and default.variant is None
+    np.testing.assert_array_equal(v1.outputs["y"], x(2)["x"] * 2)
+    np.testing.assert_array_equal(half.outputs["y"], x(2)["x"] * 0.5)
+    assert half.served_name == "scale:half" and half_param.variant == "half"
+
+
+def test_a_failing_model_is_reported_while_the_others_serve(tmp_path):
+    root = make_repo(tmp_path)
+
+    async def body(engine: Engine):
+        assert engine.ready()
+        meta = engine.model_metadata("bad")
+        assert meta["state"] == "UNAVAILABLE" and "factor.txt says fail" in meta["reason"]
+        assert engine.model_ready("bad") is False
+        with pytest.raises(Unavailable, match="says fail"):
+            await engine.infer(InferRequest("bad", x(1)))
+        return await engine.infer(InferRequest("scale", x(1)))
+
+    assert run(root, body).outputs["y"].shape == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("request_", "error", "text"),
+    [
+        (InferRequest("nope", x(1)), NotFound, "not loaded"),
+        (InferRequest("../etc", x(1)), InvalidArgument, "invalid model name"),
+        (
+            InferRequest("scale", {"z": np.zeros((1, 2), np.float32)}),
+            InvalidArgument,
+            "no input 'z'",
+        ),
+        (
+            InferRequest("scale", {"x": np.zeros((1, 2), np.int32)}),
+            InvalidArgument,
+            "expects datatype FP32",
+        ),
+        (
+            InferRequest("scale", {"x": np.zeros((1, 3), np.float32)}),
+            InvalidArgument,
+            "expects shape",
+        ),
+        (InferRequest("scale", x(5)), InvalidArgument, "max_batch_size is 4"),
+        (InferRequest("scale", x(0)), InvalidArgument, "0 rows"),
+        (InferRequest("scale", x(1), outputs=("q",)), InvalidArgument, "no output 'q'"),
+        (InferRequest("scale", x(1), version="7"), NotFound, "no version 7"),
+        (InferRequest("scale", x(1), version="abc"), InvalidArgument, "not a positive integer"),
+        (InferRequest("scale:nope", x(1)), NotFound, "no version 2 variant 'nope'"),
+        (InferRequest("scale", x(1), parameters={"timeout": "soon"}), InvalidArgument, "timeout"),
+    ],
+)
+def test_bad_requests_get_clear_errors_and_the_next_good_one_succeeds(
+    tmp_path, request_, error, text
+):
+    root = make_repo(tmp_path)
+
+    async def body(engine: Engine):
+        with pytest.raises(error, match=text):
+            await engine.infer(request_)
+        return await engine.infer(InferRequest("scale", x(1), outputs=("s",)))
+
+    good = run(root, body)
+    assert list(good.outputs) == ["s"]
+
+
+def test_model_control_is_off_by_default_and_loads_and_unloads_when_on(tmp_path):
+    root = make_repo(tmp_path)
+
+    async def refused(engine: Engine):
+        with pytest.raises(PermissionDenied, match="--model-control"):
+            await engine.unload_model("scale")
+
+    run(root, refused)
+
+    async def control(engine: Engine):
+        await engine.unload_model("scale")
+        with pytest.raises(NotFound):
+            await engine.infer(InferRequest("scale", x(1)))
+        states = {r["name"]: r["state"] for r in engine.repository_index()}
+        assert states["scale"] == "UNAVAILABLE"
+        (root / "scale" / "3").mkdir()
+        (root / "scale" / "3" / "factor.txt").write_text("10")
+        await engine.load_model("scale")
+        return await engine.infer(InferRequest("scale", x(1)))
+
+    out = run(root, control, model_control=True)
+    assert out.version == "3"
+    np.testing.assert_array_equal(out.outputs["y"], x(1)["x"] * 10)
+
+
+def test_metadata_config_and_statistics(tmp_path):
+    root = make_repo(tmp_path)
+
+    async def body(engine: Engine):
+        await asyncio.gather(*(engine.infer(InferRequest("scale", x(1))) for _ in range(5)))
+        return (
+            engine.model_metadata("scale"),
+            engine.model_config("scale"),
+            engine.model_statistics("scale"),
+            engine.repository_index(ready_only=True),
+        )
+
+    meta, config, stats, index = run(root, body)
+    assert meta["versions"] == ["1", "2"] and meta["variants"] == ["half"]
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]
+    assert config["max_batch_size"] == 4
+    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [2]}]
+    (v2,) = [s for s in stats["model_stats"] if s["version"] == "2"]
+    assert v2["inference_count"] == 5 and v2["inference_stats"]["success"]["count"] == 5
+    assert {(r["name"], r["version"]) for r in index} == {
+        ("scale", "1"),
+        ("scale", "2"),
+        ("scale:half", "2"),
+    }

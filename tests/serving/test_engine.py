@@ -208,3 +208,40 @@ def test_metadata_config_and_statistics(tmp_path):
         ("scale", "2"),
         ("scale:half", "2"),
     }
+
+
+def test_a_slow_load_blocks_neither_liveness_nor_other_models(tmp_path):
+    import threading
+
+    root = make_repo(tmp_path)
+    (root / "slow" / "1").mkdir(parents=True)
+    (root / "slow" / "model.yaml").write_text(YAML)
+    (root / "slow" / "1" / "factor.txt").write_text("4")
+    gate = threading.Event()
+
+    class Gated(ScaleRuntime):
+        def load(self) -> None:
+            if self.target.model == "slow":
+                gate.wait(10)
+            super().load()
+
+    async def main():
+        settings = Settings(repository=root, model_control=True, load_models=["scale"])
+        engine = Engine(Repository(root), settings, lambda t, o: Gated(t, o))
+        await engine.start(wait=True)
+        loading = asyncio.ensure_future(engine.load_model("slow"))
+        await asyncio.sleep(0.05)
+        assert engine.live() and engine.ready()
+        assert engine.model_metadata("slow")["state"] == "LOADING"
+        with pytest.raises(Unavailable, match="LOADING"):
+            await engine.infer(InferRequest("slow", x(1)))
+        served = await engine.infer(InferRequest("scale", x(1)))  # not blocked by the load
+        gate.set()
+        await loading
+        slow = await engine.infer(InferRequest("slow", x(1)))
+        await engine.stop()
+        return served, slow
+
+    served, slow = asyncio.run(main())
+    np.testing.assert_array_equal(served.outputs["y"], x(1)["x"] * 3)
+    np.testing.assert_array_equal(slow.outputs["y"], x(1)["x"] * 4)

@@ -40,6 +40,20 @@ class Settings(BaseSettings):
         False,
         description="Allow loading and unloading models through the repository API.",
     )
+    memory_budget_bytes: int = Field(
+        0,
+        ge=0,
+        description="Memory for resident models, in bytes; least valuable models are evicted "
+        "to stay under it (0: half of the memory available at start).",
+    )
+    eviction_policy: Literal["lru", "lfu", "gdsf"] = Field(
+        "gdsf",
+        description="Which resident model to evict first: lru, lfu, or gdsf (size- and "
+        "load-cost-aware GreedyDual-Size-Frequency).",
+    )
+    pin_models: list[str] = Field(
+        default_factory=list, description="Models never evicted from memory."
+    )
     max_body_bytes: int = Field(
         64 * MiB, gt=0, description="Largest request body accepted, in bytes (413 above)."
     )

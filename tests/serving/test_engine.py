@@ -119,7 +119,7 @@ def test_a_failing_model_is_reported_while_the_others_serve(tmp_path):
 @pytest.mark.parametrize(
     ("request_", "error", "text"),
     [
-        (InferRequest("nope", x(1)), NotFound, "not loaded"),
+        (InferRequest("nope", x(1)), NotFound, "not in the repository"),
         (InferRequest("../etc", x(1)), InvalidArgument, "invalid model name"),
         (
             InferRequest("scale", {"z": np.zeros((1, 2), np.float32)}),
@@ -170,7 +170,7 @@ def test_model_control_is_off_by_default_and_loads_and_unloads_when_on(tmp_path)
 
     async def control(engine: Engine):
         await engine.unload_model("scale")
-        with pytest.raises(NotFound):
+        with pytest.raises(Unavailable, match="unloaded"):
             await engine.infer(InferRequest("scale", x(1)))
         states = {r["name"]: r["state"] for r in engine.repository_index()}
         assert states["scale"] == "UNAVAILABLE"
@@ -233,12 +233,13 @@ def test_a_slow_load_blocks_neither_liveness_nor_other_models(tmp_path):
         await asyncio.sleep(0.05)
         assert engine.live() and engine.ready()
         assert engine.model_metadata("slow")["state"] == "LOADING"
-        with pytest.raises(Unavailable, match="LOADING"):
-            await engine.infer(InferRequest("slow", x(1)))
+        waiting = asyncio.ensure_future(engine.infer(InferRequest("slow", x(1))))
         served = await engine.infer(InferRequest("scale", x(1)))  # not blocked by the load
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # joined the load in progress
         gate.set()
         await loading
-        slow = await engine.infer(InferRequest("slow", x(1)))
+        slow = await waiting
         await engine.stop()
         return served, slow
 

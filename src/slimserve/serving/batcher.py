@@ -65,13 +65,14 @@ class Batcher:
         max_batch_size: int,
         max_delay_s: float,
         max_queue: int,
+        stats: BatchStats | None = None,
     ) -> None:
         self._infer = infer
         self._executor = executor
         self.max_batch_size = max_batch_size  # 0: no batch dimension, one request per call
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
-        self.stats = BatchStats()
+        self.stats = stats if stats is not None else BatchStats()
         self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self._closed = False

@@ -24,7 +24,6 @@ from slimserve.errors import (
     SlimserveError,
 )
 from slimserve.repository.store import Repository, split_served_name
-from slimserve.serving.batcher import BatchStats
 from slimserve.serving.models import ModelEntry, ModelManager, RuntimeFactory, State, Unit
 from slimserve.serving.validate import check_inputs, check_outputs
 from slimserve.types import InferRequest, InferResponse
@@ -91,7 +90,8 @@ class Engine:
         return [n for n in wanted if n in available]
 
     async def _load_all(self, names: list[str]) -> None:
-        await asyncio.gather(*(self.models.load(n) for n in names))
+        await self.models.register_all()
+        await self.models.preload(names)
         self._startup_done = True
         log.info("startup loads done: %d model(s)", len(names))
 
@@ -160,14 +160,14 @@ class Engine:
     def model_ready(self, name: str, version: str | None = None) -> bool:
         entry, v, variant = self._resolve(name, version)
         try:
-            self.models.unit(entry.name, v, variant)
+            unit = self.models.find(entry.name, v, variant)
         except NotFound:
             if v is None and variant is None:
                 return False
             raise
         except SlimserveError:
             return False
-        return True
+        return unit.state is State.READY
 
     def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
         entry, v, variant = self._resolve(name, version)
@@ -225,9 +225,7 @@ class Engine:
             entry = self.models.models.get(name)
             if entry is None:
                 if not ready_only:
-                    rows.append(
-                        {"name": name, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}
-                    )
+                    rows.append({"name": name, "version": "", "state": "UNLOADED", "reason": "new"})
                 continue
             for (ver, var), unit in sorted(
                 entry.units.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")
@@ -293,13 +291,17 @@ class Engine:
                     f"variant given twice: '{variant}' in the name, '{param_variant}' in parameters"
                 )
             variant = split_served_name(f"{name}:{param_variant}")[1]
-        unit = self.models.unit(name, parse_version(request.version), variant)
-        config = unit.target.config
+        version = parse_version(request.version)
+        config = self.models.find(name, version, variant).target.config
         rows = check_inputs(request.model, config, request.inputs)
         check_outputs(request.model, config, request.outputs)
         deadline = _deadline(request.parameters.get("timeout"))
-        assert unit.batcher is not None  # READY units always have one
-        outputs = await unit.batcher.submit(request.inputs, rows, deadline)
+        unit = await self.models.acquire(name, version, variant)
+        try:
+            assert unit.batcher is not None  # READY units always have one
+            outputs = await unit.batcher.submit(request.inputs, rows, deadline)
+        finally:
+            self.models.release(unit)
         if request.outputs:
             outputs = {k: outputs[k] for k in request.outputs}
         return InferResponse(
@@ -330,7 +332,7 @@ def _triton_type(datatype: str) -> str:
 
 
 def _unit_stats(unit: Unit) -> dict[str, Any]:
-    s = unit.batcher.stats if unit.batcher is not None else BatchStats()
+    s = unit.stats
     t = unit.target
     served = t.model if t.variant is None else f"{t.model}:{t.variant}"
 

@@ -1,36 +1,51 @@
-"""Model states: which versions and variants are loaded, loading, or failed, and why.
+"""Model residency: which versions and variants are loaded, under a memory budget in bytes.
 
-Loading and unloading run in a dedicated thread pool so that they never block inference on
-other models; each served unit (version or variant) gets its own runtime and batcher.
+Every model in the repository is known from the start; a unit (a version, or a variant of it)
+becomes resident when it is preloaded or on its first request. Concurrent first requests
+share one load. To make room, an eviction policy (policies/eviction.py) picks units that are
+neither pinned nor serving requests; a unit that cannot fit even alone is refused with the
+figures. Loading and unloading run in their own thread pool, so they never block inference.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from enum import Enum
 
 from slimserve.config import Settings
-from slimserve.errors import ModelLoadError, NotFound, SlimserveError, Unavailable
+from slimserve.errors import (
+    ModelLoadError,
+    NotFound,
+    ResourceExhausted,
+    SlimserveError,
+    Unavailable,
+)
+from slimserve.policies.eviction import Resident, make_policy
 from slimserve.repository import verify_manifest
 from slimserve.repository.schema import ModelConfig
 from slimserve.repository.store import Repository, Target
 from slimserve.runtimes import Runtime, RuntimeOptions, create_runtime
-from slimserve.serving.batcher import Batcher
+from slimserve.serving.batcher import Batcher, BatchStats
 
 log = logging.getLogger("slimserve.models")
 
 RuntimeFactory = Callable[[Target, RuntimeOptions], Runtime]
+MiB = 1 << 20
 
 
 class State(str, Enum):
+    UNLOADED = "UNLOADED"  # known, not resident: loads on its first request
     LOADING = "LOADING"
     READY = "READY"
     UNLOADING = "UNLOADING"
-    UNAVAILABLE = "UNAVAILABLE"
+    UNAVAILABLE = "UNAVAILABLE"  # failed to load, or unloaded by the operator
 
 
 @dataclass(slots=True)
@@ -38,31 +53,61 @@ class Unit:
     """One served unit: a version or a variant of it."""
 
     target: Target
-    state: State = State.LOADING
+    state: State = State.UNLOADED
     reason: str = ""
     runtime: Runtime | None = None
     batcher: Batcher | None = None
+    resident: Resident | None = None
+    loading: asyncio.Future[None] | None = None
+    cold_load_s: float | None = None  # last measured load time (start to warmed up)
+    stats: BatchStats = field(default_factory=BatchStats)  # kept across evictions
 
 
 @dataclass(slots=True)
 class ModelEntry:
     name: str
     config: ModelConfig | None = None
-    state: State = State.LOADING
+    state: State = State.UNLOADED
     reason: str = ""
-    # (version, variant or None) -> unit
     units: dict[tuple[int, str | None], Unit] = field(default_factory=dict)
 
     def versions(self) -> list[int]:
         return sorted({v for v, var in self.units if var is None})
 
     def default_version(self) -> int | None:
-        ready = [v for (v, var), u in self.units.items() if var is None and u.state is State.READY]
-        return max(ready) if ready else None
+        """The highest ready version, else the highest that can still load."""
+        originals = {v: u for (v, var), u in self.units.items() if var is None}
+        for wanted in (State.READY, State.LOADING, State.UNLOADED):
+            found = [v for v, u in originals.items() if u.state is wanted]
+            if found:
+                return max(found)
+        return None
+
+
+def default_budget() -> int:
+    """Half of the memory available now (MemAvailable), or of physical memory."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def folder_bytes(target: Target) -> int:
+    """Bytes on disk of a unit's files (a variant's own; a version's without its variants)."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(target.path):
+        if target.variant is None and os.path.samefile(dirpath, target.path):
+            dirnames[:] = [d for d in dirnames if d != "variants"]
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in filenames)
+    return total
 
 
 class ModelManager:
-    """Loads, tracks and unloads models from a repository."""
+    """Loads, tracks, evicts and unloads the units of a repository's models."""
 
     def __init__(
         self,
@@ -71,125 +116,172 @@ class ModelManager:
         infer_executor: Executor,
         load_executor: Executor,
         runtime_factory: RuntimeFactory | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.repository = repository
         self.settings = settings
         self._infer_executor = infer_executor
         self._load_executor = load_executor
         self._factory = runtime_factory or create_runtime
+        self._clock = clock
         self._options = RuntimeOptions(
             intra_op_threads=settings.intra_op_threads,
             graph_optimization=settings.ort_graph_optimization,
         )
+        self.budget_bytes = settings.memory_budget_bytes or default_budget()
+        self.policy = make_policy(settings.eviction_policy)
+        self.used_bytes = 0  # resident sizes plus reservations of loads in progress
+        self.loads = 0
+        self.evictions = 0
         self.models: dict[str, ModelEntry] = {}
+        self._room = asyncio.Lock()  # one make-room decision at a time
         self._locks: dict[str, asyncio.Lock] = {}
 
+    # -- discovery and lookup ----------------------------------------------------------------
+
+    def discover(self, name: str) -> ModelEntry:
+        """A fresh entry for `name` from the repository, nothing loaded."""
+        entry = ModelEntry(name)
+        try:
+            entry.config = self.repository.config(name)
+            versions = self.repository.versions(name)
+            if not versions:
+                raise ModelLoadError(
+                    f"model '{name}' has no version folders; put the artifact in {name}/1/"
+                )
+            for v in versions:
+                entry.units[(v, None)] = Unit(self.repository.target(name, v))
+                for var in self.repository.variants(name, v):
+                    entry.units[(v, var)] = Unit(self.repository.target(name, v, var))
+        except SlimserveError as exc:
+            entry.state, entry.reason = State.UNAVAILABLE, exc.message
+            log.error("model %s cannot be served: %s", name, exc.message)
+        return entry
+
     def entry(self, name: str) -> ModelEntry:
+        """The model's entry; a model added to the repository since start is discovered."""
+        if name not in self.models and name in self.repository.model_names():
+            self.models[name] = self.discover(name)
         try:
             return self.models[name]
         except KeyError:
             raise NotFound(
-                f"model '{name}' is not loaded; known models: "
+                f"model '{name}' is not in the repository; known models: "
                 f"{', '.join(sorted(self.models)) or 'none'}"
             ) from None
 
-    def unit(self, name: str, version: int | None, variant: str | None) -> Unit:
-        """The READY unit for a request, or a NotFound/Unavailable error saying why not."""
+    def find(self, name: str, version: int | None, variant: str | None) -> Unit:
         entry = self.entry(name)
         if version is None:
             version = entry.default_version()
             if version is None:
                 raise Unavailable(
-                    f"model '{name}' has no ready version ({entry.state.value}"
+                    f"model '{name}' has no version that can serve ({entry.state.value}"
                     + (f": {entry.reason}" if entry.reason else "")
-                    + ")",
-                    retry_after_s=1 if entry.state is State.LOADING else None,
+                    + ")"
                 )
         unit = entry.units.get((version, variant))
         if unit is None:
             what = f"version {version}" + (f" variant '{variant}'" if variant else "")
             raise NotFound(f"model '{name}' has no {what}")
-        if unit.state is not State.READY:
-            raise Unavailable(
-                f"{unit.target.key} is {unit.state.value}"
-                + (f": {unit.reason}" if unit.reason else ""),
-                retry_after_s=1 if unit.state is State.LOADING else None,
-            )
         return unit
 
-    async def load(self, name: str) -> ModelEntry:
-        """(Re)load every version and variant of a model; failures are recorded per unit."""
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
-            old = self.models.get(name)
-            entry = ModelEntry(name)
-            if old is None:
-                self.models[name] = entry
-            try:
-                targets = self._targets(name, entry)
-            except SlimserveError as exc:
-                entry.state, entry.reason = State.UNAVAILABLE, exc.message
-                self.models[name] = entry
-                log.error("model %s cannot be loaded: %s", name, exc.message)
-                if old is not None:
-                    await self._unload_entry(old)
-                return entry
-            entry.units = {(t.version, t.variant): Unit(t) for t in targets}
-            await asyncio.gather(*(self._load_unit(u) for u in entry.units.values()))
-            entry.state, entry.reason = self._summarise(entry)
-            self.models[name] = entry
-            if old is not None:
-                await self._unload_entry(old)
-            return entry
+    # -- serving -------------------------------------------------------------------------------
 
-    def _targets(self, name: str, entry: ModelEntry) -> list[Target]:
-        repo = self.repository
-        entry.config = repo.config(name)
-        versions = repo.versions(name)
-        if not versions:
-            raise ModelLoadError(
-                f"model '{name}' has no version folders; put the artifact in {name}/1/"
-            )
-        targets = []
-        for v in versions:
-            targets.append(repo.target(name, v))
-            targets.extend(repo.target(name, v, var) for var in repo.variants(name, v))
-        return targets
+    async def acquire(self, name: str, version: int | None, variant: str | None) -> Unit:
+        """The READY unit for a request, loading it if needed; pair with `release`."""
+        unit = self.find(name, version, variant)
+        if unit.state is not State.READY:
+            await self.ensure_loaded(unit)
+        resident = unit.resident
+        assert resident is not None
+        resident.in_use += 1
+        self.policy.touch(resident, self._clock())
+        return unit
 
     @staticmethod
-    def _summarise(entry: ModelEntry) -> tuple[State, str]:
-        if entry.default_version() is not None:
-            return State.READY, ""
-        reasons = [f"{u.target.key}: {u.reason}" for u in entry.units.values() if u.reason]
-        return State.UNAVAILABLE, "; ".join(reasons) or "no version loaded"
+    def release(unit: Unit) -> None:
+        if unit.resident is not None:
+            unit.resident.in_use -= 1
 
-    async def _load_unit(self, unit: Unit) -> None:
-        loop = asyncio.get_running_loop()
+    async def ensure_loaded(self, unit: Unit, evict: bool = True) -> None:
+        """Load `unit` unless it is resident; concurrent callers share one load."""
+        while unit.state is not State.READY:
+            if unit.loading is not None:
+                await asyncio.shield(unit.loading)
+                continue
+            if unit.state in (State.UNAVAILABLE, State.UNLOADING):
+                raise Unavailable(
+                    f"{unit.target.key} is {unit.state.value}"
+                    + (f": {unit.reason}" if unit.reason else "")
+                )
+            unit.loading = asyncio.get_running_loop().create_future()
+            try:
+                await self._load_unit(unit, evict)
+            finally:
+                unit.loading.set_result(None)
+                unit.loading = None
+
+    async def _load_unit(self, unit: Unit, evict: bool) -> None:
+        estimate = max(folder_bytes(unit.target), 1)
+        if estimate > self.budget_bytes:
+            raise ResourceExhausted(
+                f"{unit.target.key} needs about {estimate / MiB:.1f} MiB but the memory budget "
+                f"is {self.budget_bytes / MiB:.1f} MiB; raise --memory-budget-bytes or serve "
+                "a smaller variant"
+            )
+        async with self._room:
+            await self._make_room(estimate, evict)
+            self.used_bytes += estimate  # reserved until the real size is known
+        unit.state, unit.reason = State.LOADING, ""
+        started = self._clock()
         try:
-            unit.runtime = await loop.run_in_executor(self._load_executor, self._build, unit)
-        except SlimserveError as exc:
-            unit.state, unit.reason = State.UNAVAILABLE, exc.message
-            log.error("failed to load %s: %s", unit.target.key, exc.message)
-            return
-        except Exception as exc:  # noqa: BLE001 - a broken model must not stop the server
-            unit.state, unit.reason = State.UNAVAILABLE, f"{type(exc).__name__}: {exc}"
-            log.exception("failed to load %s", unit.target.key)
-            return
+            runtime = await asyncio.get_running_loop().run_in_executor(
+                self._load_executor, self._build, unit.target
+            )
+        except Exception as exc:
+            self.used_bytes -= estimate
+            unit.state = State.UNAVAILABLE
+            unit.reason = exc.message if isinstance(exc, SlimserveError) else _describe(exc)
+            log.error("failed to load %s: %s", unit.target.key, unit.reason)
+            raise Unavailable(f"{unit.target.key} failed to load: {unit.reason}") from None
+        self._activate(unit, runtime, estimate, self._clock() - started)
+
+    def _activate(self, unit: Unit, runtime: Runtime, estimate: int, load_s: float) -> None:
+        size = _memory_bytes(runtime) or estimate
+        self.used_bytes += size - estimate
+        unit.resident = Resident(
+            unit.target.key,
+            size,
+            load_cost_s=max(load_s, 1e-3),
+            pinned=unit.target.model in self.settings.pin_models,
+        )
+        self.policy.touch(unit.resident, self._clock())
         batching = unit.target.config.batching
         unit.batcher = Batcher(
-            unit.runtime.infer,
+            runtime.infer,
             self._infer_executor,
             max_batch_size=batching.max_batch_size,
             max_delay_s=batching.max_queue_delay_ms / 1000.0,
             max_queue=batching.max_queue_size or self.settings.max_queue_size,
+            stats=unit.stats,
         )
         unit.batcher.start()
+        unit.runtime, unit.cold_load_s = runtime, load_s
         unit.state = State.READY
-        log.info("loaded %s (%s)", unit.target.key, unit.target.backend)
+        self.loads += 1
+        log.info(
+            "loaded %s (%s) in %.2f s, %.1f MiB; resident %.1f of %.1f MiB",
+            unit.target.key,
+            unit.target.backend,
+            load_s,
+            size / MiB,
+            self.used_bytes / MiB,
+            self.budget_bytes / MiB,
+        )
 
-    def _build(self, unit: Unit) -> Runtime:
-        """Blocking: verify the manifest, load and warm up the runtime (load thread)."""
-        target = unit.target
+    def _build(self, target: Target) -> Runtime:
+        """Blocking, in the load pool: verify the manifest, load, warm up."""
         if self.settings.verify_manifests and not verify_manifest(target.path):
             log.info("%s has no MANIFEST.json; hashed at first load and accepted", target.key)
         runtime = self._factory(target, self._options)
@@ -201,18 +293,81 @@ class ModelManager:
             raise
         return runtime
 
+    def resident_units(self) -> list[Unit]:
+        return [u for e in self.models.values() for u in e.units.values() if u.state is State.READY]
+
+    async def _make_room(self, need: int, evict: bool) -> None:
+        short = self.used_bytes + need - self.budget_bytes
+        if short <= 0:
+            return
+        units = {u.resident.key: u for u in self.resident_units() if u.resident is not None}
+        victims = (
+            self.policy.victims([u.resident for u in units.values()], short) if evict else None
+        )
+        if victims is None:
+            raise ResourceExhausted(
+                f"no room for {need / MiB:.1f} MiB: {self.used_bytes / MiB:.1f} of "
+                f"{self.budget_bytes / MiB:.1f} MiB are held by models that are pinned, "
+                "serving requests or loading; retry shortly or raise --memory-budget-bytes",
+                retry_after_s=1,
+            )
+        for victim in victims:
+            self.evictions += 1
+            log.info("evicting %s to make room (%s)", victim.key, self.policy.name)
+            await self._unload_unit(units[victim.key], State.UNLOADED, "evicted")
+
+    # -- explicit control ----------------------------------------------------------------------
+
+    async def register_all(self) -> None:
+        for name in self.repository.model_names():
+            if name not in self.models:
+                self.models[name] = self.discover(name)
+
+    async def preload(self, names: list[str]) -> None:
+        """Load the given models' units while they fit, without evicting anything."""
+        for name in names:
+            entry = self.models.get(name)
+            if entry is None:
+                continue
+            ordered = sorted(entry.units.values(), key=_preload_order)
+            for unit in ordered:
+                try:
+                    await self.ensure_loaded(unit, evict=False)
+                except ResourceExhausted as exc:
+                    log.warning("not preloading %s: %s", unit.target.key, exc.message)
+                except SlimserveError:
+                    pass  # recorded on the unit and logged
+            entry.state, entry.reason = _summarise(entry)
+
+    async def load(self, name: str) -> ModelEntry:
+        """(Re)load a model from the repository: all its units, then swap out the old ones."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            old = self.models.get(name)
+            entry = self.discover(name)
+            if old is None or not any(u.state is State.READY for u in old.units.values()):
+                self.models[name] = entry  # nothing serving: requests join this load
+            for unit in sorted(entry.units.values(), key=_preload_order):
+                with contextlib.suppress(SlimserveError):  # recorded on the unit, logged
+                    await self.ensure_loaded(unit)
+            entry.state, entry.reason = _summarise(entry)
+            self.models[name] = entry
+            if old is not None and old is not entry:
+                await self._unload_entry(old, State.UNAVAILABLE, "replaced by a reload")
+            return entry
+
     async def unload(self, name: str) -> None:
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with self._locks.setdefault(name, asyncio.Lock()):
             entry = self.entry(name)
-            del self.models[name]
-            await self._unload_entry(entry)
+            await self._unload_entry(entry, State.UNAVAILABLE, "unloaded")
+            entry.state, entry.reason = State.UNAVAILABLE, "unloaded"
 
-    async def _unload_entry(self, entry: ModelEntry) -> None:
-        await asyncio.gather(*(self._unload_unit(u) for u in entry.units.values()))
+    async def _unload_entry(self, entry: ModelEntry, state: State, reason: str) -> None:
+        await asyncio.gather(*(self._unload_unit(u, state, reason) for u in entry.units.values()))
 
-    async def _unload_unit(self, unit: Unit) -> None:
+    async def _unload_unit(self, unit: Unit, state: State, reason: str) -> None:
         if unit.state is not State.READY:
+            if unit.state in (State.UNLOADED, State.UNAVAILABLE) and state is State.UNAVAILABLE:
+                unit.state, unit.reason = state, reason
             return
         unit.state = State.UNLOADING
         if unit.batcher is not None:
@@ -220,11 +375,38 @@ class ModelManager:
         if unit.runtime is not None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._load_executor, unit.runtime.unload)
-        unit.runtime, unit.batcher = None, None
-        unit.state = State.UNAVAILABLE
-        unit.reason = "unloaded"
-        log.info("unloaded %s", unit.target.key)
+        if unit.resident is not None:
+            self.used_bytes -= unit.resident.size_bytes
+        unit.runtime, unit.batcher, unit.resident = None, None, None
+        unit.state, unit.reason = state, reason
+        log.info("unloaded %s (%s)", unit.target.key, reason)
 
     async def close(self) -> None:
-        for name in list(self.models):
-            await self.unload(name)
+        for entry in list(self.models.values()):
+            await self._unload_entry(entry, State.UNAVAILABLE, "server stopping")
+
+
+def _preload_order(unit: Unit) -> tuple[int, int, str]:
+    # Highest version first, the original before its variants.
+    return (-unit.target.version, unit.target.variant is not None, unit.target.variant or "")
+
+
+def _summarise(entry: ModelEntry) -> tuple[State, str]:
+    states = [u.state for (v, var), u in entry.units.items() if var is None]
+    if State.READY in states:
+        return State.READY, ""
+    if State.UNLOADED in states:
+        return State.UNLOADED, "loads on its first request"
+    reasons = [f"{u.target.key}: {u.reason}" for u in entry.units.values() if u.reason]
+    return State.UNAVAILABLE, "; ".join(reasons) or "no version loaded"
+
+
+def _memory_bytes(runtime: Runtime) -> int:
+    try:
+        return max(int(runtime.memory_bytes()), 0)
+    except Exception:  # noqa: BLE001 - an estimate is optional
+        return 0
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -54,6 +54,15 @@ class Settings(BaseSettings):
     pin_models: list[str] = Field(
         default_factory=list, description="Models never evicted from memory."
     )
+    client_rate_limit: float = Field(
+        0,
+        ge=0,
+        description="Requests per second allowed to each client identity (0: unlimited); "
+        "over it, 429 with Retry-After.",
+    )
+    client_burst: float = Field(
+        0, ge=0, description="Burst allowed above client_rate_limit (0: one second's worth)."
+    )
     max_body_bytes: int = Field(
         64 * MiB, gt=0, description="Largest request body accepted, in bytes (413 above)."
     )

@@ -81,6 +81,8 @@ class InferRequest:
     outputs: tuple[str, ...] | None = None
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
+    # Who is asking (API key identity or peer address), for rate limits and audit.
+    client: str | None = None
 
 
 @dataclass(slots=True)

@@ -52,3 +52,11 @@ def test_successes_keep_it_closed():
         assert b.allow(i)
         b.record(i, ok=i % 10 != 0)
     assert b.state is BreakerState.CLOSED
+
+
+def test_blocking_only_while_open_and_not_due_for_a_probe():
+    b = CircuitBreaker(BreakerConfig(consecutive_failures=1, open_s=2))
+    assert not b.blocking(0)
+    b.record(0, ok=False)
+    assert b.blocking(1.0) and not b.blocking(2.5)
+    assert b.state is BreakerState.OPEN  # asking changes nothing

@@ -60,6 +60,10 @@ class CircuitBreaker:
             self._probes_out += 1
         return True
 
+    def blocking(self, now: float) -> bool:
+        """True while open and not yet due for a probe (no state change)."""
+        return self.state is BreakerState.OPEN and now - self.opened_at < self.config.open_s
+
     def retry_after(self, now: float) -> float:
         return max(0.0, self.opened_at + self.config.open_s - now)
 

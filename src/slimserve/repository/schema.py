@@ -63,6 +63,46 @@ class BatchingConfig(_Strict):
     max_queue_size: int | None = Field(None, gt=0)
 
 
+class LimitsConfig(_Strict):
+    """Admission control for one model (all clients together)."""
+
+    rate: float | None = Field(None, gt=0)  # requests per second; None: unlimited
+    burst: float | None = Field(None, ge=1)  # default: one second's worth of `rate`
+    max_concurrency: int | None = Field(None, gt=0)  # requests queued or running at once
+    max_queue_wait_ms: float | None = Field(None, gt=0)  # shed when the wait would exceed it
+
+
+class BreakerSettings(_Strict):
+    """Circuit breaker per served unit (see policies/breaker.py)."""
+
+    enabled: bool = True
+    consecutive_failures: int = Field(5, ge=1)
+    error_rate: float = Field(0.5, gt=0, le=1)
+    min_calls: int = Field(20, ge=1)
+    window: int = Field(50, ge=1)
+    slow_call_ms: float | None = Field(None, gt=0)
+    slow_rate: float = Field(0.8, gt=0, le=1)
+    open_s: float = Field(5.0, gt=0)
+    probe_calls: int = Field(3, ge=1)
+
+
+class DegradeSettings(_Strict):
+    """Serving a cheaper variant while the original is under pressure."""
+
+    allow: bool = False  # the default for requests that do not say (parameter `degrade`)
+    max_quality_loss: float = Field(1.0, ge=0)  # points of accuracy/agreement given up
+    queue_fraction: float = Field(0.5, gt=0, le=1)  # queue this full counts as pressure
+    recover_s: float = Field(5.0, ge=0)  # calm needed before returning to the original
+
+
+class CacheSettings(_Strict):
+    """Response cache for this model (off unless present in model.yaml)."""
+
+    policy: Literal["lru", "lfu"] = "lru"
+    max_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    ttl_s: float | None = Field(None, gt=0)
+
+
 class ModelConfig(_Strict):
     """The contents of model.yaml."""
 
@@ -80,6 +120,10 @@ class ModelConfig(_Strict):
     # Free-form options for the runtime (documented by each runtime).
     parameters: dict[str, Any] = Field(default_factory=dict)
     description: str = ""
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    degrade: DegradeSettings = Field(default_factory=DegradeSettings)
+    cache: CacheSettings | None = None
 
     @field_validator("model_class")
     @classmethod

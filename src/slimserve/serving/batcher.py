@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from slimserve.errors import DeadlineExceeded, InvalidArgument, SlimserveError, Unavailable
+from slimserve.policies.shedding import ServiceEstimate
 
 Arrays = dict[str, np.ndarray]
 # Event-loop turns without a new arrival after which a partial batch goes out.
@@ -36,6 +37,7 @@ class _Item:
     future: asyncio.Future[Arrays]
     enqueued_ns: int
     deadline: float | None  # time.monotonic() seconds, None: no deadline
+    priority: int = 0  # higher goes first
 
 
 @dataclass(slots=True)
@@ -73,6 +75,8 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.stats = stats if stats is not None else BatchStats()
+        self.estimate = ServiceEstimate()  # batch latency and size, for shedding
+        self.queued_rows = 0
         self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -93,7 +97,13 @@ class Batcher:
         if self._task is not None:
             await self._task
 
-    async def submit(self, inputs: Arrays, rows: int, deadline: float | None = None) -> Arrays:
+    def expected_wait_s(self) -> float:
+        """Seconds a request arriving now would wait for the rows queued ahead of it."""
+        return self.estimate.expected_wait_s(self.queued_rows, self.max_batch_size)
+
+    async def submit(
+        self, inputs: Arrays, rows: int, deadline: float | None = None, priority: int = 0
+    ) -> Arrays:
         """Queue one request of `rows` rows; return its outputs (views of the batch result)."""
         if self._closed:
             raise Unavailable("the model is being unloaded; retry shortly", retry_after_s=1)
@@ -109,9 +119,22 @@ class Batcher:
             )
         signature = tuple(a.shape[1:] for a in inputs.values()) if self.max_batch_size else ()
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(inputs, rows, signature, future, time.perf_counter_ns(), deadline))
+        item = _Item(inputs, rows, signature, future, time.perf_counter_ns(), deadline, priority)
+        if priority and self._queue and self._queue[-1].priority < priority:
+            self._insert_by_priority(item)
+        else:
+            self._queue.append(item)
+        self.queued_rows += rows
         self._wakeup.set()
         return await future
+
+    def _insert_by_priority(self, item: _Item) -> None:
+        """Ahead of every queued item of lower priority, behind equal ones (FIFO within)."""
+        for index, queued in enumerate(self._queue):
+            if queued.priority < item.priority:
+                self._queue.insert(index, item)
+                return
+        self._queue.append(item)
 
     async def _run(self) -> None:
         while True:
@@ -133,18 +156,22 @@ class Batcher:
         oldest = self._queue[0].enqueued_ns
         limit_ns = oldest + int(self.max_delay_s * 1e9)
         quiet, seen = 0, len(self._queue)
-        while quiet < _QUIET_TURNS and self._rows_queued() < self.max_batch_size:
+        while quiet < _QUIET_TURNS and self.queued_rows < self.max_batch_size:
             if self._closed or time.perf_counter_ns() >= limit_ns:
                 return
             await asyncio.sleep(0)
             quiet = quiet + 1 if len(self._queue) == seen else 0
             seen = len(self._queue)
 
-    def _rows_queued(self) -> int:
-        return sum(item.rows for item in self._queue)
-
     def _take(self) -> list[_Item]:
         """Pop a compatible set of items (same non-batch dims) up to max_batch_size rows."""
+        before = len(self._queue)
+        batch = self._pick()
+        if len(self._queue) != before:
+            self.queued_rows = sum(item.rows for item in self._queue)
+        return batch
+
+    def _pick(self) -> list[_Item]:
         now = time.monotonic()
         first = None
         while self._queue and first is None:
@@ -218,6 +245,7 @@ class Batcher:
         for item in batch:
             s.queue_ns += start_ns - item.enqueued_ns
             s.success_ns += end_ns - item.enqueued_ns
+        self.estimate.update(rows, (end_ns - start_ns) / 1e9)
         entry = s.batch_sizes.setdefault(rows, [0, 0])
         entry[0] += 1
         entry[1] += end_ns - start_ns

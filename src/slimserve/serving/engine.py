@@ -11,12 +11,14 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from slimserve import __version__
 from slimserve.config import Settings
 from slimserve.errors import (
+    Code,
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
@@ -24,6 +26,7 @@ from slimserve.errors import (
     SlimserveError,
 )
 from slimserve.repository.store import Repository, split_served_name
+from slimserve.serving.admission import Admission
 from slimserve.serving.models import ModelEntry, ModelManager, RuntimeFactory, State, Unit
 from slimserve.serving.validate import check_inputs, check_outputs
 from slimserve.types import InferRequest, InferResponse
@@ -55,15 +58,18 @@ class Engine:
         repository: Repository,
         settings: Settings,
         runtime_factory: RuntimeFactory | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.repository = repository
         self.settings = settings
         threads = settings.inference_threads or os.cpu_count() or 1
         self._infer_pool = ThreadPoolExecutor(threads, thread_name_prefix="slimserve-infer")
         self._load_pool = ThreadPoolExecutor(2, thread_name_prefix="slimserve-load")
+        self._clock = clock  # seconds; admission decisions only (tests pass a fake one)
         self.models = ModelManager(
             repository, settings, self._infer_pool, self._load_pool, runtime_factory
         )
+        self.admission = Admission(settings)
         self._started = False
         self._startup_done = False
         self._stopping = False
@@ -283,34 +289,94 @@ class Engine:
     # -- inference -------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        name, variant = split_served_name(request.model)
-        param_variant = request.parameters.get("variant")
-        if param_variant is not None:
-            if variant is not None and variant != param_variant:
-                raise InvalidArgument(
-                    f"variant given twice: '{variant}' in the name, '{param_variant}' in parameters"
-                )
-            variant = split_served_name(f"{name}:{param_variant}")[1]
+        """Validate, admit, route (variant, degradation), batch and run one request."""
+        name, variant = _requested(request)
         version = parse_version(request.version)
-        config = self.models.find(name, version, variant).target.config
+        entry = self.models.entry(name)
+        asked = self.models.find(name, version, variant)
+        config = asked.target.config
         rows = check_inputs(request.model, config, request.inputs)
         check_outputs(request.model, config, request.outputs)
         deadline = _deadline(request.parameters.get("timeout"))
-        unit = await self.models.acquire(name, version, variant)
-        try:
-            assert unit.batcher is not None  # READY units always have one
-            outputs = await unit.batcher.submit(request.inputs, rows, deadline)
-        finally:
-            self.models.release(unit)
+        now = self._clock()
+        self.admission.check_rate(request.client, name, config, now)
+        allow = _flag(request.parameters.get("degrade"), config.degrade.allow)
+        unit = self.admission.route(entry, asked, allow, now)
+        self.admission.check_load(unit, None if deadline is None else deadline - now)
+        outputs = await self._run(unit, request, rows, deadline)
         if request.outputs:
             outputs = {k: outputs[k] for k in request.outputs}
-        return InferResponse(
+        response = InferResponse(
             model=name,
             version=str(unit.target.version),
             outputs=outputs,
-            variant=variant,
+            variant=unit.target.variant,
             id=request.id,
         )
+        if unit is not asked:
+            response.parameters["degraded"] = True
+        return response
+
+    async def _run(
+        self, unit: Unit, request: InferRequest, rows: int, deadline: float | None
+    ) -> dict[str, Any]:
+        model = unit.target.model
+        self.admission.in_flight[model] += 1
+        started = self._clock()
+        try:
+            unit = await self.models.acquire_unit(unit)
+            try:
+                assert unit.batcher is not None  # READY units always have one
+                priority = _priority(request.parameters.get("priority"))
+                outputs = await unit.batcher.submit(request.inputs, rows, deadline, priority)
+            finally:
+                self.models.release(unit)
+        except SlimserveError as exc:
+            if exc.code is Code.INTERNAL:  # the model failed, not the request
+                self.admission.record(unit, self._clock(), False, self._clock() - started)
+            raise
+        finally:
+            self.admission.in_flight[model] -= 1
+        self.admission.record(unit, self._clock(), True, self._clock() - started)
+        return outputs
+
+
+def _requested(request: InferRequest) -> tuple[str, str | None]:
+    """Model name and variant from 'name[:variant]' and the parameter 'variant'."""
+    name, variant = split_served_name(request.model)
+    param_variant = request.parameters.get("variant")
+    if param_variant is None:
+        return name, variant
+    if not isinstance(param_variant, str):
+        raise InvalidArgument("parameter 'variant' must be a string naming a variant")
+    if variant is not None and variant != param_variant:
+        raise InvalidArgument(
+            f"variant given twice: '{variant}' in the name, '{param_variant}' in parameters"
+        )
+    return name, split_served_name(f"{name}:{param_variant}")[1]
+
+
+def _flag(value: Any, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise InvalidArgument(f"parameter 'degrade' = {value!r}: use true or false")
+
+
+def _priority(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InvalidArgument(f"parameter 'priority' = {value!r}: use an integer (higher first)")
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidArgument(
+            f"parameter 'priority' = {value!r}: use an integer (higher first)"
+        ) from None
 
 
 def _deadline(timeout: Any) -> float | None:

@@ -190,7 +190,9 @@ class ModelManager:
 
     async def acquire(self, name: str, version: int | None, variant: str | None) -> Unit:
         """The READY unit for a request, loading it if needed; pair with `release`."""
-        unit = self.find(name, version, variant)
+        return await self.acquire_unit(self.find(name, version, variant))
+
+    async def acquire_unit(self, unit: Unit) -> Unit:
         if unit.state is not State.READY:
             await self.ensure_loaded(unit)
         resident = unit.resident

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     client_burst: float = Field(
         0, ge=0, description="Burst allowed above client_rate_limit (0: one second's worth)."
     )
+    redis_url: str | None = Field(
+        None,
+        description="redis://HOST:PORT/DB for state shared by several server processes "
+        "(response cache); none: in memory, per process.",
+    )
     max_body_bytes: int = Field(
         64 * MiB, gt=0, description="Largest request body accepted, in bytes (413 above)."
     )
@@ -90,6 +95,13 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("use a redis://HOST:PORT/DB (or rediss://, unix://) URL")
+        return value
 
     @field_validator("host")
     @classmethod

@@ -246,3 +246,34 @@ def test_a_slow_load_blocks_neither_liveness_nor_other_models(tmp_path):
     served, slow = asyncio.run(main())
     np.testing.assert_array_equal(served.outputs["y"], x(1)["x"] * 3)
     np.testing.assert_array_equal(slow.outputs["y"], x(1)["x"] * 4)
+
+
+def test_response_cache_answers_repeats_without_the_model(tmp_path):
+    root = make_repo(tmp_path)
+    yaml_path = root / "scale" / "model.yaml"
+    yaml_path.write_text(yaml_path.read_text() + "cache: {policy: lru, max_bytes: 100000}\n")
+    calls: list[int] = []
+
+    class Counting(ScaleRuntime):
+        def infer(self, inputs):
+            calls.append(len(inputs["x"]))
+            return super().infer(inputs)
+
+    async def main():
+        settings = Settings(repository=root)
+        engine = Engine(Repository(root), settings, lambda t, o: Counting(t, o))
+        await engine.start(wait=True)
+        calls.clear()  # warm-up calls do not count
+        first = await engine.infer(InferRequest("scale", x(2)))
+        again = await engine.infer(InferRequest("scale", x(2), parameters={"timeout": 5}))
+        other = await engine.infer(InferRequest("scale", x(1)))
+        v1 = await engine.infer(InferRequest("scale", x(2), version="1"))
+        cache = engine.caches["scale"]
+        await engine.stop()
+        return first, again, other, v1, cache
+
+    first, again, other, v1, cache = asyncio.run(main())
+    assert len(calls) == 3  # the repeat came from the cache
+    np.testing.assert_array_equal(first.outputs["y"], again.outputs["y"])
+    assert cache.hits == 1 and cache.misses == 3
+    np.testing.assert_array_equal(v1.outputs["y"], x(2)["x"] * 2)  # versions keyed apart

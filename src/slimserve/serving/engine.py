@@ -27,6 +27,13 @@ from slimserve.errors import (
 )
 from slimserve.repository.store import Repository, split_served_name
 from slimserve.serving.admission import Admission
+from slimserve.serving.cache import (
+    CacheBackend,
+    MemoryCache,
+    RedisCache,
+    ResponseCache,
+    cache_key,
+)
 from slimserve.serving.models import ModelEntry, ModelManager, RuntimeFactory, State, Unit
 from slimserve.serving.validate import check_inputs, check_outputs
 from slimserve.types import InferRequest, InferResponse
@@ -70,6 +77,7 @@ class Engine:
             repository, settings, self._infer_pool, self._load_pool, runtime_factory
         )
         self.admission = Admission(settings)
+        self.caches: dict[str, ResponseCache] = {}  # per model, for models with `cache:`
         self._started = False
         self._startup_done = False
         self._stopping = False
@@ -106,6 +114,8 @@ class Engine:
         if self._startup_task is not None and not self._startup_task.done():
             self._startup_task.cancel()
         await self.models.close()
+        for cache in self.caches.values():
+            await cache.backend.close()
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -303,7 +313,14 @@ class Engine:
         allow = _flag(request.parameters.get("degrade"), config.degrade.allow)
         unit = self.admission.route(entry, asked, allow, now)
         self.admission.check_load(unit, None if deadline is None else deadline - now)
-        outputs = await self._run(unit, request, rows, deadline)
+        cache = self._cache_for(unit)
+        if cache is None:
+            outputs = await self._run(unit, request, rows, deadline)
+        else:
+            key = cache_key(unit.target.key, request.inputs, request.parameters)
+            outputs = await cache.get_or_compute(
+                key, lambda: self._run(unit, request, rows, deadline)
+            )
         if request.outputs:
             outputs = {k: outputs[k] for k in request.outputs}
         response = InferResponse(
@@ -316,6 +333,20 @@ class Engine:
         if unit is not asked:
             response.parameters["degraded"] = True
         return response
+
+    def _cache_for(self, unit: Unit) -> ResponseCache | None:
+        settings = unit.target.config.cache
+        if settings is None:
+            return None
+        cache = self.caches.get(unit.target.model)
+        if cache is None:
+            backend: CacheBackend
+            if self.settings.redis_url:
+                backend = RedisCache(self.settings.redis_url, unit.target.model, settings.ttl_s)
+            else:
+                backend = MemoryCache(settings.max_bytes, settings.policy, settings.ttl_s)
+            cache = self.caches[unit.target.model] = ResponseCache(backend)
+        return cache
 
     async def _run(
         self, unit: Unit, request: InferRequest, rows: int, deadline: float | None

@@ -42,6 +42,9 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, field: Any) -> None:
     default = field.default_factory() if field.default_factory else field.default
     help_text = f"{field.description} (default: {default})"
     annotation = field.annotation
+    optional = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if type(None) in typing.get_args(annotation) and len(optional) == 1:
+        annotation = optional[0]  # `X | None`: the flag takes an X
     if annotation is bool:
         parser.add_argument(
             flag, action=argparse.BooleanOptionalAction, default=None, help=help_text

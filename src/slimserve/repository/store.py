@@ -25,6 +25,9 @@ VARIANTS_DIR = "variants"
 VARIANT_SEPARATOR = ":"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# A version folder: a positive integer written plainly ("01" or Unicode digits would
+# parse to a number whose folder, str(number), does not exist).
+_VERSION = re.compile(r"^[1-9][0-9]{0,17}$")
 
 # Suffixes of files that unpickle (run code) when loaded.
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib"})
@@ -52,15 +55,35 @@ def split_served_name(served: str) -> tuple[str, str | None]:
 
 
 def refuse_pickles(folder: Path) -> None:
-    """Refuse a folder holding pickle artifacts, saying how to convert them."""
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in PICKLE_SUFFIXES and path.is_file():
-            raise UnsafeArtifact(
-                f"{path}: pickle files can run arbitrary code when loaded and are refused. "
-                "Convert it: for a state dict, `safetensors.torch.save_file(torch.load(p, "
+    """Refuse a unit's folder holding pickle artifacts, saying how to convert them.
+
+    Variants below `variants/` are their own units and are checked when they load.
+    """
+    for path in sorted(_unit_files(folder)):
+        if path.suffix.lower() not in PICKLE_SUFFIXES:
+            continue
+        if any(p.suffix == ".safetensors" for p in path.parent.iterdir()):
+            fix = "safetensors weights are already beside it: delete the pickle file"
+        else:
+            fix = (
+                "convert it: for a state dict, `safetensors.torch.save_file(torch.load(p, "
                 "weights_only=True), 'model.safetensors')`; for a transformers model, "
-                "`model.save_pretrained(dir, safe_serialization=True)`; or export to ONNX."
+                "`model.save_pretrained(dir, safe_serialization=True)`; or export to ONNX"
             )
+        raise UnsafeArtifact(
+            f"{path}: pickle files can run arbitrary code when loaded and are refused; {fix}"
+        )
+
+
+def _unit_files(folder: Path) -> list[Path]:
+    out = []
+    for path in folder.iterdir():
+        if path.is_dir():
+            if path.name != VARIANTS_DIR:
+                out.extend(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            out.append(path)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +143,7 @@ class Repository:
     def versions(self, name: str) -> list[int]:
         folder = self.model_dir(name)
         return sorted(
-            int(p.name)
-            for p in folder.iterdir()
-            if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+            int(p.name) for p in folder.iterdir() if p.is_dir() and _VERSION.match(p.name)
         )
 
     def version_dir(self, name: str, version: int) -> Path:

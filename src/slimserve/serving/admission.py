@@ -66,6 +66,9 @@ class Admission:
             guard = self._guards[key] = UnitGuard(_breaker(unit.target.config))
         return guard
 
+    def guards(self) -> dict[str, UnitGuard]:
+        return self._guards
+
     def breaker_state(self, unit: Unit) -> BreakerState:
         guard = self._guards.get(unit.target.key)
         if guard is None or guard.breaker is None:

@@ -68,6 +68,7 @@ class Batcher:
         max_delay_s: float,
         max_queue: int,
         stats: BatchStats | None = None,
+        on_batch: Callable[[int, list[float]], None] | None = None,
     ) -> None:
         self._infer = infer
         self._executor = executor
@@ -76,6 +77,7 @@ class Batcher:
         self.max_queue = max_queue
         self.stats = stats if stats is not None else BatchStats()
         self.estimate = ServiceEstimate()  # batch latency and size, for shedding
+        self._on_batch = on_batch  # (rows, each request's queue seconds), for metrics
         self.queued_rows = 0
         self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
@@ -246,6 +248,8 @@ class Batcher:
             s.queue_ns += start_ns - item.enqueued_ns
             s.success_ns += end_ns - item.enqueued_ns
         self.estimate.update(rows, (end_ns - start_ns) / 1e9)
+        if self._on_batch is not None:
+            self._on_batch(rows, [(start_ns - item.enqueued_ns) / 1e9 for item in batch])
         entry = s.batch_sizes.setdefault(rows, [0, 0])
         entry[0] += 1
         entry[1] += end_ns - start_ns

@@ -25,7 +25,7 @@ from slimserve.errors import (
     PermissionDenied,
     SlimserveError,
 )
-from slimserve.repository.store import Repository, split_served_name
+from slimserve.repository.store import Repository, Target, split_served_name
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import (
     CacheBackend,
@@ -34,6 +34,8 @@ from slimserve.serving.cache import (
     ResponseCache,
     cache_key,
 )
+from slimserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from slimserve.serving.metrics import Metrics
 from slimserve.serving.models import ModelEntry, ModelManager, RuntimeFactory, State, Unit
 from slimserve.serving.validate import check_inputs, check_outputs
 from slimserve.types import InferRequest, InferResponse
@@ -73,8 +75,14 @@ class Engine:
         self._infer_pool = ThreadPoolExecutor(threads, thread_name_prefix="slimserve-infer")
         self._load_pool = ThreadPoolExecutor(2, thread_name_prefix="slimserve-load")
         self._clock = clock  # seconds; admission decisions only (tests pass a fake one)
+        self.metrics = Metrics(self)
         self.models = ModelManager(
-            repository, settings, self._infer_pool, self._load_pool, runtime_factory
+            repository,
+            settings,
+            self._infer_pool,
+            self._load_pool,
+            runtime_factory,
+            on_batch=self._batch_observer,
         )
         self.admission = Admission(settings)
         self.caches: dict[str, ResponseCache] = {}  # per model, for models with `cache:`
@@ -298,8 +306,59 @@ class Engine:
 
     # -- inference -------------------------------------------------------------------------
 
+    def _batch_observer(self, target: Target) -> Callable[[int, list[float]], None]:
+        model, variant = target.model, target.variant or ""
+
+        def observe(rows: int, queue_s: list[float]) -> None:
+            self.metrics.observe_batch(model, variant, rows, queue_s)
+
+        return observe
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        """The Prometheus exposition and its content type, for GET /metrics."""
+        return self.metrics.render(), METRICS_CONTENT_TYPE
+
+    def health(self) -> dict[str, Any]:
+        """Health beyond live/ready: what is degraded and why."""
+        units = [u for e in self.models.models.values() for u in e.units.values()]
+        open_breakers = sorted(
+            u.target.key for u in units if self.admission.breaker_state(u).value != "closed"
+        )
+        failed = sorted(
+            u.target.key for u in units if u.state is State.UNAVAILABLE and u.reason != "unloaded"
+        )
+        degraded = sorted(
+            key for key, guard in self.admission.guards().items() if guard.degrade.degraded
+        )
+        status = "ok" if not (open_breakers or failed or degraded) else "degraded"
+        if not self.ready():
+            status = "starting" if self.live() else "stopping"
+        return {
+            "status": status,
+            "live": self.live(),
+            "ready": self.ready(),
+            "breakers_open": open_breakers,
+            "failed_units": failed,
+            "degraded_models": degraded,
+            "resident_bytes": self.models.used_bytes,
+            "memory_budget_bytes": self.models.budget_bytes,
+        }
+
     async def infer(self, request: InferRequest) -> InferResponse:
         """Validate, admit, route (variant, degradation), batch and run one request."""
+        started = time.perf_counter()
+        try:
+            response = await self._infer(request)
+        except SlimserveError as exc:
+            name = request.model.partition(":")[0]
+            label = name if name in self.models.models else "_other"
+            self.metrics.observe_request(label, "", exc.code.value.lower(), 0.0)
+            raise
+        elapsed = time.perf_counter() - started
+        self.metrics.observe_request(response.model, response.variant or "", "success", elapsed)
+        return response
+
+    async def _infer(self, request: InferRequest) -> InferResponse:
         name, variant = _requested(request)
         version = parse_version(request.version)
         entry = self.models.entry(name)

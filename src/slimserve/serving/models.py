@@ -117,8 +117,10 @@ class ModelManager:
         load_executor: Executor,
         runtime_factory: RuntimeFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_batch: Callable[[Target], Callable[[int, list[float]], None]] | None = None,
     ) -> None:
         self.repository = repository
+        self._on_batch = on_batch
         self.settings = settings
         self._infer_executor = infer_executor
         self._load_executor = load_executor
@@ -267,6 +269,7 @@ class ModelManager:
             max_delay_s=batching.max_queue_delay_ms / 1000.0,
             max_queue=batching.max_queue_size or self.settings.max_queue_size,
             stats=unit.stats,
+            on_batch=self._on_batch(unit.target) if self._on_batch else None,
         )
         unit.batcher.start()
         unit.runtime, unit.cold_load_s = runtime, load_s

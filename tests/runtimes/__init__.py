@@ -1,0 +1,1 @@
+"""Tests of slimserve.runtimes (a package so the tests can import shared helpers)."""

@@ -70,10 +70,9 @@ def _serve_command(args: argparse.Namespace) -> int:
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from slimserve import logs
+
+    logs.configure(settings.log_level, settings.log_format)
 
 
 def run_server(settings: Settings) -> None:

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Log lines as JSON objects (with request ids) or plain text."
+    )
 
     @field_validator("redis_url")
     @classmethod

@@ -33,7 +33,7 @@ def test_requests_outcomes_batches_and_state_are_exported(tmp_path):
         await engine.infer(InferRequest("scale:half", x(2)))
         with pytest.raises(InvalidArgument):
             await engine.infer(InferRequest("scale", x(9)))
-        with pytest.raises(Exception):
+        with pytest.raises(InvalidArgument):
             await engine.infer(InferRequest("x" * 5000, x(1)))
         text, content_type = engine.metrics_text()
         health = engine.health()
@@ -50,7 +50,7 @@ def test_requests_outcomes_batches_and_state_are_exported(tmp_path):
     assert s[("slimserve_requests_total", bad)] == 1
     # An unknown or hostile name never becomes a label of its own.
     assert not any(len(dict(labels).get("model", "")) > 100 for _, labels in s)
-    rows = sum(v for (n, l), v in s.items() if n == "slimserve_batch_size_rows_sum")
+    rows = sum(v for (n, _labels), v in s.items() if n == "slimserve_batch_size_rows_sum")
     assert rows == 5
     assert s[("slimserve_resident_models", ())] == 3  # scale 1, 2, 2:half; bad/1 failed
     assert s[("slimserve_resident_bytes", ())] > 0

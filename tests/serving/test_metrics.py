@@ -55,3 +55,31 @@ def test_requests_outcomes_batches_and_state_are_exported(tmp_path):
     assert s[("slimserve_resident_models", ())] == 3  # scale 1, 2, 2:half; bad/1 failed
     assert s[("slimserve_resident_bytes", ())] > 0
     assert health["status"] == "degraded" and health["failed_units"] == ["bad/1"]
+
+
+def test_the_grafana_dashboard_queries_only_exported_metrics(tmp_path):
+    import json
+    import re
+    from pathlib import Path
+
+    root = make_repo(tmp_path)
+    yaml_path = root / "scale" / "model.yaml"
+    yaml_path.write_text(yaml_path.read_text() + "cache: {max_bytes: 10000}\n")
+
+    async def main():
+        engine = Engine(Repository(root), Settings(repository=root), factory)
+        await engine.start(wait=True)
+        await engine.infer(InferRequest("scale", x(1)))
+        text = engine.metrics_text()[0].decode()
+        await engine.stop()
+        return text
+
+    exported = {f.name for f in text_string_to_metric_families(asyncio.run(main()))}
+    dashboard = Path(__file__).parents[2] / "deploy" / "grafana-dashboard.json"
+    panels = json.loads(dashboard.read_text())["panels"]
+    assert len(panels) >= 8
+    for panel in panels:
+        for target in panel["targets"]:
+            for name in re.findall(r"slimserve_[a-z_]+", target["expr"]):
+                base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+                assert base in exported, f"panel {panel['title']!r} uses unknown metric {name}"

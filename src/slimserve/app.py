@@ -159,6 +159,7 @@ def _http_server(engine: Engine, settings: Settings) -> Any:
         lifespan="off",
         access_log=False,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's records go through our handler (JSON lines)
         timeout_keep_alive=30,
         h11_max_incomplete_event_size=64 * 1024,
     )

@@ -28,7 +28,7 @@ from slimserve.errors import (
     Unavailable,
 )
 from slimserve.policies.eviction import Resident, make_policy
-from slimserve.repository import verify_manifest
+from slimserve.repository import hash_tree, verify_manifest
 from slimserve.repository.schema import ModelConfig
 from slimserve.repository.store import Repository, Target
 from slimserve.runtimes import Runtime, RuntimeOptions, create_runtime
@@ -288,7 +288,12 @@ class ModelManager:
     def _build(self, target: Target) -> Runtime:
         """Blocking, in the load pool: verify the manifest, load, warm up."""
         if self.settings.verify_manifests and not verify_manifest(target.path):
-            log.info("%s has no MANIFEST.json; hashed at first load and accepted", target.key)
+            digests = hash_tree(target.path)
+            log.info(
+                "%s has no MANIFEST.json; hashed at first load and accepted: %s",
+                target.key,
+                ", ".join(f"{name} sha256:{digest[:16]}" for name, digest in digests.items()),
+            )
         runtime = self._factory(target, self._options)
         runtime.load()
         try:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +15,7 @@ from slimserve.serving.cache import (
     decode,
     encode,
 )
-
-sys.path.insert(0, str(Path(__file__).parent.parent))
-from redis_server import redis_server  # noqa: E402
+from tests.redis_server import redis_server
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,13 @@ import asyncio
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_engine import factory, make_repo, x
 
 from slimserve.config import Settings
 from slimserve.errors import InvalidArgument
 from slimserve.repository import Repository
 from slimserve.serving.engine import Engine
 from slimserve.types import InferRequest
+from tests.serving.test_engine import factory, make_repo, x
 
 
 def samples(text: bytes) -> dict[tuple[str, tuple], float]:

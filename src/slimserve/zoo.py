@@ -59,3 +59,31 @@ class LeNet5(nn.Module):
         if x.dim() == 2:  # flat 784-pixel rows
             x = x.view(-1, 1, 28, 28)
         return self.classifier(self.features(x))
+
+
+class CaffeLeNet(nn.Module):
+    """LeNet-5 as in Caffe's MNIST example and Han et al. 2015/2016 (20-50-500, 431k weights).
+
+    conv 5x5 (1->20) -> pool -> conv 5x5 (20->50) -> pool -> fc 800->500 -> fc 500->10, no
+    padding. Input (B, 1, 28, 28) or (B, 784) -> logits (B, num_classes).
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 20, 5),  # (B, 20, 24, 24)
+            nn.MaxPool2d(2),  # (B, 20, 12, 12)
+            nn.Conv2d(20, 50, 5),  # (B, 50, 8, 8)
+            nn.MaxPool2d(2),  # (B, 50, 4, 4)
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(50 * 4 * 4, 500),
+            nn.ReLU(),
+            nn.Linear(500, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # flat 784-pixel rows
+            x = x.view(-1, 1, 28, 28)
+        return self.classifier(self.features(x))

@@ -148,8 +148,8 @@ def start_server(
         *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    log_file = log_path.open("wb")
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    with log_path.open("wb") as log_file:  # the child keeps its own copy of the handle
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     server = ServerProcess(proc, http_port, grpc_port, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

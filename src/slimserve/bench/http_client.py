@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import cast
 from urllib.parse import urlsplit
 
 from slimserve.errors import InvalidArgument, Unavailable
@@ -35,7 +36,12 @@ def parse_http_url(url: str) -> tuple[str, int]:
 
 
 def build_request(
-    method: str, host: str, port: int, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    method: str,
+    host: str,
+    port: int,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
 ) -> bytes:
     """The full bytes of one request, built once and sent many times."""
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
@@ -48,7 +54,7 @@ def build_request(
 
 def _chunked_end(buf: bytearray, start: int) -> tuple[int, bytes] | None:
     """Frame a chunked body starting at `start`; (end offset, body) once complete, else None."""
-    pos, parts = start, []
+    pos, parts = start, list[bytes]()
     while True:
         eol = buf.find(b"\r\n", pos)
         if eol < 0:
@@ -65,6 +71,11 @@ def _chunked_end(buf: bytearray, start: int) -> tuple[int, bytes] | None:
         pos = data_end + 2
 
 
+def _headers(head: bytes) -> dict[str, str]:
+    pairs = (line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
+    return {k.strip().decode("latin-1"): v.strip().decode("latin-1") for k, v in pairs}
+
+
 class Connection(asyncio.Protocol):
     """One keep-alive connection; `request(raw)` returns (status, body) of the answer."""
 
@@ -75,11 +86,12 @@ class Connection(asyncio.Protocol):
         self._lost: Exception | None = None
         # The load loop needs only the status; probes keep the body to check it.
         self.keep_body = keep_body
+        self.last_headers: dict[str, str] = {}  # lower-cased names; filled only with keep_body
 
     # asyncio.Protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:  # a request is one write, but never wait on Nagle for it
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -125,6 +137,8 @@ class Connection(asyncio.Protocol):
         else:
             self._fail(ProtocolError("response without Content-Length or chunked framing"))
             return
+        if self.keep_body:
+            self.last_headers = _headers(head)
         del buf[:end]
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():

@@ -63,6 +63,8 @@ def verify_manifest(root: Path) -> bool:
         return False
     try:
         expected = json.loads(path.read_text())["files"]
+        if not isinstance(expected, dict):  # e.g. "files": [] would fail below, unexplained
+            raise TypeError("files is not a mapping")
     except (ValueError, KeyError, TypeError):
         raise ModelLoadError(
             f"{path}: not a valid manifest; fix: delete it and run `slimserve repo manifest`"

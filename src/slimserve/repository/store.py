@@ -24,10 +24,10 @@ VARIANT_YAML = "variant.yaml"
 VARIANTS_DIR = "variants"
 VARIANT_SEPARATOR = ":"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")  # \Z: "$" accepts a final "\n"
 # A version folder: a positive integer written plainly ("01" or Unicode digits would
 # parse to a number whose folder, str(number), does not exist).
-_VERSION = re.compile(r"^[1-9][0-9]{0,17}$")
+_VERSION = re.compile(r"^[1-9][0-9]{0,17}\Z")
 
 # Suffixes of files that unpickle (run code) when loaded.
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib"})

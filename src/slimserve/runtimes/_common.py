@@ -10,6 +10,8 @@ import numpy as np
 
 from slimserve.errors import ModelLoadError, Unavailable
 from slimserve.repository.store import Target, refuse_pickles
+from slimserve.security.crypto import SUFFIX, artifact_exists
+from slimserve.security.paths import confine_tree
 from slimserve.types import numpy_dtype
 
 
@@ -19,6 +21,7 @@ def check_folder(target: Target) -> Path:
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: model folder for {target.key} does not exist")
     refuse_pickles(folder)
+    confine_tree(folder)  # no symlink may lead out of the model's folder
     return folder
 
 
@@ -26,12 +29,14 @@ def find_artifact(folder: Path, preferred: str, fix: str) -> Path:
     """`folder/preferred`, or else the only file with the same suffix; `fix` says what to do.
 
     Only the folder's top level is searched: variants/ and other sub-folders hold other models.
+    An encrypted artifact (`x.enc`, see slimserve.security.crypto) counts as `x`, whose path
+    is returned; read it with `read_artifact`.
     """
     path = folder / preferred
-    if path.is_file():
+    if artifact_exists(path):
         return path
     suffix = Path(preferred).suffix
-    found = sorted(p for p in folder.glob(f"*{suffix}") if p.is_file())
+    found = sorted({_clear_path(p) for p in folder.glob(f"*{suffix}*") if _is_artifact(p, suffix)})
     if len(found) == 1:
         return found[0]
     if not found:
@@ -41,6 +46,15 @@ def find_artifact(folder: Path, preferred: str, fix: str) -> Path:
         f"{folder}: several *{suffix} files ({names}) and no {preferred}; "
         f"fix: rename the one to serve to {preferred}"
     )
+
+
+def _is_artifact(path: Path, suffix: str) -> bool:
+    return path.is_file() and path.name.endswith((suffix, suffix + SUFFIX))
+
+
+def _clear_path(path: Path) -> Path:
+    """'model.onnx.enc' -> 'model.onnx'; other paths unchanged."""
+    return path.with_name(path.name.removesuffix(SUFFIX))
 
 
 def not_loaded(target: Target) -> Unavailable:

@@ -9,7 +9,7 @@ the serving layer calls it from one thread at a time.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,6 +23,9 @@ class RuntimeOptions:
 
     intra_op_threads: int = 0  # 0: the framework's default (one per core)
     graph_optimization: str = "all"  # ONNX Runtime: disable | basic | extended | all
+    # AES-256 key (32 bytes) for artifacts encrypted with `slimserve repo encrypt`; None: only
+    # clear artifacts load. Kept out of repr so it never reaches a log line.
+    data_key: bytes | None = field(default=None, repr=False)
 
 
 class Runtime(ABC):

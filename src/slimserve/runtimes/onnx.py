@@ -30,6 +30,8 @@ from slimserve.errors import ConfigError, ModelLoadError, UnsafeArtifact
 from slimserve.repository.store import Target
 from slimserve.runtimes._common import check_folder, find_artifact, not_loaded
 from slimserve.runtimes.base import Runtime, RuntimeOptions
+from slimserve.security.crypto import is_encrypted, read_artifact
+from slimserve.security.paths import safe_join
 from slimserve.types import TensorSpec
 
 _LEVELS = {
@@ -72,18 +74,23 @@ class OnnxRuntime(Runtime):
         self._weight_bytes = 0
 
     def load(self) -> None:
-        path = find_artifact(check_folder(self.target), "model.onnx", _FIX_MISSING)
-        self._weight_bytes = _inspect_model(path)
-        session = self._open(path)
+        folder = check_folder(self.target)
+        path = find_artifact(folder, "model.onnx", _FIX_MISSING)
+        # An encrypted model is decrypted in memory and handed to ONNX Runtime as bytes.
+        source: str | bytes = str(path)
+        if is_encrypted(path):
+            source = _decrypt_model(path, folder, self.options.data_key)
+        self._weight_bytes = _inspect_model(path, source)
+        session = self._open(path, source)
         batch = self.target.config.batching.max_batch_size
         _check_io(path, "input", self.inputs, session.get_inputs(), batch, all_needed=True)
         _check_io(path, "output", self.outputs, session.get_outputs(), batch, all_needed=False)
         self._session = session
 
-    def _open(self, path: Path) -> ort.InferenceSession:
+    def _open(self, path: Path, source: str | bytes) -> ort.InferenceSession:
         options = self._session_options()
         try:
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
 
@@ -113,7 +120,7 @@ class OnnxRuntime(Runtime):
         session = self._session
         if session is None:
             raise not_loaded(self.target)
-        results = session.run(self._output_names, inputs)
+        results = session.run(self._output_names, {k: _feed(v) for k, v in inputs.items()})
         return dict(zip(self._output_names, results, strict=True))
 
     def unload(self) -> None:
@@ -123,10 +130,21 @@ class OnnxRuntime(Runtime):
         return self._weight_bytes if self._session is not None else 0
 
 
-def _inspect_model(path: Path) -> int:
+def _feed(array: np.ndarray) -> np.ndarray:
+    """ONNX Runtime takes strings as str: it would turn b"a" into "b'a'" (BYTES are bytes)."""
+    if array.dtype != object:
+        return array
+    decode = np.frompyfunc(lambda x: x.decode("utf-8") if isinstance(x, bytes) else x, 1, 1)
+    return decode(array).astype(object)
+
+
+def _inspect_model(path: Path, source: str | bytes) -> int:
     """Check external data stays in the folder; return the weights' size in bytes."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        if isinstance(source, bytes):
+            model = onnx.load_model_from_string(source)
+        else:
+            model = onnx.load(source, load_external_data=False)
     except Exception as exc:  # protobuf decode errors have no common type
         raise ModelLoadError(f"{path}: not a valid ONNX model: {exc}") from None
     folder = path.parent.resolve()
@@ -136,7 +154,46 @@ def _inspect_model(path: Path) -> int:
             _check_external(path, folder, tensor)
         total += _tensor_bytes(tensor)
     # A graph without initializers (all weights computed) still holds its file in memory.
-    return total or path.stat().st_size
+    return total or (len(source) if isinstance(source, bytes) else path.stat().st_size)
+
+
+def _decrypt_model(path: Path, folder: Path, key: bytes | None) -> bytes:
+    """The clear model bytes of `path.enc`, with any external data decrypted and inlined.
+
+    ONNX Runtime reads external data from files beside a model path, and a model given as
+    bytes has no path: each external tensor's bytes are copied into the graph instead (so
+    the model must fit protobuf's 2 GiB limit).
+    """
+    data = read_artifact(path, key, root=folder)
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf decode errors have no common type
+        raise ModelLoadError(f"{path}: not a valid ONNX model: {exc}") from None
+    external = [t for t in _tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return data
+    files: dict[str, bytes] = {}
+    for tensor in external:
+        _inline_external(path, folder, tensor, files, key)
+    return model.SerializeToString()
+
+
+def _inline_external(
+    path: Path, folder: Path, tensor: onnx.TensorProto, files: dict[str, bytes], key: bytes | None
+) -> None:
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+    try:
+        safe_join(folder, location, f"external data location of '{tensor.name}'")
+    except UnsafeArtifact as exc:
+        raise UnsafeArtifact(f"{path}: {exc.message}") from None
+    if location not in files:
+        files[location] = read_artifact(folder / location, key, root=folder)
+    offset = int(entries.get("offset", 0))
+    length = int(entries.get("length", len(files[location]) - offset))
+    tensor.raw_data = files[location][offset : offset + length]
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 from torch import nn
 
 from slimserve.errors import FailedPrecondition, ModelLoadError, UnsafeArtifact
@@ -41,6 +41,7 @@ from slimserve.runtimes._common import (
     not_loaded,
 )
 from slimserve.runtimes.base import Runtime, RuntimeOptions
+from slimserve.security.crypto import is_encrypted, read_artifact
 from slimserve.types import TensorSpec
 
 _FIX_MISSING = (
@@ -135,7 +136,7 @@ class TorchRuntime(Runtime):
         _refuse_exported_programs(folder)
         weights = find_artifact(folder, "model.safetensors", _FIX_MISSING)
         model = self._build(folder)
-        _load_weights(model, weights)
+        _load_weights(model, weights, folder, self.options.data_key)
         self._model = model.eval()
 
     def _build(self, folder: Path) -> nn.Module:
@@ -179,7 +180,7 @@ def module_bytes(model: nn.Module) -> int:
 
 
 def _refuse_exported_programs(folder: Path) -> None:
-    for path in sorted(folder.glob("*.pt2")):
+    for path in sorted([*folder.glob("*.pt2"), *folder.glob("*.pt2.enc")]):
         raise UnsafeArtifact(
             f"{path}: torch.export programs are refused: torch.export.load unpickles parts "
             "of the file (torch.load with weights_only=False), which can run code. Convert it: "
@@ -189,9 +190,13 @@ def _refuse_exported_programs(folder: Path) -> None:
         )
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
+def _load_weights(model: nn.Module, path: Path, folder: Path, key: bytes | None) -> None:
     try:
-        state = load_file(str(path))
+        # An encrypted file is decrypted in memory (read_artifact), never written in clear.
+        if is_encrypted(path):
+            state = load(read_artifact(path, key, folder))
+        else:
+            state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(f"{path}: not a readable safetensors file: {exc}") from None
     try:

@@ -25,8 +25,10 @@ from torch import nn
 from slimserve.errors import InvalidArgument, ModelLoadError
 from slimserve.repository.store import Target
 from slimserve.runtimes._common import check_folder, not_loaded
+from slimserve.runtimes._hf_memory import load_in_memory
 from slimserve.runtimes.base import Runtime, RuntimeOptions
 from slimserve.runtimes.torch import module_bytes, resolve_threads, use_threads
+from slimserve.security.crypto import SUFFIX
 
 # Loading arguments that keep a model folder from reaching the network or running code.
 _SAFE_LOAD = {"local_files_only": True, "trust_remote_code": False}
@@ -50,13 +52,17 @@ class TransformersRuntime(Runtime):
 
     def load(self) -> None:
         folder = check_folder(self.target)
-        if not any(folder.glob("*.safetensors")):
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.enc")):
             raise ModelLoadError(
                 f"{folder}: no *.safetensors weights; fix: save the model with "
                 "model.save_pretrained(dir, safe_serialization=True)"
             )
         self._check_specs(folder)
-        tokenizer, model = _load_folder(folder, self.target.config.task)
+        if any(folder.glob(f"*{SUFFIX}")):  # encrypted files: decrypt in memory, never on disk
+            key = self.options.data_key
+            tokenizer, model = load_in_memory(folder, self.target.config.task, key)
+        else:
+            tokenizer, model = _load_folder(folder, self.target.config.task)
         self._check_width(folder, model)
         self._max_length = _token_limit(self.target.config.max_length, tokenizer, model)
         self._tokenizer, self._model = tokenizer, model

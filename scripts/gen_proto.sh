@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Regenerate src/slimserve/transport/_proto/ from src/slimserve/transport/protos/*.proto.
+#
+# Usage: scripts/gen_proto.sh [PYTHON]   (default: .venv/bin/python; needs grpcio-tools)
+#
+# Two fix-ups after protoc:
+# - imports between the generated modules become package-relative (`from . import ...`);
+# - the messages are registered in slimserve's own descriptor pool (`_proto.POOL`) rather
+#   than protobuf's default one. Our files declare package `inference` like Triton's, so a
+#   process that also imports tritonclient.grpc (tests, the demo, user code) would otherwise
+#   fail with "duplicate file name" / "duplicate symbol" errors.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON="${1:-.venv/bin/python}"
+SRC=src/slimserve/transport/protos
+OUT=src/slimserve/transport/_proto
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+
+"$PYTHON" -m grpc_tools.protoc -I "$SRC" \
+    --python_out="$TMP" --pyi_out="$TMP" --grpc_python_out="$TMP" \
+    "$SRC/model_config.proto" "$SRC/grpc_service.proto"
+
+for f in "$TMP"/*.py "$TMP"/*.pyi; do
+    sed -i \
+        -e 's/^import \([a-z_]*_pb2\) as /from . import \1 as /' \
+        -e 's/_descriptor_pool\.Default()\.AddSerializedFile(/_POOL.AddSerializedFile(/' \
+        "$f"
+    if grep -q '_POOL.AddSerializedFile(' "$f"; then
+        sed -i 's/^# @@protoc_insertion_point(imports)$/&\nfrom . import POOL as _POOL/' "$f"
+    fi
+done
+
+# model_config.proto declares no service: its _grpc module would be empty.
+rm -f "$TMP/model_config_pb2_grpc.py"
+mkdir -p "$OUT"
+cp "$TMP"/*_pb2.py "$TMP"/*_pb2.pyi "$TMP"/*_pb2_grpc.py "$OUT"/
+echo "generated: $(cd "$OUT" && ls ./*_pb2*.py*)"

@@ -1,0 +1,198 @@
+"""The demo's server process and clients: `python -m slimserve serve` as a child process on
+free ports, stopped by its PID; tritonclient over HTTP and gRPC; curl for an embedding."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from slimserve.demo.data import MINILM_NAME, MLP_NAME, Dataset
+
+SENTENCES = (
+    "A man is playing a guitar on stage.",
+    "Someone performs music with a guitar.",
+    "The central bank raised interest rates again.",
+)
+READY_TIMEOUT_S = 180.0  # MiniLM loads in seconds, but 2 busy cores can be slow
+
+# --------------------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_server(root: Path, http_port: int, grpc_port: int) -> Iterator[subprocess.Popen]:
+    """`python -m slimserve serve` as a child process, stopped by its PID on the way out."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "slimserve",
+        "serve",
+        "--repository",
+        str(root),
+        "--http-port",
+        str(http_port),
+        "--grpc-port",
+        str(grpc_port),
+    ]
+    print("$ python " + " ".join(cmd[1:]))
+    with tempfile.TemporaryDirectory(prefix="slimserve-demo-") as tmp:
+        log_path = Path(tmp) / "server.log"  # shown if the server fails to start
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                wait_ready(proc, http_port, log_path)
+                yield proc
+            finally:
+                stop(proc)
+
+
+def wait_ready(proc: subprocess.Popen, http_port: int, log: Path) -> None:
+    url = f"http://127.0.0.1:{http_port}/v2/health/ready"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{_tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    print(f"server ready (pid {proc.pid}) on http://127.0.0.1:{http_port}")
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"the server was not ready after {READY_TIMEOUT_S:.0f} s:\n{_tail(log)}")
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (graceful shutdown), then SIGKILL if it has not exited within 15 s."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    print(f"server stopped (pid {proc.pid})")
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def ask_http(port: int, data: Dataset, picks: np.ndarray) -> np.ndarray:
+    """Classify images with tritonclient.http; returns the predicted classes."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
+    try:
+        meta = client.get_model_metadata(MLP_NAME)
+        print(f"model metadata: inputs {meta['inputs']}, outputs {meta['outputs']}")
+        x = data.x_test[picks]
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        out = [httpclient.InferRequestedOutput("logits", binary_data=True)]
+        result = client.infer(MLP_NAME, [inp], outputs=out)
+        return np.asarray(result.as_numpy("logits")).argmax(1)
+    finally:
+        client.close()
+
+
+def ask_grpc(port: int, data: Dataset, picks: np.ndarray) -> np.ndarray:
+    """Classify images with tritonclient.grpc; returns the predicted classes."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{port}")
+    try:
+        x = data.x_test[picks]
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer(MLP_NAME, [inp], outputs=[grpcclient.InferRequestedOutput("logits")])
+        return np.asarray(result.as_numpy("logits")).argmax(1)
+    finally:
+        client.close()
+
+
+def ask_curl(port: int) -> np.ndarray:
+    """Embed SENTENCES with a plain JSON request through curl; returns (3, 384) float32."""
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "text",
+                    "datatype": "BYTES",
+                    "shape": [len(SENTENCES)],
+                    "data": list(SENTENCES),
+                }
+            ]
+        }
+    )
+    url = f"http://127.0.0.1:{port}/v2/models/{MINILM_NAME}/infer"
+    print(f"$ curl -s {url} -H 'Content-Type: application/json' -d '{body}'")
+    if shutil.which("curl"):
+        cmd = [
+            "curl",
+            "-s",
+            "--fail-with-body",
+            url,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"curl failed ({done.returncode}): {done.stdout}{done.stderr}")
+        reply = json.loads(done.stdout)
+    else:  # no curl binary: the same request from Python
+        print("(curl is not installed; sending the same request with urllib)")
+        req = urllib.request.Request(url, body.encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            reply = json.loads(resp.read())
+    out = reply["outputs"][0]
+    print(
+        f"-> {out['name']} {out['datatype']} shape {out['shape']}: "
+        f"[{', '.join(f'{v:.3f}' for v in out['data'][:4])}, ...]"
+    )
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+def show_predictions(title: str, data: Dataset, picks: np.ndarray, predicted: np.ndarray) -> int:
+    """Print image / label / prediction rows; returns how many were right."""
+    print(f"\n{title}")
+    right = 0
+    for idx, pred in zip(picks, predicted, strict=True):
+        label = int(data.y_test[idx])
+        ok = int(pred) == label
+        right += ok
+        print(
+            f"  test image {idx:5d}: label {data.classes[label]:<12} "
+            f"predicted {data.classes[int(pred)]:<12} {'ok' if ok else 'WRONG'}"
+        )
+    print(f"  {right}/{len(picks)} right")
+    return right
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

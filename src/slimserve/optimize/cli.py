@@ -1,0 +1,125 @@
+"""`slimserve optimize NAME --repository DIR --recipe STEPS [--recipe ...] --data DATA`.
+
+Importing this module loads no framework; the handler imports the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from slimserve.config import Settings
+from slimserve.errors import InvalidArgument
+
+DEFAULT_REPOSITORY = Settings.model_fields["repository"].default
+
+_RECIPE_HELP = (
+    "Steps joined by '+', one variant per --recipe: int8, static-int8[:calibration=minmax|"
+    "percentile|entropy], weight-int8, int4:group=64, qat:epochs=1, bf16, fp16, onnx, "
+    "prune:0.9, structured:0.3, finetune:epochs=3, distill:hidden=256; e.g. "
+    "prune:0.9+finetune:epochs=3+int8, onnx+static-int8. Or a YAML recipe file (name:, steps:)."
+)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "optimize",
+        help="Make cheaper variants of a model (quantize, prune, distill, ...).",
+        description="Run each recipe on the model's version; write each result as a measured "
+        "variant (variant.yaml with recipe and profile, MANIFEST.json) and a report "
+        "(NAME/reports/VERSION/report.md|json|png).",
+    )
+    p.add_argument("name", metavar="NAME", help="The model in the repository.")
+    p.add_argument(
+        "--repository",
+        "-r",
+        type=Path,
+        default=DEFAULT_REPOSITORY,
+        metavar="DIR",
+        help=f"Model repository folder (default: {DEFAULT_REPOSITORY}).",
+    )
+    p.add_argument("--recipe", action="append", required=True, metavar="STEPS", help=_RECIPE_HELP)
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="DATA",
+        help="Training/calibration data: .npz (x, y), .csv (label column), .jsonl "
+        "(v2 requests), IDX (*-images-idx3-ubyte[.gz]), fashion-mnist[:train|:test] "
+        "or digits[:train|:test].",
+    )
+    p.add_argument(
+        "--eval-data",
+        metavar="DATA",
+        help="Held-out data for accuracy and fidelity (default: --data).",
+    )
+    p.add_argument("--version", type=int, help="Version to optimize (default: the highest).")
+    p.add_argument("--overwrite", action="store_true", help="Replace variants of the same name.")
+    p.add_argument("--threads", type=int, help="Threads for timing (default: the library's).")
+    p.add_argument(
+        "--embedding",
+        action="store_true",
+        help="Outputs are embeddings: report cosine similarity, not top-1 agreement.",
+    )
+    p.add_argument(
+        "--max-eval-rows",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="Rows of eval data used for accuracy and fidelity (default 2000).",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        default="1,8,32,128",
+        metavar="N,N,...",
+        help="Batch sizes timed; the first is 'batch 1' (default 1,8,32,128).",
+    )
+    p.add_argument(
+        "--min-time-s",
+        type=float,
+        default=0.2,
+        metavar="S",
+        help="Seconds of timed calls per batch size (default 0.2).",
+    )
+    p.add_argument(
+        "--report-dir",
+        type=Path,
+        metavar="DIR",
+        help="Where to write the report (default: NAME/reports/VERSION/).",
+    )
+    p.set_defaults(handler=_handle)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise InvalidArgument(f"--batch-sizes {text!r}: give positive integers, e.g. 1,8,32")
+    return sizes
+
+
+def _handle(args: argparse.Namespace) -> int:
+    from slimserve.optimize.pipeline import Options, optimize
+
+    opts = Options(
+        version=args.version,
+        overwrite=args.overwrite,
+        threads=args.threads,
+        embedding=args.embedding,
+        max_eval_rows=args.max_eval_rows,
+        report_dir=args.report_dir,
+        batch_sizes=_sizes(args.batch_sizes),
+        min_time_s=args.min_time_s,
+    )
+    result = optimize(args.repository, args.name, args.recipe, args.data, args.eval_data, opts)
+    for v in result.variants:
+        p = v["profile"]
+        print(
+            f"{result.model}:{v['name']}: {p.get('size_bytes')} bytes, "
+            f"p50 {p.get('latency_ms_batch1', 0):.3f} ms at batch 1, "
+            f"accuracy {p.get('accuracy')}, agreement {p.get('agreement')}"
+        )
+    print(f"report: {result.report.get('markdown')}")
+    return 0

@@ -1,0 +1,179 @@
+"""Knowledge distillation: train a small student to imitate a teacher.
+
+Classifiers (Hinton et al. 2015): loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T))
++ (1 - alpha) * CE(s, y). The T^2 keeps the soft term's gradients on the same scale as the
+hard term's whatever the temperature. Embedding models: loss = 1 - cos(s, t) ("cosine") or
+mean squared error ("mse"), no labels needed.
+
+The teacher runs once over the training data before training (eval mode, no gradients) and its
+outputs ride along as an extra tensor of each batch, so each epoch costs only the student.
+Training goes through `slimserve.train.fit`: one process or DDP under torchrun alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimserve.errors import InvalidArgument
+from slimserve.train.loop import Batch, FitResult, TrainConfig, fit, predict
+
+_KINDS = ("classifier", "embedding")
+_EMBEDDING_LOSSES = ("cosine", "mse")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """temperature T > 0; alpha in [0, 1] weighs the soft (teacher) term against the labels."""
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    lr_gamma: float = 1.0
+    kind: str = "classifier"
+    embedding_loss: str = "cosine"
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise InvalidArgument(f"DistillConfig.temperature={self.temperature}: use T > 0")
+        if not 0 <= self.alpha <= 1:
+            raise InvalidArgument(f"DistillConfig.alpha={self.alpha}: use a value in [0, 1]")
+        if self.kind not in _KINDS:
+            raise InvalidArgument(f"DistillConfig.kind={self.kind!r}: use one of {_KINDS}")
+        if self.embedding_loss not in _EMBEDDING_LOSSES:
+            raise InvalidArgument(
+                f"DistillConfig.embedding_loss={self.embedding_loss!r}: use {_EMBEDDING_LOSSES}"
+            )
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            weight_decay=self.weight_decay,
+            optimizer=self.optimizer,
+            lr_gamma=self.lr_gamma,
+            progress=self.progress,
+            seed=self.seed,
+            desc="distill",
+        )
+
+
+def soft_target_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """T^2 * KL(teacher || student) on temperature-softened distributions, batch mean."""
+    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+def classifier_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    config: DistillConfig,
+) -> torch.Tensor:
+    soft = soft_target_loss(student_logits, teacher_logits, config.temperature)
+    if config.alpha == 1:
+        return soft
+    return config.alpha * soft + (1 - config.alpha) * F.cross_entropy(student_logits, labels)
+
+
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """1 - mean cosine similarity, or mean squared error; inputs (B, D)."""
+    if kind == "cosine":
+        return 1 - F.cosine_similarity(student, teacher, dim=-1).mean()
+    return F.mse_loss(student, teacher)
+
+
+def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The teacher's outputs for every input, once (eval mode, no gradients, float32)."""
+    return predict(teacher, inputs, batch_size=1024)
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Sequence[torch.Tensor],
+    config: DistillConfig | None = None,
+) -> FitResult:
+    """Train `student` in place to imitate `teacher` on `data`.
+
+    data: (inputs, labels) for classifiers; (inputs,) or (inputs, anything) for embeddings.
+    """
+    config = config or DistillConfig()
+    if not data or not isinstance(data[0], torch.Tensor):
+        raise InvalidArgument("distill: data must be (inputs, labels) tensors")
+    if config.kind == "classifier" and len(data) < 2:
+        raise InvalidArgument("distill: classifiers need (inputs, labels); labels are missing")
+    targets = teacher_outputs(teacher, data[0])
+    _check_shapes(student, data[0], targets)
+    labels = data[1] if config.kind == "classifier" else torch.zeros(len(data[0]))
+
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        x, y, t = batch
+        out = model(x)
+        if config.kind == "embedding":
+            return embedding_loss(out, t, config.embedding_loss)
+        return classifier_loss(out, t, y, config)
+
+    return fit(student, loss_fn, (data[0], labels, targets), config.train_config())
+
+
+def _check_shapes(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    try:
+        out = predict(student, inputs[:2])
+    except RuntimeError as exc:
+        raise InvalidArgument(
+            f"distill: the student cannot take the teacher's inputs: {exc}"
+        ) from exc
+    if out.shape[1:] != targets.shape[1:]:
+        raise InvalidArgument(
+            f"distill: student outputs {tuple(out.shape[1:])} per example but the teacher "
+            f"gives {tuple(targets.shape[1:])}; the student's last layer must match"
+        )
+
+
+def derive_student(teacher: nn.Module, width: float = 0.25, depth: int | None = None) -> nn.Module:
+    """A smaller `slimserve.zoo.MLP` from an MLP teacher: hidden sizes x `width`, and the
+    first `depth` hidden layers kept (all when None). Weights are freshly initialised.
+
+    e.g. teacher 784-1200-1200-10, width=0.25 -> 784-300-300-10; depth=1 -> 784-300-10.
+    """
+    from slimserve.zoo import MLP
+
+    if not isinstance(teacher, MLP):
+        raise InvalidArgument(
+            f"derive_student works on slimserve.zoo.MLP teachers, not {type(teacher).__name__}; "
+            "build the student yourself and pass it to distill()"
+        )
+    if not 0 < width <= 1:
+        raise InvalidArgument(f"derive_student: width={width} must be in (0, 1]")
+    sizes = mlp_sizes(teacher)
+    hidden = sizes[1:-1]
+    if depth is not None and not 0 <= depth <= len(hidden):
+        raise InvalidArgument(
+            f"derive_student: depth={depth} must be in [0, {len(hidden)}] (teacher's hidden layers)"
+        )
+    kept = hidden[: len(hidden) if depth is None else depth]
+    return MLP([sizes[0], *(max(1, round(h * width)) for h in kept), sizes[-1]])
+
+
+def mlp_sizes(model: nn.Module) -> list[int]:
+    """[in, hidden..., out] of an MLP made of Linear layers (in order)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise InvalidArgument("the model has no Linear layer")
+    return [linears[0].in_features, *(m.out_features for m in linears)]

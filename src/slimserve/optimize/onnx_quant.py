@@ -1,0 +1,109 @@
+"""Quantize an ONNX file with ONNX Runtime's quantizers: QDQ format, signed int8."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from slimserve.errors import InvalidArgument
+
+_METHODS = ("minmax", "percentile", "entropy")
+
+
+def _feeds(model_path: Path, data: Any, max_batches: int) -> list[dict[str, np.ndarray]]:
+    """Calibration batches as ONNX feeds {input name: float32 array}."""
+    import onnx
+
+    names = [i.name for i in onnx.load(str(model_path), load_external_data=False).graph.input]
+    if isinstance(data, np.ndarray):
+        data = np.array_split(data, max(1, min(max_batches, len(data) // 32)))
+    feeds: list[dict[str, np.ndarray]] = []
+    for batch in data:
+        if len(feeds) >= max_batches:
+            break
+        if isinstance(batch, dict):
+            feeds.append({k: np.asarray(v) for k, v in batch.items()})
+            continue
+        x = batch[0] if isinstance(batch, tuple | list) else batch
+        feeds.append({names[0]: np.asarray(x, dtype=np.float32)})
+    if not feeds:
+        raise InvalidArgument("quantize_onnx: static mode needs calibration data; none was given")
+    return feeds
+
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._it: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # pragma: no cover - ORT calls it only for some methods
+        pass
+
+
+def quantize_onnx(
+    src: str | Path,
+    dst: str | Path,
+    mode: Literal["dynamic", "static"] = "dynamic",
+    calibration_data: Iterable[Any] | np.ndarray | None = None,
+    *,
+    per_channel: bool = True,
+    calibration: Literal["minmax", "percentile", "entropy"] = "minmax",
+    max_batches: int = 32,
+    op_types: Sequence[str] | None = None,
+) -> Path:
+    """Write an int8 copy of the ONNX model `src` to `dst`; returns dst.
+
+    dynamic: weights int8 ahead of time, activations quantized per call (MatMulInteger);
+    static: QDQ nodes around every quantizable op, activation ranges calibrated on
+    `calibration_data` (arrays, (inputs, labels) pairs, or {input name: array} feeds).
+    op_types: quantize only these op types (e.g. ["Gemm", "MatMul"]); None: all it can.
+    Measured on LeNet-5 (AVX512-VNNI, 1 thread, batch 256): ONNX Runtime's int8 Conv with few
+    channels is 2-3x *slower* than its fp32 Conv, while int8 Gemm is ~2.5x faster, so
+    Linear-only static int8 (op_types=["Gemm", "MatMul"]) is the fast choice for small CNNs.
+    """
+    from onnxruntime import quantization as oq
+
+    src, dst = Path(src), Path(dst)
+    if mode not in ("dynamic", "static"):
+        raise InvalidArgument(f"quantize_onnx: mode={mode!r} is unknown; use dynamic or static")
+    if calibration not in _METHODS:
+        raise InvalidArgument(f"quantize_onnx: calibration={calibration!r}; use one of {_METHODS}")
+    if mode == "dynamic":
+        oq.quantize_dynamic(
+            src,
+            dst,
+            per_channel=per_channel,
+            weight_type=oq.QuantType.QInt8,
+            op_types_to_quantize=list(op_types) if op_types else None,
+        )
+        return dst
+    feeds = _feeds(src, calibration_data, max_batches)
+    method = {
+        "minmax": oq.CalibrationMethod.MinMax,
+        "percentile": oq.CalibrationMethod.Percentile,
+        "entropy": oq.CalibrationMethod.Entropy,
+    }[calibration]
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        oq.quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        oq.quantize_static(
+            pre,
+            dst,
+            _Reader(feeds),
+            quant_format=oq.QuantFormat.QDQ,
+            activation_type=oq.QuantType.QInt8,
+            weight_type=oq.QuantType.QInt8,
+            per_channel=per_channel,
+            calibrate_method=method,
+            extra_options={"CalibTensorRangeSymmetric": False},
+            op_types_to_quantize=list(op_types) if op_types else None,
+        )
+    return dst

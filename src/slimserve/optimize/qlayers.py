@@ -1,0 +1,333 @@
+"""Quantized layers that replace nn.Linear / nn.Conv2d, and their float-QAT counterparts.
+
+Every quantized layer keeps its state in plain tensors (int8, uint8, float32 buffers), so a
+quantized model saves to safetensors and loads back into an empty layer of the same `spec()`
+(see wrappers.VariantModel). Arithmetic lives in qmath.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimserve.optimize import qmath
+
+
+class QuantizedLayer(nn.Module):
+    """Base of the layers quantize_ swaps in; `spec()` rebuilds an empty twin for loading."""
+
+    kind: ClassVar[str] = ""
+    bias: torch.Tensor | None
+
+    def spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _bias_buffer(module: nn.Module, out_features: int, bias: bool) -> None:
+    module.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+
+class Int8DynamicLinear(QuantizedLayer):
+    """int8 weights (symmetric per channel), int8 activations quantized per token at run time.
+
+    y (M, N) = (x_q (M, K) @ w_q^T (K, N)) * s_x (M, 1) * s_w (1, N) + b
+    """
+
+    kind = "int8_dynamic"
+    qweight_t: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        # Stored transposed, (K, N) row-major: the layout torch._int_mm is fast on.
+        self.register_buffer("qweight_t", torch.zeros(in_features, out_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        _bias_buffer(self, out_features, bias)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, per_channel: bool = True) -> Int8DynamicLinear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        quant = qmath.weight_quantizer(per_channel)
+        q, scale = quant(linear.weight)
+        layer.qweight_t.copy_(q.t())
+        layer.weight_scale.copy_(scale)
+        if linear.bias is not None and layer.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        xq, sx = qmath.quantize_rows_dynamic(x2)
+        acc = qmath.int_matmul(xq, self.qweight_t)  # (M, N) int32
+        y = acc.float() * sx * self.weight_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+
+class WeightOnlyInt8Linear(QuantizedLayer):
+    """int8 weights (per channel), float activations: 4x smaller weights, float accuracy."""
+
+    kind = "int8_weight_only"
+    qweight: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        _bias_buffer(self, out_features, bias)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> WeightOnlyInt8Linear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        q, scale = qmath.quantize_weight_per_channel(linear.weight)
+        layer.qweight.copy_(q)
+        layer.weight_scale.copy_(scale)
+        if linear.bias is not None and layer.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        try:  # fused int8-weight GEMM (dequantizes in registers)
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.weight_scale.to(x2.dtype))
+        except RuntimeError:
+            y = x2 @ (self.qweight.to(x2.dtype) * self.weight_scale[:, None].to(x2.dtype)).t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+
+class WeightOnlyInt4Linear(QuantizedLayer):
+    """int4 weights, symmetric per group of `group_size` inputs, two per byte: ~7x smaller.
+
+    The weight is dequantized at each call (memory and disk savings, not speed).
+    """
+
+    kind = "int4_weight_only"
+    qweight: torch.Tensor
+    group_scale: torch.Tensor
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, group_size: int = 64
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8)
+        )
+        self.register_buffer("group_scale", torch.ones(out_features, groups))
+        _bias_buffer(self, out_features, bias)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int) -> WeightOnlyInt4Linear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+        w = linear.weight.detach().float().reshape(linear.out_features, -1, group_size)
+        scale = qmath.symmetric_scale(w.abs().amax(dim=2), bits=4)  # (N, groups)
+        # [-7, 7] keeps it symmetric; -8 stays unused like -128 for int8.
+        q = torch.round(w / scale[..., None]).clamp(-7, 7).to(torch.int8)
+        layer.qweight.copy_(qmath.pack_int4(q.reshape(linear.out_features, -1)))
+        layer.group_scale.copy_(scale)
+        if linear.bias is not None and layer.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "group_size": self.group_size,
+        }
+
+    def dequantized_weight(self) -> torch.Tensor:
+        q = qmath.unpack_int4(self.qweight).reshape(self.out_features, -1, self.group_size)
+        return (q.float() * self.group_scale[..., None]).reshape(self.out_features, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight().to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, b)
+
+
+class _StaticInput(QuantizedLayer):
+    """Shared state of static int8 layers: a calibrated per-tensor affine input range."""
+
+    input_scale: torch.Tensor
+    input_zero_point: torch.Tensor
+    qweight_t: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_colsum: torch.Tensor
+
+    def _init_static(self, k: int, n: int, bias: bool) -> None:
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("input_zero_point", torch.zeros(()))
+        self.register_buffer("qweight_t", torch.zeros(k, n, dtype=torch.int8))  # (K, N)
+        self.register_buffer("weight_scale", torch.ones(n))
+        # sum_k w_q[k, n]: the zero-point correction, so the int GEMM runs on raw x_q.
+        self.register_buffer("weight_colsum", torch.zeros(n, dtype=torch.int32))
+        _bias_buffer(self, n, bias)
+
+    def _load_float(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        per_channel: bool,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+    ) -> None:
+        quant = qmath.weight_quantizer(per_channel)
+        q, ws = quant(weight)
+        q2 = q.reshape(q.shape[0], -1).t().contiguous()  # (K, N)
+        self.qweight_t.copy_(q2)
+        self.weight_scale.copy_(ws)
+        self.weight_colsum.copy_(q2.to(torch.int32).sum(dim=0))
+        self.input_scale.copy_(scale.reshape(()))
+        self.input_zero_point.copy_(zero_point.reshape(()))
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias.detach())
+
+    def _gemm(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) float -> (M, N) float through int8 x int8 -> int32.
+
+        y = s_x * s_w * (x_q @ w_q - zp_x * colsum(w_q)) + b
+        """
+        xq = qmath.quantize_affine(x2, self.input_scale, self.input_zero_point)
+        acc = qmath.int_matmul(xq, self.qweight_t)
+        acc = acc - self.input_zero_point.to(torch.int32) * self.weight_colsum
+        y = acc.float() * (self.input_scale * self.weight_scale)
+        return y if self.bias is None else y + self.bias
+
+
+class StaticInt8Linear(_StaticInput):
+    kind = "int8_static_linear"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_static(in_features, out_features, bias)
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        per_channel: bool = True,
+    ) -> StaticInt8Linear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        layer._load_float(linear.weight, linear.bias, per_channel, scale, zero_point)
+        return layer
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self._gemm(x.reshape(-1, self.in_features))
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+
+class StaticInt8Conv2d(_StaticInput):
+    """Conv2d (groups=1) as im2col + int8 GEMM: (B, C, H, W) -> (B, O, H', W')."""
+
+    kind = "int8_static_conv2d"
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: list[int],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+        k = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self._init_static(k, out_channels, bias)
+
+    @classmethod
+    def from_float(
+        cls,
+        conv: nn.Conv2d,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        per_channel: bool = True,
+    ) -> StaticInt8Conv2d:
+        padding = conv.padding
+        if isinstance(padding, str):  # "same"/"valid": refused earlier by quantize_
+            raise ValueError(f"string padding {padding!r} is not supported")
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            list(conv.kernel_size),
+            list(conv.stride),
+            list(padding),
+            list(conv.dilation),
+            conv.bias is not None,
+        )
+        layer._load_float(conv.weight, conv.bias, per_channel, scale, zero_point)
+        return layer
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+            "bias": self.bias is not None,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        oh = h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1
+        ow = w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1
+        oh, ow = oh // self.stride[0] + 1, ow // self.stride[1] + 1
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, K, L)
+        y = self._gemm(cols.transpose(1, 2).reshape(b * oh * ow, -1))  # (B*L, O)
+        return y.reshape(b, oh, ow, self.out_channels).permute(0, 3, 1, 2).to(x.dtype)
+
+
+LAYER_KINDS: dict[str, type[QuantizedLayer]] = {
+    cls.kind: cls
+    for cls in (
+        Int8DynamicLinear,
+        WeightOnlyInt8Linear,
+        WeightOnlyInt4Linear,
+        StaticInt8Linear,
+        StaticInt8Conv2d,
+    )
+}

@@ -1,0 +1,136 @@
+"""The per-model report: report.md, report.json and report.png (size and latency vs quality).
+
+Quality is accuracy on labelled data where known, else agreement with the original. The Pareto
+front of each panel holds the variants no other variant beats on both cost and quality.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+_COLUMNS = (
+    ("size_bytes", "size (KiB)", 1 / 1024),
+    ("latency_ms_batch1", "p50 b1 (ms)", 1.0),
+    ("latency_ms_best", "p50 best (ms)", 1.0),
+    ("throughput_rps", "rows/s", 1.0),
+    ("accuracy", "accuracy", 1.0),
+    ("agreement", "agreement", 1.0),
+    ("max_abs_error", "max |err|", 1.0),
+)
+
+
+def quality(profile: dict[str, Any]) -> float | None:
+    value = profile.get("accuracy")
+    return profile.get("agreement", 1.0) if value is None else value
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points (cost, quality) not dominated: no other is cheaper-or-equal AND
+    better-or-equal with one strictly so."""
+    front = []
+    for i, (c, q) in enumerate(points):
+        dominated = any(
+            (c2 <= c and q2 >= q) and (c2 < c or q2 > q)
+            for j, (c2, q2) in enumerate(points)
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def _rows(result: Any) -> list[dict[str, Any]]:
+    rows = [{"name": "(original)", "recipe": "", "profile": result.original}]
+    return rows + list(result.variants)
+
+
+def _fmt(value: Any, factor: float) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float | int):
+        v = value * factor
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return str(value)
+
+
+def markdown(result: Any) -> str:
+    rows = _rows(result)
+    machine = result.original.get("machine", {})
+    head = "| variant | recipe | " + " | ".join(c[1] for c in _COLUMNS) + " |"
+    lines = [
+        f"# {result.model} version {result.version}: variants",
+        "",
+        f"Measured on {machine.get('cpu', '?')}, {machine.get('threads', '?')} threads, "
+        f"flags {', '.join(machine.get('cpu_flags', []))}; load average "
+        f"{machine.get('load_average', '?')}; versions {machine.get('versions', {})}.",
+        "",
+        head,
+        "|" + "---|" * (len(_COLUMNS) + 2),
+    ]
+    for row in rows:
+        p = row["profile"]
+        cells = [_fmt(p.get(key), f) for key, _, f in _COLUMNS]
+        lines.append(f"| {row['name']} | `{row['recipe']}` | " + " | ".join(cells) + " |")
+    lines += ["", "![size and latency against quality](report.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(result: Any, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _rows(result)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (
+        ("size_bytes", "size on disk (KiB)", 1 / 1024),
+        ("latency_ms_batch1", "p50 latency, batch 1 (ms)", 1.0),
+    )
+    for ax, (key, label, factor) in zip(axes, panels, strict=True):
+        raw = [(r["profile"].get(key), quality(r["profile"]), r["name"]) for r in rows]
+        pts = [(c * factor, q, n) for c, q, n in raw if c is not None and q is not None]
+        front = sorted(pareto_front([(c, q) for c, q, _ in pts]), key=lambda i: pts[i][0])
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=2)
+        ax.plot(
+            [pts[i][0] for i in front],
+            [pts[i][1] for i in front],
+            "o--",
+            color="tab:red",
+            label="Pareto front",
+            zorder=3,
+            mfc="none",
+            ms=11,
+        )
+        for c, q, n in pts:
+            ax.annotate(n, (c, q), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("quality (accuracy, else agreement)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{result.model} v{result.version}: cost against quality")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(result: Any, folder: Path) -> dict[str, Path]:
+    """Write report.md, report.json, report.png into `folder`; their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "markdown": folder / "report.md",
+        "json": folder / "report.json",
+        "plot": folder / "report.png",
+    }
+    data = {
+        "model": result.model,
+        "version": result.version,
+        "original": result.original,
+        "variants": result.variants,
+    }
+    paths["json"].write_text(json.dumps(data, indent=2, default=str) + "\n")
+    paths["markdown"].write_text(markdown(result))
+    plot(result, paths["plot"])
+    return paths

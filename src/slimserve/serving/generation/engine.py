@@ -1,0 +1,371 @@
+"""The generation engine: continuous batching over a paged KV cache, in one worker thread.
+
+A transport calls, from its event loop:
+
+    stream = engine.submit(prompt_ids, SamplingParams(max_tokens=64), deadline_s=30.0)
+    async for event in stream:          # TokenEvent: index, token_ids, text, finish_reason,
+        send(event)                     # usage (on the very last event), logprobs
+    # or: async with stream: ...; leaving early (break, client gone, task cancelled) cancels
+
+`submit` validates and queues at once (bad input and a full queue raise before any event), so
+a transport can answer with an error status before it starts streaming.
+
+The worker thread runs iterations: schedule (a pure decision, scheduler.py), preempt, prefill
+the admitted sequences in one forward, decode one token for every running sequence in one
+forward, sample, emit, free the finished. Events cross to the caller's loop with
+`call_soon_threadsafe`; cancellation and deadlines are checked at every iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from slimserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from slimserve.serving.generation.blocks import BlockAllocator, block_keys
+from slimserve.serving.generation.model import (
+    LlamaModel,
+    forward,
+    kv_bytes_per_token,
+    new_kv_pool,
+)
+from slimserve.serving.generation.params import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    SamplingParams,
+    TokenEvent,
+    Usage,
+)
+from slimserve.serving.generation.sampling import sample
+from slimserve.serving.generation.scheduler import (
+    Limits,
+    RunningSeq,
+    SchedulerState,
+    WaitingSeq,
+    schedule,
+)
+from slimserve.serving.generation.sequence import (
+    Request,
+    Seq,
+    full_block_keys,
+    make_batch,
+    new_seqs,
+)
+from slimserve.serving.generation.stream import END, GenerationStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    block_size: int = 16  # token positions per KV block
+    kv_cache_bytes: int = 256 * 2**20  # the KV pool's size (all layers, K and V, fp32)
+    max_seqs: int = 32  # sequences decoded together at most
+    max_prefill_tokens: int = 2048  # prompt tokens computed per iteration at most
+    max_waiting: int = 256  # queued requests before submit refuses (RESOURCE_EXHAUSTED)
+    continuous: bool = True  # False: static batching (admit only into an empty batch)
+    prefix_caching: bool = True
+    threads: int = 0  # torch intra-op threads in the engine thread; 0: torch's default
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    waiting: int
+    running: int
+    free_blocks: int
+    total_blocks: int
+    preemptions: int
+    cached_tokens: int  # prompt tokens served from the prefix cache since start
+    iterations: int
+
+
+class GenerationEngine:
+    """Generates tokens for many requests at once; see the module docstring for the API."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer: Any = None,
+        config: EngineConfig | None = None,
+        eos_token_ids: Sequence[int] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or EngineConfig()
+        self.eos = frozenset(eos_token_ids)
+        self.clock = clock
+        num_blocks = self.config.kv_cache_bytes // self.block_bytes()
+        self.blocks = BlockAllocator(num_blocks, self.config.block_size, self.config.prefix_caching)
+        self.pool = new_kv_pool(model.shape, num_blocks, self.config.block_size)
+        pool_tokens = self.blocks.capacity * self.config.block_size
+        self.max_context = min(model.shape.max_positions, pool_tokens)
+        self._limits = Limits(self.config.max_seqs, self.config.max_prefill_tokens)
+        self._state = SchedulerState(continuous=self.config.continuous)
+        self._inbox: list[Request] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._waiting: deque[Seq] = deque()
+        self._running: list[Seq] = []
+        self._stopping = False
+        self._counts = {"preemptions": 0, "cached_tokens": 0, "iterations": 0}
+        self._thread: threading.Thread | None = None
+
+    def block_bytes(self) -> int:
+        return kv_bytes_per_token(self.model.shape) * self.config.block_size
+
+    # --- the caller's side (event loop thread) ---------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the worker; every unfinished request fails with UNAVAILABLE."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        deadline_s: float | None = None,
+    ) -> GenerationStream:
+        """Queue a request; its events come from the returned async iterator.
+
+        `deadline_s`: seconds from now; past it the stream raises DeadlineExceeded (events
+        already delivered stay delivered). Must be called from a running event loop.
+        """
+        params = params or SamplingParams()
+        self._check_prompt(prompt_ids, params)
+        if self._thread is None or self._stopping:
+            raise Unavailable("the generation engine is not running; start() it first")
+        loop = asyncio.get_running_loop()
+        deadline = None if deadline_s is None else self.clock() + deadline_s
+        request = Request(list(prompt_ids), params, deadline, loop, asyncio.Queue())
+        request.seqs = new_seqs(request, self.tokenizer)
+        with self._lock:
+            if len(self._inbox) + len(self._waiting) >= self.config.max_waiting:
+                raise ResourceExhausted(
+                    f"{self.config.max_waiting} requests are already waiting; retry later",
+                    retry_after_s=1.0,
+                )
+            self._inbox.append(request)
+        self._wake.set()
+        return GenerationStream(request, self._wake)
+
+    def _check_prompt(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise InvalidArgument("the prompt is empty; send at least one token")
+        vocab = self.model.shape.vocab
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_ids) + params.max_tokens > self.max_context:
+            raise InvalidArgument(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the context of {self.max_context} tokens; shorten the prompt or max_tokens"
+            )
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            waiting=len(self._waiting) + len(self._inbox),
+            running=len(self._running),
+            free_blocks=self.blocks.free_count(),
+            total_blocks=self.blocks.capacity,
+            **self._counts,
+        )
+
+    # --- the engine thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        while not self._stopping:
+            self._take_inbox()
+            self._drop_abandoned()
+            if not self._waiting and not self._running:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            self.step()
+        self._fail_all(Unavailable("the generation engine stopped; retry on another replica"))
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            requests, self._inbox = self._inbox, []
+        for request in requests:
+            self._waiting.extend(request.seqs)
+
+    def step(self) -> None:
+        """One iteration: schedule, preempt, prefill, decode, emit, free."""
+        self._counts["iterations"] += 1
+        decision = schedule(
+            self._state,
+            self._waiting_view(),
+            self._running_view(),
+            self.blocks.free_count(),
+            self._limits,
+        )
+        by_id = {seq.seq_id: seq for seq in (*self._running, *self._waiting)}
+        self._preempt([by_id[i] for i in decision.preempt])
+        admitted = [by_id[i] for i in decision.prefill]
+        decoding = [by_id[i] for i in decision.decode]
+        for seq in admitted:
+            self._waiting.remove(seq)
+            self._allocate_prompt(seq)
+        self._run_batch(admitted, self.prefill)
+        self._running += admitted
+        self._run_batch(decoding, self.decode_step)
+        self._running = [seq for seq in self._running if seq.finish_reason is None]
+
+    def _waiting_view(self) -> list[WaitingSeq]:
+        head = itertools.islice(self._waiting, self.config.max_seqs)  # none beyond is admitted
+        return [
+            WaitingSeq(
+                s.seq_id,
+                len(s.tokens) - len(self.blocks.cached_prefix(s.tokens)) * self.config.block_size,
+                self.blocks.blocks_to_admit(s.tokens),
+            )
+            for s in head
+        ]
+
+    def _running_view(self) -> list[RunningSeq]:
+        size = self.config.block_size
+        return [
+            RunningSeq(
+                s.seq_id, -(-len(s.tokens) // size) - len(s.table), self.blocks.freeable(s.table)
+            )
+            for s in self._running
+        ]
+
+    def _preempt(self, seqs: list[Seq]) -> None:
+        """Free their blocks; they recompute their tokens so far when admitted again."""
+        for seq in seqs:
+            self.free(seq)
+            seq.computed, seq.keys = 0, []
+            self._running.remove(seq)
+            self._waiting.appendleft(seq)
+            self._counts["preemptions"] += 1
+
+    def _allocate_prompt(self, seq: Seq) -> None:
+        seq.table, seq.computed = self.blocks.allocate_prompt(seq.tokens)
+        if seq.output_ids == [] and seq.index == 0:
+            seq.request.cached_tokens = seq.computed
+        self._counts["cached_tokens"] += seq.computed
+        # Register the full blocks now: a sequence admitted in the same forward that hits
+        # them reads them after this one writes them (each layer writes before it attends).
+        seq.keys = block_keys(seq.tokens, self.config.block_size)
+        self.blocks.register(seq.table, seq.keys)
+
+    def _run_batch(self, seqs: list[Seq], run: Callable[[list[Seq]], None]) -> None:
+        """A failed batch fails each of its requests, never the engine."""
+        if not seqs:
+            return
+        try:
+            run(seqs)
+        except Exception as error:  # noqa: BLE001 - reported to every request of the batch
+            log.exception("generation batch failed")
+            for seq in seqs:
+                self.blocks.unregister(seq.table)  # their K/V may be half written
+                self._fail(seq.request, error)
+
+    def prefill(self, seqs: list[Seq]) -> None:
+        """Compute the K/V of the admitted sequences' uncached tokens; sample the next token."""
+        self._forward_and_sample(seqs)
+
+    def decode_step(self, seqs: list[Seq]) -> None:
+        """One token for every running sequence: grow block tables, forward, sample."""
+        for seq in seqs:
+            missing = -(-len(seq.tokens) // self.config.block_size) - len(seq.table)
+            seq.table += self.blocks.allocate(missing)
+        self._forward_and_sample(seqs)
+
+    def _forward_and_sample(self, seqs: list[Seq]) -> None:
+        logits = forward(self.model, self.pool, make_batch(seqs, self.config.block_size))
+        tokens, logprobs = sample(logits, seqs)
+        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
+            seq.computed = len(seq.tokens)
+            self._register_full(seq)
+            self._append(seq, token, logprob)
+
+    def _register_full(self, seq: Seq) -> None:
+        if self.config.prefix_caching and seq.computed % self.config.block_size == 0:
+            self.blocks.register(seq.table, full_block_keys(seq, self.config.block_size))
+
+    def _append(self, seq: Seq, token: int, logprob: Any) -> None:
+        seq.tokens.append(token)
+        seq.output_ids.append(token)
+        is_eos = token in self.eos and not seq.params.ignore_eos
+        text = "" if is_eos else seq.text.push(token)
+        reason = self._finish_reason(seq, is_eos)
+        if reason is not None:
+            seq.finish_reason = reason
+            text += seq.text.flush()
+            self.free(seq)
+        usage = self._usage(seq.request) if seq.request.done() else None
+        lp = (logprob,) if logprob is not None else ()
+        self._emit(seq.request, TokenEvent(seq.index, (token,), text, reason, usage, lp))
+        if usage is not None:
+            self._emit(seq.request, END)
+
+    def _finish_reason(self, seq: Seq, is_eos: bool) -> str | None:
+        if is_eos or seq.text.stopped:
+            return FINISH_STOP
+        if len(seq.output_ids) >= seq.params.max_tokens or len(seq.tokens) >= self.max_context:
+            return FINISH_LENGTH
+        return None
+
+    def _usage(self, request: Request) -> Usage:
+        completion = sum(len(seq.output_ids) for seq in request.seqs)
+        return Usage(len(request.prompt), completion, request.cached_tokens)
+
+    def free(self, seq: Seq) -> None:
+        """Return a sequence's blocks to the pool (cached prefix blocks stay reusable)."""
+        self.blocks.free(seq.table)
+        seq.table = []
+
+    def _emit(self, request: Request, item: Any) -> None:
+        try:
+            request.loop.call_soon_threadsafe(request.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody listens any more
+            request.cancelled = True
+
+    def _drop_abandoned(self) -> None:
+        """Remove cancelled requests, and fail those past their deadline."""
+        now = self.clock()
+        for seq in [*self._waiting, *self._running]:
+            request = seq.request
+            if request.deadline is not None and now > request.deadline and not request.done():
+                self._fail(request, DeadlineExceeded("the request's deadline passed"))
+            elif request.cancelled:
+                self._forget(request)
+
+    def _fail(self, request: Request, error: BaseException) -> None:
+        self._forget(request)
+        self._emit(request, error)
+
+    def _forget(self, request: Request) -> None:
+        for seq in request.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = "cancelled"
+                self.free(seq)
+        request.cancelled = True
+        self._waiting = deque(s for s in self._waiting if s.request is not request)
+        self._running = [s for s in self._running if s.request is not request]
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._take_inbox()
+        for request in {seq.request for seq in (*self._waiting, *self._running)}:
+            self._fail(request, error)

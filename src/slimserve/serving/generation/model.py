@@ -1,0 +1,263 @@
+"""A Llama-family forward pass in plain torch that reads and writes a paged KV cache.
+
+Weights come from a transformers `LlamaForCausalLM` state dict (SmolLM2 is this architecture):
+RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP. The q/k/v and the
+gate/up projections are fused into one matmul each (fewer, larger matmuls on the CPU).
+
+One `forward` serves prefill and decode alike: a padded batch of B rows of T new tokens each
+(decode: T = 1), each row with its token positions, the flat KV slot each new token writes,
+and the row's block table. Attention gathers the row's blocks from the pool and masks keys
+past each query's position, so a row sees its cached prefix and its own earlier tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from slimserve.errors import ModelLoadError
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaShape:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    vocab: int
+    eps: float
+    rope_theta: float
+    max_positions: int
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    attn_norm: torch.Tensor  # (D,)
+    qkv: Linear  # D -> (H + 2 * Hkv) * hd
+    o: Linear  # H * hd -> D
+    mlp_norm: torch.Tensor  # (D,)
+    gate_up: Linear  # D -> 2 * I
+    down: Linear  # I -> D
+
+
+@dataclass(slots=True)
+class LlamaModel:
+    shape: LlamaShape
+    embed: torch.Tensor  # (V, D)
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # (D,)
+    lm_head: Linear  # D -> V
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (max_positions, hd)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in _tensors(self))
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One forward's inputs; B rows padded to T new tokens and M blocks."""
+
+    tokens: torch.Tensor  # (B, T) int64
+    positions: torch.Tensor  # (B, T) int64; padding: 0
+    slots: torch.Tensor  # (B * T,) int64 flat KV slot per new token; padding: scratch block
+    block_tables: torch.Tensor  # (B, M) int64; padding: scratch block
+    last: torch.Tensor  # (B,) int64 index in T of each row's last real token
+
+
+class FloatLinear:
+    """y = x @ W.T with W (out, in) kept as given."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def shape_of(config: Any) -> LlamaShape:
+    """The shape of a transformers LlamaConfig; other architectures are refused."""
+    arch = getattr(config, "model_type", None)
+    if arch != "llama":
+        raise ModelLoadError(
+            f"model_type {arch!r} is not supported by the generation engine; it runs the "
+            "Llama architecture (LlamaForCausalLM: Llama, SmolLM2, TinyLlama); convert or "
+            "choose such a model"
+        )
+    _refuse_rope_scaling(config)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return LlamaShape(
+        layers=config.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        hidden=config.hidden_size,
+        vocab=config.vocab_size,
+        eps=config.rms_norm_eps,
+        rope_theta=_rope_theta(config),
+        max_positions=config.max_position_embeddings,
+    )
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    return dict(params or {})
+
+
+def _rope_theta(config: Any) -> float:
+    return float(_rope_parameters(config).get("rope_theta", getattr(config, "rope_theta", 1e4)))
+
+
+def _refuse_rope_scaling(config: Any) -> None:
+    params = _rope_parameters(config)
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise ModelLoadError(f"rope scaling {kind!r} is not supported; only default rotary")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ModelLoadError("Llama models with attention or MLP biases are not supported")
+
+
+def build_model(
+    config: Any, state: dict[str, torch.Tensor], make_linear: Callable[[torch.Tensor], Linear]
+) -> LlamaModel:
+    """Our model from a LlamaForCausalLM state dict (names as transformers writes them)."""
+    shape = shape_of(config)
+    get = _getter(state)
+    embed = get("model.embed_tokens.weight")
+    head = state.get("lm_head.weight", embed)  # tied embeddings: no separate head
+    layers = [_layer(get, f"model.layers.{i}.", make_linear) for i in range(shape.layers)]
+    rope = rope_tables(shape)
+    return LlamaModel(shape, embed, layers, get("model.norm.weight"), make_linear(head), rope)
+
+
+def _getter(state: dict[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    def get(name: str) -> torch.Tensor:
+        if name not in state:
+            raise ModelLoadError(f"weight {name} missing: not a LlamaForCausalLM checkpoint")
+        return state[name].float()
+
+    return get
+
+
+def _layer(
+    get: Callable[[str], torch.Tensor], prefix: str, make_linear: Callable[[torch.Tensor], Linear]
+) -> LayerWeights:
+    attn, mlp = prefix + "self_attn.", prefix + "mlp."
+    qkv = torch.cat([get(attn + f"{p}_proj.weight") for p in "qkv"])
+    gate_up = torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")])
+    return LayerWeights(
+        attn_norm=get(prefix + "input_layernorm.weight"),
+        qkv=make_linear(qkv),
+        o=make_linear(get(attn + "o_proj.weight")),
+        mlp_norm=get(prefix + "post_attention_layernorm.weight"),
+        gate_up=make_linear(gate_up),
+        down=make_linear(get(mlp + "down_proj.weight")),
+    )
+
+
+def rope_tables(shape: LlamaShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (max_positions, hd), computed as transformers does (fp32, halves repeated)."""
+    exponents = torch.arange(0, shape.head_dim, 2, dtype=torch.int64).float() / shape.head_dim
+    inv_freq = 1.0 / (shape.rope_theta**exponents)
+    positions = torch.arange(shape.max_positions, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def new_kv_pool(shape: LlamaShape, num_blocks: int, block_size: int) -> torch.Tensor:
+    """K and V for every layer: (layers, 2, num_blocks, block_size, kv_heads, head_dim)."""
+    dims = (shape.layers, 2, num_blocks, block_size, shape.kv_heads, shape.head_dim)
+    return torch.zeros(dims, dtype=torch.float32)
+
+
+def kv_bytes_per_token(shape: LlamaShape) -> int:
+    return shape.layers * 2 * shape.kv_heads * shape.head_dim * 4
+
+
+@torch.inference_mode()
+def forward(
+    model: LlamaModel, pool: torch.Tensor, batch: Batch, all_logits: bool = False
+) -> torch.Tensor:
+    """Logits (B, V) of each row's last token, or (B, T, V) with `all_logits`."""
+    x = model.embed[batch.tokens]  # (B, T, D)
+    cos, sin = (t[batch.positions].unsqueeze(2) for t in model.rope)  # (B, T, 1, hd)
+    mask = _attention_mask(batch, pool.shape[3])
+    for index, layer in enumerate(model.layers):
+        h = rms_norm(x, layer.attn_norm, model.shape.eps)
+        x = x + _attention(model.shape, layer, pool[index], h, (cos, sin), mask, batch)
+        h = rms_norm(x, layer.mlp_norm, model.shape.eps)
+        gate, up = layer.gate_up(h).chunk(2, dim=-1)
+        x = x + layer.down(F.silu(gate) * up)
+    if not all_logits:
+        x = x[torch.arange(x.shape[0]), batch.last]  # (B, D): only the logits we sample from
+    return model.lm_head(rms_norm(x, model.norm, model.shape.eps))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def _attention_mask(batch: Batch, block_size: int) -> torch.Tensor:
+    """(B, 1, T, M * block_size) True where a query may attend: key position <= its own."""
+    keys = torch.arange(batch.block_tables.shape[1] * block_size)
+    return keys[None, None, None, :] <= batch.positions[:, None, :, None]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _attention(
+    shape: LlamaShape,
+    layer: LayerWeights,
+    kv: torch.Tensor,
+    h: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    batch: Batch,
+) -> torch.Tensor:
+    """Write this layer's new K/V into the pool, then attend over each row's blocks."""
+    rows, new = h.shape[:2]
+    hd, kvh = shape.head_dim, shape.kv_heads
+    q, k, v = layer.qkv(h).split([shape.heads * hd, kvh * hd, kvh * hd], dim=-1)
+    q = _rotate(q.view(rows, new, shape.heads, hd), *rope)
+    k = _rotate(k.view(rows, new, kvh, hd), *rope)
+    flat = kv.view(2, -1, kvh, hd)  # (2, num_blocks * block_size, Hkv, hd)
+    flat[0].index_copy_(0, batch.slots, k.reshape(-1, kvh, hd))
+    flat[1].index_copy_(0, batch.slots, v.reshape(-1, kvh, hd))
+    keys, values = (_gather(kv[i], batch.block_tables) for i in (0, 1))  # (B, Hkv, S, hd)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=kvh != shape.heads
+    )  # (B, H, T, hd)
+    return layer.o(out.transpose(1, 2).reshape(rows, new, shape.heads * hd))
+
+
+def _gather(blocks: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """(num_blocks, bs, Hkv, hd) pool + (B, M) tables -> (B, Hkv, M * bs, hd) keys."""
+    rows, count = tables.shape
+    gathered = blocks[tables]  # (B, M, bs, Hkv, hd): the one copy attention needs
+    return gathered.view(rows, count * blocks.shape[1], *blocks.shape[2:]).transpose(1, 2)
+
+
+def _tensors(model: LlamaModel) -> list[torch.Tensor]:
+    found = [model.embed, model.norm]
+    linears: list[Any] = [model.lm_head]
+    for layer in model.layers:
+        found += [layer.attn_norm, layer.mlp_norm]
+        linears += [layer.qkv, layer.o, layer.gate_up, layer.down]
+    for linear in linears:
+        found += [t for t in vars(linear).values() if isinstance(t, torch.Tensor)]
+    # The tied head shares the embedding's storage: count it once.
+    unique = {t.data_ptr(): t for t in found}
+    return list(unique.values())

@@ -1,0 +1,112 @@
+"""Load a causal language model from a local transformers folder for the generation engine.
+
+The folder holds config.json, the tokenizer files and *.safetensors weights (pickle weights
+are refused). Nothing touches the network (`local_files_only`) or runs code shipped with the
+model (`trust_remote_code=False`). The weights are read straight from safetensors into our own
+forward (model.py); the transformers model class is never built, so loading is fast and the
+weights are held once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimserve.errors import InvalidArgument, ModelLoadError, UnsafeArtifact
+from slimserve.serving.generation.model import FloatLinear, Linear, LlamaModel, build_model
+
+_SAFE_LOAD: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+_PICKLE = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+WEIGHTS = ("fp32", "int8")
+
+
+@dataclass
+class TextGenerationRuntime:
+    """A tokenizer (with its chat template) and our Llama forward, from one folder."""
+
+    folder: Path
+    model: LlamaModel
+    tokenizer: Any
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def load(cls, folder: str | Path, weights: str = "fp32") -> TextGenerationRuntime:
+        """`weights`: fp32, or int8 (weight-only, per-channel; see quant.py)."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        path = _check_folder(Path(folder))
+        config = AutoConfig.from_pretrained(path, **_SAFE_LOAD)
+        tokenizer = AutoTokenizer.from_pretrained(path, **_SAFE_LOAD)
+        model = build_model(config, _read_weights(path), _linear_maker(weights))
+        return cls(path, model, tokenizer, _eos_ids(config, tokenizer))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a completion prompt (with the tokenizer's usual special tokens)."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a chat, rendered by the tokenizer's chat template, ready to answer."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidArgument(
+                f"{self.folder}: the tokenizer has no chat template; use completions, or add "
+                "a chat_template to tokenizer_config.json"
+            )
+        ids = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        return list(ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def memory_bytes(self) -> int:
+        return self.model.nbytes()
+
+
+def _check_folder(folder: Path) -> Path:
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"{folder}: no config.json; give a transformers model folder "
+            "(model.save_pretrained(dir, safe_serialization=True) and tokenizer.save_pretrained)"
+        )
+    if not any(folder.glob("*.safetensors")):
+        pickles = [p.name for pattern in _PICKLE for p in folder.glob(pattern)]
+        if pickles:
+            raise UnsafeArtifact(
+                f"{folder}: {pickles[0]} is a pickle file, which can run code when loaded; "
+                "convert it: model.save_pretrained(dir, safe_serialization=True)"
+            )
+        raise ModelLoadError(f"{folder}: no *.safetensors weights")
+    return folder
+
+
+def _read_weights(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    state: dict[str, Any] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(file))
+    return state
+
+
+def _linear_maker(weights: str) -> Any:
+    if weights == "fp32":
+        return FloatLinear
+    if weights == "int8":
+        from slimserve.serving.generation.quant import Int8Linear
+
+        return Int8Linear
+    raise InvalidArgument(f"weights={weights!r} is not one of {', '.join(WEIGHTS)}")
+
+
+def _eos_ids(config: Any, tokenizer: Any) -> tuple[int, ...]:
+    """End-of-sequence ids: the config's (an int or a list) and the tokenizer's."""
+    found = getattr(config, "eos_token_id", None)
+    ids = set(found if isinstance(found, list) else [found])
+    ids.add(getattr(tokenizer, "eos_token_id", None))
+    return tuple(sorted(i for i in ids if isinstance(i, int)))
+
+
+__all__ = ["TextGenerationRuntime", "Linear"]

@@ -1,0 +1,89 @@
+"""Pick the next token of every row of a batch from its logits.
+
+Greedy rows (temperature 0) take the argmax in one call for the whole batch. Sampled rows are
+scaled, nucleus-filtered (top_p) and softmaxed together; only the final draw runs per row,
+with the row's own generator, so a seeded request draws the same tokens whatever else shares
+its batch. Penalties (OpenAI's presence/frequency) and logprobs cost only the rows asking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from slimserve.serving.generation.params import SamplingParams, TokenLogprob
+
+
+class Row(Protocol):
+    @property
+    def params(self) -> SamplingParams: ...
+    @property
+    def generator(self) -> torch.Generator | None: ...
+    @property
+    def output_ids(self) -> list[int]: ...
+
+
+@torch.inference_mode()
+def sample(
+    logits: torch.Tensor, rows: Sequence[Row]
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Next token per row of `logits` (B, V), and its logprobs where the row asked."""
+    logits = _penalize(logits, rows)
+    chosen = logits.argmax(dim=-1)  # (B,)
+    drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if drawn:
+        chosen[drawn] = _draw(logits[drawn], [rows[i] for i in drawn])
+    tokens = chosen.tolist()
+    return tokens, _logprobs(logits, rows, tokens)
+
+
+def _penalize(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """logits - presence * [token seen] - frequency * count(token), for penalized rows."""
+    penalized = [i for i, row in enumerate(rows) if row.params.penalized and row.output_ids]
+    if not penalized:
+        return logits
+    logits = logits.clone()
+    for i in penalized:  # few rows; each a vectorized bincount over its own outputs
+        params = rows[i].params
+        counts = torch.bincount(torch.tensor(rows[i].output_ids), minlength=logits.shape[1])
+        counts = counts[: logits.shape[1]].to(logits.dtype)
+        logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return logits
+
+
+def _draw(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Temperature, top_p, then one multinomial draw per row with its generator."""
+    temperature = torch.tensor([row.params.temperature for row in rows])[:, None]
+    probs = torch.softmax(logits / temperature, dim=-1)  # (R, V)
+    top_p = torch.tensor([row.params.top_p for row in rows])[:, None]
+    if bool((top_p < 1.0).any()):
+        probs = _nucleus(probs, top_p)
+    draws = [torch.multinomial(probs[i], 1, generator=row.generator) for i, row in enumerate(rows)]
+    return torch.cat(draws)
+
+
+def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Zero the tokens outside the smallest set whose mass reaches top_p (per row)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs[mass_before >= top_p] = 0.0  # the top token always stays (mass_before 0)
+    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def _logprobs(
+    logits: torch.Tensor, rows: Sequence[Row], tokens: list[int]
+) -> list[TokenLogprob | None]:
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    result: list[TokenLogprob | None] = [None] * len(rows)
+    if not wanted:
+        return result
+    logp = torch.log_softmax(logits[wanted].float(), dim=-1)  # (W, V)
+    for j, i in enumerate(wanted):
+        k = rows[i].params.logprobs or 0
+        values, ids = logp[j].topk(k) if k else (logp[j][:0], logp[j][:0].long())
+        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        result[i] = TokenLogprob(tokens[i], float(logp[j, tokens[i]]), top)
+    return result

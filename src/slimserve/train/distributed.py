@@ -1,0 +1,86 @@
+"""Process-group setup for data-parallel training under `torchrun`.
+
+`torchrun --nproc_per_node=N script.py` starts N processes and tells each its rank through the
+`env://` rendezvous that `torch.distributed.init_process_group` reads itself; nothing here reads
+the environment. Outside torchrun everything degrades to one process (rank 0 of 1).
+
+Backend: NCCL when the model trains on CUDA, gloo on CPU. Only rank 0 should write files or
+log progress (`is_main_process()`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: `rank` of `world_size`, and the device it trains on."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _device_for(rank: int, want: str | None) -> torch.device:
+    if want is not None and not want.startswith("cuda"):
+        return torch.device(want)
+    if torch.cuda.is_available() and want is not None:
+        # One GPU per process on a node; torchrun numbers ranks node by node.
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(device: str | None = None) -> DistContext:
+    """Join the process group when launched by torchrun (idempotent); else one process.
+
+    `device`: "cpu", "cuda" or None (CPU). Returns this process's context.
+    """
+    if not dist.is_available():
+        return DistContext(device=_device_for(0, device))
+    if not dist.is_initialized() and dist.is_torchelastic_launched():
+        backend = "nccl" if _device_for(0, device).type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return context(device)
+
+
+def context(device: str | None = None) -> DistContext:
+    """The current process's context, without joining anything."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistContext(device=_device_for(0, device))
+    rank = dist.get_rank()
+    return DistContext(
+        rank=rank,
+        world_size=dist.get_world_size(),
+        device=_device_for(rank, device),
+        backend=str(dist.get_backend()),
+    )
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single process): the one that writes files and logs."""
+    return context().is_main
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (call once at the end of a torchrun script)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

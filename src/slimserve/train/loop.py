@@ -1,0 +1,399 @@
+"""`fit`: the training loop shared by fine-tuning, QAT and distillation.
+
+One process or data-parallel under torchrun, chosen at run time:
+
+- Data: a tuple of tensors sharing their first (batch) dimension, or any torch `Dataset`.
+  Batches are drawn by a `DistributedSampler`, also in a single process (1 replica), so the
+  order of examples is the same however many processes train: with W processes each takes
+  `batch_size / W` examples of the same global batch, and DDP averages the gradients, which
+  gives the single-process step up to floating-point summation order.
+- `loss_fn(model, batch) -> scalar tensor`: the model it gets is the DDP wrapper when
+  distributed (call it, don't reach inside), and `batch` is a tuple of tensors on the device.
+- Masks: a parameter `X` of any module that also has a buffer `X_mask` (what `prune_` leaves)
+  keeps its zeros: gradients are masked after backward and weights re-masked after each step.
+- Mixed precision: `mixed_precision="bf16"` or `"fp16"` runs forward and loss under autocast;
+  fp16 adds dynamic loss scaling (`LossScaler`): an overflowing step is skipped and the scale
+  halved; after `growth_interval` good steps it doubles again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+
+from slimserve.errors import InvalidArgument
+from slimserve.train.distributed import DistContext, init_distributed
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, ...]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+Data = Dataset | Sequence[torch.Tensor]
+
+_OPTIMIZERS = ("sgd", "adam", "adamw")
+_PRECISIONS = ("off", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. `batch_size` is the global batch (split across processes)."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    # L2 regularisation for sgd/adam (added to the gradient); decoupled decay for adamw.
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    optimizer: str = "adam"
+    momentum: float = 0.9  # sgd only
+    lr_gamma: float = 1.0  # learning rate multiplied by this after every epoch
+    max_grad_norm: float | None = None
+    mixed_precision: str = "off"
+    loss_scaling: bool | None = None  # None: on for fp16, off otherwise
+    shuffle: bool = True
+    seed: int = 0
+    device: str | None = None  # "cpu", "cuda"; None: CPU
+    progress: bool = True
+    desc: str = "train"
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 0, "epochs", self.epochs, "use 0 or more")
+        _check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "use a positive number")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "use 0 or more")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "use 1 or more")
+        _check(self.optimizer in _OPTIMIZERS, "optimizer", self.optimizer, f"use {_OPTIMIZERS}")
+        _check(
+            self.mixed_precision in _PRECISIONS,
+            "mixed_precision",
+            self.mixed_precision,
+            f"use one of {_PRECISIONS}",
+        )
+        _check(0 < self.lr_gamma <= 1, "lr_gamma", self.lr_gamma, "use a value in (0, 1]")
+
+    @property
+    def scales_loss(self) -> bool:
+        if self.loss_scaling is None:
+            return self.mixed_precision == "fp16"
+        return self.loss_scaling
+
+
+def _check(ok: bool, name: str, value: object, fix: str) -> None:
+    if not ok:
+        raise InvalidArgument(f"TrainConfig.{name}={value!r} is invalid: {fix}")
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 training (the scheme of Micikevicius et al. 2018).
+
+    The loss is multiplied by `scale` before backward so small fp16 gradients don't flush to
+    zero; gradients are divided by it before the step. A non-finite gradient skips the step and
+    multiplies the scale by `backoff_factor`; `growth_interval` finite steps in a row multiply it
+    by `growth_factor`. Under DDP the gradients are already all-reduced when checked, so every
+    rank takes the same decision.
+    """
+
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ) -> None:
+        if init_scale <= 0 or growth_factor < 1 or not 0 < backoff_factor < 1:
+            raise InvalidArgument(
+                "LossScaler needs init_scale > 0, growth_factor >= 1, 0 < backoff_factor < 1"
+            )
+        self.scale = float(init_scale)
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+        self.good_steps = 0  # finite steps since the scale last changed
+        self.skipped_steps = 0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Divide every gradient by the scale in place; True when all are finite."""
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        torch._foreach_mul_(grads, 1.0 / self.scale)
+        norms = torch._foreach_norm(grads, ord=math.inf)
+        return bool(torch.isfinite(torch.stack(norms)).all())
+
+    def update(self, finite: bool) -> None:
+        if not finite:
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+            self.skipped_steps += 1
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale *= self.growth_factor
+            self.good_steps = 0
+
+    def step(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None) -> bool:
+        """Unscale, step when finite (after clipping), update the scale; True if it stepped."""
+        finite = self.unscale_(optimizer)
+        if finite:
+            _clip(optimizer, max_grad_norm)
+            optimizer.step()
+        self.update(finite)
+        return finite
+
+
+class Callback:
+    """Hooks into `fit`; override what you need. `model` is the unwrapped module."""
+
+    def on_train_start(self, model: nn.Module) -> None:
+        """Before the first step."""
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Gradients are computed (and all-reduced); the optimizer has not stepped yet."""
+
+    def after_step(self, model: nn.Module) -> None:
+        """The optimizer stepped (or skipped an overflowing fp16 step)."""
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, loss: float) -> None:
+        """`loss`: the epoch's mean training loss, averaged over processes."""
+
+
+@dataclass
+class FitResult:
+    """What happened: mean loss per epoch, steps taken and skipped, seconds, world size."""
+
+    epoch_losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    skipped_steps: int = 0
+    seconds: float = 0.0
+    world_size: int = 1
+    loss_scale: float | None = None
+
+
+def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of `model(x)` against integer labels `y`: batch = (x, y)."""
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Data,
+    config: TrainConfig | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> FitResult:
+    """Train `model` in place on `data`; returns per-epoch losses and step counts."""
+    config = config or TrainConfig()
+    ctx = init_distributed(config.device)
+    model.to(ctx.device)
+    was_training = model.training
+    model.train()
+    net = _wrap(model, ctx)
+    optimizer = _optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_gamma)
+    scaler = LossScaler() if config.scales_loss else None
+    state = _State(net, model, loss_fn, optimizer, scaler, config, ctx, callbacks)
+    result = FitResult(world_size=ctx.world_size)
+    start = time.perf_counter()
+    for cb in callbacks:
+        cb.on_train_start(model)
+    for epoch in range(config.epochs):
+        loss = state.run_epoch(data, epoch)
+        scheduler.step()
+        result.epoch_losses.append(loss)
+        for cb in callbacks:
+            cb.on_epoch_end(model, epoch, loss)
+        if ctx.is_main:
+            log.info("%s epoch %d/%d: loss %.4f", config.desc, epoch + 1, config.epochs, loss)
+    result.steps, result.skipped_steps = state.steps, state.skipped
+    result.seconds = time.perf_counter() - start
+    result.loss_scale = scaler.scale if scaler else None
+    model.train(was_training)
+    return result
+
+
+@dataclass
+class _State:
+    """One fit call's moving parts, so the per-step code stays a short method."""
+
+    net: nn.Module
+    model: nn.Module
+    loss_fn: LossFn
+    optimizer: torch.optim.Optimizer
+    scaler: LossScaler | None
+    config: TrainConfig
+    ctx: DistContext
+    callbacks: Sequence[Callback]
+    steps: int = 0
+    skipped: int = 0
+
+    def __post_init__(self) -> None:
+        self.masks = masked_parameters(self.model)
+
+    def run_epoch(self, data: Data, epoch: int) -> float:
+        total, count = torch.zeros((), dtype=torch.float64), 0
+        batches = _batches(data, self.config, self.ctx, epoch)
+        bar = _progress(batches, self.config, self.ctx, epoch)
+        for batch in bar:
+            loss = self.step(tuple(t.to(self.ctx.device, non_blocking=True) for t in batch))
+            total += loss.detach().double().cpu()
+            count += 1
+        return _mean_over_ranks(total, count, self.ctx)
+
+    def step(self, batch: Batch) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with _autocast(self.config, self.ctx.device):
+            loss = self.loss_fn(self.net, batch)
+        (self.scaler.scale_loss(loss) if self.scaler else loss).backward()
+        for cb in self.callbacks:
+            cb.after_backward(self.model)
+        _mask_grads(self.masks)
+        if self.scaler is not None:
+            self.skipped += not self.scaler.step(self.optimizer, self.config.max_grad_norm)
+        else:
+            _clip(self.optimizer, self.config.max_grad_norm)
+            self.optimizer.step()
+        apply_masks(self.masks)
+        for cb in self.callbacks:
+            cb.after_step(self.model)
+        self.steps += 1
+        return loss
+
+
+def masked_parameters(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, mask) pairs for every parameter `X` whose module has a buffer `X_mask`."""
+    pairs = []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            mask = module._buffers.get(f"{name}_mask")
+            if mask is not None:
+                pairs.append((param, mask))
+    return pairs
+
+
+@torch.no_grad()
+def apply_masks(pairs: Sequence[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Zero every masked-out weight (mask is 0/1, same shape as the weight)."""
+    for param, mask in pairs:
+        param.mul_(mask)
+
+
+def _mask_grads(pairs: Sequence[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    # Masked gradients keep optimizer moments of pruned weights at zero as well.
+    for param, mask in pairs:
+        if param.grad is not None:
+            param.grad.mul_(mask)
+
+
+def _clip(optimizer: torch.optim.Optimizer, max_norm: float | None) -> None:
+    if max_norm is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def _wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
+    if not ctx.is_distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InvalidArgument("fit: the model has no trainable parameters (requires_grad=True)")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if config.mixed_precision == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _as_tensors(data: Data) -> tuple[torch.Tensor, ...] | None:
+    if isinstance(data, TensorDataset):
+        return tuple(data.tensors)
+    if isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):
+        if not data or any(len(t) != len(data[0]) for t in data):
+            raise InvalidArgument(
+                "fit: data tensors must share their first (batch) dimension, got lengths "
+                f"{[len(t) for t in data]}"
+            )
+        return tuple(data)
+    return None
+
+
+def _batches(data: Data, config: TrainConfig, ctx: DistContext, epoch: int) -> Iterator[Batch]:
+    if config.batch_size % ctx.world_size:
+        raise InvalidArgument(
+            f"batch_size {config.batch_size} must divide evenly among {ctx.world_size} "
+            "processes; use a multiple of the process count"
+        )
+    per_rank = config.batch_size // ctx.world_size
+    tensors = _as_tensors(data)
+    dataset = TensorDataset(*tensors) if tensors is not None else data
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise InvalidArgument("fit: the training data is empty")
+    sampler = DistributedSampler(
+        dataset,
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+        shuffle=config.shuffle,
+        seed=config.seed,
+    )
+    sampler.set_epoch(epoch)
+    if tensors is None:
+        return iter(DataLoader(dataset, batch_size=per_rank, sampler=sampler))
+    # Tensors: index whole batches at once instead of collating example by example.
+    order = torch.tensor(list(iter(sampler)), dtype=torch.long)
+    return (tuple(t[idx] for t in tensors) for idx in order.split(per_rank))
+
+
+def _progress(batches: Iterator[Batch], config: TrainConfig, ctx: DistContext, epoch: int):
+    from tqdm.auto import tqdm
+
+    desc = f"{config.desc} {epoch + 1}/{config.epochs}"
+    return tqdm(batches, desc=desc, disable=not (config.progress and ctx.is_main), leave=False)
+
+
+def _mean_over_ranks(total: torch.Tensor, count: int, ctx: DistContext) -> float:
+    if ctx.is_distributed:
+        import torch.distributed as dist
+
+        pair = torch.stack([total, torch.tensor(float(count), dtype=torch.float64)])
+        dist.all_reduce(pair)  # gloo and NCCL both sum float64
+        total, count = pair[0], int(pair[1].item())
+    return float(total) / max(count, 1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Outputs of `model` for every row of `x`, in eval mode, computed `batch_size` at a time."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.cat([model(chunk.to(device)).float().cpu() for chunk in x.split(batch_size)])
+    model.train(was_training)
+    return out
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    """Top-1 accuracy of a classifier, in [0, 1]."""
+    return float((predict(model, x, batch_size).argmax(1) == y).float().mean())

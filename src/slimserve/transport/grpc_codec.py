@@ -1,0 +1,371 @@
+"""KServe v2 messages over gRPC: protobuf messages to `slimserve.types` and back.
+
+Pure functions, no I/O, so they are tested alone. Tensor data arrives either as one buffer per
+input in `raw_input_contents` (what tritonclient sends) or in the typed repeated field of
+`InferTensorContents` that matches the datatype; FP16 and BF16 have no typed field and come
+only raw. Raw buffers are flat, row-major, unpadded and little-endian, and become
+`np.frombuffer` views (read-only, no copy) once their size is checked against shape x
+itemsize. A BYTES element, raw, is a 4-byte little-endian length followed by its bytes; that
+format is walked element by element, as it must be. Responses always carry
+`raw_output_contents`, one buffer per output in the order of `outputs`.
+
+Parameters map to Python values (bool, int, str, float). One is translated: `timeout`, which
+Triton's clients send as an int64 in microseconds (tritonclient's `infer(timeout=...)`), while
+the engine reads float seconds; a double or string `timeout` is taken as seconds already.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import orjson
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from slimserve.errors import InvalidArgument, Unimplemented
+from slimserve.transport._proto import grpc_service_pb2 as pb
+from slimserve.transport._proto import model_config_pb2 as mc
+from slimserve.types import DATATYPE_TO_NUMPY, InferRequest, InferResponse, datatype_of
+
+MAX_DIMS = 32  # numpy allows 64; no model here has more than a handful
+_U32 = struct.Struct("<I")
+_INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
+# Little-endian dtypes for raw buffers (the wire order, whatever the host's).
+_RAW_DTYPES = {n: dt.newbyteorder("<") for n, dt in DATATYPE_TO_NUMPY.items() if n != "BYTES"}
+# datatype -> (InferTensorContents field, numpy dtype of that field's values).
+CONTENTS_FIELDS: dict[str, tuple[str, np.dtype[Any]]] = {
+    "BOOL": ("bool_contents", np.dtype(np.bool_)),
+    "INT8": ("int_contents", np.dtype(np.int32)),
+    "INT16": ("int_contents", np.dtype(np.int32)),
+    "INT32": ("int_contents", np.dtype(np.int32)),
+    "INT64": ("int64_contents", np.dtype(np.int64)),
+    "UINT8": ("uint_contents", np.dtype(np.uint32)),
+    "UINT16": ("uint_contents", np.dtype(np.uint32)),
+    "UINT32": ("uint_contents", np.dtype(np.uint32)),
+    "UINT64": ("uint64_contents", np.dtype(np.uint64)),
+    "FP32": ("fp32_contents", np.dtype(np.float32)),
+    "FP64": ("fp64_contents", np.dtype(np.float64)),
+    "BYTES": ("bytes_contents", np.dtype(np.object_)),
+}
+_ALL_FIELDS = sorted({f for f, _ in CONTENTS_FIELDS.values()})
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+def decode_infer_request(message: pb.ModelInferRequest, client: str | None = None) -> InferRequest:
+    """A ModelInferRequest as an InferRequest (arrays are views of the message's buffers)."""
+    return InferRequest(
+        model=message.model_name,
+        inputs=decode_inputs(message),
+        version=message.model_version or None,
+        outputs=requested_outputs(message.outputs),
+        id=message.id or None,
+        parameters=decode_parameters(message.parameters, "the request"),
+        client=client,
+    )
+
+
+def decode_inputs(message: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    tensors, raw = message.inputs, message.raw_input_contents
+    if not tensors:
+        raise InvalidArgument("the request has no inputs; add one InferInputTensor per input")
+    if raw and len(raw) != len(tensors):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} buffers for {len(tensors)} inputs; send one "
+            "buffer per input, in the order of 'inputs'"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(tensors):
+        name, datatype, shape = tensor_header(tensor)
+        if name in arrays:
+            raise InvalidArgument(f"input {name!r} is given twice")
+        if not raw:
+            arrays[name] = contents_tensor(tensor.contents, datatype, shape, name)
+            continue
+        if tensor.HasField("contents"):
+            raise InvalidArgument(
+                f"input {name!r} has 'contents' but the request uses raw_input_contents; "
+                "send every input one way"
+            )
+        arrays[name] = raw_tensor(raw[i], datatype, shape, name)
+    return arrays
+
+
+def tensor_header(tensor: Any) -> tuple[str, str, tuple[int, ...]]:
+    """Name, datatype and shape of an input tensor, each checked."""
+    name = tensor.name
+    if not name:
+        raise InvalidArgument("each input needs a name")
+    if len(name) > 256:
+        raise InvalidArgument(f"input name {name[:32]!r}... is {len(name)} characters; max 256")
+    datatype = tensor.datatype
+    if datatype not in DATATYPE_TO_NUMPY:
+        raise InvalidArgument(
+            f"input {name!r}: datatype {datatype[:32]!r} is not one of "
+            f"{', '.join(DATATYPE_TO_NUMPY)}"
+        )
+    shape = tuple(tensor.shape)
+    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+        raise InvalidArgument(
+            f"input {name!r}: shape {list(shape)[: MAX_DIMS + 1]} must have at most {MAX_DIMS} "
+            "non-negative dimensions"
+        )
+    return name, datatype, shape
+
+
+def raw_tensor(buffer: bytes, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """One raw_input_contents buffer as an array of `shape` (a read-only view, except BYTES)."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return unpack_bytes(buffer, count, name).reshape(shape)
+    dtype = _RAW_DTYPES[datatype]
+    need = count * dtype.itemsize
+    if len(buffer) != need:
+        raise InvalidArgument(
+            f"input {name!r}: shape {list(shape)} of {datatype} needs {need} bytes but its "
+            f"raw_input_contents buffer has {len(buffer)}"
+        )
+    array = np.frombuffer(buffer, dtype=dtype)
+    if datatype == "BOOL" and count and array.view(np.uint8).max() > 1:
+        raise InvalidArgument(f"input {name!r} is BOOL: each raw byte must be 0 or 1")
+    return array.reshape(shape)
+
+
+def unpack_bytes(buffer: bytes, count: int, name: str) -> np.ndarray:
+    """`count` length-prefixed elements filling `buffer` exactly -> object array of bytes."""
+    size = len(buffer)
+    if count * _U32.size > size:  # checked first: a huge declared shape allocates nothing
+        raise InvalidArgument(
+            f"input {name!r}: {count} BYTES elements need at least {count * 4} bytes but its "
+            f"raw_input_contents buffer has {size}"
+        )
+    view = memoryview(buffer)
+    out = np.empty(count, dtype=object)
+    pos = 0
+    for i in range(count):
+        (length,) = _U32.unpack_from(view, pos)
+        end = pos + 4 + length
+        if end > size or (i + 1 < count and end + 4 > size):
+            raise InvalidArgument(
+                f"input {name!r}: BYTES element {i} of {count} runs past the end of its "
+                "raw_input_contents buffer; each element is a 4-byte little-endian length "
+                "followed by that many bytes"
+            )
+        out[i] = bytes(view[pos + 4 : end])
+        pos = end
+    if pos != size:
+        raise InvalidArgument(
+            f"input {name!r}: {size - pos} bytes are left over after {count} BYTES elements "
+            "in its raw_input_contents buffer"
+        )
+    return out
+
+
+def contents_tensor(
+    contents: pb.InferTensorContents, datatype: str, shape: tuple[int, ...], name: str
+) -> np.ndarray:
+    """Typed `contents` as an array of `shape` in the datatype's numpy dtype."""
+    if datatype not in CONTENTS_FIELDS:
+        raise InvalidArgument(
+            f"input {name!r} is {datatype}, which has no typed contents field: send its data "
+            "in raw_input_contents (2 bytes per element, little-endian)"
+        )
+    field, wire_dtype = CONTENTS_FIELDS[datatype]
+    values = getattr(contents, field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidArgument(_count_message(contents, datatype, shape, name, len(values)))
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
+    array = np.fromiter(values, dtype=wire_dtype, count=count)
+    target = DATATYPE_TO_NUMPY[datatype]
+    if target != wire_dtype:  # INT8/16 in int32, UINT8/16 in uint32: check they fit
+        _check_range(array, target, name)
+        array = array.astype(target)
+    return array.reshape(shape)
+
+
+def _count_message(
+    contents: pb.InferTensorContents, datatype: str, shape: tuple[int, ...], name: str, got: int
+) -> str:
+    field = CONTENTS_FIELDS[datatype][0]
+    if got == 0:
+        others = [f for f in _ALL_FIELDS if f != field and len(getattr(contents, f))]
+        if others:
+            return (
+                f"input {name!r} is {datatype}, whose data goes in contents.{field}, but the "
+                f"request filled contents.{others[0]}"
+            )
+    return (
+        f"input {name!r}: shape {list(shape)} holds {math.prod(shape)} elements but "
+        f"contents.{field} has {got}; make them agree (or use raw_input_contents)"
+    )
+
+
+def _check_range(array: np.ndarray, target: np.dtype[Any], name: str) -> None:
+    if not array.size:
+        return
+    info = np.iinfo(target)
+    low, high = int(array.min()), int(array.max())
+    if low < info.min or high > info.max:
+        raise InvalidArgument(
+            f"input {name!r}: values {low}..{high} do not fit {target.name} "
+            f"({info.min}..{info.max})"
+        )
+
+
+def requested_outputs(items: Iterable[Any]) -> tuple[str, ...] | None:
+    """Names of the requested outputs (None: all). Raw output is the only form we send."""
+    names: list[str] = []
+    for item in items:
+        if not item.name:
+            raise InvalidArgument("each requested output needs a name")
+        if item.name in names:
+            raise InvalidArgument(f"output {item.name!r} is requested twice")
+        params = decode_parameters(item.parameters, f"output {item.name!r}")
+        if params.get("classification"):
+            raise Unimplemented(
+                "the classification extension is not supported; ask for raw outputs"
+            )
+        names.append(item.name)
+    return tuple(names) or None
+
+
+# -- parameters ----------------------------------------------------------------------------
+
+
+def decode_parameters(params: Mapping[str, pb.InferParameter], where: str) -> dict[str, Any]:
+    """A parameters map as {key: bool | int | str | float}; `timeout` becomes seconds."""
+    out: dict[str, Any] = {}
+    for key, param in params.items():
+        which = param.WhichOneof("parameter_choice")
+        if which is None:
+            raise InvalidArgument(f"parameter {key!r} of {where} has no value")
+        out[key] = getattr(param, which)
+    if "timeout" in out:
+        out["timeout"] = timeout_seconds(params["timeout"])
+    return out
+
+
+def timeout_seconds(param: pb.InferParameter) -> float:
+    """The `timeout` parameter in seconds: int64/uint64 are Triton's microseconds."""
+    which = param.WhichOneof("parameter_choice")
+    if which in ("int64_param", "uint64_param"):
+        return float(getattr(param, which)) / 1e6
+    if which == "double_param":
+        return param.double_param
+    if which == "string_param":
+        try:
+            return float(param.string_param)
+        except ValueError:
+            pass
+    raise InvalidArgument(
+        "parameter 'timeout' must be a number: int64 microseconds (as tritonclient sends it) "
+        "or a double in seconds"
+    )
+
+
+def apply_deadline(params: dict[str, Any], time_remaining: float | None) -> None:
+    """Make the call's gRPC deadline (seconds left, None: none) the request's deadline,
+    keeping an earlier `timeout` the client set in the parameters."""
+    if time_remaining is None:
+        return
+    current = params.get("timeout")
+    params["timeout"] = time_remaining if current is None else min(current, time_remaining)
+
+
+def encode_parameters(values: Mapping[str, Any], target: Any) -> None:
+    """Write {key: value} into a protobuf map of InferParameter."""
+    for key, value in values.items():
+        param = target[key]
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int | np.integer) and _INT64_MIN <= value < _UINT64_END:
+            if value < 1 << 63:
+                param.int64_param = int(value)
+            else:
+                param.uint64_param = int(value)
+        elif isinstance(value, float | np.floating):
+            param.double_param = float(value)
+        elif isinstance(value, str):
+            param.string_param = value
+        else:  # lists, dicts, huge ints: as JSON text
+            param.string_param = orjson.dumps(value, default=str).decode()
+
+
+# -- responses -----------------------------------------------------------------------------
+
+
+def encode_infer_response(response: InferResponse) -> pb.ModelInferResponse:
+    """An InferResponse as a ModelInferResponse with one raw buffer per output."""
+    message = pb.ModelInferResponse(
+        model_name=response.served_name, model_version=response.version, id=response.id or ""
+    )
+    encode_parameters(response.parameters, message.parameters)
+    buffers = []
+    for name, array in response.outputs.items():
+        datatype = datatype_of(array)
+        message.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        buffers.append(raw_bytes(array, datatype))
+    message.raw_output_contents.extend(buffers)
+    return message
+
+
+def raw_bytes(array: np.ndarray, datatype: str) -> bytes:
+    """The raw wire form of an array: row-major little-endian bytes, BYTES length-prefixed."""
+    if datatype == "BYTES":
+        return pack_bytes(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.tobytes()  # C order, whatever the array's strides
+
+
+def pack_bytes(array: np.ndarray) -> bytes:
+    """Elements (bytes or text) as 4-byte little-endian lengths, each followed by its bytes."""
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(_U32.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+# -- metadata, configuration, statistics, repository --------------------------------------
+
+
+def _parse(doc: Mapping[str, Any], message: Message) -> Any:
+    """A dict from the engine into `message`, keys not in the protocol (e.g. 'state') left out."""
+    return json_format.ParseDict(doc, message, ignore_unknown_fields=True)
+
+
+def model_metadata_message(doc: Mapping[str, Any]) -> pb.ModelMetadataResponse:
+    return _parse(doc, pb.ModelMetadataResponse())
+
+
+def model_config_message(doc: Mapping[str, Any]) -> pb.ModelConfigResponse:
+    return pb.ModelConfigResponse(config=_parse(doc, mc.ModelConfig()))
+
+
+def statistics_message(doc: Mapping[str, Any]) -> pb.ModelStatisticsResponse:
+    return _parse(doc, pb.ModelStatisticsResponse())
+
+
+def index_message(rows: Iterable[Mapping[str, Any]]) -> pb.RepositoryIndexResponse:
+    return _parse({"models": list(rows)}, pb.RepositoryIndexResponse())
+
+
+def load_parameters(params: Mapping[str, pb.ModelRepositoryParameter]) -> None:
+    """Refuse load-time overrides (a config or files sent with the request): not supported."""
+    overrides = [k for k in params if k == "config" or k.startswith("file:")]
+    if overrides:
+        raise Unimplemented(
+            f"load parameter {overrides[0]!r} (a config or file override) is not supported; "
+            "edit model.yaml in the repository and load again"
+        )

@@ -1,0 +1,127 @@
+"""Distillation: the loss arithmetic, classifier and embedding students, derived students."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+from slimserve.errors import InvalidArgument
+from slimserve.optimize.distill import (
+    DistillConfig,
+    classifier_loss,
+    derive_student,
+    distill,
+    mlp_sizes,
+    soft_target_loss,
+)
+from slimserve.train import TrainConfig, classification_loss, fit, predict
+from slimserve.zoo import MLP, LeNet5
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    d = load_digits()
+    return torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
+
+
+@pytest.fixture(scope="module")
+def teacher(digits) -> MLP:
+    torch.manual_seed(0)
+    model = MLP([64, 128, 128, 10])
+    fit(model, classification_loss, digits, TrainConfig(epochs=8, lr=2e-3, progress=False))
+    return model
+
+
+def test_soft_loss_is_t_squared_kl():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 10), torch.randn(5, 10)
+    p_t = F.softmax(t / 3, dim=1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s / 3, dim=1))).sum(1).mean()
+    torch.testing.assert_close(soft_target_loss(s, t, 3.0), 9 * kl)
+    assert soft_target_loss(t, t, 3.0).abs() < 1e-6
+
+
+def test_alpha_weighs_soft_against_hard():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(5, 10), torch.randn(5, 10), torch.randint(0, 10, (5,))
+    hard = classifier_loss(s, t, y, DistillConfig(alpha=0.0))
+    torch.testing.assert_close(hard, F.cross_entropy(s, y))
+    mixed = classifier_loss(s, t, y, DistillConfig(alpha=0.3, temperature=2.0))
+    torch.testing.assert_close(mixed, 0.3 * soft_target_loss(s, t, 2.0) + 0.7 * hard)
+
+
+def _kl_to(teacher: nn.Module, student: nn.Module, x: torch.Tensor) -> float:
+    # at the distillation temperature: what the soft term matches
+    return float(soft_target_loss(predict(student, x), predict(teacher, x), 4.0))
+
+
+def test_distilled_student_imitates_the_teacher_better(teacher, digits):
+    torch.manual_seed(1)
+    alone = MLP([64, 16, 10])
+    student = copy.deepcopy(alone)
+    fit(alone, classification_loss, digits, TrainConfig(epochs=6, lr=3e-3, progress=False))
+    config = DistillConfig(4.0, alpha=1.0, epochs=6, lr=3e-3, batch_size=64, progress=False)
+    result = distill(teacher, student, digits, config)
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    assert _kl_to(teacher, student, digits[0]) < _kl_to(teacher, alone, digits[0])
+
+
+def test_embedding_student_learns_the_teachers_directions(digits):
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 16))
+    student = nn.Sequential(nn.Linear(64, 16))
+
+    def cosine(model: nn.Module) -> float:
+        x = digits[0]
+        return float(F.cosine_similarity(predict(model, x), predict(teacher, x)).mean())
+
+    before = cosine(student)
+    config = DistillConfig(kind="embedding", epochs=8, lr=1e-2, progress=False)
+    distill(teacher, student, (digits[0],), config)
+    assert cosine(student) > max(before, 0.9)
+    mse = nn.Sequential(nn.Linear(64, 16))
+    config = DistillConfig(kind="embedding", embedding_loss="mse", epochs=8, lr=1e-2)
+    distill(teacher, mse, (digits[0],), replace(config, progress=False))
+    assert cosine(mse) > 0.9
+
+
+def test_derive_student_by_width_and_depth():
+    big = MLP([784, 1200, 1200, 10])
+    assert mlp_sizes(derive_student(big, width=0.25)) == [784, 300, 300, 10]
+    assert mlp_sizes(derive_student(big, width=0.25, depth=1)) == [784, 300, 10]
+    assert mlp_sizes(derive_student(big, width=0.5, depth=0)) == [784, 10]
+    with pytest.raises(InvalidArgument, match="MLP"):
+        derive_student(LeNet5())
+    with pytest.raises(InvalidArgument, match="width"):
+        derive_student(big, width=0)
+    with pytest.raises(InvalidArgument, match="depth"):
+        derive_student(big, depth=3)
+
+
+def test_mismatched_students_and_data_are_refused(teacher, digits):
+    with pytest.raises(InvalidArgument, match="last layer"):
+        distill(teacher, MLP([64, 8, 7]), digits, DistillConfig(epochs=1, progress=False))
+    with pytest.raises(InvalidArgument, match="inputs"):
+        distill(teacher, MLP([32, 8, 10]), digits, DistillConfig(epochs=1, progress=False))
+    with pytest.raises(InvalidArgument, match="labels"):
+        distill(teacher, MLP([64, 8, 10]), (digits[0],), DistillConfig(epochs=1, progress=False))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": 0}, "temperature"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"kind": "detector"}, "kind"),
+        ({"embedding_loss": "l1"}, "embedding_loss"),
+    ],
+)
+def test_bad_distill_configs_are_named(kwargs, match):
+    with pytest.raises(InvalidArgument, match=match):
+        DistillConfig(**kwargs)

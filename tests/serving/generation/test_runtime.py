@@ -1,0 +1,95 @@
+"""Loading a model folder: safety checks, chat prompts, int8 weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from slimserve.errors import InvalidArgument, ModelLoadError, UnsafeArtifact
+from slimserve.serving.generation import TextGenerationRuntime
+from slimserve.serving.generation.model import Batch, forward, new_kv_pool
+
+
+def test_chat_prompts_use_the_tokenizer_template(tiny_llama_dir: Path) -> None:
+    runtime = TextGenerationRuntime.load(tiny_llama_dir)
+    ids = runtime.encode_chat([{"role": "user", "content": "hello there"}])
+    assert runtime.decode(ids) == "user : hello there assistant :"  # MiniLM lower-cases
+
+
+def test_other_architectures_are_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="model_type 'gpt2' is not supported"):
+        TextGenerationRuntime.load(folder)
+
+
+def test_pickle_weights_are_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(UnsafeArtifact, match="pytorch_model.bin is a pickle file"):
+        TextGenerationRuntime.load(folder)
+
+
+def test_a_folder_without_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        TextGenerationRuntime.load(tmp_path)
+
+
+def test_unknown_weights_kind_is_refused(tiny_llama_dir: Path) -> None:
+    with pytest.raises(InvalidArgument, match="weights='int3'"):
+        TextGenerationRuntime.load(tiny_llama_dir, weights="int3")
+
+
+def full_logits(runtime: TextGenerationRuntime, tokens: list[int]):  # type: ignore[no-untyped-def]
+    """Logits (T, V) of every position of one sequence, through the paged forward."""
+    import torch
+
+    block = 16
+    count = -(-len(tokens) // block)
+    pool = new_kv_pool(runtime.model.shape, count + 1, block)
+    positions = torch.arange(len(tokens))
+    batch = Batch(
+        tokens=torch.tensor([tokens]),
+        positions=positions[None],
+        slots=positions + block,
+        block_tables=torch.arange(1, count + 1)[None],
+        last=torch.tensor([len(tokens) - 1]),
+    )
+    return forward(runtime.model, pool, batch, all_logits=True)[0]
+
+
+def test_int8_weights_take_a_quarter_and_track_fp32(tiny_llama_dir: Path) -> None:
+    import torch
+
+    fp32 = TextGenerationRuntime.load(tiny_llama_dir)
+    int8 = TextGenerationRuntime.load(tiny_llama_dir, weights="int8")
+    tokens = list(range(1000, 1040))
+    a, b = full_logits(fp32, tokens), full_logits(int8, tokens)
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+    assert linear_bytes(int8) < 0.3 * linear_bytes(fp32)  # int8 + one fp32 scale per row
+
+
+def linear_bytes(runtime: TextGenerationRuntime) -> int:
+    """Bytes of the decoder layers' matmul weights (the embedding is not one)."""
+    linears = [getattr(layer, n) for layer in runtime.model.layers for n in ("qkv", "o", "down")]
+    tensors = [t for linear in linears for t in vars(linear).values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_paged_forward_matches_transformers_logits(tiny_llama_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, local_files_only=True).eval()
+    tokens = list(range(500, 537))
+    with torch.no_grad():
+        expected = hf(torch.tensor([tokens])).logits[0]
+    got = full_logits(TextGenerationRuntime.load(tiny_llama_dir), tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

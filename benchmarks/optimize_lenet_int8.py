@@ -209,6 +209,11 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
             lat["onnx_fp32"]["p50_ms"] / lat["onnx_static_int8_linear"]["p50_ms"]
         )
         out[f"p50_ms_{batch}"] = {k: round(v["p50_ms"], 4) for k, v in lat.items()}
+        out[f"min_ms_{batch}"] = {k: round(v["min_ms"], 4) for k, v in lat.items()}
+        fp32 = {"torch": lat["torch_fp32"]["min_ms"], "onnx": lat["onnx_fp32"]["min_ms"]}
+        out[f"speedup_by_min_{batch}"] = {
+            k: round(fp32[k.split("_")[0]] / v["min_ms"], 3) for k, v in lat.items() if "int8" in k
+        }
     return out
 
 

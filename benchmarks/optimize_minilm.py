@@ -209,6 +209,7 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
         "torch_bf16_cosine_mean": float(np.mean(r["torch_bf16_cosine"])),
         "torch_bf16_cosine_min": float(np.min(r["torch_bf16_cosine"])),
         "p50_ms": lat,
+        "min_ms": {k: v["min_ms"] for k, v in r["latency_batch1_128_tokens"].items()},
     }
 
 

@@ -15,6 +15,15 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+# Frames on every stack of the main thread (process start, the event loop's run): they say
+# nothing about where time goes, so the inclusive table leaves them out.
+_OUTER = {
+    "<frozen runpy>",
+    "slimserve/__main__.py",
+    "slimserve/cli.py",
+    "slimserve/app.py",
+    "uvloop",
+}
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
@@ -63,7 +72,8 @@ def summarize(text: str, top: int = 12) -> str:
     lines += ["", "| code area (leaf frame) | self time |", "|---|---:|"]
     lines += [f"| {a} | {n / total:.1%} |" for a, n in areas.most_common(top)]
     lines += ["", "| code area (anywhere on the stack) | inclusive time |", "|---|---:|"]
-    lines += [f"| {a} | {n / total:.1%} |" for a, n in inclusive.most_common(top + 6)]
+    shown = [(a, n) for a, n in inclusive.most_common() if a not in _OUTER][:top]
+    lines += [f"| {a} | {n / total:.1%} |" for a, n in shown]
     lines += ["", "| leaf function | self time |", "|---|---:|"]
     lines += [f"| {f} | {n / total:.1%} |" for f, n in leaves.most_common(top)]
     return "\n".join(lines)

@@ -64,8 +64,8 @@ class Recipe:
 
 
 RECIPES = {
-    "lenet300": Recipe(MLP, ([784, 300, 100, 10],), 12, 0.95, 4, 2, 3, 5, 5),
-    "lenet5": Recipe(CaffeLeNet, (), 6, 0.94, 3, 1, 2, 5, 6),
+    "lenet300": Recipe(MLP, ([784, 300, 100, 10],), 8, 0.94, 4, 2, 4, 5, 5),
+    "lenet5": Recipe(CaffeLeNet, (), 4, 0.93, 3, 1, 1, 5, 6),
 }
 
 
@@ -88,7 +88,9 @@ def run(name: str, data: tuple, quick: bool) -> dict:
     )  # fmt: skip
     for rep in rounds:
         print(f"  round {rep.round}: sparsity {rep.sparsity:.4f} acc {rep.metric:.4f}", flush=True)
-    final = TrainConfig(epochs=ep(r.final_epochs), lr=r.lr / 10, weight_decay=1e-5, batch_size=128)
+    final = TrainConfig(
+        epochs=ep(r.final_epochs), lr=r.lr / 3, weight_decay=1e-5, batch_size=128, lr_gamma=0.6
+    )
     fit(model, classification_loss, (xtr, ytr), final)
     pruned_acc = accuracy(model, xte, yte)
     nonzero, total = count_nonzero(model)
@@ -152,7 +154,9 @@ def main() -> None:
     parser.add_argument("--model", action="append", choices=sorted(RECIPES))
     parser.add_argument("--quick", action="store_true", help="a fifth of the epochs (smoke run)")
     parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: shared box)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     facts = machine_facts()
     data = fashion_mnist()
     results = [run(m, data, args.quick) for m in args.model or ["lenet300", "lenet5"]]

@@ -272,7 +272,9 @@ def profile(
             "--rate",
             "200",
             "--threads",
-            "--nonblocking",
+            # grpc.aio runs in Cython/C: sample native frames too (py-spy then pauses the
+            # process per sample, so only for gRPC).
+            *(["--native"] if protocol == "grpc" else ["--nonblocking"]),
             "--format",
             "raw",
             "-o",

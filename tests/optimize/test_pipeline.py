@@ -191,3 +191,30 @@ def test_recipe_files_and_names(tmp_path):
     assert parse_recipe("int4:group=64").steps[0].config.group_size == 64
     with pytest.raises(InvalidArgument, match="needs a name"):
         parse_recipe("finetune:3,4")
+
+
+def test_onnx_backend_models_take_onnx_level_steps(tmp_path):
+    from slimserve.optimize.export import export_onnx
+
+    version = tmp_path / "mlp-onnx" / "1"
+    version.mkdir(parents=True)
+    export_onnx(
+        digits_mlp(), torch.from_numpy(TEST[0][:2]), version / "model.onnx", output_names=["logits"]
+    )
+    model_yaml = {
+        "backend": "onnx",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+    }
+    (tmp_path / "mlp-onnx" / "model.yaml").write_text(yaml.safe_dump(model_yaml))
+    before = tree_digest(tmp_path)
+    with pytest.raises(InvalidArgument, match="cannot run on an ONNX model"):
+        optimize(tmp_path, "mlp-onnx", ["finetune"], TRAIN, TEST, FAST)
+    assert tree_digest(tmp_path) == before
+    result = optimize(tmp_path, "mlp-onnx", ["int8", "static-int8"], TRAIN, TEST, FAST)
+    for v in result.variants:
+        folder = tmp_path / "mlp-onnx/1/variants" / v["name"]
+        assert (folder / "model.onnx").is_file() and v["profile"]["agreement"] > 0.95
+        doc = yaml.safe_load((folder / "variant.yaml").read_text())
+        assert "backend" not in doc  # the same backend as the original
+        assert v["profile"]["size_bytes"] < result.original["size_bytes"] / 2

@@ -212,6 +212,9 @@ def test_int4_group_that_does_not_divide_names_the_layer_and_what_fits():
     with pytest.raises(InvalidArgument, match=r"'0' has 96 inputs.*\[32\]"):
         quantize_(model, WeightOnlyInt4(group_size=64))
     assert isinstance(model[0], nn.Linear)
+    mixed = nn.Sequential(nn.Linear(96, 64), nn.Linear(64, 8))
+    quantize_(mixed, WeightOnlyInt4(group_size=64, skip_indivisible=True))
+    assert isinstance(mixed[0], nn.Linear) and isinstance(mixed[1], WeightOnlyInt4Linear)
 
 
 def test_not_a_config_and_no_layers():

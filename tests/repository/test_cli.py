@@ -184,6 +184,19 @@ def test_list_shows_versions_variants_sizes_and_manifests(
     assert size == f"{expected} B"  # the variant's files are not counted in the version
 
 
+def test_list_reports_a_version_linked_out_of_the_repository(tmp_path, capsys, dynamic_onnx):
+    main(["repo", "add", "mlp", str(dynamic_onnx), "-r", str(tmp_path / "repo")])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "repo" / "mlp" / "2").symlink_to(outside)
+    capsys.readouterr()
+    code, out, _ = _run(capsys, "repo", "list", "-r", str(tmp_path / "repo"))
+    assert code == 0
+    rows = {(r[0], r[1]): r for r in _table(out)[1:]}
+    assert rows[("mlp", "1")][5] == "ok"
+    assert rows[("mlp", "2")][5].startswith("refused: ") and "outside" in rows[("mlp", "2")][5]
+
+
 def test_list_without_verification_does_not_hash(tmp_path, capsys, dynamic_onnx):
     main(["repo", "add", "mlp", str(dynamic_onnx), "-r", str(tmp_path)])
     (tmp_path / "mlp" / "1" / "model.onnx").write_bytes(b"tampered")

@@ -140,8 +140,13 @@ def test_a_new_version_keeps_the_users_model_yaml(tmp_path, dynamic_onnx):
     yaml_path = tmp_path / "m" / "model.yaml"
     edited = yaml_path.read_text().replace("max_batch_size: 32", "max_batch_size: 8")
     yaml_path.write_text(edited)
-    add_model(tmp_path, "m", dynamic_onnx)
+    notes: list[str] = []
+    add_model(tmp_path, "m", dynamic_onnx, max_batch_size=16, report=notes.append)
     assert yaml_path.read_text() == edited
+    assert notes == [
+        f"{yaml_path}: kept as it was (all versions share it); --max-batch-size 16 was not "
+        "applied: edit its batching line (max_batch_size: 8) to change it"
+    ]
 
 
 def test_a_version_with_other_inputs_is_refused_and_leaves_nothing(tmp_path, dynamic_onnx):

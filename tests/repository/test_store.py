@@ -48,6 +48,8 @@ def _model(root: Path, name: str, versions: tuple[str, ...] = ("1",)) -> Path:
         "sp ace",
         "nul\x00",
         "é",
+        "mlp\n",
+        "mlp\r",
     ],
 )
 def test_hostile_names_are_refused(name):
@@ -58,6 +60,11 @@ def test_hostile_names_are_refused(name):
 @pytest.mark.parametrize("name", ["mlp", "fashion-mlp", "bert_base.v2", "A1", "x" * 128])
 def test_plain_names_pass(name):
     assert check_name(name) == name
+
+
+def test_a_name_that_is_not_text_gets_the_same_message():
+    with pytest.raises(InvalidArgument, match="invalid model name '12.5'"):
+        check_name(12.5)  # type: ignore[arg-type]  # e.g. an unquoted YAML value
 
 
 def test_served_names_split_into_model_and_variant():
@@ -73,6 +80,7 @@ def test_models_versions_and_variants_are_listed(tmp_path):
     _model(tmp_path, "b", ("1", "10", "2", "0", "draft", ".importing-3-abc", "01", "\u0663"))
     _model(tmp_path, "a")
     (tmp_path / "not-a-model").mkdir()  # no model.yaml
+    _model(tmp_path, "a..b")  # a folder whose name check_name refuses is not a model
     (tmp_path / "b" / "10" / "variants" / "int8").mkdir(parents=True)
     (tmp_path / "b" / "10" / "variants" / "pruned").mkdir()
     (tmp_path / "b" / "10" / "variants" / "notes.txt").write_text("not a variant")

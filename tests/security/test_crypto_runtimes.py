@@ -134,3 +134,12 @@ def test_onnx_external_data_confined(
         encrypt_unit(path.parent, data_key)
     with pytest.raises(UnsafeArtifact, match="model.onnx"):
         _answer(repo, "mlp-onnx", data_key)
+
+
+@pytest.mark.parametrize("name", ["mlp-torch", "tiny-bert"])
+def test_encrypted_pickle_refused(repo: Path, data_key: bytes, name: str) -> None:
+    unit = repo / name / "1"
+    encrypt_unit(unit, data_key)
+    shutil.copy(unit / "model.safetensors.enc", unit / "pytorch_model.bin.enc")
+    with pytest.raises(UnsafeArtifact, match="pytorch_model.bin.enc: an encrypted pickle"):
+        _answer(repo, name, data_key)

@@ -18,7 +18,14 @@ from slimserve.errors import (
     Unauthenticated,
 )
 from slimserve.security import keys
-from slimserve.security.keys import ANONYMOUS, Authenticator, Identity, KeyStore, authorize
+from slimserve.security.keys import (
+    ANONYMOUS,
+    Authenticator,
+    Identity,
+    KeyStore,
+    authorize,
+    bearer_token,
+)
 
 
 @pytest.fixture
@@ -45,7 +52,7 @@ def test_file_holds_only_salted_hashes_mode_0600(key_file: Path) -> None:
     _, token_a = store.create("a", ["infer"])
     _, token_b = store.create("b", ["infer"])
     text = key_file.read_text()
-    secret_a, secret_b = token_a.rsplit("_", 1)[1], token_b.rsplit("_", 1)[1]
+    secret_a, secret_b = token_a[17:], token_b[17:]  # after "ssk_<12 hex>_"
     assert secret_a not in text and secret_b not in text
     entries = json.loads(text)["keys"]
     assert len({e["salt"] for e in entries}) == 2 and all(len(e["hash"]) == 64 for e in entries)
@@ -187,3 +194,14 @@ def test_secret_never_logged(
                 auth.authenticate(bad)
     assert caplog.records  # the reload was logged
     assert secret not in caplog.text and secret not in repr(identity)
+
+
+def test_bearer_header_parsing(key_file: Path, infer_token: str) -> None:
+    auth = Authenticator(key_file)
+    for header in (f"Bearer {infer_token}", f"bearer  {infer_token} ", f"BEARER {infer_token}"):
+        assert auth.authenticate(bearer_token(header)).name == "alice"
+    assert bearer_token(None) is None
+    with pytest.raises(Unauthenticated, match="missing"):
+        auth.authenticate(bearer_token("Bearer "))
+    with pytest.raises(Unauthenticated, match="malformed"):
+        auth.authenticate(bearer_token(f"Basic {infer_token}"))

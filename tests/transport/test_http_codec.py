@@ -238,6 +238,16 @@ def test_mixed_binary_and_json_outputs():
     assert body[length:] == np.arange(3, dtype=np.int32).tobytes()
 
 
+def test_fixed_width_string_outputs_are_bytes_tensors():
+    outputs = {"s": np.array([b"ab", b"c"]), "u": np.array(["x", "yz"])}  # dtypes S2 and U2
+    body, _ = encode_infer_response(InferResponse("m", "1", outputs), OutputFormat())
+    doc = orjson.loads(body)
+    assert [o["datatype"] for o in doc["outputs"]] == ["BYTES", "BYTES"]
+    assert [o["data"] for o in doc["outputs"]] == [["ab", "c"], ["x", "yz"]]
+    body, length = encode_infer_response(InferResponse("m", "1", outputs), OutputFormat(True))
+    assert body[length:] == pack_bytes(np.array([b"ab", b"c", b"x", b"yz"], dtype=object))
+
+
 def test_pack_bytes_is_length_prefixed():
     packed = pack_bytes(np.array([b"ab", "c"], dtype=object))
     assert packed == struct.pack("<I", 2) + b"ab" + struct.pack("<I", 1) + b"c"

@@ -15,7 +15,7 @@ from slimserve.bench import payload as pl
 from slimserve.bench.drivers import PROTOCOLS, GrpcDriver, HttpDriver, fetch_metadata
 from slimserve.bench.http_client import parse_http_url
 from slimserve.bench.runner import Result, closed_loop, new_loop, summarize
-from slimserve.errors import InvalidArgument
+from slimserve.errors import InvalidArgument, Unavailable
 
 # Time allowed after the window for the last in-flight requests to answer, in seconds.
 _GRACE_S = 30.0
@@ -142,7 +142,13 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 async def _payload(args: argparse.Namespace, plan: Plan) -> pl.Payload:
     if args.input_file is not None:
         return pl.from_request_file(args.input_file)
-    meta = await fetch_metadata(plan.host, plan.port, plan.model, plan.version)
+    try:
+        meta = await fetch_metadata(plan.host, plan.port, plan.model, plan.version)
+    except Unavailable as exc:
+        # Synthetic inputs need the model's metadata, which only HTTP serves here.
+        raise Unavailable(
+            f"{exc.message} (or give --input-file to skip the metadata call)"
+        ) from None
     return pl.from_metadata(meta, batch_size=args.batch_size)
 
 
@@ -157,6 +163,11 @@ async def _measure(driver: HttpDriver | GrpcDriver, n: int, plan: Plan) -> Resul
     run = asyncio.ensure_future(closed_loop(sends, plan.duration_s, plan.warmup_s))
     try:
         rec, cpu = await asyncio.wait_for(run, plan.duration_s + plan.warmup_s + _GRACE_S)
+    except asyncio.TimeoutError:
+        raise Unavailable(
+            f"{driver.protocol} with {n} clients: requests still unanswered {_GRACE_S:g} s after "
+            "the run ended; the server is stuck or far overloaded"
+        ) from None
     finally:
         await driver.close()
     return summarize(driver.protocol, n, plan.duration_s, rec, cpu)

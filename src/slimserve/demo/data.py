@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,23 +144,24 @@ def train_mlp(data: Dataset, seconds: float, max_epochs: int = 20) -> Any:
     )
     with bar:
         for epoch in range(1, max_epochs + 1):
-            loss = _train_epoch(model, opt, x, y, start + seconds if epoch > 1 else None)
-            bar.n = min(time.monotonic() - start, seconds)
-            bar.set_postfix_str(f"epoch {epoch}, loss {loss:.3f}")
+            deadline = start + seconds if epoch > 1 else None
+            for loss in _train_epoch(model, opt, x, y, deadline):
+                # every 50 batches: show time spent (capped at the budget), epoch and loss
+                bar.n = min(time.monotonic() - start, seconds)
+                bar.set_postfix_str(f"epoch {epoch}, loss {loss:.3f}")
             if time.monotonic() - start > seconds:
                 break
         bar.n = seconds
     return model.eval()
 
 
-def _train_epoch(model: Any, opt: Any, x: Any, y: Any, deadline: float | None) -> float:
+def _train_epoch(model: Any, opt: Any, x: Any, y: Any, deadline: float | None) -> Iterator[float]:
     """One pass over (x (N, 784), y (N,)) in shuffled batches of 128, stopping early at
-    `deadline` (time.monotonic) if given; returns the last batch's loss."""
+    `deadline` (time.monotonic) if given; yields the loss every 50 batches and at the end."""
     import torch
 
     perm = torch.randperm(len(x))
-    loss = torch.zeros(())
-    for i in range(0, len(x), 128):
+    for step, i in enumerate(range(0, len(x), 128), start=1):
         idx = perm[i : i + 128]  # (B,) sample indices
         loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
@@ -167,7 +169,9 @@ def _train_epoch(model: Any, opt: Any, x: Any, y: Any, deadline: float | None) -
         opt.step()
         if deadline is not None and time.monotonic() > deadline:
             break
-    return float(loss.item())
+        if step % 50 == 0:
+            yield float(loss.item())
+    yield float(loss.item())
 
 
 def accuracy(model: Any, data: Dataset) -> float:

@@ -50,9 +50,18 @@ _EXPORTS = {
     "Options": "pipeline",
     "VariantModel": "wrappers",
 }
-_OPTIONAL = {"distill": "distill", "DistillConfig": "distill", "compress": "compress"}
+_OPTIONAL = {
+    # distillation (distill.py) and Deep Compression storage (compress.py)
+    "distill": "distill",
+    "DistillConfig": "distill",
+    "derive_student": "distill",
+    "WeightSharing": "compress",
+    "share_weights_": "compress",
+    "save_compressed": "compress",
+    "load_compressed": "compress",
+}
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted({*_EXPORTS, *_OPTIONAL})
 
 
 def __getattr__(name: str) -> Any:

@@ -25,7 +25,8 @@ Every blob is {"offset": bytes from the start of the data section, "length": byt
 - shared entry: {"name", "kind": "shared", "dtype": "float32", "shape", "bits", "gap_bits",
   "entries", "codebook": blob of 2^bits float32 (entry 0 is 0.0), "codes": stream,
   "gaps": stream}; stream = {"offset", "length", "nbits", "lengths": the Huffman code length
-  of each symbol 0, 1, ... as one hex digit, trailing zeros dropped (e.g. "2202")}. The flattened (row-major) weight is stored as `entries` pairs (gap, code): gap =
+  of each symbol 0, 1, ... as one hex digit, trailing zeros dropped (e.g. "2202")}.
+  The flattened (row-major) weight is stored as `entries` pairs (gap, code): gap =
   zeros skipped since the previous entry, in [0, 2^gap_bits - 1]; value = codebook[code].
   A run of zeros longer than the largest gap is bridged by filler entries (gap = max, code 0:
   a stored zero). Decoding: position = cumsum(gap + 1) - 1. Codes and gaps are each Huffman
@@ -50,7 +51,7 @@ from torch import nn
 
 from slimserve.errors import InvalidArgument
 from slimserve.optimize import huffman
-from slimserve.optimize.prune import FilterFn, prunable_layers
+from slimserve.optimize.prune import FilterFn, prunable_layers, tensor_of
 from slimserve.train.loop import Callback, FitResult, LossFn, TrainConfig, classification_loss, fit
 
 MAGIC = b"SLIMDCZ1"
@@ -95,7 +96,7 @@ def share_weights_(
     """Cluster each chosen layer's non-zero weights into shared values, in place."""
     config = config or WeightSharing()
     for name, module in prunable_layers(model, filter_fn).items():
-        w = module.weight
+        w = tensor_of(module)
         if w.dtype != torch.float32:
             raise InvalidArgument(f"weight sharing needs float32 weights; {name!r} is {w.dtype}")
         bits = config.bits if isinstance(module, nn.Linear) else config.conv_bits
@@ -139,18 +140,19 @@ def _nearest(values: torch.Tensor, sorted_centroids: torch.Tensor) -> torch.Tens
 
 def codebook_of(module: nn.Module) -> torch.Tensor:
     """The shared values of a layer, read back from its weight: (2^bits,) float32."""
-    codes = module.weight_codes.flatten().long()  # type: ignore[union-attr]
+    codes = tensor_of(module, "weight_codes").flatten().long()
     size = 1 << _bits_of(module)
     book = torch.zeros(size, dtype=torch.float32)
     # Every position of a cluster holds the same value, so duplicate writes agree.
-    book.scatter_(0, codes, module.weight.detach().flatten())  # type: ignore[union-attr]
+    book.scatter_(0, codes, tensor_of(module).detach().flatten())
     book[0] = 0.0
     return book
 
 
 def _bits_of(module: nn.Module) -> int:
     """Bits needed for the largest code in use (the stored codebook has 2^bits entries)."""
-    top = int(module.weight_codes.max()) if module.weight_codes.numel() else 0  # type: ignore
+    codes = tensor_of(module, "weight_codes")
+    top = int(codes.max()) if codes.numel() else 0
     return max(1, top.bit_length())
 
 
@@ -159,20 +161,22 @@ class SharedGradients(Callback):
 
     def after_backward(self, model: nn.Module) -> None:
         for module in _shared_modules(model):
-            grad = module.weight.grad
-            if grad is None:
+            weight = tensor_of(module)
+            if weight.grad is None:
                 continue
-            codes = module.weight_codes.flatten().long()
-            sums = torch.zeros(256, dtype=grad.dtype).index_add_(0, codes, grad.flatten())
+            codes = tensor_of(module, "weight_codes").flatten().long()
+            grad = weight.grad.flatten()
+            sums = torch.zeros(256, dtype=grad.dtype).index_add_(0, codes, grad)
             sums[0] = 0.0
-            module.weight.grad = sums[codes].view_as(grad)
+            weight.grad = sums[codes].view_as(weight)
 
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
         # Re-tie each cluster to one value (guards against optimizers that are not
         # element-wise); a no-op for SGD/Adam, whose updates are already identical.
         for module in _shared_modules(model):
-            module.weight.copy_(codebook_of(module)[module.weight_codes.long()])
+            codes = tensor_of(module, "weight_codes").long()
+            tensor_of(module).copy_(codebook_of(module)[codes])
 
 
 def _shared_modules(model: nn.Module) -> list[nn.Module]:
@@ -194,7 +198,7 @@ def finetune_centroids(
 def unique_values(model: nn.Module) -> dict[str, int]:
     """Distinct non-zero values per shared layer (at most 2^bits - 1 each)."""
     return {
-        n: int(m.weight[m.weight != 0].unique().numel())
+        n: int(tensor_of(m)[tensor_of(m) != 0].unique().numel())
         for n, m in model.named_modules()
         if "weight_codes" in m._buffers
     }
@@ -291,8 +295,9 @@ def _encode_tensor(
     dense = tensor.numel() * tensor.element_size()
     if module is None:
         data = _raw_bytes(tensor)
-        entry = {"name": name, "kind": "raw", "dtype": _dtype_name(name, tensor)}
-        entry |= {"shape": list(tensor.shape), "data": {"offset": offset, "length": len(data)}}
+        entry: dict[str, object] = {"name": name, "kind": "raw"}
+        entry |= {"dtype": _dtype_name(name, tensor), "shape": list(tensor.shape)}
+        entry |= {"data": {"offset": offset, "length": len(data)}}
         return entry, [data], TensorSize(dense, len(data), int(tensor.count_nonzero()))
     return _encode_shared(name, module, offset, dense)
 
@@ -312,13 +317,13 @@ def _encode_shared(
     name: str, module: nn.Module, offset: int, dense: int
 ) -> tuple[dict, list[bytes], TensorSize]:
     bits = _bits_of(module)
-    codes = module.weight_codes.flatten().numpy().astype(np.int64)  # type: ignore[union-attr]
+    codes = tensor_of(module, "weight_codes").flatten().numpy().astype(np.int64)
     book = codebook_of(module)[: 1 << bits].numpy().astype("<f4").tobytes()
     gap_bits, gaps, stream = _best_relative(codes, bits)
     code_part = _stream(stream, 1 << bits, offset + len(book))
     gap_part = _stream(gaps, 1 << gap_bits, offset + len(book) + len(code_part[1]))
-    entry = {"name": name, "kind": "shared", "dtype": "float32"}
-    entry |= {"shape": list(module.weight.shape), "bits": bits, "gap_bits": gap_bits}
+    entry: dict[str, object] = {"name": name, "kind": "shared", "dtype": "float32"}
+    entry |= {"shape": list(tensor_of(module).shape), "bits": bits, "gap_bits": gap_bits}
     entry |= {"entries": len(stream), "codebook": {"offset": offset, "length": len(book)}}
     entry |= {"codes": code_part[0], "gaps": gap_part[0]}
     stored = len(book) + len(code_part[1]) + len(gap_part[1])

@@ -83,6 +83,9 @@ def quantize_onnx(
             per_channel=per_channel,
             weight_type=oq.QuantType.QInt8,
             op_types_to_quantize=list(op_types) if op_types else None,
+            # Graphs with contrib ops (ORT's fused Attention/LayerNorm) defeat shape inference;
+            # float is the right type for every tensor a MatMul reads in those graphs.
+            extra_options={"DefaultTensorType": 1},  # onnx.TensorProto.FLOAT
         )
         return dst
     feeds = _feeds(src, calibration_data, max_batches)

@@ -211,6 +211,7 @@ def _run_all(
         variants_dir.mkdir(exist_ok=True)
         for recipe in plan:
             stage = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-", dir=variants_dir))
+            stage.chmod(0o755)  # mkdtemp makes it private; a variant is as readable as its model
             staged.append((stage, recipe.name))
             info = _make_variant(recipe, original, train, evaluation, reference, opts, stage)
             result.variants.append(info)

@@ -127,6 +127,14 @@ def prune_(
     )
 
 
+def tensor_of(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """`module.<name>` as a tensor (nn.Module attributes are typed Tensor | Module)."""
+    value = getattr(module, name, None)
+    if not isinstance(value, torch.Tensor):
+        raise InvalidArgument(f"{type(module).__name__} has no tensor {name!r}")
+    return value
+
+
 def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Module]:
     """Leaf modules chosen for pruning, by name; errors name layers that can't be pruned."""
     chosen: dict[str, nn.Module] = {}
@@ -162,7 +170,7 @@ def _magnitude(model: nn.Module, config: MagnitudePruning, filter_fn: FilterFn |
     if config.scope == "global":
         masks = _global_masks(layers, config.amount or 0.0)
     else:
-        masks = {name: _layer_mask(name, m.weight, config) for name, m in layers.items()}
+        masks = {name: _layer_mask(name, tensor_of(m), config) for name, m in layers.items()}
     for name, mask in masks.items():
         set_mask(layers[name], mask)
 
@@ -187,7 +195,7 @@ def _smallest_out(magnitude: torch.Tensor, amount: float) -> torch.Tensor:
 
 
 def _global_masks(layers: Mapping[str, nn.Module], amount: float) -> dict[str, torch.Tensor]:
-    weights = [m.weight.detach() for m in layers.values()]
+    weights = [tensor_of(m).detach() for m in layers.values()]
     flat = _smallest_out(torch.cat([w.abs().flatten() for w in weights]), amount)
     parts = flat.split([w.numel() for w in weights])
     return {name: p.view_as(w) for name, p, w in zip(layers, parts, weights, strict=True)}
@@ -209,8 +217,9 @@ def make_permanent(model: nn.Module) -> nn.Module:
     for module in model.modules():
         for key in [k for k in module._buffers if k.endswith("_mask")]:
             param = module._parameters.get(key[: -len("_mask")])
-            if param is not None:
-                param.mul_(module._buffers[key])
+            mask = module._buffers[key]
+            if param is not None and mask is not None:
+                param.mul_(mask)
                 del module._buffers[key]
     return model
 
@@ -218,7 +227,7 @@ def make_permanent(model: nn.Module) -> nn.Module:
 def layer_sparsity(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, float]:
     """Fraction of zero weights in each prunable layer."""
     return {
-        name: float((m.weight == 0).float().mean())
+        name: float((tensor_of(m) == 0).float().mean())
         for name, m in prunable_layers(model, filter_fn).items()
     }
 
@@ -226,8 +235,8 @@ def layer_sparsity(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[
 def sparsity(model: nn.Module, filter_fn: FilterFn | None = None) -> float:
     """Fraction of zero weights over all prunable layers together (biases not counted)."""
     layers = prunable_layers(model, filter_fn).values()
-    zeros = sum(int((m.weight == 0).sum()) for m in layers)
-    return zeros / sum(m.weight.numel() for m in layers)
+    weights = [tensor_of(m) for m in layers]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
 def count_nonzero(model: nn.Module) -> tuple[int, int]:

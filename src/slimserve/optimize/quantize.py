@@ -95,6 +95,9 @@ class WeightOnlyInt8:
 @dataclass(frozen=True)
 class WeightOnlyInt4:
     group_size: int = 64
+    # Leave Linear layers whose input count is not a multiple of group_size in float (else
+    # such a layer is an error naming the group sizes that would fit).
+    skip_indivisible: bool = False
 
     def __post_init__(self) -> None:
         if self.group_size not in (32, 64, 128):
@@ -181,18 +184,24 @@ def _weight_int8(model: nn.Module, cfg: WeightOnlyInt8, filter_fn: FilterFn, dat
 
 
 def _weight_int4(model: nn.Module, cfg: WeightOnlyInt4, filter_fn: FilterFn, data: Any) -> None:
-    chosen = _select(model, filter_fn, "WeightOnlyInt4")
-    for name, m in chosen:  # check every layer before changing any
+    chosen = []
+    for name, m in _select(model, filter_fn, "WeightOnlyInt4"):  # check all before changing any
         lin = _require_linear(name, m, "WeightOnlyInt4")
-        if lin.in_features % cfg.group_size:
+        if lin.in_features % cfg.group_size == 0:
+            chosen.append((name, lin))
+        elif not cfg.skip_indivisible:
             fits = [g for g in (32, 64, 128) if lin.in_features % g == 0]
             raise InvalidArgument(
                 f"WeightOnlyInt4: layer '{name}' has {lin.in_features} inputs, not a multiple "
-                f"of group_size {cfg.group_size}; use group_size in {fits or '(none fits)'} "
-                "or leave the layer out with filter_fn"
+                f"of group_size {cfg.group_size}; use group_size in {fits or '(none fits)'}, "
+                "leave the layer out with filter_fn, or keep such layers in float with "
+                "skip_indivisible=True (recipe: int4:group=32,skip_indivisible=true)"
             )
-    for name, m in chosen:
-        lin = _require_linear(name, m, "WeightOnlyInt4")
+    if not chosen:
+        raise InvalidArgument(
+            f"WeightOnlyInt4: no Linear layer has an input count divisible by {cfg.group_size}"
+        )
+    for name, lin in chosen:
         _set_module(model, name, qlayers.WeightOnlyInt4Linear.from_float(lin, cfg.group_size))
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from slimserve.errors import InvalidArgument
+from slimserve.optimize.prune import tensor_of
 from slimserve.train.loop import LossFn
 
 if TYPE_CHECKING:
@@ -196,7 +197,7 @@ def _chosen(
 
 def l2_importance(module: nn.Module) -> torch.Tensor:
     """L2 norm of each output neuron's incoming weights: shape (out_features | out_channels,)."""
-    return module.weight.detach().flatten(1).norm(dim=1)  # type: ignore[union-attr]
+    return tensor_of(module).detach().flatten(1).norm(dim=1)
 
 
 def taylor_importance(
@@ -212,7 +213,7 @@ def taylor_importance(
     (Molchanov et al. 2019), from `batches` mini-batches of 256 examples. Shape (out,) each.
     """
     modules = {n: model.get_submodule(n) for n in names}
-    sums = {n: torch.zeros(m.weight.shape[0]) for n, m in modules.items()}
+    sums = {n: torch.zeros(tensor_of(m).shape[0]) for n, m in modules.items()}
     pairs = list(zip(data[0].split(256), data[1].split(256), strict=True))[:batches]
     was_training = model.training
     model.eval()
@@ -247,13 +248,13 @@ def _keep(scores: torch.Tensor, amount: float) -> torch.Tensor:
 def _shrink(model: nn.Module, chain: Chain, keep: torch.Tensor) -> None:
     """Apply one producer's kept set to it, its norms and its consumer (in `model`)."""
     producer = model.get_submodule(chain.producer)
-    width = producer.weight.shape[0]  # neurons / channels before pruning
+    width = int(tensor_of(producer).shape[0])  # neurons / channels before pruning
     _slice_(producer, "out", keep)
     for name in chain.norms:
         _slice_norm_(model.get_submodule(name), keep)
     consumer = model.get_submodule(chain.consumer)
     if chain.flatten:  # channel j owns inputs j*S .. j*S+S-1 of the Linear after Flatten
-        per_channel = consumer.weight.shape[1] // width
+        per_channel = int(tensor_of(consumer).shape[1]) // width
         keep = (keep[:, None] * per_channel + torch.arange(per_channel)).flatten()
     _slice_(consumer, "in", keep)
 
@@ -277,11 +278,11 @@ def _slice_(module: nn.Module, side: str, keep: torch.Tensor) -> None:
 
 
 def _resize_attrs(module: nn.Module) -> None:
-    w = module.weight
+    out, inp = (int(n) for n in tensor_of(module).shape[:2])
     if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = w.shape[0], w.shape[1]
+        module.out_features, module.in_features = out, inp
     elif isinstance(module, nn.Conv2d):
-        module.out_channels, module.in_channels = w.shape[0], w.shape[1]
+        module.out_channels, module.in_channels = out, inp
 
 
 @torch.no_grad()
@@ -321,3 +322,28 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass over `example` in Linear and Conv2d layers,
+    per example (dense kernels: zeros count too)."""
+    total = 0
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += out.numel() * module.in_features
+        elif isinstance(module, nn.Conv2d):
+            per_output = (
+                module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            )
+            total += out.numel() * per_output
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _PRODUCERS)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return total // max(len(example), 1)

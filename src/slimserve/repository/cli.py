@@ -209,18 +209,27 @@ def _model_rows(repo: Repository, name: str, *, verify: bool) -> Iterator[tuple[
     if not versions:
         yield (name, "-", "-", backend, "-", "no versions")
     for version in versions:
-        folder = repo.version_dir(name, version)
-        yield (name, str(version), "-", backend, _size(folder), _manifest_status(folder, verify))
-        for variant in repo.variants(name, version):
-            target = repo.target(name, version, variant)
-            yield (
-                name,
-                str(version),
-                variant,
-                target.backend,
-                _size(target.path),
-                _manifest_status(target.path, verify),
-            )
+        try:
+            yield from _version_rows(repo, name, version, backend, verify)
+        except SlimserveError as exc:  # e.g. a link out of the repository: say so, go on
+            yield (name, str(version), "-", backend, "-", f"refused: {_first_line(exc.message)}")
+
+
+def _version_rows(
+    repo: Repository, name: str, version: int, backend: str, verify: bool
+) -> Iterator[tuple[str, ...]]:
+    folder = repo.version_dir(name, version)
+    yield (name, str(version), "-", backend, _size(folder), _manifest_status(folder, verify))
+    for variant in repo.variants(name, version):
+        target = repo.target(name, version, variant)
+        yield (
+            name,
+            str(version),
+            variant,
+            target.backend,
+            _size(target.path),
+            _manifest_status(target.path, verify),
+        )
 
 
 def _first_line(text: str) -> str:

@@ -64,10 +64,20 @@ def add_model(
     number = _choose_version(model_dir, version)
     target = _install(model_dir, number, imported, write_yaml=existing is None)
     if existing is not None:
-        imported.notes.append(f"{model_dir / MODEL_YAML}: kept as it was (shared by all versions)")
+        imported.notes.append(_kept_note(model_dir / MODEL_YAML, existing, max_batch_size))
     for note in imported.notes:
         (report or log.info)(note)
     return target
+
+
+def _kept_note(yaml_path: Path, existing: ModelConfig, max_batch_size: int | None) -> str:
+    note = f"{yaml_path}: kept as it was (all versions share it)"
+    if max_batch_size is not None and max_batch_size != existing.batching.max_batch_size:
+        note += (
+            f"; --max-batch-size {max_batch_size} was not applied: edit its batching line "
+            f"(max_batch_size: {existing.batching.max_batch_size}) to change it"
+        )
+    return note
 
 
 def _model_dir(root: Path, name: str) -> Path:

@@ -36,7 +36,8 @@ PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", 
 def check_name(name: str, what: str = "model name") -> str:
     """Accept only plain names: letters, digits, '_', '-', '.'; no '..', at most 128 chars."""
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        shown = name if len(name) <= 64 else name[:64] + "..."
+        text = str(name)  # a non-str (e.g. a YAML number) must still get this message
+        shown = text if len(text) <= 64 else text[:64] + "..."
         raise InvalidArgument(
             f"invalid {what} {shown!r}: use 1-128 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit, without '..'"
@@ -127,7 +128,7 @@ class Repository:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if (p / MODEL_YAML).is_file() and _NAME.match(p.name)
+            if (p / MODEL_YAML).is_file() and _NAME.match(p.name) and ".." not in p.name
         )
 
     def model_dir(self, name: str) -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 
 from slimserve.errors import ModelLoadError, Unavailable
 from slimserve.repository.store import Target, refuse_pickles
-from slimserve.security.crypto import SUFFIX, artifact_exists
+from slimserve.security.crypto import SUFFIX, artifact_exists, refuse_encrypted_pickles
 from slimserve.security.paths import confine_tree
 from slimserve.types import numpy_dtype
 
@@ -21,6 +21,7 @@ def check_folder(target: Target) -> Path:
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: model folder for {target.key} does not exist")
     refuse_pickles(folder)
+    refuse_encrypted_pickles(folder)
     confine_tree(folder)  # no symlink may lead out of the model's folder
     return folder
 

@@ -59,7 +59,7 @@ def _config(folder: Path, key: bytes | None) -> Any:
     if data is None:
         raise ModelLoadError(f"{folder}: no config.json; fix: save the model with save_pretrained")
     model_type = data.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise ModelLoadError(
             f"{folder}/config.json: model_type {model_type!r} is not one transformers knows "
             "(models that need their own code are refused: trust_remote_code is off)"

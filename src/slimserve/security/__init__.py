@@ -5,6 +5,22 @@ Importing this package loads nothing heavy; `crypto` imports `cryptography` when
 
 from __future__ import annotations
 
-from slimserve.security.keys import ANONYMOUS, SCOPES, Authenticator, Identity, KeyStore
+from slimserve.security.keys import (
+    ANONYMOUS,
+    SCOPES,
+    Authenticator,
+    Identity,
+    KeyStore,
+    authorize,
+    bearer_token,
+)
 
-__all__ = ["ANONYMOUS", "SCOPES", "Authenticator", "Identity", "KeyStore"]
+__all__ = [
+    "ANONYMOUS",
+    "SCOPES",
+    "Authenticator",
+    "Identity",
+    "KeyStore",
+    "authorize",
+    "bearer_token",
+]

@@ -24,9 +24,14 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from slimserve.errors import ConfigError, ModelLoadError
+from slimserve.errors import ConfigError, ModelLoadError, UnsafeArtifact
 from slimserve.repository.manifest import MANIFEST, verify_manifest, write_manifest
-from slimserve.repository.store import VARIANT_YAML, VARIANTS_DIR, refuse_pickles
+from slimserve.repository.store import (
+    PICKLE_SUFFIXES,
+    VARIANT_YAML,
+    VARIANTS_DIR,
+    refuse_pickles,
+)
 from slimserve.security.paths import confine_tree
 
 MAGIC = b"SLIMENC"
@@ -165,7 +170,7 @@ def unit_folders(version_dir: Path) -> Iterator[Path]:
 
 def _unit_files(unit: Path) -> list[Path]:
     """Every file of the unit but its manifest, variant.yaml and nested variants."""
-    out = []
+    out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(unit):
         here = Path(dirpath)
         if here == unit:
@@ -175,6 +180,20 @@ def _unit_files(unit: Path) -> list[Path]:
             here / name for name in sorted(filenames) if not (here == unit and name in _CLEAR_NAMES)
         )
     return out
+
+
+def refuse_encrypted_pickles(unit: Path) -> None:
+    """Refuse `x.pt.enc` and the like: a pickle stays a pickle once decrypted.
+
+    `refuse_pickles` judges a file by its last suffix, which for these is '.enc'.
+    """
+    for path in _unit_files(unit):
+        inner = Path(path.name.removesuffix(SUFFIX)).suffix.lower()
+        if path.name.endswith(SUFFIX) and inner in PICKLE_SUFFIXES:
+            raise UnsafeArtifact(
+                f"{path}: an encrypted pickle file; pickle files can run arbitrary code when "
+                "loaded and are refused; decrypt it, convert it to safetensors, and encrypt that"
+            )
 
 
 def _check_manifest(unit: Path) -> None:

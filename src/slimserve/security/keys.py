@@ -29,7 +29,7 @@ import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from hmac import compare_digest
 from pathlib import Path
@@ -118,6 +118,16 @@ def hash_secret(salt: bytes, secret: str) -> bytes:
     return hashlib.sha256(salt + secret.encode("ascii")).digest()
 
 
+def bearer_token(header: str | None) -> str | None:
+    """The token of an 'Authorization: Bearer <token>' value (HTTP header or gRPC metadata
+    'authorization'); None when absent. Another scheme gives the whole value, which then
+    fails as malformed."""
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else header.strip()
+
+
 def parse_token(token: str) -> tuple[str, str]:
     """'ssk_<id>_<secret>' -> (id, secret); Unauthenticated when malformed."""
     match = _TOKEN.match(token)
@@ -192,7 +202,7 @@ class KeyStore:
             if record is None:
                 raise NotFound(f"no key with id {key_id!r} in {self.path}; see `keys list`")
             if record.revoked is None:
-                record = _replace_revoked(record, _now())
+                record = replace(record, revoked=_now())
                 records[key_id] = record
                 self._write(records)
         return record
@@ -234,12 +244,6 @@ def _new_id(records: dict[str, KeyRecord]) -> str:
         key_id = secrets.token_hex(6)
         if key_id not in records:
             return key_id
-
-
-def _replace_revoked(record: KeyRecord, when: str) -> KeyRecord:
-    fields = {f: getattr(record, f) for f in KeyRecord.__slots__}  # type: ignore[attr-defined]
-    fields["revoked"] = when
-    return KeyRecord(**fields)
 
 
 def _record_dict(record: KeyRecord) -> dict[str, Any]:
@@ -293,6 +297,21 @@ _DUMMY_SALT = secrets.token_bytes(_SALT_BYTES)
 _DUMMY_HASH = hash_secret(_DUMMY_SALT, "x" * 43)
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A key record decoded once per file read, so a request pays one hash and one compare."""
+
+    salt: bytes
+    digest: bytes
+    identity: Identity
+    revoked: bool
+
+    @classmethod
+    def of(cls, record: KeyRecord) -> _Entry:
+        salt, digest = bytes.fromhex(record.salt), bytes.fromhex(record.hash)
+        return cls(salt, digest, record.identity(), record.revoked is not None)
+
+
 class Authenticator:
     """Checks bearer tokens against a key file, re-read when it changes.
 
@@ -303,7 +322,7 @@ class Authenticator:
         self.store = KeyStore(path)
         self._lock = threading.Lock()
         self._signature: tuple[int, int, int] | None = None
-        self._records: dict[str, KeyRecord] = {}
+        self._entries: dict[str, _Entry] = {}
         self._refresh(initial=True)
 
     @property
@@ -316,16 +335,12 @@ class Authenticator:
             raise Unauthenticated(MISSING_KEY)
         key_id, secret = parse_token(bearer_token)
         self._refresh()
-        record = self._records.get(key_id)
-        salt, expected = (
-            (bytes.fromhex(record.salt), bytes.fromhex(record.hash))
-            if record is not None
-            else (_DUMMY_SALT, _DUMMY_HASH)
-        )
+        entry = self._entries.get(key_id)
+        salt, expected = (entry.salt, entry.digest) if entry else (_DUMMY_SALT, _DUMMY_HASH)
         matches = compare_digest(hash_secret(salt, secret), expected)
-        if record is None or not matches or record.revoked is not None:
+        if entry is None or not matches or entry.revoked:
             raise Unauthenticated(INVALID_KEY)
-        return record.identity()
+        return entry.identity
 
     def authorize(self, identity: Identity, scope: str, model: str | None = None) -> None:
         """PermissionDenied unless the identity has `scope` (and may use `model`)."""
@@ -368,7 +383,8 @@ class Authenticator:
                 self.path,
                 mode & 0o777,
             )
-        self._records, self._signature = records, signature
+        self._entries = {k: _Entry.of(r) for k, r in records.items()}
+        self._signature = signature
         if not initial:
             log.info("API key file %s re-read: %d keys", self.path, len(records))
 

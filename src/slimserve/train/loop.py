@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -240,8 +241,8 @@ class _State:
 
     def run_epoch(self, data: Data, epoch: int) -> float:
         total, count = torch.zeros((), dtype=torch.float64), 0
-        batches = _batches(data, self.config, self.ctx, epoch)
-        bar = _progress(batches, self.config, self.ctx, epoch)
+        batches, n = _batches(data, self.config, self.ctx, epoch)
+        bar = _progress(batches, n, self.config, self.ctx, epoch)
         for batch in bar:
             loss = self.step(tuple(t.to(self.ctx.device, non_blocking=True) for t in batch))
             total += loss.detach().double().cpu()
@@ -340,7 +341,10 @@ def _as_tensors(data: Data) -> tuple[torch.Tensor, ...] | None:
     return None
 
 
-def _batches(data: Data, config: TrainConfig, ctx: DistContext, epoch: int) -> Iterator[Batch]:
+def _batches(
+    data: Data, config: TrainConfig, ctx: DistContext, epoch: int
+) -> tuple[Iterator[Batch], int]:
+    """This rank's batches for `epoch`, and how many there are."""
     if config.batch_size % ctx.world_size:
         raise InvalidArgument(
             f"batch_size {config.batch_size} must divide evenly among {ctx.world_size} "
@@ -348,10 +352,10 @@ def _batches(data: Data, config: TrainConfig, ctx: DistContext, epoch: int) -> I
         )
     per_rank = config.batch_size // ctx.world_size
     tensors = _as_tensors(data)
-    dataset = TensorDataset(*tensors) if tensors is not None else data
+    dataset = cast(Dataset, TensorDataset(*tensors) if tensors is not None else data)
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise InvalidArgument("fit: the training data is empty")
-    sampler = DistributedSampler(
+    sampler: DistributedSampler = DistributedSampler(
         dataset,
         num_replicas=ctx.world_size,
         rank=ctx.rank,
@@ -359,18 +363,22 @@ def _batches(data: Data, config: TrainConfig, ctx: DistContext, epoch: int) -> I
         seed=config.seed,
     )
     sampler.set_epoch(epoch)
+    count = math.ceil(len(sampler) / per_rank)
     if tensors is None:
-        return iter(DataLoader(dataset, batch_size=per_rank, sampler=sampler))
+        return iter(DataLoader(dataset, batch_size=per_rank, sampler=sampler)), count
     # Tensors: index whole batches at once instead of collating example by example.
     order = torch.tensor(list(iter(sampler)), dtype=torch.long)
-    return (tuple(t[idx] for t in tensors) for idx in order.split(per_rank))
+    return (tuple(t[idx] for t in tensors) for idx in order.split(per_rank)), count
 
 
-def _progress(batches: Iterator[Batch], config: TrainConfig, ctx: DistContext, epoch: int):
+def _progress(
+    batches: Iterator[Batch], total: int, config: TrainConfig, ctx: DistContext, epoch: int
+) -> Iterator[Batch]:
     from tqdm.auto import tqdm
 
     desc = f"{config.desc} {epoch + 1}/{config.epochs}"
-    return tqdm(batches, desc=desc, disable=not (config.progress and ctx.is_main), leave=False)
+    show = config.progress and ctx.is_main  # only rank 0 draws
+    return tqdm(batches, desc=desc, total=total, disable=not show, leave=False, mininterval=1.0)
 
 
 def _mean_over_ranks(total: torch.Tensor, count: int, ctx: DistContext) -> float:

@@ -401,7 +401,7 @@ def json_output(array: np.ndarray, datatype: str, name: str) -> Any:
     if datatype != "BYTES":
         return np.ascontiguousarray(array).reshape(-1)
     try:
-        return [x.decode() if type(x) is bytes else str(x) for x in array.reshape(-1)]
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in array.reshape(-1)]
     except UnicodeDecodeError:
         raise InvalidArgument(
             f"output {name!r} holds bytes that are not UTF-8 text; ask for it with "
@@ -420,7 +420,7 @@ def pack_bytes(array: np.ndarray) -> bytes:
     """An array of bytes/str elements in the length-prefixed BYTES wire format."""
     parts: list[bytes] = []
     for x in array.reshape(-1):
-        data = x if type(x) is bytes else str(x).encode()
+        data = x if isinstance(x, bytes) else str(x).encode()
         parts.append(_U32.pack(len(data)))
         parts.append(data)
     return b"".join(parts)

@@ -9,6 +9,7 @@ GGUF holds no pickle, so this never runs code from the file. Conversion takes ~3
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from slimserve.errors import ModelLoadError
@@ -35,9 +36,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     setattr(model, "hf_quantizer", None)  # noqa: B010 - typed as a module attribute
     del model.config.quantization_config
     model.config.dtype = "float32"
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(out)
-    model.save_pretrained(out, safe_serialization=True)
+    # Write beside the target and rename: a crash never leaves a half folder that looks done.
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    tokenizer.save_pretrained(partial)
+    model.save_pretrained(partial, safe_serialization=True)
+    partial.replace(out)
     return out
 
 

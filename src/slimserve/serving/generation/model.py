@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from slimserve.errors import ModelLoadError
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
+# Builds a layer's matmul from its fp32 weight (out, in) and its role: qkv, o, gate_up, down,
+# lm_head (a quantizer may treat roles differently).
+MakeLinear = Callable[[torch.Tensor, str], Linear]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,7 @@ class Batch:
 class FloatLinear:
     """y = x @ W.T with W (out, in) kept as given."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, role: str = "") -> None:
         self.weight = weight.contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,9 +127,7 @@ def _refuse_rope_scaling(config: Any) -> None:
         raise ModelLoadError("Llama models with attention or MLP biases are not supported")
 
 
-def build_model(
-    config: Any, state: dict[str, torch.Tensor], make_linear: Callable[[torch.Tensor], Linear]
-) -> LlamaModel:
+def build_model(config: Any, state: dict[str, torch.Tensor], make_linear: MakeLinear) -> LlamaModel:
     """Our model from a LlamaForCausalLM state dict (names as transformers writes them)."""
     shape = shape_of(config)
     get = _getter(state)
@@ -134,7 +135,8 @@ def build_model(
     head = state.get("lm_head.weight", embed)  # tied embeddings: no separate head
     layers = [_layer(get, f"model.layers.{i}.", make_linear) for i in range(shape.layers)]
     rope = rope_tables(shape)
-    return LlamaModel(shape, embed, layers, get("model.norm.weight"), make_linear(head), rope)
+    head_linear = make_linear(head, "lm_head")
+    return LlamaModel(shape, embed, layers, get("model.norm.weight"), head_linear, rope)
 
 
 def _getter(state: dict[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
@@ -147,18 +149,18 @@ def _getter(state: dict[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
 
 
 def _layer(
-    get: Callable[[str], torch.Tensor], prefix: str, make_linear: Callable[[torch.Tensor], Linear]
+    get: Callable[[str], torch.Tensor], prefix: str, make_linear: MakeLinear
 ) -> LayerWeights:
     attn, mlp = prefix + "self_attn.", prefix + "mlp."
     qkv = torch.cat([get(attn + f"{p}_proj.weight") for p in "qkv"])
     gate_up = torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")])
     return LayerWeights(
         attn_norm=get(prefix + "input_layernorm.weight"),
-        qkv=make_linear(qkv),
-        o=make_linear(get(attn + "o_proj.weight")),
+        qkv=make_linear(qkv, "qkv"),
+        o=make_linear(get(attn + "o_proj.weight"), "o"),
         mlp_norm=get(prefix + "post_attention_layernorm.weight"),
-        gate_up=make_linear(gate_up),
-        down=make_linear(get(mlp + "down_proj.weight")),
+        gate_up=make_linear(gate_up, "gate_up"),
+        down=make_linear(get(mlp + "down_proj.weight"), "down"),
     )
 
 

@@ -15,11 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.errors import InvalidArgument, ModelLoadError, UnsafeArtifact
-from slimserve.serving.generation.model import FloatLinear, Linear, LlamaModel, build_model
+from slimserve.serving.generation.model import (
+    FloatLinear,
+    Linear,
+    LlamaModel,
+    MakeLinear,
+    build_model,
+)
 
 _SAFE_LOAD: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
 _PICKLE = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
-WEIGHTS = ("fp32", "int8")
+WEIGHTS = ("fp32", "int8", "int8-weight-only")
 
 
 @dataclass
@@ -33,7 +39,8 @@ class TextGenerationRuntime:
 
     @classmethod
     def load(cls, folder: str | Path, weights: str = "fp32") -> TextGenerationRuntime:
-        """`weights`: fp32, or int8 (weight-only, per-channel; see quant.py)."""
+        """`weights`: fp32; int8 (int8 weights per channel, activations quantized per row on
+        the fly, int8 matmul); int8-weight-only (fp32 activations). See quant.py."""
         from transformers import AutoConfig, AutoTokenizer
 
         path = _check_folder(Path(folder))
@@ -91,13 +98,17 @@ def _read_weights(folder: Path) -> dict[str, Any]:
     return state
 
 
-def _linear_maker(weights: str) -> Any:
+def _linear_maker(weights: str) -> MakeLinear:
     if weights == "fp32":
         return FloatLinear
     if weights == "int8":
-        from slimserve.serving.generation.quant import Int8Linear
+        from slimserve.serving.generation.quant import int8_linear
 
-        return Int8Linear
+        return int8_linear
+    if weights == "int8-weight-only":
+        from slimserve.serving.generation.quant import weight_only_int8
+
+        return weight_only_int8
     raise InvalidArgument(f"weights={weights!r} is not one of {', '.join(WEIGHTS)}")
 
 

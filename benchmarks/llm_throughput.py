@@ -1,0 +1,276 @@
+"""LLM generation throughput: slimserve's engine against transformers' generate().
+
+    .venv/bin/python benchmarks/llm_throughput.py                       # SmolLM2-135M, fp32+int8
+    .venv/bin/python benchmarks/llm_throughput.py --streams 1,8 --output-tokens 32   # quicker
+
+For each weight kind (fp32, int8) and each concurrency c (1, 8, 32): c streams submitted at
+once to one engine, 128-token prompts (distinct, so the prefix cache does not help), 128
+output tokens each (end-of-sequence ignored, so every run does the same work). Measured at
+the consumer: output tokens/s over the wall time of the run, time to first token (TTFT,
+from submit to the first event) and inter-token latency (ITL, between a stream's events)
+as p50/p99 over all streams. Baselines in the same run, fp32: transformers `generate()` one
+request at a time, and statically batched (all c prompts in one `generate` call).
+
+Also the KV memory per sequence: paged (blocks actually held at the peak / sequences) against
+a contiguous cache reserved for the model's whole context, as servers without paging do.
+Prints a markdown section; `--results benchmarks/RESULTS.md` appends it there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimserve.serving.generation import (
+    EngineConfig,
+    GenerationEngine,
+    SamplingParams,
+    TextGenerationRuntime,
+    convert_gguf,
+    smollm2_gguf,
+)
+from slimserve.serving.generation.model import kv_bytes_per_token
+from slimserve.serving.generation.quality import HELD_OUT_TEXT, perplexity
+
+
+@dataclass
+class Run:
+    name: str
+    streams: int
+    output_tokens: int
+    seconds: float
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    peak_blocks: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.streams * self.output_tokens / self.seconds
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def prompts(runtime: TextGenerationRuntime, count: int, length: int) -> list[list[int]]:
+    """Distinct prompts of exactly `length` tokens (a numbered story, so no shared prefix)."""
+    text = " ".join([HELD_OUT_TEXT] * 4)
+    return [runtime.encode(f"Story number {i}: {text}")[:length] for i in range(count)]
+
+
+async def stream_one(
+    engine: GenerationEngine, prompt: list[int], params: SamplingParams, run: Run
+) -> None:
+    start = last = time.perf_counter()
+    first = True
+    async for _event in engine.submit(prompt, params):
+        now = time.perf_counter()
+        (run.ttft if first else run.itl).append(now - (start if first else last))
+        first, last = False, now
+        stats = engine.stats()
+        run.peak_blocks = max(run.peak_blocks, stats.total_blocks - stats.free_blocks)
+
+
+def engine_run(
+    runtime: TextGenerationRuntime, name: str, batch: list[list[int]], tokens: int
+) -> Run:
+    config = EngineConfig(kv_cache_bytes=512 * 2**20, max_seqs=32, prefix_caching=False)
+    engine = GenerationEngine(runtime.model, runtime.tokenizer, config, runtime.eos_token_ids)
+    engine.start()
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+
+    async def all_streams(run: Run) -> None:
+        await asyncio.gather(*(stream_one(engine, p, params, run) for p in batch))
+
+    try:
+        asyncio.run(all_streams(Run(name, 1, 4, 1.0)))  # warm-up, not counted
+        run = Run(name, len(batch), tokens, 0.0)
+        start = time.perf_counter()
+        asyncio.run(all_streams(run))
+        run.seconds = time.perf_counter() - start
+    finally:
+        engine.close()
+    return run
+
+
+def hf_run(hf: Any, name: str, batch: list[list[int]], tokens: int, batched: bool) -> Run:
+    """generate() on the whole batch at once, or one prompt after another."""
+    groups = [batch] if batched else [[p] for p in batch]
+    hf.generate(torch.tensor(batch[:1]), max_new_tokens=2, do_sample=False)  # warm-up
+    start = time.perf_counter()
+    for group in groups:
+        ids = torch.tensor(group)  # equal lengths: no padding needed
+        hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return Run(name, len(batch), tokens, time.perf_counter() - start)
+
+
+def row(run: Run) -> str:
+    ms = 1000.0
+    ttft = f"{percentile(run.ttft, 50) * ms:.0f} / {percentile(run.ttft, 99) * ms:.0f}"
+    itl = f"{percentile(run.itl, 50) * ms:.0f} / {percentile(run.itl, 99) * ms:.0f}"
+    if not run.ttft:
+        ttft = itl = "-"
+    return (
+        f"| {run.name} | {run.streams} | {run.output_tokens} | {run.tokens_per_s:.1f} "
+        f"| {ttft} | {itl} | {run.seconds:.1f} |"
+    )
+
+
+def machine_facts(threads: int) -> list[str]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    flags = Path("/proc/cpuinfo").read_text()
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    import transformers
+
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return [
+        f"- CPU: {cpu}, {os.cpu_count()} cores, flags: {' '.join(simd)}",
+        f"- torch {torch.__version__} ({threads} intra-op threads), transformers "
+        f"{transformers.__version__}, Python {platform.python_version()}",
+        f"- load: `{load}`",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", type=Path, help="a converted folder (default: SmolLM2)")
+    parser.add_argument("--streams", default="1,8,32")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens-32", type=int, help="cut outputs at 32 streams")
+    parser.add_argument("--weights", default="fp32,int8")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--sequential-requests",
+        type=int,
+        default=2,
+        help="generate() one at a time: requests measured (throughput only)",
+    )
+    parser.add_argument("--results", type=Path, help="append the markdown section here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    facts = machine_facts(args.threads)
+    folder = args.model_dir or convert_gguf(
+        smollm2_gguf(),
+        Path(tempfile.gettempdir()) / f"slimserve-smollm2-{smollm2_gguf().stat().st_size}",
+    )
+    lines = report(args, folder)
+    section = [
+        "## LLM generation throughput (issue 6)",
+        "",
+        f"Run {started}: `.venv/bin/python {' '.join(sys.argv)}`",
+        "",
+        *facts,
+        "",
+        *lines,
+    ]
+    text = "\n".join(section) + "\n"
+    print(text)
+    if args.results:
+        with args.results.open("a") as out:
+            out.write("\n" + text)
+
+
+def report(args: argparse.Namespace, folder: Path) -> list[str]:
+    from transformers import AutoModelForCausalLM
+
+    streams = [int(s) for s in args.streams.split(",")]
+    runtimes = {w: TextGenerationRuntime.load(folder, weights=w) for w in args.weights.split(",")}
+    first = next(iter(runtimes.values()))
+    batch = prompts(first, max(streams), args.prompt_tokens)
+    hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    runs: list[Run] = []
+    seq = hf_run(
+        hf,
+        "generate() one at a time, fp32",
+        batch[: args.sequential_requests],
+        args.output_tokens,
+        batched=False,
+    )
+    runs.append(seq)
+    for count in streams:
+        tokens = (
+            args.output_tokens_32 if count >= 32 and args.output_tokens_32 else args.output_tokens
+        )
+        static = hf_run(hf, "generate() static batch, fp32", batch[:count], tokens, batched=True)
+        runs.append(static)
+        for weights, runtime in runtimes.items():
+            run = engine_run(runtime, f"slimserve engine, {weights}", batch[:count], tokens)
+            runs.append(run)
+            ratio = run.tokens_per_s / static.tokens_per_s
+            print(
+                f"{count} streams {weights}: {run.tokens_per_s:.1f} tok/s, {ratio:.2f}x static",
+                flush=True,
+            )
+    return table(runs) + memory_lines(first, runs, args) + quality_lines(runtimes)
+
+
+def table(runs: list[Run]) -> list[str]:
+    return [
+        "| system | streams | output tokens | output tok/s | TTFT p50 / p99 ms "
+        "| ITL p50 / p99 ms | wall s |",
+        "|---|---|---|---|---|---|---|",
+        *[row(run) for run in runs],
+        "",
+    ]
+
+
+def memory_lines(
+    runtime: TextGenerationRuntime, runs: list[Run], args: argparse.Namespace
+) -> list[str]:
+    per_token = kv_bytes_per_token(runtime.model.shape)
+    biggest = max((r for r in runs if r.peak_blocks), key=lambda r: r.streams)
+    block = EngineConfig().block_size
+    paged = biggest.peak_blocks * block * per_token / biggest.streams
+    context = runtime.model.shape.max_positions
+    kib = 1024
+    return [
+        f"KV memory per sequence ({args.prompt_tokens} + {biggest.output_tokens} tokens, "
+        f"{per_token} bytes per token, blocks of {block} tokens): paged, measured at the peak "
+        f"of the {biggest.streams}-stream run: {paged / kib:,.0f} KiB; contiguous, reserved "
+        f"for the model's {context}-token context: {context * per_token / kib:,.0f} KiB "
+        f"({context * per_token / paged:.0f}x more).",
+        "",
+    ]
+
+
+def quality_lines(runtimes: dict[str, TextGenerationRuntime]) -> list[str]:
+    tokens = next(iter(runtimes.values())).encode(HELD_OUT_TEXT)
+    parts = []
+    for weights, runtime in runtimes.items():
+        ppl = perplexity(runtime.model, tokens)
+        parts.append(f"{weights} {ppl:.2f} ({runtime.memory_bytes() / 2**20:.0f} MiB weights)")
+    return [f"Perplexity on the held-out paragraph ({len(tokens)} tokens): {', '.join(parts)}.", ""]
+
+
+if __name__ == "__main__":
+    main()

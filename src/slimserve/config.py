@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from slimserve.errors import ConfigError
@@ -68,6 +68,32 @@ class Settings(BaseSettings):
         description="redis://HOST:PORT/DB for state shared by several server processes "
         "(response cache); none: in memory, per process.",
     )
+    api_keys_file: Path | None = Field(
+        None,
+        description="API key file (`slimserve keys create`); every call but health then needs "
+        "'Authorization: Bearer KEY' with the right scope. None: no authentication (keep the "
+        "server on loopback).",
+    )
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate chain: serve HTTPS and gRPC over TLS (with tls_key)."
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle: require client certificates signed by it (mTLS)."
+    )
+    data_key_file: Path | None = Field(
+        None,
+        description="32-byte data key (raw, hex or base64) for artifacts encrypted with "
+        "`slimserve repo-crypt encrypt`.",
+    )
+    data_key_env: str | None = Field(
+        None, description="Name of an environment variable holding the data key instead."
+    )
+    audit_log: Path | None = Field(
+        None,
+        description="File to append audit lines to (JSON, one per management action); the "
+        "slimserve.audit logger always gets them.",
+    )
     max_body_bytes: int = Field(
         64 * MiB, gt=0, description="Largest request body accepted, in bytes (413 above)."
     )
@@ -105,6 +131,24 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("use a redis://HOST:PORT/DB (or rediss://, unix://) URL")
         return value
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key (mTLS is over TLS)")
+        if self.data_key_file is not None and self.data_key_env is not None:
+            raise ValueError("set data_key_file or data_key_env, not both")
+        return self
+
+    def data_key(self) -> bytes | None:
+        """The artifact data key from data_key_file or the variable named by data_key_env."""
+        import os  # the environment is read here and nowhere else
+
+        from slimserve.security.crypto import resolve_data_key
+
+        return resolve_data_key(self.data_key_file, self.data_key_env, os.environ)
 
     @field_validator("host")
     @classmethod

@@ -186,3 +186,18 @@ def test_cli_encrypt_decrypt(
     monkeypatch.delenv("SLIMSERVE_TEST_DATA_KEY")
     assert main([*argv, "--key-env", "SLIMSERVE_TEST_DATA_KEY"]) == 2
     assert "not set" in capsys.readouterr().err
+
+
+def test_resolve_data_key(tmp_path: Path) -> None:
+    key = generate_data_key()
+    (tmp_path / "k").write_bytes(key)
+    assert crypto.resolve_data_key(None, None, {}) is None
+    assert crypto.resolve_data_key(tmp_path / "k", None, {}) == key
+    assert crypto.resolve_data_key(None, "K", {"K": key.hex()}) == key
+    with pytest.raises(ConfigError, match="not both"):
+        crypto.resolve_data_key(tmp_path / "k", "K", {"K": key.hex()})
+    with pytest.raises(ConfigError, match="data_key_env K: the environment variable is not set"):
+        crypto.resolve_data_key(None, "K", {})
+    with pytest.raises(ConfigError, match="environment variable K: not a 32-byte key") as info:
+        crypto.resolve_data_key(None, "K", {"K": "secret-ish-but-short"})
+    assert "secret-ish" not in info.value.message  # the value is never echoed

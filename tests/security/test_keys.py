@@ -205,3 +205,17 @@ def test_bearer_header_parsing(key_file: Path, infer_token: str) -> None:
         auth.authenticate(bearer_token("Bearer "))
     with pytest.raises(Unauthenticated, match="malformed"):
         auth.authenticate(bearer_token(f"Basic {infer_token}"))
+
+
+def test_security_package_imports_no_framework() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, slimserve.security, slimserve.security.cli, slimserve.security.audit, "
+        "slimserve.security.paths, slimserve.security.crypto; "
+        "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'cryptography') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -12,6 +12,8 @@ Names load lazily (PEP 562), so `import slimserve.optimize` imports no torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 _EXPORTS = {
@@ -69,3 +71,22 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'slimserve.optimize' has no attribute {name!r}")
     return getattr(importlib.import_module(f"slimserve.optimize.{module}"), name)
+
+
+class _Package(types.ModuleType):
+    """Keeps the verbs `distill` and `evaluate` pointing at the functions.
+
+    Importing the submodule `slimserve.optimize.evaluate` makes Python set the package
+    attribute `evaluate` to that module, which would shadow the function `__getattr__` serves;
+    this drops such assignments for verbs that share a submodule's name. The submodules stay
+    importable by their full names (`from slimserve.optimize.evaluate import evaluate`).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _VERBS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_VERBS = frozenset({"distill", "evaluate"})
+sys.modules[__name__].__class__ = _Package

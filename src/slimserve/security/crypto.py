@@ -21,7 +21,7 @@ import base64
 import binascii
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from slimserve.errors import ConfigError, ModelLoadError, UnsafeArtifact
@@ -80,6 +80,23 @@ def load_data_key_file(path: Path) -> bytes:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the data key file ({exc.strerror})") from None
     return parse_data_key(data, str(path))
+
+
+def resolve_data_key(
+    key_file: Path | None, key_env: str | None, environ: Mapping[str, str]
+) -> bytes | None:
+    """The server's data key from settings: a file, or the environment variable named
+    `key_env` looked up in `environ` (config.py passes os.environ); None when neither is set."""
+    if key_file is not None and key_env is not None:
+        raise ConfigError("set data_key_file or data_key_env, not both")
+    if key_file is not None:
+        return load_data_key_file(key_file)
+    if key_env is None:
+        return None
+    value = environ.get(key_env)
+    if not value:
+        raise ConfigError(f"data_key_env {key_env}: the environment variable is not set or empty")
+    return parse_data_key(value, f"environment variable {key_env}")
 
 
 # ---------------------------------------------------------------------------------------------

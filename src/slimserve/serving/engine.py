@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,11 +21,14 @@ from slimserve.errors import (
     Code,
     DeadlineExceeded,
     InvalidArgument,
+    ModelLoadError,
     NotFound,
     PermissionDenied,
     SlimserveError,
 )
 from slimserve.repository.store import Repository, Target, split_served_name
+from slimserve.security.audit import AuditLog
+from slimserve.security.keys import ANONYMOUS, Authenticator, Identity
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import (
     CacheBackend,
@@ -86,6 +89,8 @@ class Engine:
         )
         self.admission = Admission(settings)
         self.caches: dict[str, ResponseCache] = {}  # per model, for models with `cache:`
+        self.auth = Authenticator(settings.api_keys_file) if settings.api_keys_file else None
+        self.audit = AuditLog(settings.audit_log)
         self._started = False
         self._startup_done = False
         self._stopping = False
@@ -124,6 +129,7 @@ class Engine:
         await self.models.close()
         for cache in self.caches.values():
             await cache.backend.close()
+        self.audit.close()
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -278,6 +284,18 @@ class Engine:
 
     # -- model control ---------------------------------------------------------------------
 
+    def authorize(self, token: str | None, scope: str, model: str | None = None) -> Identity:
+        """Who is calling (from a bearer token) and whether they may use `scope` on `model`.
+
+        Without a key file every caller is anonymous and allowed. Raises Unauthenticated
+        (401) or PermissionDenied (403); never echoes the token.
+        """
+        if self.auth is None:
+            return ANONYMOUS
+        identity = self.auth.authenticate(token)
+        self.auth.authorize(identity, scope, model)
+        return identity
+
     def _check_control(self) -> None:
         if not self.settings.model_control:
             raise PermissionDenied(
@@ -285,20 +303,39 @@ class Engine:
                 "(or SLIMSERVE_MODEL_CONTROL=true) to load and unload models through the API"
             )
 
-    async def load_model(self, name: str) -> None:
-        self._check_control()
+    async def load_model(self, name: str, identity: Identity | None = None) -> None:
+        await self._audited("load", name, identity, self._load)
+
+    async def unload_model(self, name: str, identity: Identity | None = None) -> None:
+        await self._audited("unload", name, identity, self._unload)
+
+    async def _audited(
+        self,
+        action: str,
+        name: str,
+        identity: Identity | None,
+        run: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """Run a management action and write its audit line, whether it succeeds or not."""
+        shown = name if len(name) <= 128 else name[:128] + "..."
+        try:
+            self._check_control()
+            await run(name)
+        except SlimserveError as exc:
+            self.audit.record(identity, action, shown, outcome=exc.code.value.lower())
+            raise
+        self.audit.record(identity, action, shown)
+
+    async def _load(self, name: str) -> None:
         model, variant = split_served_name(name)
         if variant is not None:
             raise InvalidArgument("load a model by its name; its variants load with it")
         self.repository.model_dir(model)  # NotFound with the repository path
         entry = await self.models.load(model)
         if entry.state is not State.READY:
-            from slimserve.errors import ModelLoadError
-
             raise ModelLoadError(f"model '{model}' failed to load: {entry.reason}")
 
-    async def unload_model(self, name: str) -> None:
-        self._check_control()
+    async def _unload(self, name: str) -> None:
         model, variant = split_served_name(name)
         if variant is not None:
             raise InvalidArgument("unload a model by its name; its variants unload with it")

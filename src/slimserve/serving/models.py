@@ -129,6 +129,7 @@ class ModelManager:
         self._options = RuntimeOptions(
             intra_op_threads=settings.intra_op_threads,
             graph_optimization=settings.ort_graph_optimization,
+            data_key=settings.data_key(),
         )
         self.budget_bytes = settings.memory_budget_bytes or default_budget()
         self.policy = make_policy(settings.eviction_policy)

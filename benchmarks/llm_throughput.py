@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--output-tokens-32", type=int, help="cut outputs at 32 streams")
     parser.add_argument("--weights", default="fp32,int8")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--sequential-requests",
         type=int,

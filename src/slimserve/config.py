@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     data_key_file: Path | None = Field(
         None,
         description="32-byte data key (raw, hex or base64) for artifacts encrypted with "
-        "`slimserve repo-crypt encrypt`.",
+        "`slimserve repo encrypt`.",
     )
     data_key_env: str | None = Field(
         None, description="Name of an environment variable holding the data key instead."

@@ -37,7 +37,7 @@ def test_every_repo_option_has_help():
         "repo"
     ]
     subs = next(a for a in repo._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(subs) == {"add", "list", "manifest"}
+    assert set(subs) == {"add", "list", "manifest", "encrypt", "decrypt"}
     for name, sub in subs.items():
         for action in sub._actions:
             assert action.help, f"repo {name} {action.option_strings or action.dest}: no help"

@@ -1,4 +1,4 @@
-"""`slimserve keys ...` and `slimserve repo-crypt ...` through the real command-line entry."""
+"""`slimserve keys ...` and `slimserve repo encrypt|decrypt` through the real command-line entry."""
 
 from __future__ import annotations
 

@@ -172,7 +172,7 @@ def test_cli_encrypt_decrypt(
     key_file.write_text(key.hex())
     (light_repo / "m" / "1" / "variants" / "int8").mkdir(parents=True)
     (light_repo / "m" / "1" / "variants" / "int8" / "model.onnx").write_bytes(b"variant")
-    argv = ["repo-crypt", "encrypt", "m", "--repository", str(light_repo)]
+    argv = ["repo", "encrypt", "m", "--repository", str(light_repo)]
     assert main([*argv, "--key-file", str(key_file)]) == 0
     out = capsys.readouterr().out
     assert "encrypted 4 files" in out and "encrypted 1 files" in out

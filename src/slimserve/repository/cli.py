@@ -32,6 +32,9 @@ def register(subparsers: Any) -> None:
     _register_add(sub)
     _register_list(sub)
     _register_manifest(sub)
+    from slimserve.security.cli import register_repo_commands
+
+    register_repo_commands(sub)  # repo encrypt | decrypt
 
 
 def _repository_option(parser: argparse.ArgumentParser) -> None:

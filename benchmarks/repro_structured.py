@@ -1,6 +1,7 @@
 """Structured pruning of an MLP and a small CNN on Fashion-MNIST: smaller dense models.
 
-LeNet-300-100 (slimserve.zoo.MLP) and the small LeNet-5 (slimserve.zoo.LeNet5, 6-16 channels):
+LeNet-300-100 (slimserve.zoo.MLP), the small LeNet-5 (slimserve.zoo.LeNet5, 6-16 channels) and
+Han et al.'s LeNet-5 (slimserve.zoo.CaffeLeNet, 20-50 channels, 500 hidden):
 train, remove a fraction of every hidden layer's neurons / channels by L2 norm (the layers
 after them resized), fine-tune, and measure multiply-accumulates, test accuracy and p50
 latency of plain eager PyTorch (dense kernels) at batch 1 and 64, one thread. Latencies are
@@ -29,12 +30,13 @@ from _repro_common import facts_markdown, fashion_mnist, machine_facts  # noqa: 
 from slimserve.optimize.prune import StructuredPruning, prune_  # noqa: E402
 from slimserve.optimize.structured import count_macs  # noqa: E402
 from slimserve.train import TrainConfig, accuracy, classification_loss, fit  # noqa: E402
-from slimserve.zoo import MLP, LeNet5  # noqa: E402
+from slimserve.zoo import MLP, CaffeLeNet, LeNet5  # noqa: E402
 
 MODELS = {
     # name: (constructor, dense epochs, amount removed, fine-tune epochs)
     "mlp-300-100": (lambda: MLP([784, 300, 100, 10]), 6, 0.5, 3),
     "lenet5-small": (LeNet5, 5, 0.4, 3),
+    "lenet5-caffe": (CaffeLeNet, 4, 0.5, 2),  # Han et al.'s LeNet-5 (20-50-500)
 }
 
 

@@ -157,8 +157,17 @@ def _http_server(engine: Engine, settings: Settings) -> Any:
         def capture_signals(self) -> Iterator[None]:
             yield
 
+    tls: dict[str, Any] = {}
+    if settings.tls_cert is not None:
+        import ssl
+
+        tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+        if settings.tls_client_ca is not None:
+            tls["ssl_ca_certs"] = str(settings.tls_client_ca)
+            tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
     config = uvicorn.Config(
         create_app(engine, settings),
+        **tls,
         host=settings.host,
         port=settings.http_port,
         http="httptools",

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -131,8 +132,14 @@ class ServerProcess:
 
 
 def start_server(
-    repository: Path, log_path: Path, *extra: str, timeout: float = 90
+    repository: Path,
+    log_path: Path,
+    *extra: str,
+    timeout: float = 90,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> ServerProcess:
+    """Start `slimserve serve` on free ports; with `ssl_context`, readiness is polled over
+    HTTPS with it (a context holding the test CA, and a client certificate for mTLS)."""
     http_port, grpc_port = free_port(), free_port()
     cmd = [
         sys.executable,
@@ -156,8 +163,9 @@ def start_server(
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
         try:
-            url = f"http://127.0.0.1:{http_port}/v2/health/ready"
-            with urllib.request.urlopen(url, timeout=1) as resp:
+            scheme = "https" if ssl_context is not None else "http"
+            url = f"{scheme}://127.0.0.1:{http_port}/v2/health/ready"
+            with urllib.request.urlopen(url, timeout=1, context=ssl_context) as resp:
                 if resp.status == 200:
                     return server
         except OSError:

@@ -143,7 +143,15 @@ def test_overwrite_replaces_a_variant_atomically(tmp_path):
     optimize(root, "mlp", ["int8:per_channel=false"], TRAIN, TEST, opts)
     after = (root / "mlp/1/variants/int8per_channelfalse/variant.yaml").read_text()
     assert before != after  # new profile
-    assert sorted(p.name for p in (root / "mlp/1/variants").iterdir()) == ["int8per_channelfalse"]
+    # a later run's report also lists the variants made before it
+    optimize(root, "mlp", ["weight-int8"], TRAIN, TEST, opts)
+    report = json.loads((root / "mlp/reports/1/report.json").read_text())
+    assert [v["name"] for v in report["earlier_variants"]] == ["int8per_channelfalse"]
+    assert "| int8per_channelfalse |" in (root / "mlp/reports/1/report.md").read_text()
+    assert sorted(p.name for p in (root / "mlp/1/variants").iterdir()) == [
+        "int8per_channelfalse",
+        "weight-int8",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -158,6 +166,7 @@ def test_overwrite_replaces_a_variant_atomically(tmp_path):
         (["static-int8:calibration=mse"], TRAIN, "use one of minmax"),
         (["int4:group=48"], TRAIN, "32, 64 or 128"),
         (["int8"], (np.zeros((10, 28), np.float32), None), r"shape \[10, 28\] does not fit"),
+        (["int8"], (np.zeros((10, 2, 28), np.float32), None), r"shape \[10, 2, 28\] does not"),
         (["int8", "int8"], TRAIN, "same variant"),
         (["qat"], (TRAIN[0], None), "labels"),
     ],
@@ -218,3 +227,10 @@ def test_onnx_backend_models_take_onnx_level_steps(tmp_path):
         doc = yaml.safe_load((folder / "variant.yaml").read_text())
         assert "backend" not in doc  # the same backend as the original
         assert v["profile"]["size_bytes"] < result.original["size_bytes"] / 2
+
+
+def test_rows_with_the_right_number_of_values_are_reshaped(tmp_path):
+    root = make_repository(tmp_path)
+    images = (TRAIN[0].reshape(-1, 8, 8), TRAIN[1])  # IDX-like (N, 8, 8) for input [-1, 64]
+    result = optimize(root, "mlp", ["int8"], images, None, FAST)
+    assert result.variants[0]["profile"]["accuracy"] > 0.85

@@ -34,6 +34,11 @@ class FailingEngine:
     def live(self) -> bool:
         return True
 
+    def authorize(self, token: str | None, scope: str, model: str | None = None) -> Any:
+        from slimserve.security.keys import ANONYMOUS
+
+        return ANONYMOUS
+
     def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         raise self.error
 

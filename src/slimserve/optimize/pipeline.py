@@ -65,6 +65,9 @@ class Result:
     original: dict[str, Any]
     variants: list[dict[str, Any]] = field(default_factory=list)
     report: dict[str, Path] = field(default_factory=dict)
+    # Variants of the same version made by earlier runs (read back from their variant.yaml),
+    # so the report compares everything the version has.
+    earlier: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -95,13 +98,15 @@ def optimize(
     evaluation = train if eval_data is None else _arrays(eval_data, "--eval-data")
     kind, model = artifacts.load_original(vdir, config)
     original = _Original(kind, model, config, vdir)
-    _check_fits(original, train[0], "--data")
-    _check_fits(original, evaluation[0], "--eval-data")
+    train = _conform(original, train, "--data")
+    evaluation = _conform(original, evaluation, "--eval-data")
     result = Result(name, version, {})
     reference, result.original = _profile_original(original, evaluation, opts)
     staged = _run_all(plan, original, train, evaluation, reference, opts, result)
     _commit(staged, vdir / VARIANTS_DIR, opts.overwrite)
-    from slimserve.optimize.report import write_report
+    from slimserve.optimize.report import earlier_variants, write_report
+
+    result.earlier = earlier_variants(vdir / VARIANTS_DIR, {v["name"] for v in result.variants})
 
     out = opts.report_dir or (repo.model_dir(name) / "reports" / str(version))
     result.report = write_report(result, out)
@@ -141,6 +146,20 @@ def _arrays(data: str | Arrays, flag: str) -> Arrays:
     if len(x) == 0:
         raise InvalidArgument(f"{flag}: the data is empty")
     return np.ascontiguousarray(x, dtype=np.float32) if x.dtype.kind == "f" else x, y
+
+
+def _conform(original: _Original, data: Arrays, flag: str) -> Arrays:
+    """Data shaped for the model: rows reshaped (a view) when model.yaml declares a fully
+    known row shape with the same number of values, e.g. IDX images (N, 28, 28) for an input
+    [-1, 784]; then checked against the model."""
+    x, y = data
+    inputs = original.config.inputs
+    if inputs and inputs[0].shape and -1 not in inputs[0].shape[1:]:
+        row = inputs[0].shape[1:]
+        if list(x.shape[1:]) != row and int(np.prod(x.shape[1:])) == int(np.prod(row)):
+            x = x.reshape(len(x), *row)
+    _check_fits(original, x, flag)
+    return x, y
 
 
 def _check_fits(original: _Original, x: np.ndarray, flag: str) -> None:

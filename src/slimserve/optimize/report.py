@@ -43,7 +43,29 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def _rows(result: Any) -> list[dict[str, Any]]:
     rows = [{"name": "(original)", "recipe": "", "profile": result.original}]
-    return rows + list(result.variants)
+    return rows + list(result.variants) + list(getattr(result, "earlier", []))
+
+
+def earlier_variants(variants_dir: Path, skip: set[str]) -> list[dict[str, Any]]:
+    """Profiles of the version's other variants, from their variant.yaml (made by earlier runs
+    or by hand; ones without a readable profile are left out)."""
+    import yaml
+
+    rows = []
+    for folder in sorted(p for p in variants_dir.iterdir() if p.is_dir()):
+        if folder.name in skip or folder.name.startswith("."):
+            continue
+        try:
+            doc = yaml.safe_load((folder / "variant.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("profile"), dict):
+            recipe = doc.get("recipe") or {}
+            text = recipe.get("text", "") if isinstance(recipe, dict) else str(recipe)
+            rows.append(
+                {"name": folder.name, "recipe": text, "profile": doc["profile"], "earlier": True}
+            )
+    return rows
 
 
 def _fmt(value: Any, factor: float) -> str:
@@ -129,6 +151,7 @@ def write_report(result: Any, folder: Path) -> dict[str, Path]:
         "version": result.version,
         "original": result.original,
         "variants": result.variants,
+        "earlier_variants": getattr(result, "earlier", []),
     }
     paths["json"].write_text(json.dumps(data, indent=2, default=str) + "\n")
     paths["markdown"].write_text(markdown(result))

@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError, Message
 
 from slimserve.config import Settings
 from slimserve.errors import Code, ConfigError, InvalidArgument, SlimserveError
+from slimserve.security.keys import Identity, bearer_token
 from slimserve.serving.engine import Engine
 from slimserve.transport import grpc_codec as codec
 from slimserve.transport._proto import grpc_service_pb2 as pb
@@ -62,7 +63,11 @@ def create_server(engine: Engine, settings: Settings) -> grpc.aio.Server:
     address = f"[{settings.host}]" if ":" in settings.host else settings.host
     address = f"{address}:{settings.grpc_port}"
     try:
-        port = server.add_insecure_port(address)
+        credentials = server_credentials(settings)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         port, reason = 0, str(exc)
     else:
@@ -73,6 +78,21 @@ def create_server(engine: Engine, settings: Settings) -> grpc.aio.Server:
             "or --host, or 0 to disable gRPC"
         )
     return server
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from settings.tls_cert/tls_key; client certificates required with tls_client_ca."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    try:
+        chain = settings.tls_cert.read_bytes()
+        key = settings.tls_key.read_bytes()
+        ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    except OSError as exc:
+        raise ConfigError(f"cannot read a TLS file: {exc}") from None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -153,11 +173,23 @@ def _peer_host(peer: str) -> str | None:
     return address or None
 
 
+def _token(context: Context) -> str | None:
+    """The API key from the `authorization` metadata ('Bearer KEY')."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return bearer_token(value if isinstance(value, str) else value.decode("latin-1"))
+    return None
+
+
 class InferenceServicer:
-    """The v2 RPCs, each a thin call into the engine."""
+    """The v2 RPCs, each a thin call into the engine. Health needs no key; everything else
+    needs the scope named in its call to `_allow` when the server has API keys."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+
+    def _allow(self, context: Context, scope: str, model: str | None = None) -> Identity:
+        return self.engine.authorize(_token(context), scope, model or None)
 
     @_rpc(pb.ServerLiveRequest)
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> Any:
@@ -169,11 +201,13 @@ class InferenceServicer:
 
     @_rpc(pb.ModelReadyRequest)
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> Any:
+        self._allow(context, "infer", request.name)
         ready = self.engine.model_ready(request.name, request.version or None)
         return pb.ModelReadyResponse(ready=ready)
 
     @_rpc(pb.ServerMetadataRequest)
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> Any:
+        self._allow(context, "infer")
         meta = self.engine.server_metadata()
         return pb.ServerMetadataResponse(
             name=meta["name"], version=meta["version"], extensions=meta["extensions"]
@@ -181,42 +215,50 @@ class InferenceServicer:
 
     @_rpc(pb.ModelMetadataRequest)
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> Any:
+        self._allow(context, "infer", request.name)
         meta = self.engine.model_metadata(request.name, request.version or None)
         return codec.model_metadata_message(meta)
 
     @_rpc(pb.ModelInferRequest)
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> Any:
-        infer = codec.decode_infer_request(request, client=_peer_host(context.peer()))
+        identity = self._allow(context, "infer", request.model_name)
+        client = identity.client if identity.key_id else _peer_host(context.peer())
+        infer = codec.decode_infer_request(request, client=client)
         codec.apply_deadline(infer.parameters, context.time_remaining())
         response = await self.engine.infer(infer)
         return codec.encode_infer_response(response)
 
     @_rpc(pb.ModelConfigRequest)
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> Any:
+        self._allow(context, "infer", request.name)
         config = self.engine.model_config(request.name, request.version or None)
         return codec.model_config_message(config)
 
     @_rpc(pb.ModelStatisticsRequest)
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> Any:
+        self._allow(context, "metrics", request.name)
         stats = self.engine.model_statistics(request.name or None, request.version or None)
         return codec.statistics_message(stats)
 
     @_rpc(pb.RepositoryIndexRequest)
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> Any:
         # One repository per server: repository_name is not used.
+        self._allow(context, "infer")
         return codec.index_message(self.engine.repository_index(request.ready))
 
     @_rpc(pb.RepositoryModelLoadRequest)
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> Any:
+        identity = self._allow(context, "manage")
         codec.load_parameters(request.parameters)
-        await self.engine.load_model(request.model_name)
+        await self.engine.load_model(request.model_name, identity)
         return pb.RepositoryModelLoadResponse()
 
     @_rpc(pb.RepositoryModelUnloadRequest)
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> Any:
-        await self.engine.unload_model(request.model_name)
+        identity = self._allow(context, "manage")
+        await self.engine.unload_model(request.model_name, identity)
         return pb.RepositoryModelUnloadResponse()

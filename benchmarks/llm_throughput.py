@@ -38,6 +38,7 @@ from slimserve.serving.generation import (
     SamplingParams,
     TextGenerationRuntime,
     convert_gguf,
+    keep_freed_memory,
     smollm2_gguf,
 )
 from slimserve.serving.generation.model import kv_bytes_per_token
@@ -177,8 +178,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help="append the markdown section here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    malloc_tuned = keep_freed_memory()  # for every system measured here (see malloc.py)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    facts = machine_facts(args.threads)
+    facts = machine_facts(args.threads) + [f"- glibc malloc keeps freed buffers: {malloc_tuned}"]
     folder = args.model_dir or convert_gguf(
         smollm2_gguf(),
         Path(tempfile.gettempdir()) / f"slimserve-smollm2-{smollm2_gguf().stat().st_size}",

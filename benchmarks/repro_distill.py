@@ -58,11 +58,28 @@ def run_student(sizes, teacher, train, val, test, epochs, grid) -> dict:
     }
 
 
+def load_or_train_teacher(cache: Path | None, epochs: int, train: tuple) -> MLP:
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    teacher = MLP([784, 1200, 1200, 10])
+    if cache is not None and cache.exists():
+        teacher.load_state_dict(load_file(cache))
+        return teacher
+    cfg = TrainConfig(epochs=epochs, lr=1e-3, batch_size=128, lr_gamma=0.85, desc="teacher")
+    fit(teacher, classification_loss, train, cfg)
+    if cache is not None:
+        save_file(teacher.state_dict(), cache)
+    return teacher
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher-epochs", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=6, help="student epochs, alone and distilled")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--grid", default="4:0.9,8:0.7", help="T:alpha pairs tried per student")
+    parser.add_argument("--teacher-cache", type=Path, help="safetensors file: reuse the teacher")
     args = parser.parse_args()
     torch.set_num_threads(1)
     facts = machine_facts()

@@ -4,7 +4,6 @@ limit. After each bad request the next good one must still succeed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import select
@@ -13,34 +12,14 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from tests.e2e.conftest import Repo, ServerProcess, mlp_reference, start_server, stop_server
 
-def _e2e_helpers():
-    """tests/e2e/conftest.py as a module of its own name: 'conftest' is ambiguous when the
-    whole suite is collected (several folders have one)."""
-    name = "slimserve_e2e_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conftest.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_helpers = _e2e_helpers()
-Repo, ServerProcess = _helpers.Repo, _helpers.ServerProcess
-mlp_reference, start_server, stop_server = (
-    _helpers.mlp_reference,
-    _helpers.start_server,
-    _helpers.stop_server,
-)
 pytestmark = pytest.mark.timeout(180)
 
 X = np.array([[0.5, -1.0, 2.0, 0.25], [1.0, 2.0, 3.0, 4.0]], dtype=np.float32)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,6 @@ from slimserve.optimize.data import digits
 from slimserve.repository import write_manifest
 from slimserve.train import TrainConfig, classification_loss, fit
 from slimserve.zoo import MLP
-
-os.environ.setdefault("TQDM_DISABLE", "1")
 
 SIZES = [64, 64, 10]
 

@@ -234,3 +234,26 @@ def test_rows_with_the_right_number_of_values_are_reshaped(tmp_path):
     images = (TRAIN[0].reshape(-1, 8, 8), TRAIN[1])  # IDX-like (N, 8, 8) for input [-1, 64]
     result = optimize(root, "mlp", ["int8"], images, None, FAST)
     assert result.variants[0]["profile"]["accuracy"] > 0.85
+
+
+def test_prune_share_variant_is_stored_as_dcz_and_reloads(tmp_path):
+    root = make_repository(tmp_path)
+    result = optimize(
+        root, "mlp", ["prune:0.8+finetune:epochs=3,lr=0.003+share:bits=4"], TRAIN, TEST, FAST
+    )
+    (variant,) = result.variants
+    folder = root / "mlp/1/variants" / variant["name"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "MANIFEST.json",
+        "model.dcz",
+        "variant.yaml",
+    ]
+    doc = yaml.safe_load((folder / "variant.yaml").read_text())
+    assert doc["artifact"] == "model.dcz" and "model_class" not in doc
+    assert variant["profile"]["size_bytes"] < result.original["size_bytes"] / 8
+    assert variant["profile"]["accuracy"] > 0.8
+    model = artifacts.load_torch(folder, "slimserve.zoo:MLP", {"sizes": [64, 64, 10]})
+    weights = model.net[0].weight
+    assert len(torch.unique(weights[weights != 0])) <= 15  # 4 bits: 15 shared values + zero
+    with pytest.raises(InvalidArgument, match="cannot run on a weight-shared"):
+        optimize(root, "mlp", ["share:bits=4+int8"], TRAIN, TEST, FAST)

@@ -283,3 +283,22 @@ def test_quantize_onnx_bad_mode_and_missing_data(tmp_path):
         quantize_onnx(src, tmp_path / "q.onnx", "float8")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="calibration data"):
         quantize_onnx(src, tmp_path / "q.onnx", "static", [])
+
+
+def test_compact_names_shrink_the_file_and_change_no_output(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    x, _ = digits_tensors("test")
+    src = export_onnx(digits_mlp(), x[:4], tmp_path / "m.onnx", output_names=["logits"]).path
+    data = x.numpy()[:256]
+    long = quantize_onnx(src, tmp_path / "long.onnx", "static", data, compact=False)
+    short = quantize_onnx(src, tmp_path / "short.onnx", "static", data)
+    assert short.stat().st_size < long.stat().st_size
+    graph = onnx.load(str(short)).graph
+    assert [i.name for i in graph.input] == ["input"] and graph.output[0].name == "logits"
+    assert all(not n.name for n in graph.node)
+    feeds = {"input": x.numpy()}
+    a = ort.InferenceSession(str(long)).run(None, feeds)[0]
+    b = ort.InferenceSession(str(short)).run(None, feeds)[0]
+    np.testing.assert_array_equal(a, b)

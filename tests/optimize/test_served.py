@@ -6,7 +6,6 @@ so this checks the hand-over: artifact, backend, model_class/model_args in varia
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from slimserve.optimize.data import digits
@@ -22,8 +21,10 @@ RECIPES = {
     "prune:0.5": "prune0.5",  # same class and args as model.yaml
     "int8": "int8",  # model_class/model_args override in variant.yaml
     "structured:0.25": "structured0.25",  # override (resized layers)
+    "share:bits=5": "sharebits5",  # artifact: model.dcz (Deep Compression storage)
 }
 NEEDS_OVERRIDE = {"int8", "structured0.25"}
+NEEDS_DCZ = {"sharebits5"}
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +49,25 @@ def _answers(root, variant):
 @pytest.mark.parametrize("variant", sorted(RECIPES.values()))
 def test_variant_is_served_within_its_profiled_agreement(served, variant):
     root, variants = served
-    if variant in NEEDS_OVERRIDE:
+    if variant in NEEDS_OVERRIDE | NEEDS_DCZ:
         info = Repository(root).target("mlp", 1, variant).info
-        assert getattr(info, "model_class", None), "variant.yaml must carry model_class"
+        if variant in NEEDS_OVERRIDE:
+            assert getattr(info, "model_class", None), "variant.yaml must carry model_class"
+        else:
+            assert getattr(info, "artifact", None) == "model.dcz"
         runtime_build = create_runtime(Repository(root).target("mlp", 1, variant))
-        if not _runtime_honours_override(runtime_build):
-            pytest.xfail("the torch runtime does not read model_class/model_args from "
-                         "variant.yaml yet (asked of the serving side)")
+        if not _runtime_loads(runtime_build):
+            pytest.xfail(
+                "the torch runtime does not yet read model_class/model_args or "
+                "artifact: model.dcz from variant.yaml (asked of the serving side)"
+            )
     original = _answers(root, None)
     got = _answers(root, variant)
     agreement = float((got.argmax(1) == original.argmax(1)).mean())
     assert agreement >= variants[variant]["profile"]["agreement"] - 1e-9
 
 
-def _runtime_honours_override(runtime) -> bool:
+def _runtime_loads(runtime) -> bool:
     try:
         runtime.load()
     except Exception:  # a state-dict mismatch: the override was not applied

@@ -22,6 +22,7 @@ from slimserve.errors import Unavailable
 from slimserve.repository import Repository
 from slimserve.repository.store import Target
 from slimserve.runtimes.base import Runtime, RuntimeOptions
+from slimserve.security.keys import KeyStore
 from slimserve.serving.engine import Engine
 from slimserve.transport.http import STATUS, _error_reply, create_app
 
@@ -351,13 +352,14 @@ def test_bytes_tensors_in_json_and_binary(repo):
 def test_timeout_parameter_reaches_the_engine(repo):
     async def body(client, app):
         statuses = {}
-        for timeout in (0, "soon", 30):
+        for timeout in (0, "soon", 30_000_000, 30.0):
             doc = {"inputs": [x_input(X)], "parameters": {"timeout": timeout}}
             answer = await client.post("/v2/models/calc/infer", content=orjson.dumps(doc))
             statuses[timeout] = (answer.status_code, answer.json().get("error", ""))
         assert statuses[0][0] == 504 and "timeout" in statuses[0][1]
         assert statuses["soon"][0] == 400 and "'timeout'" in statuses["soon"][1]
-        assert statuses[30][0] == 200
+        assert statuses[30_000_000][0] == 200  # an integer is microseconds, as Triton's
+        assert statuses[30.0][0] == 200  # a float is seconds
 
     run(repo, body)
 
@@ -651,6 +653,56 @@ def test_model_control_off_is_forbidden(repo):
             await engine.stop()
 
     asyncio.run(main())
+
+
+# -- API keys -------------------------------------------------------------------------------
+
+
+def test_api_keys_and_scopes(repo, tmp_path):
+    store = KeyStore(tmp_path / "keys.json")
+    _, reader = store.create("reader", ["infer"], models=["calc"])
+    _, ops = store.create("ops", ["metrics"])
+    _, admin = store.create("admin", ["manage"])
+
+    def bearer(key):
+        return {"Authorization": f"Bearer {key}"}
+
+    async def body(client, app):
+        infer = "/v2/models/calc/infer"
+        assert (await client.get("/v2/health/ready")).status_code == 200  # no key needed
+        missing = await client.post(infer, content=GOOD)
+        assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith(
+            "Bearer"
+        )
+        forged = await client.post(infer, content=GOOD, headers=bearer(reader[:-4] + "AAAA"))
+        assert forged.status_code == 401
+        assert reader.rsplit("_", 1)[1] not in forged.text  # the secret is never echoed
+        assert (await client.post(infer, content=GOOD, headers=bearer(ops))).status_code == 403
+        other_model = await client.post(
+            "/v2/models/text/infer", content=GOOD, headers=bearer(reader)
+        )
+        assert other_model.status_code == 403
+        ok = await client.post(infer, content=GOOD, headers=bearer(reader))
+        assert ok.status_code == 200, ok.text
+        for path, key, status in [
+            ("/v2", None, 401),
+            ("/v2", reader, 200),
+            ("/v2/models/calc", reader, 200),
+            ("/v2/models/calc/config", ops, 403),
+            ("/v2/models/calc/stats", reader, 403),
+            ("/v2/models/calc/stats", ops, 200),
+            ("/v2/models/stats", ops, 200),
+            ("/metrics", reader, 403),
+        ]:
+            answer = await client.get(path, headers=bearer(key) if key else {})
+            assert answer.status_code == status, (path, answer.text)
+        metrics = await client.get("/metrics", headers=bearer(ops))
+        assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/")
+        unload = "/v2/repository/models/text/unload"
+        assert (await client.post(unload, headers=bearer(reader))).status_code == 403
+        assert (await client.post(unload, headers=bearer(admin))).status_code == 200
+
+    run(repo, body, api_keys_file=tmp_path / "keys.json")
 
 
 # -- the boundary -----------------------------------------------------------------------------

@@ -41,11 +41,18 @@ def build_module(model_class: str, model_args: dict[str, Any]) -> Any:
 
 
 def load_torch(folder: Path, model_class: str, model_args: dict[str, Any]) -> Any:
-    """Build the class and load its safetensors weights strictly (as the torch runtime does)."""
-    from safetensors.torch import load_file
-
+    """Build the class and load its weights strictly (as the torch runtime does): from
+    model.safetensors, or from model.dcz (Deep Compression storage) where that is the artifact."""
     model = build_module(model_class, model_args)
-    model.load_state_dict(load_file(str(find_file(folder, ".safetensors"))), strict=True)
+    if (folder / "model.dcz").is_file():
+        from slimserve.optimize.compress import load_compressed
+
+        state = load_compressed(folder / "model.dcz")
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(str(find_file(folder, ".safetensors")))
+    model.load_state_dict(state, strict=True)
     return model.eval()
 
 
@@ -84,19 +91,40 @@ def _changed_layers(model: Any, base: Any) -> dict[str, dict[str, Any]]:
 
 
 def save_torch(
-    model: Any, folder: Path, base_class: str, base_args: dict[str, Any], dtype: str
+    model: Any,
+    folder: Path,
+    base_class: str,
+    base_args: dict[str, Any],
+    dtype: str,
+    storage: str = "safetensors",
 ) -> dict[str, Any] | None:
-    """Write folder/model.safetensors; returns the model_class/model_args override, if any."""
-    from safetensors.torch import save_file
+    """Write folder/model.safetensors (or model.dcz, Deep Compression storage); returns the
+    model_class/model_args override, if any."""
+    from torch import nn
 
     from slimserve.optimize.prune import make_permanent
 
     make_permanent(model)  # drop pruning masks: zeros stay, the state dict is plain again
     layers = _changed_layers(model, build_module(base_class, base_args))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if not layers and dtype == "float32":
-        save_file(state, str(folder / "model.safetensors"))
+    wrapped = bool(layers) or dtype != "float32"
+    if wrapped:  # VariantModel holds the base model as `.model`: keys gain that prefix
+        holder = nn.Module()
+        holder.model = model
+        model = holder
+    _write_weights(model, folder, storage)
+    if not wrapped:
         return None
-    save_file({f"model.{k}": v for k, v in state.items()}, str(folder / "model.safetensors"))
     args = {"base_class": base_class, "base_args": base_args, "layers": layers, "dtype": dtype}
     return {"model_class": VARIANT_CLASS, "model_args": args}
+
+
+def _write_weights(model: Any, folder: Path, storage: str) -> None:
+    if storage == "dcz":
+        from slimserve.optimize.compress import save_compressed
+
+        save_compressed(model, folder / "model.dcz")  # weight codes become the storage itself
+        return
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))

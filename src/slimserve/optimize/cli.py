@@ -17,7 +17,7 @@ DEFAULT_REPOSITORY = Settings.model_fields["repository"].default
 _RECIPE_HELP = (
     "Steps joined by '+', one variant per --recipe: int8, static-int8[:calibration=minmax|"
     "percentile|entropy], weight-int8, int4:group=64, qat:epochs=1, bf16, fp16, onnx, "
-    "prune:0.9, structured:0.3, finetune:epochs=3, distill:hidden=256; e.g. "
+    "prune:0.9, structured:0.3, finetune:epochs=3, distill:hidden=256, share:bits=5; e.g. "
     "prune:0.9+finetune:epochs=3+int8, onnx+static-int8. Or a YAML recipe file (name:, steps:)."
 )
 

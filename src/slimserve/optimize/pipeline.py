@@ -309,9 +309,12 @@ def _save(state: steps.State, original: _Original, stage: Path) -> dict[str, Any
             doc["backend"] = "onnx"
         return doc
     assert state.model_class is not None
+    storage = "dcz" if state.notes.get("storage") == "dcz" else "safetensors"
     override = artifacts.save_torch(
-        state.model, stage, state.model_class, state.model_args, state.dtype
+        state.model, stage, state.model_class, state.model_args, state.dtype, storage
     )
+    if storage == "dcz":
+        doc["artifact"] = "model.dcz"  # Deep Compression storage (slimserve.optimize.compress)
     cfg = original.config
     if override is None and (state.model_class, state.model_args) != (
         cfg.model_class,
@@ -330,7 +333,8 @@ def _reload(stage: Path, doc: dict[str, Any], original: _Original) -> tuple[Any,
     cfg = original.config
     cls = str(doc.get("model_class", cfg.model_class))
     args = doc.get("model_args", dict(cfg.model_args))
-    return artifacts.load_torch(stage, cls, args), stage / "model.safetensors"
+    artifact = stage / str(doc.get("artifact", "model.safetensors"))
+    return artifacts.load_torch(stage, cls, args), artifact
 
 
 def _variant_doc(

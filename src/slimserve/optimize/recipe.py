@@ -63,6 +63,13 @@ class Recipe:
 STEPS: dict[str, StepSpec] = {}
 
 
+def _registry() -> dict[str, StepSpec]:
+    """STEPS, after importing the modules whose steps register themselves."""
+    import slimserve.optimize.steps  # noqa: F401  (and steps_quant, which it imports)
+
+    return STEPS
+
+
 def register_step(spec: StepSpec) -> StepSpec:
     STEPS[spec.name] = spec
     return spec
@@ -95,12 +102,12 @@ def _parse_args(spec: StepSpec, text: str) -> dict[str, Any]:
 
 
 def _unknown_step(name: str) -> InvalidArgument:
-    known = ", ".join(sorted(STEPS))
+    known = ", ".join(sorted(_registry()))
     return InvalidArgument(f"unknown recipe step {name!r}; known steps: {known}")
 
 
 def build_step(name: str, args: dict[str, Any], text: str) -> Step:
-    spec = STEPS.get(name)
+    spec = _registry().get(name)
     if spec is None:
         raise _unknown_step(name)
     try:
@@ -119,7 +126,7 @@ def _type_error_message(exc: TypeError) -> str:
 
 def parse_step(text: str) -> Step:
     name, _, rest = text.strip().partition(":")
-    spec = STEPS.get(name.strip())
+    spec = _registry().get(name.strip())
     if spec is None:
         raise _unknown_step(name.strip())
     return build_step(spec.name, _parse_args(spec, rest), text.strip())
@@ -162,7 +169,7 @@ def _file_step(item: Any, path: Path) -> Step:
     if isinstance(item, dict) and len(item) == 1:
         ((name, args),) = item.items()
         if args is not None and not isinstance(args, dict):
-            spec = STEPS.get(str(name))
+            spec = _registry().get(str(name))
             if spec is None or spec.main_arg is None:
                 raise InvalidArgument(f"{path}: step {name!r}: give its arguments as a mapping")
             args = {spec.main_arg: args}

@@ -23,7 +23,10 @@ from slimserve.security.keys import Identity
 logger = logging.getLogger("slimserve.audit")
 
 # Actions the engine and transports record.
-ACTIONS = frozenset({"load", "unload", "repository_index", "repository_change", "keys_change"})
+# "authorize": a management call refused for its key (missing, invalid, or without the scope).
+ACTIONS = frozenset(
+    {"load", "unload", "repository_index", "repository_change", "keys_change", "authorize"}
+)
 
 
 def utc_now() -> datetime:

@@ -288,12 +288,19 @@ class Engine:
         """Who is calling (from a bearer token) and whether they may use `scope` on `model`.
 
         Without a key file every caller is anonymous and allowed. Raises Unauthenticated
-        (401) or PermissionDenied (403); never echoes the token.
+        (401) or PermissionDenied (403); never echoes the token. A refused management call
+        is audited like an allowed one.
         """
         if self.auth is None:
             return ANONYMOUS
-        identity = self.auth.authenticate(token)
-        self.auth.authorize(identity, scope, model)
+        identity = None
+        try:
+            identity = self.auth.authenticate(token)
+            self.auth.authorize(identity, scope, model)
+        except SlimserveError as exc:
+            if scope == "manage":
+                self.audit.record(identity, "authorize", model, outcome=exc.code.value.lower())
+            raise
         return identity
 
     def _check_control(self) -> None:

@@ -15,8 +15,14 @@ Routes (Triton's spelling where the KServe spec has none):
   POST .../infer                             inference (JSON or binary tensors)
   POST /v2/repository/index                  repository index ({"ready": true} to filter)
   POST /v2/repository/models/{m}/load | /unload
+  GET  /metrics                              Prometheus exposition of the engine's metrics
 A model name may carry a variant: /v2/models/mlp:int8/infer. Errors are {"error": "..."}
 with the status from `STATUS`.
+
+With API keys (--api-keys-file), every route but health needs `Authorization: Bearer KEY`
+with the scope named in its `_allow` call (the same scopes as the gRPC transport): `infer`
+for inference, metadata, config and the index; `metrics` for statistics and /metrics;
+`manage` for load and unload.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from slimserve.errors import (
     SlimserveError,
     Unimplemented,
 )
+from slimserve.security.keys import Identity, bearer_token
 from slimserve.serving.engine import Engine
 from slimserve.transport.http_codec import (
     decode_infer_request,
@@ -73,6 +80,7 @@ _JSON = (b"content-type", b"application/json")
 _BINARY = (b"content-type", b"application/octet-stream")
 _CLOSE = (b"connection", b"close")
 _EMPTY_OBJECT = b"{}"
+_MODEL_GETS = frozenset(["", "ready", "config", "stats"])
 
 
 class HttpError(Exception):
@@ -100,6 +108,8 @@ class _Request:
         "header_length",
         "request_id",
         "encoding",
+        "authorization",
+        "client",
     )
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
@@ -110,6 +120,9 @@ class _Request:
         self.header_length: bytes | None = None
         self.request_id: bytes | None = None
         self.encoding: bytes | None = None
+        self.authorization: bytes | None = None
+        client = scope.get("client")
+        self.client: str | None = client[0] if client else None  # peer host, for rate limits
         for name, value in scope["headers"]:
             if name == b"content-length":
                 self.content_length = int(value) if value.isdigit() else None
@@ -119,6 +132,15 @@ class _Request:
                 self.request_id = value
             elif name == b"content-encoding" and value.lower() != b"identity":
                 self.encoding = value
+            elif name == b"authorization":
+                self.authorization = value
+
+    @property
+    def token(self) -> str | None:
+        """The API key of an `Authorization: Bearer KEY` header (never logged)."""
+        if self.authorization is None:
+            return None
+        return bearer_token(self.authorization.decode("latin-1"))
 
 
 Reply = tuple[int, bytes, Headers]
@@ -163,11 +185,20 @@ class HttpApp:
 
     # -- routing ---------------------------------------------------------------------------
 
+    def _allow(self, request: _Request, scope: str, model: str | None = None) -> Identity:
+        return self.engine.authorize(request.token, scope, model)
+
     async def _route(self, request: _Request, parts: list[str]) -> Reply:
+        if parts == ["metrics"]:
+            _expect(request, "GET")
+            self._allow(request, "metrics")
+            text, content_type = self.engine.metrics_text()
+            return 200, text, [(b"content-type", content_type.encode())]
         if not parts or parts[0] != "v2":
             raise _no_route(request)
         if len(parts) == 1:
             _expect(request, "GET")
+            self._allow(request, "infer")
             return _json(self.engine.server_metadata())
         section, rest = parts[1], parts[2:]
         if section == "models" and rest:
@@ -191,6 +222,7 @@ class HttpApp:
     async def _models(self, request: _Request, rest: list[str]) -> Reply:
         if rest == ["stats"]:
             _expect(request, "GET")
+            self._allow(request, "metrics")
             return _json(self.engine.model_statistics())
         name, rest = rest[0], rest[1:]
         version = None
@@ -204,29 +236,29 @@ class HttpApp:
         if action == "infer":
             _expect(request, "POST")
             return await self._infer(request, name, version)
-        return self._model_get(request, action, name, version)
+        if action not in _MODEL_GETS:
+            raise _no_route(request)
+        _expect(request, "GET")
+        self._allow(request, "metrics" if action == "stats" else "infer", name)
+        return self._model_get(action, name, version)
 
-    def _model_get(self, request: _Request, action: str, name: str, version: str | None) -> Reply:
+    def _model_get(self, action: str, name: str, version: str | None) -> Reply:
         engine = self.engine
         if action == "":
-            _expect(request, "GET")
             return _json(engine.model_metadata(name, version))
         if action == "ready":
-            _expect(request, "GET")
             ready = engine.model_ready(name, version)
             return _json({"name": name, "ready": ready}, 200 if ready else 503)
         if action == "config":
-            _expect(request, "GET")
             return _json(engine.model_config(name, version))
-        if action == "stats":
-            _expect(request, "GET")
-            return _json(engine.model_statistics(name, version))
-        raise _no_route(request)
+        return _json(engine.model_statistics(name, version))
 
     async def _infer(self, request: _Request, name: str, version: str | None) -> Reply:
+        identity = self._allow(request, "infer", name)  # before the body is read
         body = await self._read_body(request)
         header_length = parse_header_length(request.header_length, len(body))
         infer_request, fmt = decode_infer_request(body, name, version, header_length)
+        infer_request.client = identity.client if identity.key_id else request.client
         response = await self.engine.infer(infer_request)
         payload, json_length = encode_infer_response(response, fmt)
         if json_length is None:
@@ -236,6 +268,7 @@ class HttpApp:
     async def _repository(self, request: _Request, rest: list[str]) -> Reply:
         if rest == ["index"]:
             _expect(request, "POST")
+            self._allow(request, "infer")
             options = await self._json_body(request, "repository index request")
             ready_only = options.get("ready", False)
             if type(ready_only) is not bool:
@@ -243,12 +276,13 @@ class HttpApp:
             return _json(self.engine.repository_index(ready_only))
         if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
             _expect(request, "POST")
+            identity = self._allow(request, "manage")
             options = await self._json_body(request, f"{rest[2]} request")
             if rest[2] == "load":
                 _refuse_load_overrides(options)
-                await self.engine.load_model(rest[1])
+                await self.engine.load_model(rest[1], identity)
             else:
-                await self.engine.unload_model(rest[1])
+                await self.engine.unload_model(rest[1], identity)
             return 200, _EMPTY_OBJECT, [_JSON]
         raise _no_route(request)
 
@@ -320,6 +354,8 @@ def _error_reply(exc: SlimserveError) -> Reply:
     headers: Headers = [_JSON]
     if exc.retry_after_s is not None:
         headers.append((b"retry-after", b"%d" % max(1, math.ceil(exc.retry_after_s))))
+    if exc.code is Code.UNAUTHENTICATED:
+        headers.append((b"www-authenticate", b'Bearer realm="slimserve"'))
     if exc.code is Code.PAYLOAD_TOO_LARGE:
         # The rest of the body is not read: close the connection rather than drain it.
         headers.append(_CLOSE)

@@ -92,6 +92,10 @@ def decode_infer_request(
     request = InferRequest(
         model=model, inputs=inputs, version=version, outputs=names, id=request_id
     )
+    timeout = params.get("timeout")
+    if isinstance(timeout, int) and not isinstance(timeout, bool):
+        # An integer is Triton's microseconds (what tritonclient sends); a float is seconds.
+        params["timeout"] = timeout / 1e6
     request.parameters = params
     return request, fmt
 

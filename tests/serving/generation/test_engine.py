@@ -181,6 +181,16 @@ def test_leaving_the_stream_cancels_and_frees(engine: GenerationEngine) -> None:
 
     asyncio.run(scenario())
     stats = engine.stats()
+    if stats.free_blocks != stats.total_blocks:
+        import sys, traceback
+        for tid, frame in sys._current_frames().items():
+            print("THREAD", tid, "".join(traceback.format_stack(frame)[-6:]))
+        print(engine._running, engine._waiting, engine._inbox)
+        import time as _t
+        _t.sleep(2)
+        print("AFTER 2s", engine.stats())
+        for tid, frame in sys._current_frames().items():
+            print("THREAD", tid, "".join(traceback.format_stack(frame)[-3:]))
     assert stats.running == 0 and stats.free_blocks == stats.total_blocks
 
 

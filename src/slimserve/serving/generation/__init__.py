@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from slimserve.serving.generation.malloc import keep_freed_memory
 from slimserve.serving.generation.params import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -52,6 +53,7 @@ __all__ = [
     "TokenLogprob",
     "Usage",
     "convert_gguf",
+    "keep_freed_memory",
     "schedule",
     "smollm2_gguf",
 ]

@@ -12,16 +12,21 @@ thread, a 576 -> 3072 layer (SmolLM2's gate/up), microseconds per call at 1 / 32
 So `int8` quantizes each activation row on the fly too (symmetric, one scale per row) and
 multiplies in int8 with int32 accumulation, except in the MLP's down projection: its input
 (after SwiGLU) has outlier channels, and quantizing it raised SmolLM2's perplexity on the
-held-out text from 38.4 to 41.0; keeping that one weight-only gives 38.0 (all
-layers weight-only: 38.5, no faster than fp32). `int8-weight-only` keeps fp32 activations
-everywhere and is what runs where `torch._int_mm` is missing. The embedding table stays fp32
-(a gather, not a matmul); a tied head gets its own int8 copy.
+held-out text from 38.4 to 41.0; that one layer keeps fp32 activations and its weight
+rounded to int8 levels, stored fp32 for oneDNN's packed matmul (an fp32 copy of one layer in
+seven: the variant holds ~60% of fp32's weight bytes, not 25%); perplexity 38.0. The
+`int8-weight-only` kind stores every layer in int8 (25%) and keeps fp32 activations
+everywhere (perplexity 38.5), dequantizing per call: the smallest, no faster than fp32; it is
+also what runs where `torch._int_mm` is missing. The embedding table stays fp32 (a gather,
+not a matmul); a tied head gets its own int8 copy.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from slimserve.serving.generation.model import FloatLinear, Linear
 
 MODES = ("dynamic", "weight-only")
 
@@ -57,13 +62,19 @@ class Int8Linear:
         flat = x.reshape(-1, x.shape[-1])  # (M, K)
         row_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0  # (M, 1)
         xq = torch.round(flat / row_scale).to(torch.int8)
-        acc = torch._int_mm(xq, self.qweight.t())  # (M, N) int32
-        return (acc.float() * row_scale * self.scale).view(*x.shape[:-1], -1)
+        out = torch._int_mm(xq, self.qweight.t()).float()  # (M, N), exact int32 sums
+        # In place, one scale at a time: a broadcast (M, 1) * (N,) product took 4x longer.
+        return out.mul_(self.scale).mul_(row_scale).view(*x.shape[:-1], -1)
 
 
-def int8_linear(weight: torch.Tensor, role: str) -> Int8Linear:
-    """The int8 variant's choice per role: weight-only for the MLP down projection."""
-    return Int8Linear(weight, mode="weight-only" if role == "down" else "dynamic")
+def int8_linear(weight: torch.Tensor, role: str) -> Linear:
+    """The int8 variant's choice per role (see the module docstring)."""
+    if role != "down":
+        return Int8Linear(weight, mode="dynamic")
+    # Weight-only: the weight rounded to int8 levels, kept as packed fp32 so the matmul runs
+    # at oneDNN speed (dequantizing per call made this one layer cost as much as all others).
+    q, scale = quantize_per_channel(weight.float())
+    return FloatLinear(q.float() * scale[:, None])
 
 
 def weight_only_int8(weight: torch.Tensor, role: str = "") -> Int8Linear:

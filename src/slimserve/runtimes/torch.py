@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, load_file
 from torch import nn
 
-from slimserve.errors import FailedPrecondition, ModelLoadError, UnsafeArtifact
+from slimserve.errors import FailedPrecondition, ModelLoadError, SlimserveError, UnsafeArtifact
 from slimserve.repository.store import Target
 from slimserve.runtimes._common import (
     as_declared,
@@ -134,25 +134,38 @@ class TorchRuntime(Runtime):
     def load(self) -> None:
         folder = check_folder(self.target)
         _refuse_exported_programs(folder)
-        weights = find_artifact(folder, "model.safetensors", _FIX_MISSING)
         model = self._build(folder)
-        _load_weights(model, weights, folder, self.options.data_key)
+        compressed = self._variant_setting("artifact")
+        if isinstance(compressed, str) and compressed.endswith(".dcz"):
+            _load_compressed(model, folder, compressed)
+        else:
+            weights = find_artifact(folder, "model.safetensors", _FIX_MISSING)
+            _load_weights(model, weights, folder, self.options.data_key)
         self._model = model.eval()
+
+    def _variant_setting(self, key: str) -> Any:
+        """A setting from variant.yaml (a variant may change the class, its arguments or
+        the artifact), or None."""
+        info = self.target.info
+        return None if info is None else (info.model_extra or {}).get(key)
 
     def _build(self, folder: Path) -> nn.Module:
         config = self.target.config
-        if config.model_class is None:
+        class_path = self._variant_setting("model_class") or config.model_class
+        args = self._variant_setting("model_args")
+        args = config.model_args if args is None else args
+        if class_path is None:
             raise ModelLoadError(
                 f"{folder}: the torch backend needs model_class in model.yaml; fix: add "
                 "model_class: package.module:Class (and model_args: {...})"
             )
-        cls = import_class(config.model_class, folder)
+        cls = import_class(class_path, folder)
         try:
-            return cls(**config.model_args)
+            return cls(**args)
         except TypeError as exc:
             raise ModelLoadError(
-                f"{folder}: {config.model_class}(**model_args) failed: {exc}; "
-                "fix: correct model_args in model.yaml"
+                f"{folder}: {class_path}(**model_args) failed: {exc}; "
+                "fix: correct model_args in model.yaml (or variant.yaml)"
             ) from None
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -190,6 +203,33 @@ def _refuse_exported_programs(folder: Path) -> None:
         )
 
 
+def _load_compressed(model: nn.Module, folder: Path, name: str) -> None:
+    """Weights from a Deep Compression file (`slimserve optimize ... share`), no pickle."""
+    path = folder / name
+    if Path(name).name != name or not path.is_file():
+        raise ModelLoadError(
+            f"{folder}: variant.yaml names artifact {name!r}, which is not a file in this folder"
+        )
+    from slimserve.optimize.compress import load_compressed
+
+    try:
+        state = load_compressed(path)
+    except SlimserveError as exc:
+        raise ModelLoadError(exc.message) from None
+    _apply_state(model, state, path)
+
+
+def _apply_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        # torch lists missing keys, unexpected keys and shape mismatches in the message.
+        raise ModelLoadError(
+            f"{path}: the weights do not fit {type(model).__name__}: {exc}; fix: check "
+            "model_class and model_args in model.yaml against how the weights were saved"
+        ) from None
+
+
 def _load_weights(model: nn.Module, path: Path, folder: Path, key: bytes | None) -> None:
     try:
         # An encrypted file is decrypted in memory (read_artifact), never written in clear.
@@ -199,11 +239,4 @@ def _load_weights(model: nn.Module, path: Path, folder: Path, key: bytes | None)
             state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(f"{path}: not a readable safetensors file: {exc}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        # torch lists missing keys, unexpected keys and shape mismatches in the message.
-        raise ModelLoadError(
-            f"{path}: the weights do not fit {type(model).__name__}: {exc}; fix: check "
-            "model_class and model_args in model.yaml against how the weights were saved"
-        ) from None
+    _apply_state(model, state, path)

@@ -86,15 +86,10 @@ def main() -> None:
     xtr, ytr, xte, yte = fashion_mnist()
     train, val, test = (xtr[:-VAL], ytr[:-VAL]), (xtr[-VAL:], ytr[-VAL:]), (xte, yte)
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    teacher = MLP([784, 1200, 1200, 10])
-    cfg = TrainConfig(
-        epochs=args.teacher_epochs, lr=1e-3, batch_size=128, lr_gamma=0.85, desc="teacher"
-    )
-    fit(teacher, classification_loss, train, cfg)
+    teacher = load_or_train_teacher(args.teacher_cache, args.teacher_epochs, train)
     teacher_acc = accuracy(teacher, *test)
     print(f"teacher {teacher_acc:.4f}", flush=True)
-    grid = [(4.0, 0.9), (8.0, 0.7)]
+    grid = [(float(t), float(a)) for t, a in (p.split(":") for p in args.grid.split(","))]
     results = []
     for sizes in ([784, 300, 100, 10], [784, 32, 10]):
         r = run_student(sizes, teacher, train, val, test, args.epochs, grid)

@@ -45,6 +45,8 @@ class CircuitBreaker:
     opened_at: float = 0.0
     _streak: int = 0
     _calls: deque[tuple[bool, bool]] = field(default_factory=deque)  # (failed, slow)
+    _failed: int = 0  # failed calls in the window (kept, not recounted: O(1) per call)
+    _slow: int = 0
     _probes_out: int = 0
     _probes_ok: int = 0
 
@@ -77,8 +79,12 @@ class CircuitBreaker:
             return  # a call admitted before the breaker opened
         self._streak = 0 if ok else self._streak + 1
         self._calls.append((not ok, slow))
+        self._failed += not ok
+        self._slow += slow
         if len(self._calls) > self.config.window:
-            self._calls.popleft()
+            old_failed, old_slow = self._calls.popleft()
+            self._failed -= old_failed
+            self._slow -= old_slow
         if self._should_open():
             self._open(now)
 
@@ -89,7 +95,7 @@ class CircuitBreaker:
         self._probes_ok += 1
         if self._probes_ok >= self.config.probe_calls:
             self.state, self._streak = BreakerState.CLOSED, 0
-            self._calls.clear()
+            self._forget()
 
     def _should_open(self) -> bool:
         c = self.config
@@ -98,11 +104,15 @@ class CircuitBreaker:
         n = len(self._calls)
         if n < c.min_calls:
             return False
-        failed = sum(f for f, _ in self._calls)
-        slow = sum(s for _, s in self._calls)
-        return failed / n >= c.error_rate or (c.slow_call_s is not None and slow / n >= c.slow_rate)
+        return self._failed / n >= c.error_rate or (
+            c.slow_call_s is not None and self._slow / n >= c.slow_rate
+        )
 
     def _open(self, now: float) -> None:
         self.state, self.opened_at = BreakerState.OPEN, now
         self._streak = 0
+        self._forget()
+
+    def _forget(self) -> None:
         self._calls.clear()
+        self._failed = self._slow = 0

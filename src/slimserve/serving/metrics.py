@@ -8,7 +8,7 @@ limited counts) is read when /metrics is scraped, so it costs nothing per reques
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -58,11 +58,18 @@ class Metrics:
             registry=r,
         )
         r.register(_EngineState(engine))
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     def observe_request(self, model: str, variant: str, outcome: str, seconds: float) -> None:
-        self.requests.labels(model, variant, outcome).inc()
-        if outcome == "success":
-            self.latency.labels(model, variant).observe(seconds)
+        # labels() hashes and locks on every call; the children are cached per label set.
+        key = (model, variant, outcome)
+        children = self._children.get(key)
+        if children is None:
+            latency = self.latency.labels(model, variant) if outcome == "success" else None
+            children = self._children[key] = (self.requests.labels(*key), latency)
+        children[0].inc()
+        if children[1] is not None:
+            children[1].observe(seconds)
 
     def observe_batch(self, model: str, variant: str, rows: int, queue_s: list[float]) -> None:
         self.batch_size.labels(model, variant).observe(rows)

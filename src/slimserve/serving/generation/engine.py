@@ -338,7 +338,12 @@ class GenerationEngine:
 
     def _emit(self, request: Request, item: Any) -> None:
         try:
+            import time as _t, sys as _s
+            t0 = _t.perf_counter()
             request.loop.call_soon_threadsafe(request.queue.put_nowait, item)
+            dt = _t.perf_counter() - t0
+            if dt > 0.5:
+                print("EMIT took", dt, _s.getswitchinterval(), file=_s.stderr)
         except RuntimeError:  # the caller's loop is closed: nobody listens any more
             request.cancelled = True
 

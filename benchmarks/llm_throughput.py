@@ -49,15 +49,16 @@ from slimserve.serving.generation.quality import HELD_OUT_TEXT, perplexity
 class Run:
     name: str
     streams: int
-    output_tokens: int
+    output_tokens: int | str  # per request, or a description of mixed lengths
     seconds: float
+    tokens: int = 0  # useful output tokens generated in the run
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
     peak_blocks: int = 0
 
     @property
     def tokens_per_s(self) -> float:
-        return self.streams * self.output_tokens / self.seconds
+        return self.tokens / self.seconds
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -87,43 +88,64 @@ async def stream_one(
 
 
 def engine_run(
-    runtime: TextGenerationRuntime, name: str, batch: list[list[int]], tokens: int
+    runtime: TextGenerationRuntime, name: str, batch: list[list[int]], lengths: list[int]
 ) -> Run:
-    config = EngineConfig(kv_cache_bytes=512 * 2**20, max_seqs=32, prefix_caching=False)
+    """All requests submitted at once; request i generates exactly lengths[i] tokens."""
+    config = EngineConfig(
+        kv_cache_bytes=512 * 2**20,
+        max_seqs=32,
+        prefix_caching=False,
+        threads=torch.get_num_threads(),  # the engine thread sets its own (per-thread in torch)
+    )
     engine = GenerationEngine(runtime.model, runtime.tokenizer, config, runtime.eos_token_ids)
     engine.start()
-    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
 
-    async def all_streams(run: Run) -> None:
-        await asyncio.gather(*(stream_one(engine, p, params, run) for p in batch))
+    def params(tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+
+    async def all_streams(run: Run, prompts: list[list[int]], lengths: list[int]) -> None:
+        await asyncio.gather(
+            *(stream_one(engine, p, params(n), run) for p, n in zip(prompts, lengths, strict=True))
+        )
 
     try:
-        asyncio.run(all_streams(Run(name, 1, 4, 1.0)))  # warm-up, not counted
-        run = Run(name, len(batch), tokens, 0.0)
+        asyncio.run(all_streams(Run(name, 1, 4, 1.0), batch[:1], [4]))  # warm-up, not counted
+        run = Run(name, min(len(batch), 32), _describe(lengths), 0.0, sum(lengths))
         start = time.perf_counter()
-        asyncio.run(all_streams(run))
+        asyncio.run(all_streams(run, batch, lengths))
         run.seconds = time.perf_counter() - start
     finally:
         engine.close()
     return run
 
 
-def hf_run(hf: Any, name: str, batch: list[list[int]], tokens: int, batched: bool) -> Run:
-    """generate() on the whole batch at once, or one prompt after another."""
-    groups = [batch] if batched else [[p] for p in batch]
+def _describe(lengths: list[int]) -> int | str:
+    if len(set(lengths)) == 1:
+        return lengths[0]
+    return f"{min(lengths)}-{max(lengths)} (mean {sum(lengths) / len(lengths):.0f})"
+
+
+def hf_run(hf: Any, name: str, batch: list[list[int]], lengths: list[int], group_size: int) -> Run:
+    """generate() on groups of `group_size` prompts in order (1: one request at a time).
+
+    A static batch runs until its longest request is done; only the tokens each request
+    asked for count as output.
+    """
     hf.generate(torch.tensor(batch[:1]), max_new_tokens=2, do_sample=False)  # warm-up
     start = time.perf_counter()
-    for group in groups:
-        ids = torch.tensor(group)  # equal lengths: no padding needed
+    for first in range(0, len(batch), group_size):
+        ids = torch.tensor(batch[first : first + group_size])  # equal lengths: no padding
+        longest = max(lengths[first : first + group_size])
         hf.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
             do_sample=False,
             pad_token_id=0,
         )
-    return Run(name, len(batch), tokens, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return Run(name, group_size, _describe(lengths), seconds, sum(lengths))
 
 
 def row(run: Run) -> str:
@@ -175,6 +197,12 @@ def main() -> None:
         default=2,
         help="generate() one at a time: requests measured (throughput only)",
     )
+    parser.add_argument(
+        "--mixed-requests",
+        type=int,
+        default=64,
+        help="also: this many requests, 32 at a time, output lengths varying (0: skip)",
+    )
     parser.add_argument("--results", type=Path, help="append the markdown section here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -211,29 +239,48 @@ def report(args: argparse.Namespace, folder: Path) -> list[str]:
     batch = prompts(first, max(streams), args.prompt_tokens)
     hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     runs: list[Run] = []
-    seq = hf_run(
-        hf,
-        "generate() one at a time, fp32",
-        batch[: args.sequential_requests],
-        args.output_tokens,
-        batched=False,
-    )
-    runs.append(seq)
+    sequential = batch[: args.sequential_requests]
+    fixed = [args.output_tokens] * len(sequential)
+    runs.append(hf_run(hf, "generate() one at a time, fp32", sequential, fixed, 1))
     for count in streams:
-        tokens = (
-            args.output_tokens_32 if count >= 32 and args.output_tokens_32 else args.output_tokens
-        )
-        static = hf_run(hf, "generate() static batch, fp32", batch[:count], tokens, batched=True)
+        cut = count >= 32 and args.output_tokens_32
+        lengths = [args.output_tokens_32 if cut else args.output_tokens] * count
+        static = hf_run(hf, "generate() static batch, fp32", batch[:count], lengths, count)
         runs.append(static)
-        for weights, runtime in runtimes.items():
-            run = engine_run(runtime, f"slimserve engine, {weights}", batch[:count], tokens)
-            runs.append(run)
-            ratio = run.tokens_per_s / static.tokens_per_s
-            print(
-                f"{count} streams {weights}: {run.tokens_per_s:.1f} tok/s, {ratio:.2f}x static",
-                flush=True,
-            )
+        runs += engine_runs(runtimes, batch[:count], lengths, static)
+    if args.mixed_requests:
+        mixed = prompts(first, args.mixed_requests, args.prompt_tokens)
+        lengths = mixed_lengths(args.mixed_requests, args.output_tokens)
+        label = f"mixed, {len(mixed)} requests: "
+        static = hf_run(hf, f"{label}generate() static batches of 32, fp32", mixed, lengths, 32)
+        runs.append(static)
+        runs += engine_runs(runtimes, mixed, lengths, static, label)
     return table(runs) + memory_lines(first, runs, args) + quality_lines(runtimes)
+
+
+def engine_runs(
+    runtimes: dict[str, TextGenerationRuntime],
+    batch: list[list[int]],
+    lengths: list[int],
+    static: Run,
+    label: str = "",
+) -> list[Run]:
+    runs = []
+    for weights, runtime in runtimes.items():
+        run = engine_run(runtime, f"{label}slimserve engine, {weights}", batch, lengths)
+        ratio = run.tokens_per_s / static.tokens_per_s
+        print(
+            f"{run.name}, {len(batch)} requests: {run.tokens_per_s:.1f} tok/s, {ratio:.2f}x static",
+            flush=True,
+        )
+        runs.append(run)
+    return runs
+
+
+def mixed_lengths(count: int, longest: int) -> list[int]:
+    """Output lengths uniform in [longest / 8, longest], seeded: as if requests hit EOS."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(longest // 8, longest + 1, (count,), generator=generator).tolist()
 
 
 def table(runs: list[Run]) -> list[str]:
@@ -250,7 +297,10 @@ def memory_lines(
     runtime: TextGenerationRuntime, runs: list[Run], args: argparse.Namespace
 ) -> list[str]:
     per_token = kv_bytes_per_token(runtime.model.shape)
-    biggest = max((r for r in runs if r.peak_blocks), key=lambda r: r.streams)
+    biggest = max(
+        (r for r in runs if r.peak_blocks and isinstance(r.output_tokens, int)),
+        key=lambda r: r.streams,
+    )
     block = EngineConfig().block_size
     paged = biggest.peak_blocks * block * per_token / biggest.streams
     context = runtime.model.shape.max_positions

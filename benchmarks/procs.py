@@ -29,15 +29,18 @@ def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subpr
     )
 
 
-def wait_answer(proc: subprocess.Popen[bytes], url: str, body: bytes, timeout: float) -> float:
-    """Poll POST `url` until it answers 200; seconds since now. Raises if the process dies."""
+def wait_answer(
+    proc: subprocess.Popen[bytes], url: str, body: bytes, timeout: float, method: str = "POST"
+) -> float:
+    """Poll `url` until it answers 200; seconds since now. Raises if the process dies."""
     t0 = time.perf_counter()
     headers = {"Content-Type": "application/json"}
+    data = body if method == "POST" else None
     while time.perf_counter() - t0 < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         try:
-            req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            req = urllib.request.Request(url, data=data, headers=headers, method=method)
             with urllib.request.urlopen(req, timeout=2) as resp:
                 if resp.status == 200:
                     return time.perf_counter() - t0

@@ -155,7 +155,8 @@ def memory_lines(res: dict[str, Any]) -> list[str]:
         "|---|---:|---:|",
         f"| FastAPI baseline, MLP (measured) | {b['idle_rss_mb']:.0f} | {b['cold_start_s']:.2f} |",
         f"| slimserve, MLP alone (measured) | {m['idle_rss_mb']:.0f} | {m['cold_start_s']:.2f} |",
-        f"| slimserve, all benchmark models (measured) | {s['idle_rss_mb']:.0f} "
+        f"| slimserve, all benchmark models (measured; all loaded after "
+        f"{s.get('all_ready_s', float('nan')):.2f} s) | {s['idle_rss_mb']:.0f} "
         f"| {s['cold_start_s']:.2f} |",
     ]
     out += [f"| {name} | {mb} | {sec} |" for name, mb, sec in PEERS]

@@ -150,6 +150,7 @@ def _http_server(engine: Engine, settings: Settings) -> Any:
     import uvicorn
 
     from slimserve.transport.http import create_app
+    from slimserve.transport.http_protocol import ConnectionLimits, protocol_class
 
     class _Server(uvicorn.Server):
         # Signals are handled by `serve` so that gRPC and the engine stop in order too.
@@ -170,13 +171,15 @@ def _http_server(engine: Engine, settings: Settings) -> Any:
         **tls,
         host=settings.host,
         port=settings.http_port,
-        http="httptools",
+        # httptools with header and body deadlines and a header cap (slowloris defence).
+        http=protocol_class(ConnectionLimits.from_settings(settings)),
+        ws="none",
         loop="none",
         lifespan="off",
         access_log=False,
         log_level=settings.log_level,
         log_config=None,  # uvicorn's records go through our handler (JSON lines)
-        timeout_keep_alive=30,
-        h11_max_incomplete_event_size=64 * 1024,
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # call_later takes float s
+        limit_concurrency=settings.max_connections or None,
     )
     return _Server(config)

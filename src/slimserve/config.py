@@ -97,6 +97,48 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         64 * MiB, gt=0, description="Largest request body accepted, in bytes (413 above)."
     )
+    max_tensor_elements: int = Field(
+        1 << 26,
+        gt=0,
+        description="Most elements one input tensor may hold (the product of its shape); "
+        "400 / INVALID_ARGUMENT above.",
+    )
+    max_string_bytes: int = Field(
+        4 * MiB,
+        gt=0,
+        description="Longest BYTES (string) tensor element accepted, in bytes; "
+        "400 / INVALID_ARGUMENT above.",
+    )
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="Largest request line plus headers (HTTP, 431 above) or metadata (gRPC), "
+        "in bytes.",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's line and headers from its first "
+        "byte (HTTP: 408 and the connection closed; gRPC: the TLS and HTTP/2 handshake).",
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a client has to send a whole request body once its headers are "
+        "in (HTTP: 408 and the connection closed).",
+    )
+    keep_alive_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds an idle HTTP keep-alive connection stays open; gRPC connections "
+        "with no call for ten times as long are closed (clients reconnect by themselves).",
+    )
+    max_connections: int = Field(
+        1024,
+        ge=0,
+        description="Most HTTP connections and requests in progress at once; above, 503 "
+        "(0: unlimited).",
+    )
     max_queue_size: int = Field(
         512,
         gt=0,

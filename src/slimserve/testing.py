@@ -199,7 +199,9 @@ class FailingRuntime(EchoRuntime):
 
     `failing` can be toggled by the test at any time (e.g. to make a circuit breaker close
     again). `error` builds the exception (default: RuntimeError, like a framework crash).
-    `fail_load=True` makes load raise ModelLoadError instead.
+    `fail_load=True` makes load raise ModelLoadError instead. With `fail_file` (a path, e.g.
+    from model.yaml `model_args` when served by a real server process), `failing` is whether
+    that file exists, checked at every call: create or delete it to inject or clear a fault.
     """
 
     def __init__(
@@ -210,6 +212,7 @@ class FailingRuntime(EchoRuntime):
         fail_after: int = 0,
         error: Callable[[], Exception] | None = None,
         fail_load: bool = False,
+        fail_file: str | None = None,
         **echo: Any,
     ) -> None:
         super().__init__(target, options, **echo)
@@ -218,6 +221,7 @@ class FailingRuntime(EchoRuntime):
         self.fail_load = fail_load
         self.error = error or (lambda: RuntimeError("FailingRuntime: injected failure"))
         self._good = 0
+        self.fail_file = Path(fail_file) if fail_file else None
 
     def load(self) -> None:
         if self.fail_load:
@@ -225,6 +229,8 @@ class FailingRuntime(EchoRuntime):
         super().load()
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.fail_file is not None:
+            self.failing = self.fail_file.exists()
         with self._lock:
             fail = self.failing and self._good >= self.fail_after
             self._good += 0 if fail else 1

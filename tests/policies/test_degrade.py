@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from slimserve.policies.degrade import Candidate, DegradeState, choose, pick_cheapest
+import math
+
+from slimserve.policies.degrade import Candidate, DegradeState, DemandRate, choose, pick_cheapest
 
 VARIANTS = [
     Candidate("int8", cost=2.0, quality_loss=0.3),
@@ -38,3 +40,14 @@ def test_a_degraded_variant_that_turns_unhealthy_is_dropped():
     choose(state, 0.0, True, VARIANTS, 5.0, 1.0)
     sick = [Candidate("int8", 2.0, 0.3, healthy=False)]
     assert choose(state, 1.0, False, sick, 5.0, 1.0) is None
+
+
+def test_demand_rate_tracks_arrivals_and_decays_without_them():
+    demand = DemandRate(tau_s=1.0)
+    assert demand.rate(0.0) == 0.0
+    for i in range(400):  # 100 rows/s for 4 s
+        demand.observe(i / 100)
+    assert 90 < demand.rate(4.0) < 110
+    assert demand.rate(7.0) < 100 * math.exp(-2.5)  # no arrivals for 3 s: mostly forgotten
+    demand.observe(7.0, rows=50)  # a request's rows count, not just the request
+    assert demand.rate(7.0) > 50

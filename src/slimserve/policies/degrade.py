@@ -7,6 +7,7 @@ original only after `recover_s` seconds without pressure.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -25,6 +26,29 @@ class DegradeState:
     degraded: bool = False
     calm_since: float | None = None  # when pressure last stopped
     variant: str | None = None
+
+
+@dataclass(slots=True)
+class DemandRate:
+    """Rows per second asked of one original, exponentially decayed with `tau_s`.
+
+    While a model is degraded its own queue is empty (the variant takes the traffic), so the
+    queue cannot tell whether the pressure is gone; the demand can: demand x seconds per row
+    >= 1 means the original would fall behind again if traffic went back to it.
+    """
+
+    tau_s: float = 1.0
+    value: float = 0.0
+    last: float | None = None
+
+    def observe(self, now: float, rows: int = 1) -> None:
+        self.value = self.rate(now) + rows / self.tau_s
+        self.last = now
+
+    def rate(self, now: float) -> float:
+        if self.last is None:
+            return 0.0
+        return self.value * math.exp(-max(0.0, now - self.last) / self.tau_s)
 
 
 def pick_cheapest(

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from slimserve.config import Settings
 from slimserve.errors import ResourceExhausted, Unavailable
 from slimserve.policies.breaker import BreakerConfig, BreakerState, CircuitBreaker
-from slimserve.policies.degrade import Candidate, DegradeState, choose
+from slimserve.policies.degrade import (
+    Candidate,
+    DegradeState,
+    DemandRate,
+    choose,
+    pick_cheapest,
+)
 from slimserve.policies.rate_limit import Bucket, KeyedLimiter, Limit, take
 from slimserve.policies.shedding import should_shed
 from slimserve.repository.schema import ModelConfig
@@ -28,6 +34,7 @@ class UnitGuard:
 
     breaker: CircuitBreaker | None
     degrade: DegradeState = field(default_factory=DegradeState)
+    demand: DemandRate = field(default_factory=DemandRate)  # rows/s asked of an original
 
 
 def _breaker(config: ModelConfig) -> CircuitBreaker | None:
@@ -96,9 +103,13 @@ class Admission:
 
     # -- variant choice: breakers and degradation -----------------------------------------
 
-    def route(self, entry: ModelEntry, unit: Unit, allow_degrade: bool, now: float) -> Unit:
+    def route(
+        self, entry: ModelEntry, unit: Unit, allow_degrade: bool, now: float, rows: int = 1
+    ) -> Unit:
         """The unit that should answer: the one asked for, or a cheaper variant under
         pressure when the request allows it. Raises 503 when its breaker is open."""
+        if unit.target.variant is None:
+            self.guard(unit).demand.observe(now, rows)
         if allow_degrade and unit.target.variant is None:
             chosen = self._degrade(entry, unit, now)
             if chosen is not None:
@@ -106,6 +117,12 @@ class Admission:
                 return chosen
         guard = self.guard(unit)
         if guard.breaker is not None and not guard.breaker.allow(now):
+            # Half-open with its probes out: the breaker still refuses, so a request that
+            # allows it goes to a variant rather than getting a 503.
+            fallback = self._fallback(entry, unit) if allow_degrade else None
+            if fallback is not None:
+                self.counts["degraded"] += 1
+                return fallback
             self.counts["broken"] += 1
             retry = guard.breaker.retry_after(now) or 1.0
             raise Unavailable(
@@ -115,15 +132,31 @@ class Admission:
             )
         return unit
 
-    def _degrade(self, entry: ModelEntry, original: Unit, now: float) -> Unit | None:
-        settings = original.target.config.degrade
-        variants = {
+    @staticmethod
+    def _variants(entry: ModelEntry, original: Unit) -> dict[str, Unit]:
+        return {
             var: u
             for (ver, var), u in entry.units.items()
             if ver == original.target.version and var is not None
         }
+
+    def _fallback(self, entry: ModelEntry, original: Unit) -> Unit | None:
+        """The cheapest healthy variant within the quality budget, whatever it costs."""
+        if original.target.variant is not None:
+            return None
+        variants = self._variants(entry, original)
         candidates = [c for c in (self._candidate(u) for u in variants.values()) if c]
-        cost = _cost(original)
+        best = pick_cheapest(candidates, math.inf, original.target.config.degrade.max_quality_loss)
+        return variants[best.name] if best is not None else None
+
+    def _degrade(self, entry: ModelEntry, original: Unit, now: float) -> Unit | None:
+        settings = original.target.config.degrade
+        variants = self._variants(entry, original)
+        candidates = [c for c in (self._candidate(u) for u in variants.values()) if c]
+        # A failing original (breaker not closed) costs "infinitely" much: any variant within
+        # the quality budget beats a 503, even one slower than the original when it worked.
+        cost = None if self.breaker_state(original) is not BreakerState.CLOSED else math.inf
+        cost = cost or _cost(original)
         name = choose(
             self.guard(original).degrade,
             now,
@@ -146,7 +179,11 @@ class Admission:
         if batcher.queue_depth >= config.degrade.queue_fraction * batcher.max_queue:
             return True
         max_wait = config.limits.max_queue_wait_ms
-        return max_wait is not None and batcher.expected_wait_s() * 1000 > max_wait
+        if max_wait is not None and batcher.expected_wait_s() * 1000 > max_wait:
+            return True
+        # Still asked for more than it can serve (its queue is empty while degraded).
+        cost = _cost(unit)
+        return guard is not None and cost is not None and guard.demand.rate(now) * cost >= 1.0
 
     def _candidate(self, unit: Unit) -> Candidate | None:
         cost, loss = _cost(unit), _quality_loss(unit)

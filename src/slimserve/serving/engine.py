@@ -414,7 +414,7 @@ class Engine:
         now = self._clock()
         self.admission.check_rate(request.client, name, config, now)
         allow = _flag(request.parameters.get("degrade"), config.degrade.allow)
-        unit = self.admission.route(entry, asked, allow, now)
+        unit = self.admission.route(entry, asked, allow, now, rows)
         self.admission.check_load(unit, None if deadline is None else deadline - now)
         cache = self._cache_for(unit)
         if cache is None:

@@ -81,6 +81,11 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group (call once at the end of a torchrun script)."""
+    """Leave the process group (call once at the end of a torchrun script, on every rank).
+
+    Waits for every rank first: a rank that tears gloo down while its peer is still writing
+    its results can abort the peer's transport thread.
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

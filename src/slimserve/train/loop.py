@@ -19,6 +19,7 @@ One process or data-parallel under torchrun, chosen at run time:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import time
@@ -218,6 +219,11 @@ def fit(
     result.seconds = time.perf_counter() - start
     result.loss_scale = scaler.scale if scaler else None
     model.train(was_training)
+    if ctx.is_distributed:
+        # Free the DDP wrapper now: left to the garbage collector it can outlive the process
+        # group and abort the process at exit ("terminate called without an active exception").
+        del state, net
+        gc.collect()
     return result
 
 

@@ -29,6 +29,7 @@ from slimserve.security.keys import Identity, bearer_token
 from slimserve.serving.engine import Engine
 from slimserve.transport import grpc_codec as codec
 from slimserve.transport._proto import grpc_service_pb2 as pb
+from slimserve.transport.limits import TensorLimits, check_inputs
 
 log = logging.getLogger("slimserve.grpc")
 _INT32_MAX = 2**31 - 1
@@ -59,7 +60,7 @@ RawHandler = Callable[[Any, bytes, Context], Awaitable[Message]]
 def create_server(engine: Engine, settings: Settings) -> grpc.aio.Server:
     """A grpc.aio server for `engine` bound to settings.host:settings.grpc_port (not started)."""
     server = grpc.aio.server(options=server_options(settings))
-    add_servicer(InferenceServicer(engine), server)
+    add_servicer(InferenceServicer(engine, TensorLimits.from_settings(settings)), server)
     address = f"[{settings.host}]" if ":" in settings.host else settings.host
     address = f"{address}:{settings.grpc_port}"
     try:
@@ -102,6 +103,14 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", -1),  # answers are as large as the model makes them
         # Without this, Linux lets a second server bind the same port and steal half its calls.
         ("grpc.so_reuseport", 0),
+        # Limits (see SECURITY.md): metadata size, a deadline on the TLS and HTTP/2
+        # handshake, idle connections closed (clients reconnect by themselves), and keepalive
+        # pings every 60 s that drop a peer silent for 20 s more.
+        ("grpc.max_metadata_size", settings.max_header_bytes),
+        ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", int(settings.keep_alive_s * 10 * 1000)),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
     ]
 
 
@@ -185,8 +194,9 @@ class InferenceServicer:
     """The v2 RPCs, each a thin call into the engine. Health needs no key; everything else
     needs the scope named in its call to `_allow` when the server has API keys."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, limits: TensorLimits | None = None) -> None:
         self.engine = engine
+        self.limits = limits or TensorLimits()
 
     def _allow(self, context: Context, scope: str, model: str | None = None) -> Identity:
         return self.engine.authorize(_token(context), scope, model or None)
@@ -224,6 +234,7 @@ class InferenceServicer:
         identity = self._allow(context, "infer", request.model_name)
         client = identity.client if identity.key_id else _peer_host(context.peer())
         infer = codec.decode_infer_request(request, client=client)
+        check_inputs(infer.inputs, self.limits)
         codec.apply_deadline(infer.parameters, context.time_remaining())
         response = await self.engine.infer(infer)
         return codec.encode_infer_response(response)

@@ -16,6 +16,7 @@ Routes (Triton's spelling where the KServe spec has none):
   POST /v2/repository/index                  repository index ({"ready": true} to filter)
   POST /v2/repository/models/{m}/load | /unload
   GET  /metrics                              Prometheus exposition of the engine's metrics
+  GET  /v2/openapi.json                      this API's OpenAPI 3.1 description (no key)
 A model name may carry a variant: /v2/models/mlp:int8/infer. Errors are {"error": "..."}
 with the status from `STATUS`.
 
@@ -51,6 +52,8 @@ from slimserve.transport.http_codec import (
     parse_header_length,
     parse_json,
 )
+from slimserve.transport.limits import TensorLimits, check_inputs
+from slimserve.transport.openapi import openapi_bytes
 
 log = logging.getLogger("slimserve.http")
 
@@ -147,14 +150,18 @@ Reply = tuple[int, bytes, Headers]
 
 
 def create_app(engine: Engine, settings: Settings) -> HttpApp:
-    """The ASGI app serving `engine`; bodies above settings.max_body_bytes get a 413."""
-    return HttpApp(engine, settings.max_body_bytes)
+    """The ASGI app serving `engine`; bodies above settings.max_body_bytes get a 413, tensors
+    over settings.max_tensor_elements or max_string_bytes a 400."""
+    return HttpApp(engine, settings.max_body_bytes, TensorLimits.from_settings(settings))
 
 
 class HttpApp:
-    def __init__(self, engine: Engine, max_body_bytes: int) -> None:
+    def __init__(
+        self, engine: Engine, max_body_bytes: int, limits: TensorLimits | None = None
+    ) -> None:
         self.engine = engine
         self.max_body_bytes = max_body_bytes
+        self.limits = limits or TensorLimits()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -201,6 +208,9 @@ class HttpApp:
             self._allow(request, "infer")
             return _json(self.engine.server_metadata())
         section, rest = parts[1], parts[2:]
+        if section == "openapi.json" and not rest:
+            _expect(request, "GET")  # no key needed: it describes the protocol, not the models
+            return 200, openapi_bytes(), [_JSON]
         if section == "models" and rest:
             return await self._models(request, rest)
         if section == "health" and len(rest) == 1:
@@ -258,6 +268,7 @@ class HttpApp:
         body = await self._read_body(request)
         header_length = parse_header_length(request.header_length, len(body))
         infer_request, fmt = decode_infer_request(body, name, version, header_length)
+        check_inputs(infer_request.inputs, self.limits)
         infer_request.client = identity.client if identity.key_id else request.client
         response = await self.engine.infer(infer_request)
         payload, json_length = encode_infer_response(response, fmt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,14 +175,21 @@ def test_leaving_the_stream_cancels_and_frees(engine: GenerationEngine) -> None:
         async with stream:
             async for _ in stream:
                 break
-        for _ in range(200):  # the engine thread frees the blocks at its next iteration
-            if engine.stats().running == 0:
-                return
-            await asyncio.sleep(0.01)
 
     asyncio.run(scenario())
+    wait_until_idle(engine)
     stats = engine.stats()
     assert stats.running == 0 and stats.free_blocks == stats.total_blocks
+    assert stats.iterations < 400  # stopped long before max_tokens
+
+
+def wait_until_idle(engine: GenerationEngine) -> None:
+    """The engine thread frees a cancelled request's blocks at its next iteration."""
+    for _ in range(1000):
+        stats = engine.stats()
+        if stats.free_blocks == stats.total_blocks:
+            return
+        time.sleep(0.01)
 
 
 def test_a_task_cancelled_mid_stream_cancels_its_request(engine: GenerationEngine) -> None:
@@ -278,3 +286,32 @@ def test_queue_bound_refuses_with_resource_exhausted(runtime: TextGenerationRunt
             assert len(tokens_of([e async for e in second])) == 24
 
         asyncio.run(asyncio.wait_for(scenario(engine), 30))
+
+
+def test_engine_config_names_a_bad_field() -> None:
+    with pytest.raises(InvalidArgument, match="EngineConfig.block_size=0"):
+        EngineConfig(block_size=0)
+
+
+def test_a_kv_budget_below_two_blocks_is_refused(runtime: TextGenerationRuntime) -> None:
+    with pytest.raises(ResourceExhausted, match="raise the KV memory budget"):
+        GenerationEngine(runtime.model, runtime.tokenizer, EngineConfig(kv_cache_bytes=1))
+
+
+def test_n_greedy_choices_share_the_prompt_blocks(
+    engine: GenerationEngine, reference: list[list[int]]
+) -> None:
+    params = SamplingParams(max_tokens=24, temperature=0, n=3)
+    events = asyncio.run(collect(engine, PROMPTS[4], params))
+    assert [tokens_of(events, i) for i in range(3)] == [reference[4]] * 3
+    # 31 prompt tokens: 7 full blocks of 4 before the last token, shared by choices 1 and 2.
+    assert engine.stats().cached_tokens == 2 * 7 * 4
+
+
+def test_preemption_with_prefix_caching_still_matches(
+    runtime: TextGenerationRuntime, reference: list[list[int]]
+) -> None:
+    small = 20 * runtime.model.shape.layers * 2 * 2 * 16 * 4 * 4 + 1
+    for engine in make_engine(runtime, kv_cache_bytes=small, prefix_caching=True):
+        assert asyncio.run(joining_mid_flight(engine)) == reference
+        assert engine.stats().preemptions > 0

@@ -97,3 +97,10 @@ def test_paged_forward_matches_transformers_logits(tiny_llama_dir: Path) -> None
         expected = hf(torch.tensor([tokens])).logits[0]
     got = full_logits(TextGenerationRuntime.load(tiny_llama_dir), tokens)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_converting_a_missing_gguf_file_is_refused(tmp_path: Path) -> None:
+    from slimserve.serving.generation import convert_gguf
+
+    with pytest.raises(ModelLoadError, match="no such GGUF file"):
+        convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")

@@ -78,3 +78,12 @@ def test_a_lone_sequence_with_no_block_left_waits() -> None:
 
 def test_nothing_to_do() -> None:
     assert schedule(CONTINUOUS, [], [], 10, Limits()) == Decision()
+
+
+def test_importing_the_package_loads_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import slimserve.serving.generation, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

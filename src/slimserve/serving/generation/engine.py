@@ -76,6 +76,11 @@ class EngineConfig:
     prefix_caching: bool = True
     threads: int = 0  # torch intra-op threads in the engine thread; 0: torch's default
 
+    def __post_init__(self) -> None:
+        for name in ("block_size", "kv_cache_bytes", "max_seqs", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"EngineConfig.{name}={getattr(self, name)!r}; use >= 1")
+
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
@@ -117,6 +122,7 @@ class GenerationEngine:
         self._running: list[Seq] = []
         self._stopping = False
         self._counts = {"preemptions": 0, "cached_tokens": 0, "iterations": 0}
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, Any]]] = {}
         self._thread: threading.Thread | None = None
 
     def block_bytes(self) -> int:
@@ -195,12 +201,15 @@ class GenerationEngine:
         while not self._stopping:
             self._take_inbox()
             self._drop_abandoned()
+            self._deliver()
             if not self._waiting and not self._running:
                 self._wake.wait()
                 self._wake.clear()
                 continue
             self.step()
+            self._deliver()
         self._fail_all(Unavailable("the generation engine stopped; retry on another replica"))
+        self._deliver()
 
     def _take_inbox(self) -> None:
         with self._lock:
@@ -337,15 +346,18 @@ class GenerationEngine:
         seq.table = []
 
     def _emit(self, request: Request, item: Any) -> None:
-        try:
-            import time as _t, sys as _s
-            t0 = _t.perf_counter()
-            request.loop.call_soon_threadsafe(request.queue.put_nowait, item)
-            dt = _t.perf_counter() - t0
-            if dt > 0.5:
-                print("EMIT took", dt, _s.getswitchinterval(), file=_s.stderr)
-        except RuntimeError:  # the caller's loop is closed: nobody listens any more
-            request.cancelled = True
+        """Queue an event; `_deliver` hands a whole iteration's events over at once."""
+        self._outbox.setdefault(request.loop, []).append((request, item))
+
+    def _deliver(self) -> None:
+        """One wake-up per caller loop per iteration, not one per event (32 streams: 1, not 32)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the caller's loop is closed: nobody listens any more
+                for request, _ in items:
+                    request.cancelled = True
 
     def _drop_abandoned(self) -> None:
         """Remove cancelled requests, and fail those past their deadline."""
@@ -374,3 +386,9 @@ class GenerationEngine:
         self._take_inbox()
         for request in {seq.request for seq in (*self._waiting, *self._running)}:
             self._fail(request, error)
+
+
+def _put_all(items: list[tuple[Request, Any]]) -> None:
+    """Runs in the caller's loop: hand each request its events, in order."""
+    for request, item in items:
+        request.queue.put_nowait(item)

@@ -1,0 +1,56 @@
+"""Per-request limits on decoded tensors, shared by the HTTP and gRPC transports.
+
+The body-size limit (settings.max_body_bytes) already bounds memory; these bound what a
+request may ask a model to do: how many elements one input holds and how long one BYTES
+element (a string) may be. Both are checked right after decoding, before the engine sees the
+request, and answered INVALID_ARGUMENT (HTTP 400) with the setting that raises them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from slimserve.config import Settings
+from slimserve.errors import InvalidArgument
+
+
+@dataclass(frozen=True, slots=True)
+class TensorLimits:
+    max_elements: int = 1 << 26  # elements in one input tensor (product of its shape)
+    max_string_bytes: int = 4 * 1024 * 1024  # bytes in one BYTES element
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TensorLimits:
+        return cls(settings.max_tensor_elements, settings.max_string_bytes)
+
+
+def check_inputs(inputs: Mapping[str, np.ndarray], limits: TensorLimits) -> None:
+    """Refuse an input with too many elements, a dimension beyond the element limit (a
+    zero-size tensor of shape [0, 10**18] says nothing good), or a BYTES element too long."""
+    for name, array in inputs.items():
+        _check_shape(name, array.shape, limits.max_elements)
+        if array.dtype == object and array.size:
+            _check_strings(name, array, limits.max_string_bytes)
+
+
+def _check_shape(name: str, shape: tuple[int, ...], limit: int) -> None:
+    count = int(np.prod(shape, dtype=object)) if shape else 1
+    if count > limit or any(d > limit for d in shape):
+        raise InvalidArgument(
+            f"input {name!r}: shape {list(shape)[:8]} holds {count} elements (or has a "
+            f"dimension) over the limit of {limit}; send smaller tensors or raise "
+            "--max-tensor-elements"
+        )
+
+
+def _check_strings(name: str, array: np.ndarray, limit: int) -> None:
+    # One C-level pass over the lengths (BYTES elements are bytes objects).
+    longest = max(map(len, array.reshape(-1)))
+    if longest > limit:
+        raise InvalidArgument(
+            f"input {name!r}: a BYTES element has {longest} bytes, over the limit of {limit}; "
+            "send shorter strings or raise --max-string-bytes"
+        )

@@ -42,7 +42,10 @@ def write_mlp(path: Path, sizes: list[int], seed: int = 0, out_name: str = "outp
     nodes, inits, prev = [], [], "input"
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
-        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}")]
+        inits += [
+            numpy_helper.from_array(w, f"w{i}"),
+            numpy_helper.from_array(np.zeros(b, np.float32), f"b{i}"),
+        ]
         last = i == len(sizes) - 2
         nodes += [
             helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
@@ -80,16 +83,27 @@ def io_spec(width_in: int, width_out: int, out_name: str = "output") -> dict[str
 
 
 def write_toy_with_variant(
-    root: Path, name: str, model_class: str, model_args: dict[str, Any], width: int,
-    variant: str, profile: dict[str, Any], **sections: Any,
+    root: Path,
+    name: str,
+    model_class: str,
+    model_args: dict[str, Any],
+    width: int,
+    variant: str,
+    profile: dict[str, Any],
+    **sections: Any,
 ) -> None:
     """A python-backend model (a slimserve.testing runtime, `input` -> `output` [-1, width])
     whose version 1 has an ONNX variant `variant` (an MLP width -> width) with `profile`."""
     version = root / name / "1"
     version.mkdir(parents=True, exist_ok=True)
     (version / "README").write_text("served by model_class; no artifact\n")
-    doc: dict[str, Any] = {"backend": "python", "model_class": model_class,
-                           "model_args": model_args, **io_spec(width, width), **sections}
+    doc: dict[str, Any] = {
+        "backend": "python",
+        "model_class": model_class,
+        "model_args": model_args,
+        **io_spec(width, width),
+        **sections,
+    }
     write_yaml(root / name / "model.yaml", doc)
     folder = version / "variants" / variant
     write_mlp(folder / "model.onnx", [width, width], seed=1)
@@ -105,7 +119,9 @@ def served(body: bytes) -> tuple[str, bool]:
 # -- requests --------------------------------------------------------------------------------
 
 
-def json_infer(width: int, rows: int = 1, seed: int = 0, parameters: dict[str, Any] | None = None) -> bytes:
+def json_infer(
+    width: int, rows: int = 1, seed: int = 0, parameters: dict[str, Any] | None = None
+) -> bytes:
     x = np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
     doc: dict[str, Any] = {
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [rows, width], "data": x.ravel()}]
@@ -132,13 +148,23 @@ def binary_infer(width: int, rows: int = 1, seed: int = 0) -> tuple[bytes, dict[
             "parameters": {"binary_data_output": True},
         }
     )
-    headers = {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+    headers = {
+        "Inference-Header-Content-Length": str(len(head)),
+        "Content-Type": "application/octet-stream",
+    }
     return head + raw, headers
 
 
-def infer_request(port: int, model: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+def infer_request(
+    port: int, model: str, body: bytes, headers: dict[str, str] | None = None
+) -> bytes:
     return build_request(
-        "POST", "127.0.0.1", port, f"/v2/models/{model}/infer", body, headers or {"Content-Type": "application/json"}
+        "POST",
+        "127.0.0.1",
+        port,
+        f"/v2/models/{model}/infer",
+        body,
+        headers or {"Content-Type": "application/json"},
     )
 
 
@@ -180,15 +206,34 @@ class Server:
 
 
 @contextmanager
-def serve(repo: Path, log: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+def serve(
+    repo: Path, log: Path, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[Server]:
     """`slimserve serve` on a free port (HTTP only); stopped by its PID on exit."""
     port = free_port()
-    cmd = [PY, "-m", "slimserve", "serve", "--repository", str(repo), "--http-port", str(port),
-           "--grpc-port", "0", "--log-level", "warning", *extra]
+    cmd = [
+        PY,
+        "-m",
+        "slimserve",
+        "serve",
+        "--repository",
+        str(repo),
+        "--http-port",
+        str(port),
+        "--grpc-port",
+        "0",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        )
     server = Server(proc, port, log)
     try:
         deadline = time.monotonic() + 90

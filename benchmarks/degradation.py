@@ -33,12 +33,21 @@ WIDTH, DELAY_S, RECOVER_S = 16, 0.020, 2.0
 
 def build_repo(root: Path) -> None:
     P.write_toy_with_variant(
-        root, "slow", "slimserve.testing:SlowRuntime", {"delay_s": DELAY_S}, WIDTH, "fast",
+        root,
+        "slow",
+        "slimserve.testing:SlowRuntime",
+        {"delay_s": DELAY_S},
+        WIDTH,
+        "fast",
         {"latency_ms_batch1": 1.0, "agreement": 0.99},
         batching={"max_batch_size": 1, "max_queue_delay_ms": 0, "max_queue_size": 8},
         limits={"max_queue_wait_ms": 60},
-        degrade={"allow": True, "max_quality_loss": 2.0, "queue_fraction": 0.25,
-                 "recover_s": RECOVER_S},
+        degrade={
+            "allow": True,
+            "max_quality_loss": 2.0,
+            "queue_fraction": 0.25,
+            "recover_s": RECOVER_S,
+        },
     )
 
 

@@ -35,8 +35,13 @@ STATES = {0.0: "closed", 1.0: "half_open", 2.0: "open"}
 
 def build_repo(root: Path, fault: Path) -> None:
     P.write_toy_with_variant(
-        root, "flaky", "slimserve.testing:FailingRuntime", {"fail_file": str(fault)}, WIDTH,
-        "fallback", {"latency_ms_batch1": 0.5, "agreement": 0.99},
+        root,
+        "flaky",
+        "slimserve.testing:FailingRuntime",
+        {"fail_file": str(fault)},
+        WIDTH,
+        "fallback",
+        {"latency_ms_batch1": 0.5, "agreement": 0.99},
         batching={"max_batch_size": 8, "max_queue_delay_ms": 1},
         breaker=BREAKER,
         degrade={"allow": False, "max_quality_loss": 2.0, "recover_s": 1.0},
@@ -101,7 +106,9 @@ def stream_report(result: P.OpenLoopResult) -> dict[str, Any]:
             "503_p99_ms": P.pct([s.latency for s in refused], 99) * 1e3,
             "retry_after_s": sorted({s.headers.get("retry-after", "-") for s in refused}),
         }
-    originals = [s.sent for s in result.samples if s.sent >= FAULT_OFF and classify(s) == "original"]
+    originals = [
+        s.sent for s in result.samples if s.sent >= FAULT_OFF and classify(s) == "original"
+    ]
     out["recovered_after_s"] = min(originals) - FAULT_OFF if originals else None
     return out
 

@@ -14,6 +14,7 @@ residency.json and residency.md in the workdir.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,8 +41,11 @@ def build_repo(root: Path) -> dict[str, int]:
         sizes[name] = P.write_mlp(root / name / "1" / "model.onnx", [WIDTH_IN, h, h, WIDTH_OUT], i)
         P.write_yaml(
             root / name / "model.yaml",
-            {"backend": "onnx", **P.io_spec(WIDTH_IN, WIDTH_OUT),
-             "batching": {"max_batch_size": 8, "max_queue_delay_ms": 0}},
+            {
+                "backend": "onnx",
+                **P.io_spec(WIDTH_IN, WIDTH_OUT),
+                "batching": {"max_batch_size": 8, "max_queue_delay_ms": 0},
+            },
         )
     return sizes
 
@@ -74,14 +78,27 @@ async def drive(port: int, sequence: list[str]) -> list[float]:
 
 
 def run_policy(repo: Path, work: Path, policy: str, budget: int, seq: list[str]) -> dict[str, Any]:
-    extra = ["--load-models", "", "--memory-budget-bytes", str(budget), "--eviction-policy",
-             policy, "--inference-threads", "1", "--intra-op-threads", "1"]
+    extra = [
+        "--load-models",
+        "",
+        "--memory-budget-bytes",
+        str(budget),
+        "--eviction-policy",
+        policy,
+        "--inference-threads",
+        "1",
+        "--intra-op-threads",
+        "1",
+        "--log-level",
+        "info",  # the 'loaded ...' lines give the seconds and MiB of every load
+    ]
     with P.serve(repo, work / f"server-{policy}.log", *extra) as server:
         t0 = time.perf_counter()
         lat = P.run(drive(server.port, seq))
         wall = time.perf_counter() - t0
         m = server.metrics()
     loads = P.metric(m, "slimserve_model_loads_total")
+    load_s, load_mib = loaded_totals(work / f"server-{policy}.log")
     cold = [v for k, v in m.items() if k.startswith("slimserve_cold_load_seconds{")]
     return {
         "policy": policy,
@@ -93,6 +110,8 @@ def run_policy(repo: Path, work: Path, policy: str, budget: int, seq: list[str])
         "p99_ms": P.pct(lat, 99) * 1e3,
         "mean_ms": float(np.mean(lat)) * 1e3,
         "wall_s": wall,
+        "load_seconds_total": load_s,
+        "loaded_mib_total": load_mib,
         "resident_bytes_end": int(P.metric(m, "slimserve_resident_bytes")),
         "cold_load_ms_median": float(np.median(cold)) * 1e3 if cold else None,
         "cold_load_ms_max": float(np.max(cold)) * 1e3 if cold else None,
@@ -108,19 +127,34 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+LOADED = re.compile(r"loaded \S+ \(\w+\) in ([0-9.]+) s, ([0-9.]+) MiB")
+
+
+def loaded_totals(log: Path) -> tuple[float, float]:
+    """Seconds spent loading and MiB loaded, summed over the server's 'loaded ...' lines."""
+    seconds = mib = 0.0
+    for line in log.read_text(errors="replace").splitlines():
+        found = LOADED.search(line)
+        if found:
+            seconds += float(found.group(1))
+            mib += float(found.group(2))
+    return seconds, mib
+
+
 def markdown(rows: list[dict[str, Any]], total: int, budget: int, s: float, reps: int) -> str:
     lines = [
         f"20 models, {total / 2**20:.1f} MiB of weights, budget {budget / 2**20:.1f} MiB "
         f"({total / budget:.1f}x); Zipf s={s}; {int(rows[0]['requests'])} requests, one at a "
         f"time; medians over {reps} request sequences (seeds), each replayed to every policy.",
         "",
-        "| policy | hit ratio | loads | evictions | p50 ms | p99 ms | mean ms | "
-        "cold load median / max ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| policy | hit ratio | loads | evictions | MiB loaded | s loading | p50 ms | p99 ms | "
+        "mean ms | cold load median / max ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['policy']} | {r['hit_ratio']:.3f} | {r['loads']:.0f} | {r['evictions']:.0f} | "
+            f"{r['loaded_mib_total']:.0f} | {r['load_seconds_total']:.2f} | "
             f"{r['p50_ms']:.2f} | {r['p99_ms']:.1f} | {r['mean_ms']:.2f} | "
             f"{r['cold_load_ms_median']:.1f} / {r['cold_load_ms_max']:.1f} |"
         )
@@ -150,8 +184,15 @@ def main() -> None:
         seq = zipf_sequence(args.requests, args.zipf_s, args.seed + rep)
         runs.append([run_policy(repo, args.workdir, p, budget, seq) for p in policies])
     rows = [median_row([run[i] for run in runs]) for i in range(len(policies))]
-    doc = {"facts": P.machine_facts(), "total_bytes": total, "budget_bytes": budget,
-           "sizes": sizes, "zipf_s": args.zipf_s, "median": rows, "runs": runs}
+    doc = {
+        "facts": P.machine_facts(),
+        "total_bytes": total,
+        "budget_bytes": budget,
+        "sizes": sizes,
+        "zipf_s": args.zipf_s,
+        "median": rows,
+        "runs": runs,
+    }
     P.dump(args.workdir / "residency.json", doc)
     text = markdown(rows, total, budget, args.zipf_s, args.repeats)
     (args.workdir / "residency.md").write_text(text)

@@ -332,3 +332,38 @@ def test_keep_alive_requests_still_work(hostile):
                 reply += chunk
             assert status_of(reply) == 200
             time.sleep(0.5)
+
+
+def test_non_ascii_digit_header_length_is_a_400(hostile, model_repo):
+    """Found by tests/transport/test_fuzz_codecs.py: '²' passed str.isdigit and then failed
+    int(), a 500; it is a 400 now."""
+    body = json.dumps(GOOD).encode()
+    reply = raw_request(
+        hostile,
+        b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Inference-Header-Content-Length: \xb2\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+    )
+    assert status_of(reply) == 400 and b"is not a byte count" in reply
+    assert_serving(hostile, model_repo)
+
+
+def test_grpc_slow_handshake_is_cut_off(hostile, model_repo):
+    """A client trickling the HTTP/2 preface to the gRPC port (one byte per 0.3 s: 7 s in
+    all) is disconnected once the handshake deadline (--header-timeout-s, 1 s) passes; with
+    gRPC's default (120 s) it would finish the preface."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", hostile.grpc_port), timeout=10) as slow:
+        slow.recv(1024)  # the server's SETTINGS frame, sent at once
+        sent, closed = 0, False
+        while sent < len(preface) and not closed:
+            if select.select([slow], [], [], 0.3)[0]:
+                _read_all(slow)  # readable again only as it closes (GOAWAY, then EOF)
+                closed = True
+                continue
+            try:
+                slow.send(preface[sent : sent + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            sent += 1
+    assert closed and sent < len(preface), "the slow gRPC client was never cut off"
+    assert_serving(hostile, model_repo)

@@ -245,3 +245,69 @@ def test_bad_admission_parameters_are_named(tmp_path):
             await engine.infer(req(priority="urgent"))
 
     run(root, body)
+
+
+def test_a_failing_original_falls_back_even_to_a_variant_slower_than_it_was(tmp_path):
+    # The original measured ~microseconds per row; the variant's profile says 1 s. Broken,
+    # the original costs "infinitely" much: the variant beats a 503.
+    slow_profile = "profile: {latency_ms_batch1: 1000, agreement: 0.99}\n"
+    root = repo(
+        tmp_path,
+        "breaker: {consecutive_failures: 1, open_s: 5, probe_calls: 1}\n"
+        "degrade: {allow: true, max_quality_loss: 1.0, recover_s: 3}\n",
+        slow_profile,
+    )
+
+    async def body(engine: Engine):
+        for _ in range(4):  # the original's cost is now measured
+            assert (await engine.infer(req())).variant is None
+        FAULTY.add("m/1")
+        with pytest.raises(Exception, match="injected fault"):
+            await engine.infer(req())
+        return await engine.infer(req())
+
+    try:
+        fallback = run(root, body)
+    finally:
+        FAULTY.clear()
+    assert fallback.variant == "cheap" and fallback.parameters["degraded"] is True
+
+
+def test_half_open_breaker_with_its_probe_out_sends_degradable_requests_to_the_variant(
+    tmp_path,
+):
+    root = repo(
+        tmp_path,
+        "breaker: {consecutive_failures: 1, open_s: 5, probe_calls: 1}\n"
+        "degrade: {allow: false, max_quality_loss: 1.0, recover_s: 0}\n",
+        PROFILE,
+    )
+    (tmp_path / "m" / "1" / "tag.txt").write_text("99")  # the original waits for GATE
+    clock = Clock()
+
+    async def body(engine: Engine):
+        FAULTY.add("m/1")
+        with pytest.raises(Exception, match="injected fault"):
+            await engine.infer(req())
+        FAULTY.discard("m/1")
+        clock.now += 6  # due for a probe
+        GATE.clear()
+        probe = asyncio.ensure_future(engine.infer(req()))  # the one probe, held in the model
+        await asyncio.sleep(0)
+        refused = None
+        try:
+            await engine.infer(req())
+        except Unavailable as exc:
+            refused = exc
+        fallback = await engine.infer(req(degrade=True))
+        GATE.set()
+        return refused, fallback, await probe
+
+    try:
+        refused, fallback, probed = run(root, body, clock)
+    finally:
+        FAULTY.clear()
+        GATE.set()
+    assert refused is not None  # no degradation asked: fail fast while the probe is out
+    assert fallback.variant == "cheap" and fallback.parameters["degraded"] is True
+    assert probed.variant is None and probed.outputs["y"][0, 0] == 99

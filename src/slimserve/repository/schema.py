@@ -21,7 +21,7 @@ _FIXES: dict[str, str] = {
     "max_batch_size": "use 0 for a model without a batch dimension, or a positive size like 32",
     "max_queue_delay_ms": "use a small non-negative number of milliseconds, e.g. 2",
     "name": "give each tensor a non-empty name as the artifact declares it",
-    "task": "use embedding or sequence-classification",
+    "task": "use embedding, sequence-classification or text-generation",
     "model_class": "name the class as 'package.module:ClassName'",
 }
 
@@ -103,6 +103,24 @@ class CacheSettings(_Strict):
     ttl_s: float | None = Field(None, gt=0)
 
 
+class GenerationSettings(_Strict):
+    """The generation engine of a `task: text-generation` model (KV cache, batching, weights).
+
+    The KV pool holds `kv_cache_bytes` (all layers, K and V, fp32) in blocks of `block_size`
+    token positions; `max_seqs` sequences decode together; `weights: int8` quantizes the
+    linear layers at load (per-channel int8 weights, int8 matmul).
+    """
+
+    block_size: int = Field(16, ge=1, le=1024)
+    kv_cache_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_seqs: int = Field(32, ge=1, le=4096)
+    max_prefill_tokens: int = Field(2048, ge=1)
+    max_waiting: int = Field(256, ge=1)
+    prefix_caching: bool = True
+    continuous: bool = True
+    weights: Literal["fp32", "int8"] = "fp32"
+
+
 class ModelConfig(_Strict):
     """The contents of model.yaml."""
 
@@ -114,7 +132,9 @@ class ModelConfig(_Strict):
     model_class: str | None = None
     model_args: dict[str, Any] = Field(default_factory=dict)
     # transformers backend: what to compute.
-    task: Literal["embedding", "sequence-classification"] | None = None
+    task: Literal["embedding", "sequence-classification", "text-generation"] | None = None
+    # task text-generation: the generation engine's settings (defaults when absent).
+    generation: GenerationSettings | None = None
     normalize: bool = True
     max_length: int = Field(256, gt=0, le=131072)
     # Free-form options for the runtime (documented by each runtime).

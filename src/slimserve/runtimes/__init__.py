@@ -15,6 +15,10 @@ BACKENDS: dict[str, str] = {
     "transformers": "slimserve.runtimes.transformers:TransformersRuntime",
     "python": "slimserve.runtimes.python:PythonRuntime",
 }
+# (backend, task) pairs served by another class than the backend's.
+TASKS: dict[tuple[str, str], str] = {
+    ("transformers", "text-generation"): "slimserve.runtimes.generation:GenerationRuntime",
+}
 
 
 def create_runtime(target: Target, options: RuntimeOptions | None = None) -> Runtime:
@@ -26,9 +30,12 @@ def create_runtime(target: Target, options: RuntimeOptions | None = None) -> Run
         raise ConfigError(
             f"{target.path}: backend '{backend}' is unknown; use one of {', '.join(BACKENDS)}"
         ) from None
+    special = TASKS.get((backend, target.config.task or ""))
+    if special is not None:
+        module_name, class_name = special.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     runtime: Runtime = cls(target, options)
     return runtime
 
 
-__all__ = ["BACKENDS", "Runtime", "RuntimeOptions", "create_runtime"]
+__all__ = ["BACKENDS", "TASKS", "Runtime", "RuntimeOptions", "create_runtime"]

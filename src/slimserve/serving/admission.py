@@ -244,5 +244,6 @@ def _quality_loss(unit: Unit) -> float | None:
     if isinstance(extra.get("quality_loss"), int | float):
         return float(extra["quality_loss"])
     if info.profile.agreement is not None:
-        return (1.0 - info.profile.agreement) * 100.0
+        # Rounded: (1 - 0.99) * 100 is 1.0000000000000009, over a budget of exactly 1 point.
+        return round((1.0 - info.profile.agreement) * 100.0, 9)
     return None

@@ -11,9 +11,11 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import numpy as np
 
 from slimserve import __version__
 from slimserve.config import Settings
@@ -29,6 +31,7 @@ from slimserve.errors import (
 from slimserve.repository.store import Repository, Target, split_served_name
 from slimserve.security.audit import AuditLog
 from slimserve.security.keys import ANONYMOUS, Authenticator, Identity
+from slimserve.serving import llm
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import (
     CacheBackend,
@@ -37,6 +40,8 @@ from slimserve.serving.cache import (
     ResponseCache,
     cache_key,
 )
+from slimserve.serving.generation import SamplingParams
+from slimserve.serving.llm import TextStream
 from slimserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from slimserve.serving.metrics import Metrics
 from slimserve.serving.models import ModelEntry, ModelManager, RuntimeFactory, State, Unit
@@ -473,6 +478,46 @@ class Engine:
             self.admission.in_flight[model] -= 1
         self.admission.record(unit, self._clock(), True, self._clock() - started)
         return outputs
+
+    # -- language models and embeddings (the OpenAI API) -------------------------------------
+
+    async def generate(
+        self,
+        model: str,
+        params: SamplingParams,
+        *,
+        prompt: str | Sequence[int] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        fill_max_tokens: bool = False,
+        deadline_s: float | None = None,
+        client: str | None = None,
+    ) -> TextStream:
+        """Submit a prompt (text, token ids or chat messages) to a text-generation model; the
+        returned stream yields TokenEvents and releases the model when it ends (serving/llm)."""
+        return await llm.generate(
+            self,
+            model,
+            params,
+            prompt=prompt,
+            messages=messages,
+            fill_max_tokens=fill_max_tokens,
+            deadline_s=deadline_s,
+            client=client,
+        )
+
+    async def embed(self, model: str, texts: Sequence[str], client: str | None = None) -> Any:
+        """Embeddings (N, hidden) FP32 of an embedding model, through `infer` (batched)."""
+        config = llm.find_unit(self, model, llm.EMBEDDING).target.config
+        spec, output = config.input_specs()[0], config.output_specs()[0].name
+        step = config.batching.max_batch_size or len(texts)
+        requests = []
+        for start in range(0, len(texts), step):
+            array = np.empty(len(texts[start : start + step]), dtype=object)
+            array[:] = [t.encode("utf-8") for t in texts[start : start + step]]
+            inputs = {spec.name: array}
+            requests.append(InferRequest(model, inputs, outputs=(output,), client=client))
+        responses = await asyncio.gather(*(self.infer(r) for r in requests))
+        return np.concatenate([r.outputs[output] for r in responses])
 
 
 def _requested(request: InferRequest) -> tuple[str, str | None]:

@@ -29,6 +29,7 @@ from google.protobuf.message import Message
 from slimserve.errors import InvalidArgument, Unimplemented
 from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport._proto import model_config_pb2 as mc
+from slimserve.transport.limits import check_extent
 from slimserve.types import DATATYPE_TO_NUMPY, InferRequest, InferResponse, datatype_of
 
 MAX_DIMS = 32  # numpy allows 64; no model here has more than a handful
@@ -115,6 +116,7 @@ def tensor_header(tensor: Any) -> tuple[str, str, tuple[int, ...]]:
             f"input {name!r}: shape {list(shape)[: MAX_DIMS + 1]} must have at most {MAX_DIMS} "
             "non-negative dimensions"
         )
+    check_extent(shape, name)
     return name, datatype, shape
 
 

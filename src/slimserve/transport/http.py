@@ -44,6 +44,7 @@ from slimserve.errors import (
     SlimserveError,
     Unimplemented,
 )
+from slimserve.logs import request_id
 from slimserve.security.keys import Identity, bearer_token
 from slimserve.serving.engine import Engine
 from slimserve.transport.http_codec import (
@@ -162,6 +163,9 @@ class HttpApp:
         self.engine = engine
         self.max_body_bytes = max_body_bytes
         self.limits = limits or TensorLimits()
+        from slimserve.transport.openai import OpenAIApp  # imports this module
+
+        self.openai = OpenAIApp(engine, max_body_bytes)  # every path under /v1/
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -172,7 +176,12 @@ class HttpApp:
         # Anything else (websocket) is not served: returning unaccepted makes the server refuse.
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"].startswith("/v1/"):  # the OpenAI API (streams; its own error shape)
+            await self.openai(scope, receive, send)
+            return
         request = _Request(scope, receive)
+        if request.request_id is not None:  # log lines made while serving it carry the id
+            request_id.set(request.request_id[:128].decode("latin-1"))
         try:
             status, body, headers = await self._route(request, _segments(scope))
         except SlimserveError as exc:

@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 
 from slimserve.errors import InvalidArgument, Unimplemented
+from slimserve.transport.limits import check_extent
 from slimserve.types import DATATYPE_TO_NUMPY, InferRequest, InferResponse, datatype_of
 
 MAX_DIMS = 32  # numpy allows 64; no model here has more than a handful
@@ -58,7 +59,7 @@ def parse_header_length(value: bytes | None, body_length: int) -> int | None:
     if value is None:
         return None
     text = value.decode("latin-1").strip()
-    if not text.isdigit() or len(text) > 12:
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:  # '²' is a digit to isdigit
         raise InvalidArgument(
             f"header Inference-Header-Content-Length {text[:32]!r} is not a byte count"
         )
@@ -180,6 +181,7 @@ def _tensor_header(item: Any) -> tuple[str, str, tuple[int, ...]]:
 def _shape(value: Any, name: str) -> tuple[int, ...]:
     ok = isinstance(value, list) and len(value) <= MAX_DIMS
     if ok and all(type(d) is int and d >= 0 for d in value):
+        check_extent(tuple(value), name)
         return tuple(value)
     raise InvalidArgument(
         f"input {name!r}: 'shape' must be a list of at most {MAX_DIMS} non-negative integers, "

@@ -16,6 +16,26 @@ import numpy as np
 from slimserve.config import Settings
 from slimserve.errors import InvalidArgument
 
+# numpy refuses (ValueError) to make even an empty array whose non-zero dimensions multiply
+# past what memory could address; a shape with no zero is refused earlier by the decoders'
+# size checks, so only empty shapes need this bound. No real tensor comes near it.
+MAX_EXTENT = 1 << 48
+
+
+def check_extent(shape: tuple[int, ...], name: str) -> None:
+    """Refuse an empty shape numpy cannot represent, e.g. [0, 10**9, 10**9, 10**9]; the
+    decoders call this before building the array."""
+    if 0 not in shape:
+        return
+    extent = 1
+    for d in shape:
+        extent *= d or 1
+    if extent > MAX_EXTENT:
+        raise InvalidArgument(
+            f"input {name!r}: shape {list(shape)[:8]} is empty (a 0 dimension) but its other "
+            f"dimensions multiply to more than {MAX_EXTENT}; send the tensor's real shape"
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class TensorLimits:

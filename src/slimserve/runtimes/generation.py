@@ -1,0 +1,125 @@
+"""transformers backend, `task: text-generation`: a causal LM behind the generation engine.
+
+The folder is a local transformers folder (config.json, tokenizer, *.safetensors); the
+weights go into our own Llama forward (serving/generation) and one started `GenerationEngine`
+(continuous batching over a paged KV cache) serves every request of this unit: the OpenAI
+routes stream from it through `Engine.generate`, and the v2 path reaches it through `infer`.
+
+v2 (`infer`): BYTES prompts [-1] in, BYTES completions [-1] out. Sampling for v2 comes from
+model.yaml `parameters` (the v2 batcher carries no request parameters): `max_tokens`
+(default 16), `temperature` (default 0: greedy), `timeout_s` (default 120: a prompt not done
+by then fails with DEADLINE_EXCEEDED rather than holding its worker thread forever).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from slimserve.errors import ModelLoadError
+from slimserve.repository.schema import GenerationSettings
+from slimserve.repository.store import Target
+from slimserve.runtimes._common import check_folder, not_loaded
+from slimserve.runtimes.base import Runtime, RuntimeOptions
+from slimserve.serving.generation import SamplingParams
+from slimserve.serving.generation.engine import EngineConfig, GenerationEngine
+from slimserve.serving.generation.runtime import TextGenerationRuntime
+
+_V2_DEFAULTS: dict[str, Any] = {"max_tokens": 16, "temperature": 0.0, "timeout_s": 120.0}
+
+
+class GenerationRuntime(Runtime):
+    """A loaded causal LM and its running generation engine."""
+
+    # infer only submits to the engine (which has its own lock) and waits: v2 requests from
+    # several worker threads join the same running batch.
+    thread_safe = True
+
+    def __init__(self, target: Target, options: RuntimeOptions | None = None) -> None:
+        super().__init__(target, options)
+        self.settings = target.config.generation or GenerationSettings()
+        self.text: TextGenerationRuntime | None = None
+        self.engine: GenerationEngine | None = None
+
+    def load(self) -> None:
+        folder = check_folder(self.target)
+        self._check_specs()
+        text = TextGenerationRuntime.load(folder, weights=self.settings.weights)
+        engine = GenerationEngine(
+            text.model, text.tokenizer, self._engine_config(), eos_token_ids=text.eos_token_ids
+        )
+        engine.start()
+        self.text, self.engine = text, engine
+
+    def _engine_config(self) -> EngineConfig:
+        s = self.settings
+        return EngineConfig(
+            block_size=s.block_size,
+            kv_cache_bytes=s.kv_cache_bytes,
+            max_seqs=s.max_seqs,
+            max_prefill_tokens=s.max_prefill_tokens,
+            max_waiting=s.max_waiting,
+            continuous=s.continuous,
+            prefix_caching=s.prefix_caching,
+            threads=self.options.intra_op_threads,
+        )
+
+    def _check_specs(self) -> None:
+        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+            if not specs or specs[0].datatype != "BYTES":
+                raise ModelLoadError(
+                    f"{self.target.path}: a text-generation model takes and returns text: "
+                    f"declare its first {kind} as {{name: text, datatype: BYTES, shape: [-1]}} "
+                    "in model.yaml"
+                )
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Complete each prompt (runs in a worker thread, on a private event loop)."""
+        text, engine = self.text, self.engine
+        if text is None or engine is None:
+            raise not_loaded(self.target)
+        from slimserve.runtimes.transformers import decode_texts
+
+        prompts = decode_texts(inputs[self.inputs[0].name])
+        options = _V2_DEFAULTS | self.target.config.parameters
+        params = SamplingParams(
+            max_tokens=int(options["max_tokens"]), temperature=float(options["temperature"])
+        )
+        ids = [text.encode(p) for p in prompts]
+        completions = asyncio.run(_complete(engine, ids, params, float(options["timeout_s"])))
+        out = np.empty(len(completions), dtype=object)
+        out[:] = [c.encode("utf-8") for c in completions]
+        return {self.outputs[0].name: out.reshape(inputs[self.inputs[0].name].shape)}
+
+    def warmup(self) -> None:
+        """One token for a short prompt: builds the forward's lazy state before a request."""
+        text, engine = self.text, self.engine
+        if text is None or engine is None:
+            raise not_loaded(self.target)
+        asyncio.run(_complete(engine, [text.encode("warm up")], SamplingParams(max_tokens=1), 60))
+
+    def unload(self) -> None:
+        engine, self.engine, self.text = self.engine, None, None
+        if engine is not None:
+            engine.close()
+
+    def memory_bytes(self) -> int:
+        """Weights plus the KV pool (allocated whole at load)."""
+        engine = self.engine
+        if engine is None:
+            return 0
+        return int(engine.model.nbytes() + engine.pool.numel() * engine.pool.element_size())
+
+
+async def _complete(
+    engine: GenerationEngine, prompts: list[list[int]], params: SamplingParams, timeout_s: float
+) -> list[str]:
+    """Each prompt's completion text (choice 0), all submitted at once."""
+
+    async def one(ids: list[int]) -> str:
+        stream = engine.submit(ids, params, deadline_s=timeout_s)
+        return "".join([event.text async for event in stream if event.index == 0])
+
+    return list(await asyncio.gather(*(one(ids) for ids in prompts)))

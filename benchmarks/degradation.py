@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pressure/degradation"))
     ap.add_argument("--factor", type=float, default=3.0)
     args = ap.parse_args()
+    facts = P.machine_facts()  # load average at the start
     repo = args.workdir / "models"
     if repo.exists():
         import shutil
@@ -142,7 +143,7 @@ def main() -> None:
         control = report(P.run(phases(server.port, False, high)))
         m = server.metrics()
     doc = {
-        "facts": P.machine_facts(),
+        "facts": facts | {"loadavg_end": P.machine_facts()["loadavg"]},
         "overload_rps": high,
         "degrade": degrade,
         "control": control,

@@ -110,6 +110,9 @@ def stream_report(result: P.OpenLoopResult) -> dict[str, Any]:
         s.sent for s in result.samples if s.sent >= FAULT_OFF and classify(s) == "original"
     ]
     out["recovered_after_s"] = min(originals) - FAULT_OFF if originals else None
+    # Failures that reached the model: the ones that opened the breaker, then one failed
+    # half-open probe per open_s while the fault lasts.
+    out["failed_at_s"] = [round(s.sent, 2) for s in result.samples if s.status == 500]
     return out
 
 
@@ -133,6 +136,9 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += [
         "",
         f"- breaker state of flaky/1 (polled every 100 ms): {changes}",
+        f"- calls that reached the failing model (500), at s: A {doc['A']['failed_at_s']}, "
+        f"B {doc['B']['failed_at_s']} (the first open the breaker; then one half-open probe "
+        f"every open_s = {BREAKER['open_s']:g} s fails and re-opens it)",
         f"- back on the original after the fault cleared: A {doc['A']['recovered_after_s']:.2f} s,"
         f" B {doc['B']['recovered_after_s']:.2f} s",
     ]
@@ -143,6 +149,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pressure/failure"))
     args = ap.parse_args()
+    facts = P.machine_facts()  # load average at the start
     repo, fault = args.workdir / "models", args.workdir / "fault"
     if repo.exists():
         import shutil
@@ -153,7 +160,7 @@ def main() -> None:
     with P.serve(repo, args.workdir / "server.log") as server:
         raw = P.run(scenario(server.port, fault))
     doc = {
-        "facts": P.machine_facts(),
+        "facts": facts | {"loadavg_end": P.machine_facts()["loadavg"]},
         "A": stream_report(raw["A"]),
         "B": stream_report(raw["B"]),
         "breaker": raw["breaker"],

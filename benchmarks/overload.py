@@ -242,6 +242,7 @@ def main() -> None:
     ap.add_argument("--max-queue-wait-ms", type=float, default=5.0)
     ap.add_argument("--max-queue-size", type=int, default=2)
     args = ap.parse_args()
+    facts = P.machine_facts()  # load average at the start
     repo = args.workdir / "models"
     import shutil
 
@@ -258,7 +259,7 @@ def main() -> None:
         result = capacity | measure(server, args, capacity["sustainable_rps"])
     result["control_without_limits"] = control
     result["verdict"] = verdict(result)
-    result["facts"] = P.machine_facts()
+    result["facts"] = facts | {"loadavg_end": P.machine_facts()["loadavg"]}
     result["settings"] = vars(args) | {"workdir": str(args.workdir)}
     P.dump(args.workdir / "overload.json", result)
     text = markdown(result, args)

@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--repeats", type=int, default=3, help="sequences (seeds); medians shown")
     args = ap.parse_args()
+    facts = P.machine_facts()  # load average at the start
     policies = args.policies.split(",")
     repo = args.workdir / "models"
     if repo.exists():
@@ -185,7 +186,7 @@ def main() -> None:
         runs.append([run_policy(repo, args.workdir, p, budget, seq) for p in policies])
     rows = [median_row([run[i] for run in runs]) for i in range(len(policies))]
     doc = {
-        "facts": P.machine_facts(),
+        "facts": facts | {"loadavg_end": P.machine_facts()["loadavg"]},
         "total_bytes": total,
         "budget_bytes": budget,
         "sizes": sizes,

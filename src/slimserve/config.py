@@ -118,8 +118,9 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(
         10.0,
         gt=0,
-        description="Seconds a client has to send a request's line and headers from its first "
-        "byte (HTTP: 408 and the connection closed; gRPC: the TLS and HTTP/2 handshake).",
+        description="Seconds a client has to send a request's line and headers, from the "
+        "connection's start or a later request's first byte (HTTP: 408 and the connection "
+        "closed; gRPC: the TLS and HTTP/2 handshake).",
     )
     body_timeout_s: float = Field(
         60.0,

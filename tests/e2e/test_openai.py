@@ -166,3 +166,16 @@ def test_errors(client: Any) -> None:
     assert options.value.body["param"] == "stream_options"
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model="minilm", input=[[1, 2, 3]])
+
+
+def test_readme_openai_example_runs(
+    server: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README's `openai` example, against the tiny model instead of SmolLM2."""
+    from tests.test_readme import python_blocks
+
+    (block,) = [b for b in python_blocks() if "from openai import OpenAI" in b]
+    code = block.replace("127.0.0.1:8000", f"127.0.0.1:{server.http_port}")
+    exec(compile(code.replace('"smollm2"', '"tiny"'), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.count("\n") >= 2 and printed.strip()

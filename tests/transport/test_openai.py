@@ -109,7 +109,8 @@ def test_models_list_and_one(repo: Path) -> None:
         assert (await client.get("/v1/models/tiny")).json()["object"] == "model"
         error_of(await client.get("/v1/models/nope"), 404)
         error_of(await client.post("/v1/models"), 405)
-        error_of(await client.get("/v1/nothing"), 404)
+        error_of(await client.post("/v1/chat/nothing"), 404)
+        assert (await client.get("/v1/nothing")).status_code == 404  # the v2 app's 404
 
     run(repo, body)
 
@@ -340,6 +341,8 @@ def test_api_keys_guard_the_routes(repo: Path, tmp_path: Path) -> None:
             headers={"authorization": f"Bearer {token}"},
         )
         assert error_of(other, 403)["type"] == "permission_error"
+        listing = await client.get("/v1/models", headers={"authorization": f"Bearer {token}"})
+        assert [m["id"] for m in listing.json()["data"]] == ["tiny"]  # only what it may use
 
     run(repo, body, api_keys_file=keys)
 
@@ -387,7 +390,11 @@ def test_disconnect_mid_stream_cancels_generation(repo: Path) -> None:
             await asyncio.sleep(0.01)
         stats = generator.stats()
         in_use = unit.resident.in_use  # type: ignore[union-attr]
+        metrics, _ = engine.metrics_text()
         await engine.stop()
+        assert (
+            b'slimserve_requests_total{model="tiny",outcome="cancelled",variant=""} 1.0' in metrics
+        )
         return sent, stats, in_use
 
     sent, stats, in_use = asyncio.run(main())
@@ -425,3 +432,14 @@ def test_v2_infer_on_a_text_model_matches_completions(repo: Path) -> None:
     (output,) = v2.json()["outputs"]
     assert output["name"] == "text" and output["datatype"] == "BYTES" and output["shape"] == [2]
     assert output["data"] == [c["text"] for c in completion.json()["choices"]]
+
+
+def test_rate_limit_is_a_429_with_retry_after(repo: Path) -> None:
+    async def body(client: httpx.AsyncClient, app: Any) -> None:
+        request = {**GREEDY, "prompt": "hi", "max_tokens": 1}
+        assert (await client.post("/v1/completions", json=request)).status_code == 200
+        refused = await client.post("/v1/completions", json=request)
+        assert error_of(refused, 429)["type"] == "rate_limit_error"
+        assert int(refused.headers["retry-after"]) >= 1
+
+    run(repo, body, client_rate_limit=0.01, client_burst=1)

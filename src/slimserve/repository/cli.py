@@ -86,7 +86,7 @@ def _register_add(sub: Any) -> None:
     )
     p.add_argument(
         "--task",
-        choices=["embedding", "sequence-classification"],
+        choices=["embedding", "sequence-classification", "text-generation"],
         help="transformers only: what to compute (default: from config.json).",
     )
     p.add_argument(

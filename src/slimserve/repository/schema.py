@@ -21,7 +21,7 @@ _FIXES: dict[str, str] = {
     "max_batch_size": "use 0 for a model without a batch dimension, or a positive size like 32",
     "max_queue_delay_ms": "use a small non-negative number of milliseconds, e.g. 2",
     "name": "give each tensor a non-empty name as the artifact declares it",
-    "task": "use embedding, sequence-classification or text-generation",
+    "task": "use embedding or sequence-classification, or text-generation for a language model",
     "model_class": "name the class as 'package.module:ClassName'",
 }
 
@@ -112,7 +112,7 @@ class GenerationSettings(_Strict):
     """
 
     block_size: int = Field(16, ge=1, le=1024)
-    kv_cache_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    kv_cache_bytes: int = Field(256 * 1024 * 1024, ge=1)  # SmolLM2-135M: ~5,800 tokens
     max_seqs: int = Field(32, ge=1, le=4096)
     max_prefill_tokens: int = Field(2048, ge=1)
     max_waiting: int = Field(256, ge=1)

@@ -1,7 +1,8 @@
 """Import a transformers folder: config.json, safetensors weights and tokenizer files.
 
 `*ForSequenceClassification` architectures become task sequence-classification with
-`logits [-1, num_labels]`; anything else an embedding model, BYTES `text` [-1] -> FP32
+`logits [-1, num_labels]`; `*ForCausalLM` task text-generation with BYTES `text` [-1] ->
+BYTES `text` [-1]; anything else an embedding model, BYTES `text` [-1] -> FP32
 `embedding` [-1, hidden_size]. Pickle-only weights are refused with how to convert them;
 pickles beside safetensors weights are left behind. Reads headers only: no torch import.
 """
@@ -81,10 +82,14 @@ def _task_of(config: dict[str, Any]) -> str:
     architectures = config.get("architectures") or []
     if any(str(a).endswith("ForSequenceClassification") for a in architectures):
         return "sequence-classification"
+    if any(str(a).endswith("ForCausalLM") for a in architectures):
+        return "text-generation"
     return "embedding"
 
 
 def _transformers_output(folder: Path, config: dict[str, Any], task: str) -> TensorConfig:
+    if task == "text-generation":  # v2: completions out, as BYTES (runtimes/generation.py)
+        return TensorConfig(name="text", datatype="BYTES", shape=[-1])
     if task == "sequence-classification":
         labels = config.get("id2label")
         count = len(labels) if isinstance(labels, dict) and labels else config.get("num_labels", 2)

@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 import functools
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from slimserve.errors import Code, InvalidArgument, SlimserveError
@@ -70,6 +70,29 @@ async def generate(
     `fill_max_tokens`: ignore params.max_tokens and allow up to the context's end (at most
     DEFAULT_CHAT_MAX_TOKENS), as the chat API does when max_tokens is not given.
     """
+    started = time.perf_counter()
+    try:
+        return await _submit(
+            engine, model, params, prompt, messages, fill_max_tokens, deadline_s, client
+        )
+    except SlimserveError as exc:  # refused before any event: counted like a failed infer
+        name = model.partition(":")[0]
+        label = name if name in engine.models.models else "_other"
+        outcome = exc.code.value.lower()
+        engine.metrics.observe_request(label, "", outcome, time.perf_counter() - started)
+        raise
+
+
+async def _submit(
+    engine: Engine,
+    model: str,
+    params: SamplingParams,
+    prompt: Prompt | None,
+    messages: Messages | None,
+    fill_max_tokens: bool,
+    deadline_s: float | None,
+    client: str | None,
+) -> TextStream:
     unit = find_unit(engine, model, TEXT_GENERATION)
     name = unit.target.model
     now = time.monotonic()
@@ -176,7 +199,7 @@ class TextStream:
             engine.admission.record(unit, time.monotonic(), outcome == "success", elapsed)
 
 
-async def merge(streams: Sequence[TextStream]) -> AsyncIterator[tuple[int, TokenEvent]]:
+async def merge(streams: Sequence[TextStream]) -> AsyncGenerator[tuple[int, TokenEvent], None]:
     """(stream index, event) from several streams as they come; closing closes them all."""
     if len(streams) == 1:
         try:

@@ -176,7 +176,7 @@ class HttpApp:
         # Anything else (websocket) is not served: returning unaccepted makes the server refuse.
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["path"].startswith("/v1/"):  # the OpenAI API (streams; its own error shape)
+        if self.openai.handles(scope["path"]):  # the OpenAI API: streams, its own error shape
             await self.openai(scope, receive, send)
             return
         request = _Request(scope, receive)

@@ -67,6 +67,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._in_headers = True  # reading a request line and headers (or waiting for one)
         self._header_bytes = 0  # bytes received while in headers, this request
+        self._begun = 0  # requests begun on this connection
 
     # -- connection ------------------------------------------------------------------------
 
@@ -80,6 +81,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
+        begun = self._begun
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -95,9 +97,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade:
             self._unsupported_upgrade_warning()  # websockets are not served
             return
-        if self._in_headers:
-            # Every chunk that leaves the parser still inside headers is header bytes (a
-            # bound on what httptools buffers, exact to within one chunk).
+        if self._in_headers and self._begun == begun:
+            # A chunk read wholly inside one request's headers is all header bytes. (One in
+            # which a request began may also hold the end of the one before, so it is not
+            # counted; what httptools buffers stays within the cap plus one chunk.)
             self._header_bytes += len(data)
             if self._header_bytes > self.limits.max_header_bytes:
                 self._refuse(431, self._header_message(self._header_bytes))
@@ -106,6 +109,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._begun += 1
         self._in_headers = True
         self._header_bytes = 0
         if self._deadline is None:  # a later request on a kept-alive connection

@@ -1,6 +1,6 @@
 """The OpenAI API on the HTTP port: models, embeddings, completions, chat, streaming.
 
-Routes (the HTTP app hands every path under /v1/ here):
+Routes (the HTTP app hands these paths here; `handles` says which):
   GET  /v1/models | /v1/models/{id}   the repository's embedding and text-generation models
   POST /v1/embeddings                 `input` str | [str]; `encoding_format` float | base64
   POST /v1/completions                `prompt` str | [str] | token ids | [token ids]
@@ -18,24 +18,24 @@ Auth is the v2 routes': `Authorization: Bearer KEY` with scope `infer` on the mo
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
-import re
-import time
-import uuid
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import numpy as np
 import orjson
 
-from slimserve.errors import Code, InvalidArgument, NotFound, PayloadTooLarge, SlimserveError
-from slimserve.security.keys import bearer_token
+from slimserve.errors import Code, NotFound, PayloadTooLarge, SlimserveError
+from slimserve.security.keys import Identity, authorize, bearer_token
 from slimserve.serving.engine import Engine
-from slimserve.serving.generation import SamplingParams, TokenEvent, TokenLogprob, Usage
-from slimserve.serving.llm import EMBEDDING, TEXT_GENERATION, TextStream, count_tokens, merge
+from slimserve.serving.generation import SamplingParams
+from slimserve.serving.llm import EMBEDDING, TEXT_GENERATION, TextStream, count_tokens
+from slimserve.transport import openai_requests as req
 from slimserve.transport.http import STATUS
+from slimserve.transport.openai_replies import Chat, Completion
+from slimserve.transport.openai_requests import BadRequest
 
 log = logging.getLogger("slimserve.openai")
 
@@ -60,16 +60,7 @@ _TYPES = {  # OpenAI's error `type` for each code
     Code.PERMISSION_DENIED: "permission_error",
     Code.RESOURCE_EXHAUSTED: "rate_limit_error",
 }
-_PARAM = re.compile(r"sampling parameter (\w+)=")  # the field named by SamplingParams' errors
-_UNSUPPORTED = ("suffix", "logit_bias", "tools", "functions", "response_format")
-
-
-class BadRequest(InvalidArgument):
-    """A request field is wrong; `param` names it in the error body."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+_ROUTES = ("/v1/models", "/v1/embeddings", "/v1/completions", "/v1/chat/")
 
 
 class _RouteError(Exception):
@@ -85,11 +76,18 @@ class OpenAIApp:
         self.engine = engine
         self.max_body_bytes = max_body_bytes
 
+    @staticmethod
+    def handles(path: str) -> bool:
+        """Whether `path` is an OpenAI route (others under /v1 get the v2 app's 404)."""
+        return path.startswith(_ROUTES)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await self._route(scope, receive, send)
         except SlimserveError as exc:
-            await _send_json(send, STATUS.get(exc.code, 500), error_doc(exc))
+            retry = exc.retry_after_s
+            extra = [] if retry is None else [(b"retry-after", b"%d" % max(1, math.ceil(retry)))]
+            await _send_json(send, STATUS.get(exc.code, 500), error_doc(exc), extra)
         except _RouteError as exc:
             await _send_json(send, exc.status, _error(exc.message, "invalid_request_error"))
         except _Disconnected:
@@ -113,7 +111,7 @@ class OpenAIApp:
             raise _RouteError(404, f"no such endpoint: {method} {scope['path'][:200]!r}")
         _expect(method, "POST", scope)
         body = await self._body(scope, receive)
-        model = _model(body)
+        model = req.model(body)
         identity = self.engine.authorize(token, "infer", model)
         who = identity.client if identity.key_id else client
         await handler(body, model, who, receive, send)
@@ -121,8 +119,12 @@ class OpenAIApp:
     # -- models ----------------------------------------------------------------------------
 
     def _models(self, token: str | None, wanted: str | None) -> dict[str, Any]:
-        self.engine.authorize(token, "infer", wanted)
-        rows = [m for m in self._listing() if wanted is None or m["id"] == wanted]
+        identity = self.engine.authorize(token, "infer", wanted)
+        rows = [
+            m
+            for m in self._listing()
+            if (wanted is None or m["id"] == wanted) and _may_use(identity, m["id"])
+        ]
         if wanted is None:
             return {"object": "list", "data": rows}
         if not rows:
@@ -145,7 +147,7 @@ class OpenAIApp:
     async def _embeddings(
         self, body: dict[str, Any], model: str, client: str | None, receive: Receive, send: Send
     ) -> None:
-        texts = _embedding_input(body.get("input"))
+        texts = req.embedding_input(body.get("input"))
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise BadRequest(
@@ -157,7 +159,7 @@ class OpenAIApp:
         vectors = np.ascontiguousarray(await self.engine.embed(model, texts, client), "<f4")
         tokens = count_tokens(self.engine, model, texts)
         data = [
-            {"object": "embedding", "index": i, "embedding": _vector(row, encoding)}
+            {"object": "embedding", "index": i, "embedding": req.vector(row, encoding)}
             for i, row in enumerate(vectors)
         ]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
@@ -170,16 +172,16 @@ class OpenAIApp:
     async def _completions(
         self, body: dict[str, Any], model: str, client: str | None, receive: Receive, send: Send
     ) -> None:
-        _refuse_unsupported(body)
+        req.refuse_unsupported(body)
         if body.get("echo"):
             raise BadRequest("echo is not supported; leave it out or set it to false", "echo")
         if body.get("best_of") not in (None, 1, body.get("n", 1)):
             raise BadRequest("best_of is not supported; leave it out", "best_of")
-        stream_opts = _stream_options(body)
-        params = sampling(body, chat=False)
-        prompts = _prompts(body.get("prompt"))
+        stream_opts = req.stream_options(body)
+        params = req.sampling(body, chat=False)
+        prompts = req.prompts(body.get("prompt"))
         streams = await self._submit_all(model, params, client, prompts=prompts)
-        reply = _Completion(model, params.n, stream_opts is not None and stream_opts)
+        reply = Completion(model, params.n, stream_opts is not None and stream_opts)
         if stream_opts is None:
             await _send_json(send, 200, await reply.collect(streams))
         else:
@@ -188,15 +190,15 @@ class OpenAIApp:
     async def _chat(
         self, body: dict[str, Any], model: str, client: str | None, receive: Receive, send: Send
     ) -> None:
-        _refuse_unsupported(body)
-        stream_opts = _stream_options(body)
-        params = sampling(body, chat=True)
-        messages = _messages(body.get("messages"))
+        req.refuse_unsupported(body)
+        stream_opts = req.stream_options(body)
+        params = req.sampling(body, chat=True)
+        messages = req.messages(body.get("messages"))
         unset = body.get("max_completion_tokens") is None and body.get("max_tokens") is None
         stream = await self.engine.generate(
             model, params, messages=messages, fill_max_tokens=unset, client=client
         )
-        reply = _Chat(model, params.n, stream_opts is not None and stream_opts)
+        reply = Chat(model, params.n, stream_opts is not None and stream_opts)
         if stream_opts is None:
             await _send_json(send, 200, await reply.collect([stream]))
         else:
@@ -247,381 +249,6 @@ class OpenAIApp:
 
 class _Disconnected(Exception):
     pass
-
-
-# -- sampling parameters -------------------------------------------------------------------
-
-
-def sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
-    """SamplingParams from an OpenAI request body; a bad value is a 400 naming its field."""
-    max_tokens = body.get("max_completion_tokens") if chat else None
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
-    fields: dict[str, Any] = {
-        "max_tokens": 16 if max_tokens is None else _int(max_tokens, "max_tokens"),
-        "temperature": _number(body, "temperature", 1.0),
-        "top_p": _number(body, "top_p", 1.0),
-        "n": _int(body.get("n", 1) if body.get("n") is not None else 1, "n"),
-        "stop": _stop(body.get("stop")),
-        "seed": None if body.get("seed") is None else _int(body["seed"], "seed"),
-        "presence_penalty": _number(body, "presence_penalty", 0.0),
-        "frequency_penalty": _number(body, "frequency_penalty", 0.0),
-        "logprobs": _logprobs(body, chat),
-    }
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise BadRequest("user must be a string", "user")
-    try:
-        return SamplingParams(**fields)
-    except InvalidArgument as exc:
-        found = _PARAM.search(exc.message)
-        raise BadRequest(exc.message, found.group(1) if found else None) from None
-
-
-def _int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} must be an integer, got {value!r}", name)
-    return value
-
-
-def _number(body: dict[str, Any], name: str, default: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRequest(f"{name} must be a number, got {value!r}", name)
-    return float(value)
-
-
-def _stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return tuple(value)
-    raise BadRequest("stop must be a string or a list of up to 4 strings", "stop")
-
-
-def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
-    value = body.get("logprobs")
-    if not chat:
-        return None if value is None else _int(value, "logprobs")
-    if value is None or value is False:
-        if body.get("top_logprobs") is not None:
-            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
-        return None
-    if value is not True:
-        raise BadRequest("logprobs must be true or false for chat completions", "logprobs")
-    top = body.get("top_logprobs")
-    return 0 if top is None else _int(top, "top_logprobs")
-
-
-def _stream_options(body: dict[str, Any]) -> bool | None:
-    """None: no streaming; else whether to send a final usage chunk."""
-    stream, options = body.get("stream"), body.get("stream_options")
-    if stream not in (None, True, False):
-        raise BadRequest("stream must be true or false", "stream")
-    if not stream:
-        if options is not None:
-            raise BadRequest(
-                "stream_options is only allowed with stream: true; set stream: true or "
-                "leave stream_options out",
-                "stream_options",
-            )
-        return None
-    if options is None:
-        return False
-    if not isinstance(options, dict):
-        raise BadRequest("stream_options must be an object", "stream_options")
-    include = options.get("include_usage", False)
-    if not isinstance(include, bool):
-        raise BadRequest("stream_options.include_usage must be true or false", "stream_options")
-    return include
-
-
-def _refuse_unsupported(body: dict[str, Any]) -> None:
-    for name in _UNSUPPORTED:
-        if body.get(name):
-            raise BadRequest(f"{name} is not supported by this server; leave it out", name)
-
-
-# -- inputs --------------------------------------------------------------------------------
-
-
-def _model(body: dict[str, Any]) -> str:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("model is required: the name of a model in the repository", "model")
-    return model
-
-
-def _is_ids(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value
-    )
-
-
-def _prompts(value: Any) -> list[Any]:
-    """A completion request's prompts: each a string or a list of token ids."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value:
-        if _is_ids(value):
-            return [value]
-        if all(isinstance(p, str) or (_is_ids(p) and p) for p in value):
-            return list(value)
-    raise BadRequest(
-        "prompt must be a string, a list of strings, a list of token ids, or a list of lists "
-        "of token ids (none empty)",
-        "prompt",
-    )
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise BadRequest("messages must be a non-empty list of {role, content}", "messages")
-    out = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise BadRequest(f"messages[{i}] must be an object with a role", "messages")
-        out.append({"role": message["role"], "content": _content(message.get("content"), i)})
-    return out
-
-
-def _content(value: Any, i: int) -> str:
-    """A message's text: a string, or the text parts of a list of content parts."""
-    if value is None or isinstance(value, str):
-        return value or ""
-    if isinstance(value, list):
-        texts = [p.get("text") for p in value if isinstance(p, dict) and p.get("type") == "text"]
-        if len(texts) == len(value) and all(isinstance(t, str) for t in texts):
-            return "".join(texts)
-    raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", "messages")
-
-
-def _embedding_input(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(t, str) for t in value):
-        return value
-    if isinstance(value, list) and value and (_is_ids(value) or all(_is_ids(v) for v in value)):
-        raise BadRequest(
-            "token ids are not supported by /v1/embeddings here; send the text (a string or a "
-            "list of strings)",
-            "input",
-        )
-    raise BadRequest("input must be a non-empty string or list of strings", "input")
-
-
-def _vector(row: np.ndarray, encoding: str) -> list[float] | str:
-    if encoding == "base64":  # little-endian float32 bytes, as the openai client decodes them
-        return base64.b64encode(row.tobytes()).decode("ascii")
-    return row.tolist()  # type: ignore[no-any-return]
-
-
-# -- responses -----------------------------------------------------------------------------
-
-
-def usage_doc(usages: list[Usage]) -> dict[str, Any]:
-    prompt = sum(u.prompt_tokens for u in usages)
-    completion = sum(u.completion_tokens for u in usages)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in usages)},
-    }
-
-
-class _Reply:
-    """What completions and chat share: ids, choice bookkeeping, collecting and streaming."""
-
-    object_name = ""
-    chunk_name = ""
-
-    prefix = "cmpl"
-
-    def __init__(self, model: str, n: int, include_usage: bool) -> None:
-        self.model, self.n, self.include_usage = model, n, include_usage
-        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-
-    def head(self, name: str) -> dict[str, Any]:
-        return {"id": self.id, "object": name, "created": self.created, "model": self.model}
-
-    async def collect(self, streams: list[TextStream]) -> dict[str, Any]:
-        texts: dict[int, list[str]] = {}
-        finish: dict[int, str | None] = {}
-        logprobs: dict[int, list[tuple[TextStream, TokenLogprob]]] = {}
-        usages: list[Usage] = []
-        async with contextlib.aclosing(merge(streams)) as events:
-            async for which, event in events:
-                index = which * self.n + event.index
-                texts.setdefault(index, []).append(event.text)
-                logprobs.setdefault(index, []).extend((streams[which], lp) for lp in event.logprobs)
-                finish[index] = event.finish_reason or finish.get(index)
-                if event.usage is not None:
-                    usages.append(event.usage)
-        choices = [
-            self.choice(i, "".join(texts[i]), finish[i], logprobs[i], streams)
-            for i in sorted(texts)
-        ]
-        return {**self.head(self.object_name), "choices": choices, "usage": usage_doc(usages)}
-
-    def choice(
-        self,
-        index: int,
-        text: str,
-        finish: str | None,
-        logprobs: list[tuple[TextStream, TokenLogprob]],
-        streams: list[TextStream],
-    ) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def logprobs_doc(self, items: list[tuple[TextStream, TokenLogprob]], with_lp: bool) -> Any:
-        raise NotImplementedError
-
-    async def chunks(self, streams: list[TextStream]) -> AsyncIterator[dict[str, Any]]:
-        usages: list[Usage] = []
-        for first in self.first_chunks(len(streams)):
-            yield first
-        async with contextlib.aclosing(merge(streams)) as events:
-            async for which, event in events:
-                if event.usage is not None:
-                    usages.append(event.usage)
-                if not event.text and event.finish_reason is None and not event.logprobs:
-                    continue  # held back (a possible stop string): nothing to say yet
-                index = which * self.n + event.index
-                pairs = [(streams[which], lp) for lp in event.logprobs]
-                yield self.chunk(index, event, pairs)
-        if self.include_usage:
-            yield {**self.head(self.chunk_name), "choices": [], "usage": usage_doc(usages)}
-
-    def first_chunks(self, prompts: int) -> list[dict[str, Any]]:
-        return []
-
-    def chunk(
-        self, index: int, event: TokenEvent, pairs: list[tuple[TextStream, TokenLogprob]]
-    ) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def with_usage(self, doc: dict[str, Any]) -> dict[str, Any]:
-        if self.include_usage:
-            doc["usage"] = None
-        return doc
-
-
-class _Completion(_Reply):
-    object_name = chunk_name = "text_completion"
-    prefix = "cmpl"
-
-    def choice(
-        self,
-        index: int,
-        text: str,
-        finish: str | None,
-        logprobs: list[tuple[TextStream, TokenLogprob]],
-        streams: list[TextStream],
-    ) -> dict[str, Any]:
-        return {
-            "index": index,
-            "text": text,
-            "logprobs": self.logprobs_doc(logprobs, bool(logprobs)),
-            "finish_reason": finish,
-        }
-
-    def logprobs_doc(self, items: list[tuple[TextStream, TokenLogprob]], with_lp: bool) -> Any:
-        if not with_lp:
-            return None
-        tokens = [stream.token_text(lp.token_id) for stream, lp in items]
-        offsets = np.cumsum([0, *map(len, tokens)])[:-1].tolist()
-        return {
-            "tokens": tokens,
-            "token_logprobs": [lp.logprob for _, lp in items],
-            "top_logprobs": [{stream.token_text(t): v for t, v in lp.top} for stream, lp in items],
-            "text_offset": offsets,
-        }
-
-    def chunk(
-        self, index: int, event: TokenEvent, pairs: list[tuple[TextStream, TokenLogprob]]
-    ) -> dict[str, Any]:
-        choice = {
-            "index": index,
-            "text": event.text,
-            "logprobs": self.logprobs_doc(pairs, bool(pairs)),
-            "finish_reason": event.finish_reason,
-        }
-        return self.with_usage({**self.head(self.chunk_name), "choices": [choice]})
-
-
-class _Chat(_Reply):
-    object_name = "chat.completion"
-    chunk_name = "chat.completion.chunk"
-    prefix = "chatcmpl"
-
-    def choice(
-        self,
-        index: int,
-        text: str,
-        finish: str | None,
-        logprobs: list[tuple[TextStream, TokenLogprob]],
-        streams: list[TextStream],
-    ) -> dict[str, Any]:
-        return {
-            "index": index,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": self.logprobs_doc(logprobs, bool(logprobs)),
-            "finish_reason": finish,
-        }
-
-    def logprobs_doc(self, items: list[tuple[TextStream, TokenLogprob]], with_lp: bool) -> Any:
-        if not with_lp:
-            return None
-
-        def entry(stream: TextStream, token_id: int, logprob: float) -> dict[str, Any]:
-            text = stream.token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-        return {
-            "content": [
-                {
-                    **entry(stream, lp.token_id, lp.logprob),
-                    "top_logprobs": [entry(stream, t, v) for t, v in lp.top],
-                }
-                for stream, lp in items
-            ]
-        }
-
-    def first_chunks(self, prompts: int) -> list[dict[str, Any]]:
-        """The role first, one chunk per choice, before any token."""
-        return [
-            self.with_usage(
-                {
-                    **self.head(self.chunk_name),
-                    "choices": [
-                        {
-                            "index": i,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
-                }
-            )
-            for i in range(prompts * self.n)
-        ]
-
-    def chunk(
-        self, index: int, event: TokenEvent, pairs: list[tuple[TextStream, TokenLogprob]]
-    ) -> dict[str, Any]:
-        delta = {"content": event.text} if event.text else {}
-        choice = {
-            "index": index,
-            "delta": delta,
-            "logprobs": self.logprobs_doc(pairs, bool(pairs)),
-            "finish_reason": event.finish_reason,
-        }
-        return self.with_usage({**self.head(self.chunk_name), "choices": [choice]})
 
 
 # -- sending -------------------------------------------------------------------------------
@@ -675,9 +302,11 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _send_json(send: Send, status: int, doc: Any) -> None:
+async def _send_json(
+    send: Send, status: int, doc: Any, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
-    headers = [*_JSON, (b"content-length", b"%d" % len(body))]
+    headers = [*_JSON, (b"content-length", b"%d" % len(body)), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -698,6 +327,15 @@ def _error(
 def _expect(method: str, wanted: str, scope: Scope) -> None:
     if method != wanted:
         raise _RouteError(405, f"{method} is not allowed on {scope['path'][:200]}; use {wanted}")
+
+
+def _may_use(identity: Identity, model: str) -> bool:
+    """Whether a key restricted to some models may see `model` in the listing."""
+    try:
+        authorize(identity, "infer", model)
+    except SlimserveError:
+        return False
+    return True
 
 
 def _token(scope: Scope) -> str | None:

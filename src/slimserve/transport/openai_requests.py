@@ -1,0 +1,198 @@
+"""OpenAI request bodies to what the engine takes: SamplingParams, prompts, messages, texts.
+
+Pure functions over the parsed JSON body; every mistake is a 400 (`BadRequest`) that names
+the field in the error's `param`.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Any
+
+import numpy as np
+
+from slimserve.errors import InvalidArgument
+from slimserve.serving.generation import SamplingParams
+
+_PARAM = re.compile(r"sampling parameter (\w+)=")  # the field named by SamplingParams' errors
+_UNSUPPORTED = ("suffix", "logit_bias", "tools", "functions", "response_format")
+
+
+class BadRequest(InvalidArgument):
+    """A request field is wrong; `param` names it in the error body."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+# -- sampling parameters -------------------------------------------------------------------
+
+
+def sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
+    """SamplingParams from an OpenAI request body; a bad value is a 400 naming its field."""
+    max_tokens = body.get("max_completion_tokens") if chat else None
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    fields: dict[str, Any] = {
+        "max_tokens": 16 if max_tokens is None else _int(max_tokens, "max_tokens"),
+        "temperature": _number(body, "temperature", 1.0),
+        "top_p": _number(body, "top_p", 1.0),
+        "n": _int(body.get("n", 1) if body.get("n") is not None else 1, "n"),
+        "stop": _stop(body.get("stop")),
+        "seed": None if body.get("seed") is None else _int(body["seed"], "seed"),
+        "presence_penalty": _number(body, "presence_penalty", 0.0),
+        "frequency_penalty": _number(body, "frequency_penalty", 0.0),
+        "logprobs": _logprobs(body, chat),
+    }
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise BadRequest("user must be a string", "user")
+    try:
+        return SamplingParams(**fields)
+    except InvalidArgument as exc:
+        found = _PARAM.search(exc.message)
+        raise BadRequest(exc.message, found.group(1) if found else None) from None
+
+
+def _int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name} must be an integer, got {value!r}", name)
+    return value
+
+
+def _number(body: dict[str, Any], name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"{name} must be a number, got {value!r}", name)
+    return float(value)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return tuple(value)
+    raise BadRequest("stop must be a string or a list of up to 4 strings", "stop")
+
+
+def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    value = body.get("logprobs")
+    if not chat:
+        return None if value is None else _int(value, "logprobs")
+    if value is None or value is False:
+        if body.get("top_logprobs") is not None:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        return None
+    if value is not True:
+        raise BadRequest("logprobs must be true or false for chat completions", "logprobs")
+    top = body.get("top_logprobs")
+    return 0 if top is None else _int(top, "top_logprobs")
+
+
+def stream_options(body: dict[str, Any]) -> bool | None:
+    """None: no streaming; else whether to send a final usage chunk."""
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream not in (None, True, False):
+        raise BadRequest("stream must be true or false", "stream")
+    if not stream:
+        if options is not None:
+            raise BadRequest(
+                "stream_options is only allowed with stream: true; set stream: true or "
+                "leave stream_options out",
+                "stream_options",
+            )
+        return None
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise BadRequest("stream_options must be an object", "stream_options")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise BadRequest("stream_options.include_usage must be true or false", "stream_options")
+    return include
+
+
+def refuse_unsupported(body: dict[str, Any]) -> None:
+    for name in _UNSUPPORTED:
+        if body.get(name):
+            raise BadRequest(f"{name} is not supported by this server; leave it out", name)
+
+
+# -- inputs --------------------------------------------------------------------------------
+
+
+def model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("model is required: the name of a model in the repository", "model")
+    return model
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    )
+
+
+def prompts(value: Any) -> list[Any]:
+    """A completion request's prompts: each a string or a list of token ids."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if _is_ids(value):
+            return [value]
+        if all(isinstance(p, str) or (_is_ids(p) and p) for p in value):
+            return list(value)
+    raise BadRequest(
+        "prompt must be a string, a list of strings, a list of token ids, or a list of lists "
+        "of token ids (none empty)",
+        "prompt",
+    )
+
+
+def messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise BadRequest("messages must be a non-empty list of {role, content}", "messages")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"messages[{i}] must be an object with a role", "messages")
+        out.append({"role": message["role"], "content": _content(message.get("content"), i)})
+    return out
+
+
+def _content(value: Any, i: int) -> str:
+    """A message's text: a string, or the text parts of a list of content parts."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, list):
+        texts = [p.get("text") for p in value if isinstance(p, dict) and p.get("type") == "text"]
+        strings = [t for t in texts if isinstance(t, str)]
+        if len(strings) == len(value):
+            return "".join(strings)
+    raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", "messages")
+
+
+def embedding_input(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(t, str) for t in value):
+        return value
+    if isinstance(value, list) and value and (_is_ids(value) or all(_is_ids(v) for v in value)):
+        raise BadRequest(
+            "token ids are not supported by /v1/embeddings here; send the text (a string or a "
+            "list of strings)",
+            "input",
+        )
+    raise BadRequest("input must be a non-empty string or list of strings", "input")
+
+
+def vector(row: np.ndarray, encoding: str) -> list[float] | str:
+    if encoding == "base64":  # little-endian float32 bytes, as the openai client decodes them
+        return base64.b64encode(row.tobytes()).decode("ascii")
+    return row.tolist()  # type: ignore[no-any-return]

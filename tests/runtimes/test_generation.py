@@ -1,0 +1,82 @@
+"""The text-generation runtime: chosen by task, v2 text in and out, memory, unload, errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slimserve.errors import ConfigError, ModelLoadError, Unavailable
+from slimserve.repository import Repository
+from slimserve.runtimes import create_runtime
+from slimserve.runtimes.generation import GenerationRuntime
+from tests.serving.generation.conftest import tiny_llama_dir  # noqa: F401 - a fixture
+from tests.transport.test_openai import LM_YAML
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def repo_with(root: Path, folder: Path, yaml: str) -> Repository:
+    (root / "tiny").mkdir(parents=True)
+    (root / "tiny" / "model.yaml").write_text(yaml)
+    shutil.copytree(folder, root / "tiny" / "1")
+    return Repository(root)
+
+
+def test_runtime_generates_counts_memory_and_unloads(
+    tmp_path: Path,
+    tiny_llama_dir: Path,  # noqa: F811
+) -> None:
+    target = repo_with(tmp_path, tiny_llama_dir, LM_YAML).target("tiny", 1)
+    runtime = create_runtime(target)
+    assert isinstance(runtime, GenerationRuntime)
+    runtime.load()
+    try:
+        runtime.warmup()
+        engine = runtime.engine
+        assert engine is not None
+        kv = engine.pool.numel() * 4
+        assert kv <= 1048576 < kv + engine.block_bytes()  # the pool: kv_cache_bytes, in blocks
+        assert runtime.memory_bytes() == engine.model.nbytes() + kv
+        prompts = np.array([b"hello world", "caf\u00e9".encode()], dtype=object)
+        out = runtime.infer({"text": prompts})["text"]
+        assert out.shape == (2,) and out.dtype == object
+        assert out[0] == runtime.infer({"text": prompts[:1]})["text"][0]  # greedy: repeatable
+        assert all(isinstance(t, bytes) and t for t in out)
+    finally:
+        runtime.unload()
+    assert runtime.memory_bytes() == 0 and engine._thread is None  # the worker stopped
+    with pytest.raises(Unavailable):
+        runtime.infer({"text": prompts})
+
+
+def test_text_generation_needs_bytes_tensors(tmp_path: Path, tiny_llama_dir: Path) -> None:  # noqa: F811
+    yaml = LM_YAML.replace(
+        "outputs: [{name: text, datatype: BYTES, shape: [-1]}]",
+        "outputs: [{name: logits, datatype: FP32, shape: [-1]}]",
+    )
+    runtime = create_runtime(repo_with(tmp_path, tiny_llama_dir, yaml).target("tiny", 1))
+    with pytest.raises(ModelLoadError, match="first output"):
+        runtime.load()
+
+
+def test_generation_settings_are_validated(tmp_path: Path, tiny_llama_dir: Path) -> None:  # noqa: F811
+    yaml = LM_YAML.replace("max_seqs: 8}", "max_seqs: 8, weights: int4}")
+    repository = repo_with(tmp_path, tiny_llama_dir, yaml)
+    with pytest.raises(ConfigError, match=r"generation\.weights"):
+        repository.config("tiny")
+
+
+def test_repo_add_detects_a_causal_lm(tmp_path: Path, tiny_llama_dir: Path) -> None:  # noqa: F811
+    """`slimserve repo add` of a *ForCausalLM folder writes a text-generation model.yaml whose
+    v2 tensors are BYTES text in and out, and it loads as a GenerationRuntime."""
+    from slimserve.repository.importer import add_model
+
+    add_model(tmp_path, "lm", tiny_llama_dir)
+    config = Repository(tmp_path).config("lm")
+    assert config.task == "text-generation"
+    assert [(t.name, t.datatype, t.shape) for t in config.outputs] == [("text", "BYTES", [-1])]
+    runtime = create_runtime(Repository(tmp_path).target("lm", 1))
+    assert isinstance(runtime, GenerationRuntime)

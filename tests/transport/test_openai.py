@@ -443,3 +443,28 @@ def test_rate_limit_is_a_429_with_retry_after(repo: Path) -> None:
         assert int(refused.headers["retry-after"]) >= 1
 
     run(repo, body, client_rate_limit=0.01, client_burst=1)
+
+
+def test_chat_without_a_template_is_a_400_without_paths(
+    tmp_path: Path,
+    tiny_llama_dir: Path,  # noqa: F811
+) -> None:
+    root = tmp_path / "models"
+    (root / "plain").mkdir(parents=True)
+    (root / "plain" / "model.yaml").write_text(LM_YAML)
+    folder = shutil.copytree(tiny_llama_dir, root / "plain" / "1")
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = orjson.loads((folder / "tokenizer_config.json").read_bytes())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_bytes(orjson.dumps(config))
+
+    async def body(client: httpx.AsyncClient, app: Any) -> dict[str, Any]:
+        messages = [{"role": "user", "content": "hi"}]
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "plain", "messages": messages}
+        )
+        return error_of(response, 400)
+
+    error = run(root, body)
+    assert "chat template" in error["message"] and "completions" in error["message"]
+    assert str(root) not in error["message"]

@@ -7,6 +7,7 @@ A served variant is addressed as `NAME:VARIANT` (or the request parameter `varia
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ def check_name(name: str, what: str = "model name") -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4096)  # on every request: valid names are few, validate once
 def split_served_name(served: str) -> tuple[str, str | None]:
     """'mlp:int8' -> ('mlp', 'int8'); 'mlp' -> ('mlp', None). Both parts validated."""
     name, sep, variant = served.partition(VARIANT_SEPARATOR)

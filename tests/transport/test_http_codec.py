@@ -324,7 +324,7 @@ BAD_BINARY = [
     ([_bin_input(8)], b"\0" * 12, "add up to 8 bytes but 12 bytes follow"),
     ([_bin_input(16)], b"\0" * 8, "add up to 16 bytes but only 8"),
     ([_bin_input(12, shape=(3,))], b"\0" * 8, "add up to 12 bytes but only 8"),
-    ([_bin_input(4)], b"\0" * 4, "needs 8 bytes but binary_data_size is 4"),
+    ([_bin_input(4)], b"\0" * 4, "needs 8 bytes but its binary data (binary_data_size) has 4"),
     ([_bin_input(-1)], b"", "non-negative integer"),
     ([_bin_input(8, data=[1, 2])], b"\0" * 8, "both 'data' and binary_data_size"),
     ([_bin_input(8, "BYTES", shape=(10**9,))], b"\0" * 8, "need at least 4000000000 bytes"),

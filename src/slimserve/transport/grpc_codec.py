@@ -17,7 +17,6 @@ the engine reads float seconds; a double or string `timeout` is taken as seconds
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -30,13 +29,13 @@ from slimserve.errors import InvalidArgument, Unimplemented
 from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport._proto import model_config_pb2 as mc
 from slimserve.transport.limits import check_extent
+from slimserve.transport.raw import pack_bytes, tensor_from_raw
 from slimserve.types import DATATYPE_TO_NUMPY, InferRequest, InferResponse, datatype_of
 
 MAX_DIMS = 32  # numpy allows 64; no model here has more than a handful
-_U32 = struct.Struct("<I")
+_RAW_WHERE = "its raw_input_contents buffer"
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
 # Little-endian dtypes for raw buffers (the wire order, whatever the host's).
-_RAW_DTYPES = {n: dt.newbyteorder("<") for n, dt in DATATYPE_TO_NUMPY.items() if n != "BYTES"}
 # datatype -> (InferTensorContents field, numpy dtype of that field's values).
 CONTENTS_FIELDS: dict[str, tuple[str, np.dtype[Any]]] = {
     "BOOL": ("bool_contents", np.dtype(np.bool_)),
@@ -93,7 +92,7 @@ def decode_inputs(message: pb.ModelInferRequest) -> dict[str, np.ndarray]:
                 f"input {name!r} has 'contents' but the request uses raw_input_contents; "
                 "send every input one way"
             )
-        arrays[name] = raw_tensor(raw[i], datatype, shape, name)
+        arrays[name] = tensor_from_raw(raw[i], datatype, shape, name, _RAW_WHERE)
     return arrays
 
 
@@ -118,54 +117,6 @@ def tensor_header(tensor: Any) -> tuple[str, str, tuple[int, ...]]:
         )
     check_extent(shape, name)
     return name, datatype, shape
-
-
-def raw_tensor(buffer: bytes, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """One raw_input_contents buffer as an array of `shape` (a read-only view, except BYTES)."""
-    count = math.prod(shape)
-    if datatype == "BYTES":
-        return unpack_bytes(buffer, count, name).reshape(shape)
-    dtype = _RAW_DTYPES[datatype]
-    need = count * dtype.itemsize
-    if len(buffer) != need:
-        raise InvalidArgument(
-            f"input {name!r}: shape {list(shape)} of {datatype} needs {need} bytes but its "
-            f"raw_input_contents buffer has {len(buffer)}"
-        )
-    array = np.frombuffer(buffer, dtype=dtype)
-    if datatype == "BOOL" and count and array.view(np.uint8).max() > 1:
-        raise InvalidArgument(f"input {name!r} is BOOL: each raw byte must be 0 or 1")
-    return array.reshape(shape)
-
-
-def unpack_bytes(buffer: bytes, count: int, name: str) -> np.ndarray:
-    """`count` length-prefixed elements filling `buffer` exactly -> object array of bytes."""
-    size = len(buffer)
-    if count * _U32.size > size:  # checked first: a huge declared shape allocates nothing
-        raise InvalidArgument(
-            f"input {name!r}: {count} BYTES elements need at least {count * 4} bytes but its "
-            f"raw_input_contents buffer has {size}"
-        )
-    view = memoryview(buffer)
-    out = np.empty(count, dtype=object)
-    pos = 0
-    for i in range(count):
-        (length,) = _U32.unpack_from(view, pos)
-        end = pos + 4 + length
-        if end > size or (i + 1 < count and end + 4 > size):
-            raise InvalidArgument(
-                f"input {name!r}: BYTES element {i} of {count} runs past the end of its "
-                "raw_input_contents buffer; each element is a 4-byte little-endian length "
-                "followed by that many bytes"
-            )
-        out[i] = bytes(view[pos + 4 : end])
-        pos = end
-    if pos != size:
-        raise InvalidArgument(
-            f"input {name!r}: {size - pos} bytes are left over after {count} BYTES elements "
-            "in its raw_input_contents buffer"
-        )
-    return out
 
 
 def contents_tensor(
@@ -327,16 +278,6 @@ def raw_bytes(array: np.ndarray, datatype: str) -> bytes:
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     return array.tobytes()  # C order, whatever the array's strides
-
-
-def pack_bytes(array: np.ndarray) -> bytes:
-    """Elements (bytes or text) as 4-byte little-endian lengths, each followed by its bytes."""
-    parts: list[bytes] = []
-    for item in array.reshape(-1):
-        data = item if isinstance(item, bytes) else str(item).encode()
-        parts.append(_U32.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
 
 
 # -- metadata, configuration, statistics, repository --------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +26,11 @@ import orjson
 
 from slimserve.errors import InvalidArgument, Unimplemented
 from slimserve.transport.limits import check_extent
+from slimserve.transport.raw import pack_bytes, tensor_from_raw
 from slimserve.types import DATATYPE_TO_NUMPY, InferRequest, InferResponse, datatype_of
 
 MAX_DIMS = 32  # numpy allows 64; no model here has more than a handful
-_U32 = struct.Struct("<I")
+_BINARY_WHERE = "its binary data (binary_data_size)"
 _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 # Which numpy kinds (as np.asarray infers them from JSON) each datatype accepts.
 _FLOAT_KINDS, _INT_KINDS = frozenset("fiu"), frozenset("iu")
@@ -153,7 +153,7 @@ def _decode_inputs(items: Any, binary: memoryview, has_binary: bool) -> dict[str
                 f"binary_data_size of the inputs up to {name!r} add up to {end} bytes but only "
                 f"{len(binary)} bytes follow the JSON header"
             )
-        arrays[name] = binary_tensor(binary[offset:end], datatype, shape, name)
+        arrays[name] = tensor_from_raw(binary[offset:end], datatype, shape, name, _BINARY_WHERE)
         offset = end
     if offset != len(binary):
         raise InvalidArgument(
@@ -295,47 +295,6 @@ def _json_strings(data: list[Any], name: str) -> np.ndarray:
     return out.reshape(nested.shape)
 
 
-def binary_tensor(view: memoryview, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """A binary tensor as a read-only view of the body (BYTES: an object array of bytes)."""
-    count = math.prod(shape)
-    if datatype == "BYTES":
-        return unpack_bytes(view, count, name).reshape(shape)
-    dtype = DATATYPE_TO_NUMPY[datatype]
-    need = count * dtype.itemsize
-    if len(view) != need:
-        raise InvalidArgument(
-            f"input {name!r}: shape {list(shape)} of {datatype} needs {need} bytes but "
-            f"binary_data_size is {len(view)}"
-        )
-    return np.frombuffer(view, dtype=dtype).reshape(shape)
-
-
-def unpack_bytes(view: memoryview, count: int, name: str) -> np.ndarray:
-    """`count` length-prefixed elements filling `view` exactly -> object array of bytes."""
-    size = len(view)
-    if count * _U32.size > size:  # checked first: a huge declared shape allocates nothing
-        raise InvalidArgument(
-            f"input {name!r}: {count} BYTES elements need at least {count * 4} bytes but "
-            f"binary_data_size is {size}"
-        )
-    out = np.empty(count, dtype=object)
-    pos = 0
-    for i in range(count):
-        if pos + 4 > size:
-            raise InvalidArgument(f"input {name!r}: element {i} of {count} is cut off")
-        (length,) = _U32.unpack_from(view, pos)
-        end = pos + 4 + length
-        if end > size:
-            raise InvalidArgument(f"input {name!r}: element {i} runs past binary_data_size")
-        out[i] = bytes(view[pos + 4 : end])
-        pos = end
-    if pos != size:
-        raise InvalidArgument(
-            f"input {name!r}: {size - pos} bytes are left over after {count} BYTES elements"
-        )
-    return out
-
-
 def _decode_outputs(
     items: Any, params: dict[str, Any]
 ) -> tuple[tuple[str, ...] | None, OutputFormat]:
@@ -420,16 +379,6 @@ def binary_output(array: np.ndarray, datatype: str) -> bytes | np.ndarray:
     if datatype != "BYTES":
         return np.ascontiguousarray(array)
     return pack_bytes(array)
-
-
-def pack_bytes(array: np.ndarray) -> bytes:
-    """An array of bytes/str elements in the length-prefixed BYTES wire format."""
-    parts: list[bytes] = []
-    for x in array.reshape(-1):
-        data = x if isinstance(x, bytes) else str(x).encode()
-        parts.append(_U32.pack(len(data)))
-        parts.append(data)
-    return b"".join(parts)
 
 
 def _short(value: Any) -> str:

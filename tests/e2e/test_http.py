@@ -385,3 +385,14 @@ def test_errors_do_not_reveal_where_the_repository_is(server: ServerProcess) -> 
     assert "UNAVAILABLE" in body and "<repository>" in body
     root = server.log_path.parent / "models"
     assert str(root) not in body
+
+
+def test_health_status_reports_degraded_states(server: ServerProcess) -> None:
+    import json
+    import urllib.request
+
+    url = f"http://{server.http_url}/v2/health/status"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        status = json.loads(resp.read())
+    assert status["live"] and status["ready"]
+    assert status["status"] == "degraded" and "broken/1" in status["failed_units"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from slimserve.config import Settings
-from slimserve.errors import ResourceExhausted
+from slimserve.errors import ResourceExhausted, Unavailable
 from slimserve.repository import Repository
 from slimserve.runtimes.base import Runtime
 from slimserve.serving.engine import Engine
@@ -135,7 +135,7 @@ def test_a_model_larger_than_the_budget_is_refused_with_figures(tmp_path):
     root = repo(tmp_path, {"huge": 500, "small": 10})
 
     async def body(engine: Engine):
-        with pytest.raises(ResourceExhausted, match="needs about .* MiB but the memory budget"):
+        with pytest.raises(Unavailable, match="needs about .* MiB but the memory budget"):
             await engine.infer(req("huge"))
         return await engine.infer(req("small"))
 

@@ -229,8 +229,8 @@ class ModelManager:
 
     async def _load_unit(self, unit: Unit, evict: bool) -> None:
         estimate = max(folder_bytes(unit.target), 1)
-        if estimate > self.budget_bytes:
-            raise ResourceExhausted(
+        if estimate > self.budget_bytes:  # can never succeed: 503 without Retry-After
+            raise Unavailable(
                 f"{unit.target.key} needs about {estimate / MiB:.1f} MiB but the memory budget "
                 f"is {self.budget_bytes / MiB:.1f} MiB; raise --memory-budget-bytes or serve "
                 "a smaller variant"

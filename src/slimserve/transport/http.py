@@ -9,6 +9,7 @@ second write is not held back by Nagle's algorithm waiting for a delayed ACK.)
 Routes (Triton's spelling where the KServe spec has none):
   GET  /v2                                   server metadata
   GET  /v2/health/live | /v2/health/ready    200 or 503, {"live": bool} / {"ready": bool}
+  GET  /v2/health/status                     degraded states (open breakers, failed units)
   GET  /v2/models/stats                      statistics of every model
   GET  /v2/models/{m}[/versions/{v}]         model metadata
   GET  .../ready | .../config | .../stats    readiness, Triton-style config, statistics
@@ -230,6 +231,10 @@ class HttpApp:
         raise _no_route(request)
 
     def _health(self, request: _Request, which: str) -> Reply:
+        if which == "status":  # what is degraded and why: names models, so it needs a key
+            _expect(request, "GET")
+            self._allow(request, "metrics")
+            return _json(self.engine.health(), 200)
         if which == "live":
             ok = self.engine.live()
         elif which == "ready":

@@ -89,6 +89,17 @@ SCHEMAS: dict[str, Schema] = {
         input=_array({"type": "object"}),
         output=_array({"type": "object"}),
     ),
+    "HealthStatus": _obj(
+        ["status", "live", "ready"],
+        status={"type": "string", "enum": ["ok", "degraded", "starting", "stopping"]},
+        live=_BOOL,
+        ready=_BOOL,
+        breakers_open=_array(_STR),
+        failed_units=_array(_STR),
+        degraded_models=_array(_STR),
+        resident_bytes=_INT,
+        memory_budget_bytes=_INT,
+    ),
     "Statistics": _obj(
         ["model_stats"],
         model_stats=_array(
@@ -268,6 +279,7 @@ def build_openapi() -> dict[str, Any]:
         },
         "/v2/health/live": _health("live"),
         "/v2/health/ready": _health("ready"),
+        "/v2/health/status": _get("health_status", _json_response("HealthStatus"), (401, 403), []),
         "/v2/models/stats": _get("all_stats", _json_response("Statistics"), (401, 403), []),
         **_model_paths("/v2/models/{model}", [_MODEL], ""),
         **_model_paths("/v2/models/{model}/versions/{version}", [_MODEL, _VERSION], "_version"),

@@ -97,7 +97,7 @@ class GDSF:
         return chosen
 
 
-POLICIES = {"lru": LRU, "lfu": LFU, "gdsf": GDSF}
+POLICIES: dict[str, type[LRU] | type[GDSF]] = {"lru": LRU, "lfu": LFU, "gdsf": GDSF}
 
 
 def make_policy(name: str) -> EvictionPolicy:

@@ -79,7 +79,7 @@ def refuse_pickles(folder: Path) -> None:
 
 
 def _unit_files(folder: Path) -> list[Path]:
-    out = []
+    out: list[Path] = []
     for path in folder.iterdir():
         if path.is_dir():
             if path.name != VARIANTS_DIR:

@@ -42,7 +42,7 @@ def cache_key(unit_key: str, inputs: Arrays, parameters: dict[str, Any]) -> str:
                 h.update(struct.pack("<I", len(data)))
                 h.update(data)
         else:
-            h.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+            h.update(np.ascontiguousarray(array).data.cast("B"))
     relevant = {k: v for k, v in parameters.items() if k not in _NEUTRAL_PARAMETERS}
     if relevant:
         h.update(orjson.dumps(relevant, option=orjson.OPT_SORT_KEYS, default=str))

@@ -312,9 +312,8 @@ class ModelManager:
         if short <= 0:
             return
         units = {u.resident.key: u for u in self.resident_units() if u.resident is not None}
-        victims = (
-            self.policy.victims([u.resident for u in units.values()], short) if evict else None
-        )
+        held = [u.resident for u in units.values() if u.resident is not None]
+        victims = self.policy.victims(held, short) if evict else None
         if victims is None:
             raise ResourceExhausted(
                 f"no room for {need / MiB:.1f} MiB: {self.used_bytes / MiB:.1f} of "

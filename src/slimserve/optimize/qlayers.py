@@ -30,6 +30,20 @@ def _bias_buffer(module: nn.Module, out_features: int, bias: bool) -> None:
     module.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
 
+def _copy_bias(layer: QuantizedLayer, linear: nn.Linear) -> None:
+    if linear.bias is not None and layer.bias is not None:
+        layer.bias.copy_(linear.bias.detach())
+
+
+def _linear_spec(layer: Any) -> dict[str, Any]:
+    """Constructor arguments of a quantized Linear: its twin for loading is built from them."""
+    return {
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "bias": layer.bias is not None,
+    }
+
+
 class Int8DynamicLinear(QuantizedLayer):
     """int8 weights (symmetric per channel), int8 activations quantized per token at run time.
 
@@ -55,16 +69,11 @@ class Int8DynamicLinear(QuantizedLayer):
         q, scale = quant(linear.weight)
         layer.qweight_t.copy_(q.t())
         layer.weight_scale.copy_(scale)
-        if linear.bias is not None and layer.bias is not None:
-            layer.bias.copy_(linear.bias.detach())
+        _copy_bias(layer, linear)
         return layer
 
     def spec(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-        }
+        return _linear_spec(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -97,16 +106,11 @@ class WeightOnlyInt8Linear(QuantizedLayer):
         q, scale = qmath.quantize_weight_per_channel(linear.weight)
         layer.qweight.copy_(q)
         layer.weight_scale.copy_(scale)
-        if linear.bias is not None and layer.bias is not None:
-            layer.bias.copy_(linear.bias.detach())
+        _copy_bias(layer, linear)
         return layer
 
     def spec(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-        }
+        return _linear_spec(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -151,15 +155,12 @@ class WeightOnlyInt4Linear(QuantizedLayer):
         q = torch.round(w / scale[..., None]).clamp(-7, 7).to(torch.int8)
         layer.qweight.copy_(qmath.pack_int4(q.reshape(linear.out_features, -1)))
         layer.group_scale.copy_(scale)
-        if linear.bias is not None and layer.bias is not None:
-            layer.bias.copy_(linear.bias.detach())
+        _copy_bias(layer, linear)
         return layer
 
     def spec(self) -> dict[str, Any]:
         return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
+            **_linear_spec(self),
             "group_size": self.group_size,
         }
 
@@ -243,11 +244,7 @@ class StaticInt8Linear(_StaticInput):
         return layer
 
     def spec(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-        }
+        return _linear_spec(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -10,14 +10,15 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import typing
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 from slimserve.config import Settings
-from slimserve.errors import ConfigError
+from slimserve.errors import ConfigError, SlimserveError
 from slimserve.repository.store import Repository
 from slimserve.serving.engine import Engine
 
@@ -83,17 +84,37 @@ def configure_logging(settings: Settings) -> None:
 
 
 def run_server(settings: Settings) -> None:
-    """Run until SIGINT/SIGTERM, on uvloop where available."""
+    """Run until SIGINT/SIGTERM, on uvloop where available; several processes with workers."""
     configure_logging(settings)
+    if settings.workers > 1:
+        from slimserve.cluster.processes import run_workers
+
+        if run_workers(settings, run_worker):
+            raise SlimserveError("a worker process failed; see the log above")
+        return
+    _run_loop(serve(settings))
+
+
+def run_worker(settings: Settings, sockets: list[socket.socket]) -> None:
+    """One worker process of `--workers N` (started by cluster.processes)."""
+    configure_logging(settings)
+    _run_loop(serve(settings, http_sockets=sockets))
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
-
-        uvloop.run(serve(settings))
     except ImportError:
-        asyncio.run(serve(settings))
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
-async def serve(settings: Settings, started: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: Settings,
+    started: asyncio.Event | None = None,
+    http_sockets: list[socket.socket] | None = None,
+) -> None:
     """Start the engine and the transports; stop them in order on a signal."""
     repository = Repository(settings.repository)
     if not repository.root.is_dir():
@@ -111,7 +132,7 @@ async def serve(settings: Settings, started: asyncio.Event | None = None) -> Non
     try:
         if settings.http_port:
             http_server = _http_server(engine, settings)
-            http_task = loop.create_task(http_server.serve())
+            http_task = loop.create_task(http_server.serve(sockets=http_sockets))
         if settings.grpc_port:
             from slimserve.transport.grpc import create_server
 

@@ -94,6 +94,13 @@ class Settings(BaseSettings):
         description="File to append audit lines to (JSON, one per management action); the "
         "slimserve.audit logger always gets them.",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Server processes sharing the ports; each loads its own models (the "
+        "memory budget is split between them), batches and counts on its own.",
+    )
     max_body_bytes: int = Field(
         64 * MiB, gt=0, description="Largest request body accepted, in bytes (413 above)."
     )
@@ -181,6 +188,11 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together: give both, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs tls_cert and tls_key (mTLS is over TLS)")
+        if self.workers > 1 and self.model_control:
+            raise ValueError(
+                "model_control with several workers would load or unload in one process "
+                "only; use workers: 1 to manage models through the API"
+            )
         if self.data_key_file is not None and self.data_key_env is not None:
             raise ValueError("set data_key_file or data_key_env, not both")
         return self

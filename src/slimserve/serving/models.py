@@ -131,7 +131,7 @@ class ModelManager:
             graph_optimization=settings.ort_graph_optimization,
             data_key=settings.data_key(),
         )
-        self.budget_bytes = settings.memory_budget_bytes or default_budget()
+        self.budget_bytes = settings.memory_budget_bytes or default_budget() // settings.workers
         self.policy = make_policy(settings.eviction_policy)
         self.used_bytes = 0  # resident sizes plus reservations of loads in progress
         self.loads = 0

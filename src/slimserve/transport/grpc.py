@@ -101,8 +101,9 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         # gRPC's limits are C ints: larger settings mean "as large as gRPC allows".
         ("grpc.max_receive_message_length", min(settings.max_body_bytes, _INT32_MAX)),
         ("grpc.max_send_message_length", -1),  # answers are as large as the model makes them
-        # Without this, Linux lets a second server bind the same port and steal half its calls.
-        ("grpc.so_reuseport", 0),
+        # One process: refuse a port another server holds (it would steal half the calls).
+        # Several workers (--workers): they share the port on purpose.
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         # Limits (see SECURITY.md): metadata size, a deadline on the TLS and HTTP/2
         # handshake, idle connections closed (clients reconnect by themselves), and keepalive
         # pings every 60 s that drop a peer silent for 20 s more.

@@ -11,24 +11,7 @@ import pytest
 
 from slimserve.repository.schema import ModelConfig
 from slimserve.testing import write_model
-
-SIZES = [8, 16, 4]  # MLP: 8 features -> 16 hidden -> 4 logits
-MLP_IO = {
-    "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, SIZES[0]]}],
-    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, SIZES[-1]]}],
-    "batching": {"max_batch_size": 16},
-}
-TEXT_INPUT = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
-TOKENIZER_FILES = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "special_tokens_map.json",
-]
-
-
-def mlp_config(backend: str, **fields: object) -> ModelConfig:
-    return ModelConfig.model_validate({"backend": backend, **MLP_IO, **fields})
+from tests.runtimes.conftest import SIZES, TEXT_INPUT, TOKENIZER_FILES, mlp_config
 
 
 def text_config(task: str, width: int) -> ModelConfig:

@@ -133,6 +133,10 @@ class Repository:
             if (p / MODEL_YAML).is_file() and _NAME.match(p.name) and ".." not in p.name
         )
 
+    def has_model(self, name: str) -> bool:
+        """Whether `name` (a valid name) is a model folder with a model.yaml."""
+        return (self.root / check_name(name) / MODEL_YAML).is_file()
+
     def model_dir(self, name: str) -> Path:
         check_name(name)
         path = self._inside(self.root / name)

@@ -163,7 +163,9 @@ class ModelManager:
 
     def entry(self, name: str) -> ModelEntry:
         """The model's entry; a model added to the repository since start is discovered."""
-        if name not in self.models and name in self.repository.model_names():
+        # One stat for an unknown name, not a listing of the repository (names are validated
+        # before they get here, so the path stays inside the root).
+        if name not in self.models and self.repository.has_model(name):
             self.models[name] = self.discover(name)
         try:
             return self.models[name]

@@ -137,12 +137,7 @@ class Completion(Reply):
     def chunk(
         self, index: int, event: TokenEvent, pairs: list[tuple[TextStream, TokenLogprob]]
     ) -> dict[str, Any]:
-        choice = {
-            "index": index,
-            "text": event.text,
-            "logprobs": self.logprobs_doc(pairs, bool(pairs)),
-            "finish_reason": event.finish_reason,
-        }
+        choice = self.choice(index, event.text, event.finish_reason, pairs, [])
         return self.with_usage({**self.head(self.chunk_name), "choices": [choice]})
 
 

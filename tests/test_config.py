@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from slimserve.config import Settings
@@ -56,3 +58,17 @@ def test_bad_environment_value_is_named(monkeypatch):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read the config file"):
         Settings.load(tmp_path / "absent.yaml")
+
+
+def test_serve_makes_openmp_threads_sleep_unless_told_to_spin(monkeypatch) -> None:
+    from slimserve.app import configure_threads
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "unset")  # recorded, so the test leaves it as it was
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    configure_threads(Settings(spin_wait=True))
+    assert "OMP_WAIT_POLICY" not in os.environ
+    configure_threads(Settings())
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own choice wins
+    configure_threads(Settings())
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

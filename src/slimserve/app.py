@@ -86,6 +86,7 @@ def configure_logging(settings: Settings) -> None:
 def run_server(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM, on uvloop where available; several processes with workers."""
     configure_logging(settings)
+    configure_threads(settings)
     if settings.workers > 1:
         from slimserve.cluster.processes import run_workers
 
@@ -95,9 +96,19 @@ def run_server(settings: Settings) -> None:
     _run_loop(serve(settings))
 
 
+def configure_threads(settings: Settings) -> None:
+    """OpenMP (torch's intra-op pool) reads its wait policy once, when torch is imported: set
+    it first. Spinning OpenMP threads took the cores from the event loop and the client on a
+    2-core machine (MiniLM batch 32 in-process, other processes busy: 34 rows/s spinning,
+    231 sleeping; benchmarks/RESULTS.md). A policy the user set in the environment wins."""
+    if not settings.spin_wait:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def run_worker(settings: Settings, sockets: list[socket.socket]) -> None:
     """One worker process of `--workers N` (started by cluster.processes)."""
     configure_logging(settings)
+    configure_threads(settings)
     _run_loop(serve(settings, http_sockets=sockets))
 
 

@@ -175,6 +175,25 @@ def test_allow_spinning_parameter(onnx_target: Target, tmp_path: Path) -> None:
     assert entry == "0"
 
 
+def _spinning(target: Target, options: RuntimeOptions) -> str:
+    runtime = OnnxRuntime(target, options)
+    runtime.load()
+    assert runtime.session is not None
+    options_now = runtime.session.get_session_options()
+    return str(options_now.get_session_config_entry("session.intra_op.allow_spinning"))
+
+
+def test_spin_wait_setting_is_the_default_and_the_model_parameter_wins(
+    onnx_target: Target, tmp_path: Path
+) -> None:
+    assert _spinning(onnx_target, RuntimeOptions()) == "0"  # the server's default: sleep
+    assert _spinning(onnx_target, RuntimeOptions(spin_wait=True)) == "1"
+    spinning = make_model(
+        tmp_path, onnx_target.path / "model.onnx", "m", parameters={"allow_spinning": True}
+    )
+    assert _spinning(spinning, RuntimeOptions(spin_wait=False)) == "1"
+
+
 def test_bad_inter_op_threads_parameter(onnx_target: Target, tmp_path: Path) -> None:
     target = make_model(
         tmp_path, onnx_target.path / "model.onnx", "m", parameters={"inter_op_threads": "four"}

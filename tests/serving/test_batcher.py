@@ -174,3 +174,53 @@ def test_output_without_batch_dimension_fails_the_batch_clearly(pool):
 
     with pytest.raises(SlimserveError, match="batch dimension"):
         asyncio.run(main())
+
+
+def test_closed_loop_clients_share_one_batch_instead_of_alternating_halves(pool):
+    # 8 clients, each sending its next request as soon as the last is answered, against a
+    # 20 ms model: dispatching whatever is queued when the model frees up splits them into
+    # two alternating batches of 4; waiting (briefly) for the clients just answered makes
+    # one batch of all 8.
+    sizes: list[int] = []
+
+    def infer(inputs):
+        sizes.append(inputs["x"].shape[0])
+        time.sleep(0.02)
+        return _double(inputs)
+
+    async def client(b: Batcher, index: int, rounds: int) -> None:
+        await asyncio.sleep(index * 0.003)  # clients connect one after another
+        for _ in range(rounds):
+            await b.submit({"x": np.ones((1, 4), np.float32)}, 1)
+            await asyncio.sleep(0.0005)  # the answer's way back and the next request's way in
+
+    async def main():
+        b = _batcher(pool, infer, max_batch_size=32, max_delay_s=0.01)
+        await _with(b, asyncio.gather(*(client(b, i, 12) for i in range(8))))
+
+    asyncio.run(main())
+    steady = sizes[3:-3]  # past the first arrivals, before the clients finish
+    assert sum(steady) / len(steady) > 6, sizes
+
+
+def test_a_lone_client_is_not_held_back_by_an_earlier_crowd(pool):
+    # After 8 clients leave, one client goes on alone: its requests must not wait for the
+    # crowd's old peak (they go out after the short pause, not max_delay_s).
+    waits: list[float] = []
+
+    async def main():
+        b = _batcher(pool, max_batch_size=32, max_delay_s=2.0)
+        b.start()
+        try:
+            await asyncio.gather(
+                *(b.submit({"x": np.ones((1, 4), np.float32)}, 1) for _ in range(8))
+            )
+            for _ in range(5):
+                start = time.perf_counter()
+                await b.submit({"x": np.ones((1, 4), np.float32)}, 1)
+                waits.append(time.perf_counter() - start)
+        finally:
+            await b.close()
+
+    asyncio.run(main())
+    assert max(waits) < 1.0, waits  # max_delay_s is 2 s; the pause is milliseconds

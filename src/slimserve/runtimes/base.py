@@ -23,6 +23,7 @@ class RuntimeOptions:
 
     intra_op_threads: int = 0  # 0: the framework's default (one per core)
     graph_optimization: str = "all"  # ONNX Runtime: disable | basic | extended | all
+    spin_wait: bool = False  # idle intra-op threads spin (True) or sleep (False)
     # AES-256 key (32 bytes) for artifacts encrypted with `slimserve repo encrypt`; None: only
     # clear artifacts load. Kept out of repr so it never reaches a log line.
     data_key: bytes | None = field(default=None, repr=False)

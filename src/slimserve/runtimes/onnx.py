@@ -7,8 +7,8 @@ Options: `RuntimeOptions.intra_op_threads` (0: ONNX Runtime's default, one per c
 `RuntimeOptions.graph_optimization` (disable | basic | extended | all).
 model.yaml `parameters` (optional):
   inter_op_threads: int   threads across independent graph nodes (default 1: sequential)
-  allow_spinning: bool    let idle intra-op threads spin (ONNX Runtime's default, true); false
-                          saves CPU when several models share the cores, at some latency cost
+  allow_spinning: bool    let idle intra-op threads spin; default: the server's --spin-wait
+                          (off: they sleep and leave the cores to the server's other threads)
 
 `memory_bytes` is the bytes of the graph's initializers (the weights), counted from the model
 file when loaded; ONNX Runtime's arena for activations is not included (it grows with the
@@ -106,9 +106,9 @@ class OnnxRuntime(Runtime):
             )
         opts.inter_op_num_threads = inter_op
         opts.graph_optimization_level = _LEVELS[self.options.graph_optimization]
-        if "allow_spinning" in params:
-            spin = "1" if params["allow_spinning"] else "0"
-            opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        # The model's own parameter wins over the server's --spin-wait.
+        spin = "1" if params.get("allow_spinning", self.options.spin_wait) else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         return opts
 
     @property

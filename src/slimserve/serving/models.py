@@ -129,6 +129,7 @@ class ModelManager:
         self._options = RuntimeOptions(
             intra_op_threads=settings.intra_op_threads,
             graph_optimization=settings.ort_graph_optimization,
+            spin_wait=settings.spin_wait,
             data_key=settings.data_key(),
         )
         self.budget_bytes = settings.memory_budget_bytes or default_budget() // settings.workers

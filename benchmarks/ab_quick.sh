@@ -1,33 +1,73 @@
 #!/usr/bin/env bash
-# A quick A/B in one run: the FastAPI baseline (one uvicorn worker) against slimserve with
-# --workers 1 and 2, MLP 784-1024-1024-10 ONNX, 64 closed-loop clients, 8 s per row.
+# Issue 2's serving targets in one run (~4 minutes), every ratio from this run:
+#   MLP 784-1024-1024-10 ONNX, 64 closed-loop clients, 8 s per row: the FastAPI baseline (one
+#   uvicorn worker), an empty grpc.aio server (grpcio's own ceiling), slimserve with its
+#   defaults and with --intra-op-threads 1; then MiniLM: in-process best batch (1 and 2
+#   threads, OpenMP spinning and sleeping) and slimserve at 16 clients.
 # Needs the models and request of benchmarks/serving.py:
 #   python benchmarks/models.py --repository /tmp/bm
 #   (mlp_request.json: one (1, 784) FP32 row, as benchmarks/serving.py writes it)
-# Usage: benchmarks/ab_quick.sh /tmp/bm path/to/mlp_request.json
+# Usage: benchmarks/ab_quick.sh /tmp/bm path/to/mlp_request.json [--no-minilm]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODELS=${1:?models folder from benchmarks/models.py}
 REQ=${2:?mlp_request.json}
+MINILM=${3:-}
 PY=${PY:-.venv/bin/python}
 REPO=$(mktemp -d)
 cp -r "$MODELS/mlp-onnx" "$REPO/"
 trap 'rm -rf "$REPO"' EXIT
-uptime
+BENCH=("$PY" -m slimserve bench --duration 8 --warmup 2)
+wait_ready() { for _ in $(seq 100); do curl -sf "$1" >/dev/null && return; sleep 0.2; done; }
+stop() { kill -TERM "$1"; wait "$1" 2>/dev/null || true; }
+echo "# $(date -u +%FT%TZ) $(uptime)"
+grep -o -w -E 'avx512f|avx512_vnni|avx512_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+
 MODEL="$MODELS/mlp-onnx/1/model.onnx" "$PY" -m uvicorn baseline_fastapi:app --app-dir benchmarks \
   --port 18500 --workers 1 --log-level warning &
 BASE=$!; sleep 4
-"$PY" -m slimserve bench --url http://127.0.0.1:18500 --model mlp-onnx --concurrency 64 \
-  --duration 8 --warmup 2 --protocol http-json --input-file "$REQ"
-kill "$BASE"; wait "$BASE" 2>/dev/null || true
-for W in 1 2; do
+echo "## FastAPI baseline"
+"${BENCH[@]}" --url http://127.0.0.1:18500 --model mlp-onnx --concurrency 64 \
+  --protocol http-json --input-file "$REQ"
+stop "$BASE"
+
+"$PY" benchmarks/grpc_echo.py --port 18503 &
+ECHO=$!; sleep 2
+echo "## empty grpc.aio server (the ceiling of any grpcio server with this client)"
+"${BENCH[@]}" --url http://127.0.0.1:1 --grpc-url 127.0.0.1:18503 --model mlp-onnx \
+  --concurrency 64 --protocol grpc --input-file "$REQ"
+stop "$ECHO"
+
+for EXTRA in "" "--intra-op-threads 1"; do
+  # shellcheck disable=SC2086  # EXTRA is a list of flags
   "$PY" -m slimserve serve --repository "$REPO" --http-port 18501 --grpc-port 18502 \
-    --workers "$W" --log-level warning &
-  SERVER=$!; sleep 5
-  echo "slimserve --workers $W"
-  "$PY" -m slimserve bench --url http://127.0.0.1:18501 --grpc-url 127.0.0.1:18502 \
-    --model mlp-onnx --concurrency 64 --duration 8 --warmup 2 \
-    --protocol http-json,http-binary,grpc --input-file "$REQ"
-  kill -TERM "$SERVER"; wait "$SERVER" 2>/dev/null || true
+    --log-level warning $EXTRA &
+  SERVER=$!; wait_ready http://127.0.0.1:18501/v2/health/ready
+  echo "## slimserve ${EXTRA:-(defaults)}"
+  "${BENCH[@]}" --url http://127.0.0.1:18501 --grpc-url 127.0.0.1:18502 \
+    --model mlp-onnx --concurrency 1,64 --protocol http-json,http-binary,grpc --input-file "$REQ"
+  stop "$SERVER"
 done
-uptime
+"$PY" benchmarks/inprocess.py --repository "$REPO" --models mlp-onnx --intra-op-threads 1 \
+  --seconds 0.5 | tail -1
+
+if [ "$MINILM" != "--no-minilm" ]; then
+  MREPO=$(mktemp -d); cp -r "$MODELS/minilm" "$MREPO/"
+  trap 'rm -rf "$REPO" "$MREPO"' EXIT
+  echo "## MiniLM in-process (OpenMP spinning, then sleeping)"
+  "$PY" benchmarks/inprocess.py --repository "$MREPO" --models minilm --intra-op-threads 1,2 \
+    --seconds 1 | tail -2
+  OMP_WAIT_POLICY=PASSIVE "$PY" benchmarks/inprocess.py --repository "$MREPO" --models minilm \
+    --intra-op-threads 1,2 --seconds 1 | tail -2
+  for EXTRA in "" "--intra-op-threads 1"; do
+    # shellcheck disable=SC2086
+    "$PY" -m slimserve serve --repository "$MREPO" --http-port 18501 --grpc-port 18502 \
+      --log-level warning $EXTRA &
+    SERVER=$!; wait_ready http://127.0.0.1:18501/v2/models/minilm/ready
+    echo "## slimserve MiniLM ${EXTRA:-(defaults)}"
+    "${BENCH[@]}" --url http://127.0.0.1:18501 --grpc-url 127.0.0.1:18502 --model minilm \
+      --concurrency 16 --protocol http-json,http-binary,grpc
+    stop "$SERVER"
+  done
+fi
+echo "# $(uptime)"

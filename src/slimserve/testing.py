@@ -15,6 +15,7 @@ arguments (use functools.partial to pass them through a factory):
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -302,6 +303,25 @@ def _sample(datatype: str, shape: tuple[int, ...], rng: np.random.Generator) -> 
 # The runtime contract: one suite every runtime passes.
 
 
+def _cyclic_garbage() -> list[Any]:
+    """What the cyclic collector would free now (and frees)."""
+    flags = gc.get_debug()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        return list(gc.garbage)
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(flags)
+
+
+def _holds_weights(obj: Any) -> bool:
+    """An array or tensor over 64 KiB, a torch module or an ONNX Runtime session."""
+    if isinstance(getattr(obj, "nbytes", None), int) and obj.nbytes > 64 * 1024:
+        return True
+    return hasattr(obj, "named_parameters") or type(obj).__name__ == "InferenceSession"
+
+
 class RuntimeContract:
     """Tests every Runtime must pass. Subclass it as `TestXxx(RuntimeContract)` and give it a
     fixture `target` (scope "class" or wider; a classmethod under @pytest.fixture) returning a
@@ -411,6 +431,25 @@ class RuntimeContract:
             runtime.unload()
         for name in first:
             np.testing.assert_allclose(again[name], first[name], rtol=self.rtol, atol=self.atol)
+
+    def test_unload_frees_the_model_without_the_cyclic_collector(self, target: Target) -> None:
+        # The server freezes the heap after each load (serving/models.py): a model that only
+        # the cyclic collector could free would stay in memory after its unload. A few small
+        # objects from a framework's first call (type caches) are no concern; weights are.
+        runtime = self.make_runtime(target)
+        gc.collect()
+        runtime.load()
+        runtime.infer(self.make_inputs(target, 1, seed=5))
+        gc.freeze()
+        try:
+            runtime.unload()
+            del runtime
+        finally:
+            gc.unfreeze()
+        left = _cyclic_garbage()
+        heavy = [type(o).__name__ for o in left if _holds_weights(o)]
+        assert not heavy, f"unload() leaves {heavy} for the cyclic collector"
+        assert len(left) < 1000, f"unload() leaves {len(left)} objects in reference cycles"
 
     def test_infer_before_load_is_unavailable(self, target: Target) -> None:
         runtime = self.make_runtime(target)

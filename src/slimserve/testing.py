@@ -447,7 +447,8 @@ class RuntimeContract:
         finally:
             gc.unfreeze()
         left = _cyclic_garbage()
-        heavy = [type(o).__name__ for o in left if _holds_weights(o)]
+        held = [x for o in left for x in (o, *gc.get_referents(o))]  # arrays are not tracked
+        heavy = [type(o).__name__ for o in held if _holds_weights(o)]
         assert not heavy, f"unload() leaves {heavy} for the cyclic collector"
         assert len(left) < 1000, f"unload() leaves {len(left)} objects in reference cycles"
 

@@ -84,6 +84,10 @@ class ModelEntry:
 
     def default_version(self) -> int | None:
         """The highest ready version, else the highest that can still load."""
+        if len(self.units) == 1:  # the common case, on every request: one version, no variant
+            (((version, variant), unit),) = self.units.items()
+            if variant is None and unit.state is State.READY:
+                return version
         originals = {v: u for (v, var), u in self.units.items() if var is None}
         for wanted in (State.READY, State.LOADING, State.UNLOADED):
             found = [v for v, u in originals.items() if u.state is wanted]

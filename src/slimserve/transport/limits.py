@@ -8,6 +8,7 @@ request, and answered INVALID_ARGUMENT (HTTP 400) with the setting that raises t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ def check_inputs(inputs: Mapping[str, np.ndarray], limits: TensorLimits) -> None
 
 
 def _check_shape(name: str, shape: tuple[int, ...], limit: int) -> None:
-    count = int(np.prod(shape, dtype=object)) if shape else 1
+    count = math.prod(shape)  # Python ints: no overflow, and 20x cheaper than np.prod
     if count > limit or any(d > limit for d in shape):
         raise InvalidArgument(
             f"input {name!r}: shape {list(shape)[:8]} holds {count} elements (or has a "

@@ -32,6 +32,7 @@ BIG = [64, 450, 450, 16]  # ONNX MLPs a, b, c, d: ~0.9 MB of weights each
 TOY_MEMORY = 4096  # bytes each toy runtime reports
 REQUEST_ID = "pressure-e2e-7f3a"
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana-dashboard.json"
+LM_SERIES = ("slimserve_generation_", "slimserve_kv_cache_", "slimserve_prefix_cache_")
 
 
 # -- the repository --------------------------------------------------------------------------
@@ -347,4 +348,7 @@ def test_metrics_has_every_series_the_dashboard_queries(client):
     text = client.get("/metrics").text
     exported = {ln.split("{")[0].split(" ")[0] for ln in text.splitlines() if ln[:1] != "#"}
     wanted = set(re.findall(r"slimserve_[a-z_]+", DASHBOARD.read_text()))
+    # Language-model series exist only with a text-generation model (not in this repository):
+    # tests/e2e/test_llm_serving.py checks those against a server that has one.
+    wanted = {w for w in wanted if not w.startswith(LM_SERIES)}
     assert wanted and not wanted - exported, sorted(wanted - exported)

@@ -31,7 +31,7 @@ from slimserve.errors import (
 from slimserve.repository.store import Repository, Target, split_served_name
 from slimserve.security.audit import AuditLog
 from slimserve.security.keys import ANONYMOUS, Authenticator, Identity
-from slimserve.serving import llm
+from slimserve.serving import llm, llm_v2
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import (
     CacheBackend,
@@ -468,6 +468,10 @@ class Engine:
         self, unit: Unit, request: InferRequest, rows: int, deadline: float | None
     ) -> dict[str, Any]:
         model = unit.target.model
+        # A language model generates through its own engine with the request's sampling
+        # parameters (checked here, before a load), not through the batcher (serving/llm_v2).
+        text = unit.target.config.task == llm.TEXT_GENERATION
+        plan = llm_v2.plan(unit.target.config, request.parameters) if text else None
         self.admission.in_flight[model] += 1
         started = self._clock()
         try:
@@ -475,7 +479,12 @@ class Engine:
             try:
                 assert unit.batcher is not None  # READY units always have one
                 priority = _priority(request.parameters.get("priority"))
-                outputs = await unit.batcher.submit(request.inputs, rows, deadline, priority)
+                if plan is not None:
+                    outputs = await llm_v2.complete(
+                        unit, request.inputs, plan, deadline, self.metrics.generation
+                    )
+                else:
+                    outputs = await unit.batcher.submit(request.inputs, rows, deadline, priority)
             finally:
                 self.models.release(unit)
         except SlimserveError as exc:

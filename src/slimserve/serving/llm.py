@@ -24,6 +24,7 @@ from slimserve.errors import Code, InvalidArgument, SlimserveError
 from slimserve.repository.store import split_served_name
 from slimserve.serving.generation import SamplingParams, TokenEvent
 from slimserve.serving.models import Unit
+from slimserve.serving.sampling_args import number
 
 if TYPE_CHECKING:
     from slimserve.runtimes.generation import GenerationRuntime
@@ -95,6 +96,9 @@ async def _submit(
 ) -> TextStream:
     unit = find_unit(engine, model, TEXT_GENERATION)
     name = unit.target.model
+    limit = configured_timeout_s(unit.target.config.parameters)
+    if limit is not None:  # the server's own bound; the request's `timeout` may be shorter
+        deadline_s = limit if deadline_s is None else min(deadline_s, limit)
     now = time.monotonic()
     engine.admission.check_rate(client, name, unit.target.config, now)
     engine.admission.check_load(unit, deadline_s)
@@ -113,7 +117,13 @@ async def _submit(
         engine.admission.in_flight[name] -= 1
         engine.models.release(unit)
         raise
-    return TextStream(engine, unit, runtime, stream, len(ids))
+    return TextStream(engine, unit, runtime, stream, len(ids), params.n)
+
+
+def configured_timeout_s(parameters: Mapping[str, Any]) -> float | None:
+    """model.yaml `parameters.timeout_s`: the longest one generation request may take."""
+    value = parameters.get("timeout_s")
+    return None if value is None else number(value, "timeout_s")
 
 
 def _runtime(unit: Unit) -> GenerationRuntime:
@@ -153,9 +163,14 @@ class TextStream:
         runtime: GenerationRuntime,
         stream: GenerationStream,
         prompt_tokens: int,
+        n: int = 1,
     ) -> None:
         self._engine, self._unit, self._runtime, self._stream = engine, unit, runtime, stream
         self.prompt_tokens = prompt_tokens
+        target = unit.target
+        self._meter = engine.metrics.generation.meter(
+            target.model, target.variant or "", prompt_tokens, n
+        )
         self._started = time.perf_counter()
         self._done = False
 
@@ -164,7 +179,7 @@ class TextStream:
 
     async def __anext__(self) -> TokenEvent:
         try:
-            return await self._stream.__anext__()
+            event = await self._stream.__anext__()
         except StopAsyncIteration:
             self._finish("success")
             raise
@@ -174,6 +189,8 @@ class TextStream:
         except BaseException:
             self._finish("cancelled")
             raise
+        self._meter.tokens(event.index, len(event.token_ids), event.finish_reason)
+        return event
 
     async def aclose(self) -> None:
         """Stop generating (no effect once finished)."""
@@ -189,6 +206,7 @@ class TextStream:
         if self._done:
             return
         self._done = True
+        self._meter.close()
         unit, engine = self._unit, self._engine
         engine.models.release(unit)
         engine.admission.in_flight[unit.target.model] -= 1

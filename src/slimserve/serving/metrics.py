@@ -7,6 +7,7 @@ limited counts) is read when /metrics is scraped, so it costs nothing per reques
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,12 @@ if TYPE_CHECKING:
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Generation: time to first token spans queueing and prefill (seconds, up to long prompts on a
+# busy CPU); inter-token latency is one decode iteration (milliseconds to a second).
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+FINISH_REASONS = ("stop", "length", "abort")  # abort: cancelled, past its deadline, or failed
 _BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
@@ -57,6 +64,7 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
+        self.generation = GenerationMetrics(r)
         r.register(_EngineState(engine))
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
@@ -79,6 +87,105 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class GenerationMetrics:
+    """Token-level figures of language models, per model and variant (label children cached:
+    a stream records each token with no label lookup)."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        labels = ["model", "variant"]
+        self.prompt_tokens = Counter(
+            "slimserve_generation_prompt_tokens", "Prompt tokens submitted.", labels, registry=r
+        )
+        self.generated_tokens = Counter(
+            "slimserve_generation_tokens", "Tokens generated.", labels, registry=r
+        )
+        self.ttft = Histogram(
+            "slimserve_generation_time_to_first_token_seconds",
+            "Submission to the first generated token (queue + prefill).",
+            labels,
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "slimserve_generation_inter_token_seconds",
+            "Time between two tokens of one choice (one decode iteration).",
+            labels,
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "slimserve_generation_request_duration_seconds",
+            "Submission to the last token (or the abort) of a generation request.",
+            labels,
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.finished = Counter(
+            "slimserve_generation_finished",
+            "Choices finished, by reason: stop, length or abort.",
+            [*labels, "reason"],
+            registry=r,
+        )
+        self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
+
+    def meter(self, model: str, variant: str, prompt_tokens: int, n: int) -> TokenMeter:
+        """A meter for one request (its prompt is counted now)."""
+        key = (model, variant)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.prompt_tokens.labels(*key),
+                self.generated_tokens.labels(*key),
+                self.ttft.labels(*key),
+                self.itl.labels(*key),
+                self.e2e.labels(*key),
+                {r: self.finished.labels(*key, r) for r in FINISH_REASONS},
+            )
+        children[0].inc(prompt_tokens)
+        return TokenMeter(children, n)
+
+
+class TokenMeter:
+    """Records one request's tokens as its events arrive; `close` once at its end."""
+
+    __slots__ = ("_children", "_started", "_last", "_first", "_finished", "_closed")
+
+    def __init__(self, children: tuple[Any, ...], n: int) -> None:
+        self._children = children
+        self._started = time.perf_counter()
+        self._last: list[float | None] = [None] * n  # per choice: when its last token came
+        self._first = True
+        self._finished = 0
+        self._closed = False
+
+    def tokens(self, index: int, count: int, finish_reason: str | None) -> None:
+        """`count` new tokens of choice `index` (a TokenEvent), arrived now."""
+        if count:
+            now = time.perf_counter()
+            if self._first:
+                self._first = False
+                self._children[2].observe(now - self._started)
+            last = self._last[index]
+            if last is not None:
+                self._children[3].observe((now - last) / count)
+            self._last[index] = now
+            self._children[1].inc(count)
+        if finish_reason is not None:
+            self._finished += 1
+            self._children[5].get(finish_reason, self._children[5]["abort"]).inc()
+
+    def close(self) -> None:
+        """The request ended (normally or not): its duration, and unfinished choices as
+        aborted."""
+        if self._closed:
+            return
+        self._closed = True
+        self._children[4].observe(time.perf_counter() - self._started)
+        unfinished = len(self._last) - self._finished
+        if unfinished > 0:
+            self._children[5]["abort"].inc(unfinished)
 
 
 class _EngineState:
@@ -130,6 +237,46 @@ class _EngineState:
             hits.add_metric([model], cache.hits)
             misses.add_metric([model], cache.misses)
         yield from (hits, misses)
+        yield from _generation_state(units)
+
+
+def _generation_state(units: list[Any]) -> Iterator[Metric]:
+    """The generation engines' own state (sequences, KV blocks, prefix hits), read at scrape."""
+    labels = ["model", "variant"]
+    running = GaugeMetricFamily(
+        "slimserve_generation_running_sequences", "Sequences being decoded.", labels=labels
+    )
+    waiting = GaugeMetricFamily(
+        "slimserve_generation_waiting_sequences", "Sequences queued for prefill.", labels=labels
+    )
+    used = GaugeMetricFamily(
+        "slimserve_kv_cache_blocks_used", "KV cache blocks held by sequences.", labels=labels
+    )
+    total = GaugeMetricFamily(
+        "slimserve_kv_cache_capacity_blocks", "KV cache blocks in the pool.", labels=labels
+    )
+    hits = CounterMetricFamily(
+        "slimserve_prefix_cache_hit_tokens",
+        "Prompt tokens whose KV came from the prefix cache.",
+        labels=labels,
+    )
+    preempted = CounterMetricFamily(
+        "slimserve_generation_preemptions", "Sequences preempted for KV space.", labels=labels
+    )
+    for u in units:
+        engine = getattr(u.runtime, "engine", None)
+        stats = getattr(engine, "stats", None)
+        if stats is None:
+            continue
+        s = stats()
+        key = [u.target.model, u.target.variant or ""]
+        running.add_metric(key, s.running)
+        waiting.add_metric(key, s.waiting)
+        used.add_metric(key, s.total_blocks - s.free_blocks)
+        total.add_metric(key, s.total_blocks)
+        hits.add_metric(key, s.cached_tokens)
+        preempted.add_metric(key, s.preemptions)
+    yield from (running, waiting, used, total, hits, preempted)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -1,7 +1,8 @@
 """The OpenAI API on the HTTP port: models, embeddings, completions, chat, streaming.
 
 Routes (the HTTP app hands these paths here; `handles` says which):
-  GET  /v1/models | /v1/models/{id}   the repository's embedding and text-generation models
+  GET  /v1/models | /v1/models/{id}   the repository's embedding and text-generation models,
+                                      each variant too ('NAME:VARIANT', `parent`: NAME)
   POST /v1/embeddings                 `input` str | [str]; `encoding_format` float | base64
   POST /v1/completions                `prompt` str | [str] | token ids | [token ids]
   POST /v1/chat/completions           `messages`, rendered by the tokenizer's chat template
@@ -12,7 +13,12 @@ last `data: [DONE]\\n\\n`; an error after the first byte is sent as a data event
 (its KV blocks are freed at the engine's next iteration). Errors are
 `{"error": {"message", "type", "param", "code"}}` with the status from http.STATUS.
 
-Auth is the v2 routes': `Authorization: Bearer KEY` with scope `infer` on the model.
+Protections are the v2 routes': `Authorization: Bearer KEY` with scope `infer` on the model;
+the body limit (413 before reading a body that declares too many bytes); max_string_bytes
+per prompt, message or input text and max_tensor_elements texts per request (400); rate
+limits (429 + Retry-After) and shedding (503 + Retry-After). `timeout` (seconds, also bounded
+by model.yaml `parameters.timeout_s`) ends a generation with 504 (an error event once
+streaming).
 """
 
 from __future__ import annotations
@@ -27,13 +33,14 @@ from typing import Any
 import numpy as np
 import orjson
 
-from slimserve.errors import Code, NotFound, PayloadTooLarge, SlimserveError
-from slimserve.security.keys import Identity, authorize, bearer_token
+from slimserve.errors import Code, PayloadTooLarge, SlimserveError, Unimplemented
+from slimserve.security.keys import bearer_token
 from slimserve.serving.engine import Engine
 from slimserve.serving.generation import SamplingParams
-from slimserve.serving.llm import EMBEDDING, TEXT_GENERATION, TextStream, count_tokens
+from slimserve.serving.llm import TextStream, count_tokens
 from slimserve.transport import openai_requests as req
 from slimserve.transport.http import STATUS
+from slimserve.transport.openai_models import models_reply
 from slimserve.transport.openai_replies import Chat, Completion
 from slimserve.transport.openai_requests import BadRequest
 
@@ -100,7 +107,9 @@ class OpenAIApp:
         client = _client(scope)
         if parts[:1] == ["models"] and len(parts) <= 2:
             _expect(method, "GET", scope)
-            await _send_json(send, 200, self._models(token, parts[1] if len(parts) == 2 else None))
+            await _send_json(
+                send, 200, models_reply(self.engine, token, parts[1] if len(parts) == 2 else None)
+            )
             return
         handlers = {
             ("embeddings",): self._embeddings,
@@ -117,38 +126,13 @@ class OpenAIApp:
         who = identity.client if identity.key_id else client
         await handler(body, model, who, receive, send)
 
-    # -- models ----------------------------------------------------------------------------
-
-    def _models(self, token: str | None, wanted: str | None) -> dict[str, Any]:
-        identity = self.engine.authorize(token, "infer", wanted)
-        rows = [
-            m
-            for m in self._listing()
-            if (wanted is None or m["id"] == wanted) and _may_use(identity, m["id"])
-        ]
-        if wanted is None:
-            return {"object": "list", "data": rows}
-        if not rows:
-            raise NotFound(f"model '{wanted}' is not an embedding or language model here")
-        return rows[0]
-
-    def _listing(self) -> list[dict[str, Any]]:
-        rows = []
-        for name in self.engine.repository.model_names():
-            with contextlib.suppress(SlimserveError):
-                config = self.engine.models.entry(name).config
-                if config is not None and config.task in (EMBEDDING, TEXT_GENERATION):
-                    rows.append(
-                        {"id": name, "object": "model", "created": 0, "owned_by": "slimserve"}
-                    )
-        return rows
-
     # -- embeddings ------------------------------------------------------------------------
 
     async def _embeddings(
         self, body: dict[str, Any], model: str, client: str | None, receive: Receive, send: Send
     ) -> None:
         texts = req.embedding_input(body.get("input"))
+        self._check_sizes(texts, "input")
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
             raise BadRequest(
@@ -181,7 +165,8 @@ class OpenAIApp:
         stream_opts = req.stream_options(body)
         params = req.sampling(body, chat=False)
         prompts = req.prompts(body.get("prompt"))
-        streams = await self._submit_all(model, params, client, prompts=prompts)
+        self._check_sizes(prompts, "prompt")
+        streams = await self._submit_all(model, params, client, prompts, req.timeout(body))
         reply = Completion(model, params.n, stream_opts is not None and stream_opts)
         if stream_opts is None:
             await _send_json(send, 200, await reply.collect(streams))
@@ -195,9 +180,15 @@ class OpenAIApp:
         stream_opts = req.stream_options(body)
         params = req.sampling(body, chat=True)
         messages = req.messages(body.get("messages"))
+        self._check_sizes([m["content"] for m in messages], "messages")
         unset = body.get("max_completion_tokens") is None and body.get("max_tokens") is None
         stream = await self.engine.generate(
-            model, params, messages=messages, fill_max_tokens=unset, client=client
+            model,
+            params,
+            messages=messages,
+            fill_max_tokens=unset,
+            deadline_s=req.timeout(body),
+            client=client,
         )
         reply = Chat(model, params.n, stream_opts is not None and stream_opts)
         if stream_opts is None:
@@ -205,15 +196,26 @@ class OpenAIApp:
         else:
             await _stream(send, receive, reply.chunks([stream]))
 
+    def _check_sizes(self, items: list[Any], param: str) -> None:
+        settings = self.engine.settings
+        req.check_sizes(items, param, settings.max_string_bytes, settings.max_tensor_elements)
+
     async def _submit_all(
-        self, model: str, params: SamplingParams, client: str | None, prompts: list[Any]
+        self,
+        model: str,
+        params: SamplingParams,
+        client: str | None,
+        prompts: list[Any],
+        deadline_s: float | None,
     ) -> list[TextStream]:
         """One engine request per prompt; if one is refused, the others are cancelled."""
         streams: list[TextStream] = []
         try:
             for prompt in prompts:
                 streams.append(
-                    await self.engine.generate(model, params, prompt=prompt, client=client)
+                    await self.engine.generate(
+                        model, params, prompt=prompt, deadline_s=deadline_s, client=client
+                    )
                 )
         except BaseException:
             for stream in streams:
@@ -224,6 +226,9 @@ class OpenAIApp:
     # -- bodies ----------------------------------------------------------------------------
 
     async def _body(self, scope: Scope, receive: Receive) -> dict[str, Any]:
+        """The JSON body; 413 before reading a body that declares too many bytes, or as soon
+        as a chunked one passes the limit."""
+        _check_headers(scope, self.max_body_bytes)
         chunks, size = [], 0
         more = True
         while more:
@@ -233,10 +238,7 @@ class OpenAIApp:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise PayloadTooLarge(
-                    f"the request body is over the limit of {self.max_body_bytes} bytes; "
-                    "send a smaller request or raise --max-body-bytes"
-                )
+                raise _too_large(size, self.max_body_bytes)
             chunks.append(chunk)
             more = message.get("more_body", False)
         try:
@@ -250,6 +252,24 @@ class OpenAIApp:
 
 class _Disconnected(Exception):
     pass
+
+
+def _check_headers(scope: Scope, limit: int) -> None:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise _too_large(int(value), limit)
+        if name == b"content-encoding" and value.lower() != b"identity":
+            raise Unimplemented(
+                f"Content-Encoding {value.decode('latin-1')[:40]!r} is not supported; send "
+                "the request body uncompressed"
+            )
+
+
+def _too_large(size: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the request body ({size} bytes or more) is over the limit of {limit} bytes; "
+        "send a smaller request or raise --max-body-bytes"
+    )
 
 
 # -- sending -------------------------------------------------------------------------------
@@ -328,15 +348,6 @@ def _error(
 def _expect(method: str, wanted: str, scope: Scope) -> None:
     if method != wanted:
         raise _RouteError(405, f"{method} is not allowed on {scope['path'][:200]}; use {wanted}")
-
-
-def _may_use(identity: Identity, model: str) -> bool:
-    """Whether a key restricted to some models may see `model` in the listing."""
-    try:
-        authorize(identity, "infer", model)
-    except SlimserveError:
-        return False
-    return True
 
 
 def _token(scope: Scope) -> str | None:

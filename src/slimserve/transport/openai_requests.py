@@ -7,24 +7,17 @@ the field in the error's `param`.
 from __future__ import annotations
 
 import base64
-import re
 from typing import Any
 
 import numpy as np
 
-from slimserve.errors import InvalidArgument
+from slimserve.errors import DeadlineExceeded
 from slimserve.serving.generation import SamplingParams
+from slimserve.serving.sampling_args import BadParameter, number, sampling_params, whole
 
-_PARAM = re.compile(r"sampling parameter (\w+)=")  # the field named by SamplingParams' errors
 _UNSUPPORTED = ("suffix", "logit_bias", "tools", "functions", "response_format")
 
-
-class BadRequest(InvalidArgument):
-    """A request field is wrong; `param` names it in the error body."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+BadRequest = BadParameter  # a request field is wrong; `param` names it in the error body
 
 
 # -- sampling parameters -------------------------------------------------------------------
@@ -32,58 +25,18 @@ class BadRequest(InvalidArgument):
 
 def sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
     """SamplingParams from an OpenAI request body; a bad value is a 400 naming its field."""
-    max_tokens = body.get("max_completion_tokens") if chat else None
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
-    fields: dict[str, Any] = {
-        "max_tokens": 16 if max_tokens is None else _int(max_tokens, "max_tokens"),
-        "temperature": _number(body, "temperature", 1.0),
-        "top_p": _number(body, "top_p", 1.0),
-        "n": _int(body.get("n", 1) if body.get("n") is not None else 1, "n"),
-        "stop": _stop(body.get("stop")),
-        "seed": None if body.get("seed") is None else _int(body["seed"], "seed"),
-        "presence_penalty": _number(body, "presence_penalty", 0.0),
-        "frequency_penalty": _number(body, "frequency_penalty", 0.0),
-        "logprobs": _logprobs(body, chat),
-    }
+    values = body
+    if chat and body.get("max_completion_tokens") is not None:
+        values = {**body, "max_tokens": body["max_completion_tokens"]}
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise BadRequest("user must be a string", "user")
-    try:
-        return SamplingParams(**fields)
-    except InvalidArgument as exc:
-        found = _PARAM.search(exc.message)
-        raise BadRequest(exc.message, found.group(1) if found else None) from None
-
-
-def _int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} must be an integer, got {value!r}", name)
-    return value
-
-
-def _number(body: dict[str, Any], name: str, default: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRequest(f"{name} must be a number, got {value!r}", name)
-    return float(value)
-
-
-def _stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(s, str) for s in value):
-        return tuple(value)
-    raise BadRequest("stop must be a string or a list of up to 4 strings", "stop")
+    return sampling_params(values, logprobs=_logprobs(body, chat))
 
 
 def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
     value = body.get("logprobs")
     if not chat:
-        return None if value is None else _int(value, "logprobs")
+        return None if value is None else whole(value, "logprobs")
     if value is None or value is False:
         if body.get("top_logprobs") is not None:
             raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
@@ -91,7 +44,7 @@ def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
     if value is not True:
         raise BadRequest("logprobs must be true or false for chat completions", "logprobs")
     top = body.get("top_logprobs")
-    return 0 if top is None else _int(top, "top_logprobs")
+    return 0 if top is None else whole(top, "top_logprobs")
 
 
 def stream_options(body: dict[str, Any]) -> bool | None:
@@ -115,6 +68,43 @@ def stream_options(body: dict[str, Any]) -> bool | None:
     if not isinstance(include, bool):
         raise BadRequest("stream_options.include_usage must be true or false", "stream_options")
     return include
+
+
+def timeout(body: dict[str, Any]) -> float | None:
+    """`timeout`: seconds the whole request may take (as v2's `timeout` parameter); past it
+    the request fails with 504 (or an error event, once streaming) and stops generating."""
+    value = body.get("timeout")
+    if value is None:
+        return None
+    seconds = number(value, "timeout")
+    if seconds <= 0:
+        raise DeadlineExceeded("the request's timeout passed before it reached the model")
+    return seconds
+
+
+def check_sizes(items: list[Any], param: str, max_bytes: int, max_items: int) -> None:
+    """The v2 tensor limits, applied to text inputs: at most `max_items` texts (or token ids
+    per prompt) and `max_bytes` UTF-8 bytes per text."""
+    if len(items) > max_items:
+        raise BadRequest(
+            f"{param} has {len(items)} items, over the limit of {max_items}; send fewer or "
+            "raise --max-tensor-elements",
+            param,
+        )
+    for item in items:
+        if isinstance(item, str):
+            # 4 bytes per character at most: encode only the texts that may be over.
+            if len(item) * 4 > max_bytes and len(item.encode("utf-8")) > max_bytes:
+                raise BadRequest(
+                    f"{param}: a text is over the limit of {max_bytes} bytes; send shorter "
+                    "texts or raise --max-string-bytes",
+                    param,
+                )
+        elif isinstance(item, list) and len(item) > max_items:
+            raise BadRequest(
+                f"{param}: a prompt has {len(item)} token ids, over the limit of {max_items}",
+                param,
+            )
 
 
 def refuse_unsupported(body: dict[str, Any]) -> None:

@@ -256,6 +256,22 @@ def test_v2_parameters_reach_generation(repo: Path) -> None:
     assert out["penalized"] == [out["penalized_openai"]]
 
 
+def test_v2_text_requests_count_in_the_model_statistics(repo: Path) -> None:
+    async def body(client: httpx.AsyncClient, app: Any) -> tuple[Any, Any]:
+        await client.post("/v2/models/tiny/infer", json=v2(["one", "two"], max_tokens=2))
+        await client.post("/v2/models/tiny/infer", json=v2(["three"], max_tokens=2))
+        bad = await client.post("/v2/models/tiny/infer", json=v2(["x"], max_tokens=-1))
+        stats = (await client.get("/v2/models/tiny/stats")).json()["model_stats"]
+        return bad.status_code, stats
+
+    status, stats = run(repo, body)
+    assert status == 400
+    original = next(s for s in stats if s["name"] == "tiny")
+    assert original["inference_stats"]["success"]["count"] == 2
+    assert original["inference_count"] == 3  # rows: prompts
+    assert original["execution_count"] == 2
+
+
 def test_v2_stop_and_top_p(repo: Path) -> None:
     async def body(client: httpx.AsyncClient, app: Any) -> tuple[Any, ...]:
         async def infer(**parameters: Any) -> str:

@@ -64,6 +64,24 @@ class BatchStats:
     last_inference_ms: int = 0
     batch_sizes: dict[int, list[int]] = field(default_factory=dict)  # size -> [count, ns]
 
+    def record_call(self, rows: int, start_ns: int, ok: bool) -> None:
+        """One request served outside the batcher (a language model generates on its own
+        schedule): counted as a batch of its rows, with no queue time."""
+        elapsed = time.perf_counter_ns() - start_ns
+        if not ok:
+            self.fail_count += 1
+            self.fail_ns += elapsed
+            return
+        self.success_count += 1
+        self.success_ns += elapsed
+        self.compute_ns += elapsed
+        self.inference_count += rows
+        self.execution_count += 1
+        entry = self.batch_sizes.setdefault(rows, [0, 0])
+        entry[0] += 1
+        entry[1] += elapsed
+        self.last_inference_ms = int(time.time() * 1000)
+
 
 class Batcher:
     """Queue + dispatcher for one runtime. Use `submit` from the event loop."""

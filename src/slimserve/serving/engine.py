@@ -480,9 +480,15 @@ class Engine:
                 assert unit.batcher is not None  # READY units always have one
                 priority = _priority(request.parameters.get("priority"))
                 if plan is not None:
-                    outputs = await llm_v2.complete(
-                        unit, request.inputs, plan, deadline, self.metrics.generation
-                    )
+                    begun_ns = time.perf_counter_ns()
+                    try:
+                        outputs = await llm_v2.complete(
+                            unit, request.inputs, plan, deadline, self.metrics.generation
+                        )
+                    except SlimserveError:
+                        unit.stats.record_call(rows, begun_ns, ok=False)
+                        raise
+                    unit.stats.record_call(rows, begun_ns, ok=True)
                 else:
                     outputs = await unit.batcher.submit(request.inputs, rows, deadline, priority)
             finally:

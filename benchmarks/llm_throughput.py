@@ -1,15 +1,19 @@
 """LLM generation throughput: slimserve's engine against transformers' generate().
 
-    .venv/bin/python benchmarks/llm_throughput.py                       # SmolLM2-135M, fp32+int8
+    .venv/bin/python benchmarks/llm_throughput.py              # SmolLM2-135M, fp32+bf16+int8
     .venv/bin/python benchmarks/llm_throughput.py --streams 1,8 --output-tokens 32   # quicker
+    .venv/bin/python benchmarks/llm_throughput.py --streams 32 --mixed-requests 0   # the target
 
-For each weight kind (fp32, int8) and each concurrency c (1, 8, 32): c streams submitted at
-once to one engine, 128-token prompts (distinct, so the prefix cache does not help), 128
-output tokens each (end-of-sequence ignored, so every run does the same work). Measured at
-the consumer: output tokens/s over the wall time of the run, time to first token (TTFT,
-from submit to the first event) and inter-token latency (ITL, between a stream's events)
-as p50/p99 over all streams. Baselines in the same run, fp32: transformers `generate()` one
-request at a time, and statically batched (all c prompts in one `generate` call).
+For each weight kind (fp32; bf16: the fp32 weights computed in bf16 where the CPU has
+avx512_bf16; int8) and each concurrency c (1, 8, 32): c streams submitted at once to one
+engine, 128-token prompts (distinct, so the prefix cache does not help), 128 output tokens
+each (end-of-sequence ignored, so every run does the same work). Measured at the consumer:
+output tokens/s over the wall time of the run, time to first token (TTFT, from submit to
+the first event) and inter-token latency (ITL, between a stream's events) as p50/p99 over
+all streams; also the process's CPU time over the run (all threads), which other processes
+on shared cores inflate far less than wall time. Baselines in the same run, fp32:
+transformers `generate()` one request at a time, and statically batched (all c prompts in
+one `generate` call).
 
 Also the KV memory per sequence: paged (blocks actually held at the peak / sequences) against
 a contiguous cache reserved for the model's whole context, as servers without paging do.
@@ -52,6 +56,7 @@ class Run:
     output_tokens: int | str  # per request, or a description of mixed lengths
     seconds: float
     tokens: int = 0  # useful output tokens generated in the run
+    cpu_seconds: float = 0.0  # CPU time of the whole process (every thread) during the run
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
     peak_blocks: int = 0
@@ -111,9 +116,9 @@ def engine_run(
     try:
         asyncio.run(all_streams(Run(name, 1, 4, 1.0), batch[:1], [4]))  # warm-up, not counted
         run = Run(name, min(len(batch), 32), _describe(lengths), 0.0, sum(lengths))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         asyncio.run(all_streams(run, batch, lengths))
-        run.seconds = time.perf_counter() - start
+        run.seconds, run.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     finally:
         engine.close()
     return run
@@ -132,7 +137,7 @@ def hf_run(hf: Any, name: str, batch: list[list[int]], lengths: list[int], group
     asked for count as output.
     """
     hf.generate(torch.tensor(batch[:1]), max_new_tokens=2, do_sample=False)  # warm-up
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for first in range(0, len(batch), group_size):
         ids = torch.tensor(batch[first : first + group_size])  # equal lengths: no padding
         longest = max(lengths[first : first + group_size])
@@ -144,8 +149,8 @@ def hf_run(hf: Any, name: str, batch: list[list[int]], lengths: list[int], group
             do_sample=False,
             pad_token_id=0,
         )
-    seconds = time.perf_counter() - start
-    return Run(name, group_size, _describe(lengths), seconds, sum(lengths))
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    return Run(name, group_size, _describe(lengths), seconds, sum(lengths), cpu_seconds)
 
 
 def row(run: Run) -> str:
@@ -156,7 +161,7 @@ def row(run: Run) -> str:
         ttft = itl = "-"
     return (
         f"| {run.name} | {run.streams} | {run.output_tokens} | {run.tokens_per_s:.1f} "
-        f"| {ttft} | {itl} | {run.seconds:.1f} |"
+        f"| {ttft} | {itl} | {run.seconds:.1f} | {run.cpu_seconds:.1f} |"
     )
 
 
@@ -173,12 +178,15 @@ def machine_facts(threads: int) -> list[str]:
     simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
     import transformers
 
+    from slimserve.serving.generation.model import HAS_BF16
+
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     return [
         f"- CPU: {cpu}, {os.cpu_count()} cores, flags: {' '.join(simd)}",
         f"- torch {torch.__version__} ({threads} intra-op threads), transformers "
         f"{transformers.__version__}, Python {platform.python_version()}",
         f"- load: `{load}`",
+        f"- oneDNN bf16 matmuls (weights=bf16 computes in bf16, else fp32): {HAS_BF16}",
     ]
 
 
@@ -189,7 +197,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--output-tokens-32", type=int, help="cut outputs at 32 streams")
-    parser.add_argument("--weights", default="fp32,int8")
+    parser.add_argument("--weights", default="fp32,bf16,int8")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--sequential-requests",
@@ -214,6 +222,8 @@ def main() -> None:
         Path(tempfile.gettempdir()) / f"slimserve-smollm2-{smollm2_gguf().stat().st_size}",
     )
     lines = report(args, folder)
+    end_load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    facts.append(f"- load at the end: `{end_load}`")
     section = [
         "## LLM generation throughput (issue 6)",
         "",
@@ -255,7 +265,8 @@ def report(args: argparse.Namespace, folder: Path) -> list[str]:
         static = hf_run(hf, f"{label}generate() static batches of 32, fp32", mixed, lengths, 32)
         runs.append(static)
         runs += engine_runs(runtimes, mixed, lengths, static, label)
-    return table(runs) + memory_lines(first, runs, args) + quality_lines(runtimes)
+    lines = table(runs) + ratio_lines(runs) + memory_lines(first, runs, args)
+    return lines + quality_lines(runtimes)
 
 
 def engine_runs(
@@ -268,13 +279,28 @@ def engine_runs(
     runs = []
     for weights, runtime in runtimes.items():
         run = engine_run(runtime, f"{label}slimserve engine, {weights}", batch, lengths)
-        ratio = run.tokens_per_s / static.tokens_per_s
-        print(
-            f"{run.name}, {len(batch)} requests: {run.tokens_per_s:.1f} tok/s, {ratio:.2f}x static",
-            flush=True,
-        )
+        print(f"{run.name}, {len(batch)} requests: {ratio_text(run, static)}", flush=True)
         runs.append(run)
     return runs
+
+
+def ratio_text(run: Run, static: Run) -> str:
+    """Throughput against the static batch, by wall time and by the process's CPU time (the
+    second is steadier where other processes share the cores: it counts only our work)."""
+    wall = run.tokens_per_s / static.tokens_per_s
+    cpu = static.cpu_seconds / run.cpu_seconds * run.tokens / static.tokens
+    return f"{run.tokens_per_s:.1f} tok/s, {wall:.2f}x static (wall), {cpu:.2f}x (CPU time)"
+
+
+def ratio_lines(runs: list[Run]) -> list[str]:
+    """Each engine run against the static-batch baseline measured just before it."""
+    lines, static = [], None
+    for run in runs:
+        if "static batch" in run.name:
+            static = run
+        elif "engine" in run.name and static is not None and run.streams > 1:
+            lines.append(f"- {run.name}, {run.streams} streams: {ratio_text(run, static)}")
+    return [*lines, ""]
 
 
 def mixed_lengths(count: int, longest: int) -> list[int]:
@@ -286,8 +312,8 @@ def mixed_lengths(count: int, longest: int) -> list[int]:
 def table(runs: list[Run]) -> list[str]:
     return [
         "| system | streams | output tokens | output tok/s | TTFT p50 / p99 ms "
-        "| ITL p50 / p99 ms | wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| ITL p50 / p99 ms | wall s | CPU s |",
+        "|---|---|---|---|---|---|---|---|",
         *[row(run) for run in runs],
         "",
     ]

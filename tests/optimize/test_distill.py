@@ -125,3 +125,16 @@ def test_mismatched_students_and_data_are_refused(teacher, digits):
 def test_bad_distill_configs_are_named(kwargs, match):
     with pytest.raises(InvalidArgument, match=match):
         DistillConfig(**kwargs)
+
+
+def test_unlabelled_rows_get_the_soft_term_only():
+    from slimserve.optimize.distill import hard_label_loss
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
+    assert torch.allclose(hard_label_loss(logits, labels), F.cross_entropy(logits, labels))
+    partial = torch.tensor([0, -1, 2, -1, -1, 0])
+    kept = partial >= 0
+    expected = F.cross_entropy(logits[kept], partial[kept], reduction="sum") / 6
+    assert torch.allclose(hard_label_loss(logits, partial), expected)
+    assert hard_label_loss(logits, torch.full((6,), -1)).item() == 0.0

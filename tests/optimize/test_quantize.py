@@ -132,7 +132,8 @@ def test_weight_configs_keep_accuracy(config, max_drop):
 @pytest.mark.parametrize("calibration", ["minmax", "percentile", "entropy"])
 def test_static_int8_keeps_accuracy(calibration):
     x_train, _ = digits_tensors("train")
-    model = quantize_(digits_mlp(), StaticInt8(calibration=calibration), data=x_train)
+    config = StaticInt8(calibration=calibration, kernel="gemm")
+    model = quantize_(digits_mlp(), config, data=x_train)
     assert {type(m) for m in model.modules()} >= {StaticInt8Linear}
     assert accuracy(model) >= accuracy(digits_mlp()) - 0.01
 
@@ -141,7 +142,7 @@ def test_static_int8_handles_conv_layers_of_lenet():
     torch.manual_seed(0)
     model = LeNet5().eval()
     x = torch.rand(32, 1, 28, 28)
-    q = quantize_(copy.deepcopy(model), StaticInt8(), data=x)
+    q = quantize_(copy.deepcopy(model), StaticInt8(kernel="gemm"), data=x)
     kinds = {m.kind for m in q.modules() if hasattr(m, "kind")}
     assert kinds == {"int8_static_conv2d", "int8_static_linear"}
     ref, got = outputs(model, x), outputs(q, x)
@@ -167,9 +168,8 @@ def test_filter_fn_chooses_layers():
 
 def test_qat_fine_tunes_and_converts_to_static_int8():
     x, y = digits_tensors("train")
-    model = quantize_(
-        digits_mlp(), QAT(epochs=1, lr=1e-4, fit_options={"progress": False}), data=(x, y)
-    )
+    config = QAT(epochs=1, lr=1e-4, fit_options={"progress": False}, kernel="gemm")
+    model = quantize_(digits_mlp(), config, data=(x, y))
     assert {m.kind for m in model.modules() if hasattr(m, "kind")} == {"int8_static_linear"}
     assert accuracy(model) >= accuracy(digits_mlp()) - 0.02
 
@@ -231,7 +231,7 @@ def test_not_a_config_and_no_layers():
 def test_quantized_model_round_trips_through_safetensors(tmp_path, config):
     x, _ = digits_tensors("test")
     if config == "static":
-        model = quantize_(digits_mlp(), StaticInt8(), data=x)
+        model = quantize_(digits_mlp(), StaticInt8(kernel="gemm"), data=x)
     else:
         model = quantize_(digits_mlp(), config)
     save_file({f"model.{k}": v for k, v in model.state_dict().items()}, str(tmp_path / "m.st"))
@@ -302,3 +302,21 @@ def test_compact_names_shrink_the_file_and_change_no_output(tmp_path):
     a = ort.InferenceSession(str(long)).run(None, feeds)[0]
     b = ort.InferenceSession(str(short)).run(None, feeds)[0]
     np.testing.assert_array_equal(a, b)
+
+
+# --- simulated lower-bit QAT (accuracy studies) ----------------------------------------------
+
+
+def test_fewer_bits_simulate_coarser_quantization_and_do_not_convert():
+    from slimserve.optimize.quantize import convert_qat, prepare_qat
+
+    x, _ = digits_tensors("train")
+    errors = {}
+    for bits in (8, 4, 2):
+        sim = prepare_qat(digits_mlp(), x, weight_bits=bits, act_bits=bits).eval()
+        errors[bits] = float(np.abs(outputs(sim, x) - outputs(digits_mlp(), x)).mean())
+    assert errors[8] < errors[4] < errors[2]
+    with pytest.raises(InvalidArgument, match="4-bit weights.*simulated"):
+        convert_qat(prepare_qat(digits_mlp(), x, weight_bits=4))
+    with pytest.raises(InvalidArgument, match="2 to 8 bits"):
+        prepare_qat(digits_mlp(), x, act_bits=9)

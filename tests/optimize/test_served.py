@@ -22,8 +22,10 @@ RECIPES = {
     "int8": "int8",  # model_class/model_args override in variant.yaml
     "structured:0.25": "structured0.25",  # override (resized layers)
     "share:bits=5": "sharebits5",  # artifact: model.dcz (Deep Compression storage)
+    "static-int8": "static-int8",  # override: quint8 layers on torch's quantized kernels
+    "qat:epochs=1": "qatepochs1",  # override: the same layers after QAT
 }
-NEEDS_OVERRIDE = {"int8", "structured0.25"}
+NEEDS_OVERRIDE = {"int8", "structured0.25", "static-int8", "qatepochs1"}
 NEEDS_DCZ = {"sharebits5"}
 
 
@@ -55,6 +57,9 @@ def test_variant_is_served_within_its_profiled_agreement(served, variant):
             assert getattr(info, "model_class", None), "variant.yaml must carry model_class"
         else:
             assert getattr(info, "artifact", None) == "model.dcz"
+        if variant in ("static-int8", "qatepochs1"):  # the fast path, not the float-in GEMM
+            kinds = {spec["kind"] for spec in info.model_args["layers"].values()}
+            assert kinds == {"int8_native_linear", "fused_away"}
     original = _answers(root, None)
     got = _answers(root, variant)
     agreement = float((got.argmax(1) == original.argmax(1)).mean())

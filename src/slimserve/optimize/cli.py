@@ -17,7 +17,8 @@ DEFAULT_REPOSITORY = Settings.model_fields["repository"].default
 _RECIPE_HELP = (
     "Steps joined by '+', one variant per --recipe: int8, static-int8[:calibration=minmax|"
     "percentile|entropy], weight-int8, int4:group=64, qat:epochs=1, bf16, fp16, onnx, "
-    "prune:0.9, structured:0.3, finetune:epochs=3, distill:hidden=256, share:bits=5; e.g. "
+    "prune:0.9, structured:0.3, finetune:epochs=3, distill:hidden=256, share:bits=5 (a "
+    "text-generation model: int8, weight-int8, int4:group=32); e.g. "
     "prune:0.9+finetune:epochs=3+int8, onnx+static-int8. Or a YAML recipe file (name:, steps:)."
 )
 
@@ -42,11 +43,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--recipe", action="append", required=True, metavar="STEPS", help=_RECIPE_HELP)
     p.add_argument(
         "--data",
-        required=True,
         metavar="DATA",
         help="Training/calibration data: .npz (x, y), .csv (label column), .jsonl "
         "(v2 requests), IDX (*-images-idx3-ubyte[.gz]), fashion-mnist[:train|:test] "
-        "or digits[:train|:test].",
+        "or digits[:train|:test]. Required, except for a text-generation model, which "
+        "takes a plain text file (.txt) as held-out text, or none.",
     )
     p.add_argument(
         "--eval-data",
@@ -116,6 +117,13 @@ def _handle(args: argparse.Namespace) -> int:
     result = optimize(args.repository, args.name, args.recipe, args.data, args.eval_data, opts)
     for v in result.variants:
         p = v["profile"]
+        if "perplexity" in p:  # a language model (lm_quant.py)
+            print(
+                f"{result.model}:{v['name']}: {p['weight_bytes']} weight bytes, perplexity "
+                f"{p['perplexity']:.3f} (original {p['perplexity_original']:.3f}), "
+                f"agreement {p['agreement']:.3f}"
+            )
+            continue
         print(
             f"{result.model}:{v['name']}: {p.get('size_bytes')} bytes, "
             f"p50 {p.get('latency_ms_batch1', 0):.3f} ms at batch 1, "

@@ -233,3 +233,26 @@ def load_data(spec: str | Path) -> Arrays:
 def _labels_beside(images: Path) -> Path | None:
     candidate = images.with_name(images.name.replace("images-idx3", "labels-idx1"))
     return candidate if candidate != images and candidate.exists() else None
+
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+
+
+def load_text(spec: str | Path) -> str:
+    """A plain UTF-8 text file (.txt, .md, .text): held-out text for a language model."""
+    path = Path(spec)
+    if path.suffix not in TEXT_SUFFIXES:
+        raise InvalidArgument(
+            f"data {str(spec)!r}: a language model takes a plain text file "
+            f"({', '.join(TEXT_SUFFIXES)}); give one, or leave --eval-data out to use the "
+            "held-out text that ships with slimserve"
+        )
+    raw = _open(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        where = f"{exc.reason} at byte {exc.start}"
+        raise InvalidArgument(f"{path}: not UTF-8 text ({where})") from None
+    if not text.strip():
+        raise InvalidArgument(f"{path}: the text is empty")
+    return text

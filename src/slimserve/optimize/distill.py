@@ -88,7 +88,21 @@ def classifier_loss(
     soft = soft_target_loss(student_logits, teacher_logits, config.temperature)
     if config.alpha == 1:
         return soft
-    return config.alpha * soft + (1 - config.alpha) * F.cross_entropy(student_logits, labels)
+    return config.alpha * soft + (1 - config.alpha) * hard_label_loss(student_logits, labels)
+
+
+def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the labelled rows, summed and divided by the whole batch size.
+
+    A label < 0 marks an unlabelled row of the transfer set (Hinton et al.: the transfer set may
+    hold unlabelled inputs, which get the soft term only). Dividing by the batch, not by the
+    labelled count, keeps a batch with few labels from weighing them up (and one with none at
+    0 instead of NaN). With every row labelled this is plain batch-mean cross-entropy.
+    """
+    if bool((labels >= 0).all()):
+        return F.cross_entropy(logits, labels)
+    ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+    return (ce * (labels >= 0)).sum() / len(labels)
 
 
 def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
@@ -112,6 +126,7 @@ def distill(
     """Train `student` in place to imitate `teacher` on `data`.
 
     data: (inputs, labels) for classifiers; (inputs,) or (inputs, anything) for embeddings.
+    A label of -1 marks an unlabelled input: it is trained on the teacher's soft targets only.
     """
     config = config or DistillConfig()
     if not data or not isinstance(data[0], torch.Tensor):

@@ -82,7 +82,7 @@ def optimize(
     repository: str | Path,
     name: str,
     recipes: list[str],
-    data: str | Arrays,
+    data: str | Arrays | None,
     eval_data: str | Arrays | None = None,
     options: Options | None = None,
 ) -> Result:
@@ -90,6 +90,12 @@ def optimize(
     opts = options or Options()
     repo = Repository(Path(repository))
     config = repo.config(name)
+    if config.task == "text-generation":  # quantized LM weights: lm_quant.py
+        from slimserve.optimize.lm_quant import optimize_lm
+
+        return optimize_lm(repository, name, recipes, data, eval_data, opts)  # type: ignore[no-any-return]
+    if data is None:
+        raise InvalidArgument("--data is required: training/calibration data for the recipes")
     version = opts.version or _latest(repo, name)
     vdir = repo.version_dir(name, version)
     start = "onnx" if config.backend == "onnx" else "torch"

@@ -3,6 +3,9 @@
 prepare: each float layer becomes a FakeQuant twin sharing its parameters; training (the
 train package's `fit`) sees int8 rounding in the forward pass and learns around it; convert:
 each twin becomes the static int8 layer, with the input range its observer tracked.
+Fewer bits (weight_bits / act_bits < 8) simulate lower-precision quantization for accuracy
+studies (e.g. how much QAT recovers where post-training quantization loses); such twins do
+not convert.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimserve.errors import InvalidArgument
 from slimserve.optimize import qmath
 from slimserve.optimize.qlayers import StaticInt8Conv2d, StaticInt8Linear
 
@@ -22,9 +26,9 @@ class _RangeTracker(nn.Module):
     hi: torch.Tensor
     seen: torch.Tensor
 
-    def __init__(self, momentum: float = 0.01) -> None:
+    def __init__(self, momentum: float = 0.01, bits: int = 8) -> None:
         super().__init__()
-        self.momentum = momentum
+        self.momentum, self.bits = momentum, bits
         self.register_buffer("lo", torch.zeros(()))
         self.register_buffer("hi", torch.zeros(()))
         self.register_buffer("seen", torch.zeros((), dtype=torch.bool))
@@ -39,28 +43,37 @@ class _RangeTracker(nn.Module):
             else:
                 self.lo.lerp_(lo, self.momentum)
                 self.hi.lerp_(hi, self.momentum)
-        return qmath.affine_params(self.lo, self.hi)
+        return qmath.affine_params(self.lo, self.hi, self.bits)
 
 
 class FakeQuantLinear(nn.Module):
     float_module: nn.Linear
     tracker: _RangeTracker
 
-    def __init__(self, linear: nn.Linear, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        weight_bits: int = 8,
+        act_bits: int = 8,
+    ) -> None:
         super().__init__()
         self.float_module = linear
-        self.tracker = _RangeTracker()
+        self.weight_bits = weight_bits
+        self.tracker = _RangeTracker(bits=act_bits)
         self.tracker.lo.copy_(lo)
         self.tracker.hi.copy_(hi)
         self.tracker.seen.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, zp = self.tracker(x)
-        xq = qmath.fake_quantize_affine(x, scale, zp)
-        w = qmath.fake_quantize_weight(self.float_module.weight)
+        xq = qmath.fake_quantize_affine(x, scale, zp, self.tracker.bits)
+        w = qmath.fake_quantize_weight(self.float_module.weight, self.weight_bits)
         return F.linear(xq, w, self.float_module.bias)
 
     def convert(self, per_channel: bool) -> StaticInt8Linear:
+        _check_int8(self)
         scale, zp = qmath.affine_params(self.tracker.lo, self.tracker.hi)
         return StaticInt8Linear.from_float(self.float_module, scale, zp, per_channel)
 
@@ -69,23 +82,42 @@ class FakeQuantConv2d(nn.Module):
     float_module: nn.Conv2d
     tracker: _RangeTracker
 
-    def __init__(self, conv: nn.Conv2d, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        weight_bits: int = 8,
+        act_bits: int = 8,
+    ) -> None:
         super().__init__()
         self.float_module = conv
-        self.tracker = _RangeTracker()
+        self.weight_bits = weight_bits
+        self.tracker = _RangeTracker(bits=act_bits)
         self.tracker.lo.copy_(lo)
         self.tracker.hi.copy_(hi)
         self.tracker.seen.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, zp = self.tracker(x)
-        xq = qmath.fake_quantize_affine(x, scale, zp)
-        w = qmath.fake_quantize_weight(self.float_module.weight)
+        xq = qmath.fake_quantize_affine(x, scale, zp, self.tracker.bits)
+        w = qmath.fake_quantize_weight(self.float_module.weight, self.weight_bits)
         return self.float_module._conv_forward(xq, w, self.float_module.bias)
 
     def convert(self, per_channel: bool) -> StaticInt8Conv2d:
+        _check_int8(self)
         scale, zp = qmath.affine_params(self.tracker.lo, self.tracker.hi)
         return StaticInt8Conv2d.from_float(self.float_module, scale, zp, per_channel)
 
 
 FAKE_QUANT = (FakeQuantLinear, FakeQuantConv2d)
+
+
+def _check_int8(twin: FakeQuantLinear | FakeQuantConv2d) -> None:
+    """Fewer bits than 8 are simulated only (accuracy studies): there is no kernel for them."""
+    if (twin.weight_bits, twin.tracker.bits) != (8, 8):
+        raise InvalidArgument(
+            f"QAT with {twin.weight_bits}-bit weights and {twin.tracker.bits}-bit activations "
+            "is simulated (fake quantization) only and cannot be converted to int8 layers; "
+            "prepare with 8 bits to convert"
+        )

@@ -356,3 +356,7 @@ LAYER_KINDS: dict[str, type[QuantizedLayer]] = {
         StaticInt8Conv2d,
     )
 }
+
+# The layers on PyTorch's quantized kernels add their kinds to LAYER_KINDS (import at the end:
+# qnative subclasses QuantizedLayer).
+from slimserve.optimize import qnative as _qnative  # noqa: E402, F401

@@ -12,7 +12,7 @@ For ONNX artifacts use quantize_onnx (ONNX Runtime's quantizers, QDQ, signed int
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,6 +38,16 @@ __all__ = [
     "quantize_onnx",
     "quantized_layers",
 ]
+
+
+_KERNELS = ("auto", "native", "gemm")
+
+
+def _check_kernel(method: str, kernel: str) -> None:
+    if kernel not in _KERNELS:
+        raise InvalidArgument(
+            f"{method}: kernel={kernel!r} is unknown; use one of {', '.join(_KERNELS)}"
+        )
 
 
 def _check_bits(method: str, bits: int) -> None:
@@ -70,9 +80,15 @@ class StaticInt8:
     # ONNX models only: quantize just these op types, e.g. ("Gemm", "MatMul"); None: all.
     onnx_op_types: tuple[str, ...] | None = None
     bits: int = 8
+    # torch models: "native" = PyTorch's quantized kernels with quint8 activations flowing
+    # between layers, ReLU fused (qnative; LeNet-5: 1.4-2.6x faster than fp32); "gemm" = our
+    # int8 GEMM layers that take and give float (any graph, but slower than fp32 on small
+    # CNNs); "auto" = native when the model's graph carries quint8 tensors, else gemm.
+    kernel: Literal["auto", "native", "gemm"] = "auto"
 
     def __post_init__(self) -> None:
         _check_bits("StaticInt8", self.bits)
+        _check_kernel("StaticInt8", self.kernel)
         if self.calibration not in OBSERVERS:
             raise InvalidArgument(
                 f"StaticInt8: calibration={self.calibration!r} is unknown; "
@@ -115,8 +131,10 @@ class QAT:
     per_channel: bool = True
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     fit_options: dict[str, Any] = field(default_factory=dict)
+    kernel: Literal["auto", "native", "gemm"] = "auto"  # of the int8 layers: see StaticInt8
 
     def __post_init__(self) -> None:
+        _check_kernel("QAT", self.kernel)
         if self.epochs < 0 or not 0 < self.lr < 1:
             raise InvalidArgument(
                 f"QAT: epochs={self.epochs}, lr={self.lr}: use epochs >= 0 and 0 < lr < 1"
@@ -278,6 +296,8 @@ def _static(model: nn.Module, cfg: StaticInt8, filter_fn: FilterFn, data: Any) -
     layers = _select(model, filter_fn, "StaticInt8")
     for name, m in layers:
         _check_static_layer(name, m)
+    if cfg.kernel != "gemm" and _native(model, layers, data, cfg, cfg.kernel):
+        return
     obs = calibrate(model, layers, data, cfg.calibration, cfg.max_batches, cfg.percentile)
     for name, m in layers:
         scale, zp = obs[name].qparams()
@@ -290,23 +310,90 @@ def _static(model: nn.Module, cfg: StaticInt8, filter_fn: FilterFn, data: Any) -
         _set_module(model, name, new)
 
 
+def _native(
+    model: nn.Module,
+    layers: Sequence[tuple[str, nn.Module]],
+    data: Any,
+    cfg: StaticInt8 | QAT,
+    kernel: str,
+) -> bool:
+    """Convert to qnative layers; False (model untouched) when kernel="auto" and the graph
+    cannot carry quint8 tensors."""
+    from slimserve.optimize import quantize_native as qn
+
+    batches = qn.first_batches(_batches(data, "static int8"), getattr(cfg, "max_batches", 32))
+    try:
+        qn.convert_native(
+            model,
+            layers,
+            batches,
+            method=cfg.calibration,
+            per_channel=cfg.per_channel,
+            percentile=getattr(cfg, "percentile", 99.99),
+        )
+    except qn.NativeUnsupported:
+        if kernel == "native":
+            raise
+        return False
+    return True
+
+
 def prepare_qat(
-    model: nn.Module, data: Any, filter_fn: FilterFn | None = None, calibration: str = "minmax"
+    model: nn.Module,
+    data: Any,
+    filter_fn: FilterFn | None = None,
+    calibration: str = "minmax",
+    *,
+    weight_bits: int = 8,
+    act_bits: int = 8,
+    max_batches: int = 8,
 ) -> nn.Module:
-    """Swap chosen Linear/Conv2d for fake-quant twins, their ranges seeded by calibration."""
+    """Swap chosen Linear/Conv2d for fake-quant twins, their ranges seeded by calibration.
+
+    weight_bits / act_bits below 8 simulate lower precision (accuracy only; see qat.py).
+    Before any training the prepared model in eval mode *is* post-training quantization at
+    those bits (the calibrated ranges, round-to-nearest weights).
+    """
+    if not (2 <= weight_bits <= 8 and 2 <= act_bits <= 8):
+        raise InvalidArgument(
+            f"prepare_qat: weight_bits={weight_bits}, act_bits={act_bits}: use 2 to 8 bits"
+        )
     layers = _select(model, filter_fn or _linear_or_conv, "QAT")
     for name, m in layers:
         _check_static_layer(name, m)
-    obs = calibrate(model, layers, data, calibration, max_batches=8)
+    obs = calibrate(model, layers, data, calibration, max_batches=max_batches)
     for name, m in layers:
         lo, hi = obs[name].range()
         cls = FakeQuantLinear if isinstance(m, nn.Linear) else FakeQuantConv2d
-        _set_module(model, name, cls(m, lo, hi))  # type: ignore[arg-type]
+        _set_module(model, name, cls(m, lo, hi, weight_bits, act_bits))  # type: ignore[arg-type]
     return model
 
 
-def convert_qat(model: nn.Module, per_channel: bool = True) -> nn.Module:
-    """Replace every fake-quant twin by its static int8 layer."""
+def convert_qat(
+    model: nn.Module,
+    per_channel: bool = True,
+    kernel: str = "gemm",
+    data: Any = None,
+    calibration: str = "minmax",
+) -> nn.Module:
+    """Replace every fake-quant twin by its static int8 layer.
+
+    kernel="gemm": the layer keeps the input range its twin tracked in training. "native" or
+    "auto" (needs `data`, inputs to calibrate on): the fine-tuned float layers are calibrated
+    again with their output ranges and become qnative layers (auto: gemm if the graph cannot
+    carry quint8 tensors).
+    """
+    _check_kernel("convert_qat", kernel)
+    if kernel != "gemm":
+        twins = [(n, m) for n, m in model.named_modules() if isinstance(m, FAKE_QUANT)]
+        for name, m in twins:
+            _set_module(model, name, m.float_module)
+        floats = [(n, m.float_module) for n, m in twins]
+        cfg = StaticInt8(calibration=calibration, per_channel=per_channel)  # type: ignore[arg-type]
+        if _native(model, floats, data, cfg, kernel):
+            return model
+        for name, m in twins:  # auto, and the graph refused quint8: back to the twins
+            _set_module(model, name, m)
     for name, m in list(model.named_modules()):
         if isinstance(m, FAKE_QUANT):
             _set_module(model, name, m.convert(per_channel))
@@ -327,7 +414,7 @@ def _qat(model: nn.Module, cfg: QAT, filter_fn: FilterFn, data: Any) -> None:
         options = {"epochs": cfg.epochs, "lr": cfg.lr, "desc": "qat", **cfg.fit_options}
         fit(model, classification_loss, (x, y), TrainConfig(**options))
     model.eval()
-    convert_qat(model, cfg.per_channel)
+    convert_qat(model, cfg.per_channel, cfg.kernel, x, cfg.calibration)
 
 
 _HANDLERS: dict[type, tuple[Callable[..., None], FilterFn]] = {

@@ -99,7 +99,9 @@ _step(
     main="calibration",
     accepts=("torch", "onnx"),
     produces="q",
-    help="e.g. static-int8:calibration=entropy,per_channel=true; ONNX: ops=Gemm-MatMul",
+    help="e.g. static-int8:calibration=entropy,per_channel=true; torch: kernel=auto|native|gemm"
+    " (auto: torch's quantized kernels with int8 between layers where the graph allows);"
+    " ONNX: ops=Gemm-MatMul",
 )
 _step("weight-int8", _build_weight_int8, _run_quantize, produces="q", help="weight-only int8")
 _step(

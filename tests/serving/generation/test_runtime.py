@@ -104,3 +104,45 @@ def test_converting_a_missing_gguf_file_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ModelLoadError, match="no such GGUF file"):
         convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
+
+
+def test_bf16_weights_track_fp32_and_halve_the_kv_cache(tiny_llama_dir: Path) -> None:
+    import torch
+
+    from slimserve.serving.generation.model import HAS_BF16, kv_bytes_per_token
+
+    fp32 = TextGenerationRuntime.load(tiny_llama_dir)
+    bf16 = TextGenerationRuntime.load(tiny_llama_dir, weights="bf16")
+    tokens = list(range(1000, 1040))
+    a, b = full_logits(fp32, tokens), full_logits(bf16, tokens)
+    assert b.dtype == torch.float32  # logits are handed to sampling in fp32 either way
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+    # Where the CPU lacks avx512_bf16, `bf16` is the exact fp32 path.
+    expected = torch.bfloat16 if HAS_BF16 else torch.float32
+    assert bf16.model.shape.dtype == expected
+    ratio = kv_bytes_per_token(bf16.model.shape) / kv_bytes_per_token(fp32.model.shape)
+    assert ratio == (0.5 if HAS_BF16 else 1.0)
+
+
+def test_decode_attention_matches_prefill_attention(tiny_llama_dir: Path) -> None:
+    """Decoding token by token (the batched-matmul path) gives the logits of one prefill
+    (scaled_dot_product_attention), with the sequence's blocks scattered in the pool."""
+    import torch
+
+    runtime = TextGenerationRuntime.load(tiny_llama_dir)
+    tokens, block = list(range(700, 723)), 4
+    table = torch.tensor([9, 2, 7, 4, 11, 1])  # positions 0-3 in block 9, 4-7 in block 2, ...
+    pool = new_kv_pool(runtime.model.shape, 12, block)
+    expected = full_logits(runtime, tokens)
+    for position, token in enumerate(tokens):
+        slot = table[position // block] * block + position % block
+        step = Batch(
+            tokens=torch.tensor([[token]]),
+            positions=torch.tensor([[position]]),
+            slots=slot.view(1),
+            block_tables=table[None, : position // block + 1],
+            last=torch.tensor([0]),
+        )
+        logits = forward(runtime.model, pool, step)[0]
+        torch.testing.assert_close(logits, expected[position], rtol=1e-4, atol=1e-4)

@@ -53,11 +53,29 @@ def test_smollm2_answers_a_chat_prompt_like_generate(smollm2_dir: Path) -> None:
     assert got == expected[: len(got)]  # ours stops at the end-of-sequence token
 
 
-@pytest.mark.parametrize("weights", ["int8", "int8-weight-only"])
-def test_smollm2_int8_perplexity_stays_close(smollm2_dir: Path, weights: str) -> None:
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_smollm2_lossy_paths_still_answer(smollm2_dir: Path, weights: str) -> None:
+    """bf16 and int8 cannot match generate() bit for bit; the answer must still be right."""
+    runtime = TextGenerationRuntime.load(smollm2_dir, weights=weights)
+    engine = GenerationEngine(
+        runtime.model, runtime.tokenizer, EngineConfig(), eos_token_ids=runtime.eos_token_ids
+    )
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=16, temperature=0)
+        events = asyncio.run(collect(engine, runtime.encode_chat(QUESTION), params))
+    finally:
+        engine.close()
+    assert "Paris" in text_of(events)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int8-weight-only"])
+def test_smollm2_lossy_perplexity_stays_close(smollm2_dir: Path, weights: str) -> None:
     fp32 = TextGenerationRuntime.load(smollm2_dir)
     int8 = TextGenerationRuntime.load(smollm2_dir, weights=weights)
     tokens = fp32.encode(HELD_OUT_TEXT)
     base, quantized = perplexity(fp32.model, tokens), perplexity(int8.model, tokens)
     assert base < 60  # the model reads English (measured: 38.4)
-    assert quantized < base * 1.05  # measured: 39.4 (int8), 38.5 (weight-only), fp32 38.4
+    # measured: 38.2 (bf16), 38.2 (int8: bf16 down projection and attention), 38.5
+    # (weight-only), fp32 38.4
+    assert quantized < base * 1.05

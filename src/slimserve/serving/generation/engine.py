@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     block_size: int = 16  # token positions per KV block
-    kv_cache_bytes: int = 256 * 2**20  # the KV pool's size (all layers, K and V, fp32)
+    kv_cache_bytes: int = 256 * 2**20  # the KV pool's size (all layers, K and V; fp32 or bf16)
     max_seqs: int = 32  # sequences decoded together at most
     max_prefill_tokens: int = 2048  # prompt tokens computed per iteration at most
     max_waiting: int = 256  # queued requests before submit refuses (RESOURCE_EXHAUSTED)

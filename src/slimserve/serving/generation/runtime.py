@@ -20,12 +20,14 @@ from slimserve.serving.generation.model import (
     Linear,
     LlamaModel,
     MakeLinear,
+    bf16_linear,
     build_model,
+    compute_dtype,
 )
 
 _SAFE_LOAD: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
 _PICKLE = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
-WEIGHTS = ("fp32", "int8", "int8-weight-only")
+WEIGHTS = ("fp32", "bf16", "int8", "int8-weight-only")
 
 
 @dataclass
@@ -38,15 +40,23 @@ class TextGenerationRuntime:
     eos_token_ids: tuple[int, ...]
 
     @classmethod
-    def load(cls, folder: str | Path, weights: str = "fp32") -> TextGenerationRuntime:
-        """`weights`: fp32; int8 (int8 weights per channel, activations quantized per row on
-        the fly, int8 matmul); int8-weight-only (fp32 activations). See quant.py."""
+    def load(
+        cls, folder: str | Path, weights: str = "fp32", int4_compute: str | None = None
+    ) -> TextGenerationRuntime:
+        """`weights`: fp32; bf16 (bf16 matmuls, attention and KV cache, fp32 residual
+        stream; fp32 where the CPU lacks avx512_bf16); int8 (int8 weights per channel,
+        activations quantized per row on the fly, int8 matmul); int8-weight-only (fp32
+        activations). See quant.py.
+
+        A folder whose weights were quantized ahead of time (a `slimserve optimize` variant,
+        see prequant.py) loads as stored and `weights` is ignored; `int4_compute` overrides
+        how its int4 layers multiply (int8 or unpack)."""
         from transformers import AutoConfig, AutoTokenizer
 
         path = _check_folder(Path(folder))
         config = AutoConfig.from_pretrained(path, **_SAFE_LOAD)
         tokenizer = AutoTokenizer.from_pretrained(path, **_SAFE_LOAD)
-        model = build_model(config, _read_weights(path), _linear_maker(weights))
+        model = _build(config, path, weights, int4_compute)
         return cls(path, model, tokenizer, _eos_ids(config, tokenizer))
 
     def encode(self, text: str) -> list[int]:
@@ -89,6 +99,15 @@ def _check_folder(folder: Path) -> Path:
     return folder
 
 
+def _build(config: Any, path: Path, weights: str, int4_compute: str | None) -> LlamaModel:
+    from slimserve.serving.generation.prequant import build_quantized, read_format
+
+    meta = read_format(path)
+    if meta is not None:
+        return build_quantized(config, _read_weights(path), meta, int4_compute)
+    return build_model(config, _read_weights(path), _linear_maker(weights), compute_dtype(weights))
+
+
 def _read_weights(folder: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -101,6 +120,8 @@ def _read_weights(folder: Path) -> dict[str, Any]:
 def _linear_maker(weights: str) -> MakeLinear:
     if weights == "fp32":
         return FloatLinear
+    if weights == "bf16":  # bf16 matmuls and KV where the CPU has avx512_bf16 (model.py)
+        return bf16_linear
     if weights == "int8":
         from slimserve.serving.generation.quant import int8_linear
 

@@ -81,9 +81,10 @@ class StaticInt8:
     onnx_op_types: tuple[str, ...] | None = None
     bits: int = 8
     # torch models: "native" = PyTorch's quantized kernels with quint8 activations flowing
-    # between layers, ReLU fused (qnative; LeNet-5: 1.4-2.6x faster than fp32); "gemm" = our
-    # int8 GEMM layers that take and give float (any graph, but slower than fp32 on small
-    # CNNs); "auto" = native when the model's graph carries quint8 tensors, else gemm.
+    # between layers, ReLU fused (qnative; LeNet-5, 1 thread: ~2x fp32's speed at batch
+    # 64-256, 1.14x at batch 1); "gemm" = our int8 GEMM layers that take and give float (any
+    # graph, but slower than fp32 on small CNNs); "auto" = native when the model's graph
+    # carries quint8 tensors, else gemm.
     kernel: Literal["auto", "native", "gemm"] = "auto"
 
     def __post_init__(self) -> None:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True, slots=True)
 class KvIndex:
-    """Row indices into a layer's flat (Hkv * num_slots, hd) K (or V) view, for one forward."""
+    """One forward's indices into a layer's K (or V) pool: `write` into its (Hkv * num_slots,
+    hd) view, `read` from its (Hkv * num_blocks, block_size * hd) view."""
 
     write: torch.Tensor  # (B * T * Hkv,) int64: the new tokens' rows, token-major
     read: torch.Tensor  # (B * Hkv * M,) int64: each row's blocks, head by head, in table order

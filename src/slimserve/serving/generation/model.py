@@ -121,10 +121,14 @@ def _pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def _has_bf16() -> bool:
-    """True where oneDNN multiplies bf16 natively (avx512_bf16 / AMX): the bf16 path pays."""
+    """True where oneDNN multiplies bf16 natively (avx512_bf16 or AMX): the bf16 path pays.
+
+    oneDNN also runs bf16 on plain AVX-512 by emulation (`_is_mkldnn_bf16_supported` says
+    yes there), which is slower than fp32, so the CPU's own instruction is required."""
     try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         available = torch.backends.mkldnn.is_available()
-        return bool(available and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(native and available and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
@@ -154,7 +158,8 @@ def bf16_linear(weight: torch.Tensor, role: str = "") -> Linear:
 
 
 def compute_dtype(weights: str) -> torch.dtype:
-    """The activation dtype of a weights kind: bf16 for `bf16` where the CPU has it."""
+    """The activation dtype of a weights kind: bf16 for `bf16` and `int8` (its attention, KV
+    cache and down projection; see quant.py) where the CPU has it, else fp32."""
     return torch.bfloat16 if weights in ("bf16", "int8") and HAS_BF16 else torch.float32
 
 

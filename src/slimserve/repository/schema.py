@@ -108,7 +108,8 @@ class GenerationSettings(_Strict):
 
     The KV pool holds `kv_cache_bytes` (all layers, K and V, fp32) in blocks of `block_size`
     token positions; `max_seqs` sequences decode together; `weights: int8` quantizes the
-    linear layers at load (per-channel int8 weights, int8 matmul).
+    linear layers at load (per-channel int8 weights, int8 matmul); `weights: bf16` computes
+    the fp32 checkpoint in bf16 where the CPU has avx512_bf16 (fp32 elsewhere).
     """
 
     block_size: int = Field(16, ge=1, le=1024)
@@ -118,7 +119,7 @@ class GenerationSettings(_Strict):
     max_waiting: int = Field(256, ge=1)
     prefix_caching: bool = True
     continuous: bool = True
-    weights: Literal["fp32", "int8"] = "fp32"
+    weights: Literal["fp32", "bf16", "int8"] = "fp32"
 
 
 class ModelConfig(_Strict):

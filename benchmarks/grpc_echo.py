@@ -13,7 +13,6 @@ server built on grpcio can answer faster.
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 import grpc
 import numpy as np

@@ -27,7 +27,7 @@ import torch
 from llm_throughput import engine_run, machine_facts, prompts
 
 from slimserve.optimize.pipeline import Options, optimize
-from slimserve.serving.generation import TextGenerationRuntime, convert_gguf, smollm2_gguf
+from slimserve.runtimes.llm import TextGenerationRuntime, convert_gguf, smollm2_gguf
 
 RECIPES = ["int8", "weight-int8", "int4:group=32", "int4:group=64"]
 LM_YAML = """\

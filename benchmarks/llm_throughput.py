@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from slimserve.serving.generation import (
+from slimserve.runtimes.llm import (
     EngineConfig,
     GenerationEngine,
     SamplingParams,
@@ -45,8 +45,8 @@ from slimserve.serving.generation import (
     keep_freed_memory,
     smollm2_gguf,
 )
-from slimserve.serving.generation.model import kv_bytes_per_token
-from slimserve.serving.generation.quality import HELD_OUT_TEXT, perplexity
+from slimserve.runtimes.llm.model import kv_bytes_per_token
+from slimserve.runtimes.llm.quality import HELD_OUT_TEXT, perplexity
 
 
 @dataclass
@@ -178,7 +178,7 @@ def machine_facts(threads: int) -> list[str]:
     simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
     import transformers
 
-    from slimserve.serving.generation.model import HAS_BF16
+    from slimserve.runtimes.llm.model import HAS_BF16
 
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     return [

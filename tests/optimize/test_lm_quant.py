@@ -27,7 +27,7 @@ INT8_AGREEMENT, INT4_AGREEMENT = 0.97, 0.90
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory, trained_llama_dir: Path) -> Any:  # noqa: F811
-    from slimserve.serving.generation.quality import HELD_OUT_TEXT
+    from slimserve.runtimes.llm.quality import HELD_OUT_TEXT
 
     tmp = tmp_path_factory.mktemp("lmq")
     (tmp / "learned.txt").write_text(HELD_OUT_TEXT)  # the paragraph the tiny model learned
@@ -171,7 +171,7 @@ def test_a_non_lm_model_still_needs_data(tmp_path: Path) -> None:
 
 
 def test_cli_makes_an_int4_variant_from_a_text_file(repo: Path, tmp_path: Path, capsys) -> None:
-    from slimserve.serving.generation.quality import HELD_OUT_TEXT
+    from slimserve.runtimes.llm.quality import HELD_OUT_TEXT
 
     (tmp_path / "held-out.txt").write_text(HELD_OUT_TEXT)
     argv = ["optimize", "tiny", "-r", str(repo), "--recipe", "int4:group=64"]

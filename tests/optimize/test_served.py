@@ -64,4 +64,3 @@ def test_variant_is_served_within_its_profiled_agreement(served, variant):
     got = _answers(root, variant)
     agreement = float((got.argmax(1) == original.argmax(1)).mean())
     assert agreement >= variants[variant]["profile"]["agreement"] - 1e-9
-

@@ -12,7 +12,7 @@ from slimserve.errors import ConfigError, ModelLoadError, Unavailable
 from slimserve.repository import Repository
 from slimserve.runtimes import create_runtime
 from slimserve.runtimes.generation import GenerationRuntime
-from tests.serving.generation.conftest import tiny_llama_dir  # noqa: F401 - a fixture
+from tests.runtimes.llm.conftest import tiny_llama_dir  # noqa: F401 - a fixture
 from tests.transport.test_openai import LM_YAML
 
 pytestmark = pytest.mark.timeout(120)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from slimserve.serving.generation import SamplingParams
+from slimserve.runtimes.llm import SamplingParams
 from slimserve.serving.sampling_args import BadParameter, sampling_params
 
 

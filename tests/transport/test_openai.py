@@ -22,7 +22,7 @@ from slimserve.repository import Repository
 from slimserve.repository.importer import add_model
 from slimserve.serving.engine import Engine
 from slimserve.transport.http import create_app
-from tests.serving.generation.conftest import tiny_llama_dir  # noqa: F401 - a fixture
+from tests.runtimes.llm.conftest import tiny_llama_dir  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -18,7 +18,7 @@ from slimserve.config import Settings
 from slimserve.repository import Repository
 from slimserve.serving.engine import Engine
 from slimserve.transport.http import create_app
-from tests.serving.generation.conftest import tiny_llama_dir  # noqa: F401 - a fixture
+from tests.runtimes.llm.conftest import tiny_llama_dir  # noqa: F401 - a fixture
 from tests.transport.test_openai import GREEDY, LM_YAML, error_of, run
 
 pytestmark = pytest.mark.timeout(120)

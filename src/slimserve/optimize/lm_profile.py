@@ -5,7 +5,7 @@ Quality: perplexity of a held-out text (teacher forced, one forward over the who
 the original's. Speed: milliseconds of one decode step (one new token per stream, a context
 of `context` tokens in the paged KV cache) at 1 and 8 streams, the median of repeated steps.
 
-The model is our generation forward (slimserve.serving.generation), so the figures describe
+The model is our generation forward (slimserve.runtimes.llm), so the figures describe
 exactly what the server runs; this is the one place optimize reaches into serving.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from slimserve.serving.generation.model import Batch, LlamaModel, forward, new_kv_pool
+from slimserve.runtimes.llm.model import Batch, LlamaModel, forward, new_kv_pool
 
 
 @torch.inference_mode()

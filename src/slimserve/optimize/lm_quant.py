@@ -6,7 +6,7 @@ Recipes (the ordinary recipe grammar; one step each):
   int4:group=32  int4 weights, one fp16 scale and offset per group of 32 (or 64, 128) inputs
 
 The variant is a transformers folder whose model.safetensors holds the quantized tensors
-(serving/generation/prequant.py defines the format); the server loads it as stored. The
+(runtimes/llm/prequant.py defines the format); the server loads it as stored. The
 profile records the perplexity of held-out text (the original's and the variant's), the
 top-1 next-token agreement with the original, size on disk, resident weight bytes and decode
 speed at 1 and 8 streams. Held-out text: --eval-data, else --data (plain text files), else
@@ -105,13 +105,13 @@ def optimize_lm(
 
 
 def _read_state(vdir: Path) -> dict[str, Any]:
-    from slimserve.serving.generation.runtime import _check_folder, _read_weights
+    from slimserve.runtimes.llm.runtime import _check_folder, _read_weights
 
     return _read_weights(_check_folder(vdir))
 
 
 def _check_groups(state: dict[str, Any], schemes: list[LMScheme]) -> None:
-    from slimserve.serving.generation.prequant import check_group
+    from slimserve.runtimes.llm.prequant import check_group
 
     for scheme in schemes:
         if scheme.group is not None:
@@ -120,7 +120,7 @@ def _check_groups(state: dict[str, Any], schemes: list[LMScheme]) -> None:
 
 def _profile_original(vdir: Path, text: str, opts: Any) -> tuple[list[int], Any, dict[str, Any]]:
     from slimserve.optimize.lm_profile import profile
-    from slimserve.serving.generation.runtime import TextGenerationRuntime
+    from slimserve.runtimes.llm.runtime import TextGenerationRuntime
 
     runtime = TextGenerationRuntime.load(vdir)
     limit = min(MAX_EVAL_TOKENS, runtime.model.shape.max_positions)
@@ -171,7 +171,7 @@ def _make_variant(
     opts: Any,
 ) -> dict[str, Any]:
     from slimserve.optimize.lm_profile import profile
-    from slimserve.serving.generation.runtime import TextGenerationRuntime
+    from slimserve.runtimes.llm.runtime import TextGenerationRuntime
 
     start = time.perf_counter()
     meta = write_quantized(vdir, stage, state, scheme)
@@ -200,7 +200,7 @@ def write_quantized(
 
     from safetensors.torch import save_file
 
-    from slimserve.serving.generation.prequant import METADATA_KEY, quantize_state
+    from slimserve.runtimes.llm.prequant import METADATA_KEY, quantize_state
 
     for path in sorted(vdir.iterdir()):
         weights = path.name.endswith((".safetensors", ".safetensors.index.json"))

@@ -1,7 +1,7 @@
 """transformers backend, `task: text-generation`: a causal LM behind the generation engine.
 
 The folder is a local transformers folder (config.json, tokenizer, *.safetensors); the
-weights go into our own Llama forward (serving/generation) and one started `GenerationEngine`
+weights go into our own Llama forward (runtimes/llm) and one started `GenerationEngine`
 (continuous batching over a paged KV cache) serves every request of this unit: the OpenAI
 routes stream from it through `Engine.generate`, and the v2 path reaches it through `infer`.
 
@@ -23,9 +23,9 @@ from slimserve.repository.schema import GenerationSettings
 from slimserve.repository.store import Target
 from slimserve.runtimes._common import check_folder, not_loaded
 from slimserve.runtimes.base import Runtime, RuntimeOptions
-from slimserve.serving.generation import SamplingParams
-from slimserve.serving.generation.engine import EngineConfig, GenerationEngine
-from slimserve.serving.generation.runtime import TextGenerationRuntime
+from slimserve.runtimes.llm import SamplingParams
+from slimserve.runtimes.llm.engine import EngineConfig, GenerationEngine
+from slimserve.runtimes.llm.runtime import TextGenerationRuntime
 
 _V2_DEFAULTS: dict[str, Any] = {"max_tokens": 16, "temperature": 0.0, "timeout_s": 120.0}
 

@@ -29,6 +29,7 @@ from slimserve.errors import (
     SlimserveError,
 )
 from slimserve.repository.store import Repository, Target, split_served_name
+from slimserve.runtimes.llm import SamplingParams
 from slimserve.security.audit import AuditLog
 from slimserve.security.keys import ANONYMOUS, Authenticator, Identity
 from slimserve.serving import llm, llm_v2
@@ -40,7 +41,6 @@ from slimserve.serving.cache import (
     ResponseCache,
     cache_key,
 )
-from slimserve.serving.generation import SamplingParams
 from slimserve.serving.llm import TextStream
 from slimserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from slimserve.serving.metrics import Metrics

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from slimserve.errors import Code, InvalidArgument, SlimserveError
 from slimserve.repository.store import split_served_name
-from slimserve.serving.generation import SamplingParams, TokenEvent
+from slimserve.runtimes.llm import SamplingParams, TokenEvent
 from slimserve.serving.models import Unit
 from slimserve.serving.sampling_args import number
 
 if TYPE_CHECKING:
     from slimserve.runtimes.generation import GenerationRuntime
+    from slimserve.runtimes.llm.stream import GenerationStream
     from slimserve.serving.engine import Engine
-    from slimserve.serving.generation.stream import GenerationStream
 
 TEXT_GENERATION = "text-generation"
 EMBEDDING = "embedding"

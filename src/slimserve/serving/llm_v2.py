@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from slimserve.errors import InvalidArgument
-from slimserve.serving.generation import SamplingParams
+from slimserve.runtimes.llm import SamplingParams
 from slimserve.serving.llm import _runtime, configured_timeout_s, runtime_engine
 from slimserve.serving.sampling_args import DEFAULTS, BadParameter, sampling_params
 
 if TYPE_CHECKING:
     from slimserve.repository.schema import ModelConfig
-    from slimserve.serving.generation.stream import GenerationStream
+    from slimserve.runtimes.llm.stream import GenerationStream
     from slimserve.serving.metrics import GenerationMetrics, TokenMeter
     from slimserve.serving.models import Unit
 

@@ -317,6 +317,7 @@ class ModelManager:
         except Exception:
             runtime.unload()
             raise
+        gc.collect(1)  # the young garbage (a few ms), so that freezing keeps none of it
         gc.freeze()  # see the module doc
         return runtime
 

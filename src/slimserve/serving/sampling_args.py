@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from slimserve.errors import InvalidArgument
-from slimserve.serving.generation import SamplingParams
+from slimserve.runtimes.llm import SamplingParams
 
 _PARAM = re.compile(r"sampling parameter (\w+)=")  # the field named by SamplingParams' errors
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from slimserve.serving.generation import TokenEvent, TokenLogprob, Usage
+from slimserve.runtimes.llm import TokenEvent, TokenLogprob, Usage
 from slimserve.serving.llm import TextStream, merge
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from slimserve.errors import ResourceExhausted
-from slimserve.serving.generation.blocks import SCRATCH_BLOCK, BlockAllocator, block_keys
+from slimserve.runtimes.llm.blocks import SCRATCH_BLOCK, BlockAllocator, block_keys
 
 
 def test_blocks_are_taken_as_needed_and_returned() -> None:

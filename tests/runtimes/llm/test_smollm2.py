@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from slimserve.serving.generation import (
+from slimserve.runtimes.llm import (
     EngineConfig,
     GenerationEngine,
     SamplingParams,
@@ -16,7 +16,7 @@ from slimserve.serving.generation import (
     convert_gguf,
     smollm2_gguf,
 )
-from slimserve.serving.generation.quality import HELD_OUT_TEXT, perplexity
+from slimserve.runtimes.llm.quality import HELD_OUT_TEXT, perplexity
 
 from .helpers import collect, greedy_reference, text_of, tokens_of
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimserve.serving.generation.model import Linear, bf16_linear
+from slimserve.runtimes.llm.model import Linear, bf16_linear
 
 MODES = ("dynamic", "weight-only")
 

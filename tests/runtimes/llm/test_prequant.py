@@ -12,20 +12,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slimserve.errors import InvalidArgument, ModelLoadError
-from slimserve.serving.generation import SamplingParams
-from slimserve.serving.generation.engine import EngineConfig, GenerationEngine
-from slimserve.serving.generation.prequant import METADATA_KEY, quantize_state, read_format
-from slimserve.serving.generation.quality import HELD_OUT_TEXT
-from slimserve.serving.generation.quant import Int8Linear
-from slimserve.serving.generation.quant4 import (
+from slimserve.runtimes.llm import SamplingParams
+from slimserve.runtimes.llm.engine import EngineConfig, GenerationEngine
+from slimserve.runtimes.llm.prequant import METADATA_KEY, quantize_state, read_format
+from slimserve.runtimes.llm.quality import HELD_OUT_TEXT
+from slimserve.runtimes.llm.quant import Int8Linear
+from slimserve.runtimes.llm.quant4 import (
     Int4Linear,
     dequantize_int4,
     quantize_int4,
     unpack_int4,
 )
-from slimserve.serving.generation.runtime import TextGenerationRuntime
+from slimserve.runtimes.llm.runtime import TextGenerationRuntime
 from tests.optimize.lm_fixtures import trained_llama_dir  # noqa: F401 - a fixture
-from tests.serving.generation.helpers import collect, run, tokens_of
+from tests.runtimes.llm.helpers import collect, run, tokens_of
 
 # Greedy continuations of a prompt must agree on at least this share of tokens with the
 # original's (measured: int8 and int4 group 32 both 16/16 on the tiny trained model).

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimserve.serving.generation import SamplingParams
-from slimserve.serving.generation.sampling import sample
+from slimserve.runtimes.llm import SamplingParams
+from slimserve.runtimes.llm.sampling import sample
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.errors import InvalidArgument, ModelLoadError, UnsafeArtifact
-from slimserve.serving.generation.model import (
+from slimserve.runtimes.llm.model import (
     FloatLinear,
     Linear,
     LlamaModel,
@@ -100,7 +100,7 @@ def _check_folder(folder: Path) -> Path:
 
 
 def _build(config: Any, path: Path, weights: str, int4_compute: str | None) -> LlamaModel:
-    from slimserve.serving.generation.prequant import build_quantized, read_format
+    from slimserve.runtimes.llm.prequant import build_quantized, read_format
 
     meta = read_format(path)
     if meta is not None:
@@ -123,11 +123,11 @@ def _linear_maker(weights: str) -> MakeLinear:
     if weights == "bf16":  # bf16 matmuls and KV where the CPU has avx512_bf16 (model.py)
         return bf16_linear
     if weights == "int8":
-        from slimserve.serving.generation.quant import int8_linear
+        from slimserve.runtimes.llm.quant import int8_linear
 
         return int8_linear
     if weights == "int8-weight-only":
-        from slimserve.serving.generation.quant import weight_only_int8
+        from slimserve.runtimes.llm.quant import weight_only_int8
 
         return weight_only_int8
     raise InvalidArgument(f"weights={weights!r} is not one of {', '.join(WEIGHTS)}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from slimserve.serving.generation import SamplingParams, TokenEvent
-from slimserve.serving.generation.engine import GenerationEngine
+from slimserve.runtimes.llm import SamplingParams, TokenEvent
+from slimserve.runtimes.llm.engine import GenerationEngine
 
 
 async def collect(

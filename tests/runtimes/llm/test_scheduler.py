@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slimserve.serving.generation.scheduler import (
+from slimserve.runtimes.llm.scheduler import (
     Decision,
     Limits,
     RunningSeq,
@@ -84,6 +84,6 @@ def test_importing_the_package_loads_no_torch() -> None:
     import subprocess
     import sys
 
-    code = "import slimserve.serving.generation, sys; print('torch' in sys.modules)"
+    code = "import slimserve.runtimes.llm, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

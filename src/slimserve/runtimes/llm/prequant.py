@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from slimserve.errors import InvalidArgument, ModelLoadError
-from slimserve.serving.generation.model import (
+from slimserve.runtimes.llm.model import (
     LayerWeights,
     Linear,
     LlamaModel,
@@ -40,8 +40,8 @@ from slimserve.serving.generation.model import (
     rope_tables,
     shape_of,
 )
-from slimserve.serving.generation.quant import Int8Linear, prequantized_int8, quantize_per_channel
-from slimserve.serving.generation.quant4 import Int4Linear, dequantize_int4, quantize_int4
+from slimserve.runtimes.llm.quant import Int8Linear, prequantized_int8, quantize_per_channel
+from slimserve.runtimes.llm.quant4 import Int4Linear, dequantize_int4, quantize_int4
 
 METADATA_KEY = "slimserve_quant"
 SCHEMES = ("int8", "int8-weight-only", "int4")

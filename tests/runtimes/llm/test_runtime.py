@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from slimserve.errors import InvalidArgument, ModelLoadError, UnsafeArtifact
-from slimserve.serving.generation import TextGenerationRuntime
-from slimserve.serving.generation.model import Batch, forward, new_kv_pool
+from slimserve.runtimes.llm import TextGenerationRuntime
+from slimserve.runtimes.llm.model import Batch, forward, new_kv_pool
 
 
 def test_chat_prompts_use_the_tokenizer_template(tiny_llama_dir: Path) -> None:
@@ -100,7 +100,7 @@ def test_paged_forward_matches_transformers_logits(tiny_llama_dir: Path) -> None
 
 
 def test_converting_a_missing_gguf_file_is_refused(tmp_path: Path) -> None:
-    from slimserve.serving.generation import convert_gguf
+    from slimserve.runtimes.llm import convert_gguf
 
     with pytest.raises(ModelLoadError, match="no such GGUF file"):
         convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
@@ -109,7 +109,7 @@ def test_converting_a_missing_gguf_file_is_refused(tmp_path: Path) -> None:
 def test_bf16_weights_track_fp32_and_halve_the_kv_cache(tiny_llama_dir: Path) -> None:
     import torch
 
-    from slimserve.serving.generation.model import HAS_BF16, kv_bytes_per_token
+    from slimserve.runtimes.llm.model import HAS_BF16, kv_bytes_per_token
 
     fp32 = TextGenerationRuntime.load(tiny_llama_dir)
     bf16 = TextGenerationRuntime.load(tiny_llama_dir, weights="bf16")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from slimserve.serving.generation.detok import TextStream
+from slimserve.runtimes.llm.detok import TextStream
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from slimserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from slimserve.serving.generation import (
+from slimserve.runtimes.llm import (
     EngineConfig,
     GenerationEngine,
     SamplingParams,

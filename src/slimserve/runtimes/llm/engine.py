@@ -31,36 +31,36 @@ from typing import Any
 import torch
 
 from slimserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from slimserve.serving.generation.blocks import BlockAllocator, block_keys
-from slimserve.serving.generation.model import (
+from slimserve.runtimes.llm.blocks import BlockAllocator, block_keys
+from slimserve.runtimes.llm.model import (
     LlamaModel,
     forward,
     kv_bytes_per_token,
     new_kv_pool,
 )
-from slimserve.serving.generation.params import (
+from slimserve.runtimes.llm.params import (
     FINISH_LENGTH,
     FINISH_STOP,
     SamplingParams,
     TokenEvent,
     Usage,
 )
-from slimserve.serving.generation.sampling import sample
-from slimserve.serving.generation.scheduler import (
+from slimserve.runtimes.llm.sampling import sample
+from slimserve.runtimes.llm.scheduler import (
     Limits,
     RunningSeq,
     SchedulerState,
     WaitingSeq,
     schedule,
 )
-from slimserve.serving.generation.sequence import (
+from slimserve.runtimes.llm.sequence import (
     Request,
     Seq,
     full_block_keys,
     make_batch,
     new_seqs,
 )
-from slimserve.serving.generation.stream import END, GenerationStream
+from slimserve.runtimes.llm.stream import END, GenerationStream
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from slimserve.serving.generation.params import SamplingParams, TokenLogprob
+from slimserve.runtimes.llm.params import SamplingParams, TokenLogprob
 
 
 class Row(Protocol):

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from slimserve.serving.generation.model import Batch, LlamaModel, forward, new_kv_pool
+from slimserve.runtimes.llm.model import Batch, LlamaModel, forward, new_kv_pool
 
 # A held-out paragraph (written for this project, public domain) for perplexity checks.
 HELD_OUT_TEXT = (

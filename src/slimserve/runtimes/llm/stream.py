@@ -7,10 +7,10 @@ import threading
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from slimserve.serving.generation.params import TokenEvent
+from slimserve.runtimes.llm.params import TokenEvent
 
 if TYPE_CHECKING:
-    from slimserve.serving.generation.sequence import Request
+    from slimserve.runtimes.llm.sequence import Request
 
 END = object()  # put after a request's last event
 

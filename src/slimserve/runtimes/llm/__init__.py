@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from slimserve.serving.generation.malloc import keep_freed_memory
-from slimserve.serving.generation.params import (
+from slimserve.runtimes.llm.malloc import keep_freed_memory
+from slimserve.runtimes.llm.params import (
     FINISH_LENGTH,
     FINISH_STOP,
     SamplingParams,
@@ -24,12 +24,12 @@ from slimserve.serving.generation.params import (
     TokenLogprob,
     Usage,
 )
-from slimserve.serving.generation.scheduler import Decision, Limits, SchedulerState, schedule
+from slimserve.runtimes.llm.scheduler import Decision, Limits, SchedulerState, schedule
 
 if TYPE_CHECKING:
-    from slimserve.serving.generation.convert import convert_gguf, smollm2_gguf
-    from slimserve.serving.generation.engine import EngineConfig, GenerationEngine
-    from slimserve.serving.generation.runtime import TextGenerationRuntime
+    from slimserve.runtimes.llm.convert import convert_gguf, smollm2_gguf
+    from slimserve.runtimes.llm.engine import EngineConfig, GenerationEngine
+    from slimserve.runtimes.llm.runtime import TextGenerationRuntime
 
 _LAZY = {
     "GenerationEngine": "engine",

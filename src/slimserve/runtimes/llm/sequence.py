@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from slimserve.serving.generation.blocks import SCRATCH_BLOCK, block_keys
-from slimserve.serving.generation.detok import TextStream
-from slimserve.serving.generation.model import Batch
-from slimserve.serving.generation.params import SamplingParams, TokenLogprob
+from slimserve.runtimes.llm.blocks import SCRATCH_BLOCK, block_keys
+from slimserve.runtimes.llm.detok import TextStream
+from slimserve.runtimes.llm.model import Batch
+from slimserve.runtimes.llm.params import SamplingParams, TokenLogprob
 
 _ids = itertools.count(1)
 

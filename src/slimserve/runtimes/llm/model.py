@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from slimserve.errors import ModelLoadError
-from slimserve.serving.generation import attention
+from slimserve.runtimes.llm import attention
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 # Builds a layer's matmul from its fp32 weight (out, in) and its role: qkv, o, gate_up, down,

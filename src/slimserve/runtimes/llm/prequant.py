@@ -11,7 +11,7 @@ metadata `slimserve_quant` (JSON) says which scheme: the loader needs nothing el
 re-rounds int8 weights, so the served model is exactly the one optimize measured.
 
 int4 compute (metadata `int4_compute`), measured on the issue's 2-core EPYC, one thread,
-SmolLM2-135M, group 32 (benchmarks/results/llm_quant.md; a shared, noisy machine):
+SmolLM2-135M, group 32 (benchmarks/RESULTS.md, "Quantized LM variants"; a shared, noisy machine):
   int8    dequantize once at load, requantize per channel to int8 for the int8 matmul
           (Int8Linear), the down projection in bf16 as int8's: int8's speed and resident
           memory (275 MB; 45-52 tok/s at 1 stream, 156-163 at 8 in two runs, fp32 22-37 and
@@ -24,6 +24,7 @@ SmolLM2-135M, group 32 (benchmarks/results/llm_quant.md; a shared, noisy machine
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,7 @@ from slimserve.runtimes.llm.model import (
     Linear,
     LlamaModel,
     bf16_linear,
+    compute_dtype,
     rope_tables,
     shape_of,
 )
@@ -132,12 +134,16 @@ def build_quantized(
     config: Any, state: dict[str, torch.Tensor], meta: dict[str, Any], int4_compute: str | None
 ) -> LlamaModel:
     """Our Llama forward from a quantized state dict (see the module docstring)."""
-    shape = shape_of(config)
     get = _getter(state)
     scheme = str(meta["scheme"])
     compute = int4_compute or str(meta.get("int4_compute", "int8"))
     if compute not in INT4_COMPUTE:
         raise InvalidArgument(f"int4_compute={compute!r} is not one of {', '.join(INT4_COMPUTE)}")
+    # Dynamic int8 (and int4 computed as int8) runs attention and the KV cache in bf16 where
+    # the CPU has it, as `weights: int8` does; weight-only and unpacked int4 stay fp32.
+    fast = scheme == "int8" or (scheme == "int4" and compute == "int8")
+    dtype = compute_dtype("int8") if fast else torch.float32
+    shape = dataclasses.replace(shape_of(config), dtype=dtype)
     make = _layer_maker(get, scheme, compute)
     layers = [_layer(get, make, f"model.layers.{i}.") for i in range(shape.layers)]
     embed_q, embed_scale = get(EMBED + ".q"), get(EMBED + ".scale")

@@ -20,22 +20,7 @@ from typing import Any
 import torch
 
 from slimserve.runtimes.llm.model import Batch, LlamaModel, forward, new_kv_pool
-
-
-@torch.inference_mode()
-def text_logits(model: LlamaModel, tokens: list[int], block_size: int = 16) -> torch.Tensor:
-    """(T - 1, V) logits predicting tokens[1:] from the tokens before each."""
-    count = -(-len(tokens) // block_size)
-    pool = new_kv_pool(model.shape, count + 1, block_size)  # block 0: scratch
-    positions = torch.arange(len(tokens))
-    batch = Batch(
-        tokens=torch.tensor([tokens]),
-        positions=positions[None],
-        slots=positions + block_size,  # blocks 1..count, in order
-        block_tables=torch.arange(1, count + 1)[None],
-        last=torch.tensor([len(tokens) - 1]),
-    )
-    return forward(model, pool, batch, all_logits=True)[0, :-1]
+from slimserve.runtimes.llm.quality import text_logits
 
 
 def perplexity_of(logits: torch.Tensor, tokens: list[int]) -> float:

@@ -20,8 +20,8 @@ HELD_OUT_TEXT = (
 
 
 @torch.inference_mode()
-def perplexity(model: LlamaModel, tokens: list[int], block_size: int = 16) -> float:
-    """exp(mean negative log-likelihood) of tokens[1:] given the tokens before each."""
+def text_logits(model: LlamaModel, tokens: list[int], block_size: int = 16) -> torch.Tensor:
+    """(T - 1, V) logits predicting tokens[1:] from the tokens before each."""
     count = -(-len(tokens) // block_size)
     pool = new_kv_pool(model.shape, count + 1, block_size)  # block 0: scratch
     positions = torch.arange(len(tokens))
@@ -32,6 +32,11 @@ def perplexity(model: LlamaModel, tokens: list[int], block_size: int = 16) -> fl
         block_tables=torch.arange(1, count + 1)[None],
         last=torch.tensor([len(tokens) - 1]),
     )
-    logits = forward(model, pool, batch, all_logits=True)[0, :-1]  # (T - 1, V)
+    return forward(model, pool, batch, all_logits=True)[0, :-1]
+
+
+def perplexity(model: LlamaModel, tokens: list[int], block_size: int = 16) -> float:
+    """exp(mean negative log-likelihood) of tokens[1:] given the tokens before each."""
+    logits = text_logits(model, tokens, block_size)
     nll = torch.nn.functional.cross_entropy(logits, torch.tensor(tokens[1:]))
     return math.exp(float(nll))

@@ -3,12 +3,15 @@
 The folder is a local transformers folder (config.json, tokenizer, *.safetensors); the
 weights go into our own Llama forward (runtimes/llm) and one started `GenerationEngine`
 (continuous batching over a paged KV cache) serves every request of this unit: the OpenAI
-routes stream from it through `Engine.generate`, and the v2 path reaches it through `infer`.
+routes stream from it through `Engine.generate`, and so does the v2 path (below).
 
-v2 (`infer`): BYTES prompts [-1] in, BYTES completions [-1] out. Sampling for v2 comes from
-model.yaml `parameters` (the v2 batcher carries no request parameters): `max_tokens`
-(default 16), `temperature` (default 0: greedy), `timeout_s` (default 120: a prompt not done
-by then fails with DEADLINE_EXCEEDED rather than holding its worker thread forever).
+v2: a served request goes to serving/llm_v2.py (the request's `parameters` such as
+max_tokens, temperature, top_p, stop and seed, with model.yaml `parameters` as defaults) and
+streams from the engine like the OpenAI routes. `infer` here is the runtime contract's direct
+path, without a request: BYTES prompts [-1] in, BYTES completions [-1] out, sampling from
+model.yaml `parameters` only: `max_tokens` (default 16), `temperature` (default 0: greedy),
+`timeout_s` (default 120: a prompt not done by then fails with DEADLINE_EXCEEDED rather than
+holding its worker thread forever).
 """
 
 from __future__ import annotations

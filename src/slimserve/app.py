@@ -145,9 +145,7 @@ async def serve(
             http_server = _http_server(engine, settings)
             http_task = loop.create_task(http_server.serve(sockets=http_sockets))
         if settings.grpc_port:
-            from slimserve.transport.grpc import create_server
-
-            grpc_server = create_server(engine, settings)
+            grpc_server = _grpc_server(engine, settings)
             await grpc_server.start()
         log.info(
             "serving %s on %s (http %s, grpc %s)",
@@ -176,6 +174,16 @@ async def _wait_for(stop: asyncio.Event, http_task: asyncio.Task[None] | None) -
     done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     if http_task is not None and http_task in done and http_task.exception():
         raise http_task.exception()  # type: ignore[misc]
+
+
+def _grpc_server(engine: Engine, settings: Settings) -> Any:
+    if settings.grpc_server == "grpcio":
+        from slimserve.transport.grpc import create_server
+
+        return create_server(engine, settings)
+    from slimserve.transport.grpc_h2 import NativeGrpcServer
+
+    return NativeGrpcServer(engine, settings)
 
 
 def _http_server(engine: Engine, settings: Settings) -> Any:

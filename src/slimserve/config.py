@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     )
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: disabled).")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: disabled).")
+    grpc_server: Literal["native", "grpcio"] = Field(
+        "native",
+        description="gRPC implementation: 'native' (slimserve's own HTTP/2 layer for the v2 "
+        "service's unary calls; several times less CPU per call) or 'grpcio' (grpc.aio).",
+    )
     load_models: list[str] = Field(
         default_factory=lambda: ["*"],
         description="Models to load at start ('*': all in the repository; empty: none).",

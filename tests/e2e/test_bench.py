@@ -78,3 +78,12 @@ def test_a_request_the_server_refuses_stops_before_the_run(server, tmp_path, cap
     args = _bench(server, "--model", "mlp", "--protocol", "grpc", "--input-file", str(path))
     assert main(args) == 2
     assert "grpc: the server answered INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def test_bench_with_grpcs_own_client(server, capsys):
+    args = _bench(server, "--model", "mlp", "--protocol", "grpc", "--grpc-client", "grpcio")
+    code = main([*args, "--concurrency", "3", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    (row,) = json.loads(out)
+    assert row["protocol"] == "grpc" and row["errors"] == {} and row["requests"] > 0

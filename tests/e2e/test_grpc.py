@@ -35,10 +35,12 @@ batching: {max_batch_size: 4, max_queue_delay_ms: 1}
 """
 
 
-@pytest.fixture(scope="module")
-def served(model_repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module", params=["native", "grpcio"])
+def served(
+    model_repo: Repo, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[ServerProcess]:
     """The test repository plus 'echo' (BYTES and FP16, python backend), served with model
-    control and a small message limit."""
+    control and a small message limit, by each gRPC implementation (`--grpc-server`)."""
     root = tmp_path_factory.mktemp("grpc") / "models"
     shutil.copytree(model_repo.root, root)
     (root / "echo" / "1").mkdir(parents=True)
@@ -46,7 +48,13 @@ def served(model_repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", str(Path(__file__).parent), prepend=":")
         proc = start_server(
-            root, root.parent / "server.log", "--model-control", "--max-body-bytes", str(MAX_BODY)
+            root,
+            root.parent / "server.log",
+            "--model-control",
+            "--max-body-bytes",
+            str(MAX_BODY),
+            "--grpc-server",
+            request.param,
         )
     yield proc
     stop_server(proc)
@@ -403,7 +411,7 @@ BAD_REQUESTS: list[tuple[str, Callable[[], tpb.ModelInferRequest], str, str]] = 
         "oversized message",
         lambda: raw_request(np.zeros((MAX_BODY // 16 + 1, 4), np.float32)),
         "RESOURCE_EXHAUSTED",
-        "larger than max",
+        "larger than",
     ),
 ]
 

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.bench import payload as pl
-from slimserve.bench.drivers import PROTOCOLS, GrpcDriver, HttpDriver, fetch_metadata
+from slimserve.bench.drivers import (
+    PROTOCOLS,
+    GrpcDriver,
+    HttpDriver,
+    NativeGrpcDriver,
+    fetch_metadata,
+)
 from slimserve.bench.http_client import parse_http_url
 from slimserve.bench.runner import Result, closed_loop, new_loop, summarize
 from slimserve.errors import InvalidArgument, Unavailable
@@ -104,6 +110,13 @@ def register(subparsers: Any) -> None:
         default=1,
         help="rows per synthetic request (default 1)",
     )
+    p.add_argument(
+        "--grpc-client",
+        choices=("native", "grpcio"),
+        default="native",
+        help="gRPC load generator: 'native' (a lean HTTP/2 client, a fraction of the CPU per "
+        "call) or 'grpcio' (grpc.aio); it shares the machine's cores with the server",
+    )
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(handler=run)
 
@@ -119,6 +132,7 @@ class Plan:
     concurrency: list[int]
     duration_s: float
     warmup_s: float
+    grpc_client: str = "native"
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
@@ -136,6 +150,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         args.concurrency,
         args.duration,
         args.warmup,
+        getattr(args, "grpc_client", "native"),
     )
 
 
@@ -152,13 +167,18 @@ async def _payload(args: argparse.Namespace, plan: Plan) -> pl.Payload:
     return pl.from_metadata(meta, batch_size=args.batch_size)
 
 
-def _driver(protocol: str, plan: Plan, p: pl.Payload) -> HttpDriver | GrpcDriver:
-    if protocol == "grpc":
+Driver = HttpDriver | GrpcDriver | NativeGrpcDriver
+
+
+def _driver(protocol: str, plan: Plan, p: pl.Payload) -> Driver:
+    if protocol == "grpc" and plan.grpc_client == "grpcio":
         return GrpcDriver(plan.grpc_target, plan.model, plan.version, p)
+    if protocol == "grpc":
+        return NativeGrpcDriver(plan.grpc_target, plan.model, plan.version, p)
     return HttpDriver(protocol, plan.host, plan.port, plan.model, plan.version, p)
 
 
-async def _measure(driver: HttpDriver | GrpcDriver, n: int, plan: Plan) -> Result:
+async def _measure(driver: Driver, n: int, plan: Plan) -> Result:
     sends = await driver.senders(n)
     run = asyncio.ensure_future(closed_loop(sends, plan.duration_s, plan.warmup_s))
     try:
@@ -179,7 +199,11 @@ async def bench(args: argparse.Namespace, plan: Plan) -> list[Result]:
     results = []
     for protocol in plan.protocols:
         driver = _driver(protocol, plan, p)
-        await driver.probe()  # a clear error now beats a table of failures
+        try:
+            await driver.probe()  # a clear error now beats a table of failures
+        except BaseException:
+            await driver.close()
+            raise
         for n in plan.concurrency:
             results.append(await _measure(driver, n, plan))
             if not args.json:

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from slimserve.bench import payload as pl
+from slimserve.bench.grpc_client import GrpcCallError, GrpcConnection, request_headers
 from slimserve.bench.http_client import Connection, build_request, connect
 from slimserve.bench.runner import Send
 from slimserve.errors import InvalidArgument, NotFound, SlimserveError, Unavailable
@@ -112,7 +113,8 @@ class HttpDriver:
 
 
 class GrpcDriver:
-    """v2 gRPC ModelInfer with a pre-serialized request; all clients share one channel."""
+    """v2 gRPC ModelInfer through grpc.aio (`--grpc-client grpcio`) with a pre-serialized
+    request; all clients share one channel."""
 
     def __init__(self, target: str, model: str, version: str, p: pl.Payload) -> None:
         self.protocol, self.target = "grpc", target
@@ -164,3 +166,60 @@ class GrpcDriver:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+
+
+class NativeGrpcDriver:
+    """v2 gRPC ModelInfer through bench/grpc_client.py (the default: a fraction of grpc.aio's
+    CPU per call); all clients share one HTTP/2 connection, as grpc.aio's share a channel."""
+
+    def __init__(self, target: str, model: str, version: str, p: pl.Payload) -> None:
+        self.protocol, self.target = "grpc", target
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            raise InvalidArgument(f"--grpc-url {target!r}: give host:port")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.request = pl.grpc_request(p, model, version)
+        self.block = request_headers(target, _INFER_METHOD)
+        self._conn: GrpcConnection | None = None
+
+    async def _connection(self) -> GrpcConnection:
+        if self._conn is None or self._conn.transport is None:
+            try:
+                self._conn = await GrpcConnection.open(self.host, self.port)
+            except OSError as exc:
+                raise Unavailable(
+                    f"grpc: cannot reach {self.target} ({exc.strerror or exc}); is the server "
+                    "listening there? Fix --grpc-url"
+                ) from None
+        return self._conn
+
+    async def probe(self) -> None:
+        conn = await self._connection()
+        try:
+            answer = await asyncio.wait_for(conn.call(self.block, self.request), 30)
+        except GrpcCallError as exc:
+            if exc.status == "UNAVAILABLE":
+                raise Unavailable(f"grpc: {self.target} is unavailable: {exc.message}") from None
+            raise InvalidArgument(f"grpc: the server answered {exc}") from None
+        response = pl.grpc_messages().ModelInferResponse.FromString(answer)
+        if not response.outputs:
+            raise InvalidArgument(f"grpc: the answer has no outputs: {response}")
+
+    async def senders(self, n: int) -> list[Send]:
+        conn = await self._connection()
+        call, block, request = conn.call, self.block, self.request
+
+        async def send() -> str:
+            try:
+                await call(block, request)
+            except GrpcCallError as exc:
+                return exc.status
+            return "ok"
+
+        return [send] * n
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            await self._conn.closed
+            self._conn = None

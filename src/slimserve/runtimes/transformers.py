@@ -31,7 +31,7 @@ from slimserve.runtimes.torch import module_bytes, resolve_threads, use_threads
 from slimserve.security.crypto import SUFFIX
 
 # Loading arguments that keep a model folder from reaching the network or running code.
-_SAFE_LOAD = {"local_files_only": True, "trust_remote_code": False}
+_SAFE_LOAD: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
 
 
 class TransformersRuntime(Runtime):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from array import array as double_array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,7 +225,21 @@ def json_tensor(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> 
     return array.reshape(shape)
 
 
+_DIRECT = {"FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64)}
+
+
 def _json_numbers(data: list[Any], datatype: str, name: str) -> np.ndarray:
+    direct = _DIRECT.get(datatype)
+    if direct is not None and data and type(data[0]) is not bool:
+        # The common case in one C loop: array('d') takes ints and floats and refuses strings,
+        # nulls and nested lists (TypeError), which go the checked way below.
+        try:
+            doubles = np.frombuffer(double_array("d", data), dtype=np.float64)
+        except (TypeError, OverflowError):
+            pass
+        else:
+            with np.errstate(over="ignore"):  # FP32 overflow becomes inf, as a C cast would
+                return doubles.astype(direct)
     try:
         array = np.asarray(data)  # dtype inferred, so strings or nulls are caught below
     except (ValueError, TypeError) as exc:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue 2's serving targets in one run (~4 minutes), every ratio from this run:
 #   MLP 784-1024-1024-10 ONNX, 64 closed-loop clients, 8 s per row: the FastAPI baseline (one
-#   uvicorn worker), an empty grpc.aio server (grpcio's own ceiling), slimserve with its
-#   defaults and with --intra-op-threads 1; then MiniLM: in-process best batch (1 and 2
-#   threads, OpenMP spinning and sleeping) and slimserve at 16 clients.
+#   uvicorn worker); slimserve with its defaults, with --intra-op-threads 1, and with
+#   --grpc-server grpcio; gRPC also from grpc.aio's client and from h2load (if installed:
+#   apt-get install nghttp2-client); then MiniLM: in-process best batch (1 and 2 threads,
+#   OpenMP spinning and sleeping) and slimserve at 16 clients.
 # Needs the models and request of benchmarks/serving.py:
 #   python benchmarks/models.py --repository /tmp/bm
 #   (mlp_request.json: one (1, 784) FP32 row, as benchmarks/serving.py writes it)
@@ -31,21 +32,37 @@ echo "## FastAPI baseline"
   --protocol http-json --input-file "$REQ"
 stop "$BASE"
 
-"$PY" benchmarks/grpc_echo.py --port 18503 &
-ECHO=$!; sleep 2
-echo "## empty grpc.aio server (the ceiling of any grpcio server with this client)"
-"${BENCH[@]}" --url http://127.0.0.1:1 --grpc-url 127.0.0.1:18503 --model mlp-onnx \
-  --concurrency 64 --protocol grpc --input-file "$REQ"
-stop "$ECHO"
+# The gRPC request as h2load sends it: the 5-byte gRPC prefix and the serialized message.
+GRPC_BODY="$REPO/grpc_body.bin"
+"$PY" - "$REQ" "$GRPC_BODY" <<'PYEOF'
+import struct, sys
+from pathlib import Path
+from slimserve.bench import payload as pl
+message = pl.grpc_request(pl.from_request_file(Path(sys.argv[1])), "mlp-onnx")
+Path(sys.argv[2]).write_bytes(b"\0" + struct.pack(">I", len(message)) + message)
+PYEOF
+H2LOAD=(h2load -D 8 -c 4 -m 16 -d "$GRPC_BODY" -H "content-type: application/grpc" -H "te: trailers")
 
-for EXTRA in "" "--intra-op-threads 1"; do
+for EXTRA in "" "--intra-op-threads 1" "--grpc-server grpcio"; do
   # shellcheck disable=SC2086  # EXTRA is a list of flags
   "$PY" -m slimserve serve --repository "$REPO" --http-port 18501 --grpc-port 18502 \
     --log-level warning $EXTRA &
   SERVER=$!; wait_ready http://127.0.0.1:18501/v2/health/ready
   echo "## slimserve ${EXTRA:-(defaults)}"
+  PROTOCOLS=http-json,http-binary,grpc
+  [ "$EXTRA" = "--grpc-server grpcio" ] && PROTOCOLS=grpc
   "${BENCH[@]}" --url http://127.0.0.1:18501 --grpc-url 127.0.0.1:18502 \
-    --model mlp-onnx --concurrency 1,64 --protocol http-json,http-binary,grpc --input-file "$REQ"
+    --model mlp-onnx --concurrency 1,64 --protocol $PROTOCOLS --input-file "$REQ"
+  if [ -z "$EXTRA" ]; then
+    echo "## the same gRPC load from grpc.aio's client (--grpc-client grpcio)"
+    "${BENCH[@]}" --url http://127.0.0.1:18501 --grpc-url 127.0.0.1:18502 --model mlp-onnx \
+      --concurrency 64 --protocol grpc --grpc-client grpcio --input-file "$REQ" | tail -1
+  fi
+  if command -v h2load >/dev/null; then
+    echo "## h2load (nghttp2's C client), gRPC, 4 connections x 16 streams = 64 in flight"
+    "${H2LOAD[@]}" http://127.0.0.1:18502/inference.GRPCInferenceService/ModelInfer \
+      | grep -E "finished in|requests:|time for request"
+  fi
   stop "$SERVER"
 done
 "$PY" benchmarks/inprocess.py --repository "$REPO" --models mlp-onnx --intra-op-threads 1 \

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import os
 import platform
 import subprocess
@@ -211,6 +212,12 @@ def main() -> None:
         default=64,
         help="also: this many requests, 32 at a time, output lengths varying (0: skip)",
     )
+    parser.add_argument(
+        "--static-bf16",
+        action="store_true",
+        help="also run generate()'s static batch with the model in bf16, so that the engine's "
+        "bf16 weights are compared with the same precision (not only with fp32)",
+    )
     parser.add_argument("--results", type=Path, help="append the markdown section here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -258,6 +265,15 @@ def report(args: argparse.Namespace, folder: Path) -> list[str]:
         static = hf_run(hf, "generate() static batch, fp32", batch[:count], lengths, count)
         runs.append(static)
         runs += engine_runs(runtimes, batch[:count], lengths, static)
+        if args.static_bf16 and count > 1:
+            hf16 = copy.deepcopy(hf).to(torch.bfloat16)
+            name = "generate() static batch, bf16"
+            static16 = hf_run(hf16, name, batch[:count], lengths, count)
+            del hf16
+            runs.append(static16)
+            same = [r for r in runs if r.streams == count and r.name.endswith("engine, bf16")]
+            for run in same[-1:]:
+                print(f"{run.name} vs bf16 static: {ratio_text(run, static16)}", flush=True)
     if args.mixed_requests:
         mixed = prompts(first, args.mixed_requests, args.prompt_tokens)
         lengths = mixed_lengths(args.mixed_requests, args.output_tokens)
@@ -293,13 +309,21 @@ def ratio_text(run: Run, static: Run) -> str:
 
 
 def ratio_lines(runs: list[Run]) -> list[str]:
-    """Each engine run against the static-batch baseline measured just before it."""
+    """Each engine run against the fp32 static-batch baseline measured just before it; with
+    --static-bf16, the bf16 engine also against the bf16 static batch of the same streams."""
     lines, static = [], None
     for run in runs:
-        if "static batch" in run.name:
+        if "static batch" in run.name and run.name.endswith("fp32"):
             static = run
         elif "engine" in run.name and static is not None and run.streams > 1:
             lines.append(f"- {run.name}, {run.streams} streams: {ratio_text(run, static)}")
+    for static16 in (r for r in runs if r.name == "generate() static batch, bf16"):
+        for run in runs:
+            if run.streams == static16.streams and run.name.endswith("engine, bf16"):
+                lines.append(
+                    f"- {run.name}, {run.streams} streams, against generate() in bf16: "
+                    f"{ratio_text(run, static16)}"
+                )
     return [*lines, ""]
 
 

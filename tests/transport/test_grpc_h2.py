@@ -326,3 +326,42 @@ def test_grpc_timeout_header(value: bytes, seconds: float | None) -> None:
 
 def test_grpc_message_is_percent_encoded() -> None:
     assert _percent_encode("ok: 100% ünï") == b"ok: 100%25 %C3%BCn%C3%AF"
+
+
+def _raw_frame(kind: int, flags: int, sid: int, payload: bytes, length: int | None = None) -> bytes:
+    size = len(payload) if length is None else length
+    return struct.pack(">I", size)[1:] + bytes((kind, flags)) + struct.pack(">I", sid) + payload
+
+
+@pytest.mark.parametrize(
+    ("frames", "error_code"),
+    [
+        pytest.param(_raw_frame(0, 0, 0, b"", length=2 << 20), 6, id="frame over 1 MiB"),
+        pytest.param(_raw_frame(1, 4, 1, b"\xff\xff\xff\xff"), 9, id="HPACK garbage"),
+        pytest.param(_raw_frame(1, 4, 2, b"\x82"), 1, id="HEADERS on an even stream"),
+        pytest.param(_raw_frame(8, 0, 0, b"\x00\x00\x00\x00"), 1, id="WINDOW_UPDATE of 0"),
+        pytest.param(_raw_frame(9, 4, 1, b"\x82"), 1, id="CONTINUATION alone"),
+        pytest.param(_raw_frame(6, 0, 0, b"short"), 1, id="PING of 5 bytes"),
+    ],
+)
+def test_protocol_violations_close_the_connection_with_goaway(
+    frames: bytes, error_code: int
+) -> None:
+    """A connection error answers GOAWAY with RFC 9113's code, then closes; the server goes
+    on serving other connections."""
+
+    async def main() -> None:
+        async with served(LoadEngine()) as (server, client):
+            port = server.settings.grpc_port
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _raw_frame(4, 0, 0, b"") + frames)
+            received = await asyncio.wait_for(reader.read(), 5)  # up to EOF
+            writer.close()
+            goaway = received.find(b"\x07\x00\x00\x00\x00\x00")  # type GOAWAY, flags, stream 0
+            assert goaway >= 3, received
+            code = struct.unpack(">I", received[goaway + 10 : goaway + 14])[0]
+            assert code == error_code
+            headers, _ = await client.call("ServerLive", grpc_message(pb.ServerLiveRequest()))
+            assert headers["grpc-status"] == "0"
+
+    asyncio.run(main())

@@ -210,6 +210,7 @@ class _Connection(asyncio.Protocol):
         self.header_stream = 0
         self.header_flags = 0
         self.going_away = False
+        self.failed = False
         self.peer_name = "unknown"
         self.started = self.last_call = self.last_seen = time.monotonic()
         self.ping_sent: float | None = None
@@ -282,9 +283,10 @@ class _Connection(asyncio.Protocol):
             self.transport.write(_frame(GOAWAY, 0, 0, payload))
 
     def _fail(self, code: int, why: str) -> None:
-        """A connection error: GOAWAY with the code and close."""
+        """A connection error: GOAWAY with the code and close; nothing more is read."""
         log.debug("gRPC connection from %s closed: %s", self.peer_name, why)
         self._goaway(code, why.encode()[:200])
+        self.failed = True
         if self.transport is not None:
             self.transport.close()
 
@@ -297,6 +299,8 @@ class _Connection(asyncio.Protocol):
     # -- reading -----------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.failed:
+            return
         buf = self.buffer
         buf += data
         self.last_seen = time.monotonic()
@@ -311,7 +315,7 @@ class _Connection(asyncio.Protocol):
             del buf[: len(PREFACE)]
             self.preface = True
         pos, end = 0, len(buf)
-        while end - pos >= 9 and self.transport is not None:
+        while end - pos >= 9 and not self.failed:
             length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
             if length > OUR_MAX_FRAME:
                 self._fail(FRAME_SIZE_ERROR, f"a frame of {length} bytes")

@@ -225,7 +225,7 @@ def json_tensor(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> 
     return array.reshape(shape)
 
 
-_DIRECT = {"FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64)}
+_DIRECT: dict[str, np.dtype[Any]] = {"FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64)}
 
 
 def _json_numbers(data: list[Any], datatype: str, name: str) -> np.ndarray:

@@ -7,7 +7,8 @@ whose output is the model's output (it dequantizes) and to prove that every op b
 layers takes quint8 tensors (max pooling, flatten, view do; residual adds, softmax and float
 layers left out by the filter do not). A model that fails that run is put back exactly as it
 was and NativeUnsupported names the reason (StaticInt8(kernel="auto") then uses the gemm
-layers, which work on any graph).
+layers, which work on any graph). Last, the nn.Sequential holding the new layers become
+qsequential.NativeSequential (same modules and state, less per-call overhead).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from slimserve.errors import InvalidArgument
-from slimserve.optimize import qnative
+from slimserve.optimize import qnative, qsequential
 from slimserve.optimize.calibrate import OBSERVERS
 
 
@@ -135,6 +136,7 @@ def convert_native(
     for m in model.modules():  # packed again at the first real call (see NativeInt8Conv2d)
         if isinstance(m, qnative._NativeInt8):
             m._packed = None
+    qsequential.use_native_sequentials(model)  # the server does the same when loading
     return model
 
 
@@ -157,9 +159,22 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 
 def _mark_float_output(model: nn.Module, x: torch.Tensor) -> None:
     """Let the layers whose quint8 output is (part of) the model's output dequantize it."""
+    natives = [m for m in model.modules() if isinstance(m, qnative._NativeInt8)]
+    # quint8 must flow at any batch size here: a small batch would take the Linear's bf16 path
+    linears = [m for m in natives if isinstance(m, qnative.NativeInt8Linear)]
+    for m in linears:
+        m.small_batch_rows = 0
+    try:
+        _mark_from_run(model, natives, x)
+    finally:
+        for m in linears:  # back to the class default; packed again with it at the next call
+            del m.small_batch_rows
+            m._packed = None
+
+
+def _mark_from_run(model: nn.Module, natives: list[qnative._NativeInt8], x: torch.Tensor) -> None:
     # (output tensor, layer) pairs; holding the tensors keeps their identities unambiguous.
     produced: list[tuple[torch.Tensor, qnative._NativeInt8]] = []
-    natives = [m for m in model.modules() if isinstance(m, qnative._NativeInt8)]
     hooks = [m.register_forward_hook(lambda m, _a, out: produced.append((out, m))) for m in natives]
     try:
         out = _run(model, x)

@@ -22,6 +22,7 @@ from torch import nn
 
 from slimserve.errors import InvalidArgument
 from slimserve.optimize.qlayers import LAYER_KINDS
+from slimserve.optimize.qsequential import use_native_sequentials
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -108,6 +109,7 @@ class VariantModel(nn.Module):
         self.dtype = DTYPES[dtype]
         model = import_class(base_class)(**(base_args or {}))
         _swap_in_empty_layers(model, layers or {})
+        use_native_sequentials(model)  # as quantize_ left them (native int8 layers only)
         model = model.to(self.dtype)  # floating tensors only: int8 buffers keep their type
         self.model = model.eval()
 

@@ -4,7 +4,8 @@
 #   uvicorn worker); slimserve with its defaults, with --intra-op-threads 1, and with
 #   --grpc-server grpcio; gRPC also from grpc.aio's client and from h2load (if installed:
 #   apt-get install nghttp2-client); then MiniLM: in-process best batch (1 and 2 threads,
-#   OpenMP spinning and sleeping) and slimserve at 16 clients.
+#   OpenMP spinning and sleeping) and slimserve at 16 clients, with its defaults (threads
+#   sleep) and with --spin-wait (threads spin, as in the in-process best).
 # Needs the models and request of benchmarks/serving.py:
 #   python benchmarks/models.py --repository /tmp/bm
 #   (mlp_request.json: one (1, 784) FP32 row, as benchmarks/serving.py writes it)
@@ -76,7 +77,7 @@ if [ "$MINILM" != "--no-minilm" ]; then
     --seconds 1 | tail -2
   OMP_WAIT_POLICY=PASSIVE "$PY" benchmarks/inprocess.py --repository "$MREPO" --models minilm \
     --intra-op-threads 1,2 --seconds 1 | tail -2
-  for EXTRA in "" "--intra-op-threads 1"; do
+  for EXTRA in "" "--spin-wait"; do
     # shellcheck disable=SC2086
     "$PY" -m slimserve serve --repository "$MREPO" --http-port 18501 --grpc-port 18502 \
       --log-level warning $EXTRA &

@@ -277,3 +277,62 @@ def test_response_cache_answers_repeats_without_the_model(tmp_path):
     np.testing.assert_array_equal(first.outputs["y"], again.outputs["y"])
     assert cache.hits == 1 and cache.misses == 3
     np.testing.assert_array_equal(v1.outputs["y"], x(2)["x"] * 2)  # versions keyed apart
+
+
+class ThreadRecording(ScaleRuntime):
+    """Records the thread of its warm-up and of every batch."""
+
+    seen: dict[str, set[str]] = {}
+
+    def _note(self) -> None:
+        import threading
+
+        key = f"{self.target.model}/{self.target.version}/{self.target.variant}"
+        self.seen.setdefault(key, set()).add(threading.current_thread().name)
+
+    def warmup(self) -> None:
+        self._note()
+
+    def infer(self, inputs):
+        self._note()
+        return super().infer(inputs)
+
+
+def test_each_unit_runs_its_warmup_and_batches_on_one_thread(tmp_path):
+    """serving/threads.py: a unit keeps one inference thread (one OpenMP team for torch), and
+    units spread over the threads."""
+    root = make_repo(tmp_path)
+    ThreadRecording.seen = {}
+
+    async def main():
+        settings = Settings(repository=root, inference_threads=2, load_models=["scale"])
+        engine = Engine(Repository(root), settings, lambda t, o: ThreadRecording(t, o))
+        await engine.start(wait=True)
+        try:
+            for _ in range(3):
+                await asyncio.gather(
+                    *(engine.infer(InferRequest("scale", x(1), version=v)) for v in "12" * 10),
+                    *(engine.infer(InferRequest("scale:half", x(1))) for _ in range(10)),
+                )
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+    seen = ThreadRecording.seen
+    assert set(seen) == {"scale/1/None", "scale/2/None", "scale/2/half"}
+    assert all(len(names) == 1 for names in seen.values()), seen
+    used = set().union(*seen.values())
+    assert used == {"slimserve-infer-0_0", "slimserve-infer-1_0"}, used
+
+
+def test_inference_threads_assign_the_least_used_and_release():
+    from slimserve.serving.threads import InferenceThreads
+
+    threads = InferenceThreads(2)
+    try:
+        a, b, c = threads.assign(), threads.assign(), threads.assign()
+        assert a is not b and c is a
+        threads.release(b)
+        assert threads.assign() is b
+    finally:
+        threads.shutdown()

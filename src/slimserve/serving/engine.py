@@ -45,6 +45,7 @@ from slimserve.serving.llm import TextStream
 from slimserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from slimserve.serving.metrics import Metrics
 from slimserve.serving.models import ModelEntry, ModelManager, RuntimeFactory, State, Unit
+from slimserve.serving.threads import InferenceThreads
 from slimserve.serving.validate import check_inputs, check_outputs
 from slimserve.types import InferRequest, InferResponse
 
@@ -80,7 +81,7 @@ class Engine:
         self.repository = repository
         self.settings = settings
         threads = settings.inference_threads or os.cpu_count() or 1
-        self._infer_pool = ThreadPoolExecutor(threads, thread_name_prefix="slimserve-infer")
+        self._infer_pool = InferenceThreads(threads)
         self._load_pool = ThreadPoolExecutor(2, thread_name_prefix="slimserve-load")
         self._clock = clock  # seconds; admission decisions only (tests pass a fake one)
         self.metrics = Metrics(self)

@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -41,6 +41,7 @@ from slimserve.repository.schema import ModelConfig
 from slimserve.repository.store import Repository, Target
 from slimserve.runtimes import Runtime, RuntimeOptions, create_runtime
 from slimserve.serving.batcher import Batcher, BatchStats
+from slimserve.serving.threads import InferenceThreads
 
 log = logging.getLogger("slimserve.models")
 
@@ -66,6 +67,7 @@ class Unit:
     runtime: Runtime | None = None
     batcher: Batcher | None = None
     resident: Resident | None = None
+    executor: ThreadPoolExecutor | None = None  # the inference thread its batches run on
     loading: asyncio.Future[None] | None = None
     cold_load_s: float | None = None  # last measured load time (start to warmed up)
     stats: BatchStats = field(default_factory=BatchStats)  # kept across evictions
@@ -125,7 +127,7 @@ class ModelManager:
         self,
         repository: Repository,
         settings: Settings,
-        infer_executor: Executor,
+        infer_threads: InferenceThreads,
         load_executor: Executor,
         runtime_factory: RuntimeFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -134,7 +136,7 @@ class ModelManager:
         self.repository = repository
         self._on_batch = on_batch
         self.settings = settings
-        self._infer_executor = infer_executor
+        self._infer_threads = infer_threads
         self._load_executor = load_executor
         self._factory = runtime_factory or create_runtime
         self._clock = clock
@@ -256,18 +258,30 @@ class ModelManager:
         unit.state, unit.reason = State.LOADING, ""
         started = self._clock()
         try:
-            runtime = await asyncio.get_running_loop().run_in_executor(
-                self._load_executor, self._build, unit.target
-            )
+            loop = asyncio.get_running_loop()
+            runtime = await loop.run_in_executor(self._load_executor, self._build, unit.target)
+            executor = self._infer_threads.assign()
+            try:  # warmed up on the thread that will run its batches (serving/threads.py)
+                await loop.run_in_executor(executor, self._warm, runtime)
+            except BaseException:
+                self._infer_threads.release(executor)
+                raise
         except Exception as exc:
             self.used_bytes -= estimate
             unit.state = State.UNAVAILABLE
             unit.reason = exc.message if isinstance(exc, SlimserveError) else _describe(exc)
             log.error("failed to load %s: %s", unit.target.key, unit.reason)
             raise Unavailable(f"{unit.target.key} failed to load: {unit.reason}") from None
-        self._activate(unit, runtime, estimate, self._clock() - started)
+        self._activate(unit, runtime, executor, estimate, self._clock() - started)
 
-    def _activate(self, unit: Unit, runtime: Runtime, estimate: int, load_s: float) -> None:
+    def _activate(
+        self,
+        unit: Unit,
+        runtime: Runtime,
+        executor: ThreadPoolExecutor,
+        estimate: int,
+        load_s: float,
+    ) -> None:
         size = _memory_bytes(runtime) or estimate
         self.used_bytes += size - estimate
         unit.resident = Resident(
@@ -278,9 +292,10 @@ class ModelManager:
         )
         self.policy.touch(unit.resident, self._clock())
         batching = unit.target.config.batching
+        unit.executor = executor
         unit.batcher = Batcher(
             runtime.infer,
-            self._infer_executor,
+            executor,
             max_batch_size=batching.max_batch_size,
             max_delay_s=batching.max_queue_delay_ms / 1000.0,
             max_queue=batching.max_queue_size or self.settings.max_queue_size,
@@ -312,6 +327,10 @@ class ModelManager:
             )
         runtime = self._factory(target, self._options)
         runtime.load()
+        return runtime
+
+    @staticmethod
+    def _warm(runtime: Runtime) -> None:
         try:
             runtime.warmup()
         except Exception:
@@ -319,7 +338,6 @@ class ModelManager:
             raise
         gc.collect(1)  # the young garbage (a few ms), so that freezing keeps none of it
         gc.freeze()  # see the module doc
-        return runtime
 
     def resident_units(self) -> list[Unit]:
         return [u for e in self.models.values() for u in e.units.values() if u.state is State.READY]
@@ -404,7 +422,9 @@ class ModelManager:
             await loop.run_in_executor(self._load_executor, unit.runtime.unload)
         if unit.resident is not None:
             self.used_bytes -= unit.resident.size_bytes
-        unit.runtime, unit.batcher, unit.resident = None, None, None
+        if unit.executor is not None:
+            self._infer_threads.release(unit.executor)
+        unit.runtime, unit.batcher, unit.resident, unit.executor = None, None, None, None
         unit.state, unit.reason = state, reason
         log.info("unloaded %s (%s)", unit.target.key, reason)
 

@@ -23,15 +23,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def lenet():
-    """(float LeNet-5, its native static int8 copy, calibration images)."""
-    torch.manual_seed(0)
-    model = LeNet5().eval()
-    x = torch.rand(64, 1, 28, 28)
-    return model, quantize_(copy.deepcopy(model), StaticInt8(), data=x), x
-
-
 def _kinds(model: nn.Module) -> dict[str, str]:
     return {name: spec["kind"] for name, spec in quantized_layers(model).items()}
 

@@ -26,15 +26,6 @@ needs_bf16 = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def lenet():
-    """(float LeNet-5, its native static int8 copy, calibration images)."""
-    torch.manual_seed(0)
-    model = LeNet5().eval()
-    x = torch.rand(64, 1, 28, 28)
-    return model, quantize_(copy.deepcopy(model), StaticInt8(), data=x), x
-
-
 def _linears(model: nn.Module) -> list[qnative.NativeInt8Linear]:
     return [m for m in model.modules() if isinstance(m, qnative.NativeInt8Linear)]
 

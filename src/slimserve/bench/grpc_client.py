@@ -21,15 +21,33 @@ from urllib.parse import unquote
 import hpack
 import hpack.exceptions
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
-    0, 1, 3, 4, 6, 7, 8, 9,
-)  # fmt: skip
-END_STREAM = ACK = 0x1
-END_HEADERS, PADDED, PRIORITY = 0x4, 0x8, 0x20
-MAX_WINDOW = 2**31 - 1
+from slimserve.transport.h2wire import (
+    ACK,
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    MAX_WINDOW,
+    PING,
+    PREFACE,
+    PRIORITY_FLAG,
+    RST_STREAM,
+    S_ENABLE_PUSH,
+    S_INITIAL_WINDOW_SIZE,
+    S_MAX_CONCURRENT_STREAMS,
+    S_MAX_FRAME_SIZE,
+    SETTINGS,
+    WINDOW_UPDATE,
+    FrameReader,
+    frame,
+    literal,
+    unpad,
+)
+from slimserve.transport.h2wire import U32 as _U32
+
 STREAM_WINDOW = 1 << 24
-_U32 = struct.Struct(">I")
 # grpc-status codes by number, for error labels.
 STATUS_NAMES = (
     "OK",
@@ -58,29 +76,10 @@ class GrpcCallError(Exception):
         self.status, self.message = status, message
 
 
-def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    return _U32.pack(len(payload))[1:] + bytes((kind, flags)) + _U32.pack(stream_id) + payload
-
-
-def _literal(name: bytes, value: bytes) -> bytes:
-    """A literal header field without indexing, new name, no Huffman (RFC 7541 6.2.2)."""
-
-    def integer(value: int) -> bytes:
-        if value < 127:
-            return bytes((value,))
-        out, value = bytearray((127,)), value - 127
-        while value >= 128:
-            out.append((value & 0x7F) | 0x80)
-            value >>= 7
-        return bytes(out + bytes((value,)))
-
-    return b"\x00" + integer(len(name)) + name + integer(len(value)) + value
-
-
 def request_headers(authority: str, path: str, metadata: dict[str, str] | None = None) -> bytes:
     block = b"\x83\x86"  # static table: :method POST, :scheme http
     block += b"".join(
-        _literal(k.encode(), v.encode())
+        literal(k.encode(), v.encode())
         for k, v in [
             (":path", path),
             (":authority", authority),
@@ -107,7 +106,7 @@ class GrpcConnection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: Any = None
-        self.buffer = bytearray()
+        self.reader = FrameReader()
         self.decoder = hpack.Decoder()
         self.calls: dict[int, _Call] = {}
         self.next_id = 1
@@ -130,7 +129,8 @@ class GrpcConnection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        settings = struct.pack(">HIHI", 2, 0, 4, STREAM_WINDOW)  # no push; 16 MiB per stream
+        # No push; 16 MiB per stream.
+        settings = struct.pack(">HIHI", S_ENABLE_PUSH, 0, S_INITIAL_WINDOW_SIZE, STREAM_WINDOW)
         grow = _U32.pack(MAX_WINDOW - 65_535)
         transport.write(
             PREFACE + frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, grow)
@@ -190,38 +190,25 @@ class GrpcConnection(asyncio.Protocol):
     # -- reading -----------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buffer
-        buf += data
-        pos, end = 0, len(buf)
-        while end - pos >= 9:
-            length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
-            if end - pos < 9 + length:
-                break
-            kind, flags = buf[pos + 3], buf[pos + 4]
-            sid = _U32.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
-            payload = bytes(buf[pos + 9 : pos + 9 + length])
-            pos += 9 + length
+        for kind, flags, sid, payload in self.reader.feed(data):
             self._dispatch(kind, flags, sid, payload)
-        del buf[:pos]
         if self.recv_unacked > (1 << 30) and self.transport is not None:
             self.transport.write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.recv_unacked)))
             self.recv_unacked = 0
 
-    def _dispatch(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
+    def _dispatch(self, kind: int, flags: int, sid: int, payload: memoryview) -> None:
         if kind == DATA:
             self.recv_unacked += len(payload)
             call = self.calls.get(sid)
-            if call is not None:
-                if flags & PADDED:
-                    payload = payload[1 : len(payload) - payload[0]]
-                call.data += payload
+            data = unpad(flags, payload)
+            if call is not None and data is not None:
+                call.data += data
                 if flags & END_STREAM:
                     self._finish(sid)
         elif kind in (HEADERS, CONTINUATION):
             if kind == HEADERS:
-                if flags & PADDED:
-                    payload = payload[1 : len(payload) - payload[0]]
-                if flags & PRIORITY:
+                payload = unpad(flags, payload) or memoryview(b"")
+                if flags & PRIORITY_FLAG:
                     payload = payload[5:]
                 self.header_block = bytearray(payload)
                 self.header_stream, self.header_flags = sid, flags
@@ -233,11 +220,11 @@ class GrpcConnection(asyncio.Protocol):
         elif kind == SETTINGS and not flags & ACK:
             for i in range(0, len(payload), 6):
                 key, value = struct.unpack_from(">HI", payload, i)
-                if key == 3:
+                if key == S_MAX_CONCURRENT_STREAMS:
                     self.max_streams = value
-                elif key == 4:
+                elif key == S_INITIAL_WINDOW_SIZE:
                     self.peer_stream_window = value
-                elif key == 5:
+                elif key == S_MAX_FRAME_SIZE:
                     self.peer_frame = value
             if self.transport is not None:
                 self.transport.write(frame(SETTINGS, ACK, 0))

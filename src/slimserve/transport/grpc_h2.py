@@ -48,70 +48,56 @@ from slimserve.config import Settings
 from slimserve.errors import ConfigError
 from slimserve.serving.engine import Engine
 from slimserve.transport.grpc import SERVICE, InferenceServicer
+from slimserve.transport.h2wire import (
+    ACK,
+    CONTINUATION,
+    DATA,
+    DEFAULT_FRAME,
+    DEFAULT_WINDOW,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    MAX_WINDOW,
+    PING,
+    PREFACE,
+    PRIORITY_FLAG,
+    PUSH_PROMISE,
+    RST_STREAM,
+    S_ENABLE_PUSH,
+    S_INITIAL_WINDOW_SIZE,
+    S_MAX_CONCURRENT_STREAMS,
+    S_MAX_FRAME_SIZE,
+    S_MAX_HEADER_LIST_SIZE,
+    SETTINGS,
+    U32,
+    WINDOW_UPDATE,
+    FrameReader,
+    FrameTooLarge,
+    frame,
+    literal,
+    unpad,
+)
 from slimserve.transport.limits import TensorLimits
 
 log = logging.getLogger("slimserve.grpc")
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-# Frame types and flags (RFC 9113 section 6).
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
-WINDOW_UPDATE, CONTINUATION = 8, 9
-END_STREAM = ACK = 0x1
-END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
-# Error codes (section 7).
+# Error codes (RFC 9113 section 7).
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 5, 6, 7, 8
 COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 9, 11
-# Settings (section 6.5.2).
-S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 1, 2, 3
-S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 4, 5, 6
-
-MAX_WINDOW = 2**31 - 1
-DEFAULT_WINDOW = 65_535
-DEFAULT_FRAME = 16_384
 # What this server advertises: frames up to 1 MiB (fewer frames per large tensor), a 16 MiB
 # window per stream (most requests never wait for a WINDOW_UPDATE), the whole connection window.
 OUR_MAX_FRAME = 1 << 20
 OUR_STREAM_WINDOW = 1 << 24
 MAX_STREAMS = 1024
-_FRAME_HEAD = struct.Struct(">I")
-_OK_STATUS = grpc.StatusCode.OK.value[0]
 _METHODS = {f"/{SERVICE.full_name}/{m.name}".encode(): m.name for m in SERVICE.methods}
 
 
-def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    return (
-        _FRAME_HEAD.pack(len(payload))[1:]
-        + bytes((kind, flags))
-        + _FRAME_HEAD.pack(stream_id)
-        + payload
-    )
-
-
-def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
-    """HPACK integer (RFC 7541 5.1) with `first`'s high bits above the prefix."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _literal(name: bytes, value: bytes) -> bytes:
-    """A literal header field without indexing, new name, no Huffman coding: the encoding
-    needs no state shared with the client's decoder, so header blocks can be precomputed."""
-    return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
-
-
 _STATUS_200 = b"\x88"  # static table index 8: ":status: 200"
-_RESPONSE_HEADERS = _STATUS_200 + _literal(b"content-type", b"application/grpc")
-_OK_TRAILERS = _literal(b"grpc-status", b"0")
-_ACCEPT = _literal(b"grpc-accept-encoding", b"identity,deflate,gzip")
+_RESPONSE_HEADERS = _STATUS_200 + literal(b"content-type", b"application/grpc")
+_OK_TRAILERS = literal(b"grpc-status", b"0")
+_ACCEPT = literal(b"grpc-accept-encoding", b"identity,deflate,gzip")
 
 
 def _percent_encode(text: str) -> bytes:
@@ -175,7 +161,7 @@ class _Stream:
         self.metadata: tuple[tuple[str, str], ...] = ()
         self.deadline: float | None = None
         self.encoding = b"identity"
-        self.body = bytearray()
+        self.body: bytearray | memoryview = bytearray()
         self.ended = False  # the client's half is closed
         self.task: asyncio.Task[None] | None = None
         self.send_window = send_window
@@ -185,7 +171,7 @@ class _Stream:
         self.refused: tuple[grpc.StatusCode, str] | None = None  # answer without running
 
 
-Handler = Callable[[bytes, CallContext], Awaitable[Message]]
+Handler = Callable[[bytes | memoryview, CallContext], Awaitable[Message]]
 
 
 class _Connection(asyncio.Protocol):
@@ -193,8 +179,9 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.limits = server.limits
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
+        self.reader = FrameReader(OUR_MAX_FRAME)
         self.preface = False
+        self.preface_bytes = b""
         # Metadata over max_header_bytes fails the call (RESOURCE_EXHAUSTED, _read_call); a
         # header block over 16 times as much, compressed or not (an HPACK bomb), fails the
         # connection: the block must be decoded to keep the connection's HPACK state.
@@ -237,7 +224,7 @@ class _Connection(asyncio.Protocol):
             S_MAX_HEADER_LIST_SIZE, self.limits.max_header_bytes,
         )  # fmt: skip
         grow = struct.pack(">I", MAX_WINDOW - DEFAULT_WINDOW)
-        transport.write(_frame(SETTINGS, 0, 0, settings) + _frame(WINDOW_UPDATE, 0, 0, grow))
+        transport.write(frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, grow))
         self.server.connections.add(self)
         self._schedule_tick()
 
@@ -273,14 +260,14 @@ class _Connection(asyncio.Protocol):
             return
         if self.ping_sent is None and now - self.last_seen > srv.ping_every_s:
             self.ping_sent = now
-            self.transport.write(_frame(PING, 0, 0, b"slimserv"))
+            self.transport.write(frame(PING, 0, 0, b"slimserv"))
         self._schedule_tick()
 
     def _goaway(self, code: int, debug: bytes = b"") -> None:
         if self.transport is not None and not self.going_away:
             self.going_away = True
             payload = struct.pack(">II", self.last_stream, code) + debug
-            self.transport.write(_frame(GOAWAY, 0, 0, payload))
+            self.transport.write(frame(GOAWAY, 0, 0, payload))
 
     def _fail(self, code: int, why: str) -> None:
         """A connection error: GOAWAY with the code and close; nothing more is read."""
@@ -301,38 +288,36 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.failed:
             return
-        buf = self.buffer
-        buf += data
         self.last_seen = time.monotonic()
         if not self.preface:
-            if len(buf) < len(PREFACE):
-                if not PREFACE.startswith(bytes(buf)):
-                    self._fail(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+            data = self._read_preface(data)
+            if not data:
                 return
-            if buf[: len(PREFACE)] != PREFACE:
-                self._fail(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-                return
-            del buf[: len(PREFACE)]
-            self.preface = True
-        pos, end = 0, len(buf)
-        while end - pos >= 9 and not self.failed:
-            length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
-            if length > OUR_MAX_FRAME:
-                self._fail(FRAME_SIZE_ERROR, f"a frame of {length} bytes")
-                return
-            if end - pos < 9 + length:
-                break
-            kind, flags = buf[pos + 3], buf[pos + 4]
-            stream_id = _FRAME_HEAD.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
-            payload = bytes(buf[pos + 9 : pos + 9 + length])
-            pos += 9 + length
-            self._dispatch(kind, flags, stream_id, payload)
-        del buf[:pos]
+        try:
+            for kind, flags, stream_id, payload in self.reader.feed(data):
+                self._dispatch(kind, flags, stream_id, payload)
+                if self.failed:
+                    return
+        except FrameTooLarge as exc:
+            self._fail(FRAME_SIZE_ERROR, str(exc))
+            return
         if self.recv_unacked > (1 << 30) and self.transport is not None:
-            self.transport.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.recv_unacked)))
+            self.transport.write(frame(WINDOW_UPDATE, 0, 0, U32.pack(self.recv_unacked)))
             self.recv_unacked = 0
 
-    def _dispatch(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
+    def _read_preface(self, data: bytes) -> bytes:
+        """The bytes after the client's connection preface (b"" while it is incomplete)."""
+        seen = self.preface_bytes + data
+        if not (PREFACE.startswith(seen) or seen.startswith(PREFACE)):
+            self._fail(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+            return b""
+        if len(seen) < len(PREFACE):
+            self.preface_bytes = seen
+            return b""
+        self.preface = True
+        return seen[len(PREFACE) :]
+
+    def _dispatch(self, kind: int, flags: int, sid: int, payload: memoryview) -> None:
         if self.header_block is not None and kind != CONTINUATION:
             self._fail(PROTOCOL_ERROR, "a header block was interrupted")
             return
@@ -361,7 +346,7 @@ class _Connection(asyncio.Protocol):
             elif flags & ACK:
                 self.ping_sent = None
             elif self.transport is not None:
-                self.transport.write(_frame(PING, ACK, 0, payload))
+                self.transport.write(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
             stream = self.streams.pop(sid, None)
             if stream is not None:
@@ -376,15 +361,13 @@ class _Connection(asyncio.Protocol):
             self._fail(PROTOCOL_ERROR, "a client may not push")
         # PRIORITY and unknown types are ignored (RFC 9113 5.5).
 
-    def _unpad(self, flags: int, payload: bytes) -> bytes | None:
-        if flags & PADDED:
-            if not payload or payload[0] >= len(payload):
-                self._fail(PROTOCOL_ERROR, "padding longer than the frame")
-                return None
-            payload = payload[1 : len(payload) - payload[0]]
-        return payload
+    def _unpad(self, flags: int, payload: memoryview) -> memoryview | None:
+        out = unpad(flags, payload)
+        if out is None:
+            self._fail(PROTOCOL_ERROR, "padding longer than the frame")
+        return out
 
-    def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
+    def _on_headers(self, flags: int, sid: int, payload: memoryview) -> None:
         block = self._unpad(flags, payload)
         if block is None:
             return
@@ -397,7 +380,7 @@ class _Connection(asyncio.Protocol):
             self._fail(ENHANCE_YOUR_CALM, "header block over the metadata limit")
             return
         if flags & END_HEADERS:
-            self._headers_complete(sid, flags, block)
+            self._headers_complete(sid, flags, bytes(block))
         else:
             self.header_block, self.header_stream, self.header_flags = bytearray(block), sid, flags
 
@@ -481,7 +464,7 @@ class _Connection(asyncio.Protocol):
                     f"method {path.decode('latin-1')} is not served here",
                 )
 
-    def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
+    def _on_data(self, flags: int, sid: int, payload: memoryview) -> None:
         self.recv_unacked += len(payload)
         stream = self.streams.get(sid)
         data = self._unpad(flags, payload)
@@ -492,7 +475,11 @@ class _Connection(asyncio.Protocol):
                 self._fail(PROTOCOL_ERROR, "DATA on an idle stream")
             return  # a stream reset or answered already: the bytes still count for the window
         if stream.refused is None:
-            stream.body += data
+            if not stream.body and flags & END_STREAM:
+                stream.body = data  # the whole message in one frame: kept as a view, no copy
+            else:
+                assert isinstance(stream.body, bytearray)  # a view only once the stream ended
+                stream.body += data
             if len(stream.body) > self.limits.max_body_bytes + 5:
                 stream.refused = (
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -503,7 +490,7 @@ class _Connection(asyncio.Protocol):
                 self._answer_refused(stream)
                 return
         if len(payload) and not flags & END_STREAM and self.transport is not None:
-            self.transport.write(_frame(WINDOW_UPDATE, 0, sid, struct.pack(">I", len(payload))))
+            self.transport.write(frame(WINDOW_UPDATE, 0, sid, struct.pack(">I", len(payload))))
         if flags & END_STREAM:
             self._end_of_request(stream)
 
@@ -526,7 +513,7 @@ class _Connection(asyncio.Protocol):
             self._call(stream, handler, message, context)
         )
 
-    def _message(self, stream: _Stream, body: bytearray) -> bytes | None:
+    def _message(self, stream: _Stream, body: bytearray | memoryview) -> memoryview | bytes | None:
         """The one length-prefixed message of a unary call, decompressed."""
         if len(body) < 5:
             stream.refused = (
@@ -535,7 +522,7 @@ class _Connection(asyncio.Protocol):
             )
             return None
         compressed = body[0]
-        length = _FRAME_HEAD.unpack_from(body, 1)[0]
+        length = U32.unpack_from(body, 1)[0]
         if len(body) != 5 + length:
             stream.refused = (
                 grpc.StatusCode.INTERNAL,
@@ -543,7 +530,7 @@ class _Connection(asyncio.Protocol):
                 "(one message per unary call)",
             )
             return None
-        message = bytes(body[5:])
+        message = memoryview(body)[5:]
         if not compressed:
             return message
         if stream.encoding == b"identity":
@@ -571,7 +558,7 @@ class _Connection(asyncio.Protocol):
     # -- calls and answers -------------------------------------------------------------------
 
     async def _call(
-        self, stream: _Stream, handler: Handler, message: bytes, context: CallContext
+        self, stream: _Stream, handler: Handler, message: memoryview | bytes, context: CallContext
     ) -> None:
         try:
             reply = await handler(message, context)
@@ -590,20 +577,18 @@ class _Connection(asyncio.Protocol):
             return
         sid = stream.id
         head = _RESPONSE_HEADERS
-        body = b"\x00" + _FRAME_HEAD.pack(len(message)) + message
-        stream.trailers = _frame(HEADERS, END_HEADERS | END_STREAM, sid, _OK_TRAILERS)
+        body = b"\x00" + U32.pack(len(message)) + message
+        stream.trailers = frame(HEADERS, END_HEADERS | END_STREAM, sid, _OK_TRAILERS)
         if len(body) <= min(stream.send_window, self.send_window, self.peer_frame):
             # The common case in one write: headers, the message, trailers.
             stream.send_window -= len(body)
             self.send_window -= len(body)
             self.transport.write(
-                _frame(HEADERS, END_HEADERS, sid, head)
-                + _frame(DATA, 0, sid, body)
-                + stream.trailers
+                frame(HEADERS, END_HEADERS, sid, head) + frame(DATA, 0, sid, body) + stream.trailers
             )
             self._close(stream)
             return
-        self.transport.write(_frame(HEADERS, END_HEADERS, sid, head))
+        self.transport.write(frame(HEADERS, END_HEADERS, sid, head))
         stream.pending = body
         self._flush(stream)
 
@@ -617,7 +602,7 @@ class _Connection(asyncio.Protocol):
             n = min(len(stream.pending), stream.send_window, self.send_window, self.peer_frame)
             if n <= 0:
                 break
-            frames.append(_frame(DATA, 0, stream.id, stream.pending[:n]))
+            frames.append(frame(DATA, 0, stream.id, stream.pending[:n]))
             stream.pending = stream.pending[n:]
             stream.send_window -= n
             self.send_window -= n
@@ -632,7 +617,7 @@ class _Connection(asyncio.Protocol):
         self._answer_error(stream, code, details, ())
         if not stream.ended and self.transport is not None:
             # The client is still sending: stop it (the answer is already on its way).
-            self.transport.write(_frame(RST_STREAM, 0, stream.id, struct.pack(">I", NO_ERROR)))
+            self.transport.write(frame(RST_STREAM, 0, stream.id, struct.pack(">I", NO_ERROR)))
             stream.ended = True
 
     def _answer_error(
@@ -642,15 +627,15 @@ class _Connection(asyncio.Protocol):
         if stream.closed or self.transport is None:
             return
         block = bytearray(_RESPONSE_HEADERS)
-        block += _literal(b"grpc-status", str(code.value[0]).encode())
+        block += literal(b"grpc-status", str(code.value[0]).encode())
         if details:
-            block += _literal(b"grpc-message", _percent_encode(details)[:8192])
+            block += literal(b"grpc-message", _percent_encode(details)[:8192])
         for key, value in trailing or ():
             raw = value if isinstance(value, bytes) else str(value).encode("latin-1", "replace")
-            block += _literal(key.encode("latin-1"), raw)
+            block += literal(key.encode("latin-1"), raw)
         if code == grpc.StatusCode.UNIMPLEMENTED:
             block += _ACCEPT
-        self.transport.write(_frame(HEADERS, END_HEADERS | END_STREAM, stream.id, bytes(block)))
+        self.transport.write(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, bytes(block)))
         self._close(stream)
 
     def _close(self, stream: _Stream) -> None:
@@ -662,11 +647,11 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self, sid: int, code: int) -> None:
         if self.transport is not None:
-            self.transport.write(_frame(RST_STREAM, 0, sid, struct.pack(">I", code)))
+            self.transport.write(frame(RST_STREAM, 0, sid, struct.pack(">I", code)))
 
     # -- settings and windows ----------------------------------------------------------------
 
-    def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
+    def _on_settings(self, flags: int, sid: int, payload: memoryview) -> None:
         if sid != 0 or len(payload) % 6:
             self._fail(FRAME_SIZE_ERROR if sid == 0 else PROTOCOL_ERROR, "bad SETTINGS frame")
             return
@@ -690,14 +675,14 @@ class _Connection(asyncio.Protocol):
                 self._fail(PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
                 return
         if self.transport is not None:
-            self.transport.write(_frame(SETTINGS, ACK, 0))
+            self.transport.write(frame(SETTINGS, ACK, 0))
         self._flush_all()
 
-    def _on_window_update(self, sid: int, payload: bytes) -> None:
+    def _on_window_update(self, sid: int, payload: memoryview) -> None:
         if len(payload) != 4:
             self._fail(FRAME_SIZE_ERROR, "bad WINDOW_UPDATE")
             return
-        increment = _FRAME_HEAD.unpack(payload)[0] & 0x7FFFFFFF
+        increment = U32.unpack(payload)[0] & 0x7FFFFFFF
         if increment == 0:
             self._fail(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             return

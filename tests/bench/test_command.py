@@ -213,14 +213,20 @@ def test_closed_loop_counts_statuses_and_reconnects():
         p = pl.Payload((pl.Tensor("x", "FP32", np.zeros((1, 2), np.float32)),), ())
         driver = HttpDriver("http-json", "127.0.0.1", port, "m", "", p)
         sends = await driver.senders(2)
-        rec, cpu = await closed_loop(sends, duration_s=0.3, warmup_s=0.05)
+        # Deterministic part: a fresh connection answers 503; the next send may race the
+        # server's close ("connection"), after which the client must have reconnected, so
+        # three sends in a row give at least two 503s whatever the machine's load.
+        direct = [await sends[0]() for _ in range(3)]
+        rec, cpu = await closed_loop(sends, duration_s=0.3, warmup_s=0.0)
         await driver.close()
         await _stop(server)
-        return rec, cpu
+        return direct, rec, cpu
 
-    rec, cpu = asyncio.run(go())
+    direct, rec, cpu = asyncio.run(go())
+    assert direct[0] == "503" and direct.count("503") >= 2, direct
+    assert set(direct) <= {"503", "connection"}
     assert rec.latencies_ns == []
-    assert rec.errors["503"] > 0
+    assert sum(rec.errors.values()) > 0
     assert set(rec.errors) <= {"503", "connection"}
     result = summarize("http-json", 2, 0.3, rec, cpu)
     assert result.requests == 0 and result.rps == 0

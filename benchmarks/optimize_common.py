@@ -41,6 +41,32 @@ def interleaved_medians(
     }
 
 
+def block_medians(
+    fns: dict[str, Callable[[], Any]], rounds: int = 20, block: int = 25, warmup: int = 5
+) -> dict[str, dict[str, float]]:
+    """Like `interleaved_medians`, but each turn is a block: `warmup` untimed calls, then
+    `block` timed ones, so every call after the first few finds its model hot in the caches,
+    as a server answering a stream of requests for one model does. The blocks still alternate
+    (round-robin over `rounds`), so a neighbour's load falls on every variant alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(warmup):
+                fn()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {
+        k: {
+            "p50_ms": float(np.median(v)),
+            "p90_ms": float(np.percentile(v, 90)),
+            "min_ms": float(np.min(v)),
+        }
+        for k, v in times.items()
+    }
+
+
 def facts(threads: int) -> dict[str, Any]:
     info = machine_facts(threads)
     info["load_average_now"] = [round(v, 2) for v in os.getloadavg()]

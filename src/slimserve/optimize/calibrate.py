@@ -75,8 +75,9 @@ class PercentileObserver(_SampleObserver):
 class EntropyObserver(_SampleObserver):
     """Chooses the clipping threshold that minimises KL(P || Q) (TensorRT's calibration).
 
-    P: a 2048-bin histogram of |x| clipped at threshold T (outliers folded into the last bin);
-    Q: P requantised to 128 levels (the int8 magnitudes). T is searched over the bin edges.
+    P: a 2048-bin histogram of the nonzero |x| clipped at threshold T (outliers folded into the
+    last bin); Q: P requantised to 128 levels (the int8 magnitudes). T is searched over the bin
+    edges. Zeros are left out: int8 represents them exactly whatever T is.
     """
 
     bins = 2048
@@ -87,9 +88,14 @@ class EntropyObserver(_SampleObserver):
         return torch.maximum(self.lo, torch.tensor(-t)), torch.minimum(self.hi, torch.tensor(t))
 
     def _threshold(self, mags: np.ndarray) -> float:
-        amax = float(mags.max())
-        if amax == 0.0:
+        # Exact zeros (half of a ReLU's outputs, an image's background) are represented
+        # exactly at any threshold: left in, their spike in the first bin dominates the KL of
+        # every wide threshold (Q smears it over its group) and the search clipped a LeNet-5
+        # conv input at 6% of its range (test accuracy 86.6% -> 38.2%).
+        mags = mags[mags > 0]
+        if mags.size == 0:
             return 1.0
+        amax = float(mags.max())
         hist, edges = np.histogram(mags, bins=self.bins, range=(0.0, amax))
         hist = hist.astype(np.float64)
         best_i, best_kl = self.bins, np.inf

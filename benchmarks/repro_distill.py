@@ -218,27 +218,31 @@ class ValCurve(Callback):
         print(f"  hinton teacher epoch {epoch + 1}: loss {loss:.4f} val {self.curve[-1]}")
 
 
-def hinton_teacher_settings(args) -> dict[str, str]:
-    return {
-        "epochs": str(args.hinton_teacher_epochs),
+def hinton_teacher_settings(
+    args, epochs: int | None = None, gamma: float | None = None, precision: str = "off"
+) -> dict[str, str]:
+    """The regularised teacher's recipe (the patient regime passes its own epochs, decay and
+    precision); "precision" is left out when "off", so caches made before it existed still fit."""
+    settings = {
+        "epochs": str(epochs or args.hinton_teacher_epochs),
         "lr": "0.001",
-        "gamma": str(args.hinton_teacher_gamma),
+        "gamma": str(gamma or args.hinton_teacher_gamma),
         "shift": str(args.hinton_shift),
         "flip": str(args.hinton_flip),
         "dropout": ",".join(str(p) for p in args.hinton_dropout),
         "seed": "0",
     }
+    return settings if precision == "off" else {**settings, "precision": precision}
 
 
 def load_or_train_hinton_teacher(
-    cache: Path | None, args, train: tuple, val: tuple
+    cache: Path | None, settings: dict[str, str], train: tuple, val: tuple
 ) -> tuple[MLP, dict]:
     """784-1200-1200-10 trained with dropout and jitter (Adam, batch 128), cached as
     safetensors with its settings as metadata; a cache made with other settings is refused."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    settings = hinton_teacher_settings(args)
     torch.manual_seed(0)
     teacher = MLP([784, 1200, 1200, 10])
     if cache is not None and cache.exists():
@@ -248,13 +252,14 @@ def load_or_train_hinton_teacher(
             sys.exit(f"{cache} holds a teacher trained with {stored}, not {settings}")
         teacher.load_state_dict(load_file(cache))
         return teacher.eval(), {"val_curve": json.loads(stored.get("val_curve", "[]"))}
-    p_in, p_hidden = args.hinton_dropout
-    loss_fn = regularised_loss(args.hinton_shift, args.hinton_flip, p_in, p_hidden)
+    p_in, p_hidden = _floats(settings["dropout"])
+    loss_fn = regularised_loss(int(settings["shift"]), settings["flip"] == "True", p_in, p_hidden)
     cfg = TrainConfig(
-        epochs=args.hinton_teacher_epochs,
+        epochs=int(settings["epochs"]),
         lr=1e-3,
         batch_size=BATCH,
-        lr_gamma=args.hinton_teacher_gamma,
+        lr_gamma=float(settings["gamma"]),
+        mixed_precision=settings.get("precision", "off"),
         progress=False,
         desc="hinton teacher",
     )
@@ -357,14 +362,17 @@ def main() -> None:
         print(f"teacher {out['teacher_acc']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if "hinton" in names:
         t1 = time.perf_counter()
-        hinton, info = load_or_train_hinton_teacher(args.hinton_teacher_cache, args, train, val)
+        settings = hinton_teacher_settings(args)
+        hinton, info = load_or_train_hinton_teacher(
+            args.hinton_teacher_cache, settings, train, val
+        )
         kd_teacher: nn.Module = hinton
         if args.hinton_views or args.hinton_view_flip:
             kd_teacher = ViewAverage(hinton, args.hinton_views, args.hinton_view_flip).eval()
         # the teacher of the gap is the one the soft targets come from (views averaged or not)
         teachers["hinton"] = (kd_teacher, accuracy(kd_teacher, *test))
         out["hinton_teacher"] = {
-            "settings": hinton_teacher_settings(args),
+            "settings": settings,
             "views": [args.hinton_views, args.hinton_view_flip],
             "val": accuracy(hinton, *val),
             "test": accuracy(hinton, *test),

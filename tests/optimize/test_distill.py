@@ -138,3 +138,64 @@ def test_unlabelled_rows_get_the_soft_term_only():
     expected = F.cross_entropy(logits[kept], partial[kept], reduction="sum") / 6
     assert torch.allclose(hard_label_loss(logits, partial), expected)
     assert hard_label_loss(logits, torch.full((6,), -1)).item() == 0.0
+
+
+class _Recorder(nn.Module):
+    """A module that keeps a copy of every input it is called on."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.inner(x)
+
+
+def _noisy_view(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x + torch.randn_like(x)
+
+
+def test_online_teacher_runs_on_the_view_the_student_trains_on():
+    torch.manual_seed(0)
+    x, y = torch.zeros(24, 4), torch.randint(0, 3, (24,))
+    teacher, student = _Recorder(nn.Linear(4, 3)), _Recorder(nn.Linear(4, 3))
+    teacher.train()
+    config = DistillConfig(1.0, alpha=1.0, epochs=2, batch_size=8, augment=_noisy_view)
+    distill(teacher, student, (x, y), replace(config, progress=False))
+    # one shape check each on x[:2], then 2 epochs x 3 batches, each a fresh random view
+    assert len(teacher.seen) == len(student.seen) == 1 + 6
+    for t_in, s_in in zip(teacher.seen, student.seen, strict=True):
+        assert torch.equal(t_in, s_in)
+    views = torch.cat(student.seen[1:])
+    assert views.abs().min() > 0 and len(views.unique(dim=0)) == 48  # never the plain zeros
+    assert teacher.training  # back to its own mode
+
+
+def test_online_student_learns_what_only_the_views_reveal():
+    # The plain inputs are all zeros, where a bias-free teacher says "uniform"; its function
+    # shows only on the noisy views, so only the online student can learn it.
+    torch.manual_seed(0)
+    x, y = torch.zeros(256, 4), torch.randint(0, 3, (256,))
+    teacher = nn.Linear(4, 3, bias=False)
+    nn.init.normal_(teacher.weight, std=2.0)
+    online, offline = nn.Linear(4, 3), nn.Linear(4, 3)
+    offline.load_state_dict(online.state_dict())
+    config = DistillConfig(1.0, alpha=1.0, epochs=20, lr=3e-2, batch_size=32, progress=False)
+    distill(teacher, online, (x, y), replace(config, augment=_noisy_view))
+    distill(teacher, offline, (x, y), config)
+    probe = torch.randn(512, 4)
+
+    def kl(student: nn.Module) -> float:
+        return float(soft_target_loss(predict(student, probe), predict(teacher, probe), 1.0))
+
+    assert kl(online) < 0.05 < kl(offline)
+
+
+def test_bad_augment_is_refused(teacher, digits):
+    with pytest.raises(InvalidArgument, match="augment"):
+        DistillConfig(augment=3)  # type: ignore[arg-type]
+    config = DistillConfig(epochs=1, progress=False)
+    for bad in (lambda x, y: x[:, :10], lambda x, y: x.tolist()):
+        with pytest.raises(InvalidArgument, match="augment returned"):
+            distill(teacher, MLP([64, 8, 10]), digits, replace(config, augment=bad))

@@ -5,14 +5,20 @@ Classifiers (Hinton et al. 2015): loss = alpha * T^2 * KL(softmax(t/T) || softma
 hard term's whatever the temperature. Embedding models: loss = 1 - cos(s, t) ("cosine") or
 mean squared error ("mse"), no labels needed.
 
-The teacher runs once over the training data before training (eval mode, no gradients) and its
-outputs ride along as an extra tensor of each batch, so each epoch costs only the student.
-Training goes through `slimserve.train.fit`: one process or DDP under torchrun alike.
+By default the teacher runs once over the training data before training (eval mode, no
+gradients) and its outputs ride along as an extra tensor of each batch, so each epoch costs
+only the student. With `DistillConfig(augment=fn)` distillation is online and consistent
+(Beyer et al. 2022, "function matching"): every step the batch's inputs become one random view
+`fn(x, y)`, and the teacher (eval mode, no gradients) and the student both see that same view,
+so the student matches the teacher's function on inputs the training set does not hold (e.g.
+mixup between images); each step then costs a teacher forward as well.
+Training goes through `slimserve.train.fit`: one process or DDP under torchrun alike (under
+DDP each process augments its own share of the batch, from its own random stream).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +31,19 @@ from slimserve.train.loop import Batch, FitResult, TrainConfig, fit, predict
 _KINDS = ("classifier", "embedding")
 _EMBEDDING_LOSSES = ("cosine", "mse")
 
+# (inputs (B, ...), labels (B,)) -> a view of the inputs, same shape; labels are only read.
+Augment = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """temperature T > 0; alpha in [0, 1] weighs the soft (teacher) term against the labels."""
+    """temperature T > 0; alpha in [0, 1] weighs the soft (teacher) term against the labels.
+
+    augment: None (the teacher's outputs computed once, on the plain inputs) or a function
+    (x, y) -> x' drawing a random view of each batch; the teacher is then run on that same view
+    every step. The labels term (1 - alpha) still uses y, so with a view that mixes images
+    (mixup) use alpha=1.
+    """
 
     temperature: float = 4.0
     alpha: float = 0.9
@@ -42,8 +57,13 @@ class DistillConfig:
     embedding_loss: str = "cosine"
     progress: bool = True
     seed: int = 0
+    augment: Augment | None = None
 
     def __post_init__(self) -> None:
+        if self.augment is not None and not callable(self.augment):
+            raise InvalidArgument(
+                f"DistillConfig.augment={self.augment!r}: use None or a function (x, y) -> x'"
+            )
         if not self.temperature > 0:
             raise InvalidArgument(f"DistillConfig.temperature={self.temperature}: use T > 0")
         if not 0 <= self.alpha <= 1:
@@ -133,18 +153,57 @@ def distill(
         raise InvalidArgument("distill: data must be (inputs, labels) tensors")
     if config.kind == "classifier" and len(data) < 2:
         raise InvalidArgument("distill: classifiers need (inputs, labels); labels are missing")
+    labels = data[1] if config.kind == "classifier" else torch.zeros(len(data[0]))
+    if config.augment is not None:
+        return _distill_online(teacher, student, (data[0], labels), config, config.augment)
     targets = teacher_outputs(teacher, data[0])
     _check_shapes(student, data[0], targets)
-    labels = data[1] if config.kind == "classifier" else torch.zeros(len(data[0]))
 
     def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
         x, y, t = batch
-        out = model(x)
-        if config.kind == "embedding":
-            return embedding_loss(out, t, config.embedding_loss)
-        return classifier_loss(out, t, y, config)
+        return _student_loss(model(x), t, y, config)
 
     return fit(student, loss_fn, (data[0], labels, targets), config.train_config())
+
+
+def _student_loss(
+    out: torch.Tensor, t: torch.Tensor, y: torch.Tensor, config: DistillConfig
+) -> torch.Tensor:
+    if config.kind == "embedding":
+        return embedding_loss(out, t, config.embedding_loss)
+    return classifier_loss(out, t, y, config)
+
+
+def _distill_online(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    config: DistillConfig,
+    augment: Augment,
+) -> FitResult:
+    """Each step: view = augment(x, y); the teacher's outputs for that view (eval mode, no
+    gradients) are the student's targets on the same view."""
+    _check_shapes(student, data[0], teacher_outputs(teacher, data[0][:2]))
+
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        x, y = batch
+        view = augment(x, y)
+        if not isinstance(view, torch.Tensor) or view.shape != x.shape:
+            got = tuple(view.shape) if isinstance(view, torch.Tensor) else type(view).__name__
+            raise InvalidArgument(
+                f"DistillConfig.augment returned {got} for inputs {tuple(x.shape)}: "
+                "it must return a tensor shaped like its input"
+            )
+        with torch.no_grad():
+            t = teacher(view).float()
+        return _student_loss(model(view), t, y, config)
+
+    was_training = teacher.training
+    teacher.eval()  # dropout and batch-norm statistics as at inference
+    try:
+        return fit(student, loss_fn, data, config.train_config())
+    finally:
+        teacher.train(was_training)
 
 
 def _check_shapes(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:

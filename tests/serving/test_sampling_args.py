@@ -17,6 +17,9 @@ def test_defaults_then_the_caller_s_defaults_then_the_request() -> None:
     assert sampling_params({"stop": ["a", "b"], "seed": 7}).stop == ("a", "b")
     assert sampling_params({"temperature": 1}).temperature == 1.0  # an int is a number
     assert sampling_params({}, logprobs=2).logprobs == 2
+    assert sampling_params({}).ignore_eos is False
+    assert sampling_params({"ignore_eos": True}).ignore_eos is True
+    assert sampling_params({"ignore_eos": None}, {"ignore_eos": True}).ignore_eos is True
 
 
 @pytest.mark.parametrize(
@@ -31,6 +34,8 @@ def test_defaults_then_the_caller_s_defaults_then_the_request() -> None:
         ({"stop": ""}, "stop"),
         ({"seed": 1.0}, "seed"),
         ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+        ({"ignore_eos": "true"}, "ignore_eos"),
     ],
 )
 def test_a_bad_value_names_its_field(values: dict[str, object], param: str) -> None:

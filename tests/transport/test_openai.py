@@ -186,6 +186,49 @@ def test_completion_stream_events_and_usage(repo: Path) -> None:
     run(repo, body)
 
 
+@pytest.fixture(scope="module")
+def eos_repo(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:  # noqa: F811
+    """tiny, whose config also names as end-of-sequence the third greedy token of "hello world"
+    and of the chat CHAT below, so that both stop early unless told to ignore it."""
+    from slimserve.runtimes.llm import TextGenerationRuntime
+    from tests.runtimes.llm.test_prequant import _greedy
+
+    root = tmp_path_factory.mktemp("openai-eos") / "models"
+    (root / "tiny").mkdir(parents=True)
+    (root / "tiny" / "model.yaml").write_text(LM_YAML)
+    folder = shutil.copytree(tiny_llama_dir, root / "tiny" / "1")
+    runtime = TextGenerationRuntime.load(folder)
+    prompts = [runtime.encode("hello world"), runtime.encode_chat(CHAT)]
+    eos = sorted({_greedy(runtime, prompt, 8)[2] for prompt in prompts})
+    config = orjson.loads((folder / "config.json").read_bytes())
+    config["eos_token_id"] = [*runtime.eos_token_ids, *eos]
+    (folder / "config.json").write_bytes(orjson.dumps(config))
+    return root
+
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def test_ignore_eos_generates_max_tokens(eos_repo: Path) -> None:
+    async def body(client: httpx.AsyncClient, app: Any) -> list[Any]:
+        out = []
+        for ignore in (None, False, True):
+            extra = {} if ignore is None else {"ignore_eos": ignore}
+            for path, request in (
+                ("/v1/completions", {"prompt": "hello world"}),
+                ("/v1/chat/completions", {"messages": CHAT}),
+            ):
+                response = await client.post(path, json={**GREEDY, **request, **extra})
+                assert response.status_code == 200, response.text
+                doc = response.json()
+                out.append((doc["choices"][0]["finish_reason"], doc["usage"]["completion_tokens"]))
+        return out
+
+    stopped = run(eos_repo, body)
+    assert all(reason == "stop" and tokens <= 3 for reason, tokens in stopped[:4])
+    assert stopped[4:] == [("length", 8), ("length", 8)]
+
+
 def test_chat_and_chat_stream(repo: Path) -> None:
     async def body(client: httpx.AsyncClient, app: Any) -> None:
         messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
@@ -276,6 +319,7 @@ def test_embeddings_float_and_base64(repo: Path) -> None:
         ("/v1/completions", {"model": "tiny", "prompt": "x", "n": "2"}, 400, "n"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": [1]}, 400, "stop"),
         ("/v1/completions", {"model": "tiny", "prompt": []}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "ignore_eos": 1}, 400, "ignore_eos"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 10**6}, 400, None),
         (
             "/v1/completions",
@@ -285,6 +329,12 @@ def test_embeddings_float_and_base64(repo: Path) -> None:
         ),
         ("/v1/completions", {"model": "minilm", "prompt": "x"}, 400, None),
         ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "ignore_eos": "no"},
+            400,
+            "ignore_eos",
+        ),
         (
             "/v1/chat/completions",
             {"model": "tiny", "messages": [{"content": "x"}]},

@@ -307,6 +307,7 @@ def test_v2_stop_and_top_p(repo: Path) -> None:
         ({"seed": 1.5}, "seed"),
         ({"presence_penalty": -3}, "presence_penalty"),
         ({"frequency_penalty": True}, "frequency_penalty"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
         ({"n": 2}, "n=2"),
         ({"max_tokens": 100_000}, "context"),
     ],

@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": None,
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
+    "ignore_eos": False,  # an extension (vLLM's name): generate max_tokens, past end-of-sequence
 }
 
 
@@ -60,6 +61,7 @@ def sampling_params(
         "seed": None if seed is None else whole(seed, "seed"),
         "presence_penalty": number(get("presence_penalty"), "presence_penalty"),
         "frequency_penalty": number(get("frequency_penalty"), "frequency_penalty"),
+        "ignore_eos": boolean(get("ignore_eos"), "ignore_eos"),
     }
     try:
         return SamplingParams(**fields, **extra)
@@ -78,6 +80,12 @@ def number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadParameter(f"{name} must be a number, got {value!r}", name)
     return float(value)
+
+
+def boolean(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadParameter(f"{name} must be true or false, got {value!r}", name)
+    return value
 
 
 def stops(value: Any) -> tuple[str, ...]:

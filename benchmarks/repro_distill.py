@@ -9,7 +9,7 @@ of --alone-lrs and the distilled student each (T, alpha, lr) of --grid, and each
 setting best on validation. Figures are test accuracy. gap closed = (distilled - alone) /
 (teacher - alone); target (issue 3): >= 60%.
 
-Four regimes (--regimes; `--regime hinton` runs only that one):
+Five regimes (--regimes):
   full         every student sees all 55,000 labelled images (--epochs).
   labelled     (Hinton et al. section 5, soft targets as regularisers: 3% of the data) the
                students see only --labelled images; alone on their labels, distilled on the
@@ -31,9 +31,16 @@ Four regimes (--regimes; `--regime hinton` runs only that one):
                (hidden), 25 epochs; Hinton et al.'s own recipe (--hinton-shift 2
                --no-hinton-flip --hinton-dropout 0.2,0.5) reached only 87.2% on validation in
                25 epochs, below the student alone (89.9%).
+  patient      (Beyer et al. 2022, function matching) same data for both students, all 55,000
+               labelled images, --patient-epochs; the teacher is the hinton regime's recipe
+               trained --patient-teacher-epochs under bf16 autocast (cached apart:
+               --patient-teacher-cache); the distilled student is trained online, the teacher
+               run (bf16) on the same random view as the student every step; --seeds students
+               each. See _distill_patient.py. Defaults chosen on validation.
 
     .venv/bin/python benchmarks/repro_distill.py
     .venv/bin/python benchmarks/repro_distill.py --regimes hinton --hinton-teacher-cache t.st
+    .venv/bin/python benchmarks/repro_distill.py --regimes patient --patient-teacher-cache p.st
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+import _distill_patient as patient  # noqa: E402
 from _repro_common import facts_markdown, fashion_mnist, machine_facts  # noqa: E402
 
 from slimserve.optimize.distill import DistillConfig, distill  # noqa: E402
@@ -215,7 +223,7 @@ class ValCurve(Callback):
 
     def on_epoch_end(self, model: nn.Module, epoch: int, loss: float) -> None:
         self.curve.append(round(accuracy(model, *self.val), 4))
-        print(f"  hinton teacher epoch {epoch + 1}: loss {loss:.4f} val {self.curve[-1]}")
+        print(f"  teacher epoch {epoch + 1}: loss {loss:.4f} val {self.curve[-1]}")
 
 
 def hinton_teacher_settings(
@@ -342,8 +350,32 @@ def main() -> None:
         default="20:1:0.003,4:0.5:0.003,2:0.5:0.003,1:0.5:0.003,1:0.8:0.003",
         help="T:alpha:lr settings tried for the distilled student, hinton regime",
     )
+    parser.add_argument("--patient-teacher-cache", type=Path, help="safetensors: reuse it")
+    parser.add_argument("--patient-teacher-epochs", type=int, default=40)
+    parser.add_argument("--patient-teacher-gamma", type=float, default=0.93)
+    parser.add_argument("--patient-epochs", type=int, default=30, help="both students")
+    parser.add_argument("--seeds", type=int, default=3, help="students per setting, patient")
+    parser.add_argument(
+        "--patient-alone",
+        default="none:0.003,flip:0.003",
+        help="view:lr settings of the student alone (views: none or flip, shift<k>, mixup<a>)",
+    )
+    parser.add_argument(
+        "--patient-grid",
+        default="flip:1:0.003,flip+mixup0.2:1:0.003",
+        help="view:T:lr settings of the function-matching student (alpha = 1)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    args.patient_alone = [
+        (v, float(lr)) for v, lr in (p.split(":") for p in args.patient_alone.split(","))
+    ]
+    args.patient_grid = [
+        (v, float(t), float(lr))
+        for v, t, lr in (p.split(":") for p in args.patient_grid.split(","))
+    ]
+    for spec, *_ in args.patient_alone + args.patient_grid:
+        patient.parse_view(spec)  # refuse a bad view before hours of training
     args.student = [int(v) for v in args.student.split("-")]
     args.grid = _grid(args.grid)
     args.hinton_grid = _grid(args.hinton_grid)
@@ -355,7 +387,7 @@ def main() -> None:
     names = args.regimes.split(",")
     teachers: dict[str, tuple[nn.Module, float]] = {}
     out: dict = {}
-    if any(n != "hinton" for n in names):
+    if any(n in ("full", "labelled", "transfer") for n in names):
         teacher = load_or_train_teacher(args.teacher_cache, args.teacher_epochs, train)
         teachers["plain"] = (teacher, accuracy(teacher, *test))
         out["teacher_acc"] = teachers["plain"][1]
@@ -363,9 +395,7 @@ def main() -> None:
     if "hinton" in names:
         t1 = time.perf_counter()
         settings = hinton_teacher_settings(args)
-        hinton, info = load_or_train_hinton_teacher(
-            args.hinton_teacher_cache, settings, train, val
-        )
+        hinton, info = load_or_train_hinton_teacher(args.hinton_teacher_cache, settings, train, val)
         kd_teacher: nn.Module = hinton
         if args.hinton_views or args.hinton_view_flip:
             kd_teacher = ViewAverage(hinton, args.hinton_views, args.hinton_view_flip).eval()
@@ -382,9 +412,16 @@ def main() -> None:
             **info,
         }
         print(f"hinton teacher {json.dumps(out['hinton_teacher'])}", flush=True)
+    if "patient" in names:
+        teachers["patient"] = patient_teacher(args, train, val, test, out)
     results: list[dict] = []
     memo: dict = {}
     for name in names:
+        if name == "patient":
+            r = patient.run(args, *teachers["patient"], train, val, test)
+            print(json.dumps({k: v for k, v in r.items() if not k.endswith("trials")}), flush=True)
+            results.append(r)
+            continue
         teacher, teacher_acc = teachers["hinton" if name == "hinton" else "plain"]
         t1 = time.perf_counter()
         r = regime(name, args, teacher, train, val, test, memo)
@@ -397,11 +434,37 @@ def main() -> None:
         print(json.dumps({k: v for k, v in r.items() if not k.endswith("trials")}), flush=True)
     facts["loadavg_end"] = machine_facts()["loadavg"]
     seconds = time.perf_counter() - t0
-    print(f"`python {' '.join(sys.argv)}` ({seconds:.0f} s)\n\n{table(results)}")
+    rest = [r for r in results if r["regime"] != "patient"]
+    print(f"`python {' '.join(sys.argv)}` ({seconds:.0f} s)\n\n{table(rest) if rest else ''}")
+    for r in results:
+        if r["regime"] == "patient":
+            print(patient.table(r))
     print("\n" + facts_markdown(facts))
     if args.json:
         out.update({"results": results, "facts": facts, "seconds": seconds, "argv": sys.argv})
         args.json.write_text(json.dumps(out, indent=1))
+
+
+def patient_teacher(args, train: tuple, val: tuple, test: tuple, out: dict):
+    """The hinton recipe, longer, trained under bf16 autocast; run in bf16 for soft targets."""
+    t1 = time.perf_counter()
+    settings = hinton_teacher_settings(
+        args, args.patient_teacher_epochs, args.patient_teacher_gamma, precision="bf16"
+    )
+    teacher, info = load_or_train_hinton_teacher(args.patient_teacher_cache, settings, train, val)
+    kd_teacher = patient.Bf16Teacher(teacher).eval()
+    acc = accuracy(kd_teacher, *test)  # the teacher of the gap: the one that gives the targets
+    out["patient_teacher"] = {
+        "settings": settings,
+        "val": accuracy(teacher, *val),
+        "test": accuracy(teacher, *test),
+        "bf16_val": accuracy(kd_teacher, *val),
+        "bf16_test": acc,
+        "seconds": round(time.perf_counter() - t1, 1),
+        **info,
+    }
+    print(f"patient teacher {json.dumps(out['patient_teacher'])}", flush=True)
+    return kd_teacher, acc
 
 
 def _grid(text: str) -> list[tuple[float, ...]]:

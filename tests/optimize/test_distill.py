@@ -199,3 +199,34 @@ def test_bad_augment_is_refused(teacher, digits):
     for bad in (lambda x, y: x[:, :10], lambda x, y: x.tolist()):
         with pytest.raises(InvalidArgument, match="augment returned"):
             distill(teacher, MLP([64, 8, 10]), digits, replace(config, augment=bad))
+
+
+def test_online_distillation_under_two_process_ddp_matches_one_process(tmp_path):
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    worker = Path(__file__).with_name("ddp_distill_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    assert report["world"] == 2
+    spec = importlib.util.spec_from_file_location("ddp_distill_worker", worker)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    student, losses, world = module.train()
+    assert world == 1
+    ddp = load_file(tmp_path / "student.safetensors")
+    for name, tensor in student.state_dict().items():
+        torch.testing.assert_close(ddp[name], tensor, atol=1e-5, rtol=0)
+    assert max(abs(a - b) for a, b in zip(report["losses"], losses, strict=True)) < 1e-5
+    assert losses[-1] < losses[0]  # it did learn: not two untrained students compared

@@ -30,15 +30,7 @@ def interleaved_medians(
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
-    # min: the least disturbed call, the best estimate of the work itself on a busy machine
-    return {
-        k: {
-            "p50_ms": float(np.median(v)),
-            "p90_ms": float(np.percentile(v, 90)),
-            "min_ms": float(np.min(v)),
-        }
-        for k, v in times.items()
-    }
+    return _summary(times)
 
 
 def block_medians(
@@ -57,6 +49,11 @@ def block_medians(
                 t0 = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - t0) * 1e3)
+    return _summary(times)
+
+
+def _summary(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    # min: the least disturbed call, the best estimate of the work itself on a busy machine
     return {
         k: {
             "p50_ms": float(np.median(v)),

@@ -11,6 +11,14 @@ labels (mixup with mixed labels), so its best setting, augmented or not, is the 
 Choices are made on the 5,000 validation images with seed 0; the chosen settings then train
 with seeds 1..n-1 (other initial weights, batch order and views). Gap closed = (mean distilled
 - mean alone) / (teacher - mean alone), on test accuracy.
+
+The `labelled-patient` regime runs the same machinery on the labelled regime's data (Hinton et
+al. section 5, soft targets as regularisers): both students see only the first --labelled
+training images, the views are made from those images alone, and the teacher (the one trained
+on the full training split) is the only channel of extra knowledge. Its grid also takes alpha
+(view:T:alpha:lr), and a grid entry with view "none" is plain distillation (the teacher's soft
+targets computed once on the plain images, as the labelled regime does): the best such entry
+is trained on every seed too, as a reference arm beside function matching.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +42,50 @@ from slimserve.zoo import MLP
 BATCH = 128
 # (x (B, 784), y (B,)) -> (view (B, 784), partner labels (B,) or None, mix weights (B,) or None)
 View = Callable[[torch.Tensor, torch.Tensor], tuple]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One regime's students, tried on seed 0: the student alone's settings {view, lr,
+    epochs} and the distilled student's {view, T, alpha, lr, epochs}."""
+
+    name: str
+    alone: list[dict]
+    grid: list[dict]
+
+
+def parse_alone(text: str, epochs: int) -> list[dict]:
+    """ "view:lr[:epochs],..." -> settings of the student alone (epochs: `epochs` if left out)."""
+    settings = []
+    for part in text.split(","):
+        fields = part.split(":")
+        if len(fields) not in (2, 3):
+            raise SystemExit(f"setting {part!r}: use view:lr or view:lr:epochs")
+        parse_view(fields[0])
+        e = int(fields[2]) if len(fields) == 3 else epochs
+        settings.append({"view": fields[0], "lr": float(fields[1]), "epochs": e})
+    return settings
+
+
+def parse_grid(text: str, with_alpha: bool, epochs: int) -> list[dict]:
+    """ "view:T:lr[:epochs],..." (alpha = 1) or, with_alpha, "view:T:alpha:lr[:epochs],..." ->
+    settings of the distilled student; refuses a bad view, and alpha < 1 with mixup (the
+    labels term would see the unmixed label of a mixed image)."""
+    form = f"view:T:{'alpha:' if with_alpha else ''}lr[:epochs]"
+    grid = []
+    for part in text.split(","):
+        view, *nums = part.split(":")
+        n = 3 if with_alpha else 2
+        if len(nums) not in (n, n + 1):
+            raise SystemExit(f"grid entry {part!r}: use {form}")
+        t, alpha, lr = (
+            (*map(float, nums[:3]),) if with_alpha else (float(nums[0]), 1.0, float(nums[1]))
+        )
+        if parse_view(view)[2] and alpha < 1:
+            raise SystemExit(f"grid entry {part!r}: mixup views need alpha = 1")
+        e = int(nums[n]) if len(nums) > n else epochs
+        grid.append({"view": view, "T": t, "alpha": alpha, "lr": lr, "epochs": e})
+    return grid
 
 
 def parse_view(spec: str) -> tuple[int, bool, float]:
@@ -99,30 +152,31 @@ class Bf16Teacher(nn.Module):
             return self.teacher(x).float()
 
 
-def _train_config(args, lr: float, seed: int) -> TrainConfig:
-    gamma = args.gamma ** (args.epochs / args.patient_epochs)  # the full regime's total decay
+def _train_config(args, epochs: int, lr: float, seed: int) -> TrainConfig:
+    gamma = args.gamma ** (args.epochs / epochs)  # the full regime's total decay
     return TrainConfig(
-        epochs=args.patient_epochs, lr=lr, batch_size=BATCH, lr_gamma=gamma, progress=False,
-        seed=seed,
-    )  # fmt: skip
+        epochs=epochs, lr=lr, batch_size=BATCH, lr_gamma=gamma, progress=False, seed=seed
+    )
 
 
-def train_alone(init: MLP, train: tuple, setting: tuple, args, seed: int) -> MLP:
-    spec, lr = setting
+def train_alone(init: MLP, train: tuple, setting: dict, args, seed: int) -> MLP:
     student = copy.deepcopy(init)
     torch.manual_seed(seed)  # the views' random stream
-    fit(student, alone_loss(spec), train, _train_config(args, lr, seed))
+    tc = _train_config(args, setting["epochs"], setting["lr"], seed)
+    fit(student, alone_loss(setting["view"]), train, tc)
     return student
 
 
-def train_matched(init: MLP, teacher: nn.Module, train: tuple, setting: tuple, args, seed: int):
-    spec, temperature, lr = setting
+def train_matched(init: MLP, teacher: nn.Module, train: tuple, setting: dict, args, seed: int):
+    """Function matching on `setting`'s views; view "none" is plain distillation (the
+    teacher's soft targets computed once, on the plain images)."""
     student = copy.deepcopy(init)
-    view = make_view(spec)
-    tc = _train_config(args, lr, seed)
+    view = make_view(setting["view"])
+    tc = _train_config(args, setting["epochs"], setting["lr"], seed)
     dc = DistillConfig(
-        temperature, 1.0, epochs=tc.epochs, lr=lr, batch_size=BATCH, lr_gamma=tc.lr_gamma,
-        progress=False, seed=seed, augment=lambda x, y: view(x, y)[0],
+        setting["T"], setting["alpha"], epochs=tc.epochs, lr=tc.lr, batch_size=BATCH,
+        lr_gamma=tc.lr_gamma, progress=False, seed=seed,
+        augment=None if setting["view"] == "none" else lambda x, y: view(x, y)[0],
     )  # fmt: skip
     torch.manual_seed(seed)
     distill(teacher, student, train, dc)
@@ -141,46 +195,69 @@ def _score(model: nn.Module, val: tuple, test: tuple, teacher_right: torch.Tenso
     }
 
 
-def run(args, teacher: nn.Module, teacher_acc: float, train: tuple, val: tuple, test: tuple):
-    """Seed 0 chooses each student's setting on validation; seeds 1.. repeat the chosen ones."""
+def run(
+    args, plan: Plan, teacher: nn.Module, teacher_acc: float, train: tuple, val: tuple, test: tuple
+) -> dict:
+    """Seed 0 chooses each student's setting on validation; seeds 1.. repeat the chosen ones.
+
+    Arms: the student alone; function matching (the best grid entry with a view); plain
+    distillation (the best grid entry with view "none"), when the grid has one."""
     inits = []
     for seed in range(args.seeds):
         torch.manual_seed(1 + seed)
         inits.append(MLP(args.student))
     t0 = time.perf_counter()
     teacher_right = predict(teacher, test[0]).argmax(1) == test[1]
-    alone_trials = []
-    for spec, lr in args.patient_alone:
-        s = train_alone(inits[0], train, (spec, lr), args, 0)
-        alone_trials.append(_score(s, val, test, teacher_right, view=spec, lr=lr, seed=0))
-        print(f"  patient alone {spec} lr={lr:g}: val {alone_trials[-1]['val']:.4f}", flush=True)
-    matched_trials = []
-    for spec, temperature, lr in args.patient_grid:
-        s = train_matched(inits[0], teacher, train, (spec, temperature, lr), args, 0)
-        matched_trials.append(
-            _score(s, val, test, teacher_right, view=spec, T=temperature, lr=lr, seed=0)
-        )
-        print(f"  patient distilled {spec} T={temperature:g} lr={lr:g}: val "
-              f"{matched_trials[-1]['val']:.4f}", flush=True)  # fmt: skip
-    alone = [max(alone_trials, key=lambda t: t["val"])]
-    matched = [max(matched_trials, key=lambda t: t["val"])]
-    a_set = {k: alone[0][k] for k in ("view", "lr")}
-    m_set = {k: matched[0][k] for k in ("view", "T", "lr")}
+
+    def trial(setting: dict, seed: int) -> dict:
+        """Train one student (alone when the setting has no T) and score it."""
+        if "T" in setting:
+            s = train_matched(inits[seed], teacher, train, setting, args, seed)
+        else:
+            s = train_alone(inits[seed], train, setting, args, seed)
+        return _score(s, val, test, teacher_right, **setting, seed=seed)
+
+    trials: dict[str, list[dict]] = {"alone": [], "kd": []}
+    candidates = [("alone", a) for a in plan.alone] + [("kd", g) for g in plan.grid]
+    for kind, setting in candidates:
+        trials[kind].append(trial(setting, 0))
+        print(f"  {plan.name} {kind} {setting}: val {trials[kind][-1]['val']:.4f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    matched = [t for t in trials["kd"] if t["view"] != "none"]
+    plain = [t for t in trials["kd"] if t["view"] == "none"]
+    # plain distillation is the distilled student itself when the grid has no view
+    arms = {"alone": _best(trials["alone"]), "distilled": _best(matched or plain)}
+    if matched and plain:
+        arms["plain"] = _best(plain)
     for seed in range(1, args.seeds):
-        s = train_alone(inits[seed], train, tuple(a_set.values()), args, seed)
-        alone.append(_score(s, val, test, teacher_right, **a_set, seed=seed))
-        s = train_matched(inits[seed], teacher, train, tuple(m_set.values()), args, seed)
-        matched.append(_score(s, val, test, teacher_right, **m_set, seed=seed))
-        print(f"  seed {seed}: alone {alone[-1]['test']:.4f} distilled "
-              f"{matched[-1]['test']:.4f} (test)", flush=True)  # fmt: skip
-    return summarise(teacher_acc, alone, matched) | {
-        "regime": "patient",
-        "epochs": args.patient_epochs,
-        "kd_epochs": args.patient_epochs,
-        "alone_trials": alone_trials,
-        "distilled_trials": matched_trials,
+        for rows in arms.values():
+            rows.append(trial(_setting(rows[0]), seed))
+        tests = ", ".join(f"{arm} {rows[-1]['test']:.4f}" for arm, rows in arms.items())
+        print(f"  seed {seed}: {tests} (test; {time.perf_counter() - t0:.0f} s)", flush=True)
+    out = summarise(teacher_acc, arms["alone"], arms["distilled"])
+    if "plain" in arms:
+        plain = summarise(teacher_acc, arms["alone"], arms["plain"])
+        out["plain"] = {
+            k: v for k, v in plain.items() if k.startswith(("distill", "gain", "gap_c"))
+        }
+    return out | {
+        "regime": plan.name,
+        "epochs": arms["alone"][0]["epochs"],
+        "kd_epochs": arms["distilled"][0]["epochs"],
+        "alone_trials": trials["alone"],
+        "distilled_trials": trials["kd"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _best(trials: list[dict]) -> list[dict]:
+    """The trial best on validation, as the first row of its arm."""
+    return [max(trials, key=lambda t: t["val"])]
+
+
+def _setting(row: dict) -> dict:
+    """The training setting of a scored row."""
+    return {k: row[k] for k in ("view", "T", "alpha", "lr", "epochs") if k in row}
 
 
 def summarise(teacher_acc: float, alone: list[dict], matched: list[dict]) -> dict:
@@ -214,17 +291,30 @@ def summarise(teacher_acc: float, alone: list[dict], matched: list[dict]) -> dic
 
 
 def table(r: dict) -> str:
-    pct = [f"{100 * x['test']:.2f}" for x in r["alone"]]
-    pcd = [f"{100 * x['test']:.2f}" for x in r["distilled"]]
-    per_seed = ", ".join(f"{g:.0%}" for g in r["gap_closed_per_seed"])
-    a, d = r["alone"][0], r["distilled"][0]
-    return "\n".join([
-        "| teacher | alone: mean +- sd (per seed) | distilled: mean +- sd (per seed) "
+    """The regime's row (function matching) and, when run, plain distillation's."""
+    a = r["alone"][0]
+    alone = (
+        f"{100 * r['alone_mean']:.2f} +- {100 * r['alone_std']:.2f} ({_per_seed(r['alone'])}; "
+        f"{a['view']}, lr {a['lr']:g}, {a['epochs']} epochs)"
+    )
+    lines = [
+        "| teacher | distilled | alone: mean +- sd (per seed) | distilled: mean +- sd (per seed) "
         "| gain +- SE | gap closed (per seed) |",
-        "|---|---|---|---|---|",
-        f"| {100 * r['teacher_acc']:.2f} | {100 * r['alone_mean']:.2f} +- "
-        f"{100 * r['alone_std']:.2f} ({', '.join(pct)}; {a['view']}, lr {a['lr']:g}) | "
-        f"{100 * r['distilled_mean']:.2f} +- {100 * r['distilled_std']:.2f} ({', '.join(pcd)}; "
-        f"{d['view']}, T {d['T']:g}, lr {d['lr']:g}) | {100 * r['gain_mean']:+.2f} +- "
-        f"{100 * r['gain_se']:.2f} | **{r['gap_closed']:.0%}** ({per_seed}) |",
-    ])  # fmt: skip
+        "|---|---|---|---|---|---|",
+    ]
+    arms = [("function matching", r)] + ([("plain", r["plain"])] if "plain" in r else [])
+    for name, s in arms:
+        d = s["distilled"][0]
+        setting = f"{d['view']}, T {d['T']:g}, alpha {d['alpha']:g}, lr {d['lr']:g}"
+        per_seed = ", ".join(f"{g:.0%}" for g in s["gap_closed_per_seed"])
+        lines.append(
+            f"| {100 * r['teacher_acc']:.2f} | {name} | {alone} | {100 * s['distilled_mean']:.2f} "
+            f"+- {100 * s['distilled_std']:.2f} ({_per_seed(s['distilled'])}; {setting}, "
+            f"{d['epochs']} epochs) | {100 * s['gain_mean']:+.2f} +- {100 * s['gain_se']:.2f} | "
+            f"**{s['gap_closed']:.0%}** ({per_seed}) |"
+        )
+    return "\n".join(lines)
+
+
+def _per_seed(rows: list[dict]) -> str:
+    return ", ".join(f"{100 * x['test']:.2f}" for x in rows)

@@ -167,7 +167,9 @@ class SlowRuntime(EchoRuntime):
     """An EchoRuntime whose infer sleeps `delay_s`, and first waits for `gate` if given.
 
     `gate` (a threading.Event) holds every batch until the test sets it, for ordering tests
-    without timing; `entered` is set as soon as a batch is inside infer. `sleep` is injectable.
+    without timing; `entered` is set as soon as a batch is inside infer, and `entered_file`
+    (a path) is written then with the count of batches entered, for tests that drive a server
+    in another process. `sleep` is injectable.
     """
 
     def __init__(
@@ -178,16 +180,22 @@ class SlowRuntime(EchoRuntime):
         delay_s: float = 0.05,
         gate: threading.Event | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        entered_file: str | None = None,
         **echo: Any,
     ) -> None:
         super().__init__(target, options, **echo)
         self.delay_s = delay_s
+        self.entered_file = Path(entered_file) if entered_file else None
+        self.batches_entered = 0
         self.gate = gate
         self.sleep = sleep
         self.entered = threading.Event()
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.entered.set()
+        self.batches_entered += 1
+        if self.entered_file is not None:
+            self.entered_file.write_text(str(self.batches_entered))
         if self.gate is not None and not self.gate.wait(timeout=30):
             raise TimeoutError("SlowRuntime: the test never set the gate")
         if self.delay_s > 0:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +113,7 @@ def build_repo(root: Path, fault: Path) -> int:
         "slow",
         "SlowRuntime",
         "fast",
-        model_args={"delay_s": 1.0},
+        model_args={"delay_s": 1.0, "entered_file": str(fault.with_name("slow-entered"))},
         batching=batch1,
         degrade={"allow": False, "queue_fraction": 0.5, "recover_s": 0.5},
     )
@@ -247,30 +246,40 @@ def test_rate_limit_answers_429_with_retry_after(client):
     assert "rate limit" in limited[0].json()["error"]
 
 
-def test_full_queue_sheds_at_once_and_degradation_serves_the_variant(client):
+def test_full_queue_sheds_at_once_and_degradation_serves_the_variant(client, fault):
+    entered = fault.with_name("slow-entered")  # the slow runtime counts its batches here
+
+    def batches() -> int:
+        text = entered.read_text().strip() if entered.exists() else ""
+        return int(text or 0)
+
     def queued() -> bool:
         return metrics(client).get('slimserve_queue_depth{model="slow",variant=""}') == 1
 
-    def queued_or_done(request: Future[httpx.Response]) -> bool:
-        return queued() or request.done()
-
-    with ThreadPoolExecutor(2) as pool:
-        running = pool.submit(infer, client, "slow")
-        waiting = pool.submit(infer, client, "slow")
-        # The second waits in the queue once the first is inside the model; if it came while
-        # the first was still queued it was refused (queue of one): send it again.
-        for _ in range(50):
-            wait_for(partial(queued_or_done, waiting), "the second request to queue or fail")
-            if not waiting.done() or waiting.result().status_code == 200:
-                break
+    def attempt() -> tuple[httpx.Response, httpx.Response] | None:
+        """The first request inside the model, the second in the queue (of one): a third is
+        refused at once and a degradable one goes to the variant. None when the machine was
+        so slow that the first finished (1 s) before the third and fourth were answered."""
+        before = batches()
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(infer, client, "slow")
+            wait_for(lambda: batches() > before, "the first request to be inside the model")
             waiting = pool.submit(infer, client, "slow")
-        refused = infer(client, "slow")
-        still_pending = not waiting.done()
-        degraded = infer(client, "slow", parameters={"degrade": True})
-        assert running.result().status_code == waiting.result().status_code == 200
+            wait_for(lambda: queued() or waiting.done(), "the second request to queue")
+            refused = infer(client, "slow")
+            degraded = infer(client, "slow", parameters={"degrade": True})
+            held = batches() == before + 1  # the second never left the queue meanwhile
+            assert running.result().status_code == waiting.result().status_code == 200
+        return (refused, degraded) if held else None
+
+    for _ in range(5):
+        outcome = attempt()
+        if outcome is not None:
+            break
+    assert outcome is not None, "the slow model never held its queue long enough"
+    refused, degraded = outcome
     assert refused.status_code == 503, refused.text
     assert int(refused.headers["retry-after"]) >= 1
-    assert still_pending  # refused while the queued request was still waiting its turn
     assert degraded.status_code == 200, degraded.text
     assert served(degraded) == ("slow:fast", True)
     m = metrics(client)

@@ -1,5 +1,6 @@
 """`python -m slimserve.demo --quick`, end to end: it builds a repository, starts the real
-server, queries it with tritonclient (HTTP and gRPC) and curl, and stops the server."""
+server, queries it with tritonclient (HTTP and gRPC), curl and the openai client, and stops the
+server."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 
-def _run_demo(repo, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def _run_demo(repo, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(
         [
@@ -70,6 +71,13 @@ def test_demo_serves_real_requests_and_stops_the_server(demo_run):
     assert len(sims) == 2
     assert sims[0] > sims[1]  # the paraphrase is closer than the unrelated sentence
 
+    # SmolLM2 converted from its GGUF file, served, and asked through the openai client
+    assert re.search(r"smollm2\s+1\s+-\s+transformers\s+.*ok", listed.stdout), listed.stdout
+    answer = out.split("user: What is the capital of France?", 1)[1].split("user:", 1)[0]
+    assert "Paris" in answer, out[-2000:]
+    streamed = int(re.search(r"\((\d+) streamed chunks\)", out).group(1))
+    assert streamed >= 5, out[-2000:]  # the answer came as many events, not one
+
     pid = int(re.search(r"server stopped \(pid (\d+)\)", out).group(1))
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
@@ -80,6 +88,8 @@ def test_a_second_run_keeps_the_repository(demo_run):
     assert first.returncode == 0
     done = _run_demo(repo, "--build-only")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "fashion-mlp: exists, kept" in done.stdout and "minilm: exists, kept" in done.stdout
+    kept = [f"{name}: exists, kept" for name in ("fashion-mlp", "minilm", "smollm2")]
+    assert all(line in done.stdout for line in kept), done.stdout
+    assert "converting" not in done.stdout
     assert "training" not in done.stdout and "server ready" not in done.stdout
     assert sorted(p.name for p in (repo / "fashion-mlp").iterdir()) == ["1", "model.yaml"]

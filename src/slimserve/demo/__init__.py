@@ -4,10 +4,13 @@
    * `fashion-mlp`: an MLP (784 -> 256 -> 10) trained for about a minute on Fashion-MNIST
      (scikit-learn's digits, upscaled to 28x28, when Fashion-MNIST is not installed),
      exported to ONNX and imported with `slimserve repo add`'s importer;
-   * `minilm`: all-MiniLM-L6-v2, a sentence-embedding transformer shipped on PyPI.
+   * `minilm`: all-MiniLM-L6-v2, a sentence-embedding transformer shipped on PyPI;
+   * `smollm2`: SmolLM2-135M-Instruct, a language model shipped on PyPI as GGUF, converted
+     once to safetensors (`--no-llm` leaves it out).
 2. Starts `python -m slimserve serve` on free loopback ports and waits until it is ready.
 3. Sends real requests: images through `tritonclient.http` and `tritonclient.grpc`, three
-   sentences through curl, and prints what came back.
+   sentences through curl, two chats through the `openai` client (one streamed), and prints
+   what came back.
 4. Stops the server by its PID, also on an error or Ctrl-C.
 """
 
@@ -25,27 +28,44 @@ from slimserve.demo.clients import (
     ask_curl,
     ask_grpc,
     ask_http,
+    ask_openai,
     cosine,
     free_port,
     running_server,
     show_predictions,
 )
-from slimserve.demo.data import MINILM_NAME, Dataset, build_repository, load_dataset
+from slimserve.demo.data import (
+    LLM_NAME,
+    MINILM_NAME,
+    Dataset,
+    add_language_model,
+    build_repository,
+    load_dataset,
+)
 from slimserve.errors import SlimserveError
 
 # --------------------------------------------------------------------------- main
 
 
-def run(root: Path, train_seconds: float, images: int, install: bool, serve: bool = True) -> int:
+def run(
+    root: Path,
+    train_seconds: float,
+    images: int,
+    install: bool,
+    serve: bool = True,
+    llm: bool = True,
+) -> int:
     data = load_dataset(install)
     build_repository(root, train_seconds, data)
+    if llm:
+        add_language_model(root)
     if serve:
-        query_server(root, data, images)
+        query_server(root, data, images, llm)
     print("\ndemo done: the repository is in", root)
     return 0
 
 
-def query_server(root: Path, data: Dataset, images: int) -> None:
+def query_server(root: Path, data: Dataset, images: int, llm: bool = True) -> None:
     """Start the server on free ports, ask each model through a real client, stop it."""
     http_port, grpc_port = free_port(), free_port()
     picks = np.random.default_rng(1).choice(len(data.x_test), size=images, replace=False)
@@ -63,13 +83,16 @@ def query_server(root: Path, data: Dataset, images: int) -> None:
                 f"  cosine similarity {cosine(emb[0], emb[other]):.3f}: "
                 f"{SENTENCES[0]!r} vs {SENTENCES[other]!r}"
             )
+        if llm and (root / LLM_NAME / "model.yaml").is_file():
+            ask_openai(http_port)
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Failures the demo reports in one line: server start, clients, files, slimserve."""
+    from openai import OpenAIError
     from tritonclient.utils import InferenceServerException
 
-    return (RuntimeError, OSError, SlimserveError, InferenceServerException)
+    return (RuntimeError, OSError, SlimserveError, InferenceServerException, OpenAIError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
         help="Do not apt-get Fashion-MNIST when missing; train on scikit-learn digits.",
     )
     add(
+        "--no-llm",
+        action="store_true",
+        help="Leave out the language model (SmolLM2-135M-Instruct, ~540 MB converted).",
+    )
+    add(
         "--build-only",
         action="store_true",
         help="Build the repository and stop: no server, no requests.",
@@ -123,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never downloads from a hub
     root = args.repository.resolve()
     try:
-        return run(root, seconds, args.images, not args.no_install, not args.build_only)
+        return run(
+            root, seconds, args.images, not args.no_install, not args.build_only, not args.no_llm
+        )
     except KeyboardInterrupt:
         print("\ninterrupted (no server left running)")
         return 130

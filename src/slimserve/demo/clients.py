@@ -19,14 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from slimserve.demo.data import MINILM_NAME, MLP_NAME, Dataset
+from slimserve.demo.data import LLM_NAME, MINILM_NAME, MLP_NAME, Dataset
 
 SENTENCES = (
     "A man is playing a guitar on stage.",
     "Someone performs music with a guitar.",
     "The central bank raised interest rates again.",
 )
-READY_TIMEOUT_S = 180.0  # MiniLM loads in seconds, but 2 busy cores can be slow
+READY_TIMEOUT_S = 180.0  # the models load in seconds, but 2 busy cores can be slow
+QUESTION = "What is the capital of France?"
+COUNTING = "Count from one to five."
 
 # --------------------------------------------------------------------------- server
 
@@ -176,6 +178,46 @@ def ask_curl(port: int) -> np.ndarray:
         f"[{', '.join(f'{v:.3f}' for v in out['data'][:4])}, ...]"
     )
     return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+def ask_openai(port: int) -> tuple[str, str]:
+    """Chat with the language model through the `openai` client: one answer whole, one
+    streamed as server-sent events (printed as the tokens come); returns both texts."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    try:
+        print(f"\nopenai -> {LLM_NAME}: chat.completions, temperature 0")
+        print(f"  user: {QUESTION}")
+        reply = client.chat.completions.create(
+            model=LLM_NAME,
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=24,
+            temperature=0,
+        )
+        answer = reply.choices[0].message.content or ""
+        usage = reply.usage
+        print(f"  {LLM_NAME}: {answer.strip()}")
+        if usage is not None:
+            print(f"  ({usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens)")
+        print(f"  user: {COUNTING}  (stream=True)")
+        print(f"  {LLM_NAME}: ", end="", flush=True)
+        pieces = []
+        stream = client.chat.completions.create(
+            model=LLM_NAME,
+            messages=[{"role": "user", "content": COUNTING}],
+            max_tokens=32,
+            temperature=0,
+            stream=True,
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+                print(pieces[-1].replace("\n", "\n    "), end="", flush=True)
+        print(f"\n  ({len(pieces)} streamed chunks)")
+        return answer, "".join(pieces)
+    finally:
+        client.close()
 
 
 def show_predictions(title: str, data: Dataset, picks: np.ndarray, predicted: np.ndarray) -> int:

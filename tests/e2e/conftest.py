@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,13 @@ from slimserve.repository import write_manifest
 IN_FEATURES, HIDDEN, OUT_FEATURES = 4, 8, 3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports: all bound at once, so no two are the same."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def mlp_weights(seed: int) -> dict[str, np.ndarray]:
@@ -140,7 +144,7 @@ def start_server(
 ) -> ServerProcess:
     """Start `slimserve serve` on free ports; with `ssl_context`, readiness is polled over
     HTTPS with it (a context holding the test CA, and a client certificate for mTLS)."""
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     cmd = [
         sys.executable,
         "-m",

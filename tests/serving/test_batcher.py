@@ -95,7 +95,8 @@ def test_full_queue_answers_unavailable_with_retry_after(pool):
         b.start()
         x = {"x": np.ones((1, 2), np.float32)}
         first = asyncio.ensure_future(b.submit(x, 1))
-        await asyncio.sleep(0.05)  # first is running, the queue is empty
+        while b.running_rows == 0:  # until first is inside the model (held by the gate)
+            await asyncio.sleep(0.001)
         queued = [asyncio.ensure_future(b.submit(x, 1)) for _ in range(2)]
         await asyncio.sleep(0)
         with pytest.raises(Unavailable) as info:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def run(root: Path, body, **settings):
     async def main():
         s = Settings(repository=root, load_models=[], **settings)
         engine = Engine(Repository(root), s, lambda t, o: SizedRuntime(t, o))
+        # A clock that ticks once per reading: every load costs the same (GDSF weighs load
+        # time, which a loaded machine makes random) and recency stays strictly ordered.
+        engine.models._clock = itertools.count(1).__next__
         await engine.start(wait=True)
         try:
             return await body(engine)

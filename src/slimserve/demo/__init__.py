@@ -30,7 +30,7 @@ from slimserve.demo.clients import (
     ask_http,
     ask_openai,
     cosine,
-    free_port,
+    free_ports,
     running_server,
     show_predictions,
 )
@@ -67,7 +67,7 @@ def run(
 
 def query_server(root: Path, data: Dataset, images: int, llm: bool = True) -> None:
     """Start the server on free ports, ask each model through a real client, stop it."""
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     picks = np.random.default_rng(1).choice(len(data.x_test), size=images, replace=False)
     with running_server(root, http_port, grpc_port):
         show_predictions(

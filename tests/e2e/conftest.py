@@ -9,14 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,18 +23,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from slimserve.demo.clients import free_ports
 from slimserve.repository import write_manifest
 
 IN_FEATURES, HIDDEN, OUT_FEATURES = 4, 8, 3
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free loopback ports: all bound at once, so no two are the same."""
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def mlp_weights(seed: int) -> dict[str, np.ndarray]:

@@ -108,7 +108,7 @@ class H2Stream:
         self.received = 0  # body bytes, for content-length
         self.content_length: int | None = None
         self.pending = b""  # answer bytes waiting for window
-        self.trailers = b""  # the trailers frame, sent after `pending`
+        self.trailers = b""  # the trailers' header block, sent after `pending`
         self.ended = False  # the client's half is closed
         self.closed = False  # both halves: forgotten by the connection
 
@@ -128,6 +128,10 @@ class H2Connection(asyncio.Protocol):
         self.last_stream = 0
         self.peer_window = DEFAULT_WINDOW  # initial send window of each new stream
         self.peer_frame = DEFAULT_FRAME
+        # After the client changes SETTINGS_HEADER_TABLE_SIZE, our next header block must
+        # start with a dynamic table size update (RFC 7541 4.2); ours is always 0: our
+        # blocks never index anything.
+        self.table_update = b""
         self.send_window = DEFAULT_WINDOW  # the connection's, toward the client
         # Until the client acknowledges our SETTINGS it may assume the default stream window.
         self.local_window = max(limits.stream_window, DEFAULT_WINDOW)
@@ -284,23 +288,28 @@ class H2Connection(asyncio.Protocol):
         if stream.closed or self.transport is None:
             return
         sid = stream.id
-        stream.trailers = frame(HEADERS, END_HEADERS | END_STREAM, sid, trailers)
+        if self.table_update:
+            head, self.table_update = self.table_update + head, b""
         if len(body) <= min(stream.send_window, self.send_window, self.peer_frame):
             stream.send_window -= len(body)
             self.send_window -= len(body)
             self.transport.write(
-                frame(HEADERS, END_HEADERS, sid, head) + frame(DATA, 0, sid, body) + stream.trailers
+                frame(HEADERS, END_HEADERS, sid, head)
+                + frame(DATA, 0, sid, body)
+                + frame(HEADERS, END_HEADERS | END_STREAM, sid, trailers)
             )
             self.close_stream(stream)
             return
         self.transport.write(frame(HEADERS, END_HEADERS, sid, head))
-        stream.pending = body
+        stream.pending, stream.trailers = body, trailers
         self._flush(stream)
 
     def send_trailers_only(self, stream: H2Stream, block: bytes) -> None:
         """One HEADERS frame ending the stream."""
         if stream.closed or self.transport is None:
             return
+        if self.table_update:
+            block, self.table_update = self.table_update + block, b""
         self.transport.write(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, block))
         self.close_stream(stream)
 
@@ -330,7 +339,8 @@ class H2Connection(asyncio.Protocol):
             stream.send_window -= n
             self.send_window -= n
         if not stream.pending:
-            frames.append(stream.trailers)
+            block, self.table_update = self.table_update + stream.trailers, b""
+            frames.append(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, block))
         transport.write(b"".join(frames))
         if not stream.pending:
             self.close_stream(stream)

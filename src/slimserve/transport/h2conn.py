@@ -72,6 +72,7 @@ from slimserve.transport.h2wire import (
     PUSH_PROMISE,
     RST_STREAM,
     S_ENABLE_PUSH,
+    S_HEADER_TABLE_SIZE,
     S_INITIAL_WINDOW_SIZE,
     S_MAX_FRAME_SIZE,
     SETTINGS,
@@ -373,6 +374,8 @@ class H2ServerConnection(H2Connection):
                 self.fail(PROTOCOL_ERROR, "max frame size out of range")
                 return False
             self.peer_frame = value
+        elif key == S_HEADER_TABLE_SIZE:
+            self.table_update = b"\x20"  # a size update to 0 (RFC 7541 6.3)
         elif key == S_ENABLE_PUSH and value > 1:
             self.fail(PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
             return False

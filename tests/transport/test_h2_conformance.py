@@ -44,8 +44,9 @@ Checklist (section of RFC 9113: the test that checks it):
 - 4.2, 5.5, 6.3, 6.6 frames: over our SETTINGS_MAX_FRAME_SIZE (FRAME_SIZE_ERROR); unknown
   types ignored; PRIORITY of other than 5 bytes (FRAME_SIZE_ERROR); PUSH_PROMISE from a
   client (PROTOCOL_ERROR)  -> test_frame_*
-- 10.5 denial of service: a client that floods PINGs and never reads does not grow the
-  server's output buffer without bound  -> test_flood_*
+- 10.5 denial of service: a client that floods requests and never reads does not grow the
+  server's output buffer without bound; a request whose body does not come within the body
+  deadline is reset (CANCEL)  -> test_flood_*, test_slow_body_*
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from slimserve.transport.grpc_h2 import NativeGrpcServer
 from slimserve.transport.h2conn import H2Limits
 from tests.grpc_standin import StandInEngine, free_port
 from tests.h2_client import (
+    CANCEL,
     COMPRESSION_ERROR,
     ENHANCE_YOUR_CALM,
     FLOW_CONTROL_ERROR,
@@ -604,27 +606,47 @@ def test_frame_priority_of_other_than_5_bytes(conn: RawH2) -> None:
 # -- 10.5 floods ------------------------------------------------------------------------
 
 
-def test_flood_of_pings_from_a_client_that_never_reads(srv: ThreadServer) -> None:
-    """Each PING asks for an ACK; a client that never reads them makes the server stop
-    reading (its output stays bounded) instead of buffering ACKs without end."""
+def test_flood_from_a_client_that_never_reads(srv: ThreadServer) -> None:
+    """Requests of ~40 bytes, each answered with ~3 KiB (an unknown method's name, echoed in
+    grpc-message; HPACK lets the client repeat the name in one byte), from a client that
+    never reads: the server stops reading once its output is past the transport's high-water
+    mark, with the rest of what it received kept unread, instead of buffering answers
+    without end."""
     c = RawH2(srv.port)
     c.handshake()
     c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    name = "x" * 3000
+    wave = b"".join(c.request(method=name, sid=sid)[1] for sid in range(1, 8001, 2))
     c.sock.setblocking(False)
-    pings = PingFrame(0, b"flooding").serialize() * 4096  # 68 KiB
-    sent, deadline = 0, time.monotonic() + 3
-    while time.monotonic() < deadline and sent < 64 << 20:
+    sent, deadline = 0, time.monotonic() + 2
+    while time.monotonic() < deadline and sent < len(wave):
         try:
-            sent += c.sock.send(pings)
+            sent += c.sock.send(wave[sent:])
         except BlockingIOError:
             time.sleep(0.01)
 
-    def buffered() -> int:
-        return max(
-            (x.transport.get_write_buffer_size() for x in srv.server.connections if x.transport),
-            default=0,
+    def state() -> tuple[bool, int]:
+        connection = max(
+            (x for x in srv.server.connections if x.transport is not None),
+            key=lambda x: x.transport.get_write_buffer_size(),
         )
+        return connection.transport.is_reading(), connection.transport.get_write_buffer_size()
 
-    assert sent < 64 << 20, "the server read 64 MiB of PINGs while their ACKs went unread"
-    assert srv.call_soon(buffered) < 8 << 20
+    reading, buffered = srv.call_soon(state)
+    assert not reading and buffered < 1 << 20, (reading, buffered, sent)
     c.close()
+    assert serves(srv.port)
+
+
+def test_slow_body_is_reset_after_the_body_deadline() -> None:
+    server, _ = start(body_s=0.5)
+    with server as ts:
+        c = RawH2(ts.port)
+        c.handshake()
+        c.send(c.headers(1, request_fields(), end_stream=False) + DataFrame(1, b"\0\0").serialize())
+        assert c.reset_code(1, timeout=5) == CANCEL
+        sid, data = c.request(sid=3)
+        c.send(data)
+        assert c.answer(sid)["grpc-status"] == "0"
+        c.close()
+        assert not ts.errors

@@ -62,6 +62,7 @@ class H2Limits:
     reset_burst: int = 1000  # resets allowed at once (nghttp2's default) ...
     reset_rate: float = 33.0  # ... and refilled per second (nghttp2's default)
     handshake_s: float = 10.0  # to send the connection preface
+    body_s: float = 60.0  # to send a request's body, from its headers
     idle_s: float = 300.0  # without a call, then GOAWAY
     ping_every_s: float = 60.0  # silence before we ping
     ping_timeout_s: float = 20.0  # for the PING's answer
@@ -82,6 +83,7 @@ class H2Limits:
         return cls(
             max_header_bytes=settings.max_header_bytes,
             handshake_s=settings.header_timeout_s,
+            body_s=settings.body_timeout_s,
             idle_s=settings.keep_alive_s * 10,
         )
 
@@ -97,7 +99,7 @@ class H2Stream:
 
     __slots__ = (
         "id", "send_window", "recv_window", "recv_unacked", "received", "content_length",
-        "pending", "trailers", "ended", "closed",
+        "pending", "trailers", "ended", "closed", "opened",
     )  # fmt: skip
 
     def __init__(self, stream_id: int, send_window: int, recv_window: int) -> None:
@@ -107,6 +109,7 @@ class H2Stream:
         self.recv_unacked = 0  # consumed, not yet given back in a WINDOW_UPDATE
         self.received = 0  # body bytes, for content-length
         self.content_length: int | None = None
+        self.opened = 0.0  # when its headers came (the connection's clock)
         self.pending = b""  # answer bytes waiting for window
         self.trailers = b""  # the trailers' header block, sent after `pending`
         self.ended = False  # the client's half is closed
@@ -143,6 +146,7 @@ class H2Connection(asyncio.Protocol):
         self.header_flags = 0
         self.going_away = False
         self.failed = False
+        self.paused = False  # the peer does not read: we do not either
         self.peer_name = "unknown"
         self.started = self.last_call = self.last_seen = clock()
         self.ping_sent: float | None = None
@@ -210,13 +214,17 @@ class H2Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The peer does not read what we send: stop reading what it sends (its PINGs,
-        # SETTINGS and requests would each add to our output buffer).
+        # SETTINGS and requests would each add to our output buffer), from the next frame.
+        self.paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.paused = False
         if self.transport is not None and not self.failed:
             self.transport.resume_reading()
+            # The frames left unread when we paused (kept by the FrameReader).
+            asyncio.get_running_loop().call_soon(self.data_received, b"")
 
     def _schedule_tick(self) -> None:
         loop = asyncio.get_running_loop()
@@ -230,6 +238,7 @@ class H2Connection(asyncio.Protocol):
         if not self.preface and now - self.started > lim.handshake_s:
             self.transport.abort()
             return
+        self._drop_slow_requests(now)
         if not self.streams and now - self.last_call > lim.idle_s:
             self.goaway(NO_ERROR, b"idle")
             self.transport.close()
@@ -241,6 +250,21 @@ class H2Connection(asyncio.Protocol):
             self.ping_sent = now
             self.transport.write(frame(PING, 0, 0, b"slimserv"))
         self._schedule_tick()
+
+    def _drop_slow_requests(self, now: float) -> None:
+        """Requests whose body is not whole `body_s` after their headers are reset (CANCEL):
+        a slow sender cannot hold a stream, and its buffer, for ever."""
+        late = [
+            s for s in self.streams.values() if not s.ended and now - s.opened > self.limits.body_s
+        ]
+        for stream in late:
+            log.debug("gRPC request from %s too slow: stream %d reset", self.peer_name, stream.id)
+            self.reset(stream.id, CANCEL)
+            self.streams.pop(stream.id, None)
+            stream.closed = stream.ended = True
+            self.on_cancel(stream)
+        if late:
+            self._after_close()
 
     def goaway(self, code: int, debug: bytes = b"") -> None:
         if self.transport is not None and not self.going_away:

@@ -26,7 +26,8 @@ What it keeps (tests/transport/test_h2_conformance.py has the checklist and a te
   we reset for the client's faults draw on a token bucket (`reset_burst`, refilled at
   `reset_rate` a second; nghttp2's defaults); when it is empty the connection is closed with
   GOAWAY ENHANCE_YOUR_CALM. A header block over 16x `max_header_bytes` fails the connection
-  (ENHANCE_YOUR_CALM); the preface must arrive within `handshake_s`; a connection without a
+  (ENHANCE_YOUR_CALM); the preface must arrive within `handshake_s`, a request's body within
+  `body_s` of its headers (else RST_STREAM CANCEL); a connection without a
   call for `idle_s` is closed; a peer silent for `ping_every_s` is pinged and dropped if it
   does not answer. While the peer does not read what we write (the transport's buffer is
   over its high-water mark), we stop reading from it, so PING, SETTINGS or request floods
@@ -100,11 +101,15 @@ class H2ServerConnection(H2Connection):
             data = self._read_preface(data)
             if not data:
                 return
+        frames = self.reader.feed(data)
         try:
-            for kind, flags, stream_id, payload in self.reader.feed(data):
+            for kind, flags, stream_id, payload in frames:
                 self._dispatch(kind, flags, stream_id, payload)
                 if self.failed:
                     return
+                if self.paused:  # the peer is not reading: the rest waits (resume_writing)
+                    frames.close()
+                    break
         except FrameTooLarge as exc:
             self.fail(FRAME_SIZE_ERROR, str(exc))
             return
@@ -329,6 +334,7 @@ class H2ServerConnection(H2Connection):
                 self.reset(sid, PROTOCOL_ERROR)
             return
         stream = self.new_stream(sid, self.peer_window, self.local_window)
+        stream.opened = self.last_call
         stream.content_length = head.content_length
         self.streams[sid] = stream
         self.on_request(stream, head, bool(flags & END_STREAM))

@@ -32,6 +32,7 @@ import torch
 
 from slimserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from slimserve.runtimes.llm.blocks import BlockAllocator, block_keys
+from slimserve.runtimes.llm.grammar import Grammars
 from slimserve.runtimes.llm.model import (
     LlamaModel,
     forward,
@@ -124,6 +125,7 @@ class GenerationEngine:
         self._counts = {"preemptions": 0, "cached_tokens": 0, "iterations": 0}
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, Any]]] = {}
         self._thread: threading.Thread | None = None
+        self._grammars = Grammars(tokenizer)
 
     def block_bytes(self) -> int:
         return kv_bytes_per_token(self.model.shape) * self.config.block_size
@@ -161,7 +163,9 @@ class GenerationEngine:
         loop = asyncio.get_running_loop()
         deadline = None if deadline_s is None else self.clock() + deadline_s
         request = Request(list(prompt_ids), params, deadline, loop, asyncio.Queue())
-        request.seqs = new_seqs(request, self.tokenizer)
+        grammar = params.grammar
+        constrain = None if grammar is None else lambda: self._grammars.constraint(grammar)
+        request.seqs = new_seqs(request, self.tokenizer, constrain)
         with self._lock:
             if len(self._inbox) + len(self._waiting) >= self.config.max_waiting:
                 raise ResourceExhausted(
@@ -316,6 +320,8 @@ class GenerationEngine:
     def _append(self, seq: Seq, token: int, logprob: Any) -> None:
         seq.tokens.append(token)
         seq.output_ids.append(token)
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
         is_eos = token in self.eos and not seq.params.ignore_eos
         text = "" if is_eos else seq.text.push(token)
         reason = self._finish_reason(seq, is_eos)
@@ -330,7 +336,7 @@ class GenerationEngine:
             self._emit(seq.request, END)
 
     def _finish_reason(self, seq: Seq, is_eos: bool) -> str | None:
-        if is_eos or seq.text.stopped:
+        if is_eos or seq.text.stopped or (seq.constraint is not None and seq.constraint.done):
             return FINISH_STOP
         if len(seq.output_ids) >= seq.params.max_tokens or len(seq.tokens) >= self.max_context:
             return FINISH_LENGTH

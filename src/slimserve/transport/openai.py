@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -39,6 +40,7 @@ from slimserve.security.keys import bearer_token
 from slimserve.serving.engine import Engine
 from slimserve.serving.llm import TextStream, count_tokens
 from slimserve.transport import openai_requests as req
+from slimserve.transport import openai_structured as structured
 from slimserve.transport.http import STATUS
 from slimserve.transport.openai_models import models_reply
 from slimserve.transport.openai_replies import Chat, Completion
@@ -131,6 +133,7 @@ class OpenAIApp:
     async def _embeddings(
         self, body: dict[str, Any], model: str, client: str | None, receive: Receive, send: Send
     ) -> None:
+        req.refuse_unsupported(body, "embeddings")
         texts = req.embedding_input(body.get("input"))
         self._check_sizes(texts, "input")
         encoding = body.get("encoding_format") or "float"
@@ -157,13 +160,14 @@ class OpenAIApp:
     async def _completions(
         self, body: dict[str, Any], model: str, client: str | None, receive: Receive, send: Send
     ) -> None:
-        req.refuse_unsupported(body)
+        req.refuse_unsupported(body, "completions")
         if body.get("echo"):
             raise BadRequest("echo is not supported; leave it out or set it to false", "echo")
         if body.get("best_of") not in (None, 1, body.get("n", 1)):
             raise BadRequest("best_of is not supported; leave it out", "best_of")
         stream_opts = req.stream_options(body)
         params = req.sampling(body, chat=False)
+        params = dataclasses.replace(params, grammar=structured.response_format(body))
         prompts = req.prompts(body.get("prompt"))
         self._check_sizes(prompts, "prompt")
         streams = await self._submit_all(model, params, client, prompts, req.timeout(body))
@@ -176,11 +180,13 @@ class OpenAIApp:
     async def _chat(
         self, body: dict[str, Any], model: str, client: str | None, receive: Receive, send: Send
     ) -> None:
-        req.refuse_unsupported(body)
+        req.refuse_unsupported(body, "chat")
         stream_opts = req.stream_options(body)
-        params = req.sampling(body, chat=True)
+        plan = structured.plan(body)
+        params = dataclasses.replace(req.sampling(body, chat=True), grammar=plan.grammar)
         messages = req.messages(body.get("messages"))
         self._check_sizes([m["content"] for m in messages], "messages")
+        messages = structured.with_tools(messages, plan)
         unset = body.get("max_completion_tokens") is None and body.get("max_tokens") is None
         stream = await self.engine.generate(
             model,
@@ -190,7 +196,7 @@ class OpenAIApp:
             deadline_s=req.timeout(body),
             client=client,
         )
-        reply = Chat(model, params.n, stream_opts is not None and stream_opts)
+        reply = Chat(model, params.n, stream_opts is not None and stream_opts, plan)
         if stream_opts is None:
             await _send_json(send, 200, await reply.collect([stream]))
         else:

@@ -159,8 +159,7 @@ def with_tools(messages: list[dict[str, Any]], structured: Structured) -> list[d
     if not structured.calls:
         return messages
     specs = [
-        {k: t[k] for k in ("name", "description", "parameters") if k in t}
-        for t in structured.tools
+        {k: t[k] for k in ("name", "description", "parameters") if k in t} for t in structured.tools
     ]
     how = (
         f"To call one, answer with {_OPEN}" + '{"name": ..., "arguments": {...}}' + _CLOSE

@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 import typing
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ from slimserve.transport.grpc import InferenceServicer, create_server
 from slimserve.transport.grpc_h2 import NativeGrpcServer
 from slimserve.transport.http_protocol import ConnectionLimits, protocol_class
 from slimserve.transport.limits import TensorLimits
+from slimserve.types import Clock
 
 log = logging.getLogger("slimserve")
 
@@ -140,9 +141,6 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
-Clock = Callable[[], float]
-
-
 def build_engine(
     settings: Settings,
     *,
@@ -170,7 +168,7 @@ def build_engine(
         on_batch=metrics.batch_observer,
     )
     admission = Admission(settings)
-    caches = ResponseCaches(settings.redis_url)
+    caches = ResponseCaches(settings.redis_url, clock)
     metrics.watch(models, admission, caches)
     return Engine(
         repository,

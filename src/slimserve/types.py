@@ -7,6 +7,7 @@ engine and the runtimes speak. Tensors are numpy arrays; BYTES tensors are objec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,11 @@ DATATYPE_TO_NUMPY: dict[str, np.dtype[Any]] = {
     "BYTES": np.dtype(np.object_),
 }
 DATATYPES: tuple[str, ...] = tuple(DATATYPE_TO_NUMPY)
+
+# Monotonic seconds. One clock is built in slimserve.app and passed to every part that decides
+# by time (deadlines, batching windows, admission, residency, generation deadlines); tests pass
+# slimserve.testing.FakeClock. Metrics that only measure use time.perf_counter.
+Clock = Callable[[], float]
 
 _NUMPY_TO_DATATYPE: dict[np.dtype[Any], str] = {
     dt: name for name, dt in DATATYPE_TO_NUMPY.items() if name != "BF16"

@@ -23,6 +23,7 @@ from cachetools import LFUCache, LRUCache
 
 from slimserve.errors import Unavailable
 from slimserve.repository.schema import CacheSettings
+from slimserve.types import Clock
 
 Arrays = dict[str, np.ndarray]
 # Parameters that change how a request is handled, not what it computes.
@@ -206,8 +207,9 @@ class ResponseCaches:
     """One response cache per model that asks for one (`cache:` in model.yaml), made on its
     first request: in memory, or in Redis when the server was given a `redis://` URL."""
 
-    def __init__(self, redis_url: str | None = None) -> None:
+    def __init__(self, redis_url: str | None = None, clock: Clock = time.monotonic) -> None:
         self._redis_url = redis_url
+        self._clock = clock  # expiry of in-memory entries
         self._caches: dict[str, ResponseCache] = {}
 
     def for_model(self, model: str, settings: CacheSettings | None) -> ResponseCache | None:
@@ -220,7 +222,9 @@ class ResponseCaches:
             if self._redis_url:
                 backend = RedisCache(self._redis_url, model, settings.ttl_s)
             else:
-                backend = MemoryCache(settings.max_bytes, settings.policy, settings.ttl_s)
+                backend = MemoryCache(
+                    settings.max_bytes, settings.policy, settings.ttl_s, timer=self._clock
+                )
             cache = self._caches[model] = ResponseCache(backend)
         return cache
 

@@ -38,7 +38,7 @@ from slimserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from slimserve.serving.metrics import Metrics
 from slimserve.serving.models import ModelEntry, ModelManager, State, Unit
 from slimserve.serving.validate import check_inputs, check_outputs
-from slimserve.types import InferRequest, InferResponse
+from slimserve.types import Clock, InferRequest, InferResponse
 
 log = logging.getLogger("slimserve.engine")
 
@@ -76,7 +76,7 @@ class Engine:
         caches: ResponseCaches,
         audit: AuditLog,
         auth: Authenticator | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.repository = repository
         self.settings = settings
@@ -403,8 +403,8 @@ class Engine:
         config = asked.target.config
         rows = check_inputs(request.model, config, request.inputs)
         check_outputs(request.model, config, request.outputs)
-        deadline = _deadline(request.parameters.get("timeout"))
         now = self._clock()
+        deadline = _deadline(request.parameters.get("timeout"), now)
         self.admission.check_rate(request.client, name, config, now)
         allow = _flag(request.parameters.get("degrade"), config.degrade.allow)
         unit = self.admission.route(entry, asked, allow, now, rows)
@@ -446,15 +446,16 @@ class Engine:
                 assert unit.batcher is not None  # READY units always have one
                 priority = _priority(request.parameters.get("priority"))
                 if plan is not None:
-                    begun_ns = time.perf_counter_ns()
+                    begun = self._clock()
+                    time_left = None if deadline is None else deadline - begun
                     try:
                         outputs = await llm_v2.complete(
-                            unit, request.inputs, plan, deadline, self.metrics.generation
+                            unit, request.inputs, plan, time_left, self.metrics.generation
                         )
                     except SlimserveError:
-                        unit.stats.record_call(rows, begun_ns, ok=False)
+                        unit.stats.record_call(rows, _ns(self._clock() - begun), ok=False)
                         raise
-                    unit.stats.record_call(rows, begun_ns, ok=True)
+                    unit.stats.record_call(rows, _ns(self._clock() - begun), ok=True)
                 else:
                     outputs = await unit.batcher.submit(request.inputs, rows, deadline, priority)
             finally:
@@ -547,7 +548,11 @@ def _priority(value: Any) -> int:
         ) from None
 
 
-def _deadline(timeout: Any) -> float | None:
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def _deadline(timeout: Any, now: float) -> float | None:
     if timeout is None:
         return None
     try:
@@ -558,7 +563,7 @@ def _deadline(timeout: Any) -> float | None:
         ) from None
     if seconds <= 0:
         raise DeadlineExceeded("the request's timeout passed before it reached the model")
-    return time.monotonic() + seconds
+    return now + seconds
 
 
 def _triton_type(datatype: str) -> str:

@@ -31,6 +31,7 @@ from slimserve.security.audit import AuditLog
 from slimserve.security.keys import Authenticator
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import ResponseCaches
+from slimserve.serving.catalog import Catalog, hide_path
 from slimserve.serving.engine import Engine
 from slimserve.serving.metrics import Metrics
 from slimserve.serving.models import ModelManager, RuntimeFactory
@@ -170,6 +171,7 @@ def build_engine(
     admission = Admission(settings)
     caches = ResponseCaches(settings.redis_url, clock)
     metrics.watch(models, admission, caches)
+    catalog = Catalog(repository, models, admission, hide_path(repository.root))
     return Engine(
         repository,
         settings,
@@ -177,6 +179,7 @@ def build_engine(
         admission=admission,
         metrics=metrics,
         caches=caches,
+        catalog=catalog,
         audit=AuditLog(settings.audit_log),
         auth=Authenticator(settings.api_keys_file) if settings.api_keys_file else None,
         clock=clock,

@@ -106,3 +106,97 @@ class InferResponse:
     def served_name(self) -> str:
         """The name a client addresses: `model` or `model:variant`."""
         return self.model if self.variant is None else f"{self.model}:{self.variant}"
+
+
+# -- what the engine answers besides inference (each codec owns its wire shape) ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """A served name's description. `state` is READY, LOADING, UNLOADED, UNAVAILABLE...;
+    `reason` says why it is not ready ("" when it is); `variants` of an original version."""
+
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    state: str
+    reason: str = ""
+    variants: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """How a model is served (the v2 "model config"): tensors with their full shapes (-1 for
+    the batch dimension when `batched`), batching limits."""
+
+    name: str
+    platform: str
+    backend: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batched: bool
+    max_queue_delay_us: int  # the batching window, microseconds
+
+
+@dataclass(frozen=True, slots=True)
+class Duration:
+    """`count` events that took `ns` nanoseconds in all."""
+
+    count: int
+    ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStatistics:
+    batch_size: int  # rows
+    executions: Duration
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatistics:
+    """Counters of one served unit since it was first loaded (Triton's statistics)."""
+
+    name: str  # served name: model or model:variant
+    version: str
+    last_inference_ms: int  # wall-clock milliseconds since the epoch; 0: never
+    inference_count: int  # rows
+    execution_count: int  # batches
+    success: Duration  # requests, queue + compute
+    fail: Duration
+    queue: Duration
+    compute: Duration  # per batch
+    batches: tuple[BatchStatistics, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryEntry:
+    """One row of the repository index: a served unit, or a model with no unit to show."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    """Health beyond live/ready: what is degraded and why."""
+
+    status: str  # ok | degraded | starting | stopping
+    live: bool
+    ready: bool
+    breakers_open: tuple[str, ...]
+    failed_units: tuple[str, ...]
+    degraded_models: tuple[str, ...]
+    resident_bytes: int
+    memory_budget_bytes: int

@@ -157,7 +157,7 @@ def test_evicted_model_reloads_on_its_next_request(tmp_path):
     async def body(engine: Engine):
         for name in ["a", "b", "a"]:
             await engine.infer(req(name))
-        index = {r["name"]: r["state"] for r in engine.repository_index()}
+        index = {r.name: r.state for r in engine.repository_index()}
         return index
 
     index = run(root, body, memory_budget_bytes=100, eviction_policy="lru")

@@ -20,7 +20,14 @@ from slimserve.errors import InvalidArgument, Unimplemented
 from slimserve.transport import grpc_codec as codec
 from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport._proto import model_config_pb2 as mc
-from slimserve.types import DATATYPE_TO_NUMPY, InferResponse
+from slimserve.types import (
+    DATATYPE_TO_NUMPY,
+    InferResponse,
+    ModelMetadata,
+    ModelSettings,
+    RepositoryEntry,
+    TensorSpec,
+)
 
 NUMERIC = [d for d in DATATYPE_TO_NUMPY if d not in ("BYTES", "BF16")]
 
@@ -342,36 +349,30 @@ def test_big_endian_outputs_are_sent_little_endian() -> None:
 # -- metadata messages ---------------------------------------------------------------------
 
 
-def test_engine_dicts_become_messages_tritonclient_reads() -> None:
+def test_typed_results_become_messages_tritonclient_reads() -> None:
     config = codec.model_config_message(
-        {
-            "name": "m",
-            "platform": "onnxruntime_onnx",
-            "backend": "onnx",
-            "max_batch_size": 8,
-            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
-            "output": [{"name": "y", "data_type": "TYPE_STRING", "dims": [-1]}],
-            "dynamic_batching": {"max_queue_delay_microseconds": 2000},
-            "something_new": 1,
-        }
+        ModelSettings(
+            name="m",
+            platform="onnxruntime_onnx",
+            backend="onnx",
+            max_batch_size=8,
+            inputs=(TensorSpec("x", "FP32", (-1, 4)),),
+            outputs=(TensorSpec("y", "BYTES", (-1, -1)),),
+            batched=True,
+            max_queue_delay_us=2000,
+        )
     )
     theirs = triton_pb.ModelConfigResponse.FromString(config.SerializeToString()).config
     assert theirs.max_batch_size == 8 and theirs.backend == "onnx"
     assert theirs.input[0].data_type == triton_mc.TYPE_FP32 and list(theirs.input[0].dims) == [4]
     assert theirs.output[0].data_type == triton_mc.TYPE_STRING
     assert theirs.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert list(theirs.output[0].dims) == [-1]
     meta = codec.model_metadata_message(
-        {
-            "name": "m",
-            "versions": ["1"],
-            "platform": "p",
-            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
-            "outputs": [],
-            "state": "READY",
-        }
+        ModelMetadata("m", ("1",), "p", (TensorSpec("x", "FP32", (-1, 4)),), (), "READY")
     )
     assert list(meta.inputs[0].shape) == [-1, 4]
-    index = codec.index_message([{"name": "m", "version": "1", "state": "READY", "reason": ""}])
+    index = codec.index_message([RepositoryEntry("m", "1", "READY")])
     assert index.models[0].state == "READY"
 
 

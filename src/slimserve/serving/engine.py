@@ -22,7 +22,6 @@ from slimserve.errors import (
     DeadlineExceeded,
     InvalidArgument,
     ModelLoadError,
-    NotFound,
     PermissionDenied,
     SlimserveError,
 )
@@ -33,32 +32,27 @@ from slimserve.security.keys import ANONYMOUS, Authenticator, Identity
 from slimserve.serving import llm, llm_v2
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import ResponseCaches, cache_key
+from slimserve.serving.catalog import Catalog, parse_version
 from slimserve.serving.llm import TextStream
 from slimserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from slimserve.serving.metrics import Metrics
-from slimserve.serving.models import ModelEntry, ModelManager, State, Unit
+from slimserve.serving.models import ModelManager, State, Unit
 from slimserve.serving.validate import check_inputs, check_outputs
-from slimserve.types import Clock, InferRequest, InferResponse
+from slimserve.types import (
+    Clock,
+    HealthReport,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelSettings,
+    ModelStatistics,
+    RepositoryEntry,
+    ServerMetadata,
+)
 
 log = logging.getLogger("slimserve.engine")
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "schedule_policy"]
-PLATFORMS = {
-    "onnx": "onnxruntime_onnx",
-    "torch": "pytorch_torch",
-    "transformers": "transformers",
-    "python": "python",
-}
-
-
-def parse_version(version: str | int | None) -> int | None:
-    """'' / None -> None (the default version); '3' -> 3; anything else is an error."""
-    if version is None or version == "":
-        return None
-    text = str(version)
-    if not text.isdigit() or int(text) <= 0 or len(text) > 9:
-        raise InvalidArgument(f"model version {text[:32]!r} is not a positive integer")
-    return int(text)
+EXTENSIONS = ("binary_tensor_data", "model_repository", "schedule_policy")
 
 
 class Engine:
@@ -74,6 +68,7 @@ class Engine:
         admission: Admission,
         metrics: Metrics,
         caches: ResponseCaches,
+        catalog: Catalog,
         audit: AuditLog,
         auth: Authenticator | None = None,
         clock: Clock = time.monotonic,
@@ -85,9 +80,9 @@ class Engine:
         self.models = models
         self.admission = admission
         self.caches = caches  # per model, for models with `cache:`
+        self.catalog = catalog
         self.auth = auth
         self.audit = audit
-        self._root_text = str(repository.root)
         self._started = False
         self._startup_done = False
         self._stopping = False
@@ -135,146 +130,29 @@ class Engine:
     def ready(self) -> bool:
         return self._started and self._startup_done and not self._stopping
 
-    def server_metadata(self) -> dict[str, Any]:
-        return {"name": "slimserve", "version": __version__, "extensions": list(EXTENSIONS)}
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata("slimserve", __version__, EXTENSIONS)
 
-    def _resolve(
-        self, served: str, version: str | None
-    ) -> tuple[ModelEntry, int | None, str | None]:
-        name, variant = split_served_name(served)
-        return self.models.entry(name), parse_version(version), variant
-
-    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        entry, v, variant = self._resolve(name, version)
-        unit = self._describe_unit(entry, v, variant)
-        config = unit.target.config if unit is not None else entry.config
-        meta: dict[str, Any] = {
-            "name": name,
-            "versions": [str(x) for x in entry.versions()],
-            "platform": PLATFORMS.get(unit.target.backend if unit else "", ""),
-            "inputs": [s.to_dict() for s in config.input_specs()] if config else [],
-            "outputs": [s.to_dict() for s in config.output_specs()] if config else [],
-            "state": (unit.state if unit else entry.state).value,
-        }
-        reason = unit.reason if unit else entry.reason
-        if reason:
-            meta["reason"] = self.public(reason)
-        if unit is not None and unit.target.variant is None:
-            variants = sorted(
-                var for (ver, var) in entry.units if ver == unit.target.version and var
-            )
-            if variants:
-                meta["variants"] = variants
-        return meta
-
-    def _describe_unit(
-        self, entry: ModelEntry, version: int | None, variant: str | None
-    ) -> Unit | None:
-        v = version if version is not None else entry.default_version()
-        if v is None:
-            v = max(entry.versions(), default=None)
-        if v is None:
-            return None
-        unit = entry.units.get((v, variant))
-        if unit is None:
-            what = f"version {v}" + (f" variant '{variant}'" if variant else "")
-            raise NotFound(f"model '{entry.name}' has no {what}")
-        return unit
+    def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        return self.catalog.metadata(name, version)
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
-        entry, v, variant = self._resolve(name, version)
-        try:
-            unit = self.models.find(entry.name, v, variant)
-        except NotFound:
-            if v is None and variant is None:
-                return False
-            raise
-        except SlimserveError:
-            return False
-        return unit.state is State.READY
+        return self.catalog.ready(name, version)
 
-    def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
-        entry, v, variant = self._resolve(name, version)
-        unit = self._describe_unit(entry, v, variant)
-        config = unit.target.config if unit else entry.config
-        if config is None:
-            raise NotFound(f"model '{name}' has no readable model.yaml: {entry.reason}")
-        batched = config.batched
-
-        def dims(shape: tuple[int, ...]) -> list[int]:
-            return list(shape[1:] if batched else shape)
-
-        def tensors(specs: list[Any]) -> list[dict[str, Any]]:
-            return [
-                {
-                    "name": s.name,
-                    "data_type": f"TYPE_{_triton_type(s.datatype)}",
-                    "dims": dims(s.shape),
-                }
-                for s in specs
-            ]
-
-        backend = unit.target.backend if unit else config.backend
-        out: dict[str, Any] = {
-            "name": name,
-            "platform": PLATFORMS.get(backend, backend),
-            "backend": backend,
-            "max_batch_size": config.batching.max_batch_size,
-            "input": tensors(config.input_specs()),
-            "output": tensors(config.output_specs()),
-        }
-        if batched:
-            out["dynamic_batching"] = {
-                "max_queue_delay_microseconds": int(config.batching.max_queue_delay_ms * 1000)
-            }
-        return out
+    def model_config(self, name: str, version: str | None = None) -> ModelSettings:
+        return self.catalog.settings(name, version)
 
     def model_statistics(
         self, name: str | None = None, version: str | None = None
-    ) -> dict[str, Any]:
-        if name:
-            entry, v, variant = self._resolve(name, version)
-            units = [
-                u
-                for (ver, var), u in entry.units.items()
-                if var == variant and (v is None or ver == v)
-            ]
-        else:
-            units = [u for e in self.models.models.values() for u in e.units.values()]
-        return {"model_stats": [_unit_stats(u) for u in units]}
+    ) -> list[ModelStatistics]:
+        return self.catalog.statistics(name, version)
 
-    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        for name in self.repository.model_names():
-            entry = self.models.models.get(name)
-            if entry is None:
-                if not ready_only:
-                    rows.append({"name": name, "version": "", "state": "UNLOADED", "reason": "new"})
-                continue
-            for (ver, var), unit in sorted(
-                entry.units.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")
-            ):
-                if ready_only and unit.state is not State.READY:
-                    continue
-                served = name if var is None else f"{name}:{var}"
-                rows.append(
-                    {
-                        "name": served,
-                        "version": str(ver),
-                        "state": unit.state.value,
-                        "reason": self.public(unit.reason),
-                    }
-                )
-            if not entry.units and not ready_only:
-                rows.append(
-                    {
-                        "name": name,
-                        "version": "",
-                        "state": entry.state.value,
-                        "reason": self.public(entry.reason),
-                    }
-                )
-        return rows
+    def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
+        return self.catalog.index(ready_only)
+
+    def health(self) -> HealthReport:
+        """Health beyond live/ready: what is degraded and why."""
+        return self.catalog.health(self.live(), self.ready())
 
     # -- model control ---------------------------------------------------------------------
 
@@ -300,7 +178,7 @@ class Engine:
     def public(self, text: str) -> str:
         """A message fit for clients: the repository's location on disk is not theirs to know
         (the server log keeps full paths for operators)."""
-        return text.replace(self._root_text, "<repository>") if text else text
+        return self.catalog.public(text)
 
     def _check_control(self) -> None:
         if not self.settings.model_control:
@@ -353,32 +231,6 @@ class Engine:
     def metrics_text(self) -> tuple[bytes, str]:
         """The Prometheus exposition and its content type, for GET /metrics."""
         return self.metrics.render(), METRICS_CONTENT_TYPE
-
-    def health(self) -> dict[str, Any]:
-        """Health beyond live/ready: what is degraded and why."""
-        units = [u for e in self.models.models.values() for u in e.units.values()]
-        open_breakers = sorted(
-            u.target.key for u in units if self.admission.breaker_state(u).value != "closed"
-        )
-        failed = sorted(
-            u.target.key for u in units if u.state is State.UNAVAILABLE and u.reason != "unloaded"
-        )
-        degraded = sorted(
-            key for key, guard in self.admission.guards().items() if guard.degrade.degraded
-        )
-        status = "ok" if not (open_breakers or failed or degraded) else "degraded"
-        if not self.ready():
-            status = "starting" if self.live() else "stopping"
-        return {
-            "status": status,
-            "live": self.live(),
-            "ready": self.ready(),
-            "breakers_open": open_breakers,
-            "failed_units": failed,
-            "degraded_models": degraded,
-            "resident_bytes": self.models.used_bytes,
-            "memory_budget_bytes": self.models.budget_bytes,
-        }
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Validate, admit, route (variant, degradation), batch and run one request."""
@@ -564,43 +416,3 @@ def _deadline(timeout: Any, now: float) -> float | None:
     if seconds <= 0:
         raise DeadlineExceeded("the request's timeout passed before it reached the model")
     return now + seconds
-
-
-def _triton_type(datatype: str) -> str:
-    return "STRING" if datatype == "BYTES" else datatype
-
-
-def _unit_stats(unit: Unit) -> dict[str, Any]:
-    s = unit.stats
-    t = unit.target
-    served = t.model if t.variant is None else f"{t.model}:{t.variant}"
-
-    def pair(count: int, ns: int) -> dict[str, int]:
-        return {"count": count, "ns": ns}
-
-    return {
-        "name": served,
-        "version": str(t.version),
-        "last_inference": s.last_inference_ms,
-        "inference_count": s.inference_count,
-        "execution_count": s.execution_count,
-        "inference_stats": {
-            "success": pair(s.success_count, s.success_ns),
-            "fail": pair(s.fail_count, s.fail_ns),
-            "queue": pair(s.success_count, s.queue_ns),
-            "compute_input": pair(s.execution_count, 0),
-            "compute_infer": pair(s.execution_count, s.compute_ns),
-            "compute_output": pair(s.execution_count, 0),
-            "cache_hit": pair(0, 0),
-            "cache_miss": pair(0, 0),
-        },
-        "batch_stats": [
-            {
-                "batch_size": size,
-                "compute_input": pair(c, 0),
-                "compute_infer": pair(c, ns),
-                "compute_output": pair(c, 0),
-            }
-            for size, (c, ns) in sorted(s.batch_sizes.items())
-        ],
-    }

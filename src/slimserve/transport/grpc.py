@@ -220,10 +220,7 @@ class InferenceServicer:
     @_rpc(pb.ServerMetadataRequest)
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> Any:
         self._allow(context, "infer")
-        meta = self.engine.server_metadata()
-        return pb.ServerMetadataResponse(
-            name=meta["name"], version=meta["version"], extensions=meta["extensions"]
-        )
+        return codec.server_metadata_message(self.engine.server_metadata())
 
     @_rpc(pb.ModelMetadataRequest)
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> Any:

@@ -71,13 +71,29 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
+@dataclass(frozen=True, slots=True)
+class RequestControls:
+    """How a request asks to be handled (not what it computes), parsed once by the codecs
+    from the request's parameters (transport/controls.py); nothing downstream reads those
+    parameters again. A new control is a field here and a line in transport/controls.py."""
+
+    timeout_s: float | None = None  # seconds from arrival; also a gRPC call's deadline
+    priority: int = 0  # higher is served first from a model's queue
+    degrade: bool | None = None  # may a cheaper variant answer? None: model.yaml's degrade.allow
+    # Service-level objectives for variant choice go here (latency_slo_ms, max_quality_loss).
+
+
+NO_CONTROLS = RequestControls()
+
+
 @dataclass(slots=True)
 class InferRequest:
     """One inference request, transport-neutral.
 
     `inputs` hold arrays whose first dimension is the batch dimension when the model batches.
-    `variant` names a variant of the version (None: the original). `outputs` restricts which
-    outputs come back (None: all).
+    `variant` names a variant of the version (None: the original, or the one `model` names
+    as 'name:variant'). `outputs` restricts which outputs come back (None: all).
+    `parameters` are the model's own (e.g. a language model's sampling parameters).
     """
 
     model: str
@@ -89,6 +105,7 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     # Who is asking (API key identity or peer address), for rate limits and audit.
     client: str | None = None
+    controls: RequestControls = NO_CONTROLS
 
 
 @dataclass(slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from slimserve.repository import Repository
 from slimserve.runtimes.base import Runtime
 from slimserve.serving.engine import Engine
 from slimserve.testing import FakeClock
-from slimserve.types import InferRequest
+from slimserve.types import InferRequest, RequestControls
 
 BASE = """\
 backend: python
@@ -81,9 +82,9 @@ def run(root: Path, body, clock: FakeClock | None = None, **settings):
     return asyncio.run(main())
 
 
-def req(**params) -> InferRequest:
-    client = params.pop("client", None)
-    return InferRequest("m", {"x": np.zeros((1, 1), np.float32)}, parameters=params, client=client)
+def req(client: str | None = None, **controls: Any) -> InferRequest:
+    x = {"x": np.zeros((1, 1), np.float32)}
+    return InferRequest("m", x, client=client, controls=RequestControls(**controls))
 
 
 def test_model_rate_limit_answers_429_with_retry_after(tmp_path):
@@ -232,18 +233,6 @@ def test_priority_requests_go_first(tmp_path):
 
     run(root, body)
     assert order.index("high") < order.index("low3")
-
-
-def test_bad_admission_parameters_are_named(tmp_path):
-    root = repo(tmp_path)
-
-    async def body(engine: Engine):
-        with pytest.raises(Exception, match="parameter 'degrade'"):
-            await engine.infer(req(degrade="maybe"))
-        with pytest.raises(Exception, match="parameter 'priority'"):
-            await engine.infer(req(priority="urgent"))
-
-    run(root, body)
 
 
 def test_a_failing_original_falls_back_even_to_a_variant_slower_than_it_was(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from slimserve.app import build_engine
 from slimserve.config import Settings
 from slimserve.errors import (
+    DeadlineExceeded,
     InvalidArgument,
     ModelLoadError,
     NotFound,
@@ -21,7 +22,7 @@ from slimserve.repository import Repository
 from slimserve.repository.store import Target
 from slimserve.runtimes.base import Runtime, RuntimeOptions
 from slimserve.serving.engine import Engine
-from slimserve.types import InferRequest, TensorSpec
+from slimserve.types import InferRequest, RequestControls, TensorSpec
 
 YAML = """\
 backend: python
@@ -95,7 +96,7 @@ def test_default_version_is_the_highest_and_versions_and_variants_are_addressabl
         default = await engine.infer(InferRequest("scale", x(2)))
         v1 = await engine.infer(InferRequest("scale", x(2), version="1"))
         half = await engine.infer(InferRequest("scale:half", x(2)))
-        half_param = await engine.infer(InferRequest("scale", x(1), parameters={"variant": "half"}))
+        half_param = await engine.infer(InferRequest("scale", x(1), variant="half"))
         return default, v1, half, half_param
 
     default, v1, half, half_param = run(root, body)
@@ -147,7 +148,11 @@ def test_a_failing_model_is_reported_while_the_others_serve(tmp_path):
         (InferRequest("scale", x(1), version="7"), NotFound, "no version 7"),
         (InferRequest("scale", x(1), version="abc"), InvalidArgument, "not a positive integer"),
         (InferRequest("scale:nope", x(1)), NotFound, "no version 2 variant 'nope'"),
-        (InferRequest("scale", x(1), parameters={"timeout": "soon"}), InvalidArgument, "timeout"),
+        (
+            InferRequest("scale", x(1), controls=RequestControls(timeout_s=0.0)),
+            DeadlineExceeded,
+            "timeout passed",
+        ),
     ],
 )
 def test_bad_requests_get_clear_errors_and_the_next_good_one_succeeds(
@@ -274,7 +279,9 @@ def test_response_cache_answers_repeats_without_the_model(tmp_path):
         await engine.start(wait=True)
         calls.clear()  # warm-up calls do not count
         first = await engine.infer(InferRequest("scale", x(2)))
-        again = await engine.infer(InferRequest("scale", x(2), parameters={"timeout": 5}))
+        again = await engine.infer(
+            InferRequest("scale", x(2), controls=RequestControls(timeout_s=5))
+        )
         other = await engine.infer(InferRequest("scale", x(1)))
         v1 = await engine.infer(InferRequest("scale", x(2), version="1"))
         cache = engine.caches["scale"]

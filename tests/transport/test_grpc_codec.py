@@ -26,6 +26,7 @@ from slimserve.types import (
     ModelMetadata,
     ModelSettings,
     RepositoryEntry,
+    RequestControls,
     TensorSpec,
 )
 
@@ -171,7 +172,9 @@ def test_request_fields_and_parameters() -> None:
         "10.0.0.1",
     )
     assert decoded.outputs == ("b", "a")
-    assert decoded.parameters == {"variant": "int8", "priority": 2, "degrade": False, "scale": 0.5}
+    assert decoded.parameters == {"scale": 0.5}  # the controls are typed fields
+    assert decoded.variant == "int8"
+    assert decoded.controls == RequestControls(priority=2, degrade=False)
     empty = codec.decode_infer_request(raw_request({"x": np.zeros(1)}))
     assert empty.version is None and empty.id is None and empty.outputs is None
 
@@ -284,19 +287,18 @@ def test_timeout_parameter_units() -> None:
             codec.timeout_seconds(bad)
     request = raw_request({"x": np.zeros(1, np.float32)})
     request.parameters["timeout"].int64_param = 1_000
-    assert codec.decode_infer_request(request).parameters["timeout"] == pytest.approx(0.001)
+    assert codec.decode_infer_request(request).controls.timeout_s == pytest.approx(0.001)
 
 
 def test_the_call_deadline_becomes_the_request_deadline() -> None:
-    params: dict[str, Any] = {}
-    codec.apply_deadline(params, None)
-    assert params == {}
-    codec.apply_deadline(params, 2.5)
-    assert params == {"timeout": 2.5}
-    codec.apply_deadline(params, 9.0)  # an earlier timeout the client set wins
-    assert params == {"timeout": 2.5}
-    codec.apply_deadline(params, 0.5)
-    assert params == {"timeout": 0.5}
+    request = raw_request({"x": np.zeros(1, np.float32)})
+    assert codec.decode_infer_request(request, None, None).controls.timeout_s is None
+    assert codec.decode_infer_request(request, None, 2.5).controls.timeout_s == 2.5
+    request.parameters["timeout"].double_param = 2.5
+    # An earlier timeout the client set wins; a nearer call deadline wins over it.
+    assert codec.decode_infer_request(request, None, 9.0).controls.timeout_s == 2.5
+    decoded = codec.decode_infer_request(request, None, 0.5)
+    assert decoded.controls.timeout_s == 0.5 and "timeout" not in decoded.parameters
 
 
 # -- responses -----------------------------------------------------------------------------

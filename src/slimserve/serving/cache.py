@@ -26,10 +26,9 @@ from slimserve.repository.schema import CacheSettings
 from slimserve.types import Clock
 
 Arrays = dict[str, np.ndarray]
-# Parameters that change how a request is handled, not what it computes.
-_NEUTRAL_PARAMETERS = frozenset(
-    {"timeout", "priority", "degrade", "binary_data_output", "variant", "headers"}
-)
+# Parameters that change how a request is encoded, not what it computes (the controls,
+# such as timeout and priority, are not parameters by the time a request gets here).
+_NEUTRAL_PARAMETERS = frozenset({"binary_data_output", "headers"})
 
 
 def cache_key(unit_key: str, inputs: Arrays, parameters: dict[str, Any]) -> str:

@@ -256,9 +256,10 @@ class Engine:
         rows = check_inputs(request.model, config, request.inputs)
         check_outputs(request.model, config, request.outputs)
         now = self._clock()
-        deadline = _deadline(request.parameters.get("timeout"), now)
+        controls = request.controls
+        deadline = _deadline(controls.timeout_s, now)
         self.admission.check_rate(request.client, name, config, now)
-        allow = _flag(request.parameters.get("degrade"), config.degrade.allow)
+        allow = config.degrade.allow if controls.degrade is None else controls.degrade
         unit = self.admission.route(entry, asked, allow, now, rows)
         self.admission.check_load(unit, None if deadline is None else deadline - now)
         cache = self.caches.for_model(unit.target.model, unit.target.config.cache)
@@ -296,7 +297,6 @@ class Engine:
             unit = await self.models.acquire_unit(unit)
             try:
                 assert unit.batcher is not None  # READY units always have one
-                priority = _priority(request.parameters.get("priority"))
                 if plan is not None:
                     begun = self._clock()
                     time_left = None if deadline is None else deadline - begun
@@ -309,7 +309,9 @@ class Engine:
                         raise
                     unit.stats.record_call(rows, _ns(self._clock() - begun), ok=True)
                 else:
-                    outputs = await unit.batcher.submit(request.inputs, rows, deadline, priority)
+                    outputs = await unit.batcher.submit(
+                        request.inputs, rows, deadline, request.controls.priority
+                    )
             finally:
                 self.models.release(unit)
         except SlimserveError as exc:
@@ -363,56 +365,25 @@ class Engine:
 
 
 def _requested(request: InferRequest) -> tuple[str, str | None]:
-    """Model name and variant from 'name[:variant]' and the parameter 'variant'."""
+    """Model name and variant from 'name[:variant]' and the request's `variant`."""
     name, variant = split_served_name(request.model)
-    param_variant = request.parameters.get("variant")
-    if param_variant is None:
+    if request.variant is None:
         return name, variant
-    if not isinstance(param_variant, str):
-        raise InvalidArgument("parameter 'variant' must be a string naming a variant")
-    if variant is not None and variant != param_variant:
+    if variant is not None and variant != request.variant:
         raise InvalidArgument(
-            f"variant given twice: '{variant}' in the name, '{param_variant}' in parameters"
+            f"variant given twice: '{variant}' in the name, '{request.variant}' in parameters"
         )
-    return name, split_served_name(f"{name}:{param_variant}")[1]
-
-
-def _flag(value: Any, default: bool) -> bool:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-        return value.lower() in ("true", "1")
-    raise InvalidArgument(f"parameter 'degrade' = {value!r}: use true or false")
-
-
-def _priority(value: Any) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise InvalidArgument(f"parameter 'priority' = {value!r}: use an integer (higher first)")
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidArgument(
-            f"parameter 'priority' = {value!r}: use an integer (higher first)"
-        ) from None
+    return name, split_served_name(f"{name}:{request.variant}")[1]
 
 
 def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
-def _deadline(timeout: Any, now: float) -> float | None:
-    if timeout is None:
+def _deadline(seconds: float | None, now: float) -> float | None:
+    """When a request with `seconds` to live (None: no limit), arriving `now`, is too late."""
+    if seconds is None:
         return None
-    try:
-        seconds = float(timeout)
-    except (TypeError, ValueError):
-        raise InvalidArgument(
-            f"parameter 'timeout' = {timeout!r} is not a number of seconds"
-        ) from None
     if seconds <= 0:
         raise DeadlineExceeded("the request's timeout passed before it reached the model")
     return now + seconds

@@ -11,7 +11,9 @@ format is walked element by element, as it must be. Responses always carry
 
 Parameters map to Python values (bool, int, str, float). One is translated: `timeout`, which
 Triton's clients send as an int64 in microseconds (tritonclient's `infer(timeout=...)`), while
-the engine reads float seconds; a double or string `timeout` is taken as seconds already.
+the engine reads float seconds; a double or string `timeout` is taken as seconds already. The
+controls among them (timeout, priority, degrade, variant) become the request's typed
+`controls` (transport/controls.py), the call's gRPC deadline bounding its timeout.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from slimserve.errors import InvalidArgument, Unimplemented
 from slimserve.transport import v2_shapes as shapes
 from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport._proto import model_config_pb2 as mc
+from slimserve.transport.controls import take_controls, with_deadline
 from slimserve.transport.limits import check_extent
 from slimserve.transport.raw import pack_bytes, tensor_from_raw
 from slimserve.types import (
@@ -68,16 +71,27 @@ _ALL_FIELDS = sorted({f for f, _ in CONTENTS_FIELDS.values()})
 # -- requests ------------------------------------------------------------------------------
 
 
-def decode_infer_request(message: pb.ModelInferRequest, client: str | None = None) -> InferRequest:
-    """A ModelInferRequest as an InferRequest (arrays are views of the message's buffers)."""
+def decode_infer_request(
+    message: pb.ModelInferRequest,
+    client: str | None = None,
+    time_remaining: float | None = None,
+) -> InferRequest:
+    """A ModelInferRequest as an InferRequest (arrays are views of the message's buffers).
+
+    `time_remaining`: the call's deadline (seconds left), which bounds the request's timeout.
+    """
+    params = decode_parameters(message.parameters, "the request")
+    variant, controls = take_controls(params)
     return InferRequest(
         model=message.model_name,
         inputs=decode_inputs(message),
         version=message.model_version or None,
+        variant=variant,
         outputs=requested_outputs(message.outputs),
         id=message.id or None,
-        parameters=decode_parameters(message.parameters, "the request"),
+        parameters=params,
         client=client,
+        controls=with_deadline(controls, time_remaining),
     )
 
 
@@ -234,15 +248,6 @@ def timeout_seconds(param: pb.InferParameter) -> float:
         "parameter 'timeout' must be a number: int64 microseconds (as tritonclient sends it) "
         "or a double in seconds"
     )
-
-
-def apply_deadline(params: dict[str, Any], time_remaining: float | None) -> None:
-    """Make the call's gRPC deadline (seconds left, None: none) the request's deadline,
-    keeping an earlier `timeout` the client set in the parameters."""
-    if time_remaining is None:
-        return
-    current = params.get("timeout")
-    params["timeout"] = time_remaining if current is None else min(current, time_remaining)
 
 
 def encode_parameters(values: Mapping[str, Any], target: Any) -> None:

@@ -63,7 +63,8 @@ def missing_extra(exc: ModuleNotFoundError, command: str) -> str | None:
         return None
     if command == "optimize" and extra == "torch":
         extra = "optimize"  # optimize's extra brings torch with the rest of what it uses
-    return f"{top} is not installed; pip install 'slimserve[{extra}]'"
+    package = {"sklearn": "scikit-learn"}.get(top, top)  # the name pip knows it by
+    return f"{package} is not installed; pip install 'slimserve[{extra}]'"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -139,13 +139,13 @@ def _without(module: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("module", ["torch", "sklearn"])
-def test_a_missing_optional_dependency_is_one_line_saying_what_to_install(repo, module):
+@pytest.mark.parametrize(("module", "package"), [("torch", "torch"), ("sklearn", "scikit-learn")])
+def test_a_missing_optional_dependency_is_one_line_saying_what_to_install(repo, module, package):
     argv = ["optimize", "mlp", "-r", str(repo), "--data", "digits", "--recipe", "int8", *FAST]
     done = _without(module, argv)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
-        f"slimserve optimize: error: {module} is not installed; pip install 'slimserve[optimize]'"
+        f"slimserve optimize: error: {package} is not installed; pip install 'slimserve[optimize]'"
     ]
 
 

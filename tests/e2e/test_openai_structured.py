@@ -74,10 +74,8 @@ def server(
 
 
 @pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[Any]:
-    url = f"http://127.0.0.1:{server.http_port}/v1"
-    with openai.OpenAI(base_url=url, api_key="unused", max_retries=0) as client:
-        yield client
+def client(openai_client: Any) -> Any:
+    return openai_client
 
 
 def test_parse_with_a_pydantic_model_always_validates(client: Any) -> None:

@@ -54,14 +54,9 @@ def server(
     stop_server(proc)
 
 
-@pytest.fixture(scope="module")
-def client(openai_client: Any) -> Any:
-    return openai_client
-
-
-def test_temperature_0_answers_come_from_the_cache(client: Any) -> None:
+def test_temperature_0_answers_come_from_the_cache(openai_client: Any) -> None:
     def ask() -> Any:
-        return client.chat.completions.with_raw_response.create(
+        return openai_client.chat.completions.with_raw_response.create(
             model="busy", messages=ASK, max_tokens=8, temperature=0
         )
 
@@ -71,41 +66,41 @@ def test_temperature_0_answers_come_from_the_cache(client: Any) -> None:
     one, two = first.parse(), second.parse()
     assert one.choices[0].message.content == two.choices[0].message.content
     assert one.id != two.id  # each answer its own id
-    sampled = client.chat.completions.with_raw_response.create(
+    sampled = openai_client.chat.completions.with_raw_response.create(
         model="busy", messages=ASK, max_tokens=8, temperature=1.0
     )
     assert "x-slimserve-cache" not in sampled.headers  # only deterministic answers are kept
 
 
-def test_requests_waiting_degrade_to_the_variant(client: Any) -> None:
+def test_requests_waiting_degrade_to_the_variant(openai_client: Any) -> None:
     long = {"model": "busy", "messages": ASK, "max_tokens": 400, "temperature": 1.0}
-    with client.chat.completions.create(
+    with openai_client.chat.completions.create(
         **long, stream=True, extra_body={"ignore_eos": True}
     ) as running:
         next(iter(running))  # generating: it holds the only sequence slot
         waiter = threading.Thread(
-            target=lambda: client.chat.completions.create(**{**long, "max_tokens": 4})
+            target=lambda: openai_client.chat.completions.create(**{**long, "max_tokens": 4})
         )
         waiter.start()  # waits for the slot: the model is under pressure
         time.sleep(0.3)
-        reply = client.chat.completions.with_raw_response.create(
+        reply = openai_client.chat.completions.with_raw_response.create(
             model="busy", messages=ASK, max_tokens=4, temperature=1.0
         )
     waiter.join()
     assert reply.headers["x-slimserve-variant"] == "lite"
     assert reply.headers["x-slimserve-degraded"] == "true"
     assert reply.parse().choices[0].finish_reason in ("stop", "length")
-    calm = client.chat.completions.with_raw_response.create(
+    calm = openai_client.chat.completions.with_raw_response.create(
         model="busy", messages=ASK, max_tokens=4, temperature=1.0
     )
     assert "x-slimserve-variant" not in calm.headers  # back on the original when calm
 
 
-def test_the_breaker_opens_on_slow_calls_and_refuses_with_retry_after(client: Any) -> None:
+def test_the_breaker_opens_on_slow_calls_and_refuses_with_retry_after(openai_client: Any) -> None:
     for _ in range(2):
-        client.completions.create(model="brittle", prompt="hello", max_tokens=2)
+        openai_client.completions.create(model="brittle", prompt="hello", max_tokens=2)
     with pytest.raises(openai.APIStatusError) as refused:
-        client.completions.create(model="brittle", prompt="hello", max_tokens=2)
+        openai_client.completions.create(model="brittle", prompt="hello", max_tokens=2)
     assert refused.value.status_code == 503
     assert "circuit breaker is open" in refused.value.message
     assert int(refused.value.response.headers["retry-after"]) >= 1

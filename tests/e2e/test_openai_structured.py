@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -73,27 +75,22 @@ def server(
     stop_server(proc)
 
 
-@pytest.fixture(scope="module")
-def client(openai_client: Any) -> Any:
-    return openai_client
-
-
-def test_parse_with_a_pydantic_model_always_validates(client: Any) -> None:
-    completion = client.chat.completions.parse(
+def test_parse_with_a_pydantic_model_always_validates(openai_client: Any) -> None:
+    completion = openai_client.chat.completions.parse(
         model="tiny", messages=ASK, response_format=Person, max_tokens=150, n=4, seed=1
     )
     assert len(completion.choices) == 4
     for choice in completion.choices:
         assert choice.finish_reason == "stop"
         assert isinstance(choice.message.parsed, Person)  # parsed and validated by the client
-    greedy = client.chat.completions.parse(
+    greedy = openai_client.chat.completions.parse(
         model="tiny", messages=ASK, response_format=Person, max_tokens=150, temperature=0
     )
     assert isinstance(greedy.choices[0].message.parsed, Person)
 
 
-def test_json_object_streamed(client: Any) -> None:
-    stream = client.chat.completions.create(
+def test_json_object_streamed(openai_client: Any) -> None:
+    stream = openai_client.chat.completions.create(
         model="tiny",
         messages=ASK,
         response_format={"type": "json_object"},
@@ -110,9 +107,9 @@ def test_json_object_streamed(client: Any) -> None:
         assert text.startswith("{")
 
 
-def test_a_required_tool_call_is_parsed_by_the_client(client: Any) -> None:
+def test_a_required_tool_call_is_parsed_by_the_client(openai_client: Any) -> None:
     tools = [openai.pydantic_function_tool(GetWeather), openai.pydantic_function_tool(GetTime)]
-    completion = client.chat.completions.parse(
+    completion = openai_client.chat.completions.parse(
         model="tiny", messages=ASK, tools=tools, tool_choice="required", max_tokens=100, seed=2
     )
     choice = completion.choices[0]
@@ -123,9 +120,9 @@ def test_a_required_tool_call_is_parsed_by_the_client(client: Any) -> None:
     assert isinstance(call.function.parsed_arguments, (GetWeather, GetTime))
 
 
-def test_a_named_tool_call_streamed(client: Any) -> None:
+def test_a_named_tool_call_streamed(openai_client: Any) -> None:
     tools = [openai.pydantic_function_tool(GetWeather), openai.pydantic_function_tool(GetTime)]
-    with client.chat.completions.stream(
+    with openai_client.chat.completions.stream(
         model="tiny",
         messages=ASK,
         tools=tools,
@@ -139,9 +136,9 @@ def test_a_named_tool_call_streamed(client: Any) -> None:
     assert final.choices[0].finish_reason == "tool_calls"
 
 
-def test_auto_answers_text_or_a_valid_call(client: Any) -> None:
+def test_auto_answers_text_or_a_valid_call(openai_client: Any) -> None:
     tools = [openai.pydantic_function_tool(GetTime)]
-    completion = client.chat.completions.create(
+    completion = openai_client.chat.completions.create(
         model="tiny", messages=ASK, tools=tools, max_tokens=60, n=6, seed=5
     )
     for choice in completion.choices:
@@ -153,22 +150,18 @@ def test_auto_answers_text_or_a_valid_call(client: Any) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_fills_a_schema_sensibly(client: Any) -> None:
-    class Capital(BaseModel):
-        country: str = Field(max_length=20)
-        capital: str = Field(max_length=20)
+def test_readme_example_smollm2_fills_a_schema_and_calls_a_tool(
+    server: ServerProcess, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's structured-output example as written, against the real SmolLM2."""
+    from tests.test_readme import python_blocks
 
-    question = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
-    completion = client.chat.completions.parse(
-        model="smollm2", messages=question, response_format=Capital, temperature=0, max_tokens=40
-    )
-    answer = completion.choices[0].message.parsed
-    assert isinstance(answer, Capital)
-    assert "Paris" in answer.capital
-    tools = [openai.pydantic_function_tool(GetWeather)]
-    weather = [{"role": "user", "content": "What's the weather in Paris, in celsius?"}]
-    called = client.chat.completions.parse(
-        model="smollm2", messages=weather, tools=tools, tool_choice="required", temperature=0
-    )
-    arguments = called.choices[0].message.tool_calls[0].function.parsed_arguments
-    assert arguments.city == "Paris" and arguments.unit == "celsius"
+    (block,) = [b for b in python_blocks() if "response_format=" in b]
+    code = block.replace("127.0.0.1:8000", f"127.0.0.1:{server.http_port}")
+    # A real module: pydantic resolves the models' annotations in their module's namespace.
+    module = types.ModuleType("readme_structured")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    printed = capsys.readouterr().out.splitlines()
+    assert "capital='Paris'" in printed[0]
+    assert printed[1] == "city='Paris' unit='celsius'"

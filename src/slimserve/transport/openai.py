@@ -13,6 +13,14 @@ last `data: [DONE]\\n\\n`; an error after the first byte is sent as a data event
 (its KV blocks are freed at the engine's next iteration). Errors are
 `{"error": {"message", "type", "param", "code"}}` with the status from http.STATUS.
 
+Chat takes `response_format` (json_object, json_schema) and `tools` / `tool_choice`,
+enforced by constrained decoding (openai_structured.py); completions take `response_format`
+too. A field a route does not know is a 400 naming it (openai_requests.FIELDS).
+
+Admission is the v2 routes' (serving/engine.py): the breaker, degradation to a cheaper
+variant (headers x-slimserve-variant, x-slimserve-degraded), and the model's response cache
+for temperature-0 answers not streamed (x-slimserve-cache: hit | miss).
+
 Protections are the v2 routes': `Authorization: Bearer KEY` with scope `infer` on the model;
 the body limit (413 before reading a body that declares too many bytes); max_string_bytes
 per prompt, message or input text and max_tensor_elements texts per request (400); rate

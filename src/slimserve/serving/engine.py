@@ -45,6 +45,7 @@ from slimserve.serving.llm import TextStream
 from slimserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from slimserve.serving.metrics import Metrics
 from slimserve.serving.models import ModelEntry, ModelManager, RuntimeFactory, State, Unit
+from slimserve.serving.overview import LiveSample, ModelView, live_sample, model_views
 from slimserve.serving.threads import InferenceThreads
 from slimserve.serving.validate import check_inputs, check_outputs
 from slimserve.types import InferRequest, InferResponse
@@ -310,6 +311,11 @@ class Engine:
             raise
         return identity
 
+    def identify(self, token: str | None) -> Identity:
+        """Who holds `token` (any scope); anonymous without a key file. Unauthenticated (401)
+        for a missing, unknown or revoked key."""
+        return ANONYMOUS if self.auth is None else self.auth.authenticate(token)
+
     def public(self, text: str) -> str:
         """A message fit for clients: the repository's location on disk is not theirs to know
         (the server log keeps full paths for operators)."""
@@ -375,6 +381,14 @@ class Engine:
         """The Prometheus exposition and its content type, for GET /metrics."""
         return self.metrics.render(), METRICS_CONTENT_TYPE
 
+    def overview(self, identity: Identity = ANONYMOUS) -> list[ModelView]:
+        """Every model, version and variant `identity` may use: state, residency, profile."""
+        return model_views(self.models, self.admission, self.public, identity.may_use)
+
+    def live_metrics(self, identity: Identity = ANONYMOUS) -> LiveSample:
+        """The /metrics figures now, per model and variant `identity` may use (cumulative)."""
+        return live_sample(self.metrics.registry, identity.may_use)
+
     def health(self) -> dict[str, Any]:
         """Health beyond live/ready: what is degraded and why."""
         units = [u for e in self.models.models.values() for u in e.units.values()]
@@ -414,6 +428,8 @@ class Engine:
             raise
         elapsed = time.perf_counter() - started
         self.metrics.observe_request(response.model, response.variant or "", "success", elapsed)
+        if response.parameters.get("degraded"):
+            self.metrics.observe_degraded(response.model, response.variant or "")
         return response
 
     async def _infer(self, request: InferRequest) -> InferResponse:

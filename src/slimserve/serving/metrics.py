@@ -64,6 +64,12 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
+        self.degraded = Counter(
+            "slimserve_degraded_requests",
+            "Requests a variant answered because its original was under pressure or failing.",
+            ["model", "variant"],
+            registry=r,
+        )
         self.generation = GenerationMetrics(r)
         r.register(_EngineState(engine))
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
@@ -78,6 +84,9 @@ class Metrics:
         children[0].inc()
         if children[1] is not None:
             children[1].observe(seconds)
+
+    def observe_degraded(self, model: str, variant: str) -> None:
+        self.degraded.labels(model, variant).inc()
 
     def observe_batch(self, model: str, variant: str, rows: int, queue_s: list[float]) -> None:
         self.batch_size.labels(model, variant).observe(rows)

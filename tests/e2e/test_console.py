@@ -9,6 +9,8 @@ and a page opened without a key must show nothing but the key prompt (its JSON: 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import ssl
 import threading
@@ -46,6 +48,9 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 WAIT_MS = 20_000
+# SLIMSERVE_SCREENSHOTS=docs/console: each test also saves a picture of the page it checked
+# (the README's screenshots come from here).
+SCREENSHOTS = os.environ.get("SLIMSERVE_SCREENSHOTS")
 
 
 class Keys:
@@ -125,6 +130,18 @@ class Page:
         self.errors.clear()  # the first probe's 401, before the key was given
         return page
 
+    def shot(self, name: str) -> None:
+        if not SCREENSHOTS:
+            return
+        path = Path(SCREENSHOTS) / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(path), full_page=True)
+        with contextlib.suppress(ImportError):  # a palette PNG is a third of the size
+            from PIL import Image
+
+            with Image.open(path) as image:
+                image.convert("RGB").quantize(colors=128).save(path, optimize=True)
+
     def close(self) -> None:
         self.context.close()
 
@@ -150,6 +167,7 @@ def test_without_a_key_the_page_shows_only_the_key_prompt(page: Page, http: http
         assert "API key" in response.json()["error"]
     page.errors = [e for e in page.errors if "401" not in e]  # the probe's own 401
     assert page.errors == []
+    page.shot("key-prompt")
 
 
 def test_a_wrong_key_is_refused_and_forgotten(page: Page):
@@ -169,7 +187,7 @@ def test_the_page_lists_models_variants_and_degrade_targets(page: Page, keys: Ke
     p = page.log_in(keys.admin)
     p.wait_for_selector('.model[data-model="tiny"]', timeout=WAIT_MS)
     names = p.eval_on_selector_all(".model", "els => els.map(e => e.dataset.model)")
-    assert names == ["mlp", "slow", "tiny"]
+    assert names == ["minilm", "mlp", "slow", "tiny"]
     mlp = p.locator('.model[data-model="mlp"]')
     for unit in ("mlp/1", "mlp:int8/1", "mlp:fast/1", "mlp:pruned/1"):
         assert mlp.locator(f'tr[data-unit="{unit}"]').count() == 1
@@ -184,6 +202,7 @@ def test_the_page_lists_models_variants_and_degrade_targets(page: Page, keys: Ke
     # The key holds `manage` and the server allows model control: load/unload are offered.
     assert mlp.locator("button.manage").count() == 2
     assert page.errors == []
+    page.shot("models")
 
 
 def test_a_key_sees_only_its_models_and_no_manage_buttons(page: Page, keys: Keys):
@@ -198,18 +217,21 @@ def test_a_key_sees_only_its_models_and_no_manage_buttons(page: Page, keys: Keys
     )
 
 
-def _load(base: str, pki: Pki, key: str, stop: threading.Event) -> int:
-    """Requests to mlp and slow until `stop` (bounded by the caller); how many succeeded."""
+def _load(base: str, pki: Pki, key: str, stop: threading.Event, llm: bool) -> int:
+    """Requests until `stop` (bounded by the caller): to mlp and slow, or completions of tiny;
+    how many succeeded."""
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}]}
     slow = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 16], "data": [1] * 16}]}
+    calls = [("/v2/models/mlp/infer", body), ("/v2/models/slow/infer", slow)]
+    if llm:
+        calls = [("/v1/completions", {"model": "tiny", "prompt": "once upon", "max_tokens": 16})]
     verify = ssl.create_default_context(cafile=str(pki.ca))
     done = 0
-    with httpx.Client(
-        base_url=base, verify=verify, headers={"Authorization": f"Bearer {key}"}
-    ) as c:
+    auth = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=base, verify=verify, headers=auth, timeout=30) as c:
         while not stop.is_set():
-            for path, doc in (("mlp", body), ("slow", slow)):
-                if c.post(f"/v2/models/{path}/infer", json=doc).status_code == 200:
+            for path, doc in calls:
+                if c.post(path, json=doc).status_code == 200:
                     done += 1
     return done
 
@@ -219,7 +241,7 @@ def test_live_charts_move_under_load(page: Page, keys: Keys, base: str, pki: Pki
     p.click('#tabs button[data-tab="live"]')
     stop = threading.Event()
     with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(_load, base, pki, keys.admin, stop) for _ in range(4)]
+        futures = [pool.submit(_load, base, pki, keys.admin, stop, i == 3) for i in range(4)]
         try:
             p.wait_for_function(
                 "() => Number(document.getElementById('chart-rps').dataset.max) > 0",
@@ -230,7 +252,25 @@ def test_live_charts_move_under_load(page: Page, keys: Keys, base: str, pki: Pki
                 ".some(td => Number(td.textContent) > 0)",
                 timeout=WAIT_MS,
             )
+            p.wait_for_function(  # the language model's tokens
+                "() => [...document.querySelectorAll('#live-table tr[data-unit=\"tiny:\"]"
+                " td.tokens')].some(td => Number(td.textContent) > 0)",
+                timeout=WAIT_MS,
+            )
+            p.wait_for_function(
+                "() => Number(document.getElementById('chart-tokens').dataset.max) > 0",
+                timeout=WAIT_MS,
+            )
+            # slow's queue fills under three clients: its variant takes a share of the traffic.
+            p.wait_for_function(
+                "() => [...document.querySelectorAll('#live-table tr[data-unit=\"slow:fast\"]"
+                " td.degraded')].some(td => parseFloat(td.textContent) > 0)",
+                timeout=WAIT_MS,
+            )
             first = float(p.get_attribute("#chart-rps", "data-max") or 0)
+            if SCREENSHOTS:
+                p.wait_for_timeout(10_000)  # some history in the charts
+                page.shot("live")
             p.wait_for_timeout(1500)
             # The chart keeps drawing: one more point each second while the load runs.
             points = p.evaluate("() => document.querySelectorAll('#chart-rps canvas').length")
@@ -266,6 +306,7 @@ def test_a_chat_streams_tokens_into_the_page(page: Page, keys: Keys):
     assert p.evaluate("() => window.__growth") > 3  # the user's message, the bubble, then deltas
     assert "first token after" in p.inner_text("#try-meta")
     assert p.inner_text("#try-error") == ""
+    page.shot("chat")
 
 
 def test_a_bad_request_shows_the_servers_error(page: Page, keys: Keys, http: httpx.Client):
@@ -285,6 +326,24 @@ def test_a_bad_request_shows_the_servers_error(page: Page, keys: Keys, http: htt
     )
     assert expected.status_code == 400
     assert shown == f"400: {expected.json()['error']}"
+    page.shot("error")
+
+
+def test_text_goes_to_a_text_model_as_text(page: Page, keys: Keys):
+    p = page.log_in(keys.admin)
+    p.click('#tabs button[data-tab="try"]')
+    p.wait_for_selector('#try-model option[value="minilm"]', state="attached", timeout=WAIT_MS)
+    p.select_option("#try-model", "minilm")
+    assert p.is_visible("#try-text") and not p.is_visible("#try-tensors")
+    p.fill("#try-text-input", "a sentence to embed")
+    p.click("#try-send")
+    p.wait_for_function(
+        "() => document.getElementById('try-meta').textContent.startsWith('answered')",
+        timeout=WAIT_MS,
+    )
+    assert p.inner_text("#try-meta").startswith("answered by minilm version 1")
+    output = p.inner_text("#try-output")
+    assert '"shape": [\n  1,\n  384\n ]' in output or "384" in output
 
 
 def test_a_good_request_shows_the_answer_and_the_variant(page: Page, keys: Keys):
@@ -316,6 +375,7 @@ def test_reports_render_with_their_plots(page: Page, keys: Keys):
     assert card.locator("img.report-plot").get_attribute("src").startswith("blob:")
     assert card.locator("svg.pareto").get_attribute("data-points") == "4"
     assert page.errors == []
+    page.shot("reports")
 
 
 def test_page_headers_forbid_inline_scripts_and_framing(http: httpx.Client):
@@ -328,3 +388,22 @@ def test_page_headers_forbid_inline_scripts_and_framing(http: httpx.Client):
     assert "<script>" not in response.text and " on" + "click=" not in response.text
     assert http.post("/ui").status_code == 405
     assert http.get("/ui/static/../../keys.json").status_code == 404
+
+
+def test_manage_buttons_unload_and_load_a_model(page: Page, keys: Keys):
+    p = page.log_in(keys.admin)
+    card = p.locator('.model[data-model="slow"]')
+    card.wait_for(timeout=WAIT_MS)
+    card.locator("button.manage", has_text="unload").click()
+    p.wait_for_function(
+        "() => document.querySelector('.model[data-model=\"slow\"] tr[data-unit=\"slow/1\"]')"
+        ".textContent.includes('UNAVAILABLE')",
+        timeout=WAIT_MS,
+    )
+    card.locator("button.manage", has_text="load").first.click()
+    p.wait_for_function(
+        "() => document.querySelector('.model[data-model=\"slow\"] tr[data-unit=\"slow/1\"]')"
+        ".textContent.includes('READY')",
+        timeout=WAIT_MS,
+    )
+    assert page.errors == []

@@ -137,11 +137,9 @@ def _plain(value: Any) -> Any:
 # -- live figures ---------------------------------------------------------------------------
 
 # Prometheus family -> the field of a unit's live record it fills.
-_COUNTERS = {
+_FIELDS = {
     "slimserve_generation_tokens": "tokens",
     "slimserve_degraded_requests": "degraded",
-}
-_GAUGES = {
     "slimserve_queue_depth": "queue_depth",
     "slimserve_breaker_state": "breaker",
     "slimserve_generation_running_sequences": "running",
@@ -177,6 +175,7 @@ class UnitLive:
     breaker: float = 0.0  # 0 closed, 1 half-open, 2 open
     running: float = 0.0  # sequences being decoded
     waiting: float = 0.0  # sequences queued for prefill
+    generates: bool = False  # a language model (its generation engine reports sequences)
     histograms: dict[str, Histogram] = field(default_factory=dict)
 
 
@@ -204,18 +203,15 @@ def live_sample(registry: CollectorRegistry, allowed: Callable[[str], bool]) -> 
         return found
 
     for family in registry.collect():
-        if family.name in memory:
-            memory[family.name] = sum(s.value for s in family.samples)
-        elif family.name == "slimserve_requests":
+        name = family.name
+        if name in memory:
+            memory[name] = sum(s.value for s in family.samples)
+        elif name == "slimserve_requests":
             _requests(family.samples, unit)
-        elif family.name in _COUNTERS or family.name in _GAUGES:
-            what = _COUNTERS.get(family.name) or _GAUGES[family.name]
-            for s in family.samples:
-                u = unit(s.labels)
-                if u is not None and not s.name.endswith("_created"):
-                    setattr(u, what, getattr(u, what) + s.value)
-        elif family.name in _HISTOGRAMS:
-            _histogram(family.samples, unit, _HISTOGRAMS[family.name])
+        elif name in _HISTOGRAMS:
+            _histogram(family.samples, unit, _HISTOGRAMS[name])
+        elif name in _FIELDS:
+            _add(family.samples, unit, _FIELDS[name])
     return LiveSample(
         time.time(),
         memory["slimserve_memory_budget_bytes"],
@@ -232,6 +228,18 @@ def _requests(samples: Iterable[Any], unit: Callable[[dict[str, str]], UnitLive 
         u.requests += s.value
         if s.labels.get("outcome") != "success":
             u.errors += s.value
+
+
+def _add(
+    samples: Iterable[Any], unit: Callable[[dict[str, str]], UnitLive | None], what: str
+) -> None:
+    for s in samples:
+        u = unit(s.labels)
+        if u is None or s.name.endswith("_created"):  # a counter's creation time
+            continue
+        setattr(u, what, getattr(u, what) + s.value)
+        if what == "running":  # only generation engines report sequences
+            u.generates = True
 
 
 def _histogram(

@@ -55,7 +55,7 @@ export function figures(unit, before, seconds, modelRequests) {
     ttft: ms(quantile(0.5, h.ttft, hb.ttft)),
     running: unit.running,
     waiting: unit.waiting,
-    llm: Boolean(h.generation || h.ttft),
+    llm: unit.generates,
   };
 }
 
@@ -114,7 +114,7 @@ export class Live {
       el("td", {}, u.model), el("td", {}, u.variant || "(original)"),
       el("td", { class: "num rps" }, fmt(f.rps)), el("td", { class: "num" }, fmt(f.p50)),
       el("td", { class: "num" }, fmt(f.p99)), el("td", { class: "num" }, f.queue),
-      el("td", { class: "num" }, fmt(f.batch)), el("td", { class: "num" }, pct(f.degraded)),
+      el("td", { class: "num" }, fmt(f.batch)), el("td", { class: "num degraded" }, pct(f.degraded)),
       el("td", { class: "num" }, fmt(f.errors)),
       el("td", { class: f.breaker === "open" ? "breaker-open" : "" }, f.breaker),
       el("td", { class: "num tokens" }, f.llm ? fmt(f.tokens) : "-"),

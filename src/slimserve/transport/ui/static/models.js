@@ -27,8 +27,8 @@ function modelCard(model, reports, session, refresh) {
     model.reason ? el("p", { class: "reason" }, model.reason) : null,
     el("p", { class: "meta" }, "inputs: ", tensors(model.inputs), " → outputs: ", tensors(model.outputs),
       `; degradation ${model.degrade_allowed ? "on by default" : "on request (degrade=true)"}, `,
-      `quality budget ${model.max_quality_loss} points`),
-    unitTable(model));
+      `quality budget ${model.max_quality_loss} point${model.max_quality_loss === 1 ? "" : "s"}`),
+    el("div", { class: "scroll" }, unitTable(model)));
   const plots = el("div", { class: "row" });
   for (const version of new Set(model.units.map((u) => u.version))) {
     const report = reports.find((r) => r.model === model.name && r.version === String(version));
@@ -37,6 +37,11 @@ function modelCard(model, reports, session, refresh) {
   }
   card.append(plots);
   return card;
+}
+
+function seconds(s) {
+  if (s === null || s === undefined) return "-";
+  return s < 1 ? `${fmt(s * 1000)} ms` : `${fmt(s)} s`;
 }
 
 function tensors(specs) {
@@ -53,7 +58,7 @@ function unitTable(model) {
         u.reason ? el("div", { class: "reason" }, u.reason) : null),
       el("td", {}, u.resident ? "yes" : "no"),
       el("td", { class: "num" }, bytes(u.resident_bytes)),
-      el("td", { class: "num" }, u.cold_load_s == null ? "-" : `${fmt(u.cold_load_s)} s`),
+      el("td", { class: "num" }, seconds(u.cold_load_s)),
       el("td", { class: u.breaker === "open" ? "breaker-open" : "" }, u.breaker),
       el("td", { class: "num" }, u.queue_depth),
       el("td", { class: "num" }, bytes(p.size_bytes)),

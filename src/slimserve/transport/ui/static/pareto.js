@@ -1,7 +1,7 @@
 // A Pareto plot in plain SVG: batch-1 latency (x) against quality (y) for one version's
 // variants; the front joins the variants no other beats on both; degrade targets are filled.
 const NS = "http://www.w3.org/2000/svg";
-const W = 420, H = 260, PAD = { l: 56, r: 16, t: 24, b: 40 };
+const W = 440, H = 260, PAD = { l: 56, r: 24, t: 28, b: 40 };
 
 // Quality as the optimize report defines it: accuracy where known, else agreement.
 export function quality(profile) {
@@ -79,7 +79,10 @@ export function paretoPlot(model, version, units, report) {
     const dot = node("circle", { class: cls, cx: sx.f(p.x), cy: sy.f(p.y), r: 5, "data-name": p.name });
     dot.append(node("title", {}, `${p.name}: ${p.x} ms, quality ${p.y}${p.target ? " (degrade target)" : ""}`));
     svg.append(dot);
-    svg.append(node("text", { x: sx.f(p.x) + 7, y: sy.f(p.y) - 6 }, p.name + (p.target ? " ⇣" : "")));
+    // Labels of points in the right third go to their left, so that none is cut off.
+    const left = sx.f(p.x) > W - (W - PAD.l) / 3;
+    svg.append(node("text", { x: sx.f(p.x) + (left ? -7 : 7), y: sy.f(p.y) - 6,
+      "text-anchor": left ? "end" : "start" }, p.name));
   }
   svg.append(node("text", { x: W - PAD.r, y: 15, "text-anchor": "end" }, "filled orange: degrade target"));
   return svg;

@@ -253,7 +253,7 @@ def test_live_charts_move_under_load(page: Page, keys: Keys, base: str, pki: Pki
                 timeout=WAIT_MS,
             )
             p.wait_for_function(  # the language model's tokens
-                "() => [...document.querySelectorAll('#live-table tr[data-unit=\"tiny:\"]"
+                '() => [...document.querySelectorAll(\'#live-table tr[data-unit="tiny:"]'
                 " td.tokens')].some(td => Number(td.textContent) > 0)",
                 timeout=WAIT_MS,
             )
@@ -263,7 +263,7 @@ def test_live_charts_move_under_load(page: Page, keys: Keys, base: str, pki: Pki
             )
             # slow's queue fills under three clients: its variant takes a share of the traffic.
             p.wait_for_function(
-                "() => [...document.querySelectorAll('#live-table tr[data-unit=\"slow:fast\"]"
+                '() => [...document.querySelectorAll(\'#live-table tr[data-unit="slow:fast"]'
                 " td.degraded')].some(td => parseFloat(td.textContent) > 0)",
                 timeout=WAIT_MS,
             )
@@ -396,13 +396,13 @@ def test_manage_buttons_unload_and_load_a_model(page: Page, keys: Keys):
     card.wait_for(timeout=WAIT_MS)
     card.locator("button.manage", has_text="unload").click()
     p.wait_for_function(
-        "() => document.querySelector('.model[data-model=\"slow\"] tr[data-unit=\"slow/1\"]')"
+        '() => document.querySelector(\'.model[data-model="slow"] tr[data-unit="slow/1"]\')'
         ".textContent.includes('UNAVAILABLE')",
         timeout=WAIT_MS,
     )
     card.locator("button.manage", has_text="load").first.click()
     p.wait_for_function(
-        "() => document.querySelector('.model[data-model=\"slow\"] tr[data-unit=\"slow/1\"]')"
+        '() => document.querySelector(\'.model[data-model="slow"] tr[data-unit="slow/1"]\')'
         ".textContent.includes('READY')",
         timeout=WAIT_MS,
     )

@@ -13,11 +13,10 @@ import httpx
 import pytest
 import yaml
 
+from slimserve.app import build_engine
 from slimserve.config import Settings
-from slimserve.repository import Repository
 from slimserve.security.keys import KeyStore
-from slimserve.serving.engine import Engine
-from slimserve.transport.http import create_app
+from slimserve.transport.asgi import create_app
 from slimserve.transport.ui.routes import _STATIC, CSP
 
 pytestmark = pytest.mark.timeout(60)
@@ -72,7 +71,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def run(repo: Path, body: Any, **options: Any) -> Any:
     async def main() -> Any:
         settings = Settings(repository=repo, **options)
-        engine = Engine(Repository(repo), settings)
+        engine = build_engine(settings)
         await engine.start(wait=True)
         transport = httpx.ASGITransport(app=create_app(engine, settings))
         try:

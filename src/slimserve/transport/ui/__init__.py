@@ -15,6 +15,6 @@ The page sends the key as `Authorization: Bearer`, never in a URL, which is why 
 are polled with fetch rather than streamed with EventSource (it cannot send headers).
 """
 
-from slimserve.transport.ui.routes import Console
+from slimserve.transport.ui.routes import ConsoleApp
 
-__all__ = ["Console"]
+__all__ = ["ConsoleApp"]

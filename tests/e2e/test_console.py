@@ -82,7 +82,9 @@ def server(
     tls = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
     context = ssl.create_default_context(cafile=str(pki.ca))
     options = ("--api-keys-file", str(keys.path), "--model-control", *tls)
-    proc = start_server(root, root.parent / "server.log", *options, ssl_context=context)
+    with pytest.MonkeyPatch.context() as patch:  # the server imports text_models from here
+        patch.setenv("PYTHONPATH", str(Path(__file__).parent), prepend=os.pathsep)
+        proc = start_server(root, root.parent / "server.log", *options, ssl_context=context)
     yield proc
     stop_server(proc)
     assert proc.process.returncode == 0, f"server did not stop cleanly:\n{proc.log()}"
@@ -119,6 +121,8 @@ class Page:
         self.errors: list[str] = []
         self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.urls: list[str] = []
+        self.page.on("request", lambda r: self.urls.append(r.url))
         self.page.goto(f"{base}/ui")
 
     def log_in(self, key: str) -> Any:
@@ -187,12 +191,18 @@ def test_the_page_lists_models_variants_and_degrade_targets(page: Page, keys: Ke
     p = page.log_in(keys.admin)
     p.wait_for_selector('.model[data-model="tiny"]', timeout=WAIT_MS)
     names = p.eval_on_selector_all(".model", "els => els.map(e => e.dataset.model)")
-    assert names == ["minilm", "mlp", "slow", "tiny"]
+    assert names == ["broken", "mlp", "shout", "slow", "tiny"]
+    broken = p.locator('.model[data-model="broken"] tr[data-unit="broken/1"]')
+    assert "UNAVAILABLE" in broken.inner_text()
+    assert "onnx" in broken.locator(".reason").inner_text().lower()  # the load error, shown
     mlp = p.locator('.model[data-model="mlp"]')
     for unit in ("mlp/1", "mlp:int8/1", "mlp:fast/1", "mlp:pruned/1"):
         assert mlp.locator(f'tr[data-unit="{unit}"]').count() == 1
     row = mlp.locator('tr[data-unit="mlp:int8/1"]')
     assert "READY" in row.inner_text() and "int8" in row.inner_text()
+    assert "0.0500 / 0.150" in row.inner_text()  # p50 / p99 at batch 1 from variant.yaml
+    details = row.locator("details").text_content() or ""  # the rest: latency per batch...
+    assert "latency_ms_by_batch" in details and "32: 0.0100" in details
     # The Pareto plot: the original (from the report) and three variants; int8 and fast are
     # within the 1-point quality budget, pruned is not.
     plot = mlp.locator("svg.pareto")
@@ -201,6 +211,10 @@ def test_the_page_lists_models_variants_and_degrade_targets(page: Page, keys: Ke
     assert sorted(targets.evaluate_all("els => els.map(e => e.dataset.name)")) == ["fast", "int8"]
     # The key holds `manage` and the server allows model control: load/unload are offered.
     assert mlp.locator("button.manage").count() == 2
+    # The key went in headers only: no URL the page asked for holds it, nothing persists it.
+    secret = keys.admin.rsplit("_", 1)[-1]
+    assert page.urls and not [u for u in page.urls if secret in u or keys.admin in u]
+    assert p.evaluate("() => localStorage.length") == 0 and secret not in p.content()
     assert page.errors == []
     page.shot("models")
 
@@ -332,18 +346,18 @@ def test_a_bad_request_shows_the_servers_error(page: Page, keys: Keys, http: htt
 def test_text_goes_to_a_text_model_as_text(page: Page, keys: Keys):
     p = page.log_in(keys.admin)
     p.click('#tabs button[data-tab="try"]')
-    p.wait_for_selector('#try-model option[value="minilm"]', state="attached", timeout=WAIT_MS)
-    p.select_option("#try-model", "minilm")
+    p.wait_for_selector('#try-model option[value="shout"]', state="attached", timeout=WAIT_MS)
+    p.select_option("#try-model", "shout")
     assert p.is_visible("#try-text") and not p.is_visible("#try-tensors")
-    p.fill("#try-text-input", "a sentence to embed")
+    p.fill("#try-text-input", "a quiet sentence")
     p.click("#try-send")
     p.wait_for_function(
         "() => document.getElementById('try-meta').textContent.startsWith('answered')",
         timeout=WAIT_MS,
     )
-    assert p.inner_text("#try-meta").startswith("answered by minilm version 1")
+    assert p.inner_text("#try-meta").startswith("answered by shout version 1")
     output = p.inner_text("#try-output")
-    assert '"shape": [\n  1,\n  384\n ]' in output or "384" in output
+    assert '"A QUIET SENTENCE"' in output and "16" in output
 
 
 def test_a_good_request_shows_the_answer_and_the_variant(page: Page, keys: Keys):

@@ -6,7 +6,7 @@ import { renderReports } from "./reports.js";
 import { TryIt } from "./tryit.js";
 
 const $ = (id) => document.getElementById(id);
-const state = { session: null, models: [], reports: [], tab: "models", timer: null };
+const state = { session: null, models: [], reports: [], tab: "models", shown: "" };
 let live = null;
 let tryIt = null;
 
@@ -51,6 +51,10 @@ async function refresh() {
   try {
     if (state.tab === "models" || state.tab === "try") {
       state.models = await getJson("/ui/api/models");
+      // Drawn again only when something changed, so that open details stay open.
+      const shown = JSON.stringify([state.tab, state.models, state.reports]);
+      if (shown === state.shown) return;
+      state.shown = shown;
       if (state.tab === "models") renderModels(state.models, state.reports, session, refresh);
       else tryIt.setModels(state.models);
     }

@@ -5,8 +5,12 @@ import { paretoPlot } from "./pareto.js";
 
 const COLUMNS = [
   "version", "variant", "state", "resident", "memory", "cold load", "breaker", "queue",
-  "size", "p50 b1 ms", "p50 best ms", "rows/s", "accuracy", "agreement", "recipe", "degrade target",
+  "size", "p50 / p99 b1 ms", "p50 best ms", "rows/s", "accuracy", "agreement", "recipe",
+  "degrade to", "profile",
 ];
+// Shown in their own columns; the profile cell lists the rest (latency per batch, errors...).
+const SHOWN = new Set(["size_bytes", "latency_ms_batch1", "latency_ms_batch1_p99",
+  "latency_ms_best", "best_batch", "throughput_rps", "accuracy", "agreement"]);
 
 export function renderModels(models, reports, session, refresh) {
   const root = document.getElementById("models");
@@ -39,6 +43,16 @@ function modelCard(model, reports, session, refresh) {
   return card;
 }
 
+function profileDetails(profile) {
+  const rest = Object.entries(profile).filter(([k]) => !SHOWN.has(k));
+  if (!rest.length) return "";
+  const text = (v) => (v !== null && typeof v === "object"
+    ? Object.entries(v).map(([k, x]) => `${k}: ${typeof x === "number" ? fmt(x) : x}`).join(", ")
+    : typeof v === "number" ? fmt(v, 4) : String(v));
+  return el("details", {}, el("summary", {}, `${rest.length} more`),
+    el("dl", {}, rest.map(([k, v]) => [el("dt", {}, k), el("dd", {}, text(v))])));
+}
+
 function seconds(s) {
   if (s === null || s === undefined) return "-";
   return s < 1 ? `${fmt(s * 1000)} ms` : `${fmt(s)} s`;
@@ -62,13 +76,15 @@ function unitTable(model) {
       el("td", { class: u.breaker === "open" ? "breaker-open" : "" }, u.breaker),
       el("td", { class: "num" }, u.queue_depth),
       el("td", { class: "num" }, bytes(p.size_bytes)),
-      el("td", { class: "num" }, fmt(p.latency_ms_batch1)),
-      el("td", { class: "num" }, fmt(p.latency_ms_best)),
+      el("td", { class: "num" }, `${fmt(p.latency_ms_batch1)} / ${fmt(p.latency_ms_batch1_p99)}`),
+      el("td", { class: "num" }, fmt(p.latency_ms_best),
+        p.best_batch ? ` (batch ${p.best_batch})` : ""),
       el("td", { class: "num" }, fmt(p.throughput_rps)),
       el("td", { class: "num" }, fmt(p.accuracy, 4)),
       el("td", { class: "num" }, fmt(p.agreement, 4)),
       el("td", {}, u.recipe || ""),
-      el("td", { class: u.degrade_target ? "target" : "" }, u.degrade_target ? "yes" : ""));
+      el("td", { class: u.degrade_target ? "target" : "" }, u.degrade_target ? "yes" : ""),
+      el("td", {}, profileDetails(p)));
   });
   return el("table", { class: "grid units" },
     el("thead", {}, el("tr", {}, COLUMNS.map((c) => el("th", {}, c)))),

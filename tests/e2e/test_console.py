@@ -421,3 +421,32 @@ def test_manage_buttons_unload_and_load_a_model(page: Page, keys: Keys):
         timeout=WAIT_MS,
     )
     assert page.errors == []
+
+
+def test_the_pages_quantiles_and_pareto_front(page: Page):
+    """The arithmetic behind the live table and the plots, run in the browser as shipped."""
+    p = page.page
+    p.wait_for_selector("#key-prompt", state="visible", timeout=WAIT_MS)
+    got = p.evaluate(
+        """async () => {
+        const live = await import('/ui/static/live.js');
+        const pareto = await import('/ui/static/pareto.js');
+        const le = [0.001, 0.01, 0.1, null];
+        const before = {le, counts: [0, 10, 10, 10]};
+        const now = {le, counts: [0, 60, 110, 110]};  // 50 in (1, 10] ms, 50 in (10, 100]
+        const slow = {le, counts: [0, 10, 10, 20]};  // the new ones all above 100 ms
+        const points = [{x: 1, y: 0.9}, {x: 2, y: 0.95}, {x: 3, y: 0.93}, {x: 0.5, y: 0.5}];
+        return {
+            p50: live.quantile(0.5, now, before), p99: live.quantile(0.99, now, before),
+            none: live.quantile(0.5, before, before), inf: live.quantile(0.5, slow, before),
+            front: pareto.paretoFront(points).map((q) => q.x),
+            quality: [pareto.quality({accuracy: 0.8, agreement: 0.9}),
+                      pareto.quality({agreement: 0.9})],
+        };
+    }"""
+    )
+    assert got["p50"] == pytest.approx(0.01)
+    assert got["p99"] == pytest.approx(0.01 + 0.09 * 49 / 50)
+    assert got["none"] is None and got["inf"] == pytest.approx(0.1)
+    assert got["front"] == [0.5, 1, 2]  # (3, 0.93) is beaten by (2, 0.95)
+    assert got["quality"] == [0.8, 0.9]

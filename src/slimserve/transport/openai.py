@@ -37,7 +37,7 @@ from slimserve.errors import Code, PayloadTooLarge, SlimserveError, Unimplemente
 from slimserve.runtimes.llm import SamplingParams
 from slimserve.security.keys import bearer_token
 from slimserve.serving.engine import Engine
-from slimserve.serving.llm import TextStream, count_tokens
+from slimserve.serving.llm import TextStream
 from slimserve.transport import openai_requests as req
 from slimserve.transport.http import STATUS
 from slimserve.transport.openai_models import models_reply
@@ -142,7 +142,7 @@ class OpenAIApp:
         if body.get("dimensions") is not None:
             raise BadRequest("dimensions is not supported; leave it out", "dimensions")
         vectors = np.ascontiguousarray(await self.engine.embed(model, texts, client), "<f4")
-        tokens = count_tokens(self.engine, model, texts)
+        tokens = self.engine.count_tokens(model, texts)
         data = [
             {"object": "embedding", "index": i, "embedding": req.vector(row, encoding)}
             for i, row in enumerate(vectors)

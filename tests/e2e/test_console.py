@@ -200,7 +200,8 @@ def test_the_page_lists_models_variants_and_degrade_targets(page: Page, keys: Ke
         assert mlp.locator(f'tr[data-unit="{unit}"]').count() == 1
     row = mlp.locator('tr[data-unit="mlp:int8/1"]')
     assert "READY" in row.inner_text() and "int8" in row.inner_text()
-    assert "0.0500 / 0.150" in row.inner_text()  # p50 / p99 at batch 1 from variant.yaml
+    # p50 / p99 at batch 1 from variant.yaml; the bytes it holds while resident
+    assert "0.0500 / 0.150" in row.inner_text() and "268 B" in row.inner_text()
     details = row.locator("details").text_content() or ""  # the rest: latency per batch...
     assert "latency_ms_by_batch" in details and "32: 0.0100" in details
     # The Pareto plot: the original (from the report) and three variants; int8 and fast are

@@ -4,8 +4,7 @@ import { bytes, el, fmt, postJson, servedName } from "./api.js";
 import { paretoPlot } from "./pareto.js";
 
 const COLUMNS = [
-  "version", "variant", "state", "resident", "memory", "cold load", "breaker", "queue",
-  "size", "p50 / p99 b1 ms", "p50 best ms", "rows/s", "accuracy", "agreement", "recipe",
+  "version", "variant", "state", "resident", "cold load", "breaker", "size", "p50 / p99 b1 ms", "p50 best ms", "rows/s", "accuracy", "agreement", "recipe",
   "degrade to", "profile",
 ];
 // Shown in their own columns; the profile cell lists the rest (latency per batch, errors...).
@@ -28,7 +27,9 @@ function modelCard(model, reports, session, refresh) {
         [model.backend, model.task].filter(Boolean).join(" · "),
         model.degraded_now ? " · degraded now" : ""),
       manage ? manageButtons(model, refresh) : null),
-    model.reason ? el("p", { class: "reason" }, model.reason) : null,
+    // A model with units shows each unit's reason in its row; this is for one that has none
+    // (an unreadable model.yaml, no version folder).
+    model.reason && !model.units.length ? el("p", { class: "reason" }, model.reason) : null,
     el("p", { class: "meta" }, "inputs: ", tensors(model.inputs), " → outputs: ", tensors(model.outputs),
       `; degradation ${model.degrade_allowed ? "on by default" : "on request (degrade=true)"}, `,
       `quality budget ${model.max_quality_loss} point${model.max_quality_loss === 1 ? "" : "s"}`),
@@ -70,13 +71,12 @@ function unitTable(model) {
       el("td", {}, u.variant || "(original)"),
       el("td", {}, el("span", { class: `state state-${u.state}` }, u.state),
         u.reason ? el("div", { class: "reason" }, u.reason) : null),
-      el("td", {}, u.resident ? "yes" : "no"),
-      el("td", { class: "num" }, bytes(u.resident_bytes)),
+      el("td", { class: "num" }, u.resident ? bytes(u.resident_bytes) : "no"),
       el("td", { class: "num" }, seconds(u.cold_load_s)),
       el("td", { class: u.breaker === "open" ? "breaker-open" : "" }, u.breaker),
-      el("td", { class: "num" }, u.queue_depth),
       el("td", { class: "num" }, bytes(p.size_bytes)),
-      el("td", { class: "num" }, `${fmt(p.latency_ms_batch1)} / ${fmt(p.latency_ms_batch1_p99)}`),
+      el("td", { class: "num" }, p.latency_ms_batch1_p99 === undefined ? fmt(p.latency_ms_batch1)
+        : `${fmt(p.latency_ms_batch1)} / ${fmt(p.latency_ms_batch1_p99)}`),
       el("td", { class: "num" }, fmt(p.latency_ms_best),
         p.best_batch ? ` (batch ${p.best_batch})` : ""),
       el("td", { class: "num" }, fmt(p.throughput_rps)),

@@ -14,6 +14,7 @@ from typing import Any
 
 from slimserve.config import Settings
 from slimserve.errors import InvalidArgument, SlimserveError
+from slimserve.repository.importer import add_model  # onnx/torch load when it runs
 from slimserve.repository.manifest import MANIFEST, verify_manifest, write_manifest
 from slimserve.repository.store import VARIANTS_DIR, Repository
 
@@ -31,10 +32,7 @@ def register(subparsers: Any) -> None:
     sub = repo.add_subparsers(dest="repo_command", metavar="SUBCOMMAND", required=True)
     _register_add(sub)
     _register_list(sub)
-    _register_manifest(sub)
-    from slimserve.security.cli import register_repo_commands
-
-    register_repo_commands(sub)  # repo encrypt | decrypt
+    _register_manifest(sub)  # security/cli.py adds `encrypt` and `decrypt`
 
 
 def _repository_option(parser: argparse.ArgumentParser) -> None:
@@ -159,8 +157,6 @@ def _shape(text: str) -> list[int]:
 
 
 def _add(args: argparse.Namespace) -> int:
-    from slimserve.repository.importer import add_model  # imports onnx/torch as needed
-
     path = add_model(
         args.repository,
         args.name,

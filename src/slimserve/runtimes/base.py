@@ -17,7 +17,7 @@ import numpy as np
 
 from slimserve.repository.store import Target
 from slimserve.runtimes.llm.params import SamplingParams
-from slimserve.types import Clock, TensorSpec
+from slimserve.types import Clock, TensorSpec, numpy_dtype
 
 if TYPE_CHECKING:
     from slimserve.runtimes.llm.engine import EngineStats
@@ -85,8 +85,6 @@ class Runtime(ABC):
             if spec.datatype == "BYTES":
                 feeds[spec.name] = np.full(shape, b"warm up", dtype=object)
             else:
-                from slimserve.types import numpy_dtype
-
                 feeds[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
         self.infer(feeds)
 

@@ -130,6 +130,7 @@ class ModelManager:
         settings: Settings,
         infer_threads: InferenceThreads,
         load_executor: Executor,
+        options: RuntimeOptions,
         runtime_factory: RuntimeFactory | None = None,
         clock: Clock = time.monotonic,
         on_batch: Callable[[Target], Callable[[int, list[float]], None]] | None = None,
@@ -141,13 +142,7 @@ class ModelManager:
         self._load_executor = load_executor
         self._factory = runtime_factory or create_runtime
         self._clock = clock
-        self._options = RuntimeOptions(
-            intra_op_threads=settings.intra_op_threads,
-            graph_optimization=settings.ort_graph_optimization,
-            spin_wait=settings.spin_wait,
-            data_key=settings.data_key(),
-            clock=clock,
-        )
+        self._options = options
         self.budget_bytes = settings.memory_budget_bytes or default_budget() // settings.workers
         self.policy = make_policy(settings.eviction_policy)
         self.used_bytes = 0  # resident sizes plus reservations of loads in progress

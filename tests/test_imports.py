@@ -57,20 +57,6 @@ BANNED = {
     ("serving", "train"),
     ("transport", "runtimes"),
 }
-# TEMPORARY, until the `optimize` engineer's branch lands (issue 15, optimize/ section): the
-# load-time layer classes (qlayers, qnative, wrappers) move into runtimes/, which removes the
-# runtimes -> optimize import and optimize's own cycles and deferred imports. Delete these then.
-PENDING_OPTIMIZE_CYCLES = [
-    {"slimserve.optimize.prune", "slimserve.optimize.structured"},
-    {"slimserve.optimize.qlayers", "slimserve.optimize.qnative"},
-    {"slimserve.optimize.recipe", "slimserve.optimize.steps", "slimserve.optimize.steps_quant"},
-    {"slimserve.optimize.lm_quant", "slimserve.optimize.pipeline"},
-]
-PENDING_OPTIMIZE_EDGES = {("slimserve.runtimes.torch", "slimserve.optimize.compress")}
-
-
-def _pending_optimize_deferred(importer: str) -> bool:
-    return importer.startswith("slimserve.optimize.")
 
 
 def _loaded_after(statement: str) -> set[str]:
@@ -193,18 +179,15 @@ def test_no_import_cycles():
     for e in _internal_edges():
         if not e.type_only:
             graph.setdefault(e.importer, set()).add(e.imported)
-    cycles = [c for c in _strongly_connected(graph) if len(c) > 1]
-    unexpected = [sorted(c) for c in cycles if c not in PENDING_OPTIMIZE_CYCLES]
-    assert not unexpected, f"import cycles (deferred imports count): {unexpected}"
+    cycles = [sorted(c) for c in _strongly_connected(graph) if len(c) > 1]
+    assert not cycles, f"import cycles (deferred imports count): {cycles}"
 
 
 def test_imports_run_one_way():
     wrong = [
         f"{e.importer}:{e.line} imports {e.imported}"
         for e in _internal_edges()
-        if not e.type_only
-        and (e.importer, e.imported) not in PENDING_OPTIMIZE_EDGES
-        and _against_layers(_package(e.importer), _package(e.imported))
+        if not e.type_only and _against_layers(_package(e.importer), _package(e.imported))
     ]
     assert not wrong, wrong
 
@@ -221,9 +204,7 @@ def test_deferred_imports_only_keep_frameworks_from_loading():
     wrong = [
         f"{e.importer}:{e.line} imports {e.imported} inside a function"
         for e in _internal_edges()
-        if e.deferred
-        and not _loads_heavy(e.imported)
-        and not _pending_optimize_deferred(e.importer)
+        if e.deferred and not _loads_heavy(e.imported)
     ]
     assert not wrong, wrong
 

@@ -205,11 +205,9 @@ class ModelManager:
 
     # -- serving -------------------------------------------------------------------------------
 
-    async def acquire(self, name: str, version: int | None, variant: str | None) -> Unit:
-        """The READY unit for a request, loading it if needed; pair with `release`."""
-        return await self.acquire_unit(self.find(name, version, variant))
-
     async def acquire_unit(self, unit: Unit) -> Unit:
+        """`unit` READY (loaded now if needed) and held against eviction; pair with
+        `release`."""
         if unit.state is not State.READY:
             await self.ensure_loaded(unit)
         resident = unit.resident

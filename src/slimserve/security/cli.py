@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slimserve.config import Settings
 from slimserve.errors import AlreadyExists, ConfigError, InvalidArgument
+from slimserve.repository.cli import repository_option, unit_version_option
 from slimserve.repository.store import Repository
 from slimserve.security.crypto import (
     decrypt_unit,
@@ -25,8 +25,6 @@ from slimserve.security.crypto import (
     parse_data_key,
 )
 from slimserve.security.keys import SCOPES, KeyStore, write_private
-
-DEFAULT_REPOSITORY = Settings.model_fields["repository"].default
 
 
 def register(subparsers: Any) -> None:
@@ -176,20 +174,8 @@ def register_repo_commands(repo_subparsers: Any) -> None:
     ):
         p = repo_subparsers.add_parser(verb, help=text, description=text)
         p.add_argument("name", metavar="NAME", help="Model name.")
-        p.add_argument(
-            "--repository",
-            "-r",
-            type=Path,
-            default=DEFAULT_REPOSITORY,
-            metavar="DIR",
-            help=f"Model repository (default: {DEFAULT_REPOSITORY}).",
-        )
-        p.add_argument(
-            "--version",
-            type=int,
-            metavar="V",
-            help="Only this version and its variants (default: every version).",
-        )
+        repository_option(p)
+        unit_version_option(p)
         key = p.add_mutually_exclusive_group(required=True)
         key.add_argument(
             "--key-file", type=Path, metavar="FILE", help="32-byte data key: raw, hex or base64."

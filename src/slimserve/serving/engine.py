@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from slimserve.errors import (
 from slimserve.repository.store import Repository, split_served_name
 from slimserve.runtimes.llm import SamplingParams
 from slimserve.security.audit import AuditLog
-from slimserve.security.keys import Identity
+from slimserve.security.keys import ANONYMOUS, Identity
 from slimserve.serving import llm, prompt_tensors
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import ResponseCaches, cache_key
@@ -39,6 +39,7 @@ from slimserve.serving.llm import TextStream
 from slimserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from slimserve.serving.metrics import Metrics, TokenMeter
 from slimserve.serving.models import ModelManager, Unit
+from slimserve.serving.overview import LiveSample, ModelView, live_sample, model_views
 from slimserve.serving.validate import check_inputs, check_outputs
 from slimserve.types import (
     Clock,
@@ -162,6 +163,10 @@ class Engine:
         """The caller, if it may use `scope` on `model` (serving/control.py)."""
         return self.control.authorize(token, scope, model)
 
+    def identify(self, token: str | None) -> Identity:
+        """Who holds `token` (any scope); Unauthenticated (401) without a valid one."""
+        return self.control.identify(token)
+
     def public(self, text: str) -> str:
         """A message fit for clients: the repository's location on disk is not theirs to know
         (the server log keeps full paths for operators)."""
@@ -179,6 +184,14 @@ class Engine:
         """The Prometheus exposition and its content type, for GET /metrics."""
         return self.metrics.render(), METRICS_CONTENT_TYPE
 
+    def overview(self, identity: Identity = ANONYMOUS) -> list[ModelView]:
+        """Every model, version and variant `identity` may use: state, residency, profile."""
+        return model_views(self.models, self.admission, self.public, identity.may_use)
+
+    def live_metrics(self, identity: Identity = ANONYMOUS) -> LiveSample:
+        """The /metrics figures now, per model and variant `identity` may use (cumulative)."""
+        return live_sample(self.metrics.registry, identity.may_use)
+
     async def infer(self, request: InferRequest) -> InferResponse:
         """Validate, admit, route (variant, degradation), batch and run one request."""
         started = time.perf_counter()
@@ -190,6 +203,8 @@ class Engine:
             raise
         elapsed = time.perf_counter() - started
         self.metrics.observe_request(response.model, response.variant or "", "success", elapsed)
+        if response.parameters.get("degraded"):
+            self.metrics.observe_degraded(response.model, response.variant or "")
         return response
 
     def _count_refusal(self, served: str, exc: SlimserveError) -> None:
@@ -329,12 +344,16 @@ class Engine:
         Refusals (rate limits, a full queue, a prompt too long) raise before any event.
         """
         try:
-            unit = llm.find_unit(self.models, model, llm.TEXT_GENERATION)
-            limit = llm.configured_timeout_s(unit.target.config.parameters)
+            asked = llm.find_unit(self.models, model, llm.TEXT_GENERATION)
+            config = asked.target.config
+            limit = llm.configured_timeout_s(config.parameters)
             if limit is not None:  # the server's own bound; the request's may be shorter
                 deadline_s = limit if deadline_s is None else min(deadline_s, limit)
             now = self._clock()
-            self.admission.check_rate(client, unit.target.model, unit.target.config, now)
+            self.admission.check_rate(client, asked.target.model, config, now)
+            # As v2 requests: the breaker, and a cheaper variant under pressure where allowed.
+            entry = self.models.entry(asked.target.model)
+            unit = self.admission.route(entry, asked, config.degrade.allow, now)
             self.admission.check_load(unit, deadline_s)
             unit = await self._acquire(unit)
         except SlimserveError as exc:  # refused before any event: counted like a failed infer
@@ -360,7 +379,33 @@ class Engine:
             elapsed = self._done(unit, outcome, started)
             self.metrics.observe_request(target.model, variant, outcome, elapsed)
 
-        return TextStream(stream, generator, len(ids), meter, on_end)
+        served = llm.Served(variant or None, degraded=unit is not asked)
+        return TextStream(stream, generator, len(ids), meter, on_end, served)
+
+    async def cached_reply(
+        self,
+        model: str,
+        request: dict[str, Any],
+        compute: Callable[[], Awaitable[tuple[bytes, bool]]],
+    ) -> tuple[bytes, bool]:
+        """A deterministic generation's encoded reply through the model's response cache
+        (`cache:` in model.yaml; without one, computed): `request` holds what determines the
+        answer, `compute` returns (reply, whether it may be kept: not a degraded answer).
+        Returns (reply, whether it came from the cache)."""
+        target = llm.find_unit(self.models, model, llm.TEXT_GENERATION).target
+        cache = self.caches.for_model(target.model, target.config.cache)
+        if cache is None:
+            return (await compute())[0], False
+        kept = {"ok": True, "computed": False}
+
+        async def arrays() -> dict[str, Any]:
+            reply, kept["ok"] = await compute()
+            kept["computed"] = True
+            return {"reply": np.array([reply], dtype=object)}
+
+        key = cache_key(target.key, {}, request)
+        found = await cache.get_or_compute(key, arrays, keep=lambda _: kept["ok"])
+        return bytes(found["reply"][0]), not kept["computed"]
 
     async def embed(self, model: str, texts: Sequence[str], client: str | None = None) -> Any:
         """Embeddings (N, hidden) FP32 of an embedding model, through `infer` (batched)."""

@@ -20,6 +20,7 @@ from slimserve.errors import InvalidArgument, SlimserveError
 from slimserve.repository.store import split_served_name
 from slimserve.runtimes.base import TextGenerator
 from slimserve.runtimes.llm import SamplingParams, TokenEvent, TokenLogprob, Usage
+from slimserve.runtimes.llm.params import Grammar
 from slimserve.runtimes.llm.stream import GenerationStream
 from slimserve.serving.metrics import TokenMeter
 from slimserve.serving.models import ModelManager, Unit
@@ -30,6 +31,7 @@ from slimserve.serving.sampling_args import number
 __all__ = [
     "EMBEDDING",
     "TEXT_GENERATION",
+    "Grammar",
     "SamplingParams",
     "TextStream",
     "TokenEvent",
@@ -97,6 +99,15 @@ def fill_context(
     return dataclasses.replace(params, max_tokens=max(1, min(DEFAULT_CHAT_MAX_TOKENS, room)))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Served:
+    """Which unit answers a generation: a variant, and whether it was chosen instead of the
+    one asked for (the breaker was open, or the model was under pressure)."""
+
+    variant: str | None = None
+    degraded: bool = False
+
+
 class TextStream:
     """A request's events; ending, failing or closing it calls `on_end(outcome)` once."""
 
@@ -107,9 +118,11 @@ class TextStream:
         prompt_tokens: int,
         meter: TokenMeter,
         on_end: Callable[[str], None],
+        served: Served | None = None,
     ) -> None:
         self._stream, self._generator, self._meter = stream, generator, meter
         self.prompt_tokens = prompt_tokens
+        self.served = served or Served()
         self._on_end = on_end
         self._done = False
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -344,12 +344,16 @@ class Engine:
         Refusals (rate limits, a full queue, a prompt too long) raise before any event.
         """
         try:
-            unit = llm.find_unit(self.models, model, llm.TEXT_GENERATION)
-            limit = llm.configured_timeout_s(unit.target.config.parameters)
+            asked = llm.find_unit(self.models, model, llm.TEXT_GENERATION)
+            config = asked.target.config
+            limit = llm.configured_timeout_s(config.parameters)
             if limit is not None:  # the server's own bound; the request's may be shorter
                 deadline_s = limit if deadline_s is None else min(deadline_s, limit)
             now = self._clock()
-            self.admission.check_rate(client, unit.target.model, unit.target.config, now)
+            self.admission.check_rate(client, asked.target.model, config, now)
+            # As v2 requests: the breaker, and a cheaper variant under pressure where allowed.
+            entry = self.models.entry(asked.target.model)
+            unit = self.admission.route(entry, asked, config.degrade.allow, now)
             self.admission.check_load(unit, deadline_s)
             unit = await self._acquire(unit)
         except SlimserveError as exc:  # refused before any event: counted like a failed infer
@@ -375,7 +379,33 @@ class Engine:
             elapsed = self._done(unit, outcome, started)
             self.metrics.observe_request(target.model, variant, outcome, elapsed)
 
-        return TextStream(stream, generator, len(ids), meter, on_end)
+        served = llm.Served(variant or None, degraded=unit is not asked)
+        return TextStream(stream, generator, len(ids), meter, on_end, served)
+
+    async def cached_reply(
+        self,
+        model: str,
+        request: dict[str, Any],
+        compute: Callable[[], Awaitable[tuple[bytes, bool]]],
+    ) -> tuple[bytes, bool]:
+        """A deterministic generation's encoded reply through the model's response cache
+        (`cache:` in model.yaml; without one, computed): `request` holds what determines the
+        answer, `compute` returns (reply, whether it may be kept: not a degraded answer).
+        Returns (reply, whether it came from the cache)."""
+        target = llm.find_unit(self.models, model, llm.TEXT_GENERATION).target
+        cache = self.caches.for_model(target.model, target.config.cache)
+        if cache is None:
+            return (await compute())[0], False
+        kept = {"ok": True, "computed": False}
+
+        async def arrays() -> dict[str, Any]:
+            reply, kept["ok"] = await compute()
+            kept["computed"] = True
+            return {"reply": np.array([reply], dtype=object)}
+
+        key = cache_key(target.key, {}, request)
+        found = await cache.get_or_compute(key, arrays, keep=lambda _: kept["ok"])
+        return bytes(found["reply"][0]), not kept["computed"]
 
     async def embed(self, model: str, texts: Sequence[str], client: str | None = None) -> Any:
         """Embeddings (N, hidden) FP32 of an embedding model, through `infer` (batched)."""

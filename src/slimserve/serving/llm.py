@@ -84,6 +84,15 @@ def fill_context(
     return dataclasses.replace(params, max_tokens=max(1, min(DEFAULT_CHAT_MAX_TOKENS, room)))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Served:
+    """Which unit answers a generation: a variant, and whether it was chosen instead of the
+    one asked for (the breaker was open, or the model was under pressure)."""
+
+    variant: str | None = None
+    degraded: bool = False
+
+
 class TextStream:
     """A request's events; ending, failing or closing it calls `on_end(outcome)` once."""
 
@@ -94,9 +103,11 @@ class TextStream:
         prompt_tokens: int,
         meter: TokenMeter,
         on_end: Callable[[str], None],
+        served: Served | None = None,
     ) -> None:
         self._stream, self._generator, self._meter = stream, generator, meter
         self.prompt_tokens = prompt_tokens
+        self.served = served or Served()
         self._on_end = on_end
         self._done = False
 

@@ -4,7 +4,8 @@
 requests here instead of to its batcher (the generation engine batches continuously on its
 own), with the request's `parameters`:
 
-  max_tokens, temperature, top_p, stop, seed, presence_penalty, frequency_penalty, ignore_eos
+  max_tokens, temperature, top_p, stop, seed, presence_penalty, frequency_penalty, ignore_eos,
+  top_k, min_p, repetition_penalty
 
 checked by the same rules as the OpenAI routes (serving/sampling_args.py; a bad value is a 400
 naming it). Absent ones come from model.yaml `parameters`, then max_tokens 16 and temperature 0

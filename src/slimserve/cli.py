@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "slimserve.repository.cli",  # repo add | list | manifest
     "slimserve.optimize.cli",  # optimize
     "slimserve.bench",  # bench
+    "slimserve.bench.profile_command",  # profile
     "slimserve.security.cli",  # keys create | list | revoke; repo encrypt | decrypt
 )
 

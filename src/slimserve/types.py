@@ -83,6 +83,11 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     # Who is asking (API key identity or peer address), for rate limits and audit.
     client: str | None = None
+    # Per-request latency objective, parsed once by the codecs (policies/slo.py): answer
+    # within this many ms, giving up at most `max_quality_loss` points against the original
+    # (None: the model's degrade.max_quality_loss). None: no objective.
+    latency_slo_ms: float | None = None
+    max_quality_loss: float | None = None
 
 
 @dataclass(slots=True)

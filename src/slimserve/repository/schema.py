@@ -271,6 +271,19 @@ def load_variant_info(path: Path) -> VariantInfo:
         raise ConfigError(describe_validation_error(path, exc)) from None
 
 
+def load_version_profile(path: Path) -> VariantProfile | None:
+    """Read an original version's profile.yaml (written by `slimserve profile`); None if absent.
+
+    Same shape as a variant.yaml's `profile:` section, so one reader serves both."""
+    if not path.exists():
+        return None
+    data = _read_yaml_mapping(path)
+    try:
+        return VariantInfo.model_validate(data).profile
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(path, exc)) from None
+
+
 def dump_model_config(config: ModelConfig) -> str:
     """model.yaml text for a config, with defaults left out so users see what matters."""
     data = config.model_dump(mode="json", exclude_defaults=True)

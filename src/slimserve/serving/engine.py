@@ -32,7 +32,7 @@ from slimserve.repository.store import Repository, Target, split_served_name
 from slimserve.runtimes.llm import SamplingParams
 from slimserve.security.audit import AuditLog
 from slimserve.security.keys import ANONYMOUS, Authenticator, Identity
-from slimserve.serving import llm, llm_v2
+from slimserve.serving import llm, llm_v2, slo
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import (
     CacheBackend,
@@ -417,6 +417,7 @@ class Engine:
         return response
 
     async def _infer(self, request: InferRequest) -> InferResponse:
+        arrived = self._clock()
         name, variant = _requested(request)
         version = parse_version(request.version)
         entry = self.models.entry(name)
@@ -428,6 +429,13 @@ class Engine:
         now = self._clock()
         self.admission.check_rate(request.client, name, config, now)
         allow = _flag(request.parameters.get("degrade"), config.degrade.allow)
+        choice = None
+        if request.latency_slo_ms is not None and asked.target.variant is None:
+            # The objective picks the unit (serving/slo.py); pressure does not move it again.
+            asked, choice = slo.choose_unit(
+                entry, asked, request, rows, self.admission.healthy, arrived, now
+            )
+            allow = False
         unit = self.admission.route(entry, asked, allow, now, rows)
         self.admission.check_load(unit, None if deadline is None else deadline - now)
         cache = self._cache_for(unit)
@@ -449,6 +457,8 @@ class Engine:
         )
         if unit is not asked:
             response.parameters["degraded"] = True
+        if choice is not None:
+            response.parameters.update(slo.response_parameters(choice))
         return response
 
     def _cache_for(self, unit: Unit) -> ResponseCache | None:

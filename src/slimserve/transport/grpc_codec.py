@@ -30,6 +30,7 @@ from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport._proto import model_config_pb2 as mc
 from slimserve.transport.limits import check_extent
 from slimserve.transport.raw import pack_bytes, tensor_from_raw
+from slimserve.transport.slo_params import take_slo
 from slimserve.types import DATATYPE_TO_NUMPY, InferRequest, InferResponse, datatype_of
 
 MAX_DIMS = 32  # numpy allows 64; no model here has more than a handful
@@ -59,7 +60,7 @@ _ALL_FIELDS = sorted({f for f, _ in CONTENTS_FIELDS.values()})
 
 def decode_infer_request(message: pb.ModelInferRequest, client: str | None = None) -> InferRequest:
     """A ModelInferRequest as an InferRequest (arrays are views of the message's buffers)."""
-    return InferRequest(
+    request = InferRequest(
         model=message.model_name,
         inputs=decode_inputs(message),
         version=message.model_version or None,
@@ -68,6 +69,8 @@ def decode_infer_request(message: pb.ModelInferRequest, client: str | None = Non
         parameters=decode_parameters(message.parameters, "the request"),
         client=client,
     )
+    take_slo(request.parameters, request)
+    return request
 
 
 def decode_inputs(message: pb.ModelInferRequest) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ import orjson
 from slimserve.errors import InvalidArgument, Unimplemented
 from slimserve.transport.limits import check_extent
 from slimserve.transport.raw import pack_bytes, tensor_from_raw
+from slimserve.transport.slo_params import take_slo
 from slimserve.types import DATATYPE_TO_NUMPY, InferRequest, InferResponse, datatype_of
 
 MAX_DIMS = 32  # numpy allows 64; no model here has more than a handful
@@ -98,6 +99,7 @@ def decode_infer_request(
     if isinstance(timeout, int) and not isinstance(timeout, bool):
         # An integer is Triton's microseconds (what tritonclient sends); a float is seconds.
         params["timeout"] = timeout / 1e6
+    take_slo(params, request)
     request.parameters = params
     return request, fmt
 

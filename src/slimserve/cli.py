@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "slimserve.optimize.cli",  # optimize
     "slimserve.bench",  # bench
     "slimserve.bench.profile_command",  # profile
+    "slimserve.planning.cli",  # plan
     "slimserve.security.cli",  # keys create | list | revoke; repo encrypt | decrypt
 )
 

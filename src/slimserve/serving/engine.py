@@ -118,10 +118,12 @@ class Engine:
         available = self.repository.model_names()
         if "*" in wanted:
             return available
-        missing = [n for n in wanted if n not in available]
+        # An entry is a model (all its units) or one unit key, NAME/VERSION[:VARIANT], as
+        # `slimserve plan` writes them to keep only the planned units resident.
+        missing = [n for n in wanted if n.partition("/")[0] not in available]
         for name in missing:
             log.error("startup model %s is not in the repository %s", name, self.repository.root)
-        return [n for n in wanted if n in available]
+        return [n for n in wanted if n not in missing]
 
     async def _load_all(self, names: list[str]) -> None:
         await self.models.register_all()

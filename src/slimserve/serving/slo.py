@@ -25,15 +25,7 @@ def quality_loss(unit: Unit) -> float | None:
     if unit.target.variant is None:
         return 0.0
     info = unit.target.info
-    if info is None:
-        return None
-    extra = info.profile.model_extra or {}
-    if isinstance(extra.get("quality_loss"), int | float):
-        return float(extra["quality_loss"])
-    if info.profile.agreement is not None:
-        # Rounded: (1 - 0.99) * 100 is 1.0000000000000009, over a budget of exactly 1 point.
-        return round((1.0 - info.profile.agreement) * 100.0, 9)
-    return None
+    return None if info is None else info.profile.quality_loss()
 
 
 def profile_curve(profile: VariantProfile | None) -> Curve:

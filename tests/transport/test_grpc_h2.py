@@ -23,6 +23,7 @@ import pytest
 from slimserve.config import Settings
 from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport.grpc_h2 import NativeGrpcServer, _percent_encode, _timeout_s
+from slimserve.types import ModelMetadata, TensorSpec
 from tests.grpc_standin import StandInEngine, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -39,12 +40,9 @@ class LoadEngine(StandInEngine):
         self.release = asyncio.Event()
         self.cancelled = False
 
-    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        tensors = [
-            {"name": f"input_{i:05d}", "datatype": "FP32", "shape": [-1, 784]}
-            for i in range(self.inputs)
-        ]
-        return {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx", "inputs": tensors}
+    def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        tensors = tuple(TensorSpec(f"input_{i:05d}", "FP32", (-1, 784)) for i in range(self.inputs))
+        return ModelMetadata(name, ("1",), "onnxruntime_onnx", tensors, (), "READY")
 
     async def load_model(self, name: str, identity: Any) -> None:
         self.load_started.set()

@@ -8,13 +8,14 @@ the serving layer calls it from one thread at a time.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from slimserve.repository.store import Target
-from slimserve.types import TensorSpec
+from slimserve.types import Clock, TensorSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,9 @@ class RuntimeOptions:
     # AES-256 key (32 bytes) for artifacts encrypted with `slimserve repo encrypt`; None: only
     # clear artifacts load. Kept out of repr so it never reaches a log line.
     data_key: bytes | None = field(default=None, repr=False)
+    # The server's one clock (monotonic seconds), for runtimes that keep deadlines themselves
+    # (the generation engine).
+    clock: Clock = field(default=time.monotonic, repr=False, compare=False)
 
 
 class Runtime(ABC):

@@ -54,7 +54,11 @@ class GenerationRuntime(Runtime):
         keep_freed_memory()
         text = TextGenerationRuntime.load(folder, weights=self.settings.weights)
         engine = GenerationEngine(
-            text.model, text.tokenizer, self._engine_config(), eos_token_ids=text.eos_token_ids
+            text.model,
+            text.tokenizer,
+            self._engine_config(),
+            eos_token_ids=text.eos_token_ids,
+            clock=self.options.clock,
         )
         engine.start()
         self.text, self.engine = text, engine

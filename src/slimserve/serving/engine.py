@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -24,80 +22,67 @@ from slimserve.errors import (
     DeadlineExceeded,
     InvalidArgument,
     ModelLoadError,
-    NotFound,
     PermissionDenied,
     SlimserveError,
 )
-from slimserve.repository.store import Repository, Target, split_served_name
+from slimserve.repository.store import Repository, split_served_name
 from slimserve.runtimes.llm import SamplingParams
 from slimserve.security.audit import AuditLog
 from slimserve.security.keys import ANONYMOUS, Authenticator, Identity
 from slimserve.serving import llm, llm_v2, slo
 from slimserve.serving.admission import Admission
-from slimserve.serving.cache import (
-    CacheBackend,
-    MemoryCache,
-    RedisCache,
-    ResponseCache,
-    cache_key,
-)
+from slimserve.serving.cache import ResponseCaches, cache_key
+from slimserve.serving.catalog import Catalog, parse_version
 from slimserve.serving.llm import TextStream
 from slimserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from slimserve.serving.metrics import Metrics
-from slimserve.serving.models import ModelEntry, ModelManager, RuntimeFactory, State, Unit
-from slimserve.serving.threads import InferenceThreads
+from slimserve.serving.models import ModelManager, State, Unit
 from slimserve.serving.validate import check_inputs, check_outputs
-from slimserve.types import InferRequest, InferResponse
+from slimserve.types import (
+    Clock,
+    HealthReport,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelSettings,
+    ModelStatistics,
+    RepositoryEntry,
+    ServerMetadata,
+)
 
 log = logging.getLogger("slimserve.engine")
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "schedule_policy"]
-PLATFORMS = {
-    "onnx": "onnxruntime_onnx",
-    "torch": "pytorch_torch",
-    "transformers": "transformers",
-    "python": "python",
-}
-
-
-def parse_version(version: str | int | None) -> int | None:
-    """'' / None -> None (the default version); '3' -> 3; anything else is an error."""
-    if version is None or version == "":
-        return None
-    text = str(version)
-    if not text.isdigit() or int(text) <= 0 or len(text) > 9:
-        raise InvalidArgument(f"model version {text[:32]!r} is not a positive integer")
-    return int(text)
+EXTENSIONS = ("binary_tensor_data", "model_repository", "schedule_policy")
 
 
 class Engine:
+    """The data plane. It receives its collaborators (built from Settings by slimserve.app's
+    `build_engine`) and owns them from then on: `stop` closes them."""
+
     def __init__(
         self,
         repository: Repository,
         settings: Settings,
-        runtime_factory: RuntimeFactory | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        *,
+        models: ModelManager,
+        admission: Admission,
+        metrics: Metrics,
+        caches: ResponseCaches,
+        catalog: Catalog,
+        audit: AuditLog,
+        auth: Authenticator | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.repository = repository
         self.settings = settings
-        threads = settings.inference_threads or os.cpu_count() or 1
-        self._infer_pool = InferenceThreads(threads)
-        self._load_pool = ThreadPoolExecutor(2, thread_name_prefix="slimserve-load")
         self._clock = clock  # seconds; admission decisions only (tests pass a fake one)
-        self.metrics = Metrics(self)
-        self.models = ModelManager(
-            repository,
-            settings,
-            self._infer_pool,
-            self._load_pool,
-            runtime_factory,
-            on_batch=self._batch_observer,
-        )
-        self.admission = Admission(settings)
-        self.caches: dict[str, ResponseCache] = {}  # per model, for models with `cache:`
-        self.auth = Authenticator(settings.api_keys_file) if settings.api_keys_file else None
-        self.audit = AuditLog(settings.audit_log)
-        self._root_text = str(repository.root)
+        self.metrics = metrics
+        self.models = models
+        self.admission = admission
+        self.caches = caches  # per model, for models with `cache:`
+        self.catalog = catalog
+        self.auth = auth
+        self.audit = audit
         self._started = False
         self._startup_done = False
         self._stopping = False
@@ -136,11 +121,8 @@ class Engine:
         if self._startup_task is not None and not self._startup_task.done():
             self._startup_task.cancel()
         await self.models.close()
-        for cache in self.caches.values():
-            await cache.backend.close()
+        await self.caches.close()
         self.audit.close()
-        self._infer_pool.shutdown(wait=False, cancel_futures=True)
-        self._load_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- health and metadata ---------------------------------------------------------------
 
@@ -150,146 +132,29 @@ class Engine:
     def ready(self) -> bool:
         return self._started and self._startup_done and not self._stopping
 
-    def server_metadata(self) -> dict[str, Any]:
-        return {"name": "slimserve", "version": __version__, "extensions": list(EXTENSIONS)}
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata("slimserve", __version__, EXTENSIONS)
 
-    def _resolve(
-        self, served: str, version: str | None
-    ) -> tuple[ModelEntry, int | None, str | None]:
-        name, variant = split_served_name(served)
-        return self.models.entry(name), parse_version(version), variant
-
-    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        entry, v, variant = self._resolve(name, version)
-        unit = self._describe_unit(entry, v, variant)
-        config = unit.target.config if unit is not None else entry.config
-        meta: dict[str, Any] = {
-            "name": name,
-            "versions": [str(x) for x in entry.versions()],
-            "platform": PLATFORMS.get(unit.target.backend if unit else "", ""),
-            "inputs": [s.to_dict() for s in config.input_specs()] if config else [],
-            "outputs": [s.to_dict() for s in config.output_specs()] if config else [],
-            "state": (unit.state if unit else entry.state).value,
-        }
-        reason = unit.reason if unit else entry.reason
-        if reason:
-            meta["reason"] = self.public(reason)
-        if unit is not None and unit.target.variant is None:
-            variants = sorted(
-                var for (ver, var) in entry.units if ver == unit.target.version and var
-            )
-            if variants:
-                meta["variants"] = variants
-        return meta
-
-    def _describe_unit(
-        self, entry: ModelEntry, version: int | None, variant: str | None
-    ) -> Unit | None:
-        v = version if version is not None else entry.default_version()
-        if v is None:
-            v = max(entry.versions(), default=None)
-        if v is None:
-            return None
-        unit = entry.units.get((v, variant))
-        if unit is None:
-            what = f"version {v}" + (f" variant '{variant}'" if variant else "")
-            raise NotFound(f"model '{entry.name}' has no {what}")
-        return unit
+    def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        return self.catalog.metadata(name, version)
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
-        entry, v, variant = self._resolve(name, version)
-        try:
-            unit = self.models.find(entry.name, v, variant)
-        except NotFound:
-            if v is None and variant is None:
-                return False
-            raise
-        except SlimserveError:
-            return False
-        return unit.state is State.READY
+        return self.catalog.ready(name, version)
 
-    def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
-        entry, v, variant = self._resolve(name, version)
-        unit = self._describe_unit(entry, v, variant)
-        config = unit.target.config if unit else entry.config
-        if config is None:
-            raise NotFound(f"model '{name}' has no readable model.yaml: {entry.reason}")
-        batched = config.batched
-
-        def dims(shape: tuple[int, ...]) -> list[int]:
-            return list(shape[1:] if batched else shape)
-
-        def tensors(specs: list[Any]) -> list[dict[str, Any]]:
-            return [
-                {
-                    "name": s.name,
-                    "data_type": f"TYPE_{_triton_type(s.datatype)}",
-                    "dims": dims(s.shape),
-                }
-                for s in specs
-            ]
-
-        backend = unit.target.backend if unit else config.backend
-        out: dict[str, Any] = {
-            "name": name,
-            "platform": PLATFORMS.get(backend, backend),
-            "backend": backend,
-            "max_batch_size": config.batching.max_batch_size,
-            "input": tensors(config.input_specs()),
-            "output": tensors(config.output_specs()),
-        }
-        if batched:
-            out["dynamic_batching"] = {
-                "max_queue_delay_microseconds": int(config.batching.max_queue_delay_ms * 1000)
-            }
-        return out
+    def model_config(self, name: str, version: str | None = None) -> ModelSettings:
+        return self.catalog.settings(name, version)
 
     def model_statistics(
         self, name: str | None = None, version: str | None = None
-    ) -> dict[str, Any]:
-        if name:
-            entry, v, variant = self._resolve(name, version)
-            units = [
-                u
-                for (ver, var), u in entry.units.items()
-                if var == variant and (v is None or ver == v)
-            ]
-        else:
-            units = [u for e in self.models.models.values() for u in e.units.values()]
-        return {"model_stats": [_unit_stats(u) for u in units]}
+    ) -> list[ModelStatistics]:
+        return self.catalog.statistics(name, version)
 
-    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        for name in self.repository.model_names():
-            entry = self.models.models.get(name)
-            if entry is None:
-                if not ready_only:
-                    rows.append({"name": name, "version": "", "state": "UNLOADED", "reason": "new"})
-                continue
-            for (ver, var), unit in sorted(
-                entry.units.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")
-            ):
-                if ready_only and unit.state is not State.READY:
-                    continue
-                served = name if var is None else f"{name}:{var}"
-                rows.append(
-                    {
-                        "name": served,
-                        "version": str(ver),
-                        "state": unit.state.value,
-                        "reason": self.public(unit.reason),
-                    }
-                )
-            if not entry.units and not ready_only:
-                rows.append(
-                    {
-                        "name": name,
-                        "version": "",
-                        "state": entry.state.value,
-                        "reason": self.public(entry.reason),
-                    }
-                )
-        return rows
+    def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
+        return self.catalog.index(ready_only)
+
+    def health(self) -> HealthReport:
+        """Health beyond live/ready: what is degraded and why."""
+        return self.catalog.health(self.live(), self.ready())
 
     # -- model control ---------------------------------------------------------------------
 
@@ -315,7 +180,7 @@ class Engine:
     def public(self, text: str) -> str:
         """A message fit for clients: the repository's location on disk is not theirs to know
         (the server log keeps full paths for operators)."""
-        return text.replace(self._root_text, "<repository>") if text else text
+        return self.catalog.public(text)
 
     def _check_control(self) -> None:
         if not self.settings.model_control:
@@ -365,43 +230,9 @@ class Engine:
 
     # -- inference -------------------------------------------------------------------------
 
-    def _batch_observer(self, target: Target) -> Callable[[int, list[float]], None]:
-        model, variant = target.model, target.variant or ""
-
-        def observe(rows: int, queue_s: list[float]) -> None:
-            self.metrics.observe_batch(model, variant, rows, queue_s)
-
-        return observe
-
     def metrics_text(self) -> tuple[bytes, str]:
         """The Prometheus exposition and its content type, for GET /metrics."""
         return self.metrics.render(), METRICS_CONTENT_TYPE
-
-    def health(self) -> dict[str, Any]:
-        """Health beyond live/ready: what is degraded and why."""
-        units = [u for e in self.models.models.values() for u in e.units.values()]
-        open_breakers = sorted(
-            u.target.key for u in units if self.admission.breaker_state(u).value != "closed"
-        )
-        failed = sorted(
-            u.target.key for u in units if u.state is State.UNAVAILABLE and u.reason != "unloaded"
-        )
-        degraded = sorted(
-            key for key, guard in self.admission.guards().items() if guard.degrade.degraded
-        )
-        status = "ok" if not (open_breakers or failed or degraded) else "degraded"
-        if not self.ready():
-            status = "starting" if self.live() else "stopping"
-        return {
-            "status": status,
-            "live": self.live(),
-            "ready": self.ready(),
-            "breakers_open": open_breakers,
-            "failed_units": failed,
-            "degraded_models": degraded,
-            "resident_bytes": self.models.used_bytes,
-            "memory_budget_bytes": self.models.budget_bytes,
-        }
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Validate, admit, route (variant, degradation), batch and run one request."""
@@ -427,20 +258,21 @@ class Engine:
         config = asked.target.config
         rows = check_inputs(request.model, config, request.inputs)
         check_outputs(request.model, config, request.outputs)
-        deadline = _deadline(request.parameters.get("timeout"))
         now = self._clock()
+        controls = request.controls
+        deadline = _deadline(controls.timeout_s, now)
         self.admission.check_rate(request.client, name, config, now)
-        allow = _flag(request.parameters.get("degrade"), config.degrade.allow)
+        allow = config.degrade.allow if controls.degrade is None else controls.degrade
         choice = None
-        if request.latency_slo_ms is not None and asked.target.variant is None:
+        if controls.latency_slo_ms is not None and asked.target.variant is None:
             # The objective picks the unit (serving/slo.py); pressure does not move it again.
             asked, choice = slo.choose_unit(
-                entry, asked, request, rows, self.admission.healthy, arrived, now
+                entry, asked, controls, rows, self.admission.healthy, arrived, now
             )
             allow = False
         unit = self.admission.route(entry, asked, allow, now, rows)
         self.admission.check_load(unit, None if deadline is None else deadline - now)
-        cache = self._cache_for(unit)
+        cache = self.caches.for_model(unit.target.model, unit.target.config.cache)
         if cache is None:
             outputs = await self._run(unit, request, rows, deadline)
         else:
@@ -463,20 +295,6 @@ class Engine:
             response.parameters.update(slo.response_parameters(choice))
         return response
 
-    def _cache_for(self, unit: Unit) -> ResponseCache | None:
-        settings = unit.target.config.cache
-        if settings is None:
-            return None
-        cache = self.caches.get(unit.target.model)
-        if cache is None:
-            backend: CacheBackend
-            if self.settings.redis_url:
-                backend = RedisCache(self.settings.redis_url, unit.target.model, settings.ttl_s)
-            else:
-                backend = MemoryCache(settings.max_bytes, settings.policy, settings.ttl_s)
-            cache = self.caches[unit.target.model] = ResponseCache(backend)
-        return cache
-
     async def _run(
         self, unit: Unit, request: InferRequest, rows: int, deadline: float | None
     ) -> dict[str, Any]:
@@ -491,19 +309,21 @@ class Engine:
             unit = await self.models.acquire_unit(unit)
             try:
                 assert unit.batcher is not None  # READY units always have one
-                priority = _priority(request.parameters.get("priority"))
                 if plan is not None:
-                    begun_ns = time.perf_counter_ns()
+                    begun = self._clock()
+                    time_left = None if deadline is None else deadline - begun
                     try:
                         outputs = await llm_v2.complete(
-                            unit, request.inputs, plan, deadline, self.metrics.generation
+                            unit, request.inputs, plan, time_left, self.metrics.generation
                         )
                     except SlimserveError:
-                        unit.stats.record_call(rows, begun_ns, ok=False)
+                        unit.stats.record_call(rows, _ns(self._clock() - begun), ok=False)
                         raise
-                    unit.stats.record_call(rows, begun_ns, ok=True)
+                    unit.stats.record_call(rows, _ns(self._clock() - begun), ok=True)
                 else:
-                    outputs = await unit.batcher.submit(request.inputs, rows, deadline, priority)
+                    outputs = await unit.batcher.submit(
+                        request.inputs, rows, deadline, request.controls.priority
+                    )
             finally:
                 self.models.release(unit)
         except SlimserveError as exc:
@@ -557,92 +377,25 @@ class Engine:
 
 
 def _requested(request: InferRequest) -> tuple[str, str | None]:
-    """Model name and variant from 'name[:variant]' and the parameter 'variant'."""
+    """Model name and variant from 'name[:variant]' and the request's `variant`."""
     name, variant = split_served_name(request.model)
-    param_variant = request.parameters.get("variant")
-    if param_variant is None:
+    if request.variant is None:
         return name, variant
-    if not isinstance(param_variant, str):
-        raise InvalidArgument("parameter 'variant' must be a string naming a variant")
-    if variant is not None and variant != param_variant:
+    if variant is not None and variant != request.variant:
         raise InvalidArgument(
-            f"variant given twice: '{variant}' in the name, '{param_variant}' in parameters"
+            f"variant given twice: '{variant}' in the name, '{request.variant}' in parameters"
         )
-    return name, split_served_name(f"{name}:{param_variant}")[1]
+    return name, split_served_name(f"{name}:{request.variant}")[1]
 
 
-def _flag(value: Any, default: bool) -> bool:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-        return value.lower() in ("true", "1")
-    raise InvalidArgument(f"parameter 'degrade' = {value!r}: use true or false")
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
 
 
-def _priority(value: Any) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise InvalidArgument(f"parameter 'priority' = {value!r}: use an integer (higher first)")
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidArgument(
-            f"parameter 'priority' = {value!r}: use an integer (higher first)"
-        ) from None
-
-
-def _deadline(timeout: Any) -> float | None:
-    if timeout is None:
+def _deadline(seconds: float | None, now: float) -> float | None:
+    """When a request with `seconds` to live (None: no limit), arriving `now`, is too late."""
+    if seconds is None:
         return None
-    try:
-        seconds = float(timeout)
-    except (TypeError, ValueError):
-        raise InvalidArgument(
-            f"parameter 'timeout' = {timeout!r} is not a number of seconds"
-        ) from None
     if seconds <= 0:
         raise DeadlineExceeded("the request's timeout passed before it reached the model")
-    return time.monotonic() + seconds
-
-
-def _triton_type(datatype: str) -> str:
-    return "STRING" if datatype == "BYTES" else datatype
-
-
-def _unit_stats(unit: Unit) -> dict[str, Any]:
-    s = unit.stats
-    t = unit.target
-    served = t.model if t.variant is None else f"{t.model}:{t.variant}"
-
-    def pair(count: int, ns: int) -> dict[str, int]:
-        return {"count": count, "ns": ns}
-
-    return {
-        "name": served,
-        "version": str(t.version),
-        "last_inference": s.last_inference_ms,
-        "inference_count": s.inference_count,
-        "execution_count": s.execution_count,
-        "inference_stats": {
-            "success": pair(s.success_count, s.success_ns),
-            "fail": pair(s.fail_count, s.fail_ns),
-            "queue": pair(s.success_count, s.queue_ns),
-            "compute_input": pair(s.execution_count, 0),
-            "compute_infer": pair(s.execution_count, s.compute_ns),
-            "compute_output": pair(s.execution_count, 0),
-            "cache_hit": pair(0, 0),
-            "cache_miss": pair(0, 0),
-        },
-        "batch_stats": [
-            {
-                "batch_size": size,
-                "compute_input": pair(c, 0),
-                "compute_infer": pair(c, ns),
-                "compute_output": pair(c, 0),
-            }
-            for size, (c, ns) in sorted(s.batch_sizes.items())
-        ],
-    }
+    return now + seconds

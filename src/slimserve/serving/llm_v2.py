@@ -17,7 +17,6 @@ freed.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -67,12 +66,12 @@ async def complete(
     unit: Unit,
     inputs: Mapping[str, np.ndarray],
     plan: V2Plan,
-    deadline: float | None,
+    time_left: float | None,
     metrics: GenerationMetrics,
 ) -> dict[str, np.ndarray]:
     """Each prompt's completion (choice 0), all submitted at once to the unit's engine.
 
-    `deadline`: time.monotonic() seconds by which the request must be done, or None.
+    `time_left`: seconds the request may still take (its deadline), or None.
     """
     config = unit.target.config
     prompts = inputs[config.input_specs()[0].name]
@@ -80,9 +79,7 @@ async def complete(
     text = runtime.text
     assert text is not None  # a loaded generation runtime has its tokenizer
     ids = [text.encode(p) for p in _texts(prompts)]
-    time_left = plan.timeout_s
-    if deadline is not None:
-        time_left = min(time_left, deadline - time.monotonic())
+    time_left = plan.timeout_s if time_left is None else min(plan.timeout_s, time_left)
     engine = runtime_engine(runtime)
     streams: list[GenerationStream] = []
     try:

@@ -15,7 +15,7 @@ from typing import Any
 from slimserve.policies.slo import Choice, Option, choose
 from slimserve.repository.schema import VariantProfile
 from slimserve.serving.models import ModelEntry, State, Unit
-from slimserve.types import InferRequest
+from slimserve.types import RequestControls
 
 Curve = tuple[tuple[int, float], ...]
 
@@ -80,24 +80,24 @@ def option(unit: Unit, loss: float, healthy: bool) -> Option:
 def choose_unit(
     entry: ModelEntry,
     original: Unit,
-    request: InferRequest,
+    controls: RequestControls,
     rows: int,
     healthy: Callable[[Unit], bool],
     arrived: float,
     now: float,
 ) -> tuple[Unit, Choice]:
-    """The unit to answer `request` (its latency_slo_ms set) and the choice behind it."""
-    assert request.latency_slo_ms is not None
+    """The unit to answer a request whose controls carry latency_slo_ms, and the choice."""
+    assert controls.latency_slo_ms is not None
     units = {var: u for (ver, var), u in entry.units.items() if ver == original.target.version}
     options = []
     for unit in units.values():
         loss = quality_loss(unit)
         if loss is not None:
             options.append(option(unit, loss, healthy(unit)))
-    budget = request.max_quality_loss
+    budget = controls.max_quality_loss
     if budget is None:
         budget = original.target.config.degrade.max_quality_loss
-    choice = choose(options, request.latency_slo_ms, budget, rows, arrived, now)
+    choice = choose(options, controls.latency_slo_ms, budget, rows, arrived, now)
     return units[choice.variant], choice
 
 

@@ -39,6 +39,7 @@ from slimserve.serving.metrics import Metrics
 from slimserve.serving.models import ModelManager, State, Unit
 from slimserve.serving.validate import check_inputs, check_outputs
 from slimserve.types import (
+    NO_CONTROLS,
     Clock,
     HealthReport,
     InferRequest,
@@ -47,6 +48,7 @@ from slimserve.types import (
     ModelSettings,
     ModelStatistics,
     RepositoryEntry,
+    RequestControls,
     ServerMetadata,
 )
 
@@ -361,8 +363,16 @@ class Engine:
             client=client,
         )
 
-    async def embed(self, model: str, texts: Sequence[str], client: str | None = None) -> Any:
-        """Embeddings (N, hidden) FP32 of an embedding model, through `infer` (batched)."""
+    async def embed(
+        self,
+        model: str,
+        texts: Sequence[str],
+        client: str | None = None,
+        controls: RequestControls = NO_CONTROLS,
+    ) -> InferResponse:
+        """Embeddings of an embedding model through `infer` (batched): one response whose only
+        output is (N, hidden) FP32; it names the unit that answered (the first chunk's, with
+        its objective parameters, when `controls` carry latency_slo_ms)."""
         config = llm.find_unit(self, model, llm.EMBEDDING).target.config
         spec, output = config.input_specs()[0], config.output_specs()[0].name
         step = config.batching.max_batch_size or len(texts)
@@ -371,9 +381,15 @@ class Engine:
             array = np.empty(len(texts[start : start + step]), dtype=object)
             array[:] = [t.encode("utf-8") for t in texts[start : start + step]]
             inputs = {spec.name: array}
-            requests.append(InferRequest(model, inputs, outputs=(output,), client=client))
+            requests.append(
+                InferRequest(model, inputs, outputs=(output,), client=client, controls=controls)
+            )
         responses = await asyncio.gather(*(self.infer(r) for r in requests))
-        return np.concatenate([r.outputs[output] for r in responses])
+        first = responses[0]
+        vectors = np.concatenate([r.outputs[output] for r in responses])
+        return InferResponse(
+            first.model, first.version, {output: vectors}, first.variant, None, first.parameters
+        )
 
 
 def _requested(request: InferRequest) -> tuple[str, str | None]:

@@ -5,8 +5,9 @@ the client concurrency. Every configuration runs in a real `slimserve serve` pro
 private copy of the model (hard links, so no bytes are copied) whose model.yaml carries that
 batching; `slimserve bench`'s closed loop drives it over HTTP (binary tensors). Recorded per
 point: throughput, p50, p99, errors; per unit: resident memory (the runtime's own count), the
-server's peak RSS, and the batch latency by batch size as the server measured it (its
-statistics API), which is what the per-request objective predicts from (policies/slo.py).
+server's peak RSS, the median batch latency by batch size timed in this process (what the
+per-request objective predicts from, policies/slo.py; the same measure `slimserve optimize`
+writes for variants) and the mean batch time the server saw (its statistics API).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+import numpy as np
 import orjson
 
 from slimserve.bench import payload as pl
@@ -72,7 +74,8 @@ class Point:
 class Sweep:
     target: str  # NAME/VERSION[:VARIANT]
     points: list[Point] = field(default_factory=list)
-    batch_ms: dict[int, float] = field(default_factory=dict)  # server-measured, by batch rows
+    batch_ms: dict[int, float] = field(default_factory=dict)  # in-process medians, by rows
+    served_batch_ms: dict[int, float] = field(default_factory=dict)  # the server's means
     memory_bytes: int | None = None
     peak_rss_bytes: int | None = None
 
@@ -95,6 +98,9 @@ class Sweep:
             fields["latency_ms_by_batch"] = by_batch
             if 1 in self.batch_ms:
                 fields["latency_ms_batch1"] = round(self.batch_ms[1], 4)
+        if self.served_batch_ms:
+            served = {str(k): round(v, 4) for k, v in sorted(self.served_batch_ms.items())}
+            fields["served_latency_ms_by_batch"] = served
         if ok:
             best = max(ok, key=lambda p: p.throughput_rps)
             fields["served_throughput_rps"] = round(best.throughput_rps, 2)
@@ -231,16 +237,41 @@ def sweep(
             entry = totals.setdefault(rows, [0, 0])
             entry[0] += count
             entry[1] += ns
-    result.batch_ms = {rows: ns / count / 1e6 for rows, (count, ns) in totals.items() if count}
-    result.memory_bytes = resident_bytes(target)
+    result.served_batch_ms = {
+        rows: ns / count / 1e6 for rows, (count, ns) in totals.items() if count
+    }
+    result.memory_bytes, result.batch_ms = measure_in_process(
+        target, max(grid.max_batch_size, default=1)
+    )
     return result
 
 
-def resident_bytes(target: Target) -> int | None:
-    """The unit's memory as the server counts it (its runtime's `memory_bytes`)."""
+def measure_in_process(
+    target: Target, max_batch: int, min_time_s: float = 0.2
+) -> tuple[int | None, dict[int, float]]:
+    """The unit's resident memory (its runtime's `memory_bytes`, as the server counts it) and
+    its median latency (ms) per batch size 1, 2, 4, ... max_batch, timed in this process on
+    one thread as `slimserve optimize` times variants: medians, so that a neighbour's burst on
+    a shared machine does not move them (the server's own batch times are kept beside)."""
     runtime = create_runtime(target)
     runtime.load()
     try:
-        return int(runtime.memory_bytes()) or None
+        meta = {"inputs": [spec.to_dict() for spec in target.config.input_specs()]}
+        sizes = [1]
+        while sizes[-1] * 2 <= max(1, max_batch):
+            sizes.append(sizes[-1] * 2)
+        latency = {}
+        for size in sizes if target.config.batched else [1]:
+            payload = pl.from_metadata(meta, batch_size=size)
+            inputs = {t.name: t.array for t in payload.inputs}
+            runtime.infer(inputs)  # warm
+            times: list[float] = []
+            start = time.perf_counter()
+            while len(times) < 5 or (time.perf_counter() - start < min_time_s and len(times) < 500):
+                t0 = time.perf_counter()
+                runtime.infer(inputs)
+                times.append((time.perf_counter() - t0) * 1e3)
+            latency[size] = float(np.median(times))
+        return int(runtime.memory_bytes()) or None, latency
     finally:
         runtime.unload()

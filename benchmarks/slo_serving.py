@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--rate", type=float, default=60.0, help="mixed traffic, req/s")
+    parser.add_argument("--rate", type=float, default=20.0, help="mixed traffic, req/s")
     parser.add_argument("--slo-ms", type=float, default=0.0, help="0: from the profiles")
     parser.add_argument("--quality-budget", type=float, default=5.0)
     args = parser.parse_args()

@@ -35,7 +35,11 @@ from slimserve.bench.runner import closed_loop, summarize
 from slimserve.errors import InvalidArgument
 from slimserve.repository.schema import BatchingConfig, ModelConfig, dump_model_config
 from slimserve.repository.store import MODEL_YAML, VARIANTS_DIR, Repository, Target
-from slimserve.runtimes import create_runtime
+from slimserve.runtimes import RuntimeOptions, create_runtime
+
+# One thread inside each model call, in the sweep's servers and in the in-process timing
+# alike: the figures then say what one call costs, whatever else shares the cores.
+INTRA_OP_THREADS = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +231,9 @@ def sweep(
         )
         with (
             private_repository(target, batching) as root,
-            local_server(root, "--load-models", name, env=env) as server,
+            local_server(
+                root, "--load-models", name, "--intra-op-threads", str(INTRA_OP_THREADS), env=env
+            ) as server,
         ):
             points, stats = asyncio.run(_measure_config(server, target, batching, grid, step))
             rss = server.peak_rss_bytes()
@@ -250,10 +256,10 @@ def measure_in_process(
     target: Target, max_batch: int, min_time_s: float = 0.2
 ) -> tuple[int | None, dict[int, float]]:
     """The unit's resident memory (its runtime's `memory_bytes`, as the server counts it) and
-    its median latency (ms) per batch size 1, 2, 4, ... max_batch, timed in this process on
-    one thread as `slimserve optimize` times variants: medians, so that a neighbour's burst on
-    a shared machine does not move them (the server's own batch times are kept beside)."""
-    runtime = create_runtime(target)
+    its median latency (ms) per batch size 1, 2, 4, ... max_batch, timed in this process on one
+    intra-op thread (optimize times variants the same way): medians, so that a neighbour's
+    burst on a shared machine does not move them (the server's batch times are kept beside)."""
+    runtime = create_runtime(target, RuntimeOptions(intra_op_threads=INTRA_OP_THREADS))
     runtime.load()
     try:
         meta = {"inputs": [spec.to_dict() for spec in target.config.input_specs()]}

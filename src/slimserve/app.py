@@ -32,6 +32,7 @@ from slimserve.security.keys import Authenticator
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import ResponseCaches
 from slimserve.serving.catalog import Catalog, hide_path
+from slimserve.serving.control import ModelControl
 from slimserve.serving.engine import Engine
 from slimserve.serving.metrics import Metrics
 from slimserve.serving.models import ModelManager, RuntimeFactory
@@ -171,7 +172,11 @@ def build_engine(
     admission = Admission(settings)
     caches = ResponseCaches(settings.redis_url, clock)
     metrics.watch(models, admission, caches)
-    catalog = Catalog(repository, models, admission, hide_path(repository.root))
+    public = hide_path(repository.root)
+    catalog = Catalog(repository, models, admission, public)
+    audit = AuditLog(settings.audit_log)
+    auth = Authenticator(settings.api_keys_file) if settings.api_keys_file else None
+    control = ModelControl(repository, models, audit, auth, settings.model_control, public)
     return Engine(
         repository,
         settings,
@@ -180,8 +185,8 @@ def build_engine(
         metrics=metrics,
         caches=caches,
         catalog=catalog,
-        audit=AuditLog(settings.audit_log),
-        auth=Authenticator(settings.api_keys_file) if settings.api_keys_file else None,
+        control=control,
+        audit=audit,
         clock=clock,
     )
 

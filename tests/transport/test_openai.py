@@ -26,6 +26,9 @@ from tests.runtimes.llm.conftest import tiny_llama_dir  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.timeout(120)
 
+CHAT = [{"role": "user", "content": "x"}]
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
 LM_YAML = """\
 backend: transformers
 task: text-generation
@@ -349,6 +352,59 @@ def test_embeddings_float_and_base64(repo: Path) -> None:
             "encoding_format",
         ),
         ("/v1/embeddings", {"model": "tiny", "input": "x"}, 400, None),
+        # Unknown fields are named, not ignored; so are bad extras and structured requests.
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "temprature": 0}, 400, "temprature"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": CHAT, "tool_choise": 1},
+            400,
+            "tool_choise",
+        ),
+        ("/v1/embeddings", {"model": "minilm", "input": "x", "truncate": True}, 400, "truncate"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": -5}, 400, "top_k"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "min_p": 2}, 400, "min_p"),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "x", "logit_bias": {"1": 2}},
+            400,
+            "logit_bias",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": CHAT, "response_format": {"type": "xml"}},
+            400,
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": CHAT, "tools": [{"type": "function"}]},
+            400,
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": CHAT, "tool_choice": "auto"},
+            400,
+            "tool_choice",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "tiny",
+                "messages": CHAT,
+                "tools": TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+            400,
+            "tool_choice",
+        ),
+        # MiniLM's WordPiece tokenizer cannot be constrained: a 400 that says so.
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": CHAT, "response_format": {"type": "json_object"}},
+            400,
+            None,
+        ),
     ],
 )
 def test_errors_in_openai_shape(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -32,6 +33,7 @@ import torch
 
 from slimserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from slimserve.runtimes.llm.blocks import BlockAllocator, block_keys
+from slimserve.runtimes.llm.grammar import Grammars
 from slimserve.runtimes.llm.model import (
     LlamaModel,
     forward,
@@ -74,7 +76,7 @@ class EngineConfig:
     max_waiting: int = 256  # queued requests before submit refuses (RESOURCE_EXHAUSTED)
     continuous: bool = True  # False: static batching (admit only into an empty batch)
     prefix_caching: bool = True
-    threads: int = 0  # torch intra-op threads in the engine thread; 0: torch's default
+    threads: int = 0  # torch intra-op threads in the engine thread; 0: usable_cores()
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_bytes", "max_seqs", "max_prefill_tokens"):
@@ -91,6 +93,15 @@ class EngineStats:
     preemptions: int
     cached_tokens: int  # prompt tokens served from the prefix cache since start
     iterations: int
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's
+    limit), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class GenerationEngine:
@@ -124,6 +135,7 @@ class GenerationEngine:
         self._counts = {"preemptions": 0, "cached_tokens": 0, "iterations": 0}
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, Any]]] = {}
         self._thread: threading.Thread | None = None
+        self._grammars = Grammars(tokenizer)
 
     def block_bytes(self) -> int:
         return kv_bytes_per_token(self.model.shape) * self.config.block_size
@@ -161,7 +173,9 @@ class GenerationEngine:
         loop = asyncio.get_running_loop()
         deadline = None if deadline_s is None else self.clock() + deadline_s
         request = Request(list(prompt_ids), params, deadline, loop, asyncio.Queue())
-        request.seqs = new_seqs(request, self.tokenizer)
+        grammar = params.grammar
+        constrain = None if grammar is None else lambda: self._grammars.constraint(grammar)
+        request.seqs = new_seqs(request, self.tokenizer, constrain)
         with self._lock:
             if len(self._inbox) + len(self._waiting) >= self.config.max_waiting:
                 raise ResourceExhausted(
@@ -196,8 +210,7 @@ class GenerationEngine:
     # --- the engine thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
+        torch.set_num_threads(self.config.threads or usable_cores())
         while not self._stopping:
             self._take_inbox()
             self._drop_abandoned()
@@ -316,6 +329,8 @@ class GenerationEngine:
     def _append(self, seq: Seq, token: int, logprob: Any) -> None:
         seq.tokens.append(token)
         seq.output_ids.append(token)
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
         is_eos = token in self.eos and not seq.params.ignore_eos
         text = "" if is_eos else seq.text.push(token)
         reason = self._finish_reason(seq, is_eos)
@@ -330,7 +345,7 @@ class GenerationEngine:
             self._emit(seq.request, END)
 
     def _finish_reason(self, seq: Seq, is_eos: bool) -> str | None:
-        if is_eos or seq.text.stopped:
+        if is_eos or seq.text.stopped or (seq.constraint is not None and seq.constraint.done):
             return FINISH_STOP
         if len(seq.output_ids) >= seq.params.max_tokens or len(seq.tokens) >= self.max_context:
             return FINISH_LENGTH

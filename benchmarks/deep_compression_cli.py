@@ -51,7 +51,7 @@ class Baseline:
 
 BASELINES = {
     "lenet300": Baseline("slimserve.zoo:MLP", {"sizes": [784, 300, 100, 10]}, 30, 0.9, 0.894),
-    "lenet5": Baseline("slimserve.zoo:CaffeLeNet", {}, 14, 0.85, 0.91),
+    "lenet5": Baseline("slimserve.zoo:CaffeLeNet", {}, 10, 0.8, 0.91),
 }
 
 

@@ -40,7 +40,7 @@ def test_runtime_generates_counts_memory_and_unloads(
         runtime.warmup()
         engine = runtime.engine
         assert engine is not None
-        kv = engine.pool.numel() * 4
+        kv = engine.pool.numel() * engine.pool.element_size()
         assert kv <= 1048576 < kv + engine.block_bytes()  # the pool: kv_cache_bytes, in blocks
         assert runtime.memory_bytes() == engine.model.nbytes() + kv
         prompts = np.array([b"hello world", "caf\u00e9".encode()], dtype=object)

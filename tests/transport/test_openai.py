@@ -198,7 +198,10 @@ def eos_repo(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> 
 
     root = tmp_path_factory.mktemp("openai-eos") / "models"
     (root / "tiny").mkdir(parents=True)
-    (root / "tiny" / "model.yaml").write_text(LM_YAML)
+    # fp32 on both sides: the server's default weights (auto) may round differently from the
+    # runtime loaded here, and a random model's near-tied logits would pick other tokens.
+    yaml = LM_YAML.replace("max_seqs: 8}", "max_seqs: 8, weights: fp32}")
+    (root / "tiny" / "model.yaml").write_text(yaml)
     folder = shutil.copytree(tiny_llama_dir, root / "tiny" / "1")
     runtime = TextGenerationRuntime.load(folder)
     prompts = [runtime.encode("hello world"), runtime.encode_chat(CHAT)]

@@ -2,7 +2,7 @@
 
 1. **Plan the sparsity** for the size target: on a copy of the model, global magnitude pruning
    at a candidate sparsity, weight sharing and the .dcz encoding give the stored size; a
-   bisection finds the smallest sparsity whose file is `ratio` (x a 5% margin, since retraining
+   bisection finds the smallest sparsity whose file is `ratio` (x a 12% margin, since retraining
    moves the weights) times smaller than float32. The global threshold gives each layer its own
    sparsity from its weights' magnitudes (Han et al.'s per-layer thresholds from sensitivity
    do the same job by hand: layers with large weights, such as the first convolution, keep more).
@@ -15,8 +15,8 @@
    `compress.save_compressed`), which the torch runtime loads.
 
 Epochs and learning rate follow the data when not given: about `STEPS_PER_ROUND` optimizer
-steps per round (2 epochs of Fashion-MNIST's 60,000 rows at batch 128, 10 of a 5,000-row set,
-at most 20), twice that for the final retraining; Adam at 3e-4 (a third of its usual 1e-3, as
+steps per round (4 epochs of Fashion-MNIST's 60,000 rows at batch 128, 20 of a 5,000-row
+set, at most 20), twice that for the final retraining; Adam at 3e-4 (a third of its usual 1e-3, as
 Han et al. retrain below the original rate), centroids at 1e-4.
 """
 
@@ -39,9 +39,11 @@ from slimserve.optimize.prune import MagnitudePruning, count_nonzero, prune_, pr
 from slimserve.optimize.sharing import WeightSharing, finetune_centroids, share_weights_
 from slimserve.train.loop import TrainConfig, classification_loss, fit
 
-STEPS_PER_ROUND = 800  # optimizer steps of retraining per pruning round (see the docstring)
+STEPS_PER_ROUND = 1500  # optimizer steps of retraining per pruning round (see the docstring)
 MAX_EPOCHS = 20
-SIZE_MARGIN = 1.05  # plan for this much more than `ratio`: retraining moves the weights
+# Plan for this much more than `ratio`: retrained weights share and code less well than the
+# trial's (measured on LeNet-300-100: planned 42.0x at 1.05 gave 39.3x; 1.12 gave 42.1x).
+SIZE_MARGIN = 1.12
 
 
 @dataclass(frozen=True)

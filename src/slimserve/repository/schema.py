@@ -109,7 +109,11 @@ class GenerationSettings(_Strict):
     The KV pool holds `kv_cache_bytes` (all layers, K and V, fp32) in blocks of `block_size`
     token positions; `max_seqs` sequences decode together; `weights: int8` quantizes the
     linear layers at load (per-channel int8 weights, int8 matmul); `weights: bf16` computes
-    the fp32 checkpoint in bf16 where the CPU has avx512_bf16 (fp32 elsewhere).
+    the fp32 checkpoint in bf16 where the CPU has avx512_bf16 (fp32 elsewhere); `bf16+int4`
+    is bf16 with one- and two-row decode steps read from int4 planes of the same weights;
+    `auto` (the default) picks from the CPU's features: bf16+int4 where it has bf16
+    arithmetic, else int8. fp32 only when asked. `speculative` drafts tokens for greedy
+    requests (see SpeculativeSettings).
     """
 
     block_size: int = Field(16, ge=1, le=1024)
@@ -119,7 +123,7 @@ class GenerationSettings(_Strict):
     max_waiting: int = Field(256, ge=1)
     prefix_caching: bool = True
     continuous: bool = True
-    weights: Literal["fp32", "bf16", "int8"] = "fp32"
+    weights: Literal["auto", "fp32", "bf16", "bf16+int4", "int8"] = "auto"
 
 
 class ModelConfig(_Strict):

@@ -169,6 +169,21 @@ class Admission:
         )
         return variants.get(name) if name else None
 
+    def degrade_options(self, entry: ModelEntry, original: Unit) -> list[str]:
+        """Keys of the variants degradation may send `original`'s traffic to: profiled,
+        within its quality budget and cheaper than it (health aside: that changes by the
+        second). For the console's Pareto plot."""
+        budget = original.target.config.degrade.max_quality_loss
+        cost = _cost(original)
+        variants = self._variants(entry, original)
+        return sorted(
+            unit.target.key
+            for unit in variants.values()
+            if (c := self._candidate(unit)) is not None
+            and c.quality_loss <= budget
+            and (cost is None or c.cost < cost)
+        )
+
     def _under_pressure(self, unit: Unit, now: float) -> bool:
         guard = self._guards.get(unit.target.key)
         if guard is not None and guard.breaker is not None and guard.breaker.blocking(now):

@@ -46,6 +46,11 @@ class ModelControl:
             raise
         return identity
 
+    def identify(self, token: str | None) -> Identity:
+        """Who holds `token` (any scope); anonymous without a key file. Unauthenticated (401)
+        for a missing, unknown or revoked key."""
+        return ANONYMOUS if self.auth is None else self.auth.authenticate(token)
+
     async def load(self, name: str, identity: Identity | None = None) -> None:
         await self._audited("load", name, identity, self._load)
 

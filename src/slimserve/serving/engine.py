@@ -29,7 +29,7 @@ from slimserve.errors import (
 from slimserve.repository.store import Repository, split_served_name
 from slimserve.runtimes.llm import SamplingParams
 from slimserve.security.audit import AuditLog
-from slimserve.security.keys import Identity
+from slimserve.security.keys import ANONYMOUS, Identity
 from slimserve.serving import llm, prompt_tensors
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import ResponseCaches, cache_key
@@ -39,6 +39,7 @@ from slimserve.serving.llm import TextStream
 from slimserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from slimserve.serving.metrics import Metrics, TokenMeter
 from slimserve.serving.models import ModelManager, Unit
+from slimserve.serving.overview import LiveSample, ModelView, live_sample, model_views
 from slimserve.serving.validate import check_inputs, check_outputs
 from slimserve.types import (
     Clock,
@@ -162,6 +163,10 @@ class Engine:
         """The caller, if it may use `scope` on `model` (serving/control.py)."""
         return self.control.authorize(token, scope, model)
 
+    def identify(self, token: str | None) -> Identity:
+        """Who holds `token` (any scope); Unauthenticated (401) without a valid one."""
+        return self.control.identify(token)
+
     def public(self, text: str) -> str:
         """A message fit for clients: the repository's location on disk is not theirs to know
         (the server log keeps full paths for operators)."""
@@ -179,6 +184,14 @@ class Engine:
         """The Prometheus exposition and its content type, for GET /metrics."""
         return self.metrics.render(), METRICS_CONTENT_TYPE
 
+    def overview(self, identity: Identity = ANONYMOUS) -> list[ModelView]:
+        """Every model, version and variant `identity` may use: state, residency, profile."""
+        return model_views(self.models, self.admission, self.public, identity.may_use)
+
+    def live_metrics(self, identity: Identity = ANONYMOUS) -> LiveSample:
+        """The /metrics figures now, per model and variant `identity` may use (cumulative)."""
+        return live_sample(self.metrics.registry, identity.may_use)
+
     async def infer(self, request: InferRequest) -> InferResponse:
         """Validate, admit, route (variant, degradation), batch and run one request."""
         started = time.perf_counter()
@@ -190,6 +203,8 @@ class Engine:
             raise
         elapsed = time.perf_counter() - started
         self.metrics.observe_request(response.model, response.variant or "", "success", elapsed)
+        if response.parameters.get("degraded"):
+            self.metrics.observe_degraded(response.model, response.variant or "")
         return response
 
     def _count_refusal(self, served: str, exc: SlimserveError) -> None:

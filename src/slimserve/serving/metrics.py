@@ -67,6 +67,12 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
+        self.degraded = Counter(
+            "slimserve_degraded_requests",
+            "Requests a variant answered because its original was under pressure or failing.",
+            ["model", "variant"],
+            registry=r,
+        )
         self.generation = GenerationMetrics(r)
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
@@ -80,6 +86,9 @@ class Metrics:
         children[0].inc()
         if children[1] is not None:
             children[1].observe(seconds)
+
+    def observe_degraded(self, model: str, variant: str) -> None:
+        self.degraded.labels(model, variant).inc()
 
     def watch(self, models: ModelManager, admission: Admission, caches: ResponseCaches) -> None:
         """Report these parts' own counters (residency, admission, caches) at each scrape."""

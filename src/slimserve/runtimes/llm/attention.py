@@ -107,6 +107,8 @@ def attend(
     layer's keys in the L3 cache for the matmuls that follow, and the copy is read from DRAM."""
     rows, new, heads, head_dim = q.shape
     keys, values = _gather(kv, index.read, (index.rows, kv.shape[1], index.keys, head_dim))
+    if new == 1 and rows == 1:
+        return _decode_one(q, keys, values, index.mask).view(1, 1, heads * head_dim)
     if new == 1:
         out = _decode(q, keys, values, index.mask, softcap)
         return out.view(rows, 1, heads * head_dim)
@@ -124,6 +126,17 @@ def _gather(
     """Each row's blocks as contiguous keys and values, `shape` (B, Hkv, S, hd) each."""
     flat = kv.view(2, kv.shape[1] * kv.shape[2], -1)  # (2, Hkv * num_blocks, bs * hd)
     return flat[0].index_select(0, read).view(shape), flat[1].index_select(0, read).view(shape)
+
+
+def _decode_one(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """One row, one query: torch's fused CPU attention over the G query heads of each K/V
+    head. Measured (2-core EPYC, one thread, bf16, 208 keys, SmolLM2's heads): 41 us against
+    79 for the two batched matmuls; at 8 rows and more it is the slower one (260 against 155)."""
+    rows, _, heads, head_dim = q.shape
+    grouped = q.view(rows, keys.shape[1], heads // keys.shape[1], head_dim)  # (1, Hkv, G, hd)
+    return F.scaled_dot_product_attention(grouped, keys, values, attn_mask=bias.to(q.dtype))
 
 
 def _decode(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -75,7 +76,7 @@ class EngineConfig:
     max_waiting: int = 256  # queued requests before submit refuses (RESOURCE_EXHAUSTED)
     continuous: bool = True  # False: static batching (admit only into an empty batch)
     prefix_caching: bool = True
-    threads: int = 0  # torch intra-op threads in the engine thread; 0: torch's default
+    threads: int = 0  # torch intra-op threads in the engine thread; 0: usable_cores()
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_bytes", "max_seqs", "max_prefill_tokens"):
@@ -92,6 +93,15 @@ class EngineStats:
     preemptions: int
     cached_tokens: int  # prompt tokens served from the prefix cache since start
     iterations: int
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's
+    limit), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class GenerationEngine:
@@ -200,8 +210,7 @@ class GenerationEngine:
     # --- the engine thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
+        torch.set_num_threads(self.config.threads or usable_cores())
         while not self._stopping:
             self._take_inbox()
             self._drop_abandoned()

@@ -176,10 +176,20 @@ def bf16_linear(weight: torch.Tensor, role: str = "") -> Linear:
     return BFloat16Linear(weight) if HAS_BF16 else FloatLinear(weight)
 
 
+def auto_weights() -> str:
+    """The default weights kind, from the CPU's features: bf16 arithmetic (avx512_bf16 or
+    AMX) runs `bf16+int4` (bf16 matmuls, one- and two-row steps from int4 planes: int4mm.py);
+    elsewhere `int8` (VNNI or AVX2 int8 matmuls). fp32 only when asked."""
+    return "bf16+int4" if HAS_BF16 else "int8"
+
+
 def compute_dtype(weights: str) -> torch.dtype:
-    """The activation dtype of a weights kind: bf16 for `bf16` and `int8` (its attention, KV
-    cache and down projection; see quant.py) where the CPU has it, else fp32."""
-    return torch.bfloat16 if weights in ("bf16", "int8") and HAS_BF16 else torch.float32
+    """The activation dtype of a weights kind: bf16 for `bf16`, `bf16+int4` and `int8` (its
+    attention, KV cache and down projection; see quant.py) where the CPU has it, else fp32."""
+    if weights == "auto":
+        weights = auto_weights()
+    lower = ("bf16", "bf16+int4", "int8")
+    return torch.bfloat16 if weights in lower and HAS_BF16 else torch.float32
 
 
 def shape_of(config: Any) -> LlamaShape:

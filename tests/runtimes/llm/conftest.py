@@ -46,3 +46,11 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_llama_dir: Path):  # type: ignore[no-untyped-def]
+    """The tiny Llama loaded with exact (fp32) weights."""
+    from slimserve.runtimes.llm import TextGenerationRuntime
+
+    return TextGenerationRuntime.load(tiny_llama_dir)

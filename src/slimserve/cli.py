@@ -42,6 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Optional dependencies -> the extra that installs them (pyproject.toml optional-dependencies).
+EXTRAS = {
+    "torch": "torch",
+    "matplotlib": "optimize",
+    "sklearn": "optimize",
+    "onnxscript": "optimize",
+    "transformers": "transformers",
+    "tokenizers": "transformers",
+    "gguf": "transformers",
+    "accelerate": "transformers",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError, command: str) -> str | None:
+    """One line saying what to install for a missing optional dependency, or None."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    if command == "optimize" and extra == "torch":
+        extra = "optimize"  # optimize's extra brings torch with the rest of what it uses
+    package = {"sklearn": "scikit-learn"}.get(top, top)  # the name pip knows it by
+    return f"{package} is not installed; pip install 'slimserve[{extra}]'"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -49,6 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except SlimserveError as exc:
         print(f"slimserve {args.command}: error: {exc.message}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        hint = missing_extra(exc, args.command)
+        if hint is None:
+            raise
+        print(f"slimserve {args.command}: error: {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

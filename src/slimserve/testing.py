@@ -11,6 +11,11 @@ arguments (use functools.partial to pass them through a factory):
     runtime = EchoRuntime(target, scale=2.0)       # output = input * 2, row by row
     slow = SlowRuntime(target, delay_s=0.05)        # sleeps in every infer
     flaky = FailingRuntime(target, fail_after=3)    # 3 good calls, then RuntimeError
+
+A FakeClock stands in for the server's one clock (`build_engine(settings, clock=clock)`):
+
+    clock = FakeClock()                             # 1000.0 until told otherwise
+    clock.advance(2.5)                              # deadlines, windows and breakers move
 """
 
 from __future__ import annotations
@@ -31,6 +36,30 @@ from slimserve.repository.schema import ModelConfig, dump_model_config
 from slimserve.repository.store import MODEL_YAML, Target
 from slimserve.runtimes import Runtime, RuntimeOptions, create_runtime
 from slimserve.types import TensorSpec, numpy_dtype
+
+# ---------------------------------------------------------------------------------------------
+# A clock for tests.
+
+
+class FakeClock:
+    """Monotonic seconds that move only when told: `advance`, or `tick` at every reading.
+
+    A ticking clock keeps readings strictly ordered and every measured duration the same,
+    whatever the machine's load (e.g. residency tests that weigh load time).
+    """
+
+    def __init__(self, start: float = 1000.0, tick: float = 0.0) -> None:
+        self.now = start
+        self.tick = tick
+
+    def __call__(self) -> float:
+        now = self.now
+        self.now += self.tick
+        return now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
 
 # ---------------------------------------------------------------------------------------------
 # Toy models: configs, targets and repository folders without real artifacts.

@@ -17,14 +17,17 @@ import numpy as np
 import orjson
 import pytest
 
+from slimserve.app import build_engine
 from slimserve.config import Settings
 from slimserve.repository import Repository
 from slimserve.repository.importer import add_model
-from slimserve.serving.engine import Engine
-from slimserve.transport.http import create_app
+from slimserve.transport.asgi import create_app
 from tests.runtimes.llm.conftest import tiny_llama_dir  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.timeout(120)
+
+CHAT = [{"role": "user", "content": "x"}]
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 
 LM_YAML = """\
 backend: transformers
@@ -56,7 +59,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path
 @contextlib.asynccontextmanager
 async def serving(root: Path, **options: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
     settings = Settings(repository=root, **options)
-    engine = Engine(Repository(root), settings)
+    engine = build_engine(settings, repository=Repository(root))
     await engine.start(wait=True)
     app = create_app(engine, settings)
     transport = httpx.ASGITransport(app=app)
@@ -195,7 +198,10 @@ def eos_repo(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> 
 
     root = tmp_path_factory.mktemp("openai-eos") / "models"
     (root / "tiny").mkdir(parents=True)
-    (root / "tiny" / "model.yaml").write_text(LM_YAML)
+    # fp32 on both sides: the server's default weights (auto) may round differently from the
+    # runtime loaded here, and a random model's near-tied logits would pick other tokens.
+    yaml = LM_YAML.replace("max_seqs: 8}", "max_seqs: 8, weights: fp32}")
+    (root / "tiny" / "model.yaml").write_text(yaml)
     folder = shutil.copytree(tiny_llama_dir, root / "tiny" / "1")
     runtime = TextGenerationRuntime.load(folder)
     prompts = [runtime.encode("hello world"), runtime.encode_chat(CHAT)]
@@ -349,6 +355,59 @@ def test_embeddings_float_and_base64(repo: Path) -> None:
             "encoding_format",
         ),
         ("/v1/embeddings", {"model": "tiny", "input": "x"}, 400, None),
+        # Unknown fields are named, not ignored; so are bad extras and structured requests.
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "temprature": 0}, 400, "temprature"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": CHAT, "tool_choise": 1},
+            400,
+            "tool_choise",
+        ),
+        ("/v1/embeddings", {"model": "minilm", "input": "x", "truncate": True}, 400, "truncate"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": -5}, 400, "top_k"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "min_p": 2}, 400, "min_p"),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "x", "logit_bias": {"1": 2}},
+            400,
+            "logit_bias",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": CHAT, "response_format": {"type": "xml"}},
+            400,
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": CHAT, "tools": [{"type": "function"}]},
+            400,
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": CHAT, "tool_choice": "auto"},
+            400,
+            "tool_choice",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "tiny",
+                "messages": CHAT,
+                "tools": TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+            400,
+            "tool_choice",
+        ),
+        # MiniLM's WordPiece tokenizer cannot be constrained: a 400 that says so.
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": CHAT, "response_format": {"type": "json_object"}},
+            400,
+            None,
+        ),
     ],
 )
 def test_errors_in_openai_shape(
@@ -403,7 +462,7 @@ def test_disconnect_mid_stream_cancels_generation(repo: Path) -> None:
 
     async def main() -> tuple[list[Any], Any, int]:
         settings = Settings(repository=repo)
-        engine = Engine(Repository(repo), settings)
+        engine = build_engine(settings, repository=Repository(repo))
         await engine.start(wait=True)
         app = create_app(engine, settings)
         gone = asyncio.Event()

@@ -134,8 +134,10 @@ def _check_options(
             raise InvalidArgument(f"{artifact}: {flag} applies to safetensors weights only")
     if task is not None and kind != "transformers":
         raise InvalidArgument(f"{artifact}: --task applies to transformers folders only")
-    if task not in (None, "embedding", "sequence-classification"):
-        raise InvalidArgument(f"--task {task!r}: use embedding or sequence-classification")
+    if task not in (None, "embedding", "sequence-classification", "text-generation"):
+        raise InvalidArgument(
+            f"--task {task!r}: use embedding, sequence-classification or text-generation"
+        )
 
 
 # --------------------------------------------------------------------------- shared

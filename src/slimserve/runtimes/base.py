@@ -8,13 +8,20 @@ the serving layer calls it from one thread at a time.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from slimserve.repository.store import Target
-from slimserve.types import TensorSpec
+from slimserve.runtimes.llm.params import SamplingParams
+from slimserve.types import Clock, TensorSpec
+
+if TYPE_CHECKING:
+    from slimserve.runtimes.llm.engine import EngineStats
+    from slimserve.runtimes.llm.stream import GenerationStream
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +34,9 @@ class RuntimeOptions:
     # AES-256 key (32 bytes) for artifacts encrypted with `slimserve repo encrypt`; None: only
     # clear artifacts load. Kept out of repr so it never reaches a log line.
     data_key: bytes | None = field(default=None, repr=False)
+    # The server's one clock (monotonic seconds), for runtimes that keep deadlines themselves
+    # (the generation engine).
+    clock: Clock = field(default=time.monotonic, repr=False, compare=False)
 
 
 class Runtime(ABC):
@@ -79,3 +89,39 @@ class Runtime(ABC):
 
                 feeds[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
         self.infer(feeds)
+
+
+class TextGenerator(ABC):
+    """What a language-model runtime adds to `Runtime`: prompts in, a stream of tokens out.
+
+    The serving layer uses a text-generation unit only through these methods (the OpenAI
+    routes and the v2 path alike); how the runtime batches and caches is its own business.
+    """
+
+    @property
+    @abstractmethod
+    def max_context(self) -> int:
+        """Tokens a prompt and its completion may hold together."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """A prompt's token ids."""
+
+    @abstractmethod
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Chat messages rendered by the model's chat template, as token ids."""
+
+    @abstractmethod
+    def token_text(self, token_id: int) -> str:
+        """One token as text (for logprobs)."""
+
+    @abstractmethod
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, deadline_s: float | None
+    ) -> GenerationStream:
+        """Start generating (from the event loop); `deadline_s`: seconds from now, or None.
+        Raises before any event for a refused request (bad parameters, too long, queue full)."""
+
+    @abstractmethod
+    def generation_stats(self) -> EngineStats:
+        """Sequences, KV blocks and prefix-cache figures now (read at each metrics scrape)."""

@@ -210,7 +210,7 @@ def _load_compressed(model: nn.Module, folder: Path, name: str) -> None:
         raise ModelLoadError(
             f"{folder}: variant.yaml names artifact {name!r}, which is not a file in this folder"
         )
-    from slimserve.optimize.compress import load_compressed
+    from slimserve.runtimes.dcz import load_compressed
 
     try:
         state = load_compressed(path)

@@ -24,7 +24,8 @@ from slimserve.policies.degrade import (
 )
 from slimserve.policies.rate_limit import Bucket, KeyedLimiter, Limit, take
 from slimserve.policies.shedding import should_shed
-from slimserve.repository.schema import ModelConfig
+from slimserve.repository.schema import GenerationSettings, ModelConfig
+from slimserve.runtimes.base import TextGenerator
 from slimserve.serving.models import ModelEntry, State, Unit
 
 
@@ -168,14 +169,31 @@ class Admission:
         )
         return variants.get(name) if name else None
 
+    def degrade_options(self, entry: ModelEntry, original: Unit) -> list[str]:
+        """Keys of the variants degradation may send `original`'s traffic to: profiled,
+        within its quality budget and cheaper than it (health aside: that changes by the
+        second). For the console's Pareto plot."""
+        budget = original.target.config.degrade.max_quality_loss
+        cost = _cost(original)
+        variants = self._variants(entry, original)
+        return sorted(
+            unit.target.key
+            for unit in variants.values()
+            if (c := self._candidate(unit)) is not None
+            and c.quality_loss <= budget
+            and (cost is None or c.cost < cost)
+        )
+
     def _under_pressure(self, unit: Unit, now: float) -> bool:
         guard = self._guards.get(unit.target.key)
         if guard is not None and guard.breaker is not None and guard.breaker.blocking(now):
             return True
+        config = unit.target.config
+        if unit.state is State.READY and isinstance(unit.runtime, TextGenerator):
+            return _generation_pressure(unit.runtime, config)
         batcher = unit.batcher
         if unit.state is not State.READY or batcher is None:
             return False
-        config = unit.target.config
         if batcher.queue_depth >= config.degrade.queue_fraction * batcher.max_queue:
             return True
         max_wait = config.limits.max_queue_wait_ms
@@ -222,6 +240,14 @@ class Admission:
         guard = self._guards.get(unit.target.key)
         if guard is not None and guard.breaker is not None:
             guard.breaker.record(now, ok, latency_s)
+
+
+def _generation_pressure(generator: TextGenerator, config: ModelConfig) -> bool:
+    """A language model batches on its own: it is under pressure when requests wait for a
+    place in its running batch (queue_fraction of max_seqs of them)."""
+    max_seqs = (config.generation or GenerationSettings()).max_seqs
+    waiting = generator.generation_stats().waiting
+    return waiting > 0 and waiting >= config.degrade.queue_fraction * max_seqs
 
 
 def _cost(unit: Unit) -> float | None:

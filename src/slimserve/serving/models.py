@@ -42,6 +42,7 @@ from slimserve.repository.store import Repository, Target
 from slimserve.runtimes import Runtime, RuntimeOptions, create_runtime
 from slimserve.serving.batcher import Batcher, BatchStats
 from slimserve.serving.threads import InferenceThreads
+from slimserve.types import Clock
 
 log = logging.getLogger("slimserve.models")
 
@@ -130,7 +131,7 @@ class ModelManager:
         infer_threads: InferenceThreads,
         load_executor: Executor,
         runtime_factory: RuntimeFactory | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
         on_batch: Callable[[Target], Callable[[int, list[float]], None]] | None = None,
     ) -> None:
         self.repository = repository
@@ -145,6 +146,7 @@ class ModelManager:
             graph_optimization=settings.ort_graph_optimization,
             spin_wait=settings.spin_wait,
             data_key=settings.data_key(),
+            clock=clock,
         )
         self.budget_bytes = settings.memory_budget_bytes or default_budget() // settings.workers
         self.policy = make_policy(settings.eviction_policy)
@@ -301,6 +303,7 @@ class ModelManager:
             max_queue=batching.max_queue_size or self.settings.max_queue_size,
             stats=unit.stats,
             on_batch=self._on_batch(unit.target) if self._on_batch else None,
+            clock=self._clock,
         )
         unit.batcher.start()
         unit.runtime, unit.cold_load_s = runtime, load_s
@@ -429,8 +432,11 @@ class ModelManager:
         log.info("unloaded %s (%s)", unit.target.key, reason)
 
     async def close(self) -> None:
+        """Unload every unit, then stop the thread pools it was given (it owns them)."""
         for entry in list(self.models.values()):
             await self._unload_entry(entry, State.UNAVAILABLE, "server stopping")
+        self._infer_threads.shutdown(wait=False, cancel_futures=True)
+        self._load_executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _preload_order(unit: Unit) -> tuple[int, int, str]:

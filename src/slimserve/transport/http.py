@@ -37,7 +37,6 @@ from urllib.parse import unquote
 
 import orjson
 
-from slimserve.config import Settings
 from slimserve.errors import (
     Code,
     InvalidArgument,
@@ -48,6 +47,7 @@ from slimserve.errors import (
 from slimserve.logs import request_id
 from slimserve.security.keys import Identity, bearer_token
 from slimserve.serving.engine import Engine
+from slimserve.transport import v2_shapes as shapes
 from slimserve.transport.http_codec import (
     decode_infer_request,
     encode_infer_response,
@@ -63,6 +63,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 # The one table from error codes to HTTP statuses.
@@ -151,35 +152,25 @@ class _Request:
 Reply = tuple[int, bytes, Headers]
 
 
-def create_app(engine: Engine, settings: Settings) -> HttpApp:
-    """The ASGI app serving `engine`; bodies above settings.max_body_bytes get a 413, tensors
-    over settings.max_tensor_elements or max_string_bytes a 400."""
-    return HttpApp(engine, settings.max_body_bytes, TensorLimits.from_settings(settings))
-
-
 class HttpApp:
+    """The KServe v2 routes (the HTTP port's default app; transport/asgi.py mounts others)."""
+
     def __init__(
         self, engine: Engine, max_body_bytes: int, limits: TensorLimits | None = None
     ) -> None:
         self.engine = engine
         self.max_body_bytes = max_body_bytes
         self.limits = limits or TensorLimits()
-        from slimserve.transport.openai import OpenAIApp  # imports this module
-
-        self.openai = OpenAIApp(engine, max_body_bytes)  # every path under /v1/
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
         # Anything else (websocket) is not served: returning unaccepted makes the server refuse.
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.openai.handles(scope["path"]):  # the OpenAI API: streams, its own error shape
-            await self.openai(scope, receive, send)
-            return
         request = _Request(scope, receive)
         if request.request_id is not None:  # log lines made while serving it carry the id
             request_id.set(request.request_id[:128].decode("latin-1"))
@@ -217,7 +208,7 @@ class HttpApp:
         if len(parts) == 1:
             _expect(request, "GET")
             self._allow(request, "infer")
-            return _json(self.engine.server_metadata())
+            return _json(shapes.server_metadata_doc(self.engine.server_metadata()))
         section, rest = parts[1], parts[2:]
         if section == "openapi.json" and not rest:
             _expect(request, "GET")  # no key needed: it describes the protocol, not the models
@@ -234,7 +225,7 @@ class HttpApp:
         if which == "status":  # what is degraded and why: names models, so it needs a key
             _expect(request, "GET")
             self._allow(request, "metrics")
-            return _json(self.engine.health(), 200)
+            return _json(shapes.health_doc(self.engine.health()), 200)
         if which == "live":
             ok = self.engine.live()
         elif which == "ready":
@@ -248,7 +239,7 @@ class HttpApp:
         if rest == ["stats"]:
             _expect(request, "GET")
             self._allow(request, "metrics")
-            return _json(self.engine.model_statistics())
+            return _json(shapes.statistics_doc(self.engine.model_statistics()))
         name, rest = rest[0], rest[1:]
         version = None
         if rest and rest[0] == "versions":
@@ -270,13 +261,13 @@ class HttpApp:
     def _model_get(self, action: str, name: str, version: str | None) -> Reply:
         engine = self.engine
         if action == "":
-            return _json(engine.model_metadata(name, version))
+            return _json(shapes.model_metadata_doc(engine.model_metadata(name, version)))
         if action == "ready":
             ready = engine.model_ready(name, version)
             return _json({"name": name, "ready": ready}, 200 if ready else 503)
         if action == "config":
-            return _json(engine.model_config(name, version))
-        return _json(engine.model_statistics(name, version))
+            return _json(shapes.model_config_doc(engine.model_config(name, version)))
+        return _json(shapes.statistics_doc(engine.model_statistics(name, version)))
 
     async def _infer(self, request: _Request, name: str, version: str | None) -> Reply:
         identity = self._allow(request, "infer", name)  # before the body is read
@@ -299,7 +290,7 @@ class HttpApp:
             ready_only = options.get("ready", False)
             if type(ready_only) is not bool:
                 raise InvalidArgument("'ready' in the index request must be true or false")
-            return _json(self.engine.repository_index(ready_only))
+            return _json(shapes.index_doc(self.engine.repository_index(ready_only)))
         if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
             _expect(request, "POST")
             identity = self._allow(request, "manage")
@@ -424,7 +415,7 @@ def _refuse_load_overrides(options: dict[str, Any]) -> None:
         )
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def lifespan(receive: Receive, send: Send) -> None:
     """Acknowledge startup and shutdown; the engine's life is managed by slimserve.app."""
     while True:
         message = await receive()

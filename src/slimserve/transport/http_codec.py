@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 
 from slimserve.errors import InvalidArgument, Unimplemented
+from slimserve.transport.controls import take_controls
 from slimserve.transport.limits import check_extent
 from slimserve.transport.raw import pack_bytes, tensor_from_raw
 from slimserve.types import DATATYPE_TO_NUMPY, InferRequest, InferResponse, datatype_of
@@ -91,14 +92,21 @@ def decode_infer_request(
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidArgument(f"'id' must be a string, got {_short(request_id)}")
-    request = InferRequest(
-        model=model, inputs=inputs, version=version, outputs=names, id=request_id
-    )
     timeout = params.get("timeout")
     if isinstance(timeout, int) and not isinstance(timeout, bool):
         # An integer is Triton's microseconds (what tritonclient sends); a float is seconds.
         params["timeout"] = timeout / 1e6
-    request.parameters = params
+    variant, controls = take_controls(params)
+    request = InferRequest(
+        model=model,
+        inputs=inputs,
+        version=version,
+        variant=variant,
+        outputs=names,
+        id=request_id,
+        parameters=params,
+        controls=controls,
+    )
     return request, fmt
 
 

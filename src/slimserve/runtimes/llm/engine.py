@@ -33,6 +33,7 @@ import torch
 
 from slimserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from slimserve.runtimes.llm.blocks import BlockAllocator, block_keys
+from slimserve.runtimes.llm.grammar import Grammars
 from slimserve.runtimes.llm.model import (
     LlamaModel,
     forward,
@@ -145,6 +146,7 @@ class GenerationEngine:
         self._speculator = self._make_speculator(draft, num_blocks)
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, Any]]] = {}
         self._thread: threading.Thread | None = None
+        self._grammars = Grammars(tokenizer)
 
     def _make_speculator(self, draft: LlamaModel | None, num_blocks: int) -> Speculator | None:
         spec = self.config.speculative
@@ -202,7 +204,9 @@ class GenerationEngine:
         loop = asyncio.get_running_loop()
         deadline = None if deadline_s is None else self.clock() + deadline_s
         request = Request(list(prompt_ids), params, deadline, loop, asyncio.Queue())
-        request.seqs = new_seqs(request, self.tokenizer)
+        grammar = params.grammar
+        constrain = None if grammar is None else lambda: self._grammars.constraint(grammar)
+        request.seqs = new_seqs(request, self.tokenizer, constrain)
         with self._lock:
             if len(self._inbox) + len(self._waiting) >= self.config.max_waiting:
                 raise ResourceExhausted(
@@ -385,6 +389,8 @@ class GenerationEngine:
     def _append(self, seq: Seq, token: int, logprob: Any) -> None:
         seq.tokens.append(token)
         seq.output_ids.append(token)
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
         is_eos = token in self.eos and not seq.params.ignore_eos
         text = "" if is_eos else seq.text.push(token)
         reason = self._finish_reason(seq, is_eos)
@@ -399,7 +405,7 @@ class GenerationEngine:
             self._emit(seq.request, END)
 
     def _finish_reason(self, seq: Seq, is_eos: bool) -> str | None:
-        if is_eos or seq.text.stopped:
+        if is_eos or seq.text.stopped or (seq.constraint is not None and seq.constraint.done):
             return FINISH_STOP
         if len(seq.output_ids) >= seq.params.max_tokens or len(seq.tokens) >= self.max_context:
             return FINISH_LENGTH

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -12,6 +12,7 @@ import torch
 
 from slimserve.runtimes.llm.blocks import SCRATCH_BLOCK, block_keys
 from slimserve.runtimes.llm.detok import TextStream
+from slimserve.runtimes.llm.grammar import Constraint
 from slimserve.runtimes.llm.model import Batch
 from slimserve.runtimes.llm.params import SamplingParams, TokenLogprob
 
@@ -51,17 +52,28 @@ class Seq:
     keys: list[int] = field(default_factory=list)  # prefix keys of the full blocks
     finish_reason: str | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    constraint: Constraint | None = None  # the grammar this choice's tokens must follow
 
     @property
     def params(self) -> SamplingParams:
         return self.request.params
 
 
-def new_seqs(request: Request, tokenizer: Any) -> list[Seq]:
-    """The request's n choices; seeded choices get generators seeded seed, seed + 1, ..."""
+def new_seqs(
+    request: Request, tokenizer: Any, constrain: Callable[[], Constraint] | None = None
+) -> list[Seq]:
+    """The request's n choices; seeded choices get generators seeded seed, seed + 1, ...;
+    each gets its own grammar state from `constrain` where given."""
     params = request.params
     return [
-        Seq(request, i, list(request.prompt), TextStream(tokenizer, params.stop), _gen(params, i))
+        Seq(
+            request,
+            i,
+            list(request.prompt),
+            TextStream(tokenizer, params.stop),
+            _gen(params, i),
+            constraint=constrain() if constrain is not None else None,
+        )
         for i in range(params.n)
     ]
 

@@ -19,9 +19,9 @@ Drafts come from one of two proposers:
   It keeps its own KV pool with the target's geometry, so it indexes it with the target's
   block tables; `DraftModel.propose` catches its cache up on the tokens it has not seen.
 
-Only greedy rows without penalties or logprobs speculate, and only while the decode batch has
-at most `max_rows` sequences: a larger batch is compute-bound, where the k extra positions
-per row cost nearly k times a step.
+Only greedy rows without penalties, logprobs or a grammar speculate, and only while the
+decode batch has at most `max_rows` sequences: a larger batch is compute-bound, where the k
+extra positions per row cost nearly k times a step.
 """
 
 from __future__ import annotations
@@ -62,9 +62,11 @@ class SpeculativeConfig:
 
 
 def speculates(seq: Seq) -> bool:
-    """Rows whose next tokens are the argmax alone (no sampling, penalties or logprobs)."""
+    """Rows whose next tokens are the argmax alone: no sampling, penalties (they depend on
+    the tokens before), logprobs or grammar."""
     params = seq.params
-    return params.greedy and not params.penalized and params.logprobs is None
+    plain = not params.penalized and params.repetition_penalty == 1.0
+    return params.greedy and plain and params.logprobs is None and seq.constraint is None
 
 
 def lookup(tokens: Sequence[int], k: int, ngram_max: int, ngram_min: int) -> list[int]:

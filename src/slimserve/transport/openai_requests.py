@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from slimserve.errors import DeadlineExceeded
-from slimserve.runtimes.llm import SamplingParams
+from slimserve.serving.llm import SamplingParams
 from slimserve.serving.sampling_args import BadParameter, number, sampling_params, whole
 
 _UNSUPPORTED = ("suffix", "logit_bias", "functions", "function_call", "audio", "prediction")

@@ -60,5 +60,13 @@ def greedy_reference(hf_model: Any, prompt: list[int], max_tokens: int) -> list[
     return list(out.sequences[0, len(prompt) :].tolist())
 
 
+def greedy_references(folder: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """generate()'s greedy tokens for each prompt, from the transformers model in `folder`."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    return [greedy_reference(hf, p, max_tokens) for p in prompts]
+
+
 def run(coro: Any) -> Any:
     return asyncio.run(coro)

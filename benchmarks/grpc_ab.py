@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from procs import free_port, start, stop, wait_answer  # noqa: E402
+from procs import free_port, start, stop, wait_answer
 
 TICK_S = os.sysconf("SC_CLK_TCK")
 

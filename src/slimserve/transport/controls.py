@@ -15,12 +15,12 @@ from typing import Any
 from slimserve.errors import InvalidArgument
 from slimserve.types import NO_CONTROLS, RequestControls
 
-CONTROL_PARAMETERS = ("timeout", "priority", "degrade", "variant")
+CONTROL_PARAMETERS = frozenset({"timeout", "priority", "degrade", "variant"})
 
 
 def take_controls(params: dict[str, Any]) -> tuple[str | None, RequestControls]:
     """Pop the control parameters out of `params`: (variant, controls)."""
-    if not any(key in params for key in CONTROL_PARAMETERS):
+    if not params or params.keys().isdisjoint(CONTROL_PARAMETERS):
         return None, NO_CONTROLS  # the common case: nothing to parse
     variant = _variant(params.pop("variant", None))
     controls = RequestControls(

@@ -23,6 +23,8 @@ COMMAND_MODULES = (
     "slimserve.repository.cli",  # repo add | list | manifest
     "slimserve.optimize.cli",  # optimize
     "slimserve.bench",  # bench
+    "slimserve.bench.profile_command",  # profile
+    "slimserve.planning.cli",  # plan
     "slimserve.security.cli",  # keys create | list | revoke; repo encrypt | decrypt
 )
 

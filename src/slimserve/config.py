@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     )
     load_models: list[str] = Field(
         default_factory=lambda: ["*"],
-        description="Models to load at start ('*': all in the repository; empty: none).",
+        description="Models to load at start ('*': all in the repository; empty: none); an "
+        "entry NAME/VERSION or NAME/VERSION:VARIANT loads that one unit only.",
     )
     model_control: bool = Field(
         False,

@@ -365,12 +365,18 @@ class ModelManager:
                 self.models[name] = self.discover(name)
 
     async def preload(self, names: list[str]) -> None:
-        """Load the given models' units while they fit, without evicting anything."""
+        """Load the given models' units while they fit, without evicting anything. A name
+        may also be one unit's key (NAME/VERSION or NAME/VERSION:VARIANT): only that unit."""
         for name in names:
-            entry = self.models.get(name)
+            model, _, unit_key = name.partition("/")
+            entry = self.models.get(model)
             if entry is None:
                 continue
             ordered = sorted(entry.units.values(), key=_preload_order)
+            if unit_key:
+                ordered = [u for u in ordered if u.target.key == name]
+                if not ordered:
+                    log.error("startup unit %s is not in the repository", name)
             for unit in ordered:
                 try:
                     await self.ensure_loaded(unit, evict=False)

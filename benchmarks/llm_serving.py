@@ -124,10 +124,11 @@ class Server:
             str(self.port),
             "--grpc-port",
             "0",
-            "--intra-op-threads",
-            str(threads),
         ]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        env = dict(os.environ)
+        if threads:  # 0: the server's default (the cores it may use)
+            cmd += ["--intra-op-threads", str(threads)]
+            env["OMP_NUM_THREADS"] = str(threads)
         self.started = time.perf_counter()
         with log_path.open("wb") as log:  # the child keeps its own handle
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -199,9 +199,10 @@ def serving(folder: Path, weights: str, args: argparse.Namespace) -> Iterator[Se
 async def stream_one(
     client: Any, prompt: list[int], max_tokens: int, run: Run, sink: dict[str, Any]
 ) -> None:
-    """One streaming completion; TTFT and the gaps between chunks with text go into `run`."""
+    """One streaming completion; TTFT and the gaps between chunks with text go into `run`;
+    tokens from the usage chunk (or one per chunk where a server sends no usage)."""
     start = last = time.perf_counter()
-    first, tokens = True, 0
+    first, tokens, chunks = True, 0, 0
     stream = await client.completions.create(
         model=MODEL,
         prompt=prompt,
@@ -220,8 +221,9 @@ async def stream_one(
             continue
         now = time.perf_counter()
         (run.ttft if first else run.itl).append(now - (start if first else last))
-        first, last = False, now
+        first, last, chunks = False, now, chunks + 1
         sink["chunks"] += 1
+    tokens = tokens or chunks  # a server without streamed usage: one token a chunk
     if tokens != max_tokens:
         sink["errors"].append(f"a stream generated {tokens} tokens, not {max_tokens}")
     run.tokens += tokens

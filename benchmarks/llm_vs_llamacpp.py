@@ -44,7 +44,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from llm_serving import MODEL, Server, build_repository, free_port, summary, uptime
+from llm_serving import (
+    MODEL,
+    Server,
+    build_repository,
+    free_port,
+    stream_one,
+    summary,
+    uptime,
+)
 from llm_throughput import Run, hf_run, machine_facts, percentile
 
 from slimserve.runtimes.llm import TextGenerationRuntime, convert_gguf, smollm2_gguf
@@ -117,44 +125,24 @@ class Prompts:
         return batch
 
 
-async def stream_one(client: Any, prompt: list[int], max_tokens: int, run: Run) -> None:
-    """One streaming completion; counts tokens from usage, or chunks where usage is absent."""
-    start = last = time.perf_counter()
-    first, chunks, usage = True, 0, None
-    stream = await client.completions.create(
-        model=MODEL,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
-    )
-    async for chunk in stream:
-        if chunk.usage is not None:
-            usage = chunk.usage.completion_tokens
-        if not chunk.choices or not chunk.choices[0].text:
-            continue
-        now = time.perf_counter()
-        (run.ttft if first else run.itl).append(now - (start if first else last))
-        first, last, chunks = False, now, chunks + 1
-    run.tokens += usage if usage else chunks
-
-
-async def drive(port: int, batch: list[list[int]], max_tokens: int, run: Run) -> None:
+async def drive(
+    port: int, batch: list[list[int]], max_tokens: int, run: Run, sink: dict[str, Any]
+) -> None:
     from openai import AsyncOpenAI
 
     url = f"http://127.0.0.1:{port}/v1"
     async with AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=900) as client:
         start = time.perf_counter()
-        await asyncio.gather(*(stream_one(client, p, max_tokens, run) for p in batch))
+        await asyncio.gather(*(stream_one(client, p, max_tokens, run, sink) for p in batch))
         run.seconds = time.perf_counter() - start
 
 
 def load(port: int, name: str, batch: list[list[int]], max_tokens: int) -> Run:
     run = Run(name, len(batch), max_tokens, 0.0)
-    asyncio.run(drive(port, batch, max_tokens, run))
-    print(f"{name} x{len(batch)}: {run.tokens_per_s:.1f} tok/s", flush=True)
+    sink: dict[str, Any] = {"chunks": 0, "errors": []}
+    asyncio.run(drive(port, batch, max_tokens, run, sink))
+    errors = f" ERRORS: {sorted(set(sink['errors']))}" if sink["errors"] else ""
+    print(f"{name} x{len(batch)}: {run.tokens_per_s:.1f} tok/s{errors}", flush=True)
     return run
 
 

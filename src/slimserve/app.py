@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from slimserve.config import Settings
 from slimserve.errors import ConfigError
@@ -153,7 +153,7 @@ class Server:
     def grpc_server(self) -> GrpcServer:
         """The configured gRPC server (--grpc-server) for settings.host:grpc_port, not started."""
         if self.settings.grpc_server == "grpcio":
-            return create_server(self.engine, self.settings)
+            return cast(GrpcServer, create_server(self.engine, self.settings))
         return NativeGrpcServer(self.engine, self.settings)
 
     async def serve(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import nn
@@ -265,7 +265,7 @@ def _batches(data: Any, what: str, batch_size: int = 64) -> Iterable[Any]:
     if hasattr(data, "shape"):
         x = torch.as_tensor(data)
         return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
-    return data
+    return cast(Iterable[Any], data)
 
 
 def _first(batch: Any) -> torch.Tensor:

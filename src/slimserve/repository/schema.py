@@ -341,4 +341,4 @@ def dump_model_config(config: ModelConfig) -> str:
     order = ["backend", "task", "model_class", "model_args", "inputs", "outputs", "batching"]
     ordered = {k: data[k] for k in order if k in data}
     ordered.update({k: v for k, v in data.items() if k not in ordered})
-    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None)
+    return str(yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None))

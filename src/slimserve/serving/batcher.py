@@ -243,7 +243,8 @@ class Batcher:
         self._arrival = arrival = loop.create_future()
         timer = loop.call_later(timeout_s, _resolve, arrival, False)
         try:
-            return await arrival
+            arrived: bool = await arrival
+            return arrived
         finally:
             timer.cancel()
             self._arrival = None

@@ -330,7 +330,7 @@ class GenerationEngine:
             return
         try:
             run(seqs)
-        except Exception as error:  # noqa: BLE001 - reported to every request of the batch
+        except Exception as error:
             log.exception("generation batch failed")
             for seq in seqs:
                 self.blocks.unregister(seq.table)  # their K/V may be half written

@@ -79,7 +79,7 @@ class ConsoleApp:
             return await self.console.get(parts, _token(scope))
         except SlimserveError as exc:
             return _error_reply(self.engine.public(exc.message), exc.code)
-        except Exception:  # noqa: BLE001 - the boundary: log once, answer a generic 500
+        except Exception:
             log.exception("unhandled error answering GET %s", scope["path"][:200])
             return _error_reply("internal server error; see the log", Code.INTERNAL)
 

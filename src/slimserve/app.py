@@ -14,6 +14,7 @@ import socket
 import sys
 import typing
 from collections.abc import Coroutine, Iterator
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def run_server(settings: Settings) -> None:
         from slimserve.cluster.processes import run_workers
 
         if run_workers(settings, run_worker):
-            raise SlimserveError("a worker process failed; see the log above")
+            raise SlimserveError("a worker kept crashing (a crash loop); see the log above")
         return
     _run_loop(serve(settings))
 
@@ -105,11 +106,27 @@ def configure_threads(settings: Settings) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def run_worker(settings: Settings, sockets: list[socket.socket]) -> None:
-    """One worker process of `--workers N` (started by cluster.processes)."""
+def run_worker(settings: Settings, sockets: list[socket.socket], ready: Event) -> None:
+    """One worker process of `--workers N` (started and supervised by cluster.processes);
+    sets `ready` once it serves."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor turns SIGHUP into a reload
     configure_logging(settings)
     configure_threads(settings)
-    _run_loop(serve(settings, http_sockets=sockets))
+    _run_loop(_serve_and_report(settings, sockets, ready))
+
+
+async def _serve_and_report(settings: Settings, sockets: list[socket.socket], ready: Event) -> None:
+    started = asyncio.Event()
+
+    async def report() -> None:
+        await started.wait()
+        ready.set()
+
+    reporter = asyncio.create_task(report())
+    try:
+        await serve(settings, started, http_sockets=sockets)
+    finally:
+        reporter.cancel()
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:

@@ -106,6 +106,13 @@ class Settings(BaseSettings):
         description="Server processes sharing the ports; each loads its own models (the "
         "memory budget is split between them), batches and counts on its own.",
     )
+    worker_max_restarts: int = Field(
+        5,
+        ge=0,
+        description="With several workers: how often one worker may die within a minute "
+        "and be restarted (with backoff); one more death is a crash loop, which stops the "
+        "server with the reason.",
+    )
     max_body_bytes: int = Field(
         64 * MiB, gt=0, description="Largest request body accepted, in bytes (413 above)."
     )

@@ -1,5 +1,9 @@
-"""The composition root: builds the settings, the repository, the engine and the transports,
-runs them on one event loop, and stops them in order. Also defines `slimserve serve`.
+"""The composition root: the one place that builds and wires the parts of a server.
+
+`build_server(settings)` builds everything from Settings (thread pools, model residency,
+admission, authenticator, audit log, metrics, response caches, the engine, the HTTP app and the
+gRPC service) and returns a `Server`; `serve` runs one on sockets until a signal. Also defines
+`slimserve serve`.
 """
 
 from __future__ import annotations
@@ -12,16 +16,31 @@ import os
 import signal
 import socket
 import sys
+import time
 import typing
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from multiprocessing.synchronize import Event
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from slimserve.config import Settings
 from slimserve.errors import ConfigError, SlimserveError
 from slimserve.repository.store import Repository
+from slimserve.security.audit import AuditLog
+from slimserve.security.keys import Authenticator
+from slimserve.serving.admission import Admission
+from slimserve.serving.cache import ResponseCaches
 from slimserve.serving.engine import Engine
+from slimserve.serving.metrics import Metrics
+from slimserve.serving.models import ModelManager, RuntimeFactory
+from slimserve.serving.threads import InferenceThreads
+from slimserve.transport.asgi import Router, create_app
+from slimserve.transport.grpc import InferenceServicer, create_server
+from slimserve.transport.grpc_h2 import NativeGrpcServer
+from slimserve.transport.http_protocol import ConnectionLimits, protocol_class
+from slimserve.transport.limits import TensorLimits
 
 log = logging.getLogger("slimserve")
 
@@ -138,50 +157,164 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
-async def serve(
+Clock = Callable[[], float]
+
+
+def build_engine(
     settings: Settings,
-    started: asyncio.Event | None = None,
-    http_sockets: list[socket.socket] | None = None,
-) -> None:
-    """Start the engine and the transports; stop them in order on a signal."""
+    *,
+    repository: Repository | None = None,
+    runtime_factory: RuntimeFactory | None = None,
+    clock: Clock = time.monotonic,
+) -> Engine:
+    """The engine and every part it works with, built from `settings`.
+
+    `runtime_factory` (target, options) -> Runtime replaces the backends (tests pass toy
+    runtimes); `clock` (monotonic seconds) is the one clock of residency and admission (tests
+    pass `slimserve.testing.FakeClock`). The engine owns what is built here: `Engine.stop`
+    closes it all.
+    """
+    repository = repository or Repository(settings.repository)
+    threads = settings.inference_threads or os.cpu_count() or 1
+    metrics = Metrics()
+    models = ModelManager(
+        repository,
+        settings,
+        InferenceThreads(threads),
+        ThreadPoolExecutor(2, thread_name_prefix="slimserve-load"),
+        runtime_factory,
+        clock=clock,
+        on_batch=metrics.batch_observer,
+    )
+    admission = Admission(settings)
+    caches = ResponseCaches(settings.redis_url)
+    metrics.watch(models, admission, caches)
+    return Engine(
+        repository,
+        settings,
+        models=models,
+        admission=admission,
+        metrics=metrics,
+        caches=caches,
+        audit=AuditLog(settings.audit_log),
+        auth=Authenticator(settings.api_keys_file) if settings.api_keys_file else None,
+        clock=clock,
+    )
+
+
+class GrpcServer(Protocol):
+    """What both gRPC servers (grpc.aio's and the native HTTP/2 one) offer."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace: float | None) -> None: ...
+
+
+@dataclass
+class Server:
+    """One server's parts, built by `build_server`. Nothing listens until `serve`.
+
+    Without owning sockets (a Ray replica, a test, an embedding program)::
+
+        server = build_server(settings)
+        await server.start()            # begin loading the startup models (live at once)
+        app = server.http_app           # the ASGI app: KServe v2 + OpenAI (+ what you mount)
+        app.mount("/ui", ui_app)        # another ASGI app on a path prefix (transport/asgi.py)
+        response = await server.engine.infer(request)   # or call the engine directly
+        servicer = server.grpc_servicer()               # the v2 gRPC methods, transport-free
+        await server.stop()             # unload the models, close caches, audit log, pools
+
+    `await server.serve()` instead listens on settings.host's HTTP and gRPC ports and runs
+    until SIGINT/SIGTERM (what `slimserve serve` does).
+    """
+
+    settings: Settings
+    engine: Engine
+    http_app: Router
+
+    async def start(self, wait: bool = False) -> None:
+        """Start the engine; `wait=True` returns once the startup models are loaded."""
+        await self.engine.start(wait)
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+
+    def grpc_servicer(self) -> InferenceServicer:
+        """The KServe v2 gRPC methods over this engine, for a gRPC server of your own."""
+        return InferenceServicer(self.engine, TensorLimits.from_settings(self.settings))
+
+    def grpc_server(self) -> GrpcServer:
+        """The configured gRPC server (--grpc-server) for settings.host:grpc_port, not started."""
+        if self.settings.grpc_server == "grpcio":
+            return create_server(self.engine, self.settings)
+        return NativeGrpcServer(self.engine, self.settings)
+
+    async def serve(
+        self,
+        started: asyncio.Event | None = None,
+        http_sockets: list[socket.socket] | None = None,
+    ) -> None:
+        """Start the engine and the listeners; stop them in order on SIGINT/SIGTERM."""
+        settings = self.settings
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        http_task, http_server, grpc_server = None, None, None
+        try:
+            if settings.http_port:
+                http_server = _http_server(self.http_app, settings)
+                http_task = loop.create_task(http_server.serve(sockets=http_sockets))
+            if settings.grpc_port:
+                grpc_server = self.grpc_server()
+                await grpc_server.start()
+            log.info(
+                "serving %s on %s (http %s, grpc %s)",
+                self.engine.repository.root,
+                settings.host,
+                settings.http_port or "off",
+                settings.grpc_port or "off",
+            )
+            if started is not None:
+                started.set()
+            await _wait_for(stop, http_task)
+        finally:
+            log.info("shutting down")
+            if http_server is not None and http_task is not None:
+                http_server.should_exit = True
+                await http_task
+            if grpc_server is not None:
+                await grpc_server.stop(grace=2.0)
+            await self.stop()
+
+
+def build_server(
+    settings: Settings,
+    *,
+    runtime_factory: RuntimeFactory | None = None,
+    clock: Clock = time.monotonic,
+) -> Server:
+    """A whole server built from `settings` (see `Server` for how to run it)."""
     repository = Repository(settings.repository)
     if not repository.root.is_dir():
         raise ConfigError(
             f"setting 'repository' = '{settings.repository}': no such folder; create it or "
             "point --repository at your model repository"
         )
-    engine = Engine(repository, settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await engine.start()
-    http_task, http_server, grpc_server = None, None, None
-    try:
-        if settings.http_port:
-            http_server = _http_server(engine, settings)
-            http_task = loop.create_task(http_server.serve(sockets=http_sockets))
-        if settings.grpc_port:
-            grpc_server = _grpc_server(engine, settings)
-            await grpc_server.start()
-        log.info(
-            "serving %s on %s (http %s, grpc %s)",
-            repository.root,
-            settings.host,
-            settings.http_port or "off",
-            settings.grpc_port or "off",
-        )
-        if started is not None:
-            started.set()
-        await _wait_for(stop, http_task)
-    finally:
-        log.info("shutting down")
-        if http_server is not None and http_task is not None:
-            http_server.should_exit = True
-            await http_task
-        if grpc_server is not None:
-            await grpc_server.stop(grace=2.0)
-        await engine.stop()
+    engine = build_engine(
+        settings, repository=repository, runtime_factory=runtime_factory, clock=clock
+    )
+    return Server(settings, engine, create_app(engine, settings))
+
+
+async def serve(
+    settings: Settings,
+    started: asyncio.Event | None = None,
+    http_sockets: list[socket.socket] | None = None,
+) -> None:
+    """Build a server from `settings` and run it until SIGINT/SIGTERM."""
+    await build_server(settings).serve(started, http_sockets)
 
 
 async def _wait_for(stop: asyncio.Event, http_task: asyncio.Task[None] | None) -> None:
@@ -193,21 +326,8 @@ async def _wait_for(stop: asyncio.Event, http_task: asyncio.Task[None] | None) -
         raise http_task.exception()  # type: ignore[misc]
 
 
-def _grpc_server(engine: Engine, settings: Settings) -> Any:
-    if settings.grpc_server == "grpcio":
-        from slimserve.transport.grpc import create_server
-
-        return create_server(engine, settings)
-    from slimserve.transport.grpc_h2 import NativeGrpcServer
-
-    return NativeGrpcServer(engine, settings)
-
-
-def _http_server(engine: Engine, settings: Settings) -> Any:
+def _http_server(app: Router, settings: Settings) -> Any:
     import uvicorn
-
-    from slimserve.transport.http import create_app
-    from slimserve.transport.http_protocol import ConnectionLimits, protocol_class
 
     class _Server(uvicorn.Server):
         # Signals are handled by `serve` so that gRPC and the engine stop in order too.
@@ -224,7 +344,7 @@ def _http_server(engine: Engine, settings: Settings) -> Any:
             tls["ssl_ca_certs"] = str(settings.tls_client_ca)
             tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
     config = uvicorn.Config(
-        create_app(engine, settings),
+        app,
         **tls,
         host=settings.host,
         port=settings.http_port,

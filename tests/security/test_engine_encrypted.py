@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from slimserve.app import build_engine
 from slimserve.config import Settings
 from slimserve.errors import Unavailable
 from slimserve.repository import Repository
 from slimserve.repository.store import Target
 from slimserve.runtimes import Runtime, RuntimeOptions, create_runtime
 from slimserve.security.crypto import encrypt_unit, generate_data_key
-from slimserve.serving.engine import Engine
 from slimserve.types import InferRequest
 
 from .conftest import SIZES
@@ -37,7 +37,9 @@ def test_wrong_key_refuses_one_model_and_the_others_serve(repo: Path, data_key: 
     x = {"input": np.ones((2, SIZES[0]), dtype=np.float32)}
 
     async def main() -> np.ndarray:
-        engine = Engine(Repository(repo), Settings(repository=repo), factory)
+        engine = build_engine(
+            Settings(repository=repo), repository=Repository(repo), runtime_factory=factory
+        )
         await engine.start(wait=True)
         try:
             meta = engine.model_metadata("mlp-torch")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from slimserve.app import build_engine
 from slimserve.config import Settings
 from slimserve.errors import ResourceExhausted, Unavailable
 from slimserve.repository import Repository
@@ -72,7 +73,12 @@ def repo(root: Path, extra: str = "", variant_profile: str | None = None) -> Pat
 def run(root: Path, body, clock: Clock | None = None, **settings):
     async def main():
         s = Settings(repository=root, **settings)
-        engine = Engine(Repository(root), s, lambda t, o: TagRuntime(t, o), clock or Clock())
+        engine = build_engine(
+            s,
+            repository=Repository(root),
+            runtime_factory=lambda t, o: TagRuntime(t, o),
+            clock=clock or Clock(),
+        )
         await engine.start(wait=True)
         try:
             return await body(engine)

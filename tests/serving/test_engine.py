@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from slimserve.app import build_engine
 from slimserve.config import Settings
 from slimserve.errors import (
     InvalidArgument,
@@ -69,7 +70,11 @@ def make_repo(root: Path) -> Path:
 
 def run(root: Path, body, **settings):
     async def main():
-        engine = Engine(Repository(root), Settings(repository=root, **settings), factory)
+        engine = build_engine(
+            Settings(repository=root, **settings),
+            repository=Repository(root),
+            runtime_factory=factory,
+        )
         await engine.start(wait=True)
         try:
             return await body(engine)
@@ -227,7 +232,9 @@ def test_a_slow_load_blocks_neither_liveness_nor_other_models(tmp_path):
 
     async def main():
         settings = Settings(repository=root, model_control=True, load_models=["scale"])
-        engine = Engine(Repository(root), settings, lambda t, o: Gated(t, o))
+        engine = build_engine(
+            settings, repository=Repository(root), runtime_factory=lambda t, o: Gated(t, o)
+        )
         await engine.start(wait=True)
         loading = asyncio.ensure_future(engine.load_model("slow"))
         await asyncio.sleep(0.05)
@@ -261,7 +268,9 @@ def test_response_cache_answers_repeats_without_the_model(tmp_path):
 
     async def main():
         settings = Settings(repository=root)
-        engine = Engine(Repository(root), settings, lambda t, o: Counting(t, o))
+        engine = build_engine(
+            settings, repository=Repository(root), runtime_factory=lambda t, o: Counting(t, o)
+        )
         await engine.start(wait=True)
         calls.clear()  # warm-up calls do not count
         first = await engine.infer(InferRequest("scale", x(2)))
@@ -306,7 +315,11 @@ def test_each_unit_runs_its_warmup_and_batches_on_one_thread(tmp_path):
 
     async def main():
         settings = Settings(repository=root, inference_threads=2, load_models=["scale"])
-        engine = Engine(Repository(root), settings, lambda t, o: ThreadRecording(t, o))
+        engine = build_engine(
+            settings,
+            repository=Repository(root),
+            runtime_factory=lambda t, o: ThreadRecording(t, o),
+        )
         await engine.start(wait=True)
         try:
             for _ in range(3):

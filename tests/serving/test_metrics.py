@@ -7,10 +7,10 @@ import asyncio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from slimserve.app import build_engine
 from slimserve.config import Settings
 from slimserve.errors import InvalidArgument
 from slimserve.repository import Repository
-from slimserve.serving.engine import Engine
 from slimserve.types import InferRequest
 from tests.serving.test_engine import factory, make_repo, x
 
@@ -27,7 +27,9 @@ def test_requests_outcomes_batches_and_state_are_exported(tmp_path):
     root = make_repo(tmp_path)
 
     async def main():
-        engine = Engine(Repository(root), Settings(repository=root), factory)
+        engine = build_engine(
+            Settings(repository=root), repository=Repository(root), runtime_factory=factory
+        )
         await engine.start(wait=True)
         await asyncio.gather(*(engine.infer(InferRequest("scale", x(1))) for _ in range(3)))
         await engine.infer(InferRequest("scale:half", x(2)))
@@ -67,7 +69,9 @@ def test_the_grafana_dashboard_queries_only_exported_metrics(tmp_path):
     yaml_path.write_text(yaml_path.read_text() + "cache: {max_bytes: 10000}\n")
 
     async def main():
-        engine = Engine(Repository(root), Settings(repository=root), factory)
+        engine = build_engine(
+            Settings(repository=root), repository=Repository(root), runtime_factory=factory
+        )
         await engine.start(wait=True)
         await engine.infer(InferRequest("scale", x(1)))
         text = engine.metrics_text()[0].decode()

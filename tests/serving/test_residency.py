@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from slimserve.app import build_engine
 from slimserve.config import Settings
 from slimserve.errors import ResourceExhausted, Unavailable
 from slimserve.repository import Repository
@@ -64,7 +65,9 @@ def run(root: Path, body, **settings):
 
     async def main():
         s = Settings(repository=root, load_models=[], **settings)
-        engine = Engine(Repository(root), s, lambda t, o: SizedRuntime(t, o))
+        engine = build_engine(
+            s, repository=Repository(root), runtime_factory=lambda t, o: SizedRuntime(t, o)
+        )
         # A clock that ticks once per reading: every load costs the same (GDSF weighs load
         # time, which a loaded machine makes random) and recency stays strictly ordered.
         engine.models._clock = itertools.count(1).__next__

@@ -17,14 +17,15 @@ import orjson
 import pytest
 import tritonclient.http as triton
 
+from slimserve.app import build_engine
 from slimserve.config import Settings
 from slimserve.errors import Unavailable
 from slimserve.repository import Repository
 from slimserve.repository.store import Target
 from slimserve.runtimes.base import Runtime, RuntimeOptions
 from slimserve.security.keys import KeyStore
-from slimserve.serving.engine import Engine
-from slimserve.transport.http import STATUS, _error_reply, create_app
+from slimserve.transport.asgi import create_app
+from slimserve.transport.http import STATUS, _error_reply
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -105,7 +106,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextlib.asynccontextmanager
 async def serving(root: Path, **options: Any):
     settings = Settings(repository=root, model_control=True, **options)
-    engine = Engine(Repository(root), settings, factory)
+    engine = build_engine(settings, repository=Repository(root), runtime_factory=factory)
     await engine.start(wait=True)
     app = create_app(engine, settings)
     transport = httpx.ASGITransport(app=app)
@@ -643,7 +644,7 @@ def test_model_control_off_is_forbidden(repo):
 
     async def main():
         settings = Settings(repository=repo, model_control=False)
-        engine = Engine(Repository(repo), settings, factory)
+        engine = build_engine(settings, repository=Repository(repo), runtime_factory=factory)
         await engine.start(wait=True)
         transport = httpx.ASGITransport(app=create_app(engine, settings))
         try:
@@ -709,17 +710,16 @@ def test_api_keys_and_scopes(repo, tmp_path):
 # -- the boundary -----------------------------------------------------------------------------
 
 
-class BrokenConfigEngine(Engine):
-    """An engine whose model_config has a bug (not a SlimserveError)."""
-
-    def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
-        raise KeyError("secret internals")
+def broken_model_config(name: str, version: str | None = None) -> dict[str, Any]:
+    """A model_config with a bug (not a SlimserveError)."""
+    raise KeyError("secret internals")
 
 
 def test_unexpected_errors_are_a_generic_500_logged_once(repo, caplog):
     async def main():
         settings = Settings(repository=repo)
-        engine = BrokenConfigEngine(Repository(repo), settings, factory)
+        engine = build_engine(settings, repository=Repository(repo), runtime_factory=factory)
+        engine.model_config = broken_model_config  # type: ignore[method-assign]
         await engine.start(wait=True)
         transport = httpx.ASGITransport(app=create_app(engine, settings))
         try:

@@ -17,11 +17,11 @@ import numpy as np
 import orjson
 import pytest
 
+from slimserve.app import build_engine
 from slimserve.config import Settings
 from slimserve.repository import Repository
 from slimserve.repository.importer import add_model
-from slimserve.serving.engine import Engine
-from slimserve.transport.http import create_app
+from slimserve.transport.asgi import create_app
 from tests.runtimes.llm.conftest import tiny_llama_dir  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.timeout(120)
@@ -56,7 +56,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path
 @contextlib.asynccontextmanager
 async def serving(root: Path, **options: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
     settings = Settings(repository=root, **options)
-    engine = Engine(Repository(root), settings)
+    engine = build_engine(settings, repository=Repository(root))
     await engine.start(wait=True)
     app = create_app(engine, settings)
     transport = httpx.ASGITransport(app=app)
@@ -403,7 +403,7 @@ def test_disconnect_mid_stream_cancels_generation(repo: Path) -> None:
 
     async def main() -> tuple[list[Any], Any, int]:
         settings = Settings(repository=repo)
-        engine = Engine(Repository(repo), settings)
+        engine = build_engine(settings, repository=Repository(repo))
         await engine.start(wait=True)
         app = create_app(engine, settings)
         gone = asyncio.Event()

@@ -14,10 +14,10 @@ import httpx
 import orjson
 import pytest
 
+from slimserve.app import build_engine
 from slimserve.config import Settings
 from slimserve.repository import Repository
-from slimserve.serving.engine import Engine
-from slimserve.transport.http import create_app
+from slimserve.transport.asgi import create_app
 from tests.runtimes.llm.conftest import tiny_llama_dir  # noqa: F401 - a fixture
 from tests.transport.test_openai import GREEDY, LM_YAML, error_of, run
 
@@ -177,7 +177,7 @@ def test_a_model_at_its_concurrency_limit_sheds_with_503(repo: Path) -> None:
 
     async def main() -> tuple[int, Any, Any, int]:
         settings = Settings(repository=repo)
-        engine = Engine(Repository(repo), settings)
+        engine = build_engine(settings, repository=Repository(repo))
         await engine.start(wait=True)
         app = create_app(engine, settings)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")

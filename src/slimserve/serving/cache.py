@@ -22,6 +22,7 @@ import orjson
 from cachetools import LFUCache, LRUCache
 
 from slimserve.errors import Unavailable
+from slimserve.repository.schema import CacheSettings
 
 Arrays = dict[str, np.ndarray]
 # Parameters that change how a request is handled, not what it computes.
@@ -199,3 +200,36 @@ class ResponseCache:
         flight.set_result(value)
         await self.backend.set(key, value)
         return value
+
+
+class ResponseCaches:
+    """One response cache per model that asks for one (`cache:` in model.yaml), made on its
+    first request: in memory, or in Redis when the server was given a `redis://` URL."""
+
+    def __init__(self, redis_url: str | None = None) -> None:
+        self._redis_url = redis_url
+        self._caches: dict[str, ResponseCache] = {}
+
+    def for_model(self, model: str, settings: CacheSettings | None) -> ResponseCache | None:
+        """The model's cache, or None when its model.yaml has no `cache:` section."""
+        if settings is None:
+            return None
+        cache = self._caches.get(model)
+        if cache is None:
+            backend: CacheBackend
+            if self._redis_url:
+                backend = RedisCache(self._redis_url, model, settings.ttl_s)
+            else:
+                backend = MemoryCache(settings.max_bytes, settings.policy, settings.ttl_s)
+            cache = self._caches[model] = ResponseCache(backend)
+        return cache
+
+    def __getitem__(self, model: str) -> ResponseCache:
+        return self._caches[model]
+
+    def items(self) -> list[tuple[str, ResponseCache]]:
+        return list(self._caches.items())
+
+    async def close(self) -> None:
+        for cache in self._caches.values():
+            await cache.backend.close()

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -28,24 +26,17 @@ from slimserve.errors import (
     PermissionDenied,
     SlimserveError,
 )
-from slimserve.repository.store import Repository, Target, split_served_name
+from slimserve.repository.store import Repository, split_served_name
 from slimserve.runtimes.llm import SamplingParams
 from slimserve.security.audit import AuditLog
 from slimserve.security.keys import ANONYMOUS, Authenticator, Identity
 from slimserve.serving import llm, llm_v2
 from slimserve.serving.admission import Admission
-from slimserve.serving.cache import (
-    CacheBackend,
-    MemoryCache,
-    RedisCache,
-    ResponseCache,
-    cache_key,
-)
+from slimserve.serving.cache import ResponseCaches, cache_key
 from slimserve.serving.llm import TextStream
 from slimserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from slimserve.serving.metrics import Metrics
-from slimserve.serving.models import ModelEntry, ModelManager, RuntimeFactory, State, Unit
-from slimserve.serving.threads import InferenceThreads
+from slimserve.serving.models import ModelEntry, ModelManager, State, Unit
 from slimserve.serving.validate import check_inputs, check_outputs
 from slimserve.types import InferRequest, InferResponse
 
@@ -71,32 +62,31 @@ def parse_version(version: str | int | None) -> int | None:
 
 
 class Engine:
+    """The data plane. It receives its collaborators (built from Settings by slimserve.app's
+    `build_engine`) and owns them from then on: `stop` closes them."""
+
     def __init__(
         self,
         repository: Repository,
         settings: Settings,
-        runtime_factory: RuntimeFactory | None = None,
+        *,
+        models: ModelManager,
+        admission: Admission,
+        metrics: Metrics,
+        caches: ResponseCaches,
+        audit: AuditLog,
+        auth: Authenticator | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.repository = repository
         self.settings = settings
-        threads = settings.inference_threads or os.cpu_count() or 1
-        self._infer_pool = InferenceThreads(threads)
-        self._load_pool = ThreadPoolExecutor(2, thread_name_prefix="slimserve-load")
         self._clock = clock  # seconds; admission decisions only (tests pass a fake one)
-        self.metrics = Metrics(self)
-        self.models = ModelManager(
-            repository,
-            settings,
-            self._infer_pool,
-            self._load_pool,
-            runtime_factory,
-            on_batch=self._batch_observer,
-        )
-        self.admission = Admission(settings)
-        self.caches: dict[str, ResponseCache] = {}  # per model, for models with `cache:`
-        self.auth = Authenticator(settings.api_keys_file) if settings.api_keys_file else None
-        self.audit = AuditLog(settings.audit_log)
+        self.metrics = metrics
+        self.models = models
+        self.admission = admission
+        self.caches = caches  # per model, for models with `cache:`
+        self.auth = auth
+        self.audit = audit
         self._root_text = str(repository.root)
         self._started = False
         self._startup_done = False
@@ -134,11 +124,8 @@ class Engine:
         if self._startup_task is not None and not self._startup_task.done():
             self._startup_task.cancel()
         await self.models.close()
-        for cache in self.caches.values():
-            await cache.backend.close()
+        await self.caches.close()
         self.audit.close()
-        self._infer_pool.shutdown(wait=False, cancel_futures=True)
-        self._load_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- health and metadata ---------------------------------------------------------------
 
@@ -363,14 +350,6 @@ class Engine:
 
     # -- inference -------------------------------------------------------------------------
 
-    def _batch_observer(self, target: Target) -> Callable[[int, list[float]], None]:
-        model, variant = target.model, target.variant or ""
-
-        def observe(rows: int, queue_s: list[float]) -> None:
-            self.metrics.observe_batch(model, variant, rows, queue_s)
-
-        return observe
-
     def metrics_text(self) -> tuple[bytes, str]:
         """The Prometheus exposition and its content type, for GET /metrics."""
         return self.metrics.render(), METRICS_CONTENT_TYPE
@@ -430,7 +409,7 @@ class Engine:
         allow = _flag(request.parameters.get("degrade"), config.degrade.allow)
         unit = self.admission.route(entry, asked, allow, now, rows)
         self.admission.check_load(unit, None if deadline is None else deadline - now)
-        cache = self._cache_for(unit)
+        cache = self.caches.for_model(unit.target.model, unit.target.config.cache)
         if cache is None:
             outputs = await self._run(unit, request, rows, deadline)
         else:
@@ -450,20 +429,6 @@ class Engine:
         if unit is not asked:
             response.parameters["degraded"] = True
         return response
-
-    def _cache_for(self, unit: Unit) -> ResponseCache | None:
-        settings = unit.target.config.cache
-        if settings is None:
-            return None
-        cache = self.caches.get(unit.target.model)
-        if cache is None:
-            backend: CacheBackend
-            if self.settings.redis_url:
-                backend = RedisCache(self.settings.redis_url, unit.target.model, settings.ttl_s)
-            else:
-                backend = MemoryCache(settings.max_bytes, settings.policy, settings.ttl_s)
-            cache = self.caches[unit.target.model] = ResponseCache(backend)
-        return cache
 
     async def _run(
         self, unit: Unit, request: InferRequest, rows: int, deadline: float | None

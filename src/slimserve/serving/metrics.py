@@ -8,18 +8,18 @@ limited counts) is read when /metrics is scraped, so it costs nothing per reques
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from slimserve.policies.breaker import BreakerState
-from slimserve.serving.models import State
-
-if TYPE_CHECKING:
-    from slimserve.serving.engine import Engine
+from slimserve.repository.store import Target
+from slimserve.serving.admission import Admission
+from slimserve.serving.cache import ResponseCaches
+from slimserve.serving.models import ModelManager, State
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
@@ -34,7 +34,9 @@ _BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerStat
 
 
 class Metrics:
-    def __init__(self, engine: Engine) -> None:
+    """The engine's Prometheus registry; `watch` adds the state read at scrape time."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.requests = Counter(
@@ -65,7 +67,6 @@ class Metrics:
             registry=r,
         )
         self.generation = GenerationMetrics(r)
-        r.register(_EngineState(engine))
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     def observe_request(self, model: str, variant: str, outcome: str, seconds: float) -> None:
@@ -78,6 +79,19 @@ class Metrics:
         children[0].inc()
         if children[1] is not None:
             children[1].observe(seconds)
+
+    def watch(self, models: ModelManager, admission: Admission, caches: ResponseCaches) -> None:
+        """Report these parts' own counters (residency, admission, caches) at each scrape."""
+        self.registry.register(_EngineState(models, admission, caches))
+
+    def batch_observer(self, target: Target) -> Callable[[int, list[float]], None]:
+        """What a unit's batcher calls after each batch: its rows and each row's queue time."""
+        model, variant = target.model, target.variant or ""
+
+        def observe(rows: int, queue_s: list[float]) -> None:
+            self.observe_batch(model, variant, rows, queue_s)
+
+        return observe
 
     def observe_batch(self, model: str, variant: str, rows: int, queue_s: list[float]) -> None:
         self.batch_size.labels(model, variant).observe(rows)
@@ -191,12 +205,11 @@ class TokenMeter:
 class _EngineState:
     """Reads the engine's own counters at scrape time."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, models: ModelManager, admission: Admission, caches: ResponseCaches) -> None:
+        self.models, self.admission, self.caches = models, admission, caches
 
     def collect(self) -> Iterator[Metric]:
-        e = self.engine
-        m = e.models
+        m, admission = self.models, self.admission
         yield _gauge("slimserve_memory_budget_bytes", "Memory budget for models.", m.budget_bytes)
         yield _gauge("slimserve_resident_bytes", "Memory held by resident models.", m.used_bytes)
         units = [u for entry in m.models.values() for u in entry.units.values()]
@@ -211,7 +224,7 @@ class _EngineState:
             yield _counter(
                 f"slimserve_requests_{what}",
                 f"Requests {what} by admission control.",
-                e.admission.counts[what],
+                admission.counts[what],
             )
         depth = GaugeMetricFamily(
             "slimserve_queue_depth", "Requests waiting per unit.", labels=["model", "variant"]
@@ -225,7 +238,7 @@ class _EngineState:
         for u in units:
             labels = [u.target.model, u.target.variant or ""]
             depth.add_metric(labels, u.batcher.queue_depth if u.batcher else 0)
-            breaker.add_metric(labels, _BREAKER_VALUE[e.admission.breaker_state(u)])
+            breaker.add_metric(labels, _BREAKER_VALUE[admission.breaker_state(u)])
             if u.cold_load_s is not None:
                 cold.add_metric(labels, u.cold_load_s)
         yield from (depth, breaker, cold)
@@ -233,7 +246,7 @@ class _EngineState:
         misses = CounterMetricFamily(
             "slimserve_cache_misses", "Response cache misses.", labels=["model"]
         )
-        for model, cache in e.caches.items():
+        for model, cache in self.caches.items():
             hits.add_metric([model], cache.hits)
             misses.add_metric([model], cache.misses)
         yield from (hits, misses)

@@ -429,8 +429,11 @@ class ModelManager:
         log.info("unloaded %s (%s)", unit.target.key, reason)
 
     async def close(self) -> None:
+        """Unload every unit, then stop the thread pools it was given (it owns them)."""
         for entry in list(self.models.values()):
             await self._unload_entry(entry, State.UNAVAILABLE, "server stopping")
+        self._infer_threads.shutdown(wait=False, cancel_futures=True)
+        self._load_executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _preload_order(unit: Unit) -> tuple[int, int, str]:

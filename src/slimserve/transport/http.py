@@ -37,7 +37,6 @@ from urllib.parse import unquote
 
 import orjson
 
-from slimserve.config import Settings
 from slimserve.errors import (
     Code,
     InvalidArgument,
@@ -63,6 +62,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 # The one table from error codes to HTTP statuses.
@@ -151,35 +151,25 @@ class _Request:
 Reply = tuple[int, bytes, Headers]
 
 
-def create_app(engine: Engine, settings: Settings) -> HttpApp:
-    """The ASGI app serving `engine`; bodies above settings.max_body_bytes get a 413, tensors
-    over settings.max_tensor_elements or max_string_bytes a 400."""
-    return HttpApp(engine, settings.max_body_bytes, TensorLimits.from_settings(settings))
-
-
 class HttpApp:
+    """The KServe v2 routes (the HTTP port's default app; transport/asgi.py mounts others)."""
+
     def __init__(
         self, engine: Engine, max_body_bytes: int, limits: TensorLimits | None = None
     ) -> None:
         self.engine = engine
         self.max_body_bytes = max_body_bytes
         self.limits = limits or TensorLimits()
-        from slimserve.transport.openai import OpenAIApp  # imports this module
-
-        self.openai = OpenAIApp(engine, max_body_bytes)  # every path under /v1/
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
         # Anything else (websocket) is not served: returning unaccepted makes the server refuse.
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.openai.handles(scope["path"]):  # the OpenAI API: streams, its own error shape
-            await self.openai(scope, receive, send)
-            return
         request = _Request(scope, receive)
         if request.request_id is not None:  # log lines made while serving it carry the id
             request_id.set(request.request_id[:128].decode("latin-1"))
@@ -424,7 +414,7 @@ def _refuse_load_overrides(options: dict[str, Any]) -> None:
         )
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def lifespan(receive: Receive, send: Send) -> None:
     """Acknowledge startup and shutdown; the engine's life is managed by slimserve.app."""
     while True:
         message = await receive()

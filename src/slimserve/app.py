@@ -104,9 +104,21 @@ def configure_logging(settings: Settings) -> None:
 
 
 def run_server(settings: Settings) -> None:
-    """Run until SIGINT/SIGTERM, on uvloop where available; several processes with workers."""
+    """Run until SIGINT/SIGTERM, on uvloop where available; several processes with workers,
+    replicas on Ray with `ray`."""
     configure_logging(settings)
     configure_threads(settings)
+    if settings.ray is not None:
+        try:
+            from slimserve.cluster.ray_serve import run_on_ray  # imports Ray: only when asked
+        except ImportError as exc:
+            raise ConfigError(
+                f"--ray needs Ray Serve ({exc}); install it with: pip install 'slimserve[ray]'"
+            ) from None
+        run_on_ray(
+            settings.model_copy(update={"repository": settings.repository.resolve()}), build_server
+        )
+        return
     if settings.workers > 1:
         from slimserve.cluster.processes import run_workers
 

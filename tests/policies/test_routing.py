@@ -61,12 +61,14 @@ def test_a_cold_model_goes_where_the_budget_has_room():
     replicas = [stats("a", free=10, queue=0), stats("b", free=1000, queue=2), stats("c", free=5)]
     decision = route(CONFIG, replicas, RouteRequest("big:", size_bytes=500), random.Random(0))
     assert decision.ranked[0] == "b" and decision.reason == "room"
+    unknown_size = route(CONFIG, replicas, RouteRequest("big:"), random.Random(0))
+    assert unknown_size.ranked[0] == "b" and unknown_size.reason == "room"
 
 
 def test_otherwise_two_choices_spread_the_load_to_shorter_queues():
     replicas = [stats("a", queue=0), stats("b", queue=5), stats("c", queue=9)]
     rng = random.Random(1)
-    firsts = Counter(route(CONFIG, replicas, RouteRequest(), rng).ranked[0] for _ in range(300))
+    firsts = Counter(route(CONFIG, replicas, RouteRequest("m:"), rng).ranked[0] for _ in range(300))
     assert firsts["c"] == 0  # the longest queue never wins a pair
     assert firsts["a"] > firsts["b"] > 0
 

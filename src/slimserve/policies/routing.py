@@ -9,7 +9,8 @@ preference:
    to a second replica instead of queueing behind one;
 2. for an LLM prompt, to the replica holding the longest cached prefix of it (its KV cache
    answers the prefill);
-3. for a cold model, to a replica whose free budget holds it (nothing is evicted);
+3. for a cold model, to a replica whose free budget holds it (nothing is evicted), or with
+   its size unknown, to those with the most free budget;
 4. by the power of two choices on queue depth among what is left.
 
 `route` returns every replica ranked, best first, so the caller can fall back in order when
@@ -40,7 +41,7 @@ class ReplicaStats:
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
     key: str | None = None  # "model:variant", None when the request names no model
-    size_bytes: int = 0  # the model's size when it is cold (0: unknown)
+    size_bytes: int = 0  # the model's size when it is cold (0: unknown, go for the most room)
     prefixes: tuple[str, ...] = ()  # prefix_hashes(prompt), shortest first
 
 
@@ -89,8 +90,8 @@ def route(
         reason, pool = "prefix", [r for r in matched if r.queue - shortest < config.imbalance]
         if not pool:
             reason, pool = "queue", list(replicas)
-    elif request.key is not None and request.size_bytes > 0:
-        room = [r for r in replicas if r.free_bytes >= request.size_bytes]
+    elif request.key is not None:
+        room = _room(replicas, request.size_bytes)
         if room:
             reason, pool = "room", room
     first = _two_choices(pool, rng)
@@ -114,6 +115,14 @@ def _longest_prefix(
             best = n
             holders.append(r)
     return holders
+
+
+def _room(replicas: Sequence[ReplicaStats], size: int) -> list[ReplicaStats]:
+    """Replicas whose free budget holds `size` bytes; size unknown (0): those with the most."""
+    if size > 0:
+        return [r for r in replicas if r.free_bytes >= size]
+    most = max(r.free_bytes for r in replicas)
+    return [r for r in replicas if r.free_bytes == most] if most > 0 else []
 
 
 def _two_choices(pool: Sequence[ReplicaStats], rng: random.Random) -> ReplicaStats:

@@ -128,6 +128,16 @@ def run_server(settings: Settings) -> None:
     _run_loop(serve(settings))
 
 
+def ray_application(args: dict[str, Any]) -> Any:
+    """A Ray Serve application builder for Ray's own tooling (`serve run`, a KubeRay
+    RayService's `import_path: slimserve.app:ray_application`): `args` are settings (as in a
+    --config file), the deployment the same as `slimserve serve --ray` makes."""
+    from slimserve.cluster.ray_serve import application  # imports Ray: only when asked
+
+    settings = Settings.load(None, **{"ray": "external", **args})
+    return application(settings, build_server)
+
+
 def configure_threads(settings: Settings) -> None:
     """OpenMP (torch's intra-op pool) reads its wait policy once, when torch is imported: set
     it first. Spinning OpenMP threads took the cores from the event loop and the client on a

@@ -123,6 +123,17 @@ class Settings(BaseSettings):
     replicas: int = Field(
         1, ge=1, le=256, description="With ray: how many replicas serve (fixed count)."
     )
+    ray_proxy: Literal["head", "every-node"] = Field(
+        "head",
+        description="With ray: where Ray's HTTP/gRPC proxy runs: 'head' (one entry point on "
+        "the head node) or 'every-node' (one per node, each on host:http_port; put a load "
+        "balancer in front).",
+    )
+    ray_router: Literal["slimserve", "ray"] = Field(
+        "slimserve",
+        description="With ray: 'slimserve' routes by model residency, free budget and queue "
+        "depth; 'ray' is Ray Serve's default router (power of two choices), for comparison.",
+    )
     autoscale: str | None = Field(
         None,
         description="With ray: MIN,MAX replicas, scaled by slimserve's own signals (requests "

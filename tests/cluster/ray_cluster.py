@@ -59,23 +59,32 @@ class Node:
     log: Path
 
     def signal(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, sig)  # the node's group: ray start, raylet, workers
+        for pid in [self.process.pid, *self.pids()]:  # ray start, raylet, workers
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def pids(self) -> list[int]:
-        """Every live process of this node's group."""
-        out = []
+        """Every live process descending from this node's `ray start` (Ray's workers may
+        start sessions of their own, so the process group alone misses them)."""
+        parents = {}
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
-                try:
-                    if os.getpgid(int(entry.name)) == self.process.pid:
-                        out.append(int(entry.name))
-                except ProcessLookupError:
-                    continue
-        return out
+                with contextlib.suppress(OSError, IndexError):
+                    stat = (entry / "stat").read_text()
+                    fields = stat[stat.rindex(")") + 2 :].split()
+                    if fields[0] != "Z":
+                        parents[int(entry.name)] = int(fields[1])
+        mine = []
+        for pid in parents:
+            ancestor = pid
+            while ancestor in parents and ancestor != self.process.pid:
+                ancestor = parents[ancestor]
+            if ancestor == self.process.pid:
+                mine.append(pid)
+        return mine
 
     def replica_pids(self) -> list[int]:
-        return [p for p in self.pids() if _cmdline(p).startswith("ray::ServeReplica")]
+        return [p for p in self.pids() if "ServeReplica" in _cmdline(p)]
 
 
 def _cmdline(pid: int) -> str:
@@ -98,12 +107,13 @@ class RayCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, workers: int = 1, timeout: float = 120) -> None:
+    def start(self, workers: int = 1, timeout: float = 180) -> None:
         head = [RAY, "start", "--head", "--port", str(self.port), "--include-dashboard", "false"]
         self.nodes.append(self._spawn("head", [*head, *NODE_ARGS]))
-        for i in range(workers):  # at once: a worker waits for the head's GCS by itself
-            self.add_worker(f"worker{i}")
         self.wait_started(timeout)
+        for i in range(workers):
+            self.add_worker(f"worker{i}")
+            self.wait_started(timeout)
 
     def add_worker(self, name: str) -> Node:
         node = self._spawn(name, [RAY, "start", "--address", self.address, *NODE_ARGS])
@@ -118,17 +128,29 @@ class RayCluster:
             )
         return Node(proc, log)
 
-    def wait_started(self, timeout: float = 120) -> None:
-        """Until every node says it started (`ray start` prints it once up)."""
-        deadline = time.monotonic() + timeout
+    def wait_started(self, timeout: float = 180) -> None:
+        """Until every node says it started (`ray start` prints it once up). A node that gave
+        up starting (Ray allows its raylet 30 s to register, which a loaded two-core machine
+        can exceed) is started once more."""
+        deadline, retried = time.monotonic() + timeout, set()
         while time.monotonic() < deadline:
-            for node in self.nodes:
+            for i, node in enumerate(self.nodes):
                 if node.process.poll() is not None:
-                    raise RuntimeError(f"ray node exited:\n{node.log.read_text()[-3000:]}")
+                    if i == 0 or node.log in retried:
+                        raise RuntimeError(f"ray node exited:\n{node.log.read_text()[-3000:]}")
+                    retried.add(node.log)
+                    node.signal(signal.SIGKILL)
+                    self.nodes[i] = self._spawn(node.log.stem, node.process.args)  # type: ignore[arg-type]
             if all("Ray runtime started" in n.log.read_text() for n in self.nodes):
                 return
             time.sleep(0.5)
         raise RuntimeError(f"ray nodes not up within {timeout} s")
+
+    def kill_node(self, node: Node) -> None:
+        """A node failure: SIGKILL to its `ray start`, raylet and workers at once."""
+        node.signal(signal.SIGKILL)
+        node.process.wait()
+        self.nodes.remove(node)
 
     def stop(self, grace_s: float = 3.0) -> None:
         """SIGTERM each node's group, SIGKILL what is left after `grace_s` (test clusters

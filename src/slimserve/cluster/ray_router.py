@@ -56,6 +56,26 @@ class SlimserveRouter(RequestRouter):
             self._recent[key] = (first.replica_id.unique_id, now)
         return [[first], rest] if rest else [[first]]
 
+    def _fulfill_next_pending_request(
+        self, replica: RunningReplica, request_metadata: Any = None
+    ) -> None:
+        """Give `replica` to the request it was chosen for; if that one is gone (answered or
+        cancelled) or the routing task had none, to the oldest request still waiting.
+
+        Ray's base router only does the first: a routing task that exits after taking a
+        request from the queue (when there are more tasks than requests) leaves that request
+        waiting for ever; the FIFO fallback (Ray's FIFOMixin does the same) hands it on.
+        Under four concurrent clients the exact-match-only router hung requests for 30 s.
+        """
+        matched = self._get_pending_request_matching_internal_request_id(request_metadata)
+        while matched is None and self._pending_requests_to_fulfill:
+            head = self._pending_requests_to_fulfill.popleft()
+            matched = None if head.future.done() else head
+        if matched is not None:
+            self._record_queue_wait_time(matched)
+            matched.future.set_result(replica)
+            self._remove_pending_request_from_indices(matched)
+
     def _stats(self, replica: RunningReplica, key: str | None, now: float) -> ReplicaStats:
         published: dict[str, Any] = replica.routing_stats or {}
         name = replica.replica_id.unique_id

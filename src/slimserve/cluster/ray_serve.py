@@ -17,12 +17,12 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve import Application
 from ray.serve.config import (
     AutoscalingConfig,
     AutoscalingPolicy,
     HTTPOptions,
     RequestRouterConfig,
-    gRPCOptions,
 )
 
 from slimserve.cluster.ray_replica import Builder, SlimserveReplica
@@ -33,9 +33,6 @@ log = logging.getLogger("slimserve.ray")
 APP_NAME = "slimserve"
 ROUTER = "slimserve.cluster.ray_router:SlimserveRouter"
 AUTOSCALE_POLICY = "slimserve.cluster.ray_autoscale:scale"
-GRPC_SERVICER = (
-    "slimserve.transport._proto.grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
-)
 MAX_ONGOING = 64  # requests one replica takes at once; more wait at the proxy's router
 
 
@@ -47,7 +44,8 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         # One CPU each, so that replicas spread over nodes as the cluster has CPUs for them.
         "ray_actor_options": {"num_cpus": 1},
         "request_router_config": RequestRouterConfig.model_validate(
-            {"request_router_class": ROUTER, "request_routing_stats_period_s": 1.0}
+            {"request_routing_stats_period_s": 1.0}
+            | ({"request_router_class": ROUTER} if settings.ray_router == "slimserve" else {})
         ),
         "health_check_period_s": 2.0,
         "health_check_timeout_s": 10.0,
@@ -63,7 +61,7 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
             initial_replicas=max(bounds[0], 1),
             target_ongoing_requests=8,
             upscale_delay_s=3.0,
-            downscale_delay_s=15.0,
+            downscale_delay_s=10.0,
             metrics_interval_s=1.0,
             look_back_period_s=3.0,
             policy=AutoscalingPolicy(policy_function=AUTOSCALE_POLICY),
@@ -72,19 +70,27 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
 
 
 def deploy(settings: Settings, build: Builder) -> None:
-    """Start Serve's proxies on settings' ports and deploy (Ray must be initialised)."""
-    grpc = None
+    """Start Serve's HTTP proxy on settings' host and port and deploy (Ray must be running).
+
+    No gRPC: Ray's gRPC proxy calls one deployment method per RPC with Ray's own context
+    object, while slimserve's v2 gRPC service is its own HTTP/2 server; over Ray, v2 goes over
+    HTTP (README, scale-out)."""
     if settings.grpc_port:
-        grpc = gRPCOptions(port=settings.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
+        log.warning("gRPC is not served on Ray (--grpc-port %s ignored)", settings.grpc_port)
     serve.start(
         http_options=HTTPOptions(
             host=settings.host, port=settings.http_port, keep_alive_timeout_s=settings.keep_alive_s
         ),
-        grpc_options=grpc,
+        proxy_location="HeadOnly" if settings.ray_proxy == "head" else "EveryNode",
     )
+    serve.run(application(settings, build), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def application(settings: Settings, build: Builder) -> Application:
+    """The Ray Serve application: the slimserve deployment bound to its settings and builder
+    (what `serve.run` deploys, and what a RayService's import_path names)."""
     replica = serve.deployment(**deployment_options(settings))(SlimserveReplica)
-    app = replica.bind(settings.model_dump(mode="json"), build)
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    return replica.bind(settings.model_dump(mode="json"), build)
 
 
 def run_on_ray(settings: Settings, build: Builder) -> None:
@@ -102,9 +108,8 @@ def run_on_ray(settings: Settings, build: Builder) -> None:
     try:
         deploy(settings, build)
         log.info(
-            "serving %s on Ray (%s): http %s:%s, grpc %s, %s",
+            "serving %s on Ray (%s): http %s:%s, %s",
             settings.repository, settings.ray, settings.host, settings.http_port,
-            settings.grpc_port or "off",
             f"autoscale {settings.autoscale}" if settings.autoscale
             else f"{settings.replicas} replicas",
         )  # fmt: skip

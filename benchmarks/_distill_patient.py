@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimserve.optimize.distill import DistillConfig, distill
+from slimserve.optimize.distillation import DistillConfig, distill
 from slimserve.train import TrainConfig, accuracy, fit, predict
 from slimserve.zoo import MLP
 

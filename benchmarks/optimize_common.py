@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from slimserve.optimize.evaluate import machine_facts
+from slimserve.optimize.evaluation import machine_facts
 
 OUT = Path(__file__).parent / "results"
 

@@ -25,8 +25,8 @@ from torch import nn
 
 from slimserve.optimize.export import export_onnx
 from slimserve.optimize.precision import Bf16, to_precision_
-from slimserve.optimize.qlayers import Int8DynamicLinear
 from slimserve.optimize.quantize import DynamicInt8, quantize_, quantize_onnx
+from slimserve.runtimes.quantized.layers import Int8DynamicLinear
 
 TOKENS = 128
 

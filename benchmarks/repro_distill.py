@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _distill_patient as patient  # noqa: E402
 from _repro_common import facts_markdown, fashion_mnist, machine_facts  # noqa: E402
 
-from slimserve.optimize.distill import DistillConfig, distill  # noqa: E402
+from slimserve.optimize.distillation import DistillConfig, distill  # noqa: E402
 from slimserve.train import (  # noqa: E402
     Callback,
     TrainConfig,

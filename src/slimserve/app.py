@@ -2,36 +2,35 @@
 
 `build_server(settings)` builds everything from Settings (thread pools, model residency,
 admission, authenticator, audit log, metrics, response caches, the engine, the HTTP app and the
-gRPC service) and returns a `Server`; `serve` runs one on sockets until a signal. Also defines
-`slimserve serve`.
+gRPC service) and returns a `Server`; `serve` runs one on sockets until a signal (launch.py
+runs it in one process or several: `slimserve serve`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import os
 import signal
 import socket
-import sys
 import time
-import typing
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.synchronize import Event
-from pathlib import Path
 from typing import Any, Protocol
 
 from slimserve.config import Settings
-from slimserve.errors import ConfigError, SlimserveError
+from slimserve.errors import ConfigError
 from slimserve.repository.store import Repository
+from slimserve.runtimes.base import RuntimeOptions
 from slimserve.security.audit import AuditLog
+from slimserve.security.crypto import resolve_data_key
 from slimserve.security.keys import Authenticator
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import ResponseCaches
+from slimserve.serving.catalog import Catalog, hide_path
+from slimserve.serving.control import ModelControl
 from slimserve.serving.engine import Engine
 from slimserve.serving.metrics import Metrics
 from slimserve.serving.models import ModelManager, RuntimeFactory
@@ -41,145 +40,9 @@ from slimserve.transport.grpc import InferenceServicer, create_server
 from slimserve.transport.grpc_h2 import NativeGrpcServer
 from slimserve.transport.http_protocol import ConnectionLimits, protocol_class
 from slimserve.transport.limits import TensorLimits
+from slimserve.types import Clock
 
 log = logging.getLogger("slimserve")
-
-
-def register(sub: Any) -> None:
-    """`slimserve serve`: one flag per Settings field, help from its description."""
-    parser = sub.add_parser(
-        "serve",
-        help="serve a model repository over HTTP and gRPC",
-        description="Serve every model in a repository (KServe v2 over HTTP and gRPC). "
-        "Options also come from SLIMSERVE_<OPTION> environment variables and --config FILE; "
-        "flags win over the environment, which wins over the file.",
-    )
-    parser.add_argument("--config", type=Path, help="YAML file of settings (keys as below).")
-    for name, field in Settings.model_fields.items():
-        _add_flag(parser, name, field)
-    parser.set_defaults(handler=_serve_command)
-
-
-def _add_flag(parser: argparse.ArgumentParser, name: str, field: Any) -> None:
-    flag = "--" + name.replace("_", "-")
-    default = field.default_factory() if field.default_factory else field.default
-    help_text = f"{field.description} (default: {default})"
-    annotation = field.annotation
-    optional = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if type(None) in typing.get_args(annotation) and len(optional) == 1:
-        annotation = optional[0]  # `X | None`: the flag takes an X
-    if annotation is bool:
-        parser.add_argument(
-            flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-        )
-    elif typing.get_origin(annotation) is typing.Literal:
-        parser.add_argument(flag, choices=typing.get_args(annotation), default=None, help=help_text)
-    elif typing.get_origin(annotation) is list:
-        parser.add_argument(
-            flag,
-            type=lambda s: [x for x in s.split(",") if x],
-            default=None,
-            help=help_text + "; comma-separated",
-        )
-    else:
-        parser.add_argument(flag, type=annotation, default=None, help=help_text)
-
-
-def _serve_command(args: argparse.Namespace) -> int:
-    flags = {name: getattr(args, name) for name in Settings.model_fields}
-    settings = Settings.load(args.config, **flags)
-    run_server(settings)
-    # Everything is stopped and flushed; skip interpreter teardown, where gRPC's core alone
-    # spends over a second, so that a restart or rolling update is not held up.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def configure_logging(settings: Settings) -> None:
-    from slimserve import logs
-
-    logs.configure(settings.log_level, settings.log_format)
-
-
-def run_server(settings: Settings) -> None:
-    """Run until SIGINT/SIGTERM, on uvloop where available; several processes with workers,
-    replicas on Ray with `ray`."""
-    configure_logging(settings)
-    configure_threads(settings)
-    if settings.ray is not None:
-        try:
-            from slimserve.cluster.ray_serve import run_on_ray  # imports Ray: only when asked
-        except ImportError as exc:
-            raise ConfigError(
-                f"--ray needs Ray Serve ({exc}); install it with: pip install 'slimserve[ray]'"
-            ) from None
-        run_on_ray(
-            settings.model_copy(update={"repository": settings.repository.resolve()}), build_server
-        )
-        return
-    if settings.workers > 1:
-        from slimserve.cluster.processes import run_workers
-
-        if run_workers(settings, run_worker):
-            raise SlimserveError("a worker kept crashing (a crash loop); see the log above")
-        return
-    _run_loop(serve(settings))
-
-
-def ray_application(args: dict[str, Any]) -> Any:
-    """A Ray Serve application builder for Ray's own tooling (`serve run`, a KubeRay
-    RayService's `import_path: slimserve.app:ray_application`): `args` are settings (as in a
-    --config file), the deployment the same as `slimserve serve --ray` makes."""
-    from slimserve.cluster.ray_serve import application  # imports Ray: only when asked
-
-    settings = Settings.load(None, **{"ray": "external", **args})
-    return application(settings, build_server)
-
-
-def configure_threads(settings: Settings) -> None:
-    """OpenMP (torch's intra-op pool) reads its wait policy once, when torch is imported: set
-    it first. Spinning OpenMP threads took the cores from the event loop and the client on a
-    2-core machine (MiniLM batch 32 in-process, other processes busy: 34 rows/s spinning,
-    231 sleeping; benchmarks/RESULTS.md). A policy the user set in the environment wins."""
-    if not settings.spin_wait:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def run_worker(settings: Settings, sockets: list[socket.socket], ready: Event) -> None:
-    """One worker process of `--workers N` (started and supervised by cluster.processes);
-    sets `ready` once it serves."""
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor turns SIGHUP into a reload
-    configure_logging(settings)
-    configure_threads(settings)
-    _run_loop(_serve_and_report(settings, sockets, ready))
-
-
-async def _serve_and_report(settings: Settings, sockets: list[socket.socket], ready: Event) -> None:
-    started = asyncio.Event()
-
-    async def report() -> None:
-        await started.wait()
-        ready.set()
-
-    reporter = asyncio.create_task(report())
-    try:
-        await serve(settings, started, http_sockets=sockets)
-    finally:
-        reporter.cancel()
-
-
-def _run_loop(main: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
-
-
-Clock = Callable[[], float]
 
 
 def build_engine(
@@ -199,18 +62,33 @@ def build_engine(
     repository = repository or Repository(settings.repository)
     threads = settings.inference_threads or os.cpu_count() or 1
     metrics = Metrics()
+    options = RuntimeOptions(
+        intra_op_threads=settings.intra_op_threads,
+        graph_optimization=settings.ort_graph_optimization,
+        spin_wait=settings.spin_wait,
+        data_key=resolve_data_key(
+            settings.data_key_file, settings.data_key_env, settings.data_key_environment()
+        ),
+        clock=clock,
+    )
     models = ModelManager(
         repository,
         settings,
         InferenceThreads(threads),
         ThreadPoolExecutor(2, thread_name_prefix="slimserve-load"),
+        options,
         runtime_factory,
         clock=clock,
         on_batch=metrics.batch_observer,
     )
     admission = Admission(settings)
-    caches = ResponseCaches(settings.redis_url)
+    caches = ResponseCaches(settings.redis_url, clock)
     metrics.watch(models, admission, caches)
+    public = hide_path(repository.root)
+    catalog = Catalog(repository, models, admission, public)
+    audit = AuditLog(settings.audit_log)
+    auth = Authenticator(settings.api_keys_file) if settings.api_keys_file else None
+    control = ModelControl(repository, models, audit, auth, settings.model_control, public)
     return Engine(
         repository,
         settings,
@@ -218,8 +96,9 @@ def build_engine(
         admission=admission,
         metrics=metrics,
         caches=caches,
-        audit=AuditLog(settings.audit_log),
-        auth=Authenticator(settings.api_keys_file) if settings.api_keys_file else None,
+        catalog=catalog,
+        control=control,
+        audit=audit,
         clock=clock,
     )
 

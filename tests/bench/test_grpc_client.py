@@ -15,6 +15,7 @@ from slimserve.errors import NotFound
 from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport.grpc import create_server
 from slimserve.transport.grpc_h2 import NativeGrpcServer
+from slimserve.types import ModelMetadata, TensorSpec
 from tests.grpc_standin import StandInEngine, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -22,12 +23,12 @@ SERVICE = "/inference.GRPCInferenceService/"
 
 
 class MetadataEngine(StandInEngine):
-    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+    def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
         if name == "missing":
             raise NotFound("model 'missing' is not here; 100% sure")
         # The name comes back in the answer: a long name makes a large request and answer.
-        inputs = [{"name": f"in{i}", "datatype": "FP32", "shape": [-1, 4]} for i in range(3000)]
-        return {"name": name, "versions": ["1"], "platform": "", "inputs": inputs}
+        inputs = tuple(TensorSpec(f"in{i}", "FP32", (-1, 4)) for i in range(3000))
+        return ModelMetadata(name, ("1",), "", inputs, (), "READY")
 
 
 @pytest.mark.parametrize("impl", ["native", "grpcio"])

@@ -9,6 +9,7 @@ import httpx
 from starlette.types import Receive, Scope, Send
 
 from slimserve.cluster.replica_app import ReplicaApp, routing_stats
+from slimserve.types import HealthReport, RepositoryEntry
 
 
 async def slow_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -39,8 +40,9 @@ def test_every_response_names_the_replica_and_in_flight_is_counted():
 
 
 def test_routing_stats_from_health_and_ready_models():
-    health = {"memory_budget_bytes": 1000, "resident_bytes": 300}
-    ready = [{"name": "mlp", "version": "2"}, {"name": "mlp:fast", "version": "2"}]
+    health = HealthReport("ok", True, True, (), (), (), resident_bytes=300,
+                          memory_budget_bytes=1000)  # fmt: skip
+    ready = [RepositoryEntry("mlp", "2", "READY"), RepositoryEntry("mlp:fast", "2", "READY")]
     assert routing_stats(health, ready, 4) == {
         "resident": ["mlp:", "mlp:fast"], "free_bytes": 700, "queue": 4,
     }  # fmt: skip

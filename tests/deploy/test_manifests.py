@@ -80,13 +80,13 @@ def test_inference_services_use_the_runtime_over_http_and_grpc(kserve):
 def test_the_ray_service_deploys_slimserves_own_application():
     from ray.serve.schema import ServeDeploySchema
 
-    from slimserve.app import ray_application
+    from slimserve.launch import ray_application
 
     (service,) = kustomize(DEPLOY / "kuberay")
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
     config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
     (app,) = config.applications
-    assert app.import_path == "slimserve.app:ray_application"
+    assert app.import_path == "slimserve.launch:ray_application"
     assert app.args is not None
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == "2.58.0"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from sklearn.datasets import load_digits
 
-from slimserve.optimize.distill import DistillConfig, distill
+from slimserve.optimize.distillation import DistillConfig, distill
 from slimserve.train.distributed import init_distributed, is_main_process, shutdown
 from slimserve.zoo import MLP
 

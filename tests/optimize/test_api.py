@@ -19,7 +19,7 @@ def test_every_name_resolves_and_verbs_stay_functions_after_their_modules_load()
     code = (
         "import types\n"
         "import slimserve.optimize as o\n"
-        "import slimserve.optimize.evaluate, slimserve.optimize.distill\n"
+        "import slimserve.optimize.evaluation, slimserve.optimize.distillation\n"
         "from slimserve.optimize import evaluate, distill, quantize_\n"
         "names = [getattr(o, n) for n in o.__all__]\n"
         "print(isinstance(evaluate, types.FunctionType),"

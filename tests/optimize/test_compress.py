@@ -12,7 +12,6 @@ import torch
 from sklearn.datasets import load_digits
 
 from slimserve.errors import InvalidArgument
-from slimserve.optimize import huffman
 from slimserve.optimize.compress import (
     MAGIC,
     WeightSharing,
@@ -27,6 +26,7 @@ from slimserve.optimize.compress import (
     unique_values,
 )
 from slimserve.optimize.prune import MagnitudePruning, make_permanent, prune_, sparsity
+from slimserve.runtimes import huffman
 from slimserve.train import TrainConfig, accuracy, classification_loss, fit
 from slimserve.zoo import MLP, LeNet5
 

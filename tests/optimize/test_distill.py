@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from slimserve.errors import InvalidArgument
-from slimserve.optimize.distill import (
+from slimserve.optimize.distillation import (
     DistillConfig,
     classifier_loss,
     derive_student,
@@ -128,7 +128,7 @@ def test_bad_distill_configs_are_named(kwargs, match):
 
 
 def test_unlabelled_rows_get_the_soft_term_only():
-    from slimserve.optimize.distill import hard_label_loss
+    from slimserve.optimize.distillation import hard_label_loss
 
     torch.manual_seed(0)
     logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slimserve.errors import InvalidArgument
-from slimserve.optimize.evaluate import evaluate, fidelity, latency_profile
+from slimserve.optimize.evaluation import evaluate, fidelity, latency_profile
 from slimserve.optimize.export import export_onnx
 from slimserve.optimize.quantize import DynamicInt8, quantize_
 from slimserve.repository.schema import VariantProfile

@@ -88,7 +88,7 @@ def test_quantized_variants_are_smaller_and_say_how_to_build_them(optimized):
     assert by_name["int8"]["size_bytes"] < original / 2.5
     assert by_name["int4group32"]["size_bytes"] < by_name["int8"]["size_bytes"]
     doc = yaml.safe_load((root / "mlp/1/variants/int8/variant.yaml").read_text())
-    assert doc["model_class"] == "slimserve.optimize.wrappers:VariantModel"
+    assert doc["model_class"] == "slimserve.runtimes.quantized.variant:VariantModel"
     assert doc["model_args"]["base_class"] == "slimserve.zoo:MLP"
     assert doc["model_args"]["layers"]["net.0"]["kind"] == "int8_dynamic"
     onnx_doc = yaml.safe_load((root / "mlp/1/variants/onnx_static-int8/variant.yaml").read_text())
@@ -196,7 +196,7 @@ def test_recipe_files_and_names(tmp_path):
     recipe = parse_recipe(str(path))
     assert recipe.name == "small"
     assert [s.spec.name for s in recipe.steps] == ["prune", "finetune", "int8"]
-    assert recipe.steps[1].config.epochs == 2 and recipe.steps[0].config.amount == 0.5
+    assert recipe.steps[1].config.epochs == 2 and recipe.steps[0].config.pruning.amount == 0.5
     assert parse_recipe("int4:group=64").steps[0].config.group_size == 64
     with pytest.raises(InvalidArgument, match="needs a name"):
         parse_recipe("finetune:3,4")

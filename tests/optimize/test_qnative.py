@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimserve.errors import InvalidArgument
-from slimserve.optimize import qnative
 from slimserve.optimize.quantize import QAT, StaticInt8, quantize_, quantized_layers
 from slimserve.optimize.quantize_native import NativeUnsupported, fusable_relus
-from slimserve.optimize.wrappers import VariantModel
+from slimserve.runtimes.quantized import native as qnative
+from slimserve.runtimes.quantized.variant import VariantModel
 from slimserve.zoo import LeNet5
 from tests.optimize.quant_fixtures import accuracy, digits_mlp, digits_tensors, outputs
 

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slimserve.optimize import qnative
-from slimserve.optimize.qsequential import NativeSequential, use_native_sequentials
 from slimserve.optimize.quantize import StaticInt8, quantize_, quantized_layers
-from slimserve.optimize.wrappers import VariantModel
+from slimserve.runtimes.quantized import native as qnative
+from slimserve.runtimes.quantized.sequential import NativeSequential, use_native_sequentials
+from slimserve.runtimes.quantized.variant import VariantModel
 from slimserve.zoo import LeNet5
 from tests.optimize.quant_fixtures import outputs
 

@@ -11,15 +11,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimserve.errors import InvalidArgument
-from slimserve.optimize import qmath
 from slimserve.optimize.calibrate import EntropyObserver, MinMaxObserver, PercentileObserver
 from slimserve.optimize.export import export_onnx
-from slimserve.optimize.qlayers import (
-    Int8DynamicLinear,
-    StaticInt8Conv2d,
-    StaticInt8Linear,
-    WeightOnlyInt4Linear,
-)
 from slimserve.optimize.quantize import (
     QAT,
     DynamicInt8,
@@ -30,7 +23,14 @@ from slimserve.optimize.quantize import (
     quantize_onnx,
     quantized_layers,
 )
-from slimserve.optimize.wrappers import VariantModel
+from slimserve.runtimes.quantized import qmath
+from slimserve.runtimes.quantized.layers import (
+    Int8DynamicLinear,
+    StaticInt8Conv2d,
+    StaticInt8Linear,
+    WeightOnlyInt4Linear,
+)
+from slimserve.runtimes.quantized.variant import VariantModel
 from slimserve.zoo import LeNet5
 from tests.optimize.quant_fixtures import accuracy, digits_mlp, digits_tensors, outputs
 
@@ -335,3 +335,10 @@ def test_fewer_bits_simulate_coarser_quantization_and_do_not_convert():
         convert_qat(prepare_qat(digits_mlp(), x, weight_bits=4))
     with pytest.raises(InvalidArgument, match="2 to 8 bits"):
         prepare_qat(digits_mlp(), x, act_bits=9)
+
+
+@pytest.mark.parametrize("base_class", ["os:system", "builtins:dict", "slimserve.zoo:nope"])
+def test_a_variant_names_only_torch_module_classes(base_class: str) -> None:
+    """variant.yaml's base_class cannot make the server call any importable callable."""
+    with pytest.raises(InvalidArgument, match="model_class"):
+        VariantModel(base_class=base_class, base_args={}, layers={})

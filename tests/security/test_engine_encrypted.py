@@ -43,9 +43,9 @@ def test_wrong_key_refuses_one_model_and_the_others_serve(repo: Path, data_key: 
         await engine.start(wait=True)
         try:
             meta = engine.model_metadata("mlp-torch")
-            assert meta["state"] == "UNAVAILABLE"
-            assert "wrong key or the file was modified" in meta["reason"]
-            assert "model.safetensors.enc" in meta["reason"]
+            assert meta.state == "UNAVAILABLE"
+            assert "wrong key or the file was modified" in meta.reason
+            assert "model.safetensors.enc" in meta.reason
             with pytest.raises(Unavailable, match="wrong key"):
                 await engine.infer(InferRequest("mlp-torch", x))
             response = await engine.infer(InferRequest("mlp-onnx", x))

@@ -12,6 +12,7 @@ import pytest
 
 from slimserve.errors import DeadlineExceeded, InvalidArgument, SlimserveError, Unavailable
 from slimserve.serving.batcher import Batcher
+from slimserve.testing import FakeClock
 
 
 def _double(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -225,3 +226,36 @@ def test_a_lone_client_is_not_held_back_by_an_earlier_crowd(pool):
 
     asyncio.run(main())
     assert max(waits) < 1.0, waits  # max_delay_s is 2 s; the pause is milliseconds
+
+
+def test_deadlines_follow_the_clock_passed_in(pool):
+    """A queued request whose deadline the (fake) clock has passed fails before the model
+    runs it; one still within its deadline is served. No sleeping on the real clock."""
+    clock = FakeClock()
+    gate = threading.Event()
+
+    def held(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        gate.wait(10)
+        return _double(inputs)
+
+    async def main() -> tuple[object, object]:
+        batcher = _batcher(pool, held, max_batch_size=1, clock=clock)
+        batcher.start()
+        try:
+            x = np.ones((1, 2), np.float32)
+            first = asyncio.ensure_future(batcher.submit({"x": x}, 1))
+            while batcher.running_rows == 0:  # the first request holds the model
+                await asyncio.sleep(0.001)
+            late = asyncio.ensure_future(batcher.submit({"x": x}, 1, deadline=clock() + 1.0))
+            kept = asyncio.ensure_future(batcher.submit({"x": x}, 1, deadline=clock() + 9.0))
+            await asyncio.sleep(0)
+            clock.advance(2.0)  # past the first deadline only
+            gate.set()
+            await first
+            return (await asyncio.gather(late, kept, return_exceptions=True))[0], await kept
+        finally:
+            await batcher.close()
+
+    late, kept = asyncio.run(main())
+    assert isinstance(late, DeadlineExceeded)
+    assert isinstance(kept, dict) and kept["y"].tolist() == [[2.0, 2.0]]

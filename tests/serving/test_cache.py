@@ -15,6 +15,7 @@ from slimserve.serving.cache import (
     decode,
     encode,
 )
+from slimserve.testing import FakeClock
 from tests.redis_server import redis_server
 
 
@@ -22,14 +23,6 @@ from tests.redis_server import redis_server
 def redis_url(tmp_path_factory):
     with redis_server(tmp_path_factory.mktemp("redis")) as url:
         yield url
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def out(value: float) -> dict[str, np.ndarray]:
@@ -91,7 +84,7 @@ def test_memory_cache_is_bounded_in_bytes_and_evicts_lru():
 
 
 def test_memory_cache_ttl_expires_with_the_timer():
-    clock = Clock()
+    clock = FakeClock(0.0)
     cache = MemoryCache(1 << 20, ttl_s=5, timer=clock)
 
     async def main():
@@ -142,7 +135,7 @@ def test_a_failed_computation_is_not_cached_and_reaches_every_waiter():
 def test_keys_depend_on_inputs_unit_and_relevant_parameters_only():
     x = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
     base = cache_key("m/1", x, {})
-    assert base == cache_key("m/1", {"x": x["x"].copy()}, {"timeout": 3, "priority": 1})
+    assert base == cache_key("m/1", {"x": x["x"].copy()}, {"binary_data_output": True})
     assert base != cache_key("m/2", x, {})
     assert base != cache_key("m/1", {"x": x["x"] + 1}, {})
     assert base != cache_key("m/1", {"x": x["x"].reshape(3, 2)}, {})

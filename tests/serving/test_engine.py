@@ -11,6 +11,7 @@ import pytest
 from slimserve.app import build_engine
 from slimserve.config import Settings
 from slimserve.errors import (
+    DeadlineExceeded,
     InvalidArgument,
     ModelLoadError,
     NotFound,
@@ -21,7 +22,7 @@ from slimserve.repository import Repository
 from slimserve.repository.store import Target
 from slimserve.runtimes.base import Runtime, RuntimeOptions
 from slimserve.serving.engine import Engine
-from slimserve.types import InferRequest
+from slimserve.types import InferRequest, RequestControls, TensorSpec
 
 YAML = """\
 backend: python
@@ -95,7 +96,7 @@ def test_default_version_is_the_highest_and_versions_and_variants_are_addressabl
         default = await engine.infer(InferRequest("scale", x(2)))
         v1 = await engine.infer(InferRequest("scale", x(2), version="1"))
         half = await engine.infer(InferRequest("scale:half", x(2)))
-        half_param = await engine.infer(InferRequest("scale", x(1), parameters={"variant": "half"}))
+        half_param = await engine.infer(InferRequest("scale", x(1), variant="half"))
         return default, v1, half, half_param
 
     default, v1, half, half_param = run(root, body)
@@ -112,7 +113,7 @@ def test_a_failing_model_is_reported_while_the_others_serve(tmp_path):
     async def body(engine: Engine):
         assert engine.ready()
         meta = engine.model_metadata("bad")
-        assert meta["state"] == "UNAVAILABLE" and "factor.txt says fail" in meta["reason"]
+        assert meta.state == "UNAVAILABLE" and "factor.txt says fail" in meta.reason
         assert engine.model_ready("bad") is False
         with pytest.raises(Unavailable, match="says fail"):
             await engine.infer(InferRequest("bad", x(1)))
@@ -147,7 +148,11 @@ def test_a_failing_model_is_reported_while_the_others_serve(tmp_path):
         (InferRequest("scale", x(1), version="7"), NotFound, "no version 7"),
         (InferRequest("scale", x(1), version="abc"), InvalidArgument, "not a positive integer"),
         (InferRequest("scale:nope", x(1)), NotFound, "no version 2 variant 'nope'"),
-        (InferRequest("scale", x(1), parameters={"timeout": "soon"}), InvalidArgument, "timeout"),
+        (
+            InferRequest("scale", x(1), controls=RequestControls(timeout_s=0.0)),
+            DeadlineExceeded,
+            "timeout passed",
+        ),
     ],
 )
 def test_bad_requests_get_clear_errors_and_the_next_good_one_succeeds(
@@ -177,7 +182,7 @@ def test_model_control_is_off_by_default_and_loads_and_unloads_when_on(tmp_path)
         await engine.unload_model("scale")
         with pytest.raises(Unavailable, match="unloaded"):
             await engine.infer(InferRequest("scale", x(1)))
-        states = {r["name"]: r["state"] for r in engine.repository_index()}
+        states = {r.name: r.state for r in engine.repository_index()}
         assert states["scale"] == "UNAVAILABLE"
         (root / "scale" / "3").mkdir()
         (root / "scale" / "3" / "factor.txt").write_text("10")
@@ -202,13 +207,13 @@ def test_metadata_config_and_statistics(tmp_path):
         )
 
     meta, config, stats, index = run(root, body)
-    assert meta["versions"] == ["1", "2"] and meta["variants"] == ["half"]
-    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]
-    assert config["max_batch_size"] == 4
-    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [2]}]
-    (v2,) = [s for s in stats["model_stats"] if s["version"] == "2"]
-    assert v2["inference_count"] == 5 and v2["inference_stats"]["success"]["count"] == 5
-    assert {(r["name"], r["version"]) for r in index} == {
+    assert meta.versions == ("1", "2") and meta.variants == ("half",)
+    assert meta.inputs == (TensorSpec("x", "FP32", (-1, 2)),)
+    assert config.max_batch_size == 4 and config.batched
+    assert config.inputs == (TensorSpec("x", "FP32", (-1, 2)),)
+    (v2,) = [s for s in stats if s.version == "2"]
+    assert v2.inference_count == 5 and v2.success.count == 5
+    assert {(r.name, r.version) for r in index} == {
         ("scale", "1"),
         ("scale", "2"),
         ("scale:half", "2"),
@@ -239,7 +244,7 @@ def test_a_slow_load_blocks_neither_liveness_nor_other_models(tmp_path):
         loading = asyncio.ensure_future(engine.load_model("slow"))
         await asyncio.sleep(0.05)
         assert engine.live() and engine.ready()
-        assert engine.model_metadata("slow")["state"] == "LOADING"
+        assert engine.model_metadata("slow").state == "LOADING"
         waiting = asyncio.ensure_future(engine.infer(InferRequest("slow", x(1))))
         served = await engine.infer(InferRequest("scale", x(1)))  # not blocked by the load
         await asyncio.sleep(0.05)
@@ -274,7 +279,9 @@ def test_response_cache_answers_repeats_without_the_model(tmp_path):
         await engine.start(wait=True)
         calls.clear()  # warm-up calls do not count
         first = await engine.infer(InferRequest("scale", x(2)))
-        again = await engine.infer(InferRequest("scale", x(2), parameters={"timeout": 5}))
+        again = await engine.infer(
+            InferRequest("scale", x(2), controls=RequestControls(timeout_s=5))
+        )
         other = await engine.infer(InferRequest("scale", x(1)))
         v1 = await engine.infer(InferRequest("scale", x(2), version="1"))
         cache = engine.caches["scale"]

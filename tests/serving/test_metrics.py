@@ -56,7 +56,7 @@ def test_requests_outcomes_batches_and_state_are_exported(tmp_path):
     assert rows == 5
     assert s[("slimserve_resident_models", ())] == 3  # scale 1, 2, 2:half; bad/1 failed
     assert s[("slimserve_resident_bytes", ())] > 0
-    assert health["status"] == "degraded" and health["failed_units"] == ["bad/1"]
+    assert health.status == "degraded" and health.failed_units == ("bad/1",)
 
 
 def test_the_grafana_dashboard_queries_only_exported_metrics(tmp_path):

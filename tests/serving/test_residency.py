@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from slimserve.errors import ResourceExhausted, Unavailable
 from slimserve.repository import Repository
 from slimserve.runtimes.base import Runtime
 from slimserve.serving.engine import Engine
+from slimserve.testing import FakeClock
 from slimserve.types import InferRequest
 
 YAML = """\
@@ -65,12 +65,14 @@ def run(root: Path, body, **settings):
 
     async def main():
         s = Settings(repository=root, load_models=[], **settings)
-        engine = build_engine(
-            s, repository=Repository(root), runtime_factory=lambda t, o: SizedRuntime(t, o)
-        )
         # A clock that ticks once per reading: every load costs the same (GDSF weighs load
         # time, which a loaded machine makes random) and recency stays strictly ordered.
-        engine.models._clock = itertools.count(1).__next__
+        engine = build_engine(
+            s,
+            repository=Repository(root),
+            runtime_factory=lambda t, o: SizedRuntime(t, o),
+            clock=FakeClock(tick=1.0),
+        )
         await engine.start(wait=True)
         try:
             return await body(engine)
@@ -155,7 +157,7 @@ def test_evicted_model_reloads_on_its_next_request(tmp_path):
     async def body(engine: Engine):
         for name in ["a", "b", "a"]:
             await engine.infer(req(name))
-        index = {r["name"]: r["state"] for r in engine.repository_index()}
+        index = {r.name: r.state for r in engine.repository_index()}
         return index
 
     index = run(root, body, memory_budget_bytes=100, eviction_policy="lru")

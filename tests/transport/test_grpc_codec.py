@@ -20,7 +20,15 @@ from slimserve.errors import InvalidArgument, Unimplemented
 from slimserve.transport import grpc_codec as codec
 from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport._proto import model_config_pb2 as mc
-from slimserve.types import DATATYPE_TO_NUMPY, InferResponse
+from slimserve.types import (
+    DATATYPE_TO_NUMPY,
+    InferResponse,
+    ModelMetadata,
+    ModelSettings,
+    RepositoryEntry,
+    RequestControls,
+    TensorSpec,
+)
 
 NUMERIC = [d for d in DATATYPE_TO_NUMPY if d not in ("BYTES", "BF16")]
 
@@ -164,7 +172,9 @@ def test_request_fields_and_parameters() -> None:
         "10.0.0.1",
     )
     assert decoded.outputs == ("b", "a")
-    assert decoded.parameters == {"variant": "int8", "priority": 2, "degrade": False, "scale": 0.5}
+    assert decoded.parameters == {"scale": 0.5}  # the controls are typed fields
+    assert decoded.variant == "int8"
+    assert decoded.controls == RequestControls(priority=2, degrade=False)
     empty = codec.decode_infer_request(raw_request({"x": np.zeros(1)}))
     assert empty.version is None and empty.id is None and empty.outputs is None
 
@@ -277,19 +287,18 @@ def test_timeout_parameter_units() -> None:
             codec.timeout_seconds(bad)
     request = raw_request({"x": np.zeros(1, np.float32)})
     request.parameters["timeout"].int64_param = 1_000
-    assert codec.decode_infer_request(request).parameters["timeout"] == pytest.approx(0.001)
+    assert codec.decode_infer_request(request).controls.timeout_s == pytest.approx(0.001)
 
 
 def test_the_call_deadline_becomes_the_request_deadline() -> None:
-    params: dict[str, Any] = {}
-    codec.apply_deadline(params, None)
-    assert params == {}
-    codec.apply_deadline(params, 2.5)
-    assert params == {"timeout": 2.5}
-    codec.apply_deadline(params, 9.0)  # an earlier timeout the client set wins
-    assert params == {"timeout": 2.5}
-    codec.apply_deadline(params, 0.5)
-    assert params == {"timeout": 0.5}
+    request = raw_request({"x": np.zeros(1, np.float32)})
+    assert codec.decode_infer_request(request, None, None).controls.timeout_s is None
+    assert codec.decode_infer_request(request, None, 2.5).controls.timeout_s == 2.5
+    request.parameters["timeout"].double_param = 2.5
+    # An earlier timeout the client set wins; a nearer call deadline wins over it.
+    assert codec.decode_infer_request(request, None, 9.0).controls.timeout_s == 2.5
+    decoded = codec.decode_infer_request(request, None, 0.5)
+    assert decoded.controls.timeout_s == 0.5 and "timeout" not in decoded.parameters
 
 
 # -- responses -----------------------------------------------------------------------------
@@ -342,36 +351,30 @@ def test_big_endian_outputs_are_sent_little_endian() -> None:
 # -- metadata messages ---------------------------------------------------------------------
 
 
-def test_engine_dicts_become_messages_tritonclient_reads() -> None:
+def test_typed_results_become_messages_tritonclient_reads() -> None:
     config = codec.model_config_message(
-        {
-            "name": "m",
-            "platform": "onnxruntime_onnx",
-            "backend": "onnx",
-            "max_batch_size": 8,
-            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]}],
-            "output": [{"name": "y", "data_type": "TYPE_STRING", "dims": [-1]}],
-            "dynamic_batching": {"max_queue_delay_microseconds": 2000},
-            "something_new": 1,
-        }
+        ModelSettings(
+            name="m",
+            platform="onnxruntime_onnx",
+            backend="onnx",
+            max_batch_size=8,
+            inputs=(TensorSpec("x", "FP32", (-1, 4)),),
+            outputs=(TensorSpec("y", "BYTES", (-1, -1)),),
+            batched=True,
+            max_queue_delay_us=2000,
+        )
     )
     theirs = triton_pb.ModelConfigResponse.FromString(config.SerializeToString()).config
     assert theirs.max_batch_size == 8 and theirs.backend == "onnx"
     assert theirs.input[0].data_type == triton_mc.TYPE_FP32 and list(theirs.input[0].dims) == [4]
     assert theirs.output[0].data_type == triton_mc.TYPE_STRING
     assert theirs.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert list(theirs.output[0].dims) == [-1]
     meta = codec.model_metadata_message(
-        {
-            "name": "m",
-            "versions": ["1"],
-            "platform": "p",
-            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
-            "outputs": [],
-            "state": "READY",
-        }
+        ModelMetadata("m", ("1",), "p", (TensorSpec("x", "FP32", (-1, 4)),), (), "READY")
     )
     assert list(meta.inputs[0].shape) == [-1, 4]
-    index = codec.index_message([{"name": "m", "version": "1", "state": "READY", "reason": ""}])
+    index = codec.index_message([RepositoryEntry("m", "1", "READY")])
     assert index.models[0].state == "READY"
 
 

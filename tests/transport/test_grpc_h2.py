@@ -23,6 +23,7 @@ import pytest
 from slimserve.config import Settings
 from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport.grpc_h2 import NativeGrpcServer, _percent_encode, _timeout_s
+from slimserve.types import ModelMetadata, TensorSpec
 from tests.grpc_standin import StandInEngine, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -39,12 +40,9 @@ class LoadEngine(StandInEngine):
         self.release = asyncio.Event()
         self.cancelled = False
 
-    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        tensors = [
-            {"name": f"input_{i:05d}", "datatype": "FP32", "shape": [-1, 784]}
-            for i in range(self.inputs)
-        ]
-        return {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx", "inputs": tensors}
+    def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        tensors = tuple(TensorSpec(f"input_{i:05d}", "FP32", (-1, 784)) for i in range(self.inputs))
+        return ModelMetadata(name, ("1",), "onnxruntime_onnx", tensors, (), "READY")
 
     async def load_model(self, name: str, identity: Any) -> None:
         self.load_started.set()
@@ -341,7 +339,7 @@ def _raw_frame(kind: int, flags: int, sid: int, payload: bytes, length: int | No
         pytest.param(_raw_frame(1, 4, 2, b"\x82"), 1, id="HEADERS on an even stream"),
         pytest.param(_raw_frame(8, 0, 0, b"\x00\x00\x00\x00"), 1, id="WINDOW_UPDATE of 0"),
         pytest.param(_raw_frame(9, 4, 1, b"\x82"), 1, id="CONTINUATION alone"),
-        pytest.param(_raw_frame(6, 0, 0, b"short"), 1, id="PING of 5 bytes"),
+        pytest.param(_raw_frame(6, 0, 0, b"short"), 6, id="PING of 5 bytes"),
     ],
 )
 def test_protocol_violations_close_the_connection_with_goaway(

@@ -23,6 +23,7 @@ from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport._proto import grpc_service_pb2_grpc as pb_grpc
 from slimserve.transport.grpc import STATUS, create_server
 from slimserve.transport.grpc_h2 import NativeGrpcServer
+from slimserve.types import ModelMetadata
 from tests.grpc_standin import StandInEngine, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,7 +35,7 @@ class FailingEngine(StandInEngine):
     def __init__(self, error: BaseException) -> None:
         self.error = error
 
-    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+    def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
         raise self.error
 
 

@@ -26,6 +26,7 @@ from slimserve.runtimes.base import Runtime, RuntimeOptions
 from slimserve.security.keys import KeyStore
 from slimserve.transport.asgi import create_app
 from slimserve.transport.http import STATUS, _error_reply
+from slimserve.types import ModelSettings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -710,7 +711,7 @@ def test_api_keys_and_scopes(repo, tmp_path):
 # -- the boundary -----------------------------------------------------------------------------
 
 
-def broken_model_config(name: str, version: str | None = None) -> dict[str, Any]:
+def broken_model_config(name: str, version: str | None = None) -> ModelSettings:
     """A model_config with a bug (not a SlimserveError)."""
     raise KeyError("secret internals")
 

@@ -115,7 +115,8 @@ def test_request_fields_pass_through():
     doc["outputs"] = [{"name": "a"}, {"name": "b", "parameters": {"binary_data": True}}]
     request, fmt = decode(doc, model="mlp:int8")
     assert request.model == "mlp:int8" and request.id == "req-7"
-    assert request.parameters == {"timeout": 2.5, "variant": "int8", "custom": [1]}
+    assert request.parameters == {"custom": [1]}  # the controls are typed fields
+    assert request.variant == "int8" and request.controls.timeout_s == 2.5
     assert request.outputs == ("a", "b")
     assert fmt.is_binary("b") and not fmt.is_binary("a")
 

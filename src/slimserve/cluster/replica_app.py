@@ -8,9 +8,10 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from slimserve.types import HealthReport, RepositoryEntry
 
 REPLICA_HEADER = b"slimserve-replica"
 
@@ -49,13 +50,11 @@ class ReplicaApp:
         return self.clock() - min(self._started.values()) if self._started else 0.0
 
 
-def routing_stats(health: dict[str, Any], ready: list[dict[str, Any]], in_flight: int) -> dict:
+def routing_stats(health: HealthReport, ready: list[RepositoryEntry], in_flight: int) -> dict:
     """What the router reads of one replica (kept to JSON types: Ray ships it as is).
     `health` is Engine.health(), `ready` Engine.repository_index(ready_only=True)."""
-    budget = int(health.get("memory_budget_bytes", 0))
-    used = int(health.get("resident_bytes", 0))
     return {
-        "resident": sorted({m["name"] if ":" in m["name"] else f"{m['name']}:" for m in ready}),
-        "free_bytes": max(0, budget - used),
+        "resident": sorted({e.name if ":" in e.name else f"{e.name}:" for e in ready}),
+        "free_bytes": max(0, health.memory_budget_bytes - health.resident_bytes),
         "queue": in_flight,
     }

@@ -6,14 +6,14 @@
     export_onnx(model, example, "model.onnx"); quantize_onnx("model.onnx", "int8.onnx")
     evaluate(model, x, y, reference=original)
 
-Names load lazily (PEP 562), so `import slimserve.optimize` imports no torch.
+Names load lazily (PEP 562), so `import slimserve.optimize` imports no torch. The verbs
+`evaluate` and `distill` live in the submodules `evaluation` and `distillation`, so that
+importing a submodule never shadows a verb of the same name.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 _EXPORTS = {
@@ -44,19 +44,22 @@ _EXPORTS = {
     "PrecisionFallbackWarning": "precision",
     # export, evaluation, data, pipeline
     "export_onnx": "export",
-    "evaluate": "evaluate",
+    "evaluate": "evaluation",
     "load_data": "data",
     "fashion_mnist": "data",
     "digits": "data",
     "optimize": "pipeline",
     "Options": "pipeline",
     "VariantModel": "wrappers",
+    "DeepCompression": "deep_compression",
+    "deep_compress_": "deep_compression",
+    "OptimizeConfig": "config",
 }
 _OPTIONAL = {
     # distillation (distill.py) and Deep Compression storage (compress.py)
-    "distill": "distill",
-    "DistillConfig": "distill",
-    "derive_student": "distill",
+    "distill": "distillation",
+    "DistillConfig": "distillation",
+    "derive_student": "distillation",
     "WeightSharing": "compress",
     "share_weights_": "compress",
     "save_compressed": "compress",
@@ -71,22 +74,3 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'slimserve.optimize' has no attribute {name!r}")
     return getattr(importlib.import_module(f"slimserve.optimize.{module}"), name)
-
-
-class _Package(types.ModuleType):
-    """Keeps the verbs `distill` and `evaluate` pointing at the functions.
-
-    Importing the submodule `slimserve.optimize.evaluate` makes Python set the package
-    attribute `evaluate` to that module, which would shadow the function `__getattr__` serves;
-    this drops such assignments for verbs that share a submodule's name. The submodules stay
-    importable by their full names (`from slimserve.optimize.evaluate import evaluate`).
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _VERBS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-_VERBS = frozenset({"distill", "evaluate"})
-sys.modules[__name__].__class__ = _Package

@@ -14,7 +14,7 @@ from typing import Any
 from slimserve.errors import InvalidArgument, NotFound
 from slimserve.repository.schema import ModelConfig
 
-VARIANT_CLASS = "slimserve.optimize.wrappers:VariantModel"
+VARIANT_CLASS = "slimserve.runtimes.quantized.variant:VariantModel"
 
 
 def find_file(folder: Path, suffix: str) -> Path:
@@ -32,7 +32,7 @@ def find_file(folder: Path, suffix: str) -> Path:
 
 
 def build_module(model_class: str, model_args: dict[str, Any]) -> Any:
-    from slimserve.optimize.wrappers import import_class
+    from slimserve.runtimes.quantized.variant import import_class
 
     try:
         return import_class(model_class)(**model_args)
@@ -77,7 +77,7 @@ def load_original(version_dir: Path, config: ModelConfig) -> tuple[str, Any]:
 def _changed_layers(model: Any, base: Any) -> dict[str, dict[str, Any]]:
     """Specs of layers that are quantized, or whose shape differs from a fresh base model."""
     from slimserve.optimize.quantize import quantized_layers
-    from slimserve.optimize.wrappers import float_layer_spec
+    from slimserve.runtimes.quantized.variant import float_layer_spec
 
     layers = quantized_layers(model)
     fresh = dict(base.named_modules())

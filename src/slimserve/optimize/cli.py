@@ -9,15 +9,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from slimserve.config import Settings
 from slimserve.errors import InvalidArgument
-
-DEFAULT_REPOSITORY = Settings.model_fields["repository"].default
+from slimserve.repository.cli import repository_option
 
 _RECIPE_HELP = (
-    "Steps joined by '+', one variant per --recipe: int8, static-int8[:calibration=minmax|"
-    "percentile|entropy], weight-int8, int4:group=64, qat:epochs=1, bf16, fp16, onnx, "
-    "prune:0.9, structured:0.3, finetune:epochs=3, distill:hidden=256, share:bits=5 (a "
+    "Steps joined by '+', one variant per --recipe: deep-compression[:ratio=40], int8, "
+    "static-int8[:calibration=minmax|percentile|entropy], weight-int8, int4:group=64, "
+    "qat:epochs=1, bf16, fp16, onnx, prune:0.9[,rounds=4,epochs=2], structured:0.3[,rounds=3,"
+    "epochs=1], finetune:epochs=3, distill:hidden=256, share:bits=5[,epochs=1] (a "
     "text-generation model: int8, weight-int8, int4:group=32); e.g. "
     "prune:0.9+finetune:epochs=3+int8, onnx+static-int8. Or a YAML recipe file (name:, steps:)."
 )
@@ -32,22 +31,17 @@ def register(subparsers: Any) -> None:
         "(NAME/reports/VERSION/report.md|json|png).",
     )
     p.add_argument("name", metavar="NAME", help="The model in the repository.")
-    p.add_argument(
-        "--repository",
-        "-r",
-        type=Path,
-        default=DEFAULT_REPOSITORY,
-        metavar="DIR",
-        help=f"Model repository folder (default: {DEFAULT_REPOSITORY}).",
-    )
+    repository_option(p)
     p.add_argument("--recipe", action="append", required=True, metavar="STEPS", help=_RECIPE_HELP)
     p.add_argument(
         "--data",
         metavar="DATA",
         help="Training/calibration data: .npz (x, y), .csv (label column), .jsonl "
         "(v2 requests), IDX (*-images-idx3-ubyte[.gz]), fashion-mnist[:train|:test] "
-        "or digits[:train|:test]. Required, except for a text-generation model, which "
-        "takes a plain text file (.txt) as held-out text, or none.",
+        "or digits[:train|:test]. Needed by steps that train or calibrate (deep-compression, "
+        "finetune, distill, qat, static-int8, prune/structured/share with epochs=); without "
+        "it, inputs are made from model.yaml and accuracy is not measured. A text-generation "
+        "model takes a plain text file (.txt) as held-out text, or none.",
     )
     p.add_argument(
         "--eval-data",
@@ -55,6 +49,12 @@ def register(subparsers: Any) -> None:
         help="Held-out data for accuracy and fidelity (default: --data).",
     )
     p.add_argument("--version", type=int, help="Version to optimize (default: the highest).")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of training and of inputs made without --data (default 0).",
+    )
     p.add_argument("--overwrite", action="store_true", help="Replace variants of the same name.")
     p.add_argument("--threads", type=int, help="Threads for timing (default: the library's).")
     p.add_argument(
@@ -113,6 +113,7 @@ def _handle(args: argparse.Namespace) -> int:
         report_dir=args.report_dir,
         batch_sizes=_sizes(args.batch_sizes),
         min_time_s=args.min_time_s,
+        seed=args.seed,
     )
     result = optimize(args.repository, args.name, args.recipe, args.data, args.eval_data, opts)
     for v in result.variants:
@@ -124,10 +125,12 @@ def _handle(args: argparse.Namespace) -> int:
                 f"agreement {p['agreement']:.3f}"
             )
             continue
+        accuracy = p.get("accuracy")
+        shown = "not measured (no labelled data)" if accuracy is None else f"{accuracy:.4f}"
         print(
             f"{result.model}:{v['name']}: {p.get('size_bytes')} bytes, "
             f"p50 {p.get('latency_ms_batch1', 0):.3f} ms at batch 1, "
-            f"accuracy {p.get('accuracy')}, agreement {p.get('agreement')}"
+            f"accuracy {shown}, agreement {p.get('agreement')}"
         )
     print(f"report: {result.report.get('markdown')}")
     return 0

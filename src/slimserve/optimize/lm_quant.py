@@ -18,19 +18,37 @@ each variant in a hidden folder; rename them into place only when all succeeded.
 
 from __future__ import annotations
 
+import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
+from importlib import metadata as pkg_metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from slimserve.errors import InvalidArgument
+from slimserve.optimize.data import load_text
+from slimserve.optimize.evaluation import machine_facts
+from slimserve.optimize.heldout import HELD_OUT_TEXT
+from slimserve.optimize.lm_profile import perplexity_of, profile
 from slimserve.optimize.recipe import Recipe, parse_recipe
+from slimserve.optimize.staging import (
+    Result,
+    VariantRow,
+    commit,
+    latest_version,
+    plain,
+    plan,
+    stage_all,
+)
 from slimserve.repository import Repository, write_manifest
 from slimserve.repository.store import VARIANT_YAML, VARIANTS_DIR
+from slimserve.runtimes.llm.prequant import METADATA_KEY, check_group, quantize_state
+from slimserve.runtimes.llm.runtime import TextGenerationRuntime, _check_folder, _read_weights
 
 LM_RECIPES = "int8, weight-int8 or int4:group=32 (or 64, 128)"
 MAX_EVAL_TOKENS = 1024
@@ -59,12 +77,9 @@ def scheme_of(recipe: Recipe) -> LMScheme:
 
 
 def eval_text(data: Any, eval_data: Any) -> str:
-    from slimserve.optimize.data import load_text
 
     spec = eval_data if eval_data is not None else data
     if spec is None:
-        from slimserve.optimize.heldout import HELD_OUT_TEXT
-
         return HELD_OUT_TEXT
     if not isinstance(spec, str | Path):
         raise InvalidArgument("a language model's --data/--eval-data is a plain text file")
@@ -80,38 +95,38 @@ def optimize_lm(
     opts: Any,
 ) -> Any:
     """One quantized variant per recipe of the text-generation model `name`."""
-    from slimserve.optimize.pipeline import Result, _commit, _latest, _plan
-
     repo = Repository(Path(repository))
-    version = opts.version or _latest(repo, name)
+    version = opts.version or latest_version(repo, name)
     vdir = repo.version_dir(name, version)
     for text in recipes:  # the LM's own message first, before the step-order rules
         scheme_of(parse_recipe(text))
-    plan = [(r, scheme_of(r)) for r in _plan(recipes, "torch", vdir, opts.overwrite)]
+    recipes_ = [(r, scheme_of(r)) for r in plan(recipes, "torch", vdir, opts.overwrite)]
     text = eval_text(data, eval_data)
     state = _read_state(vdir)
-    _check_groups(state, [s for _, s in plan])
+    _check_groups(state, [s for _, s in recipes_])
     if opts.threads:
-        import torch
-
         torch.set_num_threads(opts.threads)
     tokens, reference, original = _profile_original(vdir, text, opts)
     result = Result(name, version, original)
-    staged = _make_all(plan, vdir, state, tokens, reference, opts, result)
-    _commit(staged, vdir / VARIANTS_DIR, opts.overwrite)
+    staged = stage_all(
+        vdir / VARIANTS_DIR,
+        recipes_,
+        lambda item: item[0].name,
+        lambda item, stage: _make_variant(*item, vdir, state, stage, tokens, reference, opts),
+        result,
+    )
+    commit(staged, vdir / VARIANTS_DIR, opts.overwrite)
     out = opts.report_dir or (repo.model_dir(name) / "reports" / str(version))
     result.report = write_report(result, out)
     return result
 
 
 def _read_state(vdir: Path) -> dict[str, Any]:
-    from slimserve.runtimes.llm.runtime import _check_folder, _read_weights
 
     return _read_weights(_check_folder(vdir))
 
 
 def _check_groups(state: dict[str, Any], schemes: list[LMScheme]) -> None:
-    from slimserve.runtimes.llm.prequant import check_group
 
     for scheme in schemes:
         if scheme.group is not None:
@@ -119,8 +134,6 @@ def _check_groups(state: dict[str, Any], schemes: list[LMScheme]) -> None:
 
 
 def _profile_original(vdir: Path, text: str, opts: Any) -> tuple[list[int], Any, dict[str, Any]]:
-    from slimserve.optimize.lm_profile import profile
-    from slimserve.runtimes.llm.runtime import TextGenerationRuntime
 
     runtime = TextGenerationRuntime.load(vdir)
     limit = min(MAX_EVAL_TOKENS, runtime.model.shape.max_positions)
@@ -128,36 +141,7 @@ def _profile_original(vdir: Path, text: str, opts: Any) -> tuple[list[int], Any,
     if len(tokens) < 2:
         raise InvalidArgument("the held-out text is under 2 tokens; give a longer text")
     info, reference = profile(runtime, tokens, vdir, None, opts.min_time_s)
-    return tokens, reference, _plain(info)
-
-
-def _make_all(
-    plan: list[tuple[Recipe, LMScheme]],
-    vdir: Path,
-    state: dict[str, Any],
-    tokens: list[int],
-    reference: Any,
-    opts: Any,
-    result: Any,
-) -> list[tuple[Path, str]]:
-    variants_dir = vdir / VARIANTS_DIR
-    created = not variants_dir.exists()
-    staged: list[tuple[Path, str]] = []
-    try:
-        variants_dir.mkdir(exist_ok=True)
-        for recipe, scheme in plan:
-            stage = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-", dir=variants_dir))
-            stage.chmod(0o755)  # mkdtemp makes it private; a variant is as readable as its model
-            staged.append((stage, recipe.name))
-            info = _make_variant(recipe, scheme, vdir, state, stage, tokens, reference, opts)
-            result.variants.append(info)
-    except BaseException:
-        for stage, _ in staged:
-            shutil.rmtree(stage, ignore_errors=True)
-        if created:
-            shutil.rmtree(variants_dir, ignore_errors=True)
-        raise
-    return staged
+    return tokens, reference, plain(info)
 
 
 def _make_variant(
@@ -169,16 +153,14 @@ def _make_variant(
     tokens: list[int],
     reference: Any,
     opts: Any,
-) -> dict[str, Any]:
-    from slimserve.optimize.lm_profile import profile
-    from slimserve.runtimes.llm.runtime import TextGenerationRuntime
+) -> VariantRow:
 
     start = time.perf_counter()
     meta = write_quantized(vdir, stage, state, scheme)
     built_s = time.perf_counter() - start
     runtime = TextGenerationRuntime.load(stage)  # as the server will: from the files
     info, _ = profile(runtime, tokens, stage, reference, opts.min_time_s)
-    info = _plain(info | {"perplexity_original": result_ppl(reference, tokens)})
+    info = plain(info | {"perplexity_original": result_ppl(reference, tokens)})
     info["perplexity_ratio"] = round(info["perplexity"] / info["perplexity_original"], 4)
     doc = _variant_doc(recipe, info, meta, built_s)
     (stage / VARIANT_YAML).write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -187,7 +169,6 @@ def _make_variant(
 
 
 def result_ppl(reference: Any, tokens: list[int]) -> float:
-    from slimserve.optimize.lm_profile import perplexity_of
 
     return perplexity_of(reference, tokens)
 
@@ -196,11 +177,6 @@ def write_quantized(
     vdir: Path, stage: Path, state: dict[str, Any], scheme: LMScheme
 ) -> dict[str, Any]:
     """The original's config and tokenizer files, and the quantized model.safetensors."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from slimserve.runtimes.llm.prequant import METADATA_KEY, quantize_state
 
     for path in sorted(vdir.iterdir()):
         weights = path.name.endswith((".safetensors", ".safetensors.index.json"))
@@ -215,37 +191,31 @@ def write_quantized(
 def _variant_doc(
     recipe: Recipe, info: dict[str, Any], meta: dict[str, Any], built_s: float
 ) -> dict[str, Any]:
-    from slimserve.optimize.evaluate import machine_facts
 
     machine = machine_facts()
     machine["versions"] = machine["versions"] | _extra_versions()
     return {
         "recipe": {"text": recipe.text, "steps": recipe.describe()},
         "profile": info,
-        "notes": _plain({"quantization": meta, "build_seconds": built_s}),
-        "measured_on": _plain(machine),
+        "notes": plain({"quantization": meta, "build_seconds": built_s}),
+        "measured_on": plain(machine),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
 def _extra_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return {"safetensors": version("safetensors"), "tokenizers": version("tokenizers")}
-    except PackageNotFoundError:
+        return {
+            "safetensors": pkg_metadata.version("safetensors"),
+            "tokenizers": pkg_metadata.version("tokenizers"),
+        }
+    except pkg_metadata.PackageNotFoundError:
         return {}
-
-
-def _plain(value: Any) -> Any:
-    from slimserve.optimize.pipeline import _plain as plain
-
-    return plain(value)
 
 
 def write_report(result: Any, out: Path) -> dict[str, Path]:
     """report.md and report.json: the original and each variant, one row each."""
-    import json
 
     out.mkdir(parents=True, exist_ok=True)
     rows = [("(original)", result.original)] + [(v["name"], v["profile"]) for v in result.variants]

@@ -1,8 +1,11 @@
 """`optimize(...)`: run recipes on a repository model; each result a measured variant.
 
 Order of work, so that bad input changes nothing:
-1. parse every recipe (step names, arguments, step order) and check variant names;
-2. load the data and the original, and check the data fits the model;
+1. parse every recipe (step names, arguments, step order) and check variant names; without
+   --data, refuse a step that needs data, naming it and the flag;
+2. load the data and the original, and check the data fits the model; without --data, make
+   inputs from model.yaml (synthetic.py): they time the model and measure agreement with the
+   original on the same rows; accuracy is then recorded as None (not measured);
 3. run each recipe in a scratch folder, write its variant into a hidden staging folder
    `NAME/VERSION/variants/.tmp-VARIANT-*`, reload it as the server would, and profile it;
 4. only when every recipe succeeded, rename each staging folder into place (os.rename: atomic
@@ -13,25 +16,45 @@ Order of work, so that bad input changes nothing:
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
+from tqdm.auto import tqdm
 
-from slimserve.errors import AlreadyExists, InvalidArgument
-from slimserve.optimize import artifacts, steps
+from slimserve.errors import InvalidArgument
+from slimserve.optimize import artifacts
 from slimserve.optimize.data import load_data
-from slimserve.optimize.recipe import Recipe, parse_recipe
+from slimserve.optimize.evaluation import as_predictor, evaluate, predict_all
+from slimserve.optimize.lm_quant import optimize_lm
+from slimserve.optimize.recipe import Recipe
+from slimserve.optimize.report import earlier_variants, write_report
+from slimserve.optimize.staging import (
+    Result,
+    VariantRow,
+    commit,
+    latest_version,
+    plain,
+    plan,
+    stage_all,
+)
+from slimserve.optimize.state import State
+from slimserve.optimize.steps import check_data
+from slimserve.optimize.synthetic import synthetic_inputs
 from slimserve.repository import Repository, write_manifest
 from slimserve.repository.schema import ModelConfig
 from slimserve.repository.store import VARIANT_YAML, VARIANTS_DIR
 
-Arrays = tuple[np.ndarray, np.ndarray | None]
+__all__ = ["Options", "Result", "optimize"]
+
+Arrays = tuple[Any, np.ndarray | None]
 _PROFILE_KEYS = (
     "size_bytes",
     "memory_bytes",
@@ -56,18 +79,7 @@ class Options:
     embedding: bool = False
     report_dir: Path | None = None
     progress: bool = True
-
-
-@dataclass
-class Result:
-    model: str
-    version: int
-    original: dict[str, Any]
-    variants: list[dict[str, Any]] = field(default_factory=list)
-    report: dict[str, Path] = field(default_factory=dict)
-    # Variants of the same version made by earlier runs (read back from their variant.yaml),
-    # so the report compares everything the version has.
-    earlier: list[dict[str, Any]] = field(default_factory=list)
+    seed: int = 0  # torch's seed for each recipe, and the seed of training and made inputs
 
 
 @dataclass
@@ -86,65 +98,40 @@ def optimize(
     eval_data: str | Arrays | None = None,
     options: Options | None = None,
 ) -> Result:
-    """Make one variant per recipe of model `name` (see the module docstring)."""
+    """Make one variant per recipe of model `name` (module docstring)."""
     opts = options or Options()
     repo = Repository(Path(repository))
     config = repo.config(name)
     if config.task == "text-generation":  # quantized LM weights: lm_quant.py
-        from slimserve.optimize.lm_quant import optimize_lm
-
-        return optimize_lm(repository, name, recipes, data, eval_data, opts)  # type: ignore[no-any-return]
-    if data is None:
-        raise InvalidArgument("--data is required: training/calibration data for the recipes")
-    version = opts.version or _latest(repo, name)
+        return optimize_lm(repository, name, recipes, data, eval_data, opts)
+    version = opts.version or latest_version(repo, name)
     vdir = repo.version_dir(name, version)
     start = "onnx" if config.backend == "onnx" else "torch"
-    plan = _plan(recipes, start, vdir, opts.overwrite)
-    train = _arrays(data, "--data")
-    evaluation = train if eval_data is None else _arrays(eval_data, "--eval-data")
+    recipes_ = plan(recipes, start, vdir, opts.overwrite)
+    if data is None:
+        for recipe in recipes_:
+            check_data([(s.spec, s.config, s.text) for s in recipe.steps])
     kind, model = artifacts.load_original(vdir, config)
     original = _Original(kind, model, config, vdir)
-    train = _conform(original, train, "--data")
-    evaluation = _conform(original, evaluation, "--eval-data")
+    train = _inputs(original, data, "--data", opts.seed)
+    evaluation = train if eval_data is None else _inputs(original, eval_data, "--eval-data", 0)
     result = Result(name, version, {})
     reference, result.original = _profile_original(original, evaluation, opts)
-    staged = _run_all(plan, original, train, evaluation, reference, opts, result)
-    _commit(staged, vdir / VARIANTS_DIR, opts.overwrite)
-    from slimserve.optimize.report import earlier_variants, write_report
-
+    baseline = {k: result.original.get(k) for k in ("accuracy", "size_bytes", "latency_ms_batch1")}
+    made = _Made(original, train, evaluation, reference, opts, data is None, plain(baseline))
+    staged = stage_all(vdir / VARIANTS_DIR, recipes_, lambda r: r.name, made.variant, result)
+    commit(staged, vdir / VARIANTS_DIR, opts.overwrite)
     result.earlier = earlier_variants(vdir / VARIANTS_DIR, {v["name"] for v in result.variants})
-
     out = opts.report_dir or (repo.model_dir(name) / "reports" / str(version))
     result.report = write_report(result, out)
     return result
 
 
-def _latest(repo: Repository, name: str) -> int:
-    versions = repo.versions(name)
-    if not versions:
-        raise InvalidArgument(f"model '{name}' has no version folder (1/, 2/, ...) to optimize")
-    return versions[-1]
-
-
-def _plan(texts: list[str], start: str, vdir: Path, overwrite: bool) -> list[Recipe]:
-    if not texts:
-        raise InvalidArgument("give at least one --recipe, e.g. --recipe int8")
-    plan = [parse_recipe(t) for t in texts]
-    names = [r.name for r in plan]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise InvalidArgument(
-            f"two recipes make the same variant {dupes}; name them apart in "
-            "a recipe file (name: ...)"
-        )
-    for recipe in plan:
-        steps.check_order([(s.spec.name, s.text) for s in recipe.steps], start)
-        if (vdir / VARIANTS_DIR / recipe.name).exists() and not overwrite:
-            raise AlreadyExists(
-                f"variant '{recipe.name}' already exists in {vdir / VARIANTS_DIR}; "
-                "pass --overwrite to replace it, or name the recipe differently"
-            )
-    return plan
+def _inputs(original: _Original, data: str | Arrays | None, flag: str, seed: int) -> Arrays:
+    """The data conformed to the model; without any, inputs made from model.yaml, unlabelled."""
+    if data is None:
+        return synthetic_inputs(original.config, seed=seed), None
+    return _conform(original, _arrays(data, flag), flag)
 
 
 def _arrays(data: str | Arrays, flag: str) -> Arrays:
@@ -179,8 +166,6 @@ def _check_fits(original: _Original, x: np.ndarray, flag: str) -> None:
                 f"{flag}: data of shape {got} does not fit input '{inputs[0].name}' of shape "
                 f"{want} in model.yaml; give rows shaped {want[1:]} (reshape the data)"
             )
-    from slimserve.optimize.evaluate import as_predictor
-
     try:
         as_predictor(original.model)(np.ascontiguousarray(x[:2]))
     except Exception as exc:  # any framework error here means the shapes disagree
@@ -193,9 +178,7 @@ def _check_fits(original: _Original, x: np.ndarray, flag: str) -> None:
 def _profile_original(
     original: _Original, evaluation: Arrays, opts: Options
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    from slimserve.optimize.evaluate import as_predictor, evaluate, predict_all
-
-    x, y = evaluation[0][: opts.max_eval_rows], _cut(evaluation[1], opts.max_eval_rows)
+    x, y = _rows(evaluation, opts.max_eval_rows)
     reference = predict_all(as_predictor(original.model, opts.threads), x)
     artifact = (
         original.model
@@ -213,100 +196,99 @@ def _profile_original(
         threads=opts.threads,
         min_time_s=opts.min_time_s,
     )
-    return reference, profile
+    return reference, _mark_accuracy(profile, y, opts.embedding)
 
 
-def _cut(y: np.ndarray | None, n: int) -> np.ndarray | None:
-    return None if y is None else y[:n]
+def _rows(data: Arrays, n: int) -> Arrays:
+    x, y = data
+    x = {k: v[:n] for k, v in x.items()} if isinstance(x, dict) else x[:n]
+    return x, None if y is None else y[:n]
 
 
-def _run_all(
-    plan: list[Recipe],
-    original: _Original,
-    train: Arrays,
-    evaluation: Arrays,
-    reference: np.ndarray,
-    opts: Options,
-    result: Result,
-) -> list[tuple[Path, str]]:
-    variants_dir = original.folder / VARIANTS_DIR
-    created = not variants_dir.exists()
-    staged: list[tuple[Path, str]] = []
-    try:
-        variants_dir.mkdir(exist_ok=True)
-        for recipe in plan:
-            stage = Path(tempfile.mkdtemp(prefix=f".tmp-{recipe.name}-", dir=variants_dir))
-            stage.chmod(0o755)  # mkdtemp makes it private; a variant is as readable as its model
-            staged.append((stage, recipe.name))
-            info = _make_variant(recipe, original, train, evaluation, reference, opts, stage)
-            result.variants.append(info)
-    except BaseException:
-        for stage, _ in staged:
-            shutil.rmtree(stage, ignore_errors=True)
-        if created:
-            shutil.rmtree(variants_dir, ignore_errors=True)
-        raise
-    return staged
+def _mark_accuracy(profile: dict[str, Any], labels: Any, embedding: bool) -> dict[str, Any]:
+    """accuracy: None (not measured) where there were no labels."""
+    if labels is None and not embedding:
+        profile["accuracy"] = None
+    return profile
 
 
-def _make_variant(
-    recipe: Recipe,
-    original: _Original,
-    train: Arrays,
-    evaluation: Arrays,
-    reference: np.ndarray,
-    opts: Options,
-    stage: Path,
-) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="slimserve-optimize-") as scratch:
-        state = _initial_state(original, train, Path(scratch))
-        for step in recipe.steps:
-            step.spec.run(state, step.config)
-        doc = _save(state, original, stage)
-    built_s = time.perf_counter() - t0
-    candidate, artifact = _reload(stage, doc, original)
-    x, y = evaluation[0][: opts.max_eval_rows], _cut(evaluation[1], opts.max_eval_rows)
-    from slimserve.optimize.evaluate import evaluate
+@dataclass
+class _Made:
+    """Makes one variant into a staging folder: the recipe's steps, save, reload, profile."""
 
-    profile = evaluate(
-        candidate,
-        x,
-        y,
-        reference=reference,
-        artifact=artifact,
-        embedding=opts.embedding,
-        batch_sizes=opts.batch_sizes,
-        threads=opts.threads,
-        min_time_s=opts.min_time_s,
-    )
-    doc.update(_variant_doc(recipe, profile, state.notes, built_s))
-    (stage / VARIANT_YAML).write_text(yaml.safe_dump(doc, sort_keys=False))
-    write_manifest(stage)
-    return {
-        "name": recipe.name,
-        "recipe": recipe.text,
-        "backend": doc.get("backend"),
-        "profile": doc["profile"],
-    }
+    original: _Original
+    train: Arrays
+    evaluation: Arrays
+    reference: np.ndarray
+    opts: Options
+    synthetic: bool
+    baseline: dict[str, Any]
+
+    def variant(self, recipe: Recipe, stage: Path) -> VariantRow:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="slimserve-optimize-") as scratch:
+            state = self._state(Path(scratch))
+            _run_steps(recipe, state, self.opts.progress)
+            doc = _save(state, self.original, stage)
+        built_s = time.perf_counter() - t0
+        candidate, artifact = _reload(stage, doc, self.original)
+        x, y = _rows(self.evaluation, self.opts.max_eval_rows)
+        profile = evaluate(
+            candidate,
+            x,
+            y,
+            reference=self.reference,
+            artifact=artifact,
+            embedding=self.opts.embedding,
+            batch_sizes=self.opts.batch_sizes,
+            threads=self.opts.threads,
+            min_time_s=self.opts.min_time_s,
+        )
+        profile = _mark_accuracy(profile, y, self.opts.embedding)
+        profile["data"] = "synthetic" if self.synthetic and y is None else "given"
+        doc.update(_variant_doc(recipe, profile, state.notes, built_s))
+        doc.update(seed=self.opts.seed, baseline=self.baseline)
+        (stage / VARIANT_YAML).write_text(yaml.safe_dump(doc, sort_keys=False))
+        write_manifest(stage)
+        return {
+            "name": recipe.name,
+            "recipe": recipe.text,
+            "backend": doc.get("backend"),
+            "profile": doc["profile"],
+            "seed": self.opts.seed,
+            "baseline": self.baseline,
+        }
+
+    def _state(self, scratch: Path) -> State:
+        cfg = self.original.config
+        state = State(scratch, self.train, self.evaluation, self.synthetic, self.opts.seed)
+        state.input_name = cfg.inputs[0].name if cfg.inputs else "input"
+        state.output_name = cfg.outputs[0].name if cfg.outputs else "output"
+        state.model_class, state.model_args = cfg.model_class, dict(cfg.model_args)
+        if self.original.kind == "onnx":
+            state.onnx_path = self.original.model
+        else:
+            state.model = copy.deepcopy(self.original.model)
+        return state
 
 
-def _initial_state(original: _Original, train: Arrays, scratch: Path) -> steps.State:
-    import copy
+def _run_steps(recipe: Recipe, state: State, progress: bool) -> None:
+    """Each step in turn, under a progress bar with the accuracy after each that trains."""
+    torch.manual_seed(state.seed)
+    bar = tqdm(recipe.steps, desc=recipe.name, disable=not progress, leave=False)
+    for step in bar:
+        bar.set_postfix(step=step.text)
+        step.spec.run(state, step.config)
+        # Accuracy after the steps that train (a quantized or bf16 model in the making takes
+        # other inputs than the float one; its accuracy is measured once it is saved).
+        trained = step.spec.needs(step.config) == "labels"
+        acc = state.accuracy() if trained and state.model is not None else None
+        if acc is not None:
+            bar.set_postfix(step=step.text, acc=f"{100 * acc:.2f}%")
+    bar.close()
 
-    cfg = original.config
-    state = steps.State(workdir=scratch, train=train)
-    state.input_name = cfg.inputs[0].name if cfg.inputs else "input"
-    state.output_name = cfg.outputs[0].name if cfg.outputs else "output"
-    state.model_class, state.model_args = cfg.model_class, dict(cfg.model_args)
-    if original.kind == "onnx":
-        state.onnx_path = original.model
-    else:
-        state.model = copy.deepcopy(original.model)
-    return state
 
-
-def _save(state: steps.State, original: _Original, stage: Path) -> dict[str, Any]:
+def _save(state: State, original: _Original, stage: Path) -> dict[str, Any]:
     """Write the artifact into the staging folder; the variant.yaml fields it implies."""
     doc: dict[str, Any] = {}
     if state.onnx_path is not None:
@@ -351,34 +333,8 @@ def _variant_doc(
     ordered.update(profile)
     return {
         "recipe": {"text": recipe.text, "steps": recipe.describe()},
-        "profile": _plain(ordered),
-        "notes": _plain({**notes, "build_seconds": round(built_s, 2)}),
-        "measured_on": _plain(machine),
+        "profile": plain(ordered),
+        "notes": plain({**notes, "build_seconds": round(built_s, 2)}),
+        "measured_on": plain(machine),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def _plain(value: Any) -> Any:
-    """YAML-safe plain types (numpy scalars -> Python, floats rounded to 6 significant)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return float(f"{value:.6g}")
-    return value
-
-
-def _commit(staged: list[tuple[Path, str]], variants_dir: Path, overwrite: bool) -> None:
-    """Rename every staged variant into place (replacing old ones only with overwrite)."""
-    for stage, name in staged:
-        final = variants_dir / name
-        old = None
-        if final.exists() and overwrite:
-            old = variants_dir / f".old-{name}-{stage.name[-8:]}"
-            final.rename(old)
-        stage.rename(final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)

@@ -9,42 +9,32 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from slimserve.errors import InvalidArgument
+from slimserve.optimize.config import OptimizeConfig
+from slimserve.runtimes.quantized.cpu import bf16_supported, cpu_flags
 
-_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+__all__ = [
+    "Bf16",
+    "Fp16",
+    "Precision",
+    "PrecisionFallbackWarning",
+    "bf16_supported",
+    "cpu_flags",
+    "to_precision_",
+]
 
 
 class PrecisionFallbackWarning(RuntimeWarning):
     """The requested precision is not computed natively here; the variant stays float32."""
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The CPU feature flags (Linux); empty where /proc/cpuinfo is not available."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags") and ":" in line:
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def bf16_supported(device: str = "cpu", flags: frozenset[str] | None = None) -> bool:
-    """Whether `device` computes bf16 natively (CUDA: Ampere or newer)."""
-    if device.startswith("cuda"):
-        import torch
-
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    return bool((cpu_flags() if flags is None else flags) & _BF16_FLAGS)
-
-
 @dataclass(frozen=True)
-class Precision:
+class Precision(OptimizeConfig):
     """Cast a model's floating weights to `dtype` for inference on `device`."""
+
+    technique: ClassVar[str] = "precision"
 
     dtype: Literal["bfloat16", "float16"] = "bfloat16"
     device: str = "cpu"

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimserve.errors import InvalidArgument
-from slimserve.optimize import qmath
-from slimserve.optimize.qlayers import StaticInt8Conv2d, StaticInt8Linear
+from slimserve.runtimes.quantized import qmath
+from slimserve.runtimes.quantized.layers import StaticInt8Conv2d, StaticInt8Linear
 
 
 class _RangeTracker(nn.Module):

@@ -14,17 +14,19 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from slimserve.errors import InvalidArgument
-from slimserve.optimize import qlayers
 from slimserve.optimize.calibrate import OBSERVERS
+from slimserve.optimize.config import OptimizeConfig
 from slimserve.optimize.onnx_quant import quantize_onnx
 from slimserve.optimize.qat import FAKE_QUANT, FakeQuantConv2d, FakeQuantLinear
+from slimserve.runtimes.quantized import layers as qlayers
+from slimserve.train import TrainConfig, classification_loss, fit  # the shared loop
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -59,8 +61,10 @@ def _check_bits(method: str, bits: int) -> None:
 
 
 @dataclass(frozen=True)
-class DynamicInt8:
+class DynamicInt8(OptimizeConfig):
     """int8 weights (symmetric, per channel or per tensor) and per-token dynamic activations."""
+
+    technique: ClassVar[str] = "int8"
 
     per_channel: bool = True
     bits: int = 8
@@ -70,8 +74,10 @@ class DynamicInt8:
 
 
 @dataclass(frozen=True)
-class StaticInt8:
+class StaticInt8(OptimizeConfig):
     """int8 weights and inputs; input ranges from calibration data (quantize_(..., data=))."""
+
+    technique: ClassVar[str] = "static-int8"
 
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     per_channel: bool = True
@@ -102,7 +108,8 @@ class StaticInt8:
 
 
 @dataclass(frozen=True)
-class WeightOnlyInt8:
+class WeightOnlyInt8(OptimizeConfig):
+    technique: ClassVar[str] = "weight-int8"
     bits: int = 8
 
     def __post_init__(self) -> None:
@@ -110,7 +117,8 @@ class WeightOnlyInt8:
 
 
 @dataclass(frozen=True)
-class WeightOnlyInt4:
+class WeightOnlyInt4(OptimizeConfig):
+    technique: ClassVar[str] = "int4"
     group_size: int = 64
     # Leave Linear layers whose input count is not a multiple of group_size in float (else
     # such a layer is an error naming the group sizes that would fit).
@@ -124,8 +132,10 @@ class WeightOnlyInt4:
 
 
 @dataclass(frozen=True)
-class QAT:
+class QAT(OptimizeConfig):
     """Quantization-aware fine-tuning, then conversion to static int8 layers."""
+
+    technique: ClassVar[str] = "qat"
 
     epochs: int = 1
     lr: float = 1e-4
@@ -402,8 +412,6 @@ def convert_qat(
 
 
 def _qat(model: nn.Module, cfg: QAT, filter_fn: FilterFn, data: Any) -> None:
-    from slimserve.train import TrainConfig, classification_loss, fit  # the shared loop
-
     if not (isinstance(data, tuple) and len(data) == 2 and hasattr(data[1], "shape")):
         raise InvalidArgument(
             "QAT fine-tunes on labelled data: pass data=(inputs, labels) tensors "

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from slimserve.errors import InvalidArgument
-from slimserve.optimize import qnative, qsequential
 from slimserve.optimize.calibrate import OBSERVERS
+from slimserve.runtimes.quantized import native as qnative
+from slimserve.runtimes.quantized import sequential as qsequential
 
 
 class NativeUnsupported(InvalidArgument):

@@ -18,7 +18,6 @@ Every step's arguments are turned into its config object while parsing, so an im
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,8 @@ from typing import Any
 import yaml
 
 from slimserve.errors import InvalidArgument
+from slimserve.optimize.steps import STEPS, StepSpec
 from slimserve.repository.store import check_name
-
-
-@dataclass(frozen=True)
-class StepSpec:
-    """A registered step: how to build its config from arguments, and how to run it."""
-
-    name: str
-    build: Callable[[dict[str, Any]], Any]  # arguments -> config (validates them)
-    run: Callable[[Any, Any], None]  # (pipeline state, config) -> None
-    main_arg: str | None = None  # the argument a bare value sets (prune:0.9 -> amount)
-    backends: tuple[str, ...] = ("torch",)  # "torch" or "onnx": what the model is at that point
-    help: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,21 +46,6 @@ class Recipe:
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"step": s.spec.name, **s.args} for s in self.steps]
-
-
-STEPS: dict[str, StepSpec] = {}
-
-
-def _registry() -> dict[str, StepSpec]:
-    """STEPS, after importing the modules whose steps register themselves."""
-    import slimserve.optimize.steps  # noqa: F401  (and steps_quant, which it imports)
-
-    return STEPS
-
-
-def register_step(spec: StepSpec) -> StepSpec:
-    STEPS[spec.name] = spec
-    return spec
 
 
 def _scalar(text: str) -> Any:
@@ -102,12 +75,12 @@ def _parse_args(spec: StepSpec, text: str) -> dict[str, Any]:
 
 
 def _unknown_step(name: str) -> InvalidArgument:
-    known = ", ".join(sorted(_registry()))
+    known = ", ".join(sorted(STEPS))
     return InvalidArgument(f"unknown recipe step {name!r}; known steps: {known}")
 
 
 def build_step(name: str, args: dict[str, Any], text: str) -> Step:
-    spec = _registry().get(name)
+    spec = STEPS.get(name)
     if spec is None:
         raise _unknown_step(name)
     try:
@@ -126,7 +99,7 @@ def _type_error_message(exc: TypeError) -> str:
 
 def parse_step(text: str) -> Step:
     name, _, rest = text.strip().partition(":")
-    spec = _registry().get(name.strip())
+    spec = STEPS.get(name.strip())
     if spec is None:
         raise _unknown_step(name.strip())
     return build_step(spec.name, _parse_args(spec, rest), text.strip())
@@ -169,7 +142,7 @@ def _file_step(item: Any, path: Path) -> Step:
     if isinstance(item, dict) and len(item) == 1:
         ((name, args),) = item.items()
         if args is not None and not isinstance(args, dict):
-            spec = _registry().get(str(name))
+            spec = STEPS.get(str(name))
             if spec is None or spec.main_arg is None:
                 raise InvalidArgument(f"{path}: step {name!r}: give its arguments as a mapping")
             args = {spec.main_arg: args}

@@ -7,8 +7,11 @@ front of each panel holds the variants no other variant beats on both cost and q
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 _COLUMNS = (
     ("size_bytes", "size (KiB)", 1 / 1024),
@@ -49,8 +52,6 @@ def _rows(result: Any) -> list[dict[str, Any]]:
 def earlier_variants(variants_dir: Path, skip: set[str]) -> list[dict[str, Any]]:
     """Profiles of the version's other variants, from their variant.yaml (made by earlier runs
     or by hand; ones without a readable profile are left out)."""
-    import yaml
-
     rows = []
     for folder in sorted(p for p in variants_dir.iterdir() if p.is_dir()):
         if folder.name in skip or folder.name.startswith("."):
@@ -63,7 +64,14 @@ def earlier_variants(variants_dir: Path, skip: set[str]) -> list[dict[str, Any]]
             recipe = doc.get("recipe") or {}
             text = recipe.get("text", "") if isinstance(recipe, dict) else str(recipe)
             rows.append(
-                {"name": folder.name, "recipe": text, "profile": doc["profile"], "earlier": True}
+                {
+                    "name": folder.name,
+                    "recipe": text,
+                    "profile": doc["profile"],
+                    "earlier": True,
+                    "seed": doc.get("seed"),
+                    "baseline": doc.get("baseline") or {},
+                }
             )
     return rows
 
@@ -80,7 +88,8 @@ def _fmt(value: Any, factor: float) -> str:
 def markdown(result: Any) -> str:
     rows = _rows(result)
     machine = result.original.get("machine", {})
-    head = "| variant | recipe | " + " | ".join(c[1] for c in _COLUMNS) + " |"
+    extra = ["seed", "baseline accuracy", "accuracy vs baseline (points)", "smaller than baseline"]
+    head = "| variant | recipe | " + " | ".join([c[1] for c in _COLUMNS] + extra) + " |"
     lines = [
         f"# {result.model} version {result.version}: variants",
         "",
@@ -89,21 +98,60 @@ def markdown(result: Any) -> str:
         f"{machine.get('load_average', '?')}; versions {machine.get('versions', {})}.",
         "",
         head,
-        "|" + "---|" * (len(_COLUMNS) + 2),
+        "|" + "---|" * (len(_COLUMNS) + 6),
     ]
     for row in rows:
         p = row["profile"]
         cells = [_fmt(p.get(key), f) for key, _, f in _COLUMNS]
+        if p.get("accuracy", 0) is None:
+            cells[_ACCURACY] = "not measured"
+        cells += _against_baseline(row, result.original)
         lines.append(f"| {row['name']} | `{row['recipe']}` | " + " | ".join(cells) + " |")
+    if _synthetic(rows):
+        lines += ["", _SYNTHETIC_NOTE]
     lines += ["", "![size and latency against quality](report.png)", ""]
     return "\n".join(lines)
 
 
-def plot(result: Any, path: Path) -> None:
-    import matplotlib
+_ACCURACY = [key for key, _, _ in _COLUMNS].index("accuracy")
+_SYNTHETIC_NOTE = (
+    "No --data: latency and size were measured on inputs made from model.yaml's shapes and "
+    "dtypes, agreement against the original on the same inputs; accuracy was not measured."
+)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _synthetic(rows: list[dict[str, Any]]) -> bool:
+    return any(r["profile"].get("data") == "synthetic" for r in rows)
+
+
+def _against_baseline(row: dict[str, Any], original: dict[str, Any]) -> list[str]:
+    """seed, the baseline's accuracy, accuracy change (points) and size ratio against it."""
+    if row["name"] == "(original)":
+        return ["", "", "", ""]
+    base = row.get("baseline") or original
+    p = row["profile"]
+    acc, base_acc = p.get("accuracy"), base.get("accuracy")
+    delta = "-" if acc is None or base_acc is None else f"{100 * (acc - base_acc):+.2f}"
+    size, base_size = p.get("size_bytes"), base.get("size_bytes")
+    ratio = f"{base_size / size:.1f}x" if size and base_size else "-"
+    seed = row.get("seed")
+    return ["-" if seed is None else str(seed), _fmt(base_acc, 1.0), delta, ratio]
+
+
+def plot(result: Any, path: Path) -> bool:
+    """Draw report.png; without matplotlib, warn on stderr and return False."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        print(
+            "warning: report.png skipped: matplotlib is not installed; "
+            "pip install 'slimserve[optimize]'",
+            file=sys.stderr,
+        )
+        return False
 
     rows = _rows(result)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -136,6 +184,7 @@ def plot(result: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def write_report(result: Any, folder: Path) -> dict[str, Path]:
@@ -155,5 +204,6 @@ def write_report(result: Any, folder: Path) -> dict[str, Path]:
     }
     paths["json"].write_text(json.dumps(data, indent=2, default=str) + "\n")
     paths["markdown"].write_text(markdown(result))
-    plot(result, paths["plot"])
+    if not plot(result, paths["plot"]):
+        del paths["plot"]
     return paths

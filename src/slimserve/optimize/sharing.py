@@ -14,19 +14,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from slimserve.errors import InvalidArgument
+from slimserve.optimize.config import OptimizeConfig
 from slimserve.optimize.prune import FilterFn, prunable_layers, tensor_of
 from slimserve.train.loop import Callback, FitResult, LossFn, TrainConfig, classification_loss, fit
 
 
 @dataclass(frozen=True)
-class WeightSharing:
+class WeightSharing(OptimizeConfig):
     """`bits` per code for Linear layers (2^bits - 1 shared values plus zero); `conv_bits` for
     Conv layers (Han et al.: 5 for fully connected, 8 for convolutions)."""
+
+    technique: ClassVar[str] = "weight-sharing"
 
     bits: int = 5
     conv_bits: int = 8

@@ -1,25 +1,38 @@
-"""Recipe steps for quantization, reduced precision and ONNX export (see steps.py)."""
+"""Recipe steps for quantization, reduced precision and ONNX export (registered on import).
+
+All need no data but `static-int8` (calibration inputs) and `qat` (labelled data)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from slimserve.errors import InvalidArgument
-from slimserve.optimize.steps import State, _step
+from slimserve.optimize.export import export_onnx
+from slimserve.optimize.precision import Precision, to_precision_
+from slimserve.optimize.quantize import (
+    QAT,
+    DynamicInt8,
+    StaticInt8,
+    WeightOnlyInt4,
+    WeightOnlyInt8,
+    quantize_,
+    quantize_onnx,
+)
+from slimserve.optimize.registry import always, register_step
+from slimserve.optimize.state import State
 
 # --- quantization -------------------------------------------------------------------------------
 
 
 def _build_int8(args: dict[str, Any]) -> Any:
-    from slimserve.optimize.quantize import DynamicInt8
 
     return DynamicInt8(**args)
 
 
 def _build_static(args: dict[str, Any]) -> Any:
-    from slimserve.optimize.quantize import StaticInt8
 
     ops = args.pop("ops", None)  # static-int8:ops=Gemm-MatMul (ONNX models only)
     if ops is not None:
@@ -28,13 +41,11 @@ def _build_static(args: dict[str, Any]) -> Any:
 
 
 def _build_weight_int8(args: dict[str, Any]) -> Any:
-    from slimserve.optimize.quantize import WeightOnlyInt8
 
     return WeightOnlyInt8(**args)
 
 
 def _build_int4(args: dict[str, Any]) -> Any:
-    from slimserve.optimize.quantize import WeightOnlyInt4
 
     if "group" in args:
         args["group_size"] = args.pop("group")
@@ -42,7 +53,6 @@ def _build_int4(args: dict[str, Any]) -> Any:
 
 
 def _build_qat(args: dict[str, Any]) -> Any:
-    from slimserve.optimize.quantize import QAT
 
     return QAT(**args)
 
@@ -51,12 +61,11 @@ def _run_quantize(state: State, config: Any) -> None:
     if state.onnx_path is not None:
         _run_onnx_quantize(state, config)
         return
-    from slimserve.optimize.quantize import QAT, StaticInt8, quantize_
 
     if isinstance(config, QAT):
         data: Any = state.labelled("qat")
     elif isinstance(config, StaticInt8):
-        data = state.tensors()[0]
+        data = state.real_inputs("static-int8")
     else:
         data = None
     quantize_(state.model, config, data=data)
@@ -64,7 +73,6 @@ def _run_quantize(state: State, config: Any) -> None:
 
 
 def _run_onnx_quantize(state: State, config: Any) -> None:
-    from slimserve.optimize.quantize import StaticInt8, quantize_onnx
 
     assert state.onnx_path is not None
     dst = state.workdir / "model.int8.onnx"
@@ -73,7 +81,7 @@ def _run_onnx_quantize(state: State, config: Any) -> None:
             state.onnx_path,
             dst,
             "static",
-            state.train[0][:2048],
+            state.real_inputs("static-int8").numpy()[:2048],
             per_channel=config.per_channel,
             calibration=config.calibration,
             max_batches=config.max_batches,
@@ -84,7 +92,7 @@ def _run_onnx_quantize(state: State, config: Any) -> None:
     state.onnx_path = dst
 
 
-_step(
+register_step(
     "int8",
     _build_int8,
     _run_quantize,
@@ -92,10 +100,11 @@ _step(
     produces="q",
     help="dynamic int8; e.g. int8 or int8:per_channel=false",
 )
-_step(
+register_step(
     "static-int8",
     _build_static,
     _run_quantize,
+    needs=always("inputs"),
     main="calibration",
     accepts=("torch", "onnx"),
     produces="q",
@@ -103,8 +112,10 @@ _step(
     " (auto: torch's quantized kernels with int8 between layers where the graph allows);"
     " ONNX: ops=Gemm-MatMul",
 )
-_step("weight-int8", _build_weight_int8, _run_quantize, produces="q", help="weight-only int8")
-_step(
+register_step(
+    "weight-int8", _build_weight_int8, _run_quantize, produces="q", help="weight-only int8"
+)
+register_step(
     "int4",
     _build_int4,
     _run_quantize,
@@ -112,10 +123,11 @@ _step(
     produces="q",
     help="weight-only int4; e.g. int4:group=64 (32, 64 or 128)",
 )
-_step(
+register_step(
     "qat",
     _build_qat,
     _run_quantize,
+    needs=always("labels"),
     main="epochs",
     produces="q",
     help="e.g. qat:epochs=1,lr=0.0001",
@@ -127,7 +139,6 @@ _step(
 
 def _build_precision(dtype: Literal["bfloat16", "float16"]) -> Any:
     def build(args: dict[str, Any]) -> Any:
-        from slimserve.optimize.precision import Precision
 
         return Precision(dtype, **args)
 
@@ -135,7 +146,6 @@ def _build_precision(dtype: Literal["bfloat16", "float16"]) -> Any:
 
 
 def _run_precision(state: State, config: Any) -> None:
-    from slimserve.optimize.precision import to_precision_
 
     state.dtype = to_precision_(state.model, config)
     state.notes["dtype"] = state.dtype
@@ -151,9 +161,6 @@ def _build_onnx(args: dict[str, Any]) -> Any:
 
 
 def _run_onnx(state: State, opset: Any) -> None:
-    import torch
-
-    from slimserve.optimize.export import export_onnx
 
     example = torch.from_numpy(np.ascontiguousarray(state.train[0][:4]))
     path = state.workdir / "model.onnx"
@@ -170,21 +177,21 @@ def _run_onnx(state: State, opset: Any) -> None:
     state.model = None
 
 
-_step(
+register_step(
     "bf16",
     _build_precision("bfloat16"),
     _run_precision,
     produces="q",
     help="bf16 weights where the CPU has avx512_bf16/amx_bf16 (else stays fp32)",
 )
-_step(
+register_step(
     "fp16",
     _build_precision("float16"),
     _run_precision,
     produces="q",
     help="fp16 on CUDA (e.g. fp16:device=cuda)",
 )
-_step(
+register_step(
     "onnx",
     _build_onnx,
     _run_onnx,

@@ -19,17 +19,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from slimserve.errors import InvalidArgument
-from slimserve.optimize.prune import tensor_of
+from slimserve.optimize.pruning_base import FilterFn, StructuredPruning, prunable_layers, tensor_of
 from slimserve.train.loop import LossFn
-
-if TYPE_CHECKING:
-    from slimserve.optimize.prune import FilterFn, StructuredPruning
 
 _PRODUCERS = (nn.Linear, nn.Conv2d)
 _SHAPE_KEEPING = (
@@ -174,8 +170,6 @@ def prune_structured(
 def _chosen(
     model: nn.Module, chains: dict[str, Chain], filter_fn: FilterFn | None, config: object
 ) -> dict[str, Chain]:
-    from slimserve.optimize.prune import prunable_layers
-
     wanted = prunable_layers(model, filter_fn)
     named = set(getattr(config, "layer_amounts", None) or {})
     bad = sorted((named | set(wanted) if filter_fn else named) - set(chains))

@@ -28,6 +28,7 @@ import numpy as np
 
 from slimserve.errors import DeadlineExceeded, InvalidArgument, SlimserveError, Unavailable
 from slimserve.policies.shedding import ServiceEstimate
+from slimserve.types import Clock
 
 Arrays = dict[str, np.ndarray]
 # Event-loop turns without a new arrival after which a partial batch goes out.
@@ -45,7 +46,7 @@ class _Item:
     signature: tuple[tuple[int, ...], ...]  # non-batch dims per input: only equal ones batch
     future: asyncio.Future[Arrays]
     enqueued_ns: int
-    deadline: float | None  # time.monotonic() seconds, None: no deadline
+    deadline: float | None  # the batcher's clock, seconds; None: no deadline
     priority: int = 0  # higher goes first
 
 
@@ -64,10 +65,9 @@ class BatchStats:
     last_inference_ms: int = 0
     batch_sizes: dict[int, list[int]] = field(default_factory=dict)  # size -> [count, ns]
 
-    def record_call(self, rows: int, start_ns: int, ok: bool) -> None:
+    def record_call(self, rows: int, elapsed: int, ok: bool) -> None:
         """One request served outside the batcher (a language model generates on its own
-        schedule): counted as a batch of its rows, with no queue time."""
-        elapsed = time.perf_counter_ns() - start_ns
+        schedule) in `elapsed` ns: counted as a batch of its rows, with no queue time."""
         if not ok:
             self.fail_count += 1
             self.fail_ns += elapsed
@@ -84,7 +84,10 @@ class BatchStats:
 
 
 class Batcher:
-    """Queue + dispatcher for one runtime. Use `submit` from the event loop."""
+    """Queue + dispatcher for one runtime. Use `submit` from the event loop.
+
+    `clock` (monotonic seconds) times the batching window, deadlines and the statistics.
+    """
 
     def __init__(
         self,
@@ -96,7 +99,9 @@ class Batcher:
         max_queue: int,
         stats: BatchStats | None = None,
         on_batch: Callable[[int, list[float]], None] | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
+        self._clock = clock
         self._infer = infer
         self._executor = executor
         self.max_batch_size = max_batch_size  # 0: no batch dimension, one request per call
@@ -114,6 +119,9 @@ class Batcher:
         self._closed = False
         self._busy = False
         self._task: asyncio.Task[None] | None = None
+
+    def _now_ns(self) -> int:
+        return int(self._clock() * 1e9)
 
     @property
     def queue_depth(self) -> int:
@@ -153,13 +161,13 @@ class Batcher:
             )
         signature = tuple(a.shape[1:] for a in inputs.values()) if self.max_batch_size else ()
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        item = _Item(inputs, rows, signature, future, time.perf_counter_ns(), deadline, priority)
+        item = _Item(inputs, rows, signature, future, self._now_ns(), deadline, priority)
         if priority and self._queue and self._queue[-1].priority < priority:
             self._insert_by_priority(item)
         else:
             self._queue.append(item)
         self.queued_rows += rows
-        self._note_peak(time.perf_counter_ns())
+        self._note_peak(self._now_ns())
         self._wakeup.set()
         if self._arrival is not None:
             _resolve(self._arrival, True)
@@ -203,12 +211,12 @@ class Batcher:
             return
         # The delay counts from when the runtime is free for this queue: requests that queued
         # behind a running batch may still wait max_delay_s for the rest of their clients.
-        start_ns = max(self._queue[0].enqueued_ns, time.perf_counter_ns())
+        start_ns = max(self._queue[0].enqueued_ns, self._now_ns())
         limit_ns = start_ns + int(self.max_delay_s * 1e9)
         await self._settle(limit_ns)
         pause_ns = int(self._pause_s() * 1e9)
-        while self.queued_rows < self._target_rows(time.perf_counter_ns()) and not self._closed:
-            wait_ns = min(limit_ns - time.perf_counter_ns(), pause_ns)
+        while self.queued_rows < self._target_rows(self._now_ns()) and not self._closed:
+            wait_ns = min(limit_ns - self._now_ns(), pause_ns)
             if wait_ns <= 0 or not await self._next_arrival(wait_ns / 1e9):
                 return
 
@@ -217,7 +225,7 @@ class Batcher:
         sockets join at no cost."""
         quiet, seen = 0, len(self._queue)
         while quiet < _QUIET_TURNS and self.queued_rows < self.max_batch_size:
-            if self._closed or time.perf_counter_ns() >= limit_ns:
+            if self._closed or self._now_ns() >= limit_ns:
                 return
             await asyncio.sleep(0)
             quiet = quiet + 1 if len(self._queue) == seen else 0
@@ -247,7 +255,7 @@ class Batcher:
         return batch
 
     def _pick(self) -> list[_Item]:
-        now = time.monotonic()
+        now = self._clock()
         first = None
         while self._queue and first is None:
             item = self._queue.popleft()
@@ -282,7 +290,7 @@ class Batcher:
         return batch
 
     async def _execute(self, batch: list[_Item]) -> None:
-        start_ns = time.perf_counter_ns()
+        start_ns = self._now_ns()
         inputs = _concat(batch) if self.max_batch_size else batch[0].inputs
         loop = asyncio.get_running_loop()
         self.running_rows = sum(item.rows for item in batch)
@@ -293,7 +301,7 @@ class Batcher:
             return
         finally:
             self.running_rows = 0
-        end_ns = time.perf_counter_ns()
+        end_ns = self._now_ns()
         self._deliver(batch, outputs, start_ns, end_ns)
 
     def _deliver(self, batch: list[_Item], outputs: Arrays, start_ns: int, end_ns: int) -> None:
@@ -332,7 +340,7 @@ class Batcher:
         s.last_inference_ms = int(time.time() * 1000)
 
     def _fail(self, batch: list[_Item], exc: Exception, start_ns: int) -> None:
-        now = time.perf_counter_ns()
+        now = self._now_ns()
         error = exc if isinstance(exc, SlimserveError) else _runtime_error(exc)
         for item in batch:
             if not item.future.done():

@@ -23,12 +23,12 @@ from cachetools import LFUCache, LRUCache
 
 from slimserve.errors import Unavailable
 from slimserve.repository.schema import CacheSettings
+from slimserve.types import Clock
 
 Arrays = dict[str, np.ndarray]
-# Parameters that change how a request is handled, not what it computes.
-_NEUTRAL_PARAMETERS = frozenset(
-    {"timeout", "priority", "degrade", "binary_data_output", "variant", "headers"}
-)
+# Parameters that change how a request is encoded, not what it computes (the controls,
+# such as timeout and priority, are not parameters by the time a request gets here).
+_NEUTRAL_PARAMETERS = frozenset({"binary_data_output", "headers"})
 
 
 def cache_key(unit_key: str, inputs: Arrays, parameters: dict[str, Any]) -> str:
@@ -175,7 +175,13 @@ class ResponseCache:
         self.misses = 0
         self._flights: dict[str, asyncio.Future[Arrays]] = {}
 
-    async def get_or_compute(self, key: str, compute: Callable[[], Awaitable[Arrays]]) -> Arrays:
+    async def get_or_compute(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[Arrays]],
+        keep: Callable[[Arrays], bool] | None = None,
+    ) -> Arrays:
+        """The cached value, or `compute()`'s, stored unless `keep` says otherwise."""
         flight = self._flights.get(key)
         if flight is not None:
             self.hits += 1
@@ -198,7 +204,8 @@ class ResponseCache:
         finally:
             del self._flights[key]
         flight.set_result(value)
-        await self.backend.set(key, value)
+        if keep is None or keep(value):
+            await self.backend.set(key, value)
         return value
 
 
@@ -206,8 +213,9 @@ class ResponseCaches:
     """One response cache per model that asks for one (`cache:` in model.yaml), made on its
     first request: in memory, or in Redis when the server was given a `redis://` URL."""
 
-    def __init__(self, redis_url: str | None = None) -> None:
+    def __init__(self, redis_url: str | None = None, clock: Clock = time.monotonic) -> None:
         self._redis_url = redis_url
+        self._clock = clock  # expiry of in-memory entries
         self._caches: dict[str, ResponseCache] = {}
 
     def for_model(self, model: str, settings: CacheSettings | None) -> ResponseCache | None:
@@ -220,7 +228,9 @@ class ResponseCaches:
             if self._redis_url:
                 backend = RedisCache(self._redis_url, model, settings.ttl_s)
             else:
-                backend = MemoryCache(settings.max_bytes, settings.policy, settings.ttl_s)
+                backend = MemoryCache(
+                    settings.max_bytes, settings.policy, settings.ttl_s, timer=self._clock
+                )
             cache = self._caches[model] = ResponseCache(backend)
         return cache
 

@@ -1,8 +1,11 @@
-"""The engine: the one object both transports call.
+"""The engine: the one object every transport calls.
 
-It resolves a served name to a model unit, validates tensors against model.yaml, queues the
-request into that unit's batcher and returns only the outputs asked for. It also answers the
-health, metadata, statistics and repository questions of the KServe v2 protocol.
+`infer` resolves a served name to a model unit, validates tensors against model.yaml, admits
+the request (rate limits, breakers, shedding, degradation), queues it into that unit's
+batcher (or, for a language model, its generator) and returns only the outputs asked for;
+`generate` streams tokens from a language model for the OpenAI routes. The describing
+questions of the KServe v2 protocol go to serving/catalog.py, keys and model control to
+serving/control.py; the engine only delegates to them.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,44 +24,40 @@ from slimserve.errors import (
     Code,
     DeadlineExceeded,
     InvalidArgument,
-    ModelLoadError,
-    NotFound,
-    PermissionDenied,
     SlimserveError,
 )
 from slimserve.repository.store import Repository, split_served_name
 from slimserve.runtimes.llm import SamplingParams
 from slimserve.security.audit import AuditLog
-from slimserve.security.keys import ANONYMOUS, Authenticator, Identity
-from slimserve.serving import llm, llm_v2
+from slimserve.security.keys import ANONYMOUS, Identity
+from slimserve.serving import llm, prompt_tensors, slo
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import ResponseCaches, cache_key
+from slimserve.serving.catalog import Catalog, parse_version
+from slimserve.serving.control import ModelControl
 from slimserve.serving.llm import TextStream
 from slimserve.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from slimserve.serving.metrics import Metrics
-from slimserve.serving.models import ModelEntry, ModelManager, State, Unit
+from slimserve.serving.metrics import Metrics, TokenMeter
+from slimserve.serving.models import ModelManager, Unit
+from slimserve.serving.overview import LiveSample, ModelView, live_sample, model_views
 from slimserve.serving.validate import check_inputs, check_outputs
-from slimserve.types import InferRequest, InferResponse
+from slimserve.types import (
+    NO_CONTROLS,
+    Clock,
+    HealthReport,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelSettings,
+    ModelStatistics,
+    RepositoryEntry,
+    RequestControls,
+    ServerMetadata,
+)
 
 log = logging.getLogger("slimserve.engine")
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "schedule_policy"]
-PLATFORMS = {
-    "onnx": "onnxruntime_onnx",
-    "torch": "pytorch_torch",
-    "transformers": "transformers",
-    "python": "python",
-}
-
-
-def parse_version(version: str | int | None) -> int | None:
-    """'' / None -> None (the default version); '3' -> 3; anything else is an error."""
-    if version is None or version == "":
-        return None
-    text = str(version)
-    if not text.isdigit() or int(text) <= 0 or len(text) > 9:
-        raise InvalidArgument(f"model version {text[:32]!r} is not a positive integer")
-    return int(text)
+EXTENSIONS = ("binary_tensor_data", "model_repository", "schedule_policy")
 
 
 class Engine:
@@ -74,20 +73,21 @@ class Engine:
         admission: Admission,
         metrics: Metrics,
         caches: ResponseCaches,
+        catalog: Catalog,
+        control: ModelControl,
         audit: AuditLog,
-        auth: Authenticator | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.repository = repository
         self.settings = settings
-        self._clock = clock  # seconds; admission decisions only (tests pass a fake one)
+        self._clock = clock  # monotonic seconds: deadlines and admission (tests: a FakeClock)
         self.metrics = metrics
         self.models = models
         self.admission = admission
         self.caches = caches  # per model, for models with `cache:`
-        self.auth = auth
+        self.catalog = catalog
+        self.control = control
         self.audit = audit
-        self._root_text = str(repository.root)
         self._started = False
         self._startup_done = False
         self._stopping = False
@@ -108,10 +108,12 @@ class Engine:
         available = self.repository.model_names()
         if "*" in wanted:
             return available
-        missing = [n for n in wanted if n not in available]
+        # An entry is a model (all its units) or one unit key, NAME/VERSION[:VARIANT], as
+        # `slimserve plan` writes them to keep only the planned units resident.
+        missing = [n for n in wanted if n.partition("/")[0] not in available]
         for name in missing:
             log.error("startup model %s is not in the repository %s", name, self.repository.root)
-        return [n for n in wanted if n in available]
+        return [n for n in wanted if n not in missing]
 
     async def _load_all(self, names: list[str]) -> None:
         await self.models.register_all()
@@ -135,218 +137,50 @@ class Engine:
     def ready(self) -> bool:
         return self._started and self._startup_done and not self._stopping
 
-    def server_metadata(self) -> dict[str, Any]:
-        return {"name": "slimserve", "version": __version__, "extensions": list(EXTENSIONS)}
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata("slimserve", __version__, EXTENSIONS)
 
-    def _resolve(
-        self, served: str, version: str | None
-    ) -> tuple[ModelEntry, int | None, str | None]:
-        name, variant = split_served_name(served)
-        return self.models.entry(name), parse_version(version), variant
-
-    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        entry, v, variant = self._resolve(name, version)
-        unit = self._describe_unit(entry, v, variant)
-        config = unit.target.config if unit is not None else entry.config
-        meta: dict[str, Any] = {
-            "name": name,
-            "versions": [str(x) for x in entry.versions()],
-            "platform": PLATFORMS.get(unit.target.backend if unit else "", ""),
-            "inputs": [s.to_dict() for s in config.input_specs()] if config else [],
-            "outputs": [s.to_dict() for s in config.output_specs()] if config else [],
-            "state": (unit.state if unit else entry.state).value,
-        }
-        reason = unit.reason if unit else entry.reason
-        if reason:
-            meta["reason"] = self.public(reason)
-        if unit is not None and unit.target.variant is None:
-            variants = sorted(
-                var for (ver, var) in entry.units if ver == unit.target.version and var
-            )
-            if variants:
-                meta["variants"] = variants
-        return meta
-
-    def _describe_unit(
-        self, entry: ModelEntry, version: int | None, variant: str | None
-    ) -> Unit | None:
-        v = version if version is not None else entry.default_version()
-        if v is None:
-            v = max(entry.versions(), default=None)
-        if v is None:
-            return None
-        unit = entry.units.get((v, variant))
-        if unit is None:
-            what = f"version {v}" + (f" variant '{variant}'" if variant else "")
-            raise NotFound(f"model '{entry.name}' has no {what}")
-        return unit
+    def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        return self.catalog.metadata(name, version)
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
-        entry, v, variant = self._resolve(name, version)
-        try:
-            unit = self.models.find(entry.name, v, variant)
-        except NotFound:
-            if v is None and variant is None:
-                return False
-            raise
-        except SlimserveError:
-            return False
-        return unit.state is State.READY
+        return self.catalog.ready(name, version)
 
-    def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
-        entry, v, variant = self._resolve(name, version)
-        unit = self._describe_unit(entry, v, variant)
-        config = unit.target.config if unit else entry.config
-        if config is None:
-            raise NotFound(f"model '{name}' has no readable model.yaml: {entry.reason}")
-        batched = config.batched
-
-        def dims(shape: tuple[int, ...]) -> list[int]:
-            return list(shape[1:] if batched else shape)
-
-        def tensors(specs: list[Any]) -> list[dict[str, Any]]:
-            return [
-                {
-                    "name": s.name,
-                    "data_type": f"TYPE_{_triton_type(s.datatype)}",
-                    "dims": dims(s.shape),
-                }
-                for s in specs
-            ]
-
-        backend = unit.target.backend if unit else config.backend
-        out: dict[str, Any] = {
-            "name": name,
-            "platform": PLATFORMS.get(backend, backend),
-            "backend": backend,
-            "max_batch_size": config.batching.max_batch_size,
-            "input": tensors(config.input_specs()),
-            "output": tensors(config.output_specs()),
-        }
-        if batched:
-            out["dynamic_batching"] = {
-                "max_queue_delay_microseconds": int(config.batching.max_queue_delay_ms * 1000)
-            }
-        return out
+    def model_config(self, name: str, version: str | None = None) -> ModelSettings:
+        return self.catalog.settings(name, version)
 
     def model_statistics(
         self, name: str | None = None, version: str | None = None
-    ) -> dict[str, Any]:
-        if name:
-            entry, v, variant = self._resolve(name, version)
-            units = [
-                u
-                for (ver, var), u in entry.units.items()
-                if var == variant and (v is None or ver == v)
-            ]
-        else:
-            units = [u for e in self.models.models.values() for u in e.units.values()]
-        return {"model_stats": [_unit_stats(u) for u in units]}
+    ) -> list[ModelStatistics]:
+        return self.catalog.statistics(name, version)
 
-    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        for name in self.repository.model_names():
-            entry = self.models.models.get(name)
-            if entry is None:
-                if not ready_only:
-                    rows.append({"name": name, "version": "", "state": "UNLOADED", "reason": "new"})
-                continue
-            for (ver, var), unit in sorted(
-                entry.units.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")
-            ):
-                if ready_only and unit.state is not State.READY:
-                    continue
-                served = name if var is None else f"{name}:{var}"
-                rows.append(
-                    {
-                        "name": served,
-                        "version": str(ver),
-                        "state": unit.state.value,
-                        "reason": self.public(unit.reason),
-                    }
-                )
-            if not entry.units and not ready_only:
-                rows.append(
-                    {
-                        "name": name,
-                        "version": "",
-                        "state": entry.state.value,
-                        "reason": self.public(entry.reason),
-                    }
-                )
-        return rows
+    def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
+        return self.catalog.index(ready_only)
 
-    # -- model control ---------------------------------------------------------------------
+    def health(self) -> HealthReport:
+        """Health beyond live/ready: what is degraded and why."""
+        return self.catalog.health(self.live(), self.ready())
+
+    # -- keys and model control -------------------------------------------------------------
 
     def authorize(self, token: str | None, scope: str, model: str | None = None) -> Identity:
-        """Who is calling (from a bearer token) and whether they may use `scope` on `model`.
+        """The caller, if it may use `scope` on `model` (serving/control.py)."""
+        return self.control.authorize(token, scope, model)
 
-        Without a key file every caller is anonymous and allowed. Raises Unauthenticated
-        (401) or PermissionDenied (403); never echoes the token. A refused management call
-        is audited like an allowed one.
-        """
-        if self.auth is None:
-            return ANONYMOUS
-        identity = None
-        try:
-            identity = self.auth.authenticate(token)
-            self.auth.authorize(identity, scope, model)
-        except SlimserveError as exc:
-            if scope == "manage":
-                self.audit.record(identity, "authorize", model, outcome=exc.code.value.lower())
-            raise
-        return identity
+    def identify(self, token: str | None) -> Identity:
+        """Who holds `token` (any scope); Unauthenticated (401) without a valid one."""
+        return self.control.identify(token)
 
     def public(self, text: str) -> str:
         """A message fit for clients: the repository's location on disk is not theirs to know
         (the server log keeps full paths for operators)."""
-        return text.replace(self._root_text, "<repository>") if text else text
-
-    def _check_control(self) -> None:
-        if not self.settings.model_control:
-            raise PermissionDenied(
-                "model control is disabled; start the server with --model-control "
-                "(or SLIMSERVE_MODEL_CONTROL=true) to load and unload models through the API"
-            )
+        return self.catalog.public(text)
 
     async def load_model(self, name: str, identity: Identity | None = None) -> None:
-        await self._audited("load", name, identity, self._load)
+        await self.control.load(name, identity)
 
     async def unload_model(self, name: str, identity: Identity | None = None) -> None:
-        await self._audited("unload", name, identity, self._unload)
-
-    async def _audited(
-        self,
-        action: str,
-        name: str,
-        identity: Identity | None,
-        run: Callable[[str], Awaitable[None]],
-    ) -> None:
-        """Run a management action and write its audit line, whether it succeeds or not."""
-        shown = name if len(name) <= 128 else name[:128] + "..."
-        try:
-            self._check_control()
-            await run(name)
-        except SlimserveError as exc:
-            self.audit.record(identity, action, shown, outcome=exc.code.value.lower())
-            exc.message = self.public(exc.message)
-            raise
-        self.audit.record(identity, action, shown)
-
-    async def _load(self, name: str) -> None:
-        model, variant = split_served_name(name)
-        if variant is not None:
-            raise InvalidArgument("load a model by its name; its variants load with it")
-        self.repository.model_dir(model)  # NotFound with the repository path
-        entry = await self.models.load(model)
-        if entry.state is not State.READY:
-            raise ModelLoadError(f"model '{model}' failed to load: {entry.reason}")
-
-    async def _unload(self, name: str) -> None:
-        model, variant = split_served_name(name)
-        if variant is not None:
-            raise InvalidArgument("unload a model by its name; its variants unload with it")
-        await self.models.unload(model)
+        await self.control.unload(name, identity)
 
     # -- inference -------------------------------------------------------------------------
 
@@ -354,31 +188,13 @@ class Engine:
         """The Prometheus exposition and its content type, for GET /metrics."""
         return self.metrics.render(), METRICS_CONTENT_TYPE
 
-    def health(self) -> dict[str, Any]:
-        """Health beyond live/ready: what is degraded and why."""
-        units = [u for e in self.models.models.values() for u in e.units.values()]
-        open_breakers = sorted(
-            u.target.key for u in units if self.admission.breaker_state(u).value != "closed"
-        )
-        failed = sorted(
-            u.target.key for u in units if u.state is State.UNAVAILABLE and u.reason != "unloaded"
-        )
-        degraded = sorted(
-            key for key, guard in self.admission.guards().items() if guard.degrade.degraded
-        )
-        status = "ok" if not (open_breakers or failed or degraded) else "degraded"
-        if not self.ready():
-            status = "starting" if self.live() else "stopping"
-        return {
-            "status": status,
-            "live": self.live(),
-            "ready": self.ready(),
-            "breakers_open": open_breakers,
-            "failed_units": failed,
-            "degraded_models": degraded,
-            "resident_bytes": self.models.used_bytes,
-            "memory_budget_bytes": self.models.budget_bytes,
-        }
+    def overview(self, identity: Identity = ANONYMOUS) -> list[ModelView]:
+        """Every model, version and variant `identity` may use: state, residency, profile."""
+        return model_views(self.models, self.admission, self.public, identity.may_use)
+
+    def live_metrics(self, identity: Identity = ANONYMOUS) -> LiveSample:
+        """The /metrics figures now, per model and variant `identity` may use (cumulative)."""
+        return live_sample(self.metrics.registry, identity.may_use)
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Validate, admit, route (variant, degradation), batch and run one request."""
@@ -386,16 +202,22 @@ class Engine:
         try:
             response = await self._infer(request)
         except SlimserveError as exc:
-            name = request.model.partition(":")[0]
-            label = name if name in self.models.models else "_other"
-            self.metrics.observe_request(label, "", exc.code.value.lower(), 0.0)
+            self._count_refusal(request.model, exc)
             exc.message = self.public(exc.message)
             raise
         elapsed = time.perf_counter() - started
         self.metrics.observe_request(response.model, response.variant or "", "success", elapsed)
+        if response.parameters.get("degraded"):
+            self.metrics.observe_degraded(response.model, response.variant or "")
         return response
 
+    def _count_refusal(self, served: str, exc: SlimserveError) -> None:
+        name = served.partition(":")[0]
+        label = name if name in self.models.models else "_other"
+        self.metrics.observe_request(label, "", exc.code.value.lower(), 0.0)
+
     async def _infer(self, request: InferRequest) -> InferResponse:
+        arrived = self._clock()
         name, variant = _requested(request)
         version = parse_version(request.version)
         entry = self.models.entry(name)
@@ -403,10 +225,18 @@ class Engine:
         config = asked.target.config
         rows = check_inputs(request.model, config, request.inputs)
         check_outputs(request.model, config, request.outputs)
-        deadline = _deadline(request.parameters.get("timeout"))
         now = self._clock()
+        controls = request.controls
+        deadline = _deadline(controls.timeout_s, now)
         self.admission.check_rate(request.client, name, config, now)
-        allow = _flag(request.parameters.get("degrade"), config.degrade.allow)
+        allow = config.degrade.allow if controls.degrade is None else controls.degrade
+        choice = None
+        if controls.latency_slo_ms is not None and asked.target.variant is None:
+            # The objective picks the unit (serving/slo.py); pressure does not move it again.
+            asked, choice = slo.choose_unit(
+                entry, asked, controls, rows, self.admission.healthy, arrived, now
+            )
+            allow = False
         unit = self.admission.route(entry, asked, allow, now, rows)
         self.admission.check_load(unit, None if deadline is None else deadline - now)
         cache = self.caches.for_model(unit.target.model, unit.target.config.cache)
@@ -428,45 +258,84 @@ class Engine:
         )
         if unit is not asked:
             response.parameters["degraded"] = True
+        if choice is not None:
+            response.parameters.update(slo.response_parameters(choice))
         return response
 
     async def _run(
         self, unit: Unit, request: InferRequest, rows: int, deadline: float | None
     ) -> dict[str, Any]:
-        model = unit.target.model
-        # A language model generates through its own engine with the request's sampling
-        # parameters (checked here, before a load), not through the batcher (serving/llm_v2).
+        # A language model generates through its own generator with the request's sampling
+        # parameters (checked here, before a load), not through the batcher.
         text = unit.target.config.task == llm.TEXT_GENERATION
-        plan = llm_v2.plan(unit.target.config, request.parameters) if text else None
-        self.admission.in_flight[model] += 1
+        plan = prompt_tensors.plan(unit.target.config, request.parameters) if text else None
+        unit = await self._acquire(unit)
         started = self._clock()
+        outcome = "cancelled"  # left before an answer (the client went away)
         try:
-            unit = await self.models.acquire_unit(unit)
-            try:
+            if plan is None:
                 assert unit.batcher is not None  # READY units always have one
-                priority = _priority(request.parameters.get("priority"))
-                if plan is not None:
-                    begun_ns = time.perf_counter_ns()
-                    try:
-                        outputs = await llm_v2.complete(
-                            unit, request.inputs, plan, deadline, self.metrics.generation
-                        )
-                    except SlimserveError:
-                        unit.stats.record_call(rows, begun_ns, ok=False)
-                        raise
-                    unit.stats.record_call(rows, begun_ns, ok=True)
-                else:
-                    outputs = await unit.batcher.submit(request.inputs, rows, deadline, priority)
-            finally:
-                self.models.release(unit)
+                outputs = await unit.batcher.submit(
+                    request.inputs, rows, deadline, request.controls.priority
+                )
+            else:
+                outputs = await self._complete(unit, request, rows, plan, deadline)
+            outcome = "success"
         except SlimserveError as exc:
-            if exc.code is Code.INTERNAL:  # the model failed, not the request
-                self.admission.record(unit, self._clock(), False, self._clock() - started)
+            outcome = exc.code.value.lower()
             raise
         finally:
-            self.admission.in_flight[model] -= 1
-        self.admission.record(unit, self._clock(), True, self._clock() - started)
+            self._done(unit, outcome, started)
         return outputs
+
+    async def _complete(
+        self,
+        unit: Unit,
+        request: InferRequest,
+        rows: int,
+        plan: prompt_tensors.V2Plan,
+        deadline: float | None,
+    ) -> dict[str, Any]:
+        """A tensor of prompts completed by a language model (serving/prompt_tensors.py),
+        counted in the unit's statistics as one batch of its rows."""
+        target = unit.target
+        variant = target.variant or ""
+
+        def meter(prompt_tokens: int) -> TokenMeter:
+            return self.metrics.generation.meter(target.model, variant, prompt_tokens, 1)
+
+        begun = self._clock()
+        time_left = None if deadline is None else deadline - begun
+        generator = llm.text_generator(unit)
+        ok = False
+        try:
+            outputs = await prompt_tensors.complete(
+                generator, target.config, request.inputs, plan, time_left, meter
+            )
+            ok = True
+        finally:
+            unit.stats.record_call(rows, _ns(self._clock() - begun), ok=ok)
+        return outputs
+
+    async def _acquire(self, unit: Unit) -> Unit:
+        """The unit loaded and held (not evictable) for one request; pair with `_done`."""
+        self.admission.in_flight[unit.target.model] += 1
+        try:
+            return await self.models.acquire_unit(unit)
+        except BaseException:
+            self.admission.in_flight[unit.target.model] -= 1
+            raise
+
+    def _done(self, unit: Unit, outcome: str, started: float) -> float:
+        """Release a unit `_acquire` held; the breaker learns whether the model (not the
+        request) failed. Returns the seconds the request held it."""
+        self.models.release(unit)
+        self.admission.in_flight[unit.target.model] -= 1
+        now = self._clock()
+        elapsed = now - started
+        if outcome in ("success", Code.INTERNAL.value.lower()):
+            self.admission.record(unit, now, outcome == "success", elapsed)
+        return elapsed
 
     # -- language models and embeddings (the OpenAI API) -------------------------------------
 
@@ -475,28 +344,94 @@ class Engine:
         model: str,
         params: SamplingParams,
         *,
-        prompt: str | Sequence[int] | None = None,
-        messages: Sequence[Mapping[str, Any]] | None = None,
+        prompt: llm.Prompt | None = None,
+        messages: llm.Messages | None = None,
         fill_max_tokens: bool = False,
         deadline_s: float | None = None,
         client: str | None = None,
     ) -> TextStream:
         """Submit a prompt (text, token ids or chat messages) to a text-generation model; the
-        returned stream yields TokenEvents and releases the model when it ends (serving/llm)."""
-        return await llm.generate(
-            self,
-            model,
-            params,
-            prompt=prompt,
-            messages=messages,
-            fill_max_tokens=fill_max_tokens,
-            deadline_s=deadline_s,
-            client=client,
-        )
+        returned stream yields TokenEvents and releases the model when it ends.
 
-    async def embed(self, model: str, texts: Sequence[str], client: str | None = None) -> Any:
-        """Embeddings (N, hidden) FP32 of an embedding model, through `infer` (batched)."""
-        config = llm.find_unit(self, model, llm.EMBEDDING).target.config
+        `fill_max_tokens`: ignore params.max_tokens and allow up to the context's end (at
+        most llm.DEFAULT_CHAT_MAX_TOKENS), as the chat API does when max_tokens is not given.
+        Refusals (rate limits, a full queue, a prompt too long) raise before any event.
+        """
+        try:
+            asked = llm.find_unit(self.models, model, llm.TEXT_GENERATION)
+            config = asked.target.config
+            limit = llm.configured_timeout_s(config.parameters)
+            if limit is not None:  # the server's own bound; the request's may be shorter
+                deadline_s = limit if deadline_s is None else min(deadline_s, limit)
+            now = self._clock()
+            self.admission.check_rate(client, asked.target.model, config, now)
+            # As v2 requests: the breaker, and a cheaper variant under pressure where allowed.
+            entry = self.models.entry(asked.target.model)
+            unit = self.admission.route(entry, asked, config.degrade.allow, now)
+            self.admission.check_load(unit, deadline_s)
+            unit = await self._acquire(unit)
+        except SlimserveError as exc:  # refused before any event: counted like a failed infer
+            self._count_refusal(model, exc)
+            raise
+        started = self._clock()
+        try:
+            generator = llm.text_generator(unit)
+            ids = llm.encode_prompt(generator, prompt, messages)
+            if fill_max_tokens:
+                params = llm.fill_context(generator, ids, params)
+            stream = generator.submit(ids, params, deadline_s)
+        except BaseException as exc:
+            self._done(unit, "cancelled", started)
+            if isinstance(exc, SlimserveError):
+                self._count_refusal(model, exc)
+            raise
+        target = unit.target
+        variant = target.variant or ""
+        meter = self.metrics.generation.meter(target.model, variant, len(ids), params.n)
+
+        def on_end(outcome: str) -> None:
+            elapsed = self._done(unit, outcome, started)
+            self.metrics.observe_request(target.model, variant, outcome, elapsed)
+
+        served = llm.Served(variant or None, degraded=unit is not asked)
+        return TextStream(stream, generator, len(ids), meter, on_end, served)
+
+    async def cached_reply(
+        self,
+        model: str,
+        request: dict[str, Any],
+        compute: Callable[[], Awaitable[tuple[bytes, bool]]],
+    ) -> tuple[bytes, bool]:
+        """A deterministic generation's encoded reply through the model's response cache
+        (`cache:` in model.yaml; without one, computed): `request` holds what determines the
+        answer, `compute` returns (reply, whether it may be kept: not a degraded answer).
+        Returns (reply, whether it came from the cache)."""
+        target = llm.find_unit(self.models, model, llm.TEXT_GENERATION).target
+        cache = self.caches.for_model(target.model, target.config.cache)
+        if cache is None:
+            return (await compute())[0], False
+        kept = {"ok": True, "computed": False}
+
+        async def arrays() -> dict[str, Any]:
+            reply, kept["ok"] = await compute()
+            kept["computed"] = True
+            return {"reply": np.array([reply], dtype=object)}
+
+        key = cache_key(target.key, {}, request)
+        found = await cache.get_or_compute(key, arrays, keep=lambda _: kept["ok"])
+        return bytes(found["reply"][0]), not kept["computed"]
+
+    async def embed(
+        self,
+        model: str,
+        texts: Sequence[str],
+        client: str | None = None,
+        controls: RequestControls = NO_CONTROLS,
+    ) -> InferResponse:
+        """Embeddings of an embedding model through `infer` (batched): one response whose only
+        output is (N, hidden) FP32; it names the unit that answered (the first chunk's, with
+        its objective parameters, when `controls` carry latency_slo_ms)."""
+        config = llm.find_unit(self.models, model, llm.EMBEDDING).target.config
         spec, output = config.input_specs()[0], config.output_specs()[0].name
         step = config.batching.max_batch_size or len(texts)
         requests = []
@@ -504,98 +439,41 @@ class Engine:
             array = np.empty(len(texts[start : start + step]), dtype=object)
             array[:] = [t.encode("utf-8") for t in texts[start : start + step]]
             inputs = {spec.name: array}
-            requests.append(InferRequest(model, inputs, outputs=(output,), client=client))
+            requests.append(
+                InferRequest(model, inputs, outputs=(output,), client=client, controls=controls)
+            )
         responses = await asyncio.gather(*(self.infer(r) for r in requests))
-        return np.concatenate([r.outputs[output] for r in responses])
+        first = responses[0]
+        vectors = np.concatenate([r.outputs[output] for r in responses])
+        return InferResponse(
+            first.model, first.version, {output: vectors}, first.variant, None, first.parameters
+        )
+
+    def count_tokens(self, model: str, texts: Sequence[str]) -> int:
+        """Tokens in `texts` for an embedding model's usage (0 when unknown)."""
+        return llm.count_tokens(self.models, model, texts)
 
 
 def _requested(request: InferRequest) -> tuple[str, str | None]:
-    """Model name and variant from 'name[:variant]' and the parameter 'variant'."""
+    """Model name and variant from 'name[:variant]' and the request's `variant`."""
     name, variant = split_served_name(request.model)
-    param_variant = request.parameters.get("variant")
-    if param_variant is None:
+    if request.variant is None:
         return name, variant
-    if not isinstance(param_variant, str):
-        raise InvalidArgument("parameter 'variant' must be a string naming a variant")
-    if variant is not None and variant != param_variant:
+    if variant is not None and variant != request.variant:
         raise InvalidArgument(
-            f"variant given twice: '{variant}' in the name, '{param_variant}' in parameters"
+            f"variant given twice: '{variant}' in the name, '{request.variant}' in parameters"
         )
-    return name, split_served_name(f"{name}:{param_variant}")[1]
+    return name, split_served_name(f"{name}:{request.variant}")[1]
 
 
-def _flag(value: Any, default: bool) -> bool:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-        return value.lower() in ("true", "1")
-    raise InvalidArgument(f"parameter 'degrade' = {value!r}: use true or false")
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
 
 
-def _priority(value: Any) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise InvalidArgument(f"parameter 'priority' = {value!r}: use an integer (higher first)")
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidArgument(
-            f"parameter 'priority' = {value!r}: use an integer (higher first)"
-        ) from None
-
-
-def _deadline(timeout: Any) -> float | None:
-    if timeout is None:
+def _deadline(seconds: float | None, now: float) -> float | None:
+    """When a request with `seconds` to live (None: no limit), arriving `now`, is too late."""
+    if seconds is None:
         return None
-    try:
-        seconds = float(timeout)
-    except (TypeError, ValueError):
-        raise InvalidArgument(
-            f"parameter 'timeout' = {timeout!r} is not a number of seconds"
-        ) from None
     if seconds <= 0:
         raise DeadlineExceeded("the request's timeout passed before it reached the model")
-    return time.monotonic() + seconds
-
-
-def _triton_type(datatype: str) -> str:
-    return "STRING" if datatype == "BYTES" else datatype
-
-
-def _unit_stats(unit: Unit) -> dict[str, Any]:
-    s = unit.stats
-    t = unit.target
-    served = t.model if t.variant is None else f"{t.model}:{t.variant}"
-
-    def pair(count: int, ns: int) -> dict[str, int]:
-        return {"count": count, "ns": ns}
-
-    return {
-        "name": served,
-        "version": str(t.version),
-        "last_inference": s.last_inference_ms,
-        "inference_count": s.inference_count,
-        "execution_count": s.execution_count,
-        "inference_stats": {
-            "success": pair(s.success_count, s.success_ns),
-            "fail": pair(s.fail_count, s.fail_ns),
-            "queue": pair(s.success_count, s.queue_ns),
-            "compute_input": pair(s.execution_count, 0),
-            "compute_infer": pair(s.execution_count, s.compute_ns),
-            "compute_output": pair(s.execution_count, 0),
-            "cache_hit": pair(0, 0),
-            "cache_miss": pair(0, 0),
-        },
-        "batch_stats": [
-            {
-                "batch_size": size,
-                "compute_input": pair(c, 0),
-                "compute_infer": pair(c, ns),
-                "compute_output": pair(c, 0),
-            }
-            for size, (c, ns) in sorted(s.batch_sizes.items())
-        ],
-    }
+    return now + seconds

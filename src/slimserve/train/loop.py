@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import math
 import time
@@ -402,7 +403,9 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
     """Outputs of `model` for every row of `x`, in eval mode, computed `batch_size` at a time."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    # A quantized model may hold only buffers; one with neither runs on the CPU.
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    device = next(tensors, torch.empty(0)).device
     out = torch.cat([model(chunk.to(device)).float().cpu() for chunk in x.split(batch_size)])
     model.train(was_training)
     return out

@@ -220,10 +220,7 @@ class InferenceServicer:
     @_rpc(pb.ServerMetadataRequest)
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> Any:
         self._allow(context, "infer")
-        meta = self.engine.server_metadata()
-        return pb.ServerMetadataResponse(
-            name=meta["name"], version=meta["version"], extensions=meta["extensions"]
-        )
+        return codec.server_metadata_message(self.engine.server_metadata())
 
     @_rpc(pb.ModelMetadataRequest)
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> Any:
@@ -235,9 +232,8 @@ class InferenceServicer:
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> Any:
         identity = self._allow(context, "infer", request.model_name)
         client = identity.client if identity.key_id else _peer_host(context.peer())
-        infer = codec.decode_infer_request(request, client=client)
+        infer = codec.decode_infer_request(request, client, context.time_remaining())
         check_inputs(infer.inputs, self.limits)
-        codec.apply_deadline(infer.parameters, context.time_remaining())
         response = await self.engine.infer(infer)
         return codec.encode_infer_response(response)
 

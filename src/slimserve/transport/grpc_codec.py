@@ -11,7 +11,9 @@ format is walked element by element, as it must be. Responses always carry
 
 Parameters map to Python values (bool, int, str, float). One is translated: `timeout`, which
 Triton's clients send as an int64 in microseconds (tritonclient's `infer(timeout=...)`), while
-the engine reads float seconds; a double or string `timeout` is taken as seconds already.
+the engine reads float seconds; a double or string `timeout` is taken as seconds already. The
+controls among them (timeout, priority, degrade, variant) become the request's typed
+`controls` (transport/controls.py), the call's gRPC deadline bounding its timeout.
 """
 
 from __future__ import annotations
@@ -22,15 +24,27 @@ from typing import Any
 
 import numpy as np
 import orjson
-from google.protobuf import json_format
-from google.protobuf.message import Message
 
 from slimserve.errors import InvalidArgument, Unimplemented
+from slimserve.transport import v2_shapes as shapes
 from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport._proto import model_config_pb2 as mc
-from slimserve.transport.limits import check_extent
+from slimserve.transport.controls import take_controls, with_deadline
+from slimserve.transport.limits import check_extent, check_int_range
 from slimserve.transport.raw import pack_bytes, tensor_from_raw
-from slimserve.types import DATATYPE_TO_NUMPY, InferRequest, InferResponse, datatype_of
+from slimserve.types import (
+    DATATYPE_TO_NUMPY,
+    Duration,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelSettings,
+    ModelStatistics,
+    RepositoryEntry,
+    ServerMetadata,
+    TensorSpec,
+    datatype_of,
+)
 
 MAX_DIMS = 32  # numpy allows 64; no model here has more than a handful
 _RAW_WHERE = "its raw_input_contents buffer"
@@ -57,16 +71,27 @@ _ALL_FIELDS = sorted({f for f, _ in CONTENTS_FIELDS.values()})
 # -- requests ------------------------------------------------------------------------------
 
 
-def decode_infer_request(message: pb.ModelInferRequest, client: str | None = None) -> InferRequest:
-    """A ModelInferRequest as an InferRequest (arrays are views of the message's buffers)."""
+def decode_infer_request(
+    message: pb.ModelInferRequest,
+    client: str | None = None,
+    time_remaining: float | None = None,
+) -> InferRequest:
+    """A ModelInferRequest as an InferRequest (arrays are views of the message's buffers).
+
+    `time_remaining`: the call's deadline (seconds left), which bounds the request's timeout.
+    """
+    params = decode_parameters(message.parameters, "the request")
+    variant, controls = take_controls(params)
     return InferRequest(
         model=message.model_name,
         inputs=decode_inputs(message),
         version=message.model_version or None,
+        variant=variant,
         outputs=requested_outputs(message.outputs),
         id=message.id or None,
-        parameters=decode_parameters(message.parameters, "the request"),
+        parameters=params,
         client=client,
+        controls=with_deadline(controls, time_remaining),
     )
 
 
@@ -140,7 +165,7 @@ def contents_tensor(
     array = np.fromiter(values, dtype=wire_dtype, count=count)
     target = DATATYPE_TO_NUMPY[datatype]
     if target != wire_dtype:  # INT8/16 in int32, UINT8/16 in uint32: check they fit
-        _check_range(array, target, name)
+        check_int_range(array, target, name)
         array = array.astype(target)
     return array.reshape(shape)
 
@@ -160,18 +185,6 @@ def _count_message(
         f"input {name!r}: shape {list(shape)} holds {math.prod(shape)} elements but "
         f"contents.{field} has {got}; make them agree (or use raw_input_contents)"
     )
-
-
-def _check_range(array: np.ndarray, target: np.dtype[Any], name: str) -> None:
-    if not array.size:
-        return
-    info = np.iinfo(target)
-    low, high = int(array.min()), int(array.max())
-    if low < info.min or high > info.max:
-        raise InvalidArgument(
-            f"input {name!r}: values {low}..{high} do not fit {target.name} "
-            f"({info.min}..{info.max})"
-        )
 
 
 def requested_outputs(items: Iterable[Any]) -> tuple[str, ...] | None:
@@ -225,15 +238,6 @@ def timeout_seconds(param: pb.InferParameter) -> float:
     )
 
 
-def apply_deadline(params: dict[str, Any], time_remaining: float | None) -> None:
-    """Make the call's gRPC deadline (seconds left, None: none) the request's deadline,
-    keeping an earlier `timeout` the client set in the parameters."""
-    if time_remaining is None:
-        return
-    current = params.get("timeout")
-    params["timeout"] = time_remaining if current is None else min(current, time_remaining)
-
-
 def encode_parameters(values: Mapping[str, Any], target: Any) -> None:
     """Write {key: value} into a protobuf map of InferParameter."""
     for key, value in values.items():
@@ -283,25 +287,102 @@ def raw_bytes(array: np.ndarray, datatype: str) -> bytes:
 # -- metadata, configuration, statistics, repository --------------------------------------
 
 
-def _parse(doc: Mapping[str, Any], message: Message) -> Any:
-    """A dict from the engine into `message`, keys not in the protocol (e.g. 'state') left out."""
-    return json_format.ParseDict(doc, message, ignore_unknown_fields=True)
+def server_metadata_message(meta: ServerMetadata) -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(
+        name=meta.name, version=meta.version, extensions=list(meta.extensions)
+    )
 
 
-def model_metadata_message(doc: Mapping[str, Any]) -> pb.ModelMetadataResponse:
-    return _parse(doc, pb.ModelMetadataResponse())
+def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=spec.datatype, shape=list(spec.shape)
+    )
 
 
-def model_config_message(doc: Mapping[str, Any]) -> pb.ModelConfigResponse:
-    return pb.ModelConfigResponse(config=_parse(doc, mc.ModelConfig()))
+def model_metadata_message(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+    return pb.ModelMetadataResponse(
+        name=meta.name,
+        versions=list(meta.versions),
+        platform=meta.platform,
+        inputs=[_tensor_metadata(s) for s in meta.inputs],
+        outputs=[_tensor_metadata(s) for s in meta.outputs],
+    )
 
 
-def statistics_message(doc: Mapping[str, Any]) -> pb.ModelStatisticsResponse:
-    return _parse(doc, pb.ModelStatisticsResponse())
+def model_config_message(config: ModelSettings) -> pb.ModelConfigResponse:
+    def kind(spec: TensorSpec) -> Any:
+        return mc.DataType.Value(shapes.triton_type(spec.datatype))
+
+    message = mc.ModelConfig(
+        name=config.name,
+        platform=config.platform,
+        backend=config.backend,
+        max_batch_size=config.max_batch_size,
+        input=[
+            mc.ModelInput(
+                name=s.name, data_type=kind(s), dims=shapes.config_dims(s, config.batched)
+            )
+            for s in config.inputs
+        ],
+        output=[
+            mc.ModelOutput(
+                name=s.name, data_type=kind(s), dims=shapes.config_dims(s, config.batched)
+            )
+            for s in config.outputs
+        ],
+    )
+    if config.batched:
+        message.dynamic_batching.max_queue_delay_microseconds = config.max_queue_delay_us
+    return pb.ModelConfigResponse(config=message)
 
 
-def index_message(rows: Iterable[Mapping[str, Any]]) -> pb.RepositoryIndexResponse:
-    return _parse({"models": list(rows)}, pb.RepositoryIndexResponse())
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def _unit_statistics(s: ModelStatistics) -> pb.ModelStatistics:
+    no_copy = pb.StatisticDuration(count=s.compute.count, ns=0)
+    message = pb.ModelStatistics(
+        name=s.name,
+        version=s.version,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(s.success),
+            fail=_duration(s.fail),
+            queue=_duration(s.queue),
+            compute_input=no_copy,
+            compute_infer=_duration(s.compute),
+            compute_output=no_copy,
+            cache_hit=pb.StatisticDuration(),
+            cache_miss=pb.StatisticDuration(),
+        ),
+    )
+    for b in s.batches:
+        zero = pb.StatisticDuration(count=b.executions.count, ns=0)
+        message.batch_stats.add(
+            batch_size=b.batch_size,
+            compute_input=zero,
+            compute_infer=_duration(b.executions),
+            compute_output=zero,
+        )
+    return message
+
+
+def statistics_message(stats: Iterable[ModelStatistics]) -> pb.ModelStatisticsResponse:
+    return pb.ModelStatisticsResponse(model_stats=[_unit_statistics(s) for s in stats])
+
+
+def index_message(rows: Iterable[RepositoryEntry]) -> pb.RepositoryIndexResponse:
+    return pb.RepositoryIndexResponse(
+        models=[
+            pb.RepositoryIndexResponse.ModelIndex(
+                name=r.name, version=r.version, state=r.state, reason=r.reason
+            )
+            for r in rows
+        ]
+    )
 
 
 def load_parameters(params: Mapping[str, pb.ModelRepositoryParameter]) -> None:

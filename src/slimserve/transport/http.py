@@ -47,6 +47,7 @@ from slimserve.errors import (
 from slimserve.logs import request_id
 from slimserve.security.keys import Identity, bearer_token
 from slimserve.serving.engine import Engine
+from slimserve.transport import v2_shapes as shapes
 from slimserve.transport.http_codec import (
     decode_infer_request,
     encode_infer_response,
@@ -207,7 +208,7 @@ class HttpApp:
         if len(parts) == 1:
             _expect(request, "GET")
             self._allow(request, "infer")
-            return _json(self.engine.server_metadata())
+            return _json(shapes.server_metadata_doc(self.engine.server_metadata()))
         section, rest = parts[1], parts[2:]
         if section == "openapi.json" and not rest:
             _expect(request, "GET")  # no key needed: it describes the protocol, not the models
@@ -224,7 +225,7 @@ class HttpApp:
         if which == "status":  # what is degraded and why: names models, so it needs a key
             _expect(request, "GET")
             self._allow(request, "metrics")
-            return _json(self.engine.health(), 200)
+            return _json(shapes.health_doc(self.engine.health()), 200)
         if which == "live":
             ok = self.engine.live()
         elif which == "ready":
@@ -238,7 +239,7 @@ class HttpApp:
         if rest == ["stats"]:
             _expect(request, "GET")
             self._allow(request, "metrics")
-            return _json(self.engine.model_statistics())
+            return _json(shapes.statistics_doc(self.engine.model_statistics()))
         name, rest = rest[0], rest[1:]
         version = None
         if rest and rest[0] == "versions":
@@ -260,13 +261,13 @@ class HttpApp:
     def _model_get(self, action: str, name: str, version: str | None) -> Reply:
         engine = self.engine
         if action == "":
-            return _json(engine.model_metadata(name, version))
+            return _json(shapes.model_metadata_doc(engine.model_metadata(name, version)))
         if action == "ready":
             ready = engine.model_ready(name, version)
             return _json({"name": name, "ready": ready}, 200 if ready else 503)
         if action == "config":
-            return _json(engine.model_config(name, version))
-        return _json(engine.model_statistics(name, version))
+            return _json(shapes.model_config_doc(engine.model_config(name, version)))
+        return _json(shapes.statistics_doc(engine.model_statistics(name, version)))
 
     async def _infer(self, request: _Request, name: str, version: str | None) -> Reply:
         identity = self._allow(request, "infer", name)  # before the body is read
@@ -289,7 +290,7 @@ class HttpApp:
             ready_only = options.get("ready", False)
             if type(ready_only) is not bool:
                 raise InvalidArgument("'ready' in the index request must be true or false")
-            return _json(self.engine.repository_index(ready_only))
+            return _json(shapes.index_doc(self.engine.repository_index(ready_only)))
         if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
             _expect(request, "POST")
             identity = self._allow(request, "manage")

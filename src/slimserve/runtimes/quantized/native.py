@@ -1,6 +1,6 @@
 """Static int8 on PyTorch's own quantized CPU kernels: int8 activations flow between layers.
 
-The "gemm" static int8 layers (qlayers.StaticInt8*) quantize each layer's input and hand back
+The "gemm" static int8 layers (layers.StaticInt8*) quantize each layer's input and hand back
 float, so a small CNN pays a quantize and a dequantize per layer and runs pooling and ReLU in
 float; on LeNet-5 that made int8 0.75x the speed of fp32. These layers instead take and give
 `torch.quint8` tensors (per-tensor affine, uint8 in [0, 255]): ReLU is fused into the layer
@@ -11,7 +11,7 @@ Kernels: both layer kinds are packed by PyTorch's "x86" engine (measured per lay
 LeNet-5's first conv, 1 -> 6 channels, batch 256: 1.3 ms packed by x86, 1.4 ms by onednn,
 27-71 ms by fbgemm; linears ~10 us at batch 1 by x86, 15 us by
 onednn). The packed weights are built lazily from plain int8 buffers, so a model saves to
-safetensors and loads back like the other quantized layers (see qlayers.QuantizedLayer.spec).
+safetensors and loads back like the other quantized layers (see layers.QuantizedLayer.spec).
 
 Weights: symmetric int8 in [-127, 127], per output channel or per tensor (qmath). On CPUs
 without VNNI the u8 x s8 multiply-adds saturate in 16 bits, so activations then use 7 bits
@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimserve.optimize import qmath
-from slimserve.optimize.precision import bf16_supported
-from slimserve.optimize.qlayers import LAYER_KINDS, QuantizedLayer
+from slimserve.runtimes.quantized import qmath
+from slimserve.runtimes.quantized.cpu import bf16_supported
+from slimserve.runtimes.quantized.layers import QuantizedLayer
 
 # torch 2.13 deprecates creating quantized tensors (a C++ warn-once per process, which the
 # test suite's warnings-as-errors would turn into a failure at a random first call). The
@@ -381,4 +381,3 @@ class FusedAway(QuantizedLayer):
 NATIVE_KINDS: dict[str, type[QuantizedLayer]] = {
     cls.kind: cls for cls in (NativeInt8Linear, NativeInt8Conv2d, FusedAway)
 }
-LAYER_KINDS.update(NATIVE_KINDS)  # so VariantModel rebuilds these layers when loading

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slimserve.errors import InvalidArgument
+from slimserve.optimize.config import OptimizeConfig
 from slimserve.train.loop import Batch, FitResult, TrainConfig, fit, predict
 
 _KINDS = ("classifier", "embedding")
@@ -36,7 +38,7 @@ Augment = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(OptimizeConfig):
     """temperature T > 0; alpha in [0, 1] weighs the soft (teacher) term against the labels.
 
     augment: None (the teacher's outputs computed once, on the plain inputs) or a function
@@ -44,6 +46,8 @@ class DistillConfig:
     every step. The labels term (1 - alpha) still uses y, so with a view that mixes images
     (mixup) use alpha=1.
     """
+
+    technique: ClassVar[str] = "distill"
 
     temperature: float = 4.0
     alpha: float = 0.9

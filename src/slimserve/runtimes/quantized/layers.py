@@ -2,7 +2,7 @@
 
 Every quantized layer keeps its state in plain tensors (int8, uint8, float32 buffers), so a
 quantized model saves to safetensors and loads back into an empty layer of the same `spec()`
-(see wrappers.VariantModel). Arithmetic lives in qmath.
+(see variant.VariantModel). Arithmetic lives in qmath.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimserve.optimize import qmath
+from slimserve.runtimes.quantized import qmath
 
 
 class QuantizedLayer(nn.Module):
@@ -346,7 +346,7 @@ class StaticInt8Conv2d(_StaticInput):
         return view.reshape(c * kh * kw, b * oh * ow), (b, oh, ow)
 
 
-LAYER_KINDS: dict[str, type[QuantizedLayer]] = {
+GEMM_KINDS: dict[str, type[QuantizedLayer]] = {
     cls.kind: cls
     for cls in (
         Int8DynamicLinear,
@@ -356,7 +356,3 @@ LAYER_KINDS: dict[str, type[QuantizedLayer]] = {
         StaticInt8Conv2d,
     )
 }
-
-# The layers on PyTorch's quantized kernels add their kinds to LAYER_KINDS (import at the end:
-# qnative subclasses QuantizedLayer).
-from slimserve.optimize import qnative as _qnative  # noqa: E402, F401

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from slimserve.optimize import qnative
+from slimserve.runtimes.quantized import native as qnative
 
 Step = Callable[[torch.Tensor], torch.Tensor]
 # Registered with torch.nn.modules.module.register_module_forward_hook and friends; mutated in

@@ -1,0 +1,158 @@
+"""Each recipe kind through the command line on digits (issue 16): deep-compression, iterative
+pruning and structured pruning as one step each, recipes that need no data, the steps that do
+saying so, and missing optional dependencies named in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import yaml
+
+from slimserve.cli import main
+from slimserve.optimize.data import digits
+from tests.optimize.quant_fixtures import make_repository, tree_digest
+
+FAST = ["--batch-sizes", "1,4", "--min-time-s", "0.01", "--max-eval-rows", "300"]
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    root = make_repository(tmp_path / "models")
+    for split in ("train", "test"):
+        x, y = digits(split)
+        np.savez(tmp_path / f"{split}.npz", x=x, y=y)
+    return root
+
+
+def _optimize(repo, *args: str, data: bool = True) -> int:
+    files = ["--data", str(repo.parent / "train.npz"), "--eval-data", str(repo.parent / "test.npz")]
+    return main(["optimize", "mlp", "-r", str(repo), *args, *FAST, *(files if data else [])])
+
+
+def _variant(repo, name: str) -> dict:
+    return yaml.safe_load((repo / "mlp" / "1" / "variants" / name / "variant.yaml").read_text())
+
+
+def test_deep_compression_is_one_step_with_rounds_sharing_and_a_dcz(repo, capsys):
+    recipe = "deep-compression:ratio=4,rounds=2,epochs=1,final_epochs=1,centroid_epochs=1"
+    assert _optimize(repo, "--recipe", recipe, "--seed", "3") == 0
+    (name,) = (repo / "mlp" / "1" / "variants").iterdir()
+    doc = _variant(repo, name.name)
+    assert doc["artifact"] == "model.dcz" and (name / "model.dcz").is_file()
+    original = doc["baseline"]
+    assert original["size_bytes"] / doc["profile"]["size_bytes"] >= 4
+    # The held-out accuracy of the reloaded variant stays near the baseline it came from.
+    assert doc["profile"]["accuracy"] >= original["accuracy"] - 0.1
+    dc = doc["notes"]["deep_compression"]
+    assert len(dc["rounds"]) == 2 and dc["rounds"][0]["sparsity"] < dc["rounds"][1]["sparsity"]
+    assert all(r["accuracy"] is not None for r in dc["rounds"])
+    assert doc["seed"] == 3
+    report = (repo / "mlp" / "reports" / "1" / "report.md").read_text()
+    assert "baseline accuracy" in report and f"| {name.name} |" in report
+
+
+def test_iterative_pruning_is_one_step(repo):
+    assert _optimize(repo, "--recipe", "prune:0.8,rounds=3,epochs=1") == 0
+    notes = _variant(repo, "prune0.8-rounds3-epochs1")["notes"]
+    sparsities = [r["sparsity"] for r in notes["rounds"]]
+    assert len(sparsities) == 3 and sparsities == sorted(sparsities)
+    assert notes["sparsity"] == pytest.approx(0.8, abs=0.02)
+    assert all(r["accuracy"] > 0.5 for r in notes["rounds"])
+
+
+def test_iterative_structured_pruning_is_one_step(repo):
+    assert _optimize(repo, "--recipe", "structured:0.5,rounds=2,epochs=1") == 0
+    doc = _variant(repo, "structured0.5-rounds2-epochs1")
+    assert len(doc["notes"]["rounds"]) == 2
+    hidden = doc["model_args"]["layers"]["net.0"]["out_features"]
+    assert 28 <= hidden <= 36  # 64 neurons, half removed in two rounds
+
+
+DATA_FREE = ["int8", "weight-int8", "int4:group=32", "bf16", "prune:0.5", "structured:0.3"]
+
+
+def test_data_free_recipes_run_without_data(repo, capsys):
+    args = [a for r in [*DATA_FREE, "share:bits=4", "onnx"] for a in ("--recipe", r)]
+    assert _optimize(repo, *args, data=False) == 0
+    out = capsys.readouterr().out
+    assert out.count("accuracy not measured") == len(DATA_FREE) + 2
+    for folder in (repo / "mlp" / "1" / "variants").iterdir():
+        profile = _variant(repo, folder.name)["profile"]
+        assert profile["accuracy"] is None and profile["data"] == "synthetic"
+        assert 0 <= profile["agreement"] <= 1 and profile["latency_ms_batch1"] > 0
+    report = (repo / "mlp" / "reports" / "1" / "report.md").read_text()
+    assert "not measured" in report and "No --data" in report
+
+
+@pytest.mark.parametrize(
+    ("recipe", "words"),
+    [
+        ("deep-compression", ["deep-compression", "labelled data", "--data"]),
+        ("finetune:epochs=1", ["finetune", "--data"]),
+        ("prune:0.9,rounds=2,epochs=1", ["prune", "--data"]),
+        ("share:bits=5,epochs=1", ["share", "--data"]),
+        ("static-int8", ["static-int8", "representative inputs", "--data"]),
+    ],
+)
+def test_steps_that_need_data_say_so_naming_the_flag(repo, capsys, recipe, words):
+    before = tree_digest(repo)
+    assert _optimize(repo, "--recipe", recipe, data=False) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert tree_digest(repo) == before
+
+
+def test_an_onnx_model_takes_int8_without_data(tmp_path, capsys):
+    import torch
+
+    from slimserve.optimize.export import export_onnx
+    from tests.optimize.quant_fixtures import digits_mlp
+
+    path = tmp_path / "model.onnx"
+    export_onnx(digits_mlp(), torch.zeros(2, 64), path, input_names=["input"])
+    assert main(["repo", "add", "m", str(path), "-r", str(tmp_path / "r")]) == 0
+    assert main(["optimize", "m", "-r", str(tmp_path / "r"), "--recipe", "int8", *FAST]) == 0
+    assert "accuracy not measured" in capsys.readouterr().out
+
+
+_BLOCKER = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class Blocker(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+sys.meta_path.insert(0, Blocker())
+from slimserve.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def _without(module: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    code = textwrap.dedent(_BLOCKER).format(blocked=module, argv=argv)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(("module", "package"), [("torch", "torch"), ("sklearn", "scikit-learn")])
+def test_a_missing_optional_dependency_is_one_line_saying_what_to_install(repo, module, package):
+    argv = ["optimize", "mlp", "-r", str(repo), "--data", "digits", "--recipe", "int8", *FAST]
+    done = _without(module, argv)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"slimserve optimize: error: {package} is not installed; pip install 'slimserve[optimize]'"
+    ]
+
+
+def test_without_matplotlib_the_report_skips_its_plot_with_a_warning(repo):
+    argv = ["optimize", "mlp", "-r", str(repo), "--recipe", "int8", *FAST]
+    done = _without("matplotlib", argv)
+    assert done.returncode == 0, done.stderr
+    assert "report.png skipped: matplotlib is not installed" in done.stderr
+    assert "pip install 'slimserve[optimize]'" in done.stderr
+    assert not (repo / "mlp" / "reports" / "1" / "report.png").exists()

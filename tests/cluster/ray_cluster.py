@@ -30,6 +30,7 @@ NODE_ARGS = [
     "--disable-usage-stats",
 ]
 RAY = str(Path(sys.executable).with_name("ray"))
+METRICS_PORT = 8090  # the head node's Prometheus port; worker nodes the next ones
 
 
 class PrivateNetwork:
@@ -108,7 +109,8 @@ class RayCluster:
         return f"127.0.0.1:{self.port}"
 
     def start(self, workers: int = 1, timeout: float = 180) -> None:
-        head = [RAY, "start", "--head", "--port", str(self.port), "--include-dashboard", "false"]
+        head = [RAY, "start", "--head", "--port", str(self.port), "--include-dashboard", "false",
+                "--metrics-export-port", str(METRICS_PORT)]  # fmt: skip
         self.nodes.append(self._spawn("head", [*head, *NODE_ARGS]))
         self.wait_started(timeout)
         for i in range(workers):
@@ -116,7 +118,9 @@ class RayCluster:
             self.wait_started(timeout)
 
     def add_worker(self, name: str) -> Node:
-        node = self._spawn(name, [RAY, "start", "--address", self.address, *NODE_ARGS])
+        port = str(METRICS_PORT + len(self.nodes))  # each node exports Prometheus metrics
+        cmd = [RAY, "start", "--address", self.address, "--metrics-export-port", port]
+        node = self._spawn(name, [*cmd, *NODE_ARGS])
         self.nodes.append(node)
         return node
 

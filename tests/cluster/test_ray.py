@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,7 @@ import pytest
 from slimserve.app import build_server
 from slimserve.config import Settings
 from tests.cluster.load import BODY, Load
-from tests.cluster.ray_cluster import PrivateNetwork, RayCluster, can_unshare
+from tests.cluster.ray_cluster import METRICS_PORT, PrivateNetwork, RayCluster, can_unshare
 from tests.e2e.conftest import Repo, write_mlp_onnx
 from tests.transport.test_openai import LM_YAML
 
@@ -100,7 +101,8 @@ def ray_app(
     root = tmp_path_factory.mktemp("ray")
     repository = build_repository(model_repo, tiny_llama_dir, root / "models")
     env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")  # fmt: skip
+               OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0",
+               RAY_metrics_report_interval_ms="1000")  # fmt: skip
     network = PrivateNetwork()
     cluster = RayCluster(root, 6379, env)
     deployment = Deployment(cluster, repository)
@@ -171,6 +173,21 @@ def test_both_replicas_serve_one_on_each_node(ray_app: Deployment):
     assert len(replicas_seen(2)) == 2
     per_node = [len(node.replica_pids()) for node in ray_app.cluster.nodes]
     assert per_node == [1, 1], per_node
+
+
+def test_every_replica_is_in_the_nodes_prometheus_metrics(ray_app: Deployment):
+    """One view: Prometheus scraping the nodes sees each replica's slimserve metrics."""
+    replicas = replicas_seen(2)
+    found: set[str] = set()
+    deadline = time.monotonic() + 60
+    while found != replicas and time.monotonic() < deadline:
+        for port in (METRICS_PORT, METRICS_PORT + 1):
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            for line in text.splitlines():
+                if line.startswith("ray_slimserve_resident_bytes{"):
+                    found.update(re.findall(r'replica="([^"]+)"', line))
+        time.sleep(1)
+    assert found == replicas, (found, replicas)
 
 
 def test_routing_keeps_each_model_where_it_is_resident(ray_app: Deployment):

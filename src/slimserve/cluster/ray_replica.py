@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from ray import serve
 from starlette.types import ASGIApp
 
+from slimserve.cluster.ray_metrics import RayMetricsMirror
 from slimserve.cluster.replica_app import ReplicaApp, routing_stats
 from slimserve.config import Settings
 from slimserve.serving.engine import Engine
@@ -47,13 +48,17 @@ class SlimserveReplica:
         self.server = build(Settings(**settings))
         await self.server.start(wait=True)  # ready once the startup models are loaded
         self.asgi = ReplicaApp(self.server.http_app, self.name)
+        self.metrics = RayMetricsMirror()
         log.info("replica %s serving", self.name)
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return self.asgi
 
     def record_routing_stats(self) -> dict[str, Any]:
+        """Called by Ray every second or so; also the tick that copies this replica's metrics
+        into Ray's (cluster.ray_metrics)."""
         engine = self.server.engine
+        self.metrics.update(engine.metrics_text()[0].decode())
         stats = routing_stats(
             engine.health(), engine.repository_index(ready_only=True), self.asgi.in_flight()
         )

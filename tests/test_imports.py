@@ -156,7 +156,7 @@ def _package(module: str) -> str:
     return parts[1] if len(parts) > 1 else "slimserve"
 
 
-FRAMEWORKS = (*HEAVY, "onnx", "grpc", "google", "uvicorn", "safetensors", "cryptography")
+FRAMEWORKS = (*HEAVY, "onnx", "grpc", "google", "uvicorn", "safetensors", "cryptography", "ray")
 
 
 @cache

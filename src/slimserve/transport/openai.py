@@ -48,11 +48,8 @@ from slimserve.security.keys import bearer_token
 from slimserve.serving.engine import Engine
 from slimserve.serving.llm import TextStream
 from slimserve.transport import openai_requests as req
-<<<<<<< HEAD
-from slimserve.transport.controls import LATENCY_SLO_MS, MAX_QUALITY_LOSS, take_controls
-=======
 from slimserve.transport import openai_structured as structured
->>>>>>> main
+from slimserve.transport.controls import LATENCY_SLO_MS, MAX_QUALITY_LOSS, take_controls
 from slimserve.transport.http import STATUS
 from slimserve.transport.openai_models import models_reply
 from slimserve.transport.openai_replies import Chat, Completion, Reply
@@ -181,18 +178,13 @@ class OpenAIApp:
             )
         if body.get("dimensions") is not None:
             raise BadRequest("dimensions is not supported; leave it out", "dimensions")
-<<<<<<< HEAD
         # Extension fields: a per-request objective, as the v2 parameters of the same names.
         _, controls = take_controls(
             {k: body[k] for k in (LATENCY_SLO_MS, MAX_QUALITY_LOSS) if body.get(k) is not None}
         )
         answer = await self.engine.embed(model, texts, client, controls)
         (vectors,) = (np.ascontiguousarray(v, "<f4") for v in answer.outputs.values())
-        tokens = count_tokens(self.engine, model, texts)
-=======
-        vectors = np.ascontiguousarray(await self.engine.embed(model, texts, client), "<f4")
         tokens = self.engine.count_tokens(model, texts)
->>>>>>> main
         data = [
             {"object": "embedding", "index": i, "embedding": req.vector(row, encoding)}
             for i, row in enumerate(vectors)

@@ -283,16 +283,20 @@ def test_live_charts_move_under_load(page: Page, keys: Keys, base: str, pki: Pki
                 timeout=WAIT_MS,
             )
             first = float(p.get_attribute("#chart-rps", "data-max") or 0)
+            drawn = int(p.get_attribute("#chart-rps", "data-points") or 0)
             if SCREENSHOTS:
                 p.wait_for_timeout(10_000)  # some history in the charts
                 page.shot("live")
-            p.wait_for_timeout(1500)
             # The chart keeps drawing: one more point each second while the load runs.
-            points = p.evaluate("() => document.querySelectorAll('#chart-rps canvas').length")
+            p.wait_for_function(
+                f"() => Number(document.getElementById('chart-rps').dataset.points) > {drawn}",
+                timeout=WAIT_MS,
+            )
+            canvases = p.evaluate("() => document.querySelectorAll('#chart-rps canvas').length")
         finally:
             stop.set()
         done = sum(f.result(timeout=30) for f in futures)
-    assert done > 0 and first > 0 and points == 1
+    assert done > 0 and first > 0 and canvases == 1
     assert p.locator('#live-table tr[data-unit="slow:"]').count() == 1
     assert "budget" in p.inner_text("#live-memory")
     assert page.errors == []

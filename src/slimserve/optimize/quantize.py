@@ -26,6 +26,7 @@ from slimserve.optimize.config import OptimizeConfig
 from slimserve.optimize.onnx_quant import quantize_onnx
 from slimserve.optimize.qat import FAKE_QUANT, FakeQuantConv2d, FakeQuantLinear
 from slimserve.runtimes.quantized import layers as qlayers
+from slimserve.train import TrainConfig, classification_loss, fit  # the shared loop
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -411,8 +412,6 @@ def convert_qat(
 
 
 def _qat(model: nn.Module, cfg: QAT, filter_fn: FilterFn, data: Any) -> None:
-    from slimserve.train import TrainConfig, classification_loss, fit  # the shared loop
-
     if not (isinstance(data, tuple) and len(data) == 2 and hasattr(data[1], "shape")):
         raise InvalidArgument(
             "QAT fine-tunes on labelled data: pass data=(inputs, labels) tensors "

@@ -103,6 +103,27 @@ class CacheSettings(_Strict):
     ttl_s: float | None = Field(None, gt=0)
 
 
+Weights = Literal["auto", "fp32", "bf16", "bf16+int4", "int8"]
+
+
+class SpeculativeSettings(_Strict):
+    """Speculative decoding for greedy requests (runtimes/llm/speculate.py): the output is
+    plain greedy decoding's, produced in fewer forwards when drafts are right.
+
+    `prompt-lookup` drafts the tokens that followed the latest earlier occurrence of the
+    last `ngram_max`..`ngram_min` tokens (free; pays on repetitive outputs: summaries,
+    edits, extraction); `draft` runs the same checkpoint loaded with `draft_weights` (a
+    cheaper variant) to propose `num_tokens` tokens. Only while at most `max_rows`
+    sequences decode together (larger batches are compute-bound)."""
+
+    method: Literal["prompt-lookup", "draft"] = "prompt-lookup"
+    num_tokens: int = Field(4, ge=1, le=16)
+    ngram_max: int = Field(3, ge=1, le=16)
+    ngram_min: int = Field(1, ge=1, le=16)
+    max_rows: int = Field(4, ge=1, le=4096)
+    draft_weights: Weights = "bf16+int4"
+
+
 class GenerationSettings(_Strict):
     """The generation engine of a `task: text-generation` model (KV cache, batching, weights).
 
@@ -123,7 +144,8 @@ class GenerationSettings(_Strict):
     max_waiting: int = Field(256, ge=1)
     prefix_caching: bool = True
     continuous: bool = True
-    weights: Literal["auto", "fp32", "bf16", "bf16+int4", "int8"] = "auto"
+    weights: Weights = "auto"
+    speculative: SpeculativeSettings | None = None
 
 
 class ModelConfig(_Strict):

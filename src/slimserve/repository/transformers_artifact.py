@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.errors import InvalidArgument
-from slimserve.repository.artifacts import (
+from slimserve.repository.artifact_base import (
     TOKENIZER_FILES,
     Imported,
     batching_for,

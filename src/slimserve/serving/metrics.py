@@ -46,26 +46,14 @@ class Metrics:
             ["model", "variant", "outcome"],
             registry=r,
         )
-        self.latency = Histogram(
-            "slimserve_request_duration_seconds",
-            "Engine time per request (queue + model).",
-            ["model", "variant"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.latency = _per_unit(
+            r, "slimserve_request_duration_seconds", "Engine time per request (queue + model)."
         )
-        self.queue_time = Histogram(
-            "slimserve_queue_duration_seconds",
-            "Time requests waited for their batch.",
-            ["model", "variant"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.queue_time = _per_unit(
+            r, "slimserve_queue_duration_seconds", "Time requests waited for their batch."
         )
-        self.batch_size = Histogram(
-            "slimserve_batch_size_rows",
-            "Rows per batch the model ran.",
-            ["model", "variant"],
-            buckets=_BATCH_BUCKETS,
-            registry=r,
+        self.batch_size = _per_unit(
+            r, "slimserve_batch_size_rows", "Rows per batch the model ran.", _BATCH_BUCKETS
         )
         self.degraded = Counter(
             "slimserve_degraded_requests",
@@ -111,6 +99,13 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _per_unit(
+    r: CollectorRegistry, name: str, doc: str, buckets: tuple[float, ...] = _LATENCY_BUCKETS
+) -> Histogram:
+    """A histogram labelled by model and variant."""
+    return Histogram(name, doc, ["model", "variant"], buckets=buckets, registry=r)
 
 
 class GenerationMetrics:

@@ -43,10 +43,9 @@ import numpy as np
 import orjson
 
 from slimserve.errors import Code, PayloadTooLarge, SlimserveError, Unimplemented
-from slimserve.runtimes.llm import SamplingParams
 from slimserve.security.keys import bearer_token
 from slimserve.serving.engine import Engine
-from slimserve.serving.llm import TextStream
+from slimserve.serving.llm import SamplingParams, TextStream
 from slimserve.transport import openai_requests as req
 from slimserve.transport import openai_structured as structured
 from slimserve.transport.controls import LATENCY_SLO_MS, MAX_QUALITY_LOSS, take_controls

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from slimserve.errors import DeadlineExceeded
-from slimserve.runtimes.llm import SamplingParams
+from slimserve.serving.llm import SamplingParams
 from slimserve.serving.sampling_args import BadParameter, number, sampling_params, whole
 
 _UNSUPPORTED = ("suffix", "logit_bias", "functions", "function_call", "audio", "prediction")
@@ -33,10 +33,12 @@ FIELDS = {
             *("store", "metadata", "service_tier", "modalities"),
         )
     ),
+    # latency_slo_ms, max_quality_loss: the per-request objective extension (as v2 parameters)
     "embeddings": frozenset(
-        # latency_slo_ms, max_quality_loss: the per-request objective (an extension)
-        ("model", "input", "encoding_format", "dimensions", "user")
-        + ("latency_slo_ms", "max_quality_loss")
+        (
+            *("model", "input", "encoding_format", "dimensions", "user"),
+            *("latency_slo_ms", "max_quality_loss"),
+        )
     ),
 }
 

@@ -37,6 +37,7 @@ COMMON: dict[str, Any] = {
 def _configs() -> dict[str, Callable[[int], Any]]:
     from transformers import (
         Gemma2Config,
+        Gemma3TextConfig,
         GemmaConfig,
         MistralConfig,
         Phi3Config,
@@ -55,6 +56,15 @@ def _configs() -> dict[str, Callable[[int], Any]]:
             sliding_window=6,  # layer 0 sliding, layer 1 full
             attn_logit_softcapping=5.0,  # small enough to bend the random scores
             final_logit_softcapping=3.0,
+            **COMMON,
+        ),
+        "gemma3_text": lambda v: Gemma3TextConfig(
+            vocab_size=v,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=6,
+            # rotary bases 1e6 (full) and 1e4 (sliding): each layer type its own
+            layer_types=["sliding_attention", "full_attention"],
             **COMMON,
         ),
     }
@@ -79,7 +89,7 @@ def _save(kind: str, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "mistral", "phi3", "gemma", "gemma2"])
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "phi3", "gemma", "gemma2", "gemma3_text"])
 def test_greedy_equals_generate(kind: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 

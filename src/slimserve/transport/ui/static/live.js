@@ -155,7 +155,9 @@ export class Live {
       const data = [this.times.slice(), ...used.map((k) => this.series.get(k)[name].slice())];
       chart.setData(data);
       const values = data.slice(1).flat().filter((v) => typeof v === "number");
+      // For people reading the DOM (and the browser tests): what the chart shows now.
       chart.root.parentElement.dataset.max = values.length ? Math.max(...values) : 0;
+      chart.root.parentElement.dataset.points = this.times.length;
     }
   }
 

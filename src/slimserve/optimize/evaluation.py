@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from slimserve.errors import InvalidArgument
+from slimserve.runtimes.quantized.cpu import cpu_flags
 
 Inputs = np.ndarray | dict[str, np.ndarray]
 Predict = Callable[[Inputs], np.ndarray]
@@ -212,8 +213,6 @@ def size_on_disk(path: str | Path | None) -> int | None:
 
 def machine_facts(threads: int | None = None) -> dict[str, Any]:
     """CPU model and flags, threads, library versions, load average: how to read the figures."""
-    from slimserve.optimize.precision import cpu_flags
-
     flags = cpu_flags()
     return {
         "cpu": _cpu_model(),

@@ -166,8 +166,6 @@ def _check_fits(original: _Original, x: np.ndarray, flag: str) -> None:
                 f"{flag}: data of shape {got} does not fit input '{inputs[0].name}' of shape "
                 f"{want} in model.yaml; give rows shaped {want[1:]} (reshape the data)"
             )
-    from slimserve.optimize.evaluation import as_predictor
-
     try:
         as_predictor(original.model)(np.ascontiguousarray(x[:2]))
     except Exception as exc:  # any framework error here means the shapes disagree

@@ -28,14 +28,14 @@ def test_build_server_serves_without_sockets(tmp_path: Path) -> None:
     async def main() -> None:
         settings = Settings(repository=tmp_path)
         server = build_server(settings, runtime_factory=lambda t, o: EchoRuntime(t, o))
-        server.http_app.mount("/ui", ui)
+        server.http_app.mount("/extra", ui)  # /ui is the console's
         await server.start(wait=True)
         try:
             transport = httpx.ASGITransport(app=server.http_app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
                 assert (await client.get("/v2/health/ready")).status_code == 200
-                assert (await client.get("/ui/page")).text == "/ui/page"
-                assert (await client.get("/uix")).status_code == 404  # a prefix, not a stem
+                assert (await client.get("/extra/page")).text == "/extra/page"
+                assert (await client.get("/extrax")).status_code == 404  # a prefix, not a stem
                 models = await client.get("/v1/models")  # the OpenAI app is mounted too
                 assert models.status_code == 200
             x = np.ones((1, 2), np.float32)

@@ -2,36 +2,35 @@
 
 `build_server(settings)` builds everything from Settings (thread pools, model residency,
 admission, authenticator, audit log, metrics, response caches, the engine, the HTTP app and the
-gRPC service) and returns a `Server`; `serve` runs one on sockets until a signal. Also defines
-`slimserve serve`.
+gRPC service) and returns a `Server`; `serve` runs one on sockets until a signal (launch.py
+runs it in one process or several: `slimserve serve`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import os
 import signal
 import socket
-import sys
 import time
-import typing
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from slimserve.config import Settings
-from slimserve.errors import ConfigError, SlimserveError
+from slimserve.errors import ConfigError
 from slimserve.repository.store import Repository
+from slimserve.runtimes.base import RuntimeOptions
 from slimserve.security.audit import AuditLog
+from slimserve.security.crypto import resolve_data_key
 from slimserve.security.keys import Authenticator
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import ResponseCaches
 from slimserve.serving.catalog import Catalog, hide_path
+from slimserve.serving.control import ModelControl
 from slimserve.serving.engine import Engine
 from slimserve.serving.metrics import Metrics
 from slimserve.serving.models import ModelManager, RuntimeFactory
@@ -44,102 +43,6 @@ from slimserve.transport.limits import TensorLimits
 from slimserve.types import Clock
 
 log = logging.getLogger("slimserve")
-
-
-def register(sub: Any) -> None:
-    """`slimserve serve`: one flag per Settings field, help from its description."""
-    parser = sub.add_parser(
-        "serve",
-        help="serve a model repository over HTTP and gRPC",
-        description="Serve every model in a repository (KServe v2 over HTTP and gRPC). "
-        "Options also come from SLIMSERVE_<OPTION> environment variables and --config FILE; "
-        "flags win over the environment, which wins over the file.",
-    )
-    parser.add_argument("--config", type=Path, help="YAML file of settings (keys as below).")
-    for name, field in Settings.model_fields.items():
-        _add_flag(parser, name, field)
-    parser.set_defaults(handler=_serve_command)
-
-
-def _add_flag(parser: argparse.ArgumentParser, name: str, field: Any) -> None:
-    flag = "--" + name.replace("_", "-")
-    default = field.default_factory() if field.default_factory else field.default
-    help_text = f"{field.description} (default: {default})"
-    annotation = field.annotation
-    optional = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if type(None) in typing.get_args(annotation) and len(optional) == 1:
-        annotation = optional[0]  # `X | None`: the flag takes an X
-    if annotation is bool:
-        parser.add_argument(
-            flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-        )
-    elif typing.get_origin(annotation) is typing.Literal:
-        parser.add_argument(flag, choices=typing.get_args(annotation), default=None, help=help_text)
-    elif typing.get_origin(annotation) is list:
-        parser.add_argument(
-            flag,
-            type=lambda s: [x for x in s.split(",") if x],
-            default=None,
-            help=help_text + "; comma-separated",
-        )
-    else:
-        parser.add_argument(flag, type=annotation, default=None, help=help_text)
-
-
-def _serve_command(args: argparse.Namespace) -> int:
-    flags = {name: getattr(args, name) for name in Settings.model_fields}
-    settings = Settings.load(args.config, **flags)
-    run_server(settings)
-    # Everything is stopped and flushed; skip interpreter teardown, where gRPC's core alone
-    # spends over a second, so that a restart or rolling update is not held up.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def configure_logging(settings: Settings) -> None:
-    from slimserve import logs
-
-    logs.configure(settings.log_level, settings.log_format)
-
-
-def run_server(settings: Settings) -> None:
-    """Run until SIGINT/SIGTERM, on uvloop where available; several processes with workers."""
-    configure_logging(settings)
-    configure_threads(settings)
-    if settings.workers > 1:
-        from slimserve.cluster.processes import run_workers
-
-        if run_workers(settings, run_worker):
-            raise SlimserveError("a worker process failed; see the log above")
-        return
-    _run_loop(serve(settings))
-
-
-def configure_threads(settings: Settings) -> None:
-    """OpenMP (torch's intra-op pool) reads its wait policy once, when torch is imported: set
-    it first. Spinning OpenMP threads took the cores from the event loop and the client on a
-    2-core machine (MiniLM batch 32 in-process, other processes busy: 34 rows/s spinning,
-    231 sleeping; benchmarks/RESULTS.md). A policy the user set in the environment wins."""
-    if not settings.spin_wait:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def run_worker(settings: Settings, sockets: list[socket.socket]) -> None:
-    """One worker process of `--workers N` (started by cluster.processes)."""
-    configure_logging(settings)
-    configure_threads(settings)
-    _run_loop(serve(settings, http_sockets=sockets))
-
-
-def _run_loop(main: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
 
 
 def build_engine(
@@ -159,11 +62,21 @@ def build_engine(
     repository = repository or Repository(settings.repository)
     threads = settings.inference_threads or os.cpu_count() or 1
     metrics = Metrics()
+    options = RuntimeOptions(
+        intra_op_threads=settings.intra_op_threads,
+        graph_optimization=settings.ort_graph_optimization,
+        spin_wait=settings.spin_wait,
+        data_key=resolve_data_key(
+            settings.data_key_file, settings.data_key_env, settings.data_key_environment()
+        ),
+        clock=clock,
+    )
     models = ModelManager(
         repository,
         settings,
         InferenceThreads(threads),
         ThreadPoolExecutor(2, thread_name_prefix="slimserve-load"),
+        options,
         runtime_factory,
         clock=clock,
         on_batch=metrics.batch_observer,
@@ -171,7 +84,11 @@ def build_engine(
     admission = Admission(settings)
     caches = ResponseCaches(settings.redis_url, clock)
     metrics.watch(models, admission, caches)
-    catalog = Catalog(repository, models, admission, hide_path(repository.root))
+    public = hide_path(repository.root)
+    catalog = Catalog(repository, models, admission, public)
+    audit = AuditLog(settings.audit_log)
+    auth = Authenticator(settings.api_keys_file) if settings.api_keys_file else None
+    control = ModelControl(repository, models, audit, auth, settings.model_control, public)
     return Engine(
         repository,
         settings,
@@ -180,8 +97,8 @@ def build_engine(
         metrics=metrics,
         caches=caches,
         catalog=catalog,
-        audit=AuditLog(settings.audit_log),
-        auth=Authenticator(settings.api_keys_file) if settings.api_keys_file else None,
+        control=control,
+        audit=audit,
         clock=clock,
     )
 

@@ -8,6 +8,7 @@ flags and their help text from the fields below, so a default is written in one 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +40,8 @@ class Settings(BaseSettings):
     )
     load_models: list[str] = Field(
         default_factory=lambda: ["*"],
-        description="Models to load at start ('*': all in the repository; empty: none).",
+        description="Models to load at start ('*': all in the repository; empty: none); an "
+        "entry NAME/VERSION or NAME/VERSION:VARIANT loads that one unit only.",
     )
     model_control: bool = Field(
         False,
@@ -210,13 +212,12 @@ class Settings(BaseSettings):
             raise ValueError("set data_key_file or data_key_env, not both")
         return self
 
-    def data_key(self) -> bytes | None:
-        """The artifact data key from data_key_file or the variable named by data_key_env."""
-        import os  # the environment is read here and nowhere else
-
-        from slimserve.security.crypto import resolve_data_key
-
-        return resolve_data_key(self.data_key_file, self.data_key_env, os.environ)
+    def data_key_environment(self) -> dict[str, str]:
+        """{data_key_env: its value} when that variable is set (for security.crypto's
+        resolve_data_key): the environment is read here and nowhere else."""
+        name = self.data_key_env
+        value = None if name is None else os.environ.get(name)
+        return {} if name is None or value is None else {name: value}
 
     @field_validator("host")
     @classmethod
@@ -249,7 +250,6 @@ class Settings(BaseSettings):
         if config_file is not None:
             file_values = _read_yaml(config_file)
         env_names = {f"SLIMSERVE_{k.upper()}" for k in cls.model_fields}
-        import os  # the environment is read here and nowhere else
 
         from_env = {n[len("SLIMSERVE_") :].lower() for n in env_names if n in os.environ}
         merged = {k: v for k, v in file_values.items() if k not in from_env}

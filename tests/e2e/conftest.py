@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -188,3 +189,12 @@ def server(model_repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     yield proc
     stop_server(proc)
     assert proc.process.returncode == 0, f"server did not stop cleanly:\n{proc.log()}"
+
+
+@pytest.fixture(scope="module")
+def openai_client(server: ServerProcess) -> Iterator[Any]:
+    """The `openai` client for the module's `server` (no retries: a refusal shows)."""
+    openai = pytest.importorskip("openai")
+    url = f"http://127.0.0.1:{server.http_port}/v1"
+    with openai.OpenAI(base_url=url, api_key="unused", max_retries=0) as client:
+        yield client

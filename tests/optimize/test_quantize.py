@@ -335,3 +335,10 @@ def test_fewer_bits_simulate_coarser_quantization_and_do_not_convert():
         convert_qat(prepare_qat(digits_mlp(), x, weight_bits=4))
     with pytest.raises(InvalidArgument, match="2 to 8 bits"):
         prepare_qat(digits_mlp(), x, act_bits=9)
+
+
+@pytest.mark.parametrize("base_class", ["os:system", "builtins:dict", "slimserve.zoo:nope"])
+def test_a_variant_names_only_torch_module_classes(base_class: str) -> None:
+    """variant.yaml's base_class cannot make the server call any importable callable."""
+    with pytest.raises(InvalidArgument, match="model_class"):
+        VariantModel(base_class=base_class, base_args={}, layers={})

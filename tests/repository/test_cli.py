@@ -271,3 +271,34 @@ def test_the_installed_command_runs(tmp_path, dynamic_onnx):
     )
     assert listed.returncode == 0, listed.stderr
     assert _table(listed.stdout)[1][:4] == ["mlp", "1", "-", "onnx"]
+
+
+def test_add_refuses_a_language_model_of_an_unsupported_architecture(
+    tmp_path, capsys, tiny_classifier
+):
+    code, _, err = _run(
+        capsys,
+        "repo",
+        "add",
+        "lm",
+        str(tiny_classifier),
+        "-r",
+        str(tmp_path / "r"),
+        "--task",
+        "text-generation",
+    )
+    assert code == 2
+    assert "model_type 'bert' is not an architecture the generation engine runs" in err
+    assert "llama (" in err and "qwen2 (" in err and "gemma2 (" in err  # the supported list
+    assert not (tmp_path / "r" / "lm").exists()
+
+
+def test_add_accepts_a_supported_language_model_architecture(tmp_path, capsys, tiny_classifier):
+    folder = tmp_path / "qwen"
+    shutil.copytree(tiny_classifier, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+    (folder / "config.json").write_text(json.dumps(config))
+    code, out, _ = _run(capsys, "repo", "add", "qwen", str(folder), "-r", str(tmp_path / "r"))
+    assert code == 0, out
+    assert "task: text-generation" in out

@@ -46,7 +46,6 @@ def test_predictor_gets_args_and_folder(tmp_path: Path) -> None:
     runtime = create_runtime(target)
     assert isinstance(runtime, PythonRuntime)
     runtime.load()
-    assert runtime.thread_safe is True
     assert runtime._impl.folder == target.path
     out = runtime.infer({"input": np.ones((2, 4), np.float32)})["output"]
     np.testing.assert_array_equal(out, np.full((2, 4), 3.0, np.float32))

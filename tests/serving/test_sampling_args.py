@@ -20,6 +20,8 @@ def test_defaults_then_the_caller_s_defaults_then_the_request() -> None:
     assert sampling_params({}).ignore_eos is False
     assert sampling_params({"ignore_eos": True}).ignore_eos is True
     assert sampling_params({"ignore_eos": None}, {"ignore_eos": True}).ignore_eos is True
+    extra = sampling_params({"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1})
+    assert (extra.top_k, extra.min_p, extra.repetition_penalty) == (40, 0.05, 1.1)
 
 
 @pytest.mark.parametrize(
@@ -36,6 +38,11 @@ def test_defaults_then_the_caller_s_defaults_then_the_request() -> None:
         ({"frequency_penalty": 2.5}, "frequency_penalty"),
         ({"ignore_eos": 1}, "ignore_eos"),
         ({"ignore_eos": "true"}, "ignore_eos"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": "x"}, "repetition_penalty"),
     ],
 )
 def test_a_bad_value_names_its_field(values: dict[str, object], param: str) -> None:

@@ -339,7 +339,7 @@ def _raw_frame(kind: int, flags: int, sid: int, payload: bytes, length: int | No
         pytest.param(_raw_frame(1, 4, 2, b"\x82"), 1, id="HEADERS on an even stream"),
         pytest.param(_raw_frame(8, 0, 0, b"\x00\x00\x00\x00"), 1, id="WINDOW_UPDATE of 0"),
         pytest.param(_raw_frame(9, 4, 1, b"\x82"), 1, id="CONTINUATION alone"),
-        pytest.param(_raw_frame(6, 0, 0, b"short"), 1, id="PING of 5 bytes"),
+        pytest.param(_raw_frame(6, 0, 0, b"short"), 6, id="PING of 5 bytes"),
     ],
 )
 def test_protocol_violations_close_the_connection_with_goaway(

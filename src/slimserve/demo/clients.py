@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,11 +13,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from slimserve.bench.local_server import free_ports as free_ports  # tests import it here
 from slimserve.demo.data import LLM_NAME, MINILM_NAME, MLP_NAME, Dataset
 
 SENTENCES = (
@@ -31,15 +31,6 @@ QUESTION = "What is the capital of France?"
 COUNTING = "Count from one to five."
 
 # --------------------------------------------------------------------------- server
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free loopback ports: all bound at once, so no two are the same."""
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.errors import InvalidArgument
-from slimserve.repository.artifacts import (
+from slimserve.repository.artifact_base import (
     ONNX_FILE,
     Imported,
     batching_for,

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from slimserve.errors import InvalidArgument
-from slimserve.repository.artifacts import (
+from slimserve.repository.artifact_base import (
     SAFETENSORS_FILE,
     Imported,
     batching_for,

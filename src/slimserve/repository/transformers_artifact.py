@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.errors import InvalidArgument
-from slimserve.repository.artifacts import (
+from slimserve.repository.artifact_base import (
     TOKENIZER_FILES,
     Imported,
     batching_for,
     make_config,
 )
+from slimserve.repository.families import family_of
 from slimserve.repository.schema import TensorConfig
 from slimserve.repository.store import PICKLE_SUFFIXES, refuse_pickles
 
@@ -41,6 +42,8 @@ def inspect_transformers(folder: Path, task: str | None, max_batch_size: int | N
             "`tokenizer.save_pretrained(dir)` into the same folder"
         )
     task = task or _task_of(config)
+    if task == "text-generation":  # only architectures the generation engine runs
+        family_of(config, str(folder / "config.json"))
     skipped = _pickles(folder)
     notes = [f"{folder}: pickle files not copied: {', '.join(skipped)}"] if skipped else []
     out = _transformers_output(folder, config, task)

@@ -1,9 +1,9 @@
 """The one runtime interface: load, infer a batch, unload, memory used.
 
 A runtime is the only place that touches a framework. It is built from a repository Target
-(folder + model.yaml [+ variant.yaml]) and RuntimeOptions, and used from worker threads:
-`infer` may be called from several threads at once only if `thread_safe` is True; otherwise
-the serving layer calls it from one thread at a time.
+(folder + model.yaml [+ variant.yaml]) and RuntimeOptions, and used from a worker thread: the
+serving layer runs all of a unit's batches on the one thread assigned to it
+(serving/threads.py), so `infer` is never called from two threads at once.
 """
 
 from __future__ import annotations
@@ -11,11 +11,17 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from slimserve.repository.store import Target
-from slimserve.types import Clock, TensorSpec
+from slimserve.runtimes.llm.params import SamplingParams
+from slimserve.types import Clock, TensorSpec, numpy_dtype
+
+if TYPE_CHECKING:
+    from slimserve.runtimes.llm.engine import EngineStats
+    from slimserve.runtimes.llm.stream import GenerationStream
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +46,6 @@ class Runtime(ABC):
     when the model is batched their first dimension is the batch, and every output must keep
     that first dimension.
     """
-
-    thread_safe: bool = False
 
     def __init__(self, target: Target, options: RuntimeOptions | None = None) -> None:
         self.target = target
@@ -79,7 +83,41 @@ class Runtime(ABC):
             if spec.datatype == "BYTES":
                 feeds[spec.name] = np.full(shape, b"warm up", dtype=object)
             else:
-                from slimserve.types import numpy_dtype
-
                 feeds[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
         self.infer(feeds)
+
+
+class TextGenerator(ABC):
+    """What a language-model runtime adds to `Runtime`: prompts in, a stream of tokens out.
+
+    The serving layer uses a text-generation unit only through these methods (the OpenAI
+    routes and the v2 path alike); how the runtime batches and caches is its own business.
+    """
+
+    @property
+    @abstractmethod
+    def max_context(self) -> int:
+        """Tokens a prompt and its completion may hold together."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """A prompt's token ids."""
+
+    @abstractmethod
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Chat messages rendered by the model's chat template, as token ids."""
+
+    @abstractmethod
+    def token_text(self, token_id: int) -> str:
+        """One token as text (for logprobs)."""
+
+    @abstractmethod
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, deadline_s: float | None
+    ) -> GenerationStream:
+        """Start generating (from the event loop); `deadline_s`: seconds from now, or None.
+        Raises before any event for a refused request (bad parameters, too long, queue full)."""
+
+    @abstractmethod
+    def generation_stats(self) -> EngineStats:
+        """Sequences, KV blocks and prefix-cache figures now (read at each metrics scrape)."""

@@ -5,7 +5,7 @@ weights go into our own Llama forward (runtimes/llm) and one started `Generation
 (continuous batching over a paged KV cache) serves every request of this unit: the OpenAI
 routes stream from it through `Engine.generate`, and so does the v2 path (below).
 
-v2: a served request goes to serving/llm_v2.py (the request's `parameters` such as
+v2: a served request goes to serving/prompt_tensors.py (the request's `parameters` such as
 max_tokens, temperature, top_p, stop and seed, with model.yaml `parameters` as defaults) and
 streams from the engine like the OpenAI routes. `infer` here is the runtime contract's direct
 path, without a request: BYTES prompts [-1] in, BYTES completions [-1] out, sampling from
@@ -22,23 +22,21 @@ from typing import Any
 import numpy as np
 
 from slimserve.errors import ModelLoadError
-from slimserve.repository.schema import GenerationSettings
+from slimserve.repository.schema import GenerationSettings, SpeculativeSettings
 from slimserve.repository.store import Target
 from slimserve.runtimes._common import check_folder, not_loaded
-from slimserve.runtimes.base import Runtime, RuntimeOptions
+from slimserve.runtimes.base import Runtime, RuntimeOptions, TextGenerator
 from slimserve.runtimes.llm import SamplingParams, keep_freed_memory
-from slimserve.runtimes.llm.engine import EngineConfig, GenerationEngine
+from slimserve.runtimes.llm.engine import EngineConfig, EngineStats, GenerationEngine
 from slimserve.runtimes.llm.runtime import TextGenerationRuntime
+from slimserve.runtimes.llm.speculate import SpeculativeConfig
+from slimserve.runtimes.llm.stream import GenerationStream
 
 _V2_DEFAULTS: dict[str, Any] = {"max_tokens": 16, "temperature": 0.0, "timeout_s": 120.0}
 
 
-class GenerationRuntime(Runtime):
+class GenerationRuntime(Runtime, TextGenerator):
     """A loaded causal LM and its running generation engine."""
-
-    # infer only submits to the engine (which has its own lock) and waits: v2 requests from
-    # several worker threads join the same running batch.
-    thread_safe = True
 
     def __init__(self, target: Target, options: RuntimeOptions | None = None) -> None:
         super().__init__(target, options)
@@ -53,12 +51,17 @@ class GenerationRuntime(Runtime):
         # glibc's defaults and 1.29 s with large freed buffers kept (see llm/malloc.py).
         keep_freed_memory()
         text = TextGenerationRuntime.load(folder, weights=self.settings.weights)
+        spec = self.settings.speculative
+        draft = None
+        if spec is not None and spec.method == "draft":
+            draft = TextGenerationRuntime.load(folder, weights=spec.draft_weights).model
         engine = GenerationEngine(
             text.model,
             text.tokenizer,
             self._engine_config(),
             eos_token_ids=text.eos_token_ids,
             clock=self.options.clock,
+            draft=draft,
         )
         engine.start()
         self.text, self.engine = text, engine
@@ -74,6 +77,7 @@ class GenerationRuntime(Runtime):
             continuous=s.continuous,
             prefix_caching=s.prefix_caching,
             threads=self.options.intra_op_threads,
+            speculative=_speculative(s.speculative),
         )
 
     def _check_specs(self) -> None:
@@ -103,6 +107,35 @@ class GenerationRuntime(Runtime):
         out[:] = [c.encode("utf-8") for c in completions]
         return {self.outputs[0].name: out.reshape(inputs[self.inputs[0].name].shape)}
 
+    # -- TextGenerator: what the serving layer uses ------------------------------------------
+
+    def _loaded(self) -> tuple[TextGenerationRuntime, GenerationEngine]:
+        text, engine = self.text, self.engine
+        if text is None or engine is None:
+            raise not_loaded(self.target)
+        return text, engine
+
+    @property
+    def max_context(self) -> int:
+        return self._loaded()[1].max_context
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._loaded()[0].encode(text))
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        return list(self._loaded()[0].encode_chat(messages))
+
+    def token_text(self, token_id: int) -> str:
+        return str(self._loaded()[0].tokenizer.decode([token_id]))
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, deadline_s: float | None
+    ) -> GenerationStream:
+        return self._loaded()[1].submit(prompt_ids, params, deadline_s)
+
+    def generation_stats(self) -> EngineStats:
+        return self._loaded()[1].stats()
+
     def warmup(self) -> None:
         """One token for a short prompt: builds the forward's lazy state before a request."""
         text, engine = self.text, self.engine
@@ -116,11 +149,18 @@ class GenerationRuntime(Runtime):
             engine.close()
 
     def memory_bytes(self) -> int:
-        """Weights plus the KV pool (allocated whole at load)."""
+        """Weights plus the KV pool (allocated whole at load), a draft model's included."""
         engine = self.engine
         if engine is None:
             return 0
-        return int(engine.model.nbytes() + engine.pool.numel() * engine.pool.element_size())
+        return engine.nbytes()
+
+
+def _speculative(settings: SpeculativeSettings | None) -> SpeculativeConfig | None:
+    if settings is None:
+        return None
+    fields = settings.model_dump(exclude={"draft_weights"})
+    return SpeculativeConfig(**fields)
 
 
 async def _complete(

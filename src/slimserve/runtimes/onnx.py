@@ -63,9 +63,7 @@ _FIX_MISSING = "export the model to ONNX (torch.onnx.export) and save it as mode
 
 
 class OnnxRuntime(Runtime):
-    """Runs an ONNX graph with ONNX Runtime; `InferenceSession.run` is safe from many threads."""
-
-    thread_safe = True
+    """Runs an ONNX graph with ONNX Runtime."""
 
     def __init__(self, target: Target, options: RuntimeOptions | None = None) -> None:
         super().__init__(target, options)

@@ -118,13 +118,7 @@ def import_class(path: str, where: Path) -> type[nn.Module]:
 
 
 class TorchRuntime(Runtime):
-    """Runs an nn.Module in eval and inference mode.
-
-    Not marked thread-safe: model classes are arbitrary code that may keep state, and on CPU
-    two concurrent forwards only split the same cores between their intra-op pools.
-    """
-
-    thread_safe = False
+    """Runs an nn.Module in eval and inference mode."""
 
     def __init__(self, target: Target, options: RuntimeOptions | None = None) -> None:
         super().__init__(target, options)

@@ -74,6 +74,10 @@ class Identity:
     scopes: frozenset[str]
     models: frozenset[str] | None = None  # None: every model
 
+    def may_use(self, model: str) -> bool:
+        """Whether the key's model allow-list (if any) holds `model` (a model name)."""
+        return self.models is None or model in self.models
+
     @property
     def client(self) -> str:
         """A stable client identity for rate limits and logs: 'name/id'."""

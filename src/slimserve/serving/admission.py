@@ -24,8 +24,10 @@ from slimserve.policies.degrade import (
 )
 from slimserve.policies.rate_limit import Bucket, KeyedLimiter, Limit, take
 from slimserve.policies.shedding import should_shed
-from slimserve.repository.schema import ModelConfig
+from slimserve.repository.schema import GenerationSettings, ModelConfig
+from slimserve.runtimes.base import TextGenerator
 from slimserve.serving.models import ModelEntry, State, Unit
+from slimserve.serving.slo import quality_loss
 
 
 @dataclass(slots=True)
@@ -168,14 +170,31 @@ class Admission:
         )
         return variants.get(name) if name else None
 
+    def degrade_options(self, entry: ModelEntry, original: Unit) -> list[str]:
+        """Keys of the variants degradation may send `original`'s traffic to: profiled,
+        within its quality budget and cheaper than it (health aside: that changes by the
+        second). For the console's Pareto plot."""
+        budget = original.target.config.degrade.max_quality_loss
+        cost = _cost(original)
+        variants = self._variants(entry, original)
+        return sorted(
+            unit.target.key
+            for unit in variants.values()
+            if (c := self._candidate(unit)) is not None
+            and c.quality_loss <= budget
+            and (cost is None or c.cost < cost)
+        )
+
     def _under_pressure(self, unit: Unit, now: float) -> bool:
         guard = self._guards.get(unit.target.key)
         if guard is not None and guard.breaker is not None and guard.breaker.blocking(now):
             return True
+        config = unit.target.config
+        if unit.state is State.READY and isinstance(unit.runtime, TextGenerator):
+            return _generation_pressure(unit.runtime, config)
         batcher = unit.batcher
         if unit.state is not State.READY or batcher is None:
             return False
-        config = unit.target.config
         if batcher.queue_depth >= config.degrade.queue_fraction * batcher.max_queue:
             return True
         max_wait = config.limits.max_queue_wait_ms
@@ -186,7 +205,7 @@ class Admission:
         return guard is not None and cost is not None and guard.demand.rate(now) * cost >= 1.0
 
     def _candidate(self, unit: Unit) -> Candidate | None:
-        cost, loss = _cost(unit), _quality_loss(unit)
+        cost, loss = _cost(unit), quality_loss(unit)
         if cost is None or loss is None:
             return None
         healthy = unit.state is State.READY and self.breaker_state(unit) is BreakerState.CLOSED
@@ -218,10 +237,22 @@ class Admission:
         self.counts["shed"] += 1
         raise Unavailable(f"{reason}; retry shortly", retry_after_s=retry)
 
+    def healthy(self, unit: Unit) -> bool:
+        """Whether `unit` may take a request now: its breaker lets calls through."""
+        return self.breaker_state(unit) is BreakerState.CLOSED
+
     def record(self, unit: Unit, now: float, ok: bool, latency_s: float) -> None:
         guard = self._guards.get(unit.target.key)
         if guard is not None and guard.breaker is not None:
             guard.breaker.record(now, ok, latency_s)
+
+
+def _generation_pressure(generator: TextGenerator, config: ModelConfig) -> bool:
+    """A language model batches on its own: it is under pressure when requests wait for a
+    place in its running batch (queue_fraction of max_seqs of them)."""
+    max_seqs = (config.generation or GenerationSettings()).max_seqs
+    waiting = generator.generation_stats().waiting
+    return waiting > 0 and waiting >= config.degrade.queue_fraction * max_seqs
 
 
 def _cost(unit: Unit) -> float | None:
@@ -229,21 +260,7 @@ def _cost(unit: Unit) -> float | None:
     batcher = unit.batcher
     if batcher is not None and batcher.estimate.samples >= 3:
         return batcher.estimate.batch_s / max(batcher.estimate.batch_rows, 1.0)
-    info = unit.target.info
-    if info is not None and info.profile.latency_ms_batch1 is not None:
-        return info.profile.latency_ms_batch1 / 1000
-    return None
-
-
-def _quality_loss(unit: Unit) -> float | None:
-    """Points given up against the original, from the variant's profile."""
-    info = unit.target.info
-    if info is None:
-        return None
-    extra = info.profile.model_extra or {}
-    if isinstance(extra.get("quality_loss"), int | float):
-        return float(extra["quality_loss"])
-    if info.profile.agreement is not None:
-        # Rounded: (1 - 0.99) * 100 is 1.0000000000000009, over a budget of exactly 1 point.
-        return round((1.0 - info.profile.agreement) * 100.0, 9)
+    profile = unit.target.profile
+    if profile is not None and profile.latency_ms_batch1 is not None:
+        return profile.latency_ms_batch1 / 1000
     return None

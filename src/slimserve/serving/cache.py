@@ -175,7 +175,13 @@ class ResponseCache:
         self.misses = 0
         self._flights: dict[str, asyncio.Future[Arrays]] = {}
 
-    async def get_or_compute(self, key: str, compute: Callable[[], Awaitable[Arrays]]) -> Arrays:
+    async def get_or_compute(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[Arrays]],
+        keep: Callable[[Arrays], bool] | None = None,
+    ) -> Arrays:
+        """The cached value, or `compute()`'s, stored unless `keep` says otherwise."""
         flight = self._flights.get(key)
         if flight is not None:
             self.hits += 1
@@ -198,7 +204,8 @@ class ResponseCache:
         finally:
             del self._flights[key]
         flight.set_result(value)
-        await self.backend.set(key, value)
+        if keep is None or keep(value):
+            await self.backend.set(key, value)
         return value
 
 

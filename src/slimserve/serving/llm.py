@@ -1,14 +1,11 @@
-"""Language models in the engine: generation streams with residency, admission and metrics.
+"""Language models in the engine: finding the unit, encoding prompts, and token streams.
 
-A text-generation unit is loaded like any other (runtimes/generation.py: its runtime owns a
-started `GenerationEngine`). `generate` resolves and acquires the unit (loading it on first
-use, counting it as in use so it is not evicted mid-stream), applies the same admission as
-`Engine.infer` (rate limits, concurrency), encodes the prompt and submits it; the returned
-`TextStream` yields `TokenEvent`s and, when it ends for any reason, releases the unit and
-records the request in the metrics. Submission errors (bad parameters, a prompt too long, a
-full queue) raise here, before any event, so a transport can still answer with a status.
-
-No torch at import: the generation runtime's module is only named in type hints.
+A text-generation unit is loaded like any other; its runtime is a `TextGenerator`
+(runtimes/base.py), the only way the serving layer talks to it. `Engine.generate` admits,
+acquires and submits (serving/engine.py); the `TextStream` it returns yields `TokenEvent`s
+and, when it ends for any reason, calls back once so the engine releases the unit and
+records the outcome. Submission errors (bad parameters, a prompt too long, a full queue)
+raise before any event, so a transport can still answer with a status.
 """
 
 from __future__ import annotations
@@ -16,20 +13,32 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from typing import Any
 
-from slimserve.errors import Code, InvalidArgument, SlimserveError
+from slimserve.errors import InvalidArgument, SlimserveError
 from slimserve.repository.store import split_served_name
-from slimserve.runtimes.llm import SamplingParams, TokenEvent
-from slimserve.serving.models import Unit
+from slimserve.runtimes.base import TextGenerator
+from slimserve.runtimes.llm import SamplingParams, TokenEvent, TokenLogprob, Usage
+from slimserve.runtimes.llm.params import Grammar
+from slimserve.runtimes.llm.stream import GenerationStream
+from slimserve.serving.metrics import TokenMeter
+from slimserve.serving.models import ModelManager, Unit
 from slimserve.serving.sampling_args import number
 
-if TYPE_CHECKING:
-    from slimserve.runtimes.generation import GenerationRuntime
-    from slimserve.runtimes.llm.stream import GenerationStream
-    from slimserve.serving.engine import Engine
+# The vocabulary of generation requests, for the transports (which speak to serving, not to
+# the runtimes that define it).
+__all__ = [
+    "EMBEDDING",
+    "TEXT_GENERATION",
+    "Grammar",
+    "SamplingParams",
+    "TextStream",
+    "TokenEvent",
+    "TokenLogprob",
+    "Usage",
+    "merge",
+]
 
 TEXT_GENERATION = "text-generation"
 EMBEDDING = "embedding"
@@ -39,10 +48,10 @@ Prompt = str | Sequence[int]
 Messages = Sequence[Mapping[str, Any]]
 
 
-def find_unit(engine: Engine, model: str, task: str) -> Unit:
+def find_unit(models: ModelManager, model: str, task: str) -> Unit:
     """The unit serving `model` ('name[:variant]'), which must be of `task`."""
     name, variant = split_served_name(model)
-    unit = engine.models.find(name, None, variant)
+    unit = models.find(name, None, variant)
     found = unit.target.config.task
     if found != task:
         route = "/v1/embeddings" if found == EMBEDDING else "the v2 infer API"
@@ -55,69 +64,12 @@ def find_unit(engine: Engine, model: str, task: str) -> Unit:
     return unit
 
 
-async def generate(
-    engine: Engine,
-    model: str,
-    params: SamplingParams,
-    *,
-    prompt: Prompt | None = None,
-    messages: Messages | None = None,
-    fill_max_tokens: bool = False,
-    deadline_s: float | None = None,
-    client: str | None = None,
-) -> TextStream:
-    """Submit one prompt (text, token ids, or chat messages) to `model`; see the module doc.
-
-    `fill_max_tokens`: ignore params.max_tokens and allow up to the context's end (at most
-    DEFAULT_CHAT_MAX_TOKENS), as the chat API does when max_tokens is not given.
-    """
-    started = time.perf_counter()
-    try:
-        return await _submit(
-            engine, model, params, prompt, messages, fill_max_tokens, deadline_s, client
-        )
-    except SlimserveError as exc:  # refused before any event: counted like a failed infer
-        name = model.partition(":")[0]
-        label = name if name in engine.models.models else "_other"
-        outcome = exc.code.value.lower()
-        engine.metrics.observe_request(label, "", outcome, time.perf_counter() - started)
-        raise
-
-
-async def _submit(
-    engine: Engine,
-    model: str,
-    params: SamplingParams,
-    prompt: Prompt | None,
-    messages: Messages | None,
-    fill_max_tokens: bool,
-    deadline_s: float | None,
-    client: str | None,
-) -> TextStream:
-    unit = find_unit(engine, model, TEXT_GENERATION)
-    name = unit.target.model
-    limit = configured_timeout_s(unit.target.config.parameters)
-    if limit is not None:  # the server's own bound; the request's `timeout` may be shorter
-        deadline_s = limit if deadline_s is None else min(deadline_s, limit)
-    now = time.monotonic()
-    engine.admission.check_rate(client, name, unit.target.config, now)
-    engine.admission.check_load(unit, deadline_s)
-    unit = await engine.models.acquire_unit(unit)
-    engine.admission.in_flight[name] += 1
-    try:
-        runtime = _runtime(unit)
-        ids = _encode(runtime, prompt, messages)
-        if fill_max_tokens:
-            room = runtime_engine(runtime).max_context - len(ids)
-            params = dataclasses.replace(
-                params, max_tokens=max(1, min(DEFAULT_CHAT_MAX_TOKENS, room))
-            )
-        stream = runtime_engine(runtime).submit(ids, params, deadline_s)
-    except BaseException:
-        engine.admission.in_flight[name] -= 1
-        engine.models.release(unit)
-        raise
-    return TextStream(engine, unit, runtime, stream, len(ids), params.n)
+def text_generator(unit: Unit) -> TextGenerator:
+    """The loaded unit's runtime as a language model."""
+    runtime = unit.runtime
+    if not isinstance(runtime, TextGenerator):
+        raise InvalidArgument(f"{unit.target.key} is not loaded as a language model")
+    return runtime
 
 
 def configured_timeout_s(parameters: Mapping[str, Any]) -> float | None:
@@ -126,52 +78,52 @@ def configured_timeout_s(parameters: Mapping[str, Any]) -> float | None:
     return None if value is None else number(value, "timeout_s")
 
 
-def _runtime(unit: Unit) -> GenerationRuntime:
-    runtime = unit.runtime
-    if runtime is None or getattr(runtime, "engine", None) is None:
-        raise InvalidArgument(f"{unit.target.key} is not loaded as a language model")
-    return runtime  # type: ignore[return-value]
-
-
-def runtime_engine(runtime: GenerationRuntime) -> Any:
-    engine = runtime.engine
-    assert engine is not None  # checked by _runtime
-    return engine
-
-
-def _encode(
-    runtime: GenerationRuntime, prompt: Prompt | None, messages: Messages | None
+def encode_prompt(
+    generator: TextGenerator, prompt: Prompt | None, messages: Messages | None
 ) -> list[int]:
-    text = runtime.text
-    assert text is not None
     if messages is not None:
-        return text.encode_chat([dict(m) for m in messages])
+        return generator.encode_chat([dict(m) for m in messages])
     if isinstance(prompt, str):
-        return text.encode(prompt)
+        return generator.encode(prompt)
     if prompt is None:
         raise InvalidArgument("give a prompt or chat messages")
     return list(prompt)
 
 
+def fill_context(
+    generator: TextGenerator, ids: list[int], params: SamplingParams
+) -> SamplingParams:
+    """max_tokens up to the context's end, at most DEFAULT_CHAT_MAX_TOKENS (chat without
+    max_tokens)."""
+    room = generator.max_context - len(ids)
+    return dataclasses.replace(params, max_tokens=max(1, min(DEFAULT_CHAT_MAX_TOKENS, room)))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Served:
+    """Which unit answers a generation: a variant, and whether it was chosen instead of the
+    one asked for (the breaker was open, or the model was under pressure)."""
+
+    variant: str | None = None
+    degraded: bool = False
+
+
 class TextStream:
-    """A request's events; ending, failing or closing it releases the unit once."""
+    """A request's events; ending, failing or closing it calls `on_end(outcome)` once."""
 
     def __init__(
         self,
-        engine: Engine,
-        unit: Unit,
-        runtime: GenerationRuntime,
         stream: GenerationStream,
+        generator: TextGenerator,
         prompt_tokens: int,
-        n: int = 1,
+        meter: TokenMeter,
+        on_end: Callable[[str], None],
+        served: Served | None = None,
     ) -> None:
-        self._engine, self._unit, self._runtime, self._stream = engine, unit, runtime, stream
+        self._stream, self._generator, self._meter = stream, generator, meter
         self.prompt_tokens = prompt_tokens
-        target = unit.target
-        self._meter = engine.metrics.generation.meter(
-            target.model, target.variant or "", prompt_tokens, n
-        )
-        self._started = time.perf_counter()
+        self.served = served or Served()
+        self._on_end = on_end
         self._done = False
 
     def __aiter__(self) -> TextStream:
@@ -199,22 +151,14 @@ class TextStream:
 
     def token_text(self, token_id: int) -> str:
         """One token as text, for logprobs."""
-        text = self._runtime.text
-        return "" if text is None else str(text.tokenizer.decode([token_id]))
+        return self._generator.token_text(token_id)
 
     def _finish(self, outcome: str) -> None:
         if self._done:
             return
         self._done = True
         self._meter.close()
-        unit, engine = self._unit, self._engine
-        engine.models.release(unit)
-        engine.admission.in_flight[unit.target.model] -= 1
-        elapsed = time.perf_counter() - self._started
-        variant = unit.target.variant or ""
-        engine.metrics.observe_request(unit.target.model, variant, outcome, elapsed)
-        if outcome in ("success", Code.INTERNAL.value.lower()):
-            engine.admission.record(unit, time.monotonic(), outcome == "success", elapsed)
+        self._on_end(outcome)
 
 
 async def merge(streams: Sequence[TextStream]) -> AsyncGenerator[tuple[int, TokenEvent], None]:
@@ -254,13 +198,13 @@ async def merge(streams: Sequence[TextStream]) -> AsyncGenerator[tuple[int, Toke
             await stream.aclose()
 
 
-def count_tokens(engine: Engine, model: str, texts: Sequence[str]) -> int:
+def count_tokens(models: ModelManager, model: str, texts: Sequence[str]) -> int:
     """Tokens in `texts` for an embedding model's usage (0 when its tokenizer is unreadable).
 
     A private tokenizer copy: the runtime's own is used from worker threads and a fast
     tokenizer fails when two threads use it at once.
     """
-    unit = find_unit(engine, model, EMBEDDING)
+    unit = find_unit(models, model, EMBEDDING)
     tokenizer = _tokenizer(str(unit.target.path))
     if tokenizer is None:
         return 0

@@ -17,9 +17,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from slimserve.policies.breaker import BreakerState
 from slimserve.repository.store import Target
+from slimserve.runtimes.base import TextGenerator
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import ResponseCaches
-from slimserve.serving.models import ModelManager, State
+from slimserve.serving.models import ModelManager, State, Unit
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
@@ -45,25 +46,19 @@ class Metrics:
             ["model", "variant", "outcome"],
             registry=r,
         )
-        self.latency = Histogram(
-            "slimserve_request_duration_seconds",
-            "Engine time per request (queue + model).",
-            ["model", "variant"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.latency = _per_unit(
+            r, "slimserve_request_duration_seconds", "Engine time per request (queue + model)."
         )
-        self.queue_time = Histogram(
-            "slimserve_queue_duration_seconds",
-            "Time requests waited for their batch.",
-            ["model", "variant"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.queue_time = _per_unit(
+            r, "slimserve_queue_duration_seconds", "Time requests waited for their batch."
         )
-        self.batch_size = Histogram(
-            "slimserve_batch_size_rows",
-            "Rows per batch the model ran.",
+        self.batch_size = _per_unit(
+            r, "slimserve_batch_size_rows", "Rows per batch the model ran.", _BATCH_BUCKETS
+        )
+        self.degraded = Counter(
+            "slimserve_degraded_requests",
+            "Requests a variant answered because its original was under pressure or failing.",
             ["model", "variant"],
-            buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.generation = GenerationMetrics(r)
@@ -79,6 +74,9 @@ class Metrics:
         children[0].inc()
         if children[1] is not None:
             children[1].observe(seconds)
+
+    def observe_degraded(self, model: str, variant: str) -> None:
+        self.degraded.labels(model, variant).inc()
 
     def watch(self, models: ModelManager, admission: Admission, caches: ResponseCaches) -> None:
         """Report these parts' own counters (residency, admission, caches) at each scrape."""
@@ -101,6 +99,13 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _per_unit(
+    r: CollectorRegistry, name: str, doc: str, buckets: tuple[float, ...] = _LATENCY_BUCKETS
+) -> Histogram:
+    """A histogram labelled by model and variant."""
+    return Histogram(name, doc, ["model", "variant"], buckets=buckets, registry=r)
 
 
 class GenerationMetrics:
@@ -253,7 +258,7 @@ class _EngineState:
         yield from _generation_state(units)
 
 
-def _generation_state(units: list[Any]) -> Iterator[Metric]:
+def _generation_state(units: list[Unit]) -> Iterator[Metric]:
     """The generation engines' own state (sequences, KV blocks, prefix hits), read at scrape."""
     labels = ["model", "variant"]
     running = GaugeMetricFamily(
@@ -277,11 +282,10 @@ def _generation_state(units: list[Any]) -> Iterator[Metric]:
         "slimserve_generation_preemptions", "Sequences preempted for KV space.", labels=labels
     )
     for u in units:
-        engine = getattr(u.runtime, "engine", None)
-        stats = getattr(engine, "stats", None)
-        if stats is None:
+        runtime = u.runtime
+        if not isinstance(runtime, TextGenerator) or u.state is not State.READY:
             continue
-        s = stats()
+        s = runtime.generation_stats()
         key = [u.target.model, u.target.variant or ""]
         running.add_metric(key, s.running)
         waiting.add_metric(key, s.waiting)

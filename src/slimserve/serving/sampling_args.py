@@ -28,6 +28,10 @@ DEFAULTS: dict[str, Any] = {
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
     "ignore_eos": False,  # an extension (vLLM's name): generate max_tokens, past end-of-sequence
+    # Extensions with vLLM's names and meanings (the OpenAI API has none of them).
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
 }
 
 
@@ -62,6 +66,9 @@ def sampling_params(
         "presence_penalty": number(get("presence_penalty"), "presence_penalty"),
         "frequency_penalty": number(get("frequency_penalty"), "frequency_penalty"),
         "ignore_eos": boolean(get("ignore_eos"), "ignore_eos"),
+        "top_k": whole(get("top_k"), "top_k"),
+        "min_p": number(get("min_p"), "min_p"),
+        "repetition_penalty": number(get("repetition_penalty"), "repetition_penalty"),
     }
     try:
         return SamplingParams(**fields, **extra)

@@ -19,6 +19,7 @@ from slimserve.serving.engine import Engine
 from slimserve.transport.http import ASGIApp, HttpApp, Receive, Scope, Send, lifespan
 from slimserve.transport.limits import TensorLimits
 from slimserve.transport.openai import OpenAIApp
+from slimserve.transport.ui import ConsoleApp
 
 PathMatch = Callable[[str], bool]
 
@@ -51,9 +52,11 @@ class Router:
 
 
 def create_app(engine: Engine, settings: Settings) -> Router:
-    """The ASGI app serving `engine` over HTTP: KServe v2 and the OpenAI API. Bodies above
+    """The ASGI app serving `engine` over HTTP: KServe v2, the OpenAI API and the web console
+    at /ui. Bodies above
     settings.max_body_bytes get a 413, tensors over settings.max_tensor_elements or
     max_string_bytes a 400."""
     router = Router(HttpApp(engine, settings.max_body_bytes, TensorLimits.from_settings(settings)))
     router.mount(OpenAIApp.handles, OpenAIApp(engine, settings.max_body_bytes))
+    router.mount("/ui", ConsoleApp(engine))  # the web console (transport/ui)
     return router

@@ -7,7 +7,7 @@ Standard library only, so the load generator imports none of the server.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Frame types and flags (RFC 9113 section 6).
@@ -39,14 +39,16 @@ class FrameTooLarge(Exception):
 
 class FrameReader:
     """Received bytes in, whole frames out. Payloads are views of the bytes received (no
-    copy); a frame split across reads is collected until it is whole, then copied once."""
+    copy); a frame split across reads is collected until it is whole, then copied once. A
+    reader that stops iterating (closes the generator) keeps the frames it did not take for
+    the next `feed`."""
 
     def __init__(self, max_frame: int = 2**24 - 1) -> None:
         self.max_frame = max_frame
         self._tail = bytearray()
         self._need = 0  # bytes the tail must hold before it is worth parsing
 
-    def feed(self, data: bytes) -> Iterator[Frame]:
+    def feed(self, data: bytes) -> Generator[Frame, None, None]:
         if self._tail:
             self._tail += data
             if len(self._tail) < self._need:
@@ -62,7 +64,11 @@ class FrameReader:
                 need = 9 + length
                 break
             sid = U32.unpack_from(data, pos + 5)[0] & 0x7FFFFFFF
-            yield data[pos + 3], data[pos + 4], sid, view[pos + 9 : pos + 9 + length]
+            try:
+                yield data[pos + 3], data[pos + 4], sid, view[pos + 9 : pos + 9 + length]
+            except GeneratorExit:
+                self._tail, self._need = bytearray(view[pos + 9 + length :]), 9
+                raise
             pos += 9 + length
         if pos < end:
             self._tail, self._need = bytearray(view[pos:]), need

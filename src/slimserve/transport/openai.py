@@ -13,6 +13,14 @@ last `data: [DONE]\\n\\n`; an error after the first byte is sent as a data event
 (its KV blocks are freed at the engine's next iteration). Errors are
 `{"error": {"message", "type", "param", "code"}}` with the status from http.STATUS.
 
+Chat takes `response_format` (json_object, json_schema) and `tools` / `tool_choice`,
+enforced by constrained decoding (openai_structured.py); completions take `response_format`
+too. A field a route does not know is a 400 naming it (openai_requests.FIELDS).
+
+Admission is the v2 routes' (serving/engine.py): the breaker, degradation to a cheaper
+variant (headers x-slimserve-variant, x-slimserve-degraded), and the model's response cache
+for temperature-0 answers not streamed (x-slimserve-cache: hit | miss).
+
 Protections are the v2 routes': `Authorization: Bearer KEY` with scope `infer` on the model;
 the body limit (413 before reading a body that declares too many bytes); max_string_bytes
 per prompt, message or input text and max_tensor_elements texts per request (400); rate
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -34,14 +43,15 @@ import numpy as np
 import orjson
 
 from slimserve.errors import Code, PayloadTooLarge, SlimserveError, Unimplemented
-from slimserve.runtimes.llm import SamplingParams
 from slimserve.security.keys import bearer_token
 from slimserve.serving.engine import Engine
-from slimserve.serving.llm import TextStream, count_tokens
+from slimserve.serving.llm import SamplingParams, TextStream
 from slimserve.transport import openai_requests as req
+from slimserve.transport import openai_structured as structured
+from slimserve.transport.controls import LATENCY_SLO_MS, MAX_QUALITY_LOSS, take_controls
 from slimserve.transport.http import STATUS
 from slimserve.transport.openai_models import models_reply
-from slimserve.transport.openai_replies import Chat, Completion
+from slimserve.transport.openai_replies import Chat, Completion, Reply
 from slimserve.transport.openai_requests import BadRequest
 
 log = logging.getLogger("slimserve.openai")
@@ -68,6 +78,31 @@ _TYPES = {  # OpenAI's error `type` for each code
     Code.RESOURCE_EXHAUSTED: "rate_limit_error",
 }
 _ROUTES = ("/v1/models", "/v1/embeddings", "/v1/completions", "/v1/chat/")
+
+
+# Fields that change how an answer is delivered, not what it is.
+_NOT_IN_CACHE_KEY = frozenset({"stream", "stream_options", "user", "timeout", "metadata", "store"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Answer:
+    """One generation request as the reply sees it."""
+
+    body: dict[str, Any]
+    model: str
+    params: SamplingParams
+    streaming: bool
+
+
+def _served_headers(streams: list[TextStream]) -> list[tuple[bytes, bytes]]:
+    """Which variant answered, and whether instead of the one asked for (x-slimserve-*)."""
+    served = streams[0].served if streams else None
+    if served is None or served.variant is None:
+        return []
+    headers = [(b"x-slimserve-variant", served.variant.encode())]
+    if any(s.served.degraded for s in streams):
+        headers.append((b"x-slimserve-degraded", b"true"))
+    return headers
 
 
 class _RouteError(Exception):
@@ -131,6 +166,7 @@ class OpenAIApp:
     async def _embeddings(
         self, body: dict[str, Any], model: str, client: str | None, receive: Receive, send: Send
     ) -> None:
+        req.refuse_unsupported(body, "embeddings")
         texts = req.embedding_input(body.get("input"))
         self._check_sizes(texts, "input")
         encoding = body.get("encoding_format") or "float"
@@ -141,60 +177,106 @@ class OpenAIApp:
             )
         if body.get("dimensions") is not None:
             raise BadRequest("dimensions is not supported; leave it out", "dimensions")
-        vectors = np.ascontiguousarray(await self.engine.embed(model, texts, client), "<f4")
-        tokens = count_tokens(self.engine, model, texts)
+        # Extension fields: a per-request objective, as the v2 parameters of the same names.
+        _, controls = take_controls(
+            {k: body[k] for k in (LATENCY_SLO_MS, MAX_QUALITY_LOSS) if body.get(k) is not None}
+        )
+        answer = await self.engine.embed(model, texts, client, controls)
+        (vectors,) = (np.ascontiguousarray(v, "<f4") for v in answer.outputs.values())
+        tokens = self.engine.count_tokens(model, texts)
         data = [
             {"object": "embedding", "index": i, "embedding": req.vector(row, encoding)}
             for i, row in enumerate(vectors)
         ]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        await _send_json(
-            send, 200, {"object": "list", "data": data, "model": model, "usage": usage}
-        )
+        reply = {"object": "list", "data": data, "model": answer.served_name, "usage": usage}
+        if answer.parameters:  # which variant answered the objective, and whether it could
+            reply["slimserve"] = answer.parameters
+        await _send_json(send, 200, reply)
 
     # -- completions -----------------------------------------------------------------------
 
     async def _completions(
         self, body: dict[str, Any], model: str, client: str | None, receive: Receive, send: Send
     ) -> None:
-        req.refuse_unsupported(body)
+        io = (receive, send)
+        req.refuse_unsupported(body, "completions")
         if body.get("echo"):
             raise BadRequest("echo is not supported; leave it out or set it to false", "echo")
         if body.get("best_of") not in (None, 1, body.get("n", 1)):
             raise BadRequest("best_of is not supported; leave it out", "best_of")
         stream_opts = req.stream_options(body)
         params = req.sampling(body, chat=False)
+        params = dataclasses.replace(params, grammar=structured.response_format(body))
         prompts = req.prompts(body.get("prompt"))
         self._check_sizes(prompts, "prompt")
-        streams = await self._submit_all(model, params, client, prompts, req.timeout(body))
         reply = Completion(model, params.n, stream_opts is not None and stream_opts)
-        if stream_opts is None:
-            await _send_json(send, 200, await reply.collect(streams))
-        else:
-            await _stream(send, receive, reply.chunks(streams))
+
+        def submit() -> Awaitable[list[TextStream]]:
+            return self._submit_all(model, params, client, prompts, req.timeout(body))
+
+        await self._respond(Answer(body, model, params, stream_opts is not None), submit, reply, io)
 
     async def _chat(
         self, body: dict[str, Any], model: str, client: str | None, receive: Receive, send: Send
     ) -> None:
-        req.refuse_unsupported(body)
+        io = (receive, send)
+        req.refuse_unsupported(body, "chat")
         stream_opts = req.stream_options(body)
-        params = req.sampling(body, chat=True)
+        plan = structured.plan(body)
+        params = dataclasses.replace(req.sampling(body, chat=True), grammar=plan.grammar)
         messages = req.messages(body.get("messages"))
         self._check_sizes([m["content"] for m in messages], "messages")
+        messages = structured.with_tools(messages, plan)
         unset = body.get("max_completion_tokens") is None and body.get("max_tokens") is None
-        stream = await self.engine.generate(
-            model,
-            params,
-            messages=messages,
-            fill_max_tokens=unset,
-            deadline_s=req.timeout(body),
-            client=client,
-        )
-        reply = Chat(model, params.n, stream_opts is not None and stream_opts)
-        if stream_opts is None:
-            await _send_json(send, 200, await reply.collect([stream]))
-        else:
-            await _stream(send, receive, reply.chunks([stream]))
+        reply = Chat(model, params.n, stream_opts is not None and stream_opts, plan)
+
+        async def submit() -> list[TextStream]:
+            stream = await self.engine.generate(
+                model,
+                params,
+                messages=messages,
+                fill_max_tokens=unset,
+                deadline_s=req.timeout(body),
+                client=client,
+            )
+            return [stream]
+
+        await self._respond(Answer(body, model, params, stream_opts is not None), submit, reply, io)
+
+    async def _respond(
+        self,
+        answer: Answer,
+        submit: Callable[[], Awaitable[list[TextStream]]],
+        reply: Reply,
+        io: tuple[Receive, Send],
+    ) -> None:
+        """Stream, or collect into one JSON body: through the model's response cache where
+        the answer is deterministic (temperature 0, not streamed)."""
+        receive, send = io
+        if answer.streaming:
+            streams = await submit()
+            await _stream(send, receive, reply.chunks(streams), _served_headers(streams))
+            return
+        headers: list[tuple[bytes, bytes]] = []
+
+        async def compute() -> tuple[bytes, bool]:
+            streams = await submit()
+            doc = await reply.collect(streams)
+            headers.extend(_served_headers(streams))
+            return orjson.dumps(doc), not any(s.served.degraded for s in streams)
+
+        if not answer.params.greedy:
+            await _send_body(send, 200, (await compute())[0], headers)
+            return
+        key = {k: v for k, v in answer.body.items() if k not in _NOT_IN_CACHE_KEY}
+        data, hit = await self.engine.cached_reply(answer.model, key, compute)
+        if hit:  # the same answer, under this request's own id and time
+            doc = orjson.loads(data)
+            doc.update(reply.head(doc["object"]))
+            data = orjson.dumps(doc)
+        headers.append((b"x-slimserve-cache", b"hit" if hit else b"miss"))
+        await _send_body(send, 200, data, headers)
 
     def _check_sizes(self, items: list[Any], param: str) -> None:
         settings = self.engine.settings
@@ -275,9 +357,14 @@ def _too_large(size: int, limit: int) -> PayloadTooLarge:
 # -- sending -------------------------------------------------------------------------------
 
 
-async def _stream(send: Send, receive: Receive, chunks: AsyncIterator[dict[str, Any]]) -> None:
+async def _stream(
+    send: Send,
+    receive: Receive,
+    chunks: AsyncIterator[dict[str, Any]],
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     """Send `chunks` as server-sent events; a disconnect cancels the generation."""
-    await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE + (headers or [])})
     pump = asyncio.ensure_future(_pump(send, chunks))
     watch = asyncio.ensure_future(_wait_disconnect(receive))
     try:
@@ -326,7 +413,12 @@ async def _wait_disconnect(receive: Receive) -> None:
 async def _send_json(
     send: Send, status: int, doc: Any, extra: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    await _send_body(send, status, orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), extra)
+
+
+async def _send_body(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     headers = [*_JSON, (b"content-length", b"%d" % len(body)), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

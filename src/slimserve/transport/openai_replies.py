@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from slimserve.runtimes.llm import TokenEvent, TokenLogprob, Usage
-from slimserve.serving.llm import TextStream, merge
+from slimserve.serving.llm import TextStream, TokenEvent, TokenLogprob, Usage, merge
+from slimserve.transport.openai_structured import Structured, tool_calls
 
 
 def usage_doc(usages: list[Usage]) -> dict[str, Any]:
@@ -85,7 +85,9 @@ class Reply:
                     continue  # held back (a possible stop string): nothing to say yet
                 index = which * self.n + event.index
                 pairs = [(streams[which], lp) for lp in event.logprobs]
-                yield self.chunk(index, event, pairs)
+                doc = self.chunk(index, event, pairs)
+                if doc is not None:  # None: held back (a tool call is sent whole)
+                    yield doc
         if self.include_usage:
             yield {**self.head(self.chunk_name), "choices": [], "usage": usage_doc(usages)}
 
@@ -94,7 +96,7 @@ class Reply:
 
     def chunk(
         self, index: int, event: TokenEvent, pairs: list[tuple[TextStream, TokenLogprob]]
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
         raise NotImplementedError
 
     def with_usage(self, doc: dict[str, Any]) -> dict[str, Any]:
@@ -142,9 +144,19 @@ class Completion(Reply):
 
 
 class Chat(Reply):
+    """Chat replies; where tools were given, a choice whose text is a call is sent as
+    `tool_calls` (finish_reason tool_calls), whole: streamed, it is held until it ends."""
+
     object_name = "chat.completion"
     chunk_name = "chat.completion.chunk"
     prefix = "chatcmpl"
+
+    def __init__(
+        self, model: str, n: int, include_usage: bool, structured: Structured | None = None
+    ) -> None:
+        super().__init__(model, n, include_usage)
+        self.structured = structured or Structured()
+        self._held: dict[int, list[str]] = {}
 
     def choice(
         self,
@@ -154,9 +166,14 @@ class Chat(Reply):
         logprobs: list[tuple[TextStream, TokenLogprob]],
         streams: list[TextStream],
     ) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        calls = tool_calls(text, self.structured) if self.structured.calls else None
+        if calls is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+            finish = "tool_calls" if finish == "stop" else finish
         return {
             "index": index,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": self.logprobs_doc(logprobs, bool(logprobs)),
             "finish_reason": finish,
         }
@@ -200,12 +217,36 @@ class Chat(Reply):
 
     def chunk(
         self, index: int, event: TokenEvent, pairs: list[tuple[TextStream, TokenLogprob]]
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
+        if self.structured.calls:
+            return self._held_chunk(index, event)
         delta = {"content": event.text} if event.text else {}
+        return self._chunk_doc(index, delta, event.finish_reason, pairs)
+
+    def _chunk_doc(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        finish: str | None,
+        pairs: list[tuple[TextStream, TokenLogprob]],
+    ) -> dict[str, Any]:
         choice = {
             "index": index,
             "delta": delta,
             "logprobs": self.logprobs_doc(pairs, bool(pairs)),
-            "finish_reason": event.finish_reason,
+            "finish_reason": finish,
         }
         return self.with_usage({**self.head(self.chunk_name), "choices": [choice]})
+
+    def _held_chunk(self, index: int, event: TokenEvent) -> dict[str, Any] | None:
+        """Tools given: the choice's text is held to its end, then sent as one delta."""
+        self._held.setdefault(index, []).append(event.text)
+        if event.finish_reason is None:
+            return None
+        text = "".join(self._held.pop(index))
+        calls = tool_calls(text, self.structured)
+        if calls is None:
+            return self._chunk_doc(index, {"content": text}, event.finish_reason, [])
+        deltas = [{"index": i, **call} for i, call in enumerate(calls)]
+        finish = "tool_calls" if event.finish_reason == "stop" else event.finish_reason
+        return self._chunk_doc(index, {"tool_calls": deltas}, finish, [])

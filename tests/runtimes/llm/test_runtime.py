@@ -24,8 +24,9 @@ def test_other_architectures_are_refused(tiny_llama_dir: Path, tmp_path: Path) -
     shutil.copytree(tiny_llama_dir, folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
-    with pytest.raises(ModelLoadError, match="model_type 'gpt2' is not supported"):
+    with pytest.raises(ModelLoadError, match="model_type 'gpt2' is not an architecture") as info:
         TextGenerationRuntime.load(folder)
+    assert "qwen2 (Qwen2, Qwen2.5)" in info.value.message  # with the supported ones listed
 
 
 def test_pickle_weights_are_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:

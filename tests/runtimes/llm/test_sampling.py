@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slimserve.runtimes.llm import SamplingParams
+from slimserve.runtimes.llm.grammar import Constraint
 from slimserve.runtimes.llm.sampling import sample
 
 
@@ -15,6 +16,12 @@ class Row:
     params: SamplingParams
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
+    prompt: list[int] = field(default_factory=list)
+    constraint: Constraint | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output_ids
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -68,3 +75,19 @@ def test_a_seed_fixes_the_draws_whatever_the_batch() -> None:
     greedy = Row(SamplingParams(temperature=0))
     batched = sample(LOGITS, [Row(params, seeded(3)), greedy])[0]
     assert batched[:1] == alone
+
+
+def test_top_k_and_min_p_cut_the_tail() -> None:
+    top1 = SamplingParams(temperature=2.0, top_k=1)
+    assert {sample(LOGITS[:1], [Row(top1, seeded(s))])[0][0] for s in range(30)} == {1}
+    wide = SamplingParams(temperature=2.0)
+    assert len({sample(LOGITS[:1], [Row(wide, seeded(s))])[0][0] for s in range(60)}) == 4
+    # min_p 0.5: tokens at least half as likely as the best (1 and 2 here) stay.
+    half = SamplingParams(temperature=1.0, min_p=0.5)
+    assert {sample(LOGITS[:1], [Row(half, seeded(s))])[0][0] for s in range(60)} == {1, 2}
+
+
+def test_repetition_penalty_counts_the_prompt_too() -> None:
+    params = SamplingParams(temperature=0, repetition_penalty=2.0)
+    assert sample(LOGITS[:1], [Row(params, prompt=[1])])[0] == [2]  # 3.0 / 2 < 2.9
+    assert sample(LOGITS[:1], [Row(params, prompt=[3])])[0] == [1]

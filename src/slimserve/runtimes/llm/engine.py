@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -32,6 +33,7 @@ import torch
 
 from slimserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from slimserve.runtimes.llm.blocks import BlockAllocator, block_keys
+from slimserve.runtimes.llm.grammar import Grammars
 from slimserve.runtimes.llm.model import (
     LlamaModel,
     forward,
@@ -55,11 +57,13 @@ from slimserve.runtimes.llm.scheduler import (
 )
 from slimserve.runtimes.llm.sequence import (
     Request,
+    Row,
     Seq,
     full_block_keys,
     make_batch,
     new_seqs,
 )
+from slimserve.runtimes.llm.speculate import DraftModel, SpeculativeConfig, Speculator, accept
 from slimserve.runtimes.llm.stream import END, GenerationStream
 
 log = logging.getLogger(__name__)
@@ -74,7 +78,8 @@ class EngineConfig:
     max_waiting: int = 256  # queued requests before submit refuses (RESOURCE_EXHAUSTED)
     continuous: bool = True  # False: static batching (admit only into an empty batch)
     prefix_caching: bool = True
-    threads: int = 0  # torch intra-op threads in the engine thread; 0: torch's default
+    threads: int = 0  # torch intra-op threads in the engine thread; 0: usable_cores()
+    speculative: SpeculativeConfig | None = None  # drafts for greedy requests (speculate.py)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_bytes", "max_seqs", "max_prefill_tokens"):
@@ -91,6 +96,17 @@ class EngineStats:
     preemptions: int
     cached_tokens: int  # prompt tokens served from the prefix cache since start
     iterations: int
+    drafted_tokens: int  # speculative decoding: tokens proposed, and those the target kept
+    accepted_tokens: int
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's
+    limit), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class GenerationEngine:
@@ -103,7 +119,10 @@ class GenerationEngine:
         config: EngineConfig | None = None,
         eos_token_ids: Sequence[int] = (),
         clock: Callable[[], float] = time.monotonic,
+        draft: LlamaModel | None = None,
     ) -> None:
+        """`draft`: the model proposing tokens for `speculative` method `draft` (same
+        tokenizer; usually a quantized variant of `model`)."""
         self.model, self.tokenizer = model, tokenizer
         self.config = config or EngineConfig()
         self.eos = frozenset(eos_token_ids)
@@ -121,9 +140,33 @@ class GenerationEngine:
         self._waiting: deque[Seq] = deque()
         self._running: list[Seq] = []
         self._stopping = False
-        self._counts = {"preemptions": 0, "cached_tokens": 0, "iterations": 0}
+        self._counts = dict.fromkeys(
+            ("preemptions", "cached_tokens", "iterations", "drafted_tokens", "accepted_tokens"), 0
+        )
+        self._speculator = self._make_speculator(draft, num_blocks)
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, Any]]] = {}
         self._thread: threading.Thread | None = None
+        self._grammars = Grammars(tokenizer)
+
+    def _make_speculator(self, draft: LlamaModel | None, num_blocks: int) -> Speculator | None:
+        spec = self.config.speculative
+        if spec is None:
+            return None
+        if draft is not None and draft.shape.vocab != self.model.shape.vocab:
+            raise InvalidArgument(
+                f"the draft model's vocabulary ({draft.shape.vocab}) is not the target's "
+                f"({self.model.shape.vocab}); a draft must share the tokenizer"
+            )
+        drafter = None
+        if spec.method == "draft" and draft is not None:
+            drafter = DraftModel(draft, num_blocks, self.config.block_size)
+        return Speculator(spec, self.blocks, self.max_context, drafter)
+
+    def nbytes(self) -> int:
+        """Weights and KV pool, and a draft model's."""
+        total = self.model.nbytes() + self.pool.numel() * self.pool.element_size()
+        spec = self._speculator
+        return total + (spec.draft.nbytes() if spec is not None and spec.draft else 0)
 
     def block_bytes(self) -> int:
         return kv_bytes_per_token(self.model.shape) * self.config.block_size
@@ -161,7 +204,9 @@ class GenerationEngine:
         loop = asyncio.get_running_loop()
         deadline = None if deadline_s is None else self.clock() + deadline_s
         request = Request(list(prompt_ids), params, deadline, loop, asyncio.Queue())
-        request.seqs = new_seqs(request, self.tokenizer)
+        grammar = params.grammar
+        constrain = None if grammar is None else lambda: self._grammars.constraint(grammar)
+        request.seqs = new_seqs(request, self.tokenizer, constrain)
         with self._lock:
             if len(self._inbox) + len(self._waiting) >= self.config.max_waiting:
                 raise ResourceExhausted(
@@ -196,8 +241,7 @@ class GenerationEngine:
     # --- the engine thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
+        torch.set_num_threads(self.config.threads or usable_cores())
         while not self._stopping:
             self._take_inbox()
             self._drop_abandoned()
@@ -253,8 +297,10 @@ class GenerationEngine:
     def _running_view(self) -> list[RunningSeq]:
         size = self.config.block_size
         return [
-            RunningSeq(
-                s.seq_id, -(-len(s.tokens) // size) - len(s.table), self.blocks.freeable(s.table)
+            RunningSeq(  # speculation may have taken blocks ahead: none needed then
+                s.seq_id,
+                max(0, -(-len(s.tokens) // size) - len(s.table)),
+                self.blocks.freeable(s.table),
             )
             for s in self._running
         ]
@@ -298,8 +344,35 @@ class GenerationEngine:
         """One token for every running sequence: grow block tables, forward, sample."""
         for seq in seqs:
             missing = -(-len(seq.tokens) // self.config.block_size) - len(seq.table)
-            seq.table += self.blocks.allocate(missing)
-        self._forward_and_sample(seqs)
+            seq.table += self.blocks.allocate(max(0, missing))
+        drafts = self._speculator.drafts(seqs) if self._speculator is not None else {}
+        if drafts:
+            self._verify(seqs, drafts)
+        else:
+            self._forward_and_sample(seqs)
+
+    def _verify(self, seqs: list[Seq], drafts: dict[int, list[int]]) -> None:
+        """One forward over each row's new token and its drafts; each row keeps the tokens
+        speculate.accept says (plain rows: their one sampled token)."""
+        rows = [Row(s.tokens + drafts.get(s.seq_id, []), s.computed, s.table) for s in seqs]
+        logits = forward(self.model, self.pool, make_batch(rows, self.config.block_size), True)
+        first = [len(s.tokens) - s.computed - 1 for s in seqs]  # the new token's offset
+        tokens, logprobs = sample(logits[torch.arange(len(seqs)), first], seqs)
+        greedy = logits.argmax(dim=-1).tolist()  # (B, T)
+        for i, seq in enumerate(seqs):
+            draft = drafts.get(seq.seq_id, [])
+            verified = greedy[i][first[i] + 1 : first[i] + 1 + len(draft)]
+            kept = accept([tokens[i], *verified], draft) if draft else [tokens[i]]
+            self._counts["drafted_tokens"] += len(draft)
+            self._counts["accepted_tokens"] += len(kept) - 1
+            for token in kept:
+                seq.computed = len(seq.tokens)
+                self._register_full(seq)
+                self._append(seq, token, logprobs[i])
+                if seq.finish_reason is not None:
+                    break
+            if self._speculator is not None and seq.finish_reason is None:
+                self._speculator.settle(seq)
 
     def _forward_and_sample(self, seqs: list[Seq]) -> None:
         logits = forward(self.model, self.pool, make_batch(seqs, self.config.block_size))
@@ -310,12 +383,14 @@ class GenerationEngine:
             self._append(seq, token, logprob)
 
     def _register_full(self, seq: Seq) -> None:
-        if self.config.prefix_caching and seq.computed % self.config.block_size == 0:
+        if self.config.prefix_caching and seq.computed // self.config.block_size > len(seq.keys):
             self.blocks.register(seq.table, full_block_keys(seq, self.config.block_size))
 
     def _append(self, seq: Seq, token: int, logprob: Any) -> None:
         seq.tokens.append(token)
         seq.output_ids.append(token)
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
         is_eos = token in self.eos and not seq.params.ignore_eos
         text = "" if is_eos else seq.text.push(token)
         reason = self._finish_reason(seq, is_eos)
@@ -330,7 +405,7 @@ class GenerationEngine:
             self._emit(seq.request, END)
 
     def _finish_reason(self, seq: Seq, is_eos: bool) -> str | None:
-        if is_eos or seq.text.stopped:
+        if is_eos or seq.text.stopped or (seq.constraint is not None and seq.constraint.done):
             return FINISH_STOP
         if len(seq.output_ids) >= seq.params.max_tokens or len(seq.tokens) >= self.max_context:
             return FINISH_LENGTH
@@ -344,6 +419,8 @@ class GenerationEngine:
         """Return a sequence's blocks to the pool (cached prefix blocks stay reusable)."""
         self.blocks.free(seq.table)
         seq.table = []
+        if self._speculator is not None:
+            self._speculator.forget(seq)
 
     def _emit(self, request: Request, item: Any) -> None:
         """Queue an event; `_deliver` hands a whole iteration's events over at once."""

@@ -1,8 +1,11 @@
-"""A Llama-family forward pass in plain torch that reads and writes a paged KV cache.
+"""A decoder forward pass in plain torch that reads and writes a paged KV cache.
 
-Weights come from a transformers `LlamaForCausalLM` state dict (SmolLM2 is this architecture):
-RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP. The q/k/v and the
-gate/up projections are fused into one matmul each (fewer, larger matmuls on the CPU).
+Weights come from a transformers `*ForCausalLM` state dict of one of the families in
+repository/families.py (Llama, Mistral, Qwen2, Phi-3, Gemma, Gemma-2): RMSNorm, rotary position
+embeddings, grouped-query attention, a gated MLP; each family's differences (biases, norm
+placement, activation, soft-capping, sliding windows) are fields of the shape and the layers,
+read from the config at load. The q/k/v and the gate/up projections are fused into one matmul
+each (fewer, larger matmuls on the CPU).
 
 One `forward` serves prefill and decode alike: a padded batch of B rows of T new tokens each
 (decode: T = 1), each row with its token positions, the flat KV slot each new token writes,
@@ -27,7 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from slimserve.errors import ModelLoadError
+from slimserve.errors import InvalidArgument, ModelLoadError
+from slimserve.repository.families import Family, family_of, layer_windows, rope_theta
 from slimserve.runtimes.llm import attention
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -50,6 +54,14 @@ class LlamaShape:
     # Activations fed to the matmuls, attention and the KV cache: fp32, or bf16 (weights="bf16");
     # the residual stream and the norms' statistics stay fp32 either way.
     dtype: torch.dtype = torch.float32
+    # Family differences (repository/families.py); the defaults are Llama's.
+    family: str = "llama"
+    activation: str = "silu"  # the MLP gate's: silu | gelu_tanh
+    embed_scale: float = 1.0  # Gemma: sqrt(hidden)
+    query_scale: float = 1.0  # q multiplied by this, so 1/sqrt(hd) scaling gives the model's
+    attn_softcap: float | None = None  # scores -> c * tanh(scores / c) (Gemma-2)
+    logit_softcap: float | None = None  # logits likewise (Gemma-2)
+    local_rope_theta: float | None = None  # the sliding layers' own rotary base (Gemma-3)
 
 
 @dataclass(slots=True)
@@ -60,6 +72,12 @@ class LayerWeights:
     mlp_norm: torch.Tensor  # (D,)
     gate_up: Linear  # D -> 2 * I
     down: Linear  # I -> D
+    qkv_bias: torch.Tensor | None = None  # ((H + 2 * Hkv) * hd,) Qwen2
+    post_attn_norm: torch.Tensor | None = None  # (D,) on the attention's output (Gemma-2)
+    post_mlp_norm: torch.Tensor | None = None  # (D,) on the MLP's output (Gemma-2)
+    window: int | None = None  # sliding window: a query sees the last `window` positions
+    q_norm: torch.Tensor | None = None  # (hd,) RMSNorm of each query head (Gemma-3)
+    k_norm: torch.Tensor | None = None  # (hd,) and of each key head
 
 
 @dataclass(slots=True)
@@ -70,6 +88,7 @@ class LlamaModel:
     norm: torch.Tensor  # (D,)
     lm_head: Linear  # D -> V
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (max_positions, hd)
+    local_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # sliding layers' (Gemma-3)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in _tensors(self))
@@ -157,24 +176,32 @@ def bf16_linear(weight: torch.Tensor, role: str = "") -> Linear:
     return BFloat16Linear(weight) if HAS_BF16 else FloatLinear(weight)
 
 
+def auto_weights() -> str:
+    """The default weights kind, from the CPU's features: bf16 arithmetic (avx512_bf16 or
+    AMX) runs `bf16+int4` (bf16 matmuls, one- and two-row steps from int4 planes: int4mm.py);
+    elsewhere `int8` (VNNI or AVX2 int8 matmuls). fp32 only when asked."""
+    return "bf16+int4" if HAS_BF16 else "int8"
+
+
 def compute_dtype(weights: str) -> torch.dtype:
-    """The activation dtype of a weights kind: bf16 for `bf16` and `int8` (its attention, KV
-    cache and down projection; see quant.py) where the CPU has it, else fp32."""
-    return torch.bfloat16 if weights in ("bf16", "int8") and HAS_BF16 else torch.float32
+    """The activation dtype of a weights kind: bf16 for `bf16`, `bf16+int4` and `int8` (its
+    attention, KV cache and down projection; see quant.py) where the CPU has it, else fp32."""
+    if weights == "auto":
+        weights = auto_weights()
+    lower = ("bf16", "bf16+int4", "int8")
+    return torch.bfloat16 if weights in lower and HAS_BF16 else torch.float32
 
 
 def shape_of(config: Any) -> LlamaShape:
-    """The shape of a transformers LlamaConfig; other architectures are refused."""
-    arch = getattr(config, "model_type", None)
-    if arch != "llama":
-        raise ModelLoadError(
-            f"model_type {arch!r} is not supported by the generation engine; it runs the "
-            "Llama architecture (LlamaForCausalLM: Llama, SmolLM2, TinyLlama); convert or "
-            "choose such a model"
-        )
-    _refuse_rope_scaling(config)
+    """The shape of a transformers config of a supported family; others are refused."""
+    values = config.to_dict()
+    try:
+        family = family_of(values)
+    except InvalidArgument as exc:
+        raise ModelLoadError(exc.message) from None
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    scalar = getattr(config, "query_pre_attn_scalar", None)  # Gemma-2: scores * scalar^-0.5
     return LlamaShape(
         layers=config.num_hidden_layers,
         heads=heads,
@@ -183,27 +210,21 @@ def shape_of(config: Any) -> LlamaShape:
         hidden=config.hidden_size,
         vocab=config.vocab_size,
         eps=config.rms_norm_eps,
-        rope_theta=_rope_theta(config),
+        rope_theta=rope_theta(values),
         max_positions=config.max_position_embeddings,
+        family=family.model_type,
+        activation=family.activation,
+        embed_scale=float(config.hidden_size) ** 0.5 if family.scale_embedding else 1.0,
+        query_scale=(head_dim / scalar) ** 0.5 if scalar else 1.0,
+        attn_softcap=getattr(config, "attn_logit_softcapping", None),
+        logit_softcap=getattr(config, "final_logit_softcapping", None),
+        local_rope_theta=_local_theta(values),
     )
 
 
-def _rope_parameters(config: Any) -> dict[str, Any]:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    return dict(params or {})
-
-
-def _rope_theta(config: Any) -> float:
-    return float(_rope_parameters(config).get("rope_theta", getattr(config, "rope_theta", 1e4)))
-
-
-def _refuse_rope_scaling(config: Any) -> None:
-    params = _rope_parameters(config)
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise ModelLoadError(f"rope scaling {kind!r} is not supported; only default rotary")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise ModelLoadError("Llama models with attention or MLP biases are not supported")
+def _local_theta(values: dict[str, Any]) -> float | None:
+    local = rope_theta(values, "sliding_attention")
+    return local if local != rope_theta(values) else None
 
 
 def build_model(
@@ -212,40 +233,73 @@ def build_model(
     make_linear: MakeLinear,
     dtype: torch.dtype = torch.float32,
 ) -> LlamaModel:
-    """Our model from a LlamaForCausalLM state dict (names as transformers writes them);
+    """Our model from a `*ForCausalLM` state dict (names as transformers writes them);
     `dtype`: the activations' (see LlamaShape.dtype; bf16 goes with `bf16_linear`)."""
     shape = dataclasses.replace(shape_of(config), dtype=dtype)
-    get = _getter(state)
+    family = family_of(config.to_dict())
+    get = _getter(state, config)
     embed = get("model.embed_tokens.weight")
     head = state.get("lm_head.weight", embed)  # tied embeddings: no separate head
-    layers = [_layer(get, f"model.layers.{i}.", make_linear) for i in range(shape.layers)]
+    windows = layer_windows(config.to_dict())
+    layers = [
+        _layer(get, f"model.layers.{i}.", make_linear, family, windows[i])
+        for i in range(shape.layers)
+    ]
     rope = rope_tables(shape)
-    head_linear = make_linear(head, "lm_head")
-    return LlamaModel(shape, embed, layers, get("model.norm.weight"), head_linear, rope)
+    local = shape.local_rope_theta
+    local_rope = (
+        None if local is None else rope_tables(dataclasses.replace(shape, rope_theta=local))
+    )
+    head_linear = make_linear(head.float(), "lm_head")
+    norm = get("model.norm.weight") + family.norm_offset
+    return LlamaModel(shape, embed, layers, norm, head_linear, rope, local_rope)
 
 
-def _getter(state: dict[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
+def _getter(state: dict[str, torch.Tensor], config: Any) -> Callable[[str], torch.Tensor]:
     def get(name: str) -> torch.Tensor:
         if name not in state:
-            raise ModelLoadError(f"weight {name} missing: not a LlamaForCausalLM checkpoint")
+            kind = config.model_type
+            raise ModelLoadError(f"weight {name} missing: not a {kind} *ForCausalLM checkpoint")
         return state[name].float()
 
     return get
 
 
 def _layer(
-    get: Callable[[str], torch.Tensor], prefix: str, make_linear: MakeLinear
+    get: Callable[[str], torch.Tensor],
+    prefix: str,
+    make_linear: MakeLinear,
+    family: Family,
+    window: int | None,
 ) -> LayerWeights:
     attn, mlp = prefix + "self_attn.", prefix + "mlp."
-    qkv = torch.cat([get(attn + f"{p}_proj.weight") for p in "qkv"])
-    gate_up = torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")])
+    if family.fused_qkv:
+        qkv = get(attn + "qkv_proj.weight")
+    else:
+        qkv = torch.cat([get(attn + f"{p}_proj.weight") for p in "qkv"])
+    if family.fused_gate_up:
+        gate_up = get(mlp + "gate_up_proj.weight")
+    else:
+        gate_up = torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")])
+    bias = torch.cat([get(attn + f"{p}_proj.bias") for p in "qkv"]) if family.qkv_bias else None
+
+    def norm(name: str) -> torch.Tensor:
+        return get(prefix + name + ".weight") + family.norm_offset
+
+    sandwich = family.sandwich_norms  # Gemma-2 names its pre-MLP norm pre_feedforward
     return LayerWeights(
-        attn_norm=get(prefix + "input_layernorm.weight"),
+        attn_norm=norm("input_layernorm"),
         qkv=make_linear(qkv, "qkv"),
         o=make_linear(get(attn + "o_proj.weight"), "o"),
-        mlp_norm=get(prefix + "post_attention_layernorm.weight"),
+        mlp_norm=norm("pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"),
         gate_up=make_linear(gate_up, "gate_up"),
         down=make_linear(get(mlp + "down_proj.weight"), "down"),
+        qkv_bias=bias,
+        post_attn_norm=norm("post_attention_layernorm") if sandwich else None,
+        post_mlp_norm=norm("post_feedforward_layernorm") if sandwich else None,
+        window=window,
+        q_norm=norm("self_attn.q_norm") if family.qk_norm else None,
+        k_norm=norm("self_attn.k_norm") if family.qk_norm else None,
     )
 
 
@@ -280,19 +334,65 @@ def forward(
     all_logits: bool = False,
 ) -> torch.Tensor:
     """Logits (B, V) of each row's last token, or (B, T, V) with `all_logits`."""
+    shape = model.shape
     x = model.embed[batch.tokens]  # (B, T, D)
-    dtype = model.shape.dtype
-    cos, sin = (t[batch.positions].unsqueeze(2).to(dtype) for t in model.rope)  # (B, T, 1, hd)
+    if shape.embed_scale != 1.0:
+        x = x * shape.embed_scale
+    dtype = shape.dtype
+    rope = _rope_at(model.rope, batch.positions, dtype)  # cos, sin (B, T, 1, hd)
+    local = None if model.local_rope is None else _rope_at(model.local_rope, batch.positions, dtype)
     index = attention.kv_index(batch.slots, batch.block_tables, batch.positions, pool.shape)
+    indexes = _window_indexes(model, index, batch.positions)
+    activation = _ACTIVATIONS[shape.activation]
     for kv, layer in zip(pool, model.layers, strict=True):
-        h = rms_norm(x, layer.attn_norm, model.shape.eps, dtype)
-        x = x + _attention(model.shape, layer, kv, h, (cos, sin), index)
-        h = rms_norm(x, layer.mlp_norm, model.shape.eps, dtype)
+        h = rms_norm(x, layer.attn_norm, shape.eps, dtype)
+        layer_rope = local if local is not None and layer.window is not None else rope
+        h = _attention(shape, layer, kv, h, layer_rope, indexes[layer.window])
+        x = x + _post_norm(h, layer.post_attn_norm, shape.eps)
+        h = rms_norm(x, layer.mlp_norm, shape.eps, dtype)
         gate, up = layer.gate_up(h).chunk(2, dim=-1)
-        x = x + layer.down(F.silu(gate).mul_(up))
+        h = layer.down(activation(gate).mul_(up))
+        x = x + _post_norm(h, layer.post_mlp_norm, shape.eps)
     if not all_logits:
         x = x[torch.arange(x.shape[0]), batch.last]  # (B, D): only the logits we sample from
-    return model.lm_head(rms_norm(x, model.norm, model.shape.eps, dtype)).float()
+    logits = model.lm_head(rms_norm(x, model.norm, shape.eps, dtype)).float()
+    if shape.logit_softcap is not None:  # Gemma-2: c * tanh(logits / c)
+        logits = torch.tanh(logits / shape.logit_softcap).mul_(shape.logit_softcap)
+    return logits
+
+
+def _rope_at(
+    tables: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = (t[positions].unsqueeze(2).to(dtype) for t in tables)
+    return cos, sin
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_tanh": _gelu_tanh,
+}
+
+
+def _window_indexes(
+    model: LlamaModel, index: attention.KvIndex, positions: torch.Tensor
+) -> dict[int | None, attention.KvIndex]:
+    """The forward's index per distinct sliding window of its layers (None: full attention):
+    each mask is built once per forward, not once per layer."""
+    found: dict[int | None, attention.KvIndex] = {None: index}
+    for window in {layer.window for layer in model.layers}:
+        if window is not None:
+            found[window] = attention.with_window(index, positions, window)
+    return found
+
+
+def _post_norm(h: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Gemma-2 normalizes the attention's and MLP's outputs before adding them (fp32)."""
+    return h if weight is None else rms_norm(h.float(), weight, eps)
 
 
 def rms_norm(
@@ -320,12 +420,25 @@ def _attention(
     """Write this layer's new K/V into its pool (2, Hkv, blocks, bs, hd), then attend."""
     rows, new = h.shape[:2]
     hd, kvh = shape.head_dim, shape.kv_heads
-    qkv = layer.qkv(h).to(kv.dtype).view(rows, new, shape.heads + 2 * kvh, hd)
+    qkv = layer.qkv(h)
+    if layer.qkv_bias is not None:
+        qkv = qkv + layer.qkv_bias
+    qkv = qkv.to(kv.dtype).view(rows, new, shape.heads + 2 * kvh, hd)
+    qk = qkv[:, :, : shape.heads + kvh]  # (B, T, H + Hkv, hd)
+    if layer.q_norm is not None and layer.k_norm is not None:  # Gemma-3: per head, fp32
+        q, k = qk.float().split([shape.heads, kvh], dim=2)
+        q, k = (
+            rms_norm(q, layer.q_norm, shape.eps, kv.dtype),
+            rms_norm(k, layer.k_norm, shape.eps, kv.dtype),
+        )
+        qk = torch.cat([q, k], dim=2)
     # Rotary on the query and key heads together: one pass instead of two.
-    qk = _rotate(qkv[:, :, : shape.heads + kvh], *rope)  # (B, T, H + Hkv, hd)
+    qk = _rotate(qk, *rope)  # (B, T, H + Hkv, hd)
     q, k = qk.split([shape.heads, kvh], dim=2)
+    if shape.query_scale != 1.0:
+        q = q * shape.query_scale
     attention.write_kv(kv, k, qkv[:, :, shape.heads + kvh :], index)
-    return layer.o(attention.attend(q, kv, index))
+    return layer.o(attention.attend(q, kv, index, shape.attn_softcap))
 
 
 def _tensors(model: LlamaModel) -> list[torch.Tensor]:
@@ -333,6 +446,9 @@ def _tensors(model: LlamaModel) -> list[torch.Tensor]:
     linears: list[Any] = [model.lm_head]
     for layer in model.layers:
         found += [layer.attn_norm, layer.mlp_norm]
+        optional = [layer.qkv_bias, layer.post_attn_norm, layer.post_mlp_norm]
+        optional += [layer.q_norm, layer.k_norm]
+        found += [t for t in optional if t is not None]
         linears += [layer.qkv, layer.o, layer.gate_up, layer.down]
     for linear in linears:
         found += [t for t in vars(linear).values() if isinstance(t, torch.Tensor)]

@@ -17,6 +17,25 @@ FINISH_LENGTH = "length"
 
 
 @dataclass(frozen=True, slots=True)
+class Grammar:
+    """A constraint on a choice's text, enforced token by token (grammar.py, llguidance).
+
+    `kind`: json_schema (`source`: a JSON Schema as JSON text), json_object (any JSON object;
+    `source` unused) or lark (`source`: a Lark grammar, llguidance's dialect). Sampling only
+    ever picks tokens the grammar allows, and the choice ends (finish_reason stop) when the
+    grammar is complete: its text parses, as long as max_tokens did not cut it short."""
+
+    kind: str
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in GRAMMAR_KINDS, "grammar", self.kind, " or ".join(GRAMMAR_KINDS))
+
+
+GRAMMAR_KINDS = ("json_schema", "json_object", "lark")
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to pick tokens for one request. Defaults are the OpenAI API's."""
 
@@ -30,6 +49,12 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top-k's
     ignore_eos: bool = False  # benchmarks: always generate max_tokens tokens
+    top_k: int = 0  # keep the k most likely tokens only; 0 (or -1): all
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the most likely one
+    # > 1 makes every token already in the prompt or output less likely (transformers' and
+    # vLLM's rule: a positive logit is divided by it, a negative one multiplied); greedy too.
+    repetition_penalty: float = 1.0
+    grammar: Grammar | None = None  # constrained decoding (response_format, tools)
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
@@ -41,6 +66,14 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(-2.0 <= value <= 2.0, name, value, "-2 to 2")
+        _check(self.top_k >= -1, "top_k", self.top_k, "an integer >= 0 (0 or -1: off)")
+        _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "0 to 1")
+        _check(
+            0.0 < self.repetition_penalty <= 2.0,
+            "repetition_penalty",
+            self.repetition_penalty,
+            "a number in (0, 2]; 1: off",
+        )
         if self.logprobs is not None:
             _check(0 <= self.logprobs <= 20, "logprobs", self.logprobs, "0 to 20")
 
@@ -51,6 +84,11 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def filtered(self) -> bool:
+        """Whether top_k or min_p cut the distribution (sampled rows only)."""
+        return self.top_k > 0 or self.min_p > 0.0
 
 
 def _check(ok: bool, name: str, value: object, expected: str) -> None:

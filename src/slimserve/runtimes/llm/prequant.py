@@ -144,6 +144,11 @@ def build_quantized(
     fast = scheme == "int8" or (scheme == "int4" and compute == "int8")
     dtype = compute_dtype("int8") if fast else torch.float32
     shape = dataclasses.replace(shape_of(config), dtype=dtype)
+    if shape.family != "llama":  # the layers below are Llama's, nothing more
+        raise ModelLoadError(
+            f"quantized {shape.family} variants are not supported yet (llama ones are); "
+            "serve the original with `weights: int8` in model.yaml instead"
+        )
     make = _layer_maker(get, scheme, compute)
     layers = [_layer(get, make, f"model.layers.{i}.") for i in range(shape.layers)]
     embed_q, embed_scale = get(EMBED + ".q"), get(EMBED + ".scale")
@@ -174,7 +179,10 @@ def _layer(get: Callable[[str], torch.Tensor], make: MakeRole, prefix: str) -> L
     return LayerWeights(
         attn_norm=get(prefix + "input_layernorm.weight").float(),
         mlp_norm=get(prefix + "post_attention_layernorm.weight").float(),
-        **linears,
+        qkv=linears["qkv"],
+        o=linears["o"],
+        gate_up=linears["gate_up"],
+        down=linears["down"],
     )
 
 

@@ -20,6 +20,7 @@ from slimserve.runtimes.llm.model import (
     Linear,
     LlamaModel,
     MakeLinear,
+    auto_weights,
     bf16_linear,
     build_model,
     compute_dtype,
@@ -27,7 +28,7 @@ from slimserve.runtimes.llm.model import (
 
 _SAFE_LOAD: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
 _PICKLE = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
-WEIGHTS = ("fp32", "bf16", "int8", "int8-weight-only")
+WEIGHTS = ("auto", "fp32", "bf16", "bf16+int4", "int8", "int8-weight-only")
 
 
 @dataclass
@@ -43,8 +44,11 @@ class TextGenerationRuntime:
     def load(
         cls, folder: str | Path, weights: str = "fp32", int4_compute: str | None = None
     ) -> TextGenerationRuntime:
-        """`weights`: fp32; bf16 (bf16 matmuls, attention and KV cache, fp32 residual
-        stream; fp32 where the CPU lacks avx512_bf16); int8 (int8 weights per channel,
+        """`weights`: auto (what the CPU runs fastest: `bf16+int4` where it has bf16
+        arithmetic, else int8; see model.auto_weights); fp32; bf16 (bf16 matmuls, attention
+        and KV cache, fp32 residual stream; fp32 where the CPU lacks avx512_bf16);
+        bf16+int4 (bf16, and decode steps of one or two rows from int4 planes of the same
+        weights: int4mm.py); int8 (int8 weights per channel,
         activations quantized per row on the fly, int8 matmul); int8-weight-only (fp32
         activations). See quant.py.
 
@@ -118,6 +122,12 @@ def _read_weights(folder: Path) -> dict[str, Any]:
 
 
 def _linear_maker(weights: str) -> MakeLinear:
+    if weights == "auto":  # chosen from the CPU's features (model.auto_weights)
+        return _linear_maker(auto_weights())
+    if weights == "bf16+int4":
+        from slimserve.runtimes.llm.int4mm import dual_linear
+
+        return dual_linear
     if weights == "fp32":
         return FloatLinear
     if weights == "bf16":  # bf16 matmuls and KV where the CPU has avx512_bf16 (model.py)

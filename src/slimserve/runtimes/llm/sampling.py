@@ -1,9 +1,10 @@
 """Pick the next token of every row of a batch from its logits.
 
 Greedy rows (temperature 0) take the argmax in one call for the whole batch. Sampled rows are
-scaled, nucleus-filtered (top_p) and softmaxed together; only the final draw runs per row,
-with the row's own generator, so a seeded request draws the same tokens whatever else shares
-its batch. Penalties (OpenAI's presence/frequency) and logprobs cost only the rows asking.
+scaled, filtered (top_k, min_p, nucleus top_p) and softmaxed together; only the final draw
+runs per row, with the row's own generator, so a seeded request draws the same tokens whatever
+else shares its batch. Grammar masks (constrained decoding), penalties (OpenAI's presence and
+frequency, and the repetition penalty) and logprobs cost only the rows asking.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from slimserve.runtimes.llm.grammar import Constraint, mask_rows
 from slimserve.runtimes.llm.params import SamplingParams, TokenLogprob
 
 
@@ -23,6 +25,10 @@ class Row(Protocol):
     def generator(self) -> torch.Generator | None: ...
     @property
     def output_ids(self) -> list[int]: ...
+    @property
+    def tokens(self) -> list[int]: ...  # prompt and output so far
+    @property
+    def constraint(self) -> Constraint | None: ...
 
 
 @torch.inference_mode()
@@ -30,6 +36,10 @@ def sample(
     logits: torch.Tensor, rows: Sequence[Row]
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Next token per row of `logits` (B, V), and its logprobs where the row asked."""
+    constrained = [(i, row.constraint) for i, row in enumerate(rows) if row.constraint]
+    if constrained:
+        mask_rows(logits, constrained)  # tokens the grammar forbids: -inf
+    logits = _repeat_penalize(logits, rows)
     logits = _penalize(logits, rows)
     chosen = logits.argmax(dim=-1)  # (B,)
     drawn = [i for i, row in enumerate(rows) if not row.params.greedy]
@@ -53,15 +63,44 @@ def _penalize(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
     return logits
 
 
+def _repeat_penalize(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Tokens seen in the prompt or output: positive logits / p, negative ones * p."""
+    rows_p = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if not rows_p:
+        return logits
+    logits = logits.clone()
+    for i in rows_p:
+        penalty = rows[i].params.repetition_penalty
+        seen = torch.tensor(sorted(set(rows[i].tokens)), dtype=torch.int64)
+        seen = seen[seen < logits.shape[1]]
+        values = logits[i, seen]
+        logits[i, seen] = torch.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
 def _draw(logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
-    """Temperature, top_p, then one multinomial draw per row with its generator."""
+    """Temperature, top_k and min_p, top_p, then one multinomial draw per row."""
     temperature = torch.tensor([row.params.temperature for row in rows])[:, None]
     probs = torch.softmax(logits / temperature, dim=-1)  # (R, V)
+    if any(row.params.filtered for row in rows):
+        probs = _top_k_min_p(probs, rows)
     top_p = torch.tensor([row.params.top_p for row in rows])[:, None]
     if bool((top_p < 1.0).any()):
         probs = _nucleus(probs, top_p)
     draws = [torch.multinomial(probs[i], 1, generator=row.generator) for i, row in enumerate(rows)]
     return torch.cat(draws)
+
+
+def _top_k_min_p(probs: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+    """Zero the tokens below each row's k-th largest probability (top_k > 0) and below
+    min_p times its largest (min_p > 0); the most likely token always stays."""
+    vocab = probs.shape[1]
+    ks = torch.tensor([row.params.top_k if row.params.top_k > 0 else vocab for row in rows])
+    kth = probs.sort(dim=-1, descending=True).values.gather(1, (ks.clamp(max=vocab) - 1)[:, None])
+    min_p = torch.tensor([row.params.min_p for row in rows])[:, None]
+    floor = torch.maximum(kth, min_p * probs.max(dim=-1, keepdim=True).values)
+    kept = torch.where(probs >= floor, probs, 0.0)
+    return kept / kept.sum(dim=-1, keepdim=True)
 
 
 def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

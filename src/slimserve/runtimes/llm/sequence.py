@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from slimserve.runtimes.llm.blocks import SCRATCH_BLOCK, block_keys
 from slimserve.runtimes.llm.detok import TextStream
+from slimserve.runtimes.llm.grammar import Constraint
 from slimserve.runtimes.llm.model import Batch
 from slimserve.runtimes.llm.params import SamplingParams, TokenLogprob
 
@@ -50,17 +52,28 @@ class Seq:
     keys: list[int] = field(default_factory=list)  # prefix keys of the full blocks
     finish_reason: str | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    constraint: Constraint | None = None  # the grammar this choice's tokens must follow
 
     @property
     def params(self) -> SamplingParams:
         return self.request.params
 
 
-def new_seqs(request: Request, tokenizer: Any) -> list[Seq]:
-    """The request's n choices; seeded choices get generators seeded seed, seed + 1, ..."""
+def new_seqs(
+    request: Request, tokenizer: Any, constrain: Callable[[], Constraint] | None = None
+) -> list[Seq]:
+    """The request's n choices; seeded choices get generators seeded seed, seed + 1, ...;
+    each gets its own grammar state from `constrain` where given."""
     params = request.params
     return [
-        Seq(request, i, list(request.prompt), TextStream(tokenizer, params.stop), _gen(params, i))
+        Seq(
+            request,
+            i,
+            list(request.prompt),
+            TextStream(tokenizer, params.stop),
+            _gen(params, i),
+            constraint=constrain() if constrain is not None else None,
+        )
         for i in range(params.n)
     ]
 
@@ -84,7 +97,28 @@ def full_block_keys(seq: Seq, block_size: int) -> list[int]:
     return seq.keys
 
 
-def make_batch(seqs: list[Seq], block_size: int) -> Batch:
+class Pending(Protocol):
+    """What a forward needs of a row: its tokens, how many have K/V cached, its blocks."""
+
+    @property
+    def tokens(self) -> list[int]: ...
+    @property
+    def computed(self) -> int: ...
+    @property
+    def table(self) -> list[int]: ...
+
+
+@dataclass
+class Row:
+    """A row that is not a sequence as it stands: a sequence with drafted tokens appended,
+    or a draft model's view of it (speculate.py)."""
+
+    tokens: list[int]
+    computed: int
+    table: list[int]
+
+
+def make_batch(seqs: Sequence[Pending], block_size: int) -> Batch:
     """Pad the sequences' uncomputed tokens into one forward's inputs (see model.Batch)."""
     news = [len(s.tokens) - s.computed for s in seqs]
     width, depth = max(news), max(len(s.table) for s in seqs)

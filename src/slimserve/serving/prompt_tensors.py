@@ -1,9 +1,11 @@
-"""The v2 protocol for text-generation models: BYTES prompts in, BYTES completions out.
+"""Tensor requests to text-generation models: BYTES prompts in, BYTES completions out.
 
-`Engine.infer` sends a text-generation model's requests here instead of to its batcher (the
-generation engine batches continuously on its own), with the request's `parameters`:
+`Engine.infer` (the KServe v2 infer path, HTTP and gRPC) sends a text-generation model's
+requests here instead of to its batcher (the generation engine batches continuously on its
+own), with the request's `parameters`:
 
-  max_tokens, temperature, top_p, stop, seed, presence_penalty, frequency_penalty, ignore_eos
+  max_tokens, temperature, top_p, stop, seed, presence_penalty, frequency_penalty, ignore_eos,
+  top_k, min_p, repetition_penalty
 
 checked by the same rules as the OpenAI routes (serving/sampling_args.py; a bad value is a 400
 naming it). Absent ones come from model.yaml `parameters`, then max_tokens 16 and temperature 0
@@ -17,22 +19,22 @@ freed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from slimserve.errors import InvalidArgument
+from slimserve.repository.schema import ModelConfig
+from slimserve.runtimes.base import TextGenerator
 from slimserve.runtimes.llm import SamplingParams
-from slimserve.serving.llm import _runtime, configured_timeout_s, runtime_engine
+from slimserve.runtimes.llm.stream import GenerationStream
+from slimserve.serving.llm import configured_timeout_s
+from slimserve.serving.metrics import TokenMeter
 from slimserve.serving.sampling_args import DEFAULTS, BadParameter, sampling_params
 
-if TYPE_CHECKING:
-    from slimserve.repository.schema import ModelConfig
-    from slimserve.runtimes.llm.stream import GenerationStream
-    from slimserve.serving.metrics import GenerationMetrics, TokenMeter
-    from slimserve.serving.models import Unit
+Meters = Callable[[int], TokenMeter]  # prompt tokens -> a meter for one completion
 
 V2_DEFAULTS: dict[str, Any] = {"max_tokens": 16, "temperature": 0.0}
 DEFAULT_TIMEOUT_S = 120.0
@@ -63,32 +65,26 @@ def plan(config: ModelConfig, parameters: Mapping[str, Any]) -> V2Plan:
 
 
 async def complete(
-    unit: Unit,
+    generator: TextGenerator,
+    config: ModelConfig,
     inputs: Mapping[str, np.ndarray],
     plan: V2Plan,
     time_left: float | None,
-    metrics: GenerationMetrics,
+    meters: Meters,
 ) -> dict[str, np.ndarray]:
-    """Each prompt's completion (choice 0), all submitted at once to the unit's engine.
+    """Each prompt's completion (choice 0), all submitted at once to the unit's generator.
 
     `time_left`: seconds the request may still take (its deadline), or None.
     """
-    config = unit.target.config
     prompts = inputs[config.input_specs()[0].name]
-    runtime = _runtime(unit)
-    text = runtime.text
-    assert text is not None  # a loaded generation runtime has its tokenizer
-    ids = [text.encode(p) for p in _texts(prompts)]
+    ids = [generator.encode(p) for p in _texts(prompts)]
     time_left = plan.timeout_s if time_left is None else min(plan.timeout_s, time_left)
-    engine = runtime_engine(runtime)
     streams: list[GenerationStream] = []
     try:
         for prompt in ids:
-            streams.append(engine.submit(prompt, plan.params, time_left))
-        variant = unit.target.variant or ""
-        meters = [metrics.meter(unit.target.model, variant, len(p), 1) for p in ids]
+            streams.append(generator.submit(prompt, plan.params, time_left))
         texts = await asyncio.gather(
-            *(_collect(s, m) for s, m in zip(streams, meters, strict=True))
+            *(_collect(s, meters(len(p))) for s, p in zip(streams, ids, strict=True))
         )
     finally:
         for stream in streams:  # a refused or failed prompt stops the others

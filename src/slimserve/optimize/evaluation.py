@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from slimserve.errors import InvalidArgument
-from slimserve.optimize.precision import cpu_flags
+from slimserve.runtimes.quantized.cpu import cpu_flags
 
 Inputs = np.ndarray | dict[str, np.ndarray]
 Predict = Callable[[Inputs], np.ndarray]

@@ -21,12 +21,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimserve.errors import InvalidArgument
+from slimserve.optimize import quantize_native as qn
 from slimserve.optimize.calibrate import OBSERVERS
 from slimserve.optimize.config import OptimizeConfig
 from slimserve.optimize.onnx_quant import quantize_onnx
 from slimserve.optimize.qat import FAKE_QUANT, FakeQuantConv2d, FakeQuantLinear
 from slimserve.runtimes.quantized import layers as qlayers
-from slimserve.train import TrainConfig, classification_loss, fit  # the shared loop
+from slimserve.train.loop import TrainConfig, classification_loss, fit
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -330,8 +331,6 @@ def _native(
 ) -> bool:
     """Convert to qnative layers; False (model untouched) when kernel="auto" and the graph
     cannot carry quint8 tensors."""
-    from slimserve.optimize import quantize_native as qn
-
     batches = qn.first_batches(_batches(data, "static int8"), getattr(cfg, "max_batches", 32))
     try:
         qn.convert_native(

@@ -281,6 +281,7 @@ def _generation_state(units: list[Unit]) -> Iterator[Metric]:
     preempted = CounterMetricFamily(
         "slimserve_generation_preemptions", "Sequences preempted for KV space.", labels=labels
     )
+    sums = [0, 0, 0, 0]  # running, waiting, KV blocks used, KV blocks in all pools
     for u in units:
         runtime = u.runtime
         if not isinstance(runtime, TextGenerator) or u.state is not State.READY:
@@ -293,7 +294,28 @@ def _generation_state(units: list[Unit]) -> Iterator[Metric]:
         total.add_metric(key, s.total_blocks)
         hits.add_metric(key, s.cached_tokens)
         preempted.add_metric(key, s.preemptions)
+        for i, value in enumerate((s.running, s.waiting, s.total_blocks - s.free_blocks)):
+            sums[i] += value
+        sums[3] += s.total_blocks
     yield from (running, waiting, used, total, hits, preempted)
+    yield from _inference_gateway_gauges(*sums)
+
+
+def _inference_gateway_gauges(
+    running: int, waiting: int, used: int, total: int
+) -> Iterator[Metric]:
+    """The three gauges the Kubernetes Gateway API Inference Extension's endpoint picker reads
+    from a model server (its model server protocol: queued requests, running requests, KV cache
+    utilisation as a fraction), over all the server's language models. Point the picker's
+    --total-queued-requests-metric, --total-running-requests-metric and
+    --kv-cache-usage-percentage-metric at these names."""
+    yield _gauge("slimserve_num_requests_waiting", "LLM requests queued for prefill.", waiting)
+    yield _gauge("slimserve_num_requests_running", "LLM requests being decoded.", running)
+    yield _gauge(
+        "slimserve_kv_cache_usage_perc",
+        "Fraction of KV cache blocks in use (0-1), all language models.",
+        used / total if total else 0.0,
+    )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -371,8 +371,8 @@ class GenerationEngine:
                 self._append(seq, token, logprobs[i])
                 if seq.finish_reason is not None:
                     break
-            if self._speculator is not None and seq.finish_reason is None:
-                self._speculator.settle(seq)
+            if draft and self._speculator is not None and seq.finish_reason is None:
+                self._speculator.settle(seq, len(draft), len(kept) - 1)
 
     def _forward_and_sample(self, seqs: list[Seq]) -> None:
         logits = forward(self.model, self.pool, make_batch(seqs, self.config.block_size))

@@ -83,3 +83,29 @@ def test_repo_add_detects_a_causal_lm(tmp_path: Path, tiny_llama_dir: Path) -> N
     assert [(t.name, t.datatype, t.shape) for t in config.outputs] == [("text", "BYTES", [-1])]
     runtime = create_runtime(Repository(tmp_path).target("lm", 1))
     assert isinstance(runtime, GenerationRuntime)
+
+
+def test_speculative_decoding_is_set_in_model_yaml(tmp_path: Path, tiny_llama_dir: Path) -> None:  # noqa: F811
+    """`generation: speculative: {method: draft}` loads the checkpoint again as the draft
+    (counted in memory_bytes), and greedy answers are those of plain decoding (fp32: bf16
+    verification may break near ties differently from one-row steps)."""
+    exact = LM_YAML.replace("max_seqs: 8}", "max_seqs: 8, weights: fp32}")
+    plain = create_runtime(repo_with(tmp_path / "a", tiny_llama_dir, exact).target("tiny", 1))
+    spec = "weights: fp32, speculative: {method: draft, num_tokens: 3, draft_weights: int8}}"
+    yaml = exact.replace("weights: fp32}", spec)
+    runtime = create_runtime(repo_with(tmp_path / "b", tiny_llama_dir, yaml).target("tiny", 1))
+    prompts = {"text": np.array([b"hello world, hello world, hello"], dtype=object)}
+    plain.load()
+    runtime.load()
+    try:
+        engine = runtime.engine
+        assert engine is not None
+        assert runtime.memory_bytes() > plain.memory_bytes()  # the draft and its KV pool
+        assert runtime.infer(prompts)["text"][0] == plain.infer(prompts)["text"][0]
+        assert engine.stats().drafted_tokens > 0
+    finally:
+        runtime.unload()
+        plain.unload()
+    with pytest.raises(ConfigError, match=r"speculative\.num_tokens"):
+        repo_with(tmp_path / "c", tiny_llama_dir, yaml.replace("num_tokens: 3", "num_tokens: 0"))
+        Repository(tmp_path / "c").config("tiny")

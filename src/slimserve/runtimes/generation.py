@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 
 from slimserve.errors import ModelLoadError
-from slimserve.repository.schema import GenerationSettings
+from slimserve.repository.schema import GenerationSettings, SpeculativeSettings
 from slimserve.repository.store import Target
 from slimserve.runtimes._common import check_folder, not_loaded
 from slimserve.runtimes.base import Runtime, RuntimeOptions, TextGenerator
 from slimserve.runtimes.llm import SamplingParams, keep_freed_memory
 from slimserve.runtimes.llm.engine import EngineConfig, EngineStats, GenerationEngine
 from slimserve.runtimes.llm.runtime import TextGenerationRuntime
+from slimserve.runtimes.llm.speculate import SpeculativeConfig
 from slimserve.runtimes.llm.stream import GenerationStream
 
 _V2_DEFAULTS: dict[str, Any] = {"max_tokens": 16, "temperature": 0.0, "timeout_s": 120.0}
@@ -36,10 +37,6 @@ _V2_DEFAULTS: dict[str, Any] = {"max_tokens": 16, "temperature": 0.0, "timeout_s
 
 class GenerationRuntime(Runtime, TextGenerator):
     """A loaded causal LM and its running generation engine."""
-
-    # infer only submits to the engine (which has its own lock) and waits: v2 requests from
-    # several worker threads join the same running batch.
-    thread_safe = True
 
     def __init__(self, target: Target, options: RuntimeOptions | None = None) -> None:
         super().__init__(target, options)
@@ -54,12 +51,17 @@ class GenerationRuntime(Runtime, TextGenerator):
         # glibc's defaults and 1.29 s with large freed buffers kept (see llm/malloc.py).
         keep_freed_memory()
         text = TextGenerationRuntime.load(folder, weights=self.settings.weights)
+        spec = self.settings.speculative
+        draft = None
+        if spec is not None and spec.method == "draft":
+            draft = TextGenerationRuntime.load(folder, weights=spec.draft_weights).model
         engine = GenerationEngine(
             text.model,
             text.tokenizer,
             self._engine_config(),
             eos_token_ids=text.eos_token_ids,
             clock=self.options.clock,
+            draft=draft,
         )
         engine.start()
         self.text, self.engine = text, engine
@@ -75,6 +77,7 @@ class GenerationRuntime(Runtime, TextGenerator):
             continuous=s.continuous,
             prefix_caching=s.prefix_caching,
             threads=self.options.intra_op_threads,
+            speculative=_speculative(s.speculative),
         )
 
     def _check_specs(self) -> None:
@@ -146,11 +149,18 @@ class GenerationRuntime(Runtime, TextGenerator):
             engine.close()
 
     def memory_bytes(self) -> int:
-        """Weights plus the KV pool (allocated whole at load)."""
+        """Weights plus the KV pool (allocated whole at load), a draft model's included."""
         engine = self.engine
         if engine is None:
             return 0
-        return int(engine.model.nbytes() + engine.pool.numel() * engine.pool.element_size())
+        return engine.nbytes()
+
+
+def _speculative(settings: SpeculativeSettings | None) -> SpeculativeConfig | None:
+    if settings is None:
+        return None
+    fields = settings.model_dump(exclude={"draft_weights"})
+    return SpeculativeConfig(**fields)
 
 
 async def _complete(

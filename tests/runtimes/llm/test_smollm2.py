@@ -79,3 +79,33 @@ def test_smollm2_lossy_perplexity_stays_close(smollm2_dir: Path, weights: str) -
     # measured: 38.2 (bf16), 38.2 (int8: bf16 down projection and attention), 38.5
     # (weight-only), fp32 38.4
     assert quantized < base * 1.05
+
+
+def test_smollm2_prompt_lookup_is_plain_greedy_and_accepts_drafts(smollm2_dir: Path) -> None:
+    """An edit-style prompt: the answer reuses the text's phrases, so looked-up drafts are
+    accepted; the tokens are plain greedy decoding's (fp32: the exact arithmetic)."""
+    from slimserve.runtimes.llm.speculate import SpeculativeConfig
+
+    runtime = TextGenerationRuntime.load(smollm2_dir)
+    text = "The river rose slowly through the spring, and the people of the valley moved."
+    prompt = runtime.encode_chat(
+        [{"role": "user", "content": f"Repeat this sentence exactly: {text}"}]
+    )
+    params = SamplingParams(max_tokens=16, temperature=0)
+    outputs, stats = [], []
+    for spec in (None, SpeculativeConfig(method="prompt-lookup", num_tokens=4)):
+        config = EngineConfig(speculative=spec)
+        engine = GenerationEngine(
+            runtime.model, runtime.tokenizer, config, eos_token_ids=runtime.eos_token_ids
+        )
+        engine.start()
+        try:
+            outputs.append(tokens_of(asyncio.run(collect(engine, prompt, params))))
+        finally:
+            engine.close()
+        stats.append(engine.stats())
+    assert outputs[1] == outputs[0]
+    # measured: "The people of the valley moved slowly through the river."
+    assert "the valley" in runtime.decode(outputs[0])
+    assert stats[1].accepted_tokens >= 4  # its phrases came from the prompt's
+    assert stats[1].iterations < stats[0].iterations

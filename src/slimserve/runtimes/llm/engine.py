@@ -57,11 +57,13 @@ from slimserve.runtimes.llm.scheduler import (
 )
 from slimserve.runtimes.llm.sequence import (
     Request,
+    Row,
     Seq,
     full_block_keys,
     make_batch,
     new_seqs,
 )
+from slimserve.runtimes.llm.speculate import DraftModel, SpeculativeConfig, Speculator, accept
 from slimserve.runtimes.llm.stream import END, GenerationStream
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class EngineConfig:
     continuous: bool = True  # False: static batching (admit only into an empty batch)
     prefix_caching: bool = True
     threads: int = 0  # torch intra-op threads in the engine thread; 0: usable_cores()
+    speculative: SpeculativeConfig | None = None  # drafts for greedy requests (speculate.py)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_bytes", "max_seqs", "max_prefill_tokens"):
@@ -93,6 +96,8 @@ class EngineStats:
     preemptions: int
     cached_tokens: int  # prompt tokens served from the prefix cache since start
     iterations: int
+    drafted_tokens: int  # speculative decoding: tokens proposed, and those the target kept
+    accepted_tokens: int
 
 
 def usable_cores() -> int:
@@ -114,7 +119,10 @@ class GenerationEngine:
         config: EngineConfig | None = None,
         eos_token_ids: Sequence[int] = (),
         clock: Callable[[], float] = time.monotonic,
+        draft: LlamaModel | None = None,
     ) -> None:
+        """`draft`: the model proposing tokens for `speculative` method `draft` (same
+        tokenizer; usually a quantized variant of `model`)."""
         self.model, self.tokenizer = model, tokenizer
         self.config = config or EngineConfig()
         self.eos = frozenset(eos_token_ids)
@@ -132,10 +140,33 @@ class GenerationEngine:
         self._waiting: deque[Seq] = deque()
         self._running: list[Seq] = []
         self._stopping = False
-        self._counts = {"preemptions": 0, "cached_tokens": 0, "iterations": 0}
+        self._counts = dict.fromkeys(
+            ("preemptions", "cached_tokens", "iterations", "drafted_tokens", "accepted_tokens"), 0
+        )
+        self._speculator = self._make_speculator(draft, num_blocks)
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, Any]]] = {}
         self._thread: threading.Thread | None = None
         self._grammars = Grammars(tokenizer)
+
+    def _make_speculator(self, draft: LlamaModel | None, num_blocks: int) -> Speculator | None:
+        spec = self.config.speculative
+        if spec is None:
+            return None
+        if draft is not None and draft.shape.vocab != self.model.shape.vocab:
+            raise InvalidArgument(
+                f"the draft model's vocabulary ({draft.shape.vocab}) is not the target's "
+                f"({self.model.shape.vocab}); a draft must share the tokenizer"
+            )
+        drafter = None
+        if spec.method == "draft" and draft is not None:
+            drafter = DraftModel(draft, num_blocks, self.config.block_size)
+        return Speculator(spec, self.blocks, self.max_context, drafter)
+
+    def nbytes(self) -> int:
+        """Weights and KV pool, and a draft model's."""
+        total = self.model.nbytes() + self.pool.numel() * self.pool.element_size()
+        spec = self._speculator
+        return total + (spec.draft.nbytes() if spec is not None and spec.draft else 0)
 
     def block_bytes(self) -> int:
         return kv_bytes_per_token(self.model.shape) * self.config.block_size
@@ -268,8 +299,10 @@ class GenerationEngine:
     def _running_view(self) -> list[RunningSeq]:
         size = self.config.block_size
         return [
-            RunningSeq(
-                s.seq_id, -(-len(s.tokens) // size) - len(s.table), self.blocks.freeable(s.table)
+            RunningSeq(  # speculation may have taken blocks ahead: none needed then
+                s.seq_id,
+                max(0, -(-len(s.tokens) // size) - len(s.table)),
+                self.blocks.freeable(s.table),
             )
             for s in self._running
         ]
@@ -299,7 +332,7 @@ class GenerationEngine:
             return
         try:
             run(seqs)
-        except Exception as error:  # noqa: BLE001 - reported to every request of the batch
+        except Exception as error:
             log.exception("generation batch failed")
             for seq in seqs:
                 self.blocks.unregister(seq.table)  # their K/V may be half written
@@ -313,8 +346,35 @@ class GenerationEngine:
         """One token for every running sequence: grow block tables, forward, sample."""
         for seq in seqs:
             missing = -(-len(seq.tokens) // self.config.block_size) - len(seq.table)
-            seq.table += self.blocks.allocate(missing)
-        self._forward_and_sample(seqs)
+            seq.table += self.blocks.allocate(max(0, missing))
+        drafts = self._speculator.drafts(seqs) if self._speculator is not None else {}
+        if drafts:
+            self._verify(seqs, drafts)
+        else:
+            self._forward_and_sample(seqs)
+
+    def _verify(self, seqs: list[Seq], drafts: dict[int, list[int]]) -> None:
+        """One forward over each row's new token and its drafts; each row keeps the tokens
+        speculate.accept says (plain rows: their one sampled token)."""
+        rows = [Row(s.tokens + drafts.get(s.seq_id, []), s.computed, s.table) for s in seqs]
+        logits = forward(self.model, self.pool, make_batch(rows, self.config.block_size), True)
+        first = [len(s.tokens) - s.computed - 1 for s in seqs]  # the new token's offset
+        tokens, logprobs = sample(logits[torch.arange(len(seqs)), first], seqs)
+        greedy = logits.argmax(dim=-1).tolist()  # (B, T)
+        for i, seq in enumerate(seqs):
+            draft = drafts.get(seq.seq_id, [])
+            verified = greedy[i][first[i] + 1 : first[i] + 1 + len(draft)]
+            kept = accept([tokens[i], *verified], draft) if draft else [tokens[i]]
+            self._counts["drafted_tokens"] += len(draft)
+            self._counts["accepted_tokens"] += len(kept) - 1
+            for token in kept:
+                seq.computed = len(seq.tokens)
+                self._register_full(seq)
+                self._append(seq, token, logprobs[i])
+                if seq.finish_reason is not None:
+                    break
+            if draft and self._speculator is not None and seq.finish_reason is None:
+                self._speculator.settle(seq, len(draft), len(kept) - 1)
 
     def _forward_and_sample(self, seqs: list[Seq]) -> None:
         logits = forward(self.model, self.pool, make_batch(seqs, self.config.block_size))
@@ -325,7 +385,7 @@ class GenerationEngine:
             self._append(seq, token, logprob)
 
     def _register_full(self, seq: Seq) -> None:
-        if self.config.prefix_caching and seq.computed % self.config.block_size == 0:
+        if self.config.prefix_caching and seq.computed // self.config.block_size > len(seq.keys):
             self.blocks.register(seq.table, full_block_keys(seq, self.config.block_size))
 
     def _append(self, seq: Seq, token: int, logprob: Any) -> None:
@@ -361,6 +421,8 @@ class GenerationEngine:
         """Return a sequence's blocks to the pool (cached prefix blocks stay reusable)."""
         self.blocks.free(seq.table)
         seq.table = []
+        if self._speculator is not None:
+            self._speculator.forget(seq)
 
     def _emit(self, request: Request, item: Any) -> None:
         """Queue an event; `_deliver` hands a whole iteration's events over at once."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -97,7 +97,28 @@ def full_block_keys(seq: Seq, block_size: int) -> list[int]:
     return seq.keys
 
 
-def make_batch(seqs: list[Seq], block_size: int) -> Batch:
+class Pending(Protocol):
+    """What a forward needs of a row: its tokens, how many have K/V cached, its blocks."""
+
+    @property
+    def tokens(self) -> list[int]: ...
+    @property
+    def computed(self) -> int: ...
+    @property
+    def table(self) -> list[int]: ...
+
+
+@dataclass
+class Row:
+    """A row that is not a sequence as it stands: a sequence with drafted tokens appended,
+    or a draft model's view of it (speculate.py)."""
+
+    tokens: list[int]
+    computed: int
+    table: list[int]
+
+
+def make_batch(seqs: Sequence[Pending], block_size: int) -> Batch:
     """Pad the sequences' uncomputed tokens into one forward's inputs (see model.Batch)."""
     news = [len(s.tokens) - s.computed for s in seqs]
     width, depth = max(news), max(len(s.table) for s in seqs)

@@ -91,6 +91,16 @@ def wait_http(url: str, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} not ready")
 
 
+def wait_replicas(count: int, timeout: float = 300) -> None:
+    """Until `count` distinct replicas have answered a health check."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < count and time.monotonic() < deadline:
+        resp = httpx.get(f"{HTTP}/v2/health/ready", timeout=10)
+        seen.add(resp.headers.get("slimserve-replica", ""))
+        time.sleep(0.1)
+
+
 def serve_cmd(repo: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "slimserve", "serve", "--repository", str(repo),
             "--grpc-port", "0", "--log-format", "text", *extra]  # fmt: skip
@@ -147,6 +157,7 @@ def routing(
                         router, "--memory-budget-bytes", str(BUDGET))  # fmt: skip
         proc = start(cmd, work / f"{router}.log", env)
         wait_http(f"{HTTP}/v2/health/ready")
+        wait_replicas(2)  # both replicas up before the clock starts
         run = closed_loop(HTTP, seconds, clients, bodies)
         loads = loads_per_replica()
         run["model_loads"] = loads

@@ -41,8 +41,11 @@ test-deps:
 test: $(STAMP) test-deps
 	$(PY) -m pytest -q -p no:cacheprovider -rs
 
+# The gate CI runs before the tests (.ci/run): ruff's rules and formatting on all the Python,
+# mypy --strict on the package (pyproject.toml holds both configurations).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy src
 
 clean:

@@ -34,10 +34,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _repro_common import facts_markdown, fashion_mnist, machine_facts  # noqa: E402
+from _repro_common import facts_markdown, fashion_mnist, machine_facts
 
-from slimserve.train import TrainConfig, accuracy, classification_loss, fit  # noqa: E402
-from slimserve.zoo import MLP, CaffeLeNet  # noqa: E402
+from slimserve.train import TrainConfig, accuracy, classification_loss, fit
+from slimserve.zoo import MLP, CaffeLeNet
 
 
 @dataclass(frozen=True)

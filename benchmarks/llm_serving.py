@@ -124,10 +124,11 @@ class Server:
             str(self.port),
             "--grpc-port",
             "0",
-            "--intra-op-threads",
-            str(threads),
         ]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        env = dict(os.environ)
+        if threads:  # 0: the server's default (the cores it may use)
+            cmd += ["--intra-op-threads", str(threads)]
+            env["OMP_NUM_THREADS"] = str(threads)
         self.started = time.perf_counter()
         with log_path.open("wb") as log:  # the child keeps its own handle
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -198,9 +199,10 @@ def serving(folder: Path, weights: str, args: argparse.Namespace) -> Iterator[Se
 async def stream_one(
     client: Any, prompt: list[int], max_tokens: int, run: Run, sink: dict[str, Any]
 ) -> None:
-    """One streaming completion; TTFT and the gaps between chunks with text go into `run`."""
+    """One streaming completion; TTFT and the gaps between chunks with text go into `run`;
+    tokens from the usage chunk (or one per chunk where a server sends no usage)."""
     start = last = time.perf_counter()
-    first, tokens = True, 0
+    first, tokens, chunks = True, 0, 0
     stream = await client.completions.create(
         model=MODEL,
         prompt=prompt,
@@ -219,8 +221,9 @@ async def stream_one(
             continue
         now = time.perf_counter()
         (run.ttft if first else run.itl).append(now - (start if first else last))
-        first, last = False, now
+        first, last, chunks = False, now, chunks + 1
         sink["chunks"] += 1
+    tokens = tokens or chunks  # a server without streamed usage: one token a chunk
     if tokens != max_tokens:
         sink["errors"].append(f"a stream generated {tokens} tokens, not {max_tokens}")
     run.tokens += tokens
@@ -411,7 +414,7 @@ def main() -> None:
     malloc_tuned = keep_freed_memory()  # as llm_throughput.py, and as the server does
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_before = uptime()
-    facts = machine_facts(args.threads) + [f"- glibc malloc keeps freed buffers: {malloc_tuned}"]
+    facts = [*machine_facts(args.threads), f"- glibc malloc keeps freed buffers: {malloc_tuned}"]
     folder = args.model_dir or convert_gguf(
         smollm2_gguf(),
         Path(tempfile.gettempdir()) / f"slimserve-smollm2-{smollm2_gguf().stat().st_size}",

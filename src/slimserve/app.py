@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from slimserve.config import Settings
 from slimserve.errors import ConfigError
@@ -55,28 +55,20 @@ def build_engine(
     """The engine and every part it works with, built from `settings`.
 
     `runtime_factory` (target, options) -> Runtime replaces the backends (tests pass toy
-    runtimes); `clock` (monotonic seconds) is the one clock of residency and admission (tests
-    pass `slimserve.testing.FakeClock`). The engine owns what is built here: `Engine.stop`
-    closes it all.
+    runtimes); `clock` (monotonic seconds) is the one clock of every decision by time: batching
+    windows, deadlines, rate limits, breakers, residency, cache expiry, generation deadlines
+    (tests pass `slimserve.testing.FakeClock`). The engine owns what is built here:
+    `Engine.stop` closes it all.
     """
     repository = repository or Repository(settings.repository)
     threads = settings.inference_threads or os.cpu_count() or 1
     metrics = Metrics()
-    options = RuntimeOptions(
-        intra_op_threads=settings.intra_op_threads,
-        graph_optimization=settings.ort_graph_optimization,
-        spin_wait=settings.spin_wait,
-        data_key=resolve_data_key(
-            settings.data_key_file, settings.data_key_env, settings.data_key_environment()
-        ),
-        clock=clock,
-    )
     models = ModelManager(
         repository,
         settings,
         InferenceThreads(threads),
         ThreadPoolExecutor(2, thread_name_prefix="slimserve-load"),
-        options,
+        runtime_options(settings, clock),
         runtime_factory,
         clock=clock,
         on_batch=metrics.batch_observer,
@@ -99,6 +91,20 @@ def build_engine(
         catalog=catalog,
         control=control,
         audit=audit,
+        clock=clock,
+    )
+
+
+def runtime_options(settings: Settings, clock: Clock) -> RuntimeOptions:
+    """What every runtime is built with: threads, ONNX Runtime's graph level, spinning, the
+    data key for encrypted artifacts (read once, here) and the clock."""
+    return RuntimeOptions(
+        intra_op_threads=settings.intra_op_threads,
+        graph_optimization=settings.ort_graph_optimization,
+        spin_wait=settings.spin_wait,
+        data_key=resolve_data_key(
+            settings.data_key_file, settings.data_key_env, settings.data_key_environment()
+        ),
         clock=clock,
     )
 
@@ -147,7 +153,7 @@ class Server:
     def grpc_server(self) -> GrpcServer:
         """The configured gRPC server (--grpc-server) for settings.host:grpc_port, not started."""
         if self.settings.grpc_server == "grpcio":
-            return create_server(self.engine, self.settings)
+            return cast(GrpcServer, create_server(self.engine, self.settings))
         return NativeGrpcServer(self.engine, self.settings)
 
     async def serve(

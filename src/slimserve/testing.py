@@ -396,7 +396,7 @@ class RuntimeContract:
             expected = _concrete_shape(spec.shape, batch)
             assert array.ndim == len(expected), (spec.name, array.shape, spec.shape)
             for got, want, declared in zip(array.shape, expected, spec.shape, strict=True):
-                assert declared == -1 and got > 0 or got == want, (spec.name, array.shape)
+                assert (declared == -1 and got > 0) or got == want, (spec.name, array.shape)
             if runtime.target.config.batched:
                 assert array.shape[0] == batch, (spec.name, array.shape, batch)
 

@@ -36,7 +36,9 @@ if not Path(CHROMIUM).exists():
     )
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 
-pytestmark = pytest.mark.timeout(240)
+# Generous: the module's first test also builds the tiny LLM and starts the server, which on a
+# loaded 2-core machine took up to 3 minutes.
+pytestmark = pytest.mark.timeout(420)
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -84,7 +86,9 @@ def server(
     options = ("--api-keys-file", str(keys.path), "--model-control", *tls)
     with pytest.MonkeyPatch.context() as patch:  # the server imports text_models from here
         patch.setenv("PYTHONPATH", str(Path(__file__).parent), prepend=os.pathsep)
-        proc = start_server(root, root.parent / "server.log", *options, ssl_context=context)
+        proc = start_server(
+            root, root.parent / "server.log", *options, ssl_context=context, timeout=240
+        )
     yield proc
     stop_server(proc)
     assert proc.process.returncode == 0, f"server did not stop cleanly:\n{proc.log()}"

@@ -88,5 +88,5 @@ def test_load_errors(tmp_path: Path, fields: dict[str, object], message: str) ->
 def test_pickle_in_folder_refused(tmp_path: Path) -> None:
     target = python_target(tmp_path, "m", model_class="slimserve.testing:ScalePredictor")
     (target.path / "model.joblib").write_bytes(b"x")
-    with pytest.raises(UnsafeArtifact, match="model.joblib: pickle"):
+    with pytest.raises(UnsafeArtifact, match=r"model.joblib: pickle"):
         PythonRuntime(target).load()

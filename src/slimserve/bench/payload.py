@@ -217,7 +217,7 @@ def grpc_messages() -> Any:
     Both define package `inference` with the same field numbers for the inference messages.
     """
     try:
-        from slimserve.transport._proto import grpc_service_pb2 as pb  # type: ignore[attr-defined]
+        from slimserve.transport._proto import grpc_service_pb2 as pb
     except ImportError:
         try:
             from tritonclient.grpc import service_pb2 as pb  # type: ignore[no-redef]

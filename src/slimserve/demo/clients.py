@@ -34,7 +34,7 @@ COUNTING = "Count from one to five."
 
 
 @contextmanager
-def running_server(root: Path, http_port: int, grpc_port: int) -> Iterator[subprocess.Popen]:
+def running_server(root: Path, http_port: int, grpc_port: int) -> Iterator[subprocess.Popen[bytes]]:
     """`python -m slimserve serve` as a child process, stopped by its PID on the way out."""
     cmd = [
         sys.executable,
@@ -60,7 +60,7 @@ def running_server(root: Path, http_port: int, grpc_port: int) -> Iterator[subpr
                 stop(proc)
 
 
-def wait_ready(proc: subprocess.Popen, http_port: int, log: Path) -> None:
+def wait_ready(proc: subprocess.Popen[bytes], http_port: int, log: Path) -> None:
     url = f"http://127.0.0.1:{http_port}/v2/health/ready"
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -81,7 +81,7 @@ def _tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM (graceful shutdown), then SIGKILL if it has not exited within 15 s."""
     if proc.poll() is not None:
         return
@@ -110,7 +110,8 @@ def ask_http(port: int, data: Dataset, picks: np.ndarray) -> np.ndarray:
         inp.set_data_from_numpy(x, binary_data=True)
         out = [httpclient.InferRequestedOutput("logits", binary_data=True)]
         result = client.infer(MLP_NAME, [inp], outputs=out)
-        return np.asarray(result.as_numpy("logits")).argmax(1)
+        predicted: np.ndarray = np.asarray(result.as_numpy("logits")).argmax(1)
+        return predicted
     finally:
         client.close()
 
@@ -125,7 +126,8 @@ def ask_grpc(port: int, data: Dataset, picks: np.ndarray) -> np.ndarray:
         inp = grpcclient.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         result = client.infer(MLP_NAME, [inp], outputs=[grpcclient.InferRequestedOutput("logits")])
-        return np.asarray(result.as_numpy("logits")).argmax(1)
+        predicted: np.ndarray = np.asarray(result.as_numpy("logits")).argmax(1)
+        return predicted
     finally:
         client.close()
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from slimserve.errors import InvalidArgument
-from slimserve.optimize.precision import cpu_flags
+from slimserve.runtimes.quantized.cpu import cpu_flags
 
 Inputs = np.ndarray | dict[str, np.ndarray]
 Predict = Callable[[Inputs], np.ndarray]
@@ -56,7 +56,8 @@ def _torch_predictor(model: Any, threads: int | None) -> Predict:
             else:
                 out = model(torch.from_numpy(x))
         out = out[0] if isinstance(out, tuple | list) else out
-        return out.float().numpy()
+        result: np.ndarray = out.float().numpy()
+        return result
 
     return predict
 
@@ -302,7 +303,7 @@ def evaluate(
 def _run_checked(predict: Predict, inputs: Inputs) -> np.ndarray:
     try:
         return predict_all(predict, inputs)
-    except Exception as exc:  # torch and onnxruntime raise unrelated types for bad shapes
+    except Exception as exc:  # noqa: BLE001 - torch and onnxruntime raise unrelated types for bad shapes
         shape = (
             {k: v.shape for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.shape
         )

@@ -114,13 +114,16 @@ class SpeculativeSettings(_Strict):
     last `ngram_max`..`ngram_min` tokens (free; pays on repetitive outputs: summaries,
     edits, extraction); `draft` runs the same checkpoint loaded with `draft_weights` (a
     cheaper variant) to propose `num_tokens` tokens. Only while at most `max_rows`
-    sequences decode together (larger batches are compute-bound)."""
+    sequences decode together (larger batches are compute-bound), and a sequence whose drafts
+    are accepted less than `min_acceptance` of the time pauses for `pause_tokens` tokens."""
 
     method: Literal["prompt-lookup", "draft"] = "prompt-lookup"
     num_tokens: int = Field(4, ge=1, le=16)
     ngram_max: int = Field(3, ge=1, le=16)
-    ngram_min: int = Field(1, ge=1, le=16)
+    ngram_min: int = Field(2, ge=1, le=16)
     max_rows: int = Field(4, ge=1, le=4096)
+    min_acceptance: float = Field(0.5, ge=0.0, le=1.0)  # below it a sequence pauses drafting
+    pause_tokens: int = Field(16, ge=1)
     draft_weights: Weights = "bf16+int4"
 
 
@@ -338,4 +341,4 @@ def dump_model_config(config: ModelConfig) -> str:
     order = ["backend", "task", "model_class", "model_args", "inputs", "outputs", "batching"]
     ordered = {k: data[k] for k in order if k in data}
     ordered.update({k: v for k, v in data.items() if k not in ordered})
-    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None)
+    return str(yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None))

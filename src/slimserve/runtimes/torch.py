@@ -75,7 +75,7 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     if array.flags.writeable:
         return torch.from_numpy(array)
     # from_numpy warns on read-only arrays (np.frombuffer over request bytes); DLPack does not.
-    return torch.from_dlpack(array)
+    return torch.utils.dlpack.from_dlpack(array)
 
 
 def to_numpy(tensor: torch.Tensor, spec: TensorSpec) -> np.ndarray:

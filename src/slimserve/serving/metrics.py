@@ -169,7 +169,7 @@ class GenerationMetrics:
 class TokenMeter:
     """Records one request's tokens as its events arrive; `close` once at its end."""
 
-    __slots__ = ("_children", "_started", "_last", "_first", "_finished", "_closed")
+    __slots__ = ("_children", "_closed", "_finished", "_first", "_last", "_started")
 
     def __init__(self, children: tuple[Any, ...], n: int) -> None:
         self._children = children

@@ -261,7 +261,7 @@ class ModelManager:
             except BaseException:
                 self._infer_threads.release(executor)
                 raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any load failure marks this unit unavailable
             self.used_bytes -= estimate
             unit.state = State.UNAVAILABLE
             unit.reason = exc.message if isinstance(exc, SlimserveError) else _describe(exc)

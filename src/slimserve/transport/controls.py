@@ -19,13 +19,15 @@ from slimserve.errors import InvalidArgument
 from slimserve.types import NO_CONTROLS, RequestControls
 
 LATENCY_SLO_MS, MAX_QUALITY_LOSS = "latency_slo_ms", "max_quality_loss"
-CONTROL_PARAMETERS = ("timeout", "priority", "degrade", "variant", LATENCY_SLO_MS, MAX_QUALITY_LOSS)
+CONTROL_PARAMETERS = frozenset(
+    {"timeout", "priority", "degrade", "variant", LATENCY_SLO_MS, MAX_QUALITY_LOSS}
+)
 _MAX_SLO_MS = 3_600_000.0  # an hour: beyond it, an objective means nothing
 
 
 def take_controls(params: dict[str, Any]) -> tuple[str | None, RequestControls]:
     """Pop the control parameters out of `params`: (variant, controls)."""
-    if not any(key in params for key in CONTROL_PARAMETERS):
+    if not params or params.keys().isdisjoint(CONTROL_PARAMETERS):
         return None, NO_CONTROLS  # the common case: nothing to parse
     variant = _variant(params.pop("variant", None))
     controls = RequestControls(

@@ -387,7 +387,7 @@ async def _pump(send: Send, chunks: AsyncIterator[dict[str, Any]]) -> None:
             await _event(send, orjson.dumps(chunk))
     except SlimserveError as exc:
         await _event(send, orjson.dumps(error_doc(exc)))
-    except Exception:  # noqa: BLE001 - the status is sent: report in the stream, log once
+    except Exception:
         log.exception("generation stream failed")
         await _event(
             send, orjson.dumps(_error("internal server error; see the log", "server_error"))

@@ -110,6 +110,8 @@ def test_greedy_equals_generate(kind: str, tmp_path: Path) -> None:
             return [tokens_of(e) for e in events]
 
         assert run(all_prompts()) == expected
+        alone = run(collect(engine, PROMPTS[1], GREEDY))  # one-row decode steps: another path
+        assert tokens_of(alone) == expected[1]
         # Log-probabilities too (soft-capped logits keep the argmax: only these see the cap).
         first = run(
             collect(engine, PROMPTS[2], SamplingParams(max_tokens=1, temperature=0.0, logprobs=0))

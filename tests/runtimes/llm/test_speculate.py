@@ -45,6 +45,7 @@ def test_accept_keeps_the_agreeing_prefix_and_the_targets_next_token() -> None:
         ({"method": "medusa"}, "method 'medusa' is unknown"),
         ({"num_tokens": 0}, "num_tokens=0"),
         ({"ngram_min": 3, "ngram_max": 2}, "ngram_min=3"),
+        ({"min_acceptance": 1.5}, "min_acceptance=1.5"),
     ],
 )
 def test_bad_settings_are_refused(fields: dict[str, Any], message: str) -> None:
@@ -79,7 +80,8 @@ def generate(
 def test_prompt_lookup_gives_plain_greedy_output(
     runtime: TextGenerationRuntime, reference: list[list[int]]
 ) -> None:
-    spec = SpeculativeConfig(method="prompt-lookup", num_tokens=4)
+    # One-token matches and no pause: the random model's drafts are wrong, verify anyway.
+    spec = SpeculativeConfig(method="prompt-lookup", num_tokens=4, ngram_min=1, min_acceptance=0)
     got, engine = generate(runtime, spec)
     assert got == reference  # transformers' generate(), token for token
     stats = engine.stats()
@@ -112,6 +114,15 @@ def test_sampled_requests_and_large_batches_do_not_speculate(
     crowded = engine.stats().drafted_tokens
     _, engine = generate(runtime, SpeculativeConfig(method="draft", num_tokens=3), runtime.model)
     assert crowded < engine.stats().drafted_tokens
+
+
+def test_a_sequence_whose_drafts_fail_pauses_drafting(runtime: TextGenerationRuntime) -> None:
+    """The random model rejects looked-up drafts: with the default pause, fewer are made."""
+    eager = SpeculativeConfig(method="prompt-lookup", ngram_min=1, min_acceptance=0)
+    _, engine = generate(runtime, eager)
+    paused = SpeculativeConfig(method="prompt-lookup", ngram_min=1, pause_tokens=64)
+    _, careful = generate(runtime, paused)
+    assert 0 < careful.stats().drafted_tokens < engine.stats().drafted_tokens
 
 
 def test_a_draft_model_must_share_the_vocabulary(runtime: TextGenerationRuntime) -> None:

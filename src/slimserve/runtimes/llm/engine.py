@@ -177,6 +177,8 @@ class GenerationEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
             self._thread.start()
+            if self.tokenizer is not None:  # ready before the first constrained request
+                threading.Thread(target=self._grammars.prepare, daemon=True).start()
 
     def close(self) -> None:
         """Stop the worker; every unfinished request fails with UNAVAILABLE."""
@@ -330,7 +332,7 @@ class GenerationEngine:
             return
         try:
             run(seqs)
-        except Exception as error:  # noqa: BLE001 - reported to every request of the batch
+        except Exception as error:
             log.exception("generation batch failed")
             for seq in seqs:
                 self.blocks.unregister(seq.table)  # their K/V may be half written
@@ -371,8 +373,8 @@ class GenerationEngine:
                 self._append(seq, token, logprobs[i])
                 if seq.finish_reason is not None:
                     break
-            if self._speculator is not None and seq.finish_reason is None:
-                self._speculator.settle(seq)
+            if draft and self._speculator is not None and seq.finish_reason is None:
+                self._speculator.settle(seq, len(draft), len(kept) - 1)
 
     def _forward_and_sample(self, seqs: list[Seq]) -> None:
         logits = forward(self.model, self.pool, make_batch(seqs, self.config.block_size))

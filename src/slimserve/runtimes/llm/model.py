@@ -122,7 +122,9 @@ class FloatLinear:
         if not self.packed:
             return F.linear(x, self.weight)
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, None, "none", [], "")
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            flat, self.weight, None, "none", [], ""
+        )
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -167,7 +169,9 @@ class BFloat16Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, None, "none", [], "")
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            flat, self.weight, None, "none", [], ""
+        )
         return out.view(*x.shape[:-1], out.shape[-1])
 
 

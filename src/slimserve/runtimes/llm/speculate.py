@@ -44,14 +44,20 @@ class SpeculativeConfig:
     method: str = "prompt-lookup"
     num_tokens: int = 4  # drafted tokens per step (k)
     ngram_max: int = 3  # prompt-lookup: the longest suffix looked up
-    ngram_min: int = 1
+    ngram_min: int = 2  # one-token matches recur everywhere and are mostly wrong
     max_rows: int = 4  # speculate while at most this many sequences decode together
+    # A sequence whose drafts are accepted less than this (moving average) pauses drafting
+    # for `pause_tokens` output tokens: a verification costs more than a plain step.
+    min_acceptance: float = 0.5
+    pause_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidArgument(
                 f"speculative method {self.method!r} is unknown; use {' or '.join(METHODS)}"
             )
+        if not 0.0 <= self.min_acceptance <= 1.0:
+            raise InvalidArgument(f"speculative min_acceptance={self.min_acceptance}; use 0 to 1")
         if not 1 <= self.num_tokens <= 16:
             raise InvalidArgument(f"speculative num_tokens={self.num_tokens}; use 1 to 16")
         if not 1 <= self.ngram_min <= self.ngram_max:
@@ -150,6 +156,8 @@ class Speculator:
         if config.method == "draft" and draft is None:
             raise InvalidArgument("speculative method 'draft' needs a draft model; load one")
         self.config, self.blocks, self.max_context, self.draft = config, blocks, max_context, draft
+        # seq_id -> (moving acceptance rate, output length before which drafting pauses)
+        self._record: dict[int, tuple[float, int]] = {}
 
     def drafts(self, seqs: Sequence[Seq]) -> dict[int, list[int]]:
         """seq_id -> drafted tokens, for the rows that speculate this step (none when the
@@ -173,6 +181,8 @@ class Speculator:
         """Drafts worth making: no more than the tokens the request may still take (the
         verified step adds one of its own) or the context holds."""
         left = seq.params.max_tokens - len(seq.output_ids) - 1
+        if len(seq.output_ids) < self._record.get(seq.seq_id, (1.0, 0))[1]:
+            return 0  # paused: its drafts were mostly wrong
         return max(0, min(self.config.num_tokens, left, self.max_context - len(seq.tokens)))
 
     def _reserve(self, seq: Seq, k: int) -> bool:
@@ -184,9 +194,18 @@ class Speculator:
         return True
 
     def forget(self, seq: Seq) -> None:
+        self._record.pop(seq.seq_id, None)
         if self.draft is not None:
             self.draft.forget(seq)
 
-    def settle(self, seq: Seq) -> None:
+    def settle(self, seq: Seq, drafted: int, accepted: int) -> None:
+        """After verification: track the acceptance rate (pausing a sequence whose drafts
+        keep failing) and trim the draft model's cache to what the target kept."""
+        rate, _ = self._record.get(seq.seq_id, (1.0, 0))
+        rate = 0.5 * rate + 0.5 * accepted / max(drafted, 1)
+        pause = 0
+        if rate < self.config.min_acceptance:  # try again later, with a clean slate
+            rate, pause = 1.0, len(seq.output_ids) + self.config.pause_tokens
+        self._record[seq.seq_id] = (rate, pause)
         if self.draft is not None:
             self.draft.settle(seq)

@@ -91,6 +91,16 @@ def wait_http(url: str, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} not ready")
 
 
+def wait_replicas(count: int, timeout: float = 300) -> None:
+    """Until `count` distinct replicas have answered a health check."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < count and time.monotonic() < deadline:
+        resp = httpx.get(f"{HTTP}/v2/health/ready", timeout=10)
+        seen.add(resp.headers.get("slimserve-replica", ""))
+        time.sleep(0.1)
+
+
 def serve_cmd(repo: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "slimserve", "serve", "--repository", str(repo),
             "--grpc-port", "0", "--log-format", "text", *extra]  # fmt: skip
@@ -126,7 +136,9 @@ def proxy_time(repo: Path, work: Path, env: dict[str, str], seconds: float) -> d
     ray_run = start(cmd, work / "ray1.log", env)
     wait_http(f"{HTTP}/v2/health/ready")
     result["ray_1_replica"] = {c: closed_loop(HTTP, seconds, c, body) for c in (1, 8)}
-    logs = sorted(Path("/tmp/ray/session_latest/logs/serve").glob("replica_*.log"),
+    session = re.search(r"(/tmp/ray/session_[^/\s]+)", (work / "head.log").read_text())
+    assert session, "the head node's log names no session folder"
+    logs = sorted(Path(session.group(1), "logs", "serve").glob("replica_*.log"),
                   key=lambda p: p.stat().st_mtime)  # fmt: skip
     inside = [float(m) for m in re.findall(r"POST / 200 ([\d.]+)ms", logs[-1].read_text())]
     result["replica_handling_ms_median"] = statistics.median(inside) if inside else None
@@ -134,7 +146,9 @@ def proxy_time(repo: Path, work: Path, env: dict[str, str], seconds: float) -> d
     return result
 
 
-def routing(repo: Path, work: Path, env: dict[str, str], seconds: float, models: int) -> dict:
+def routing(
+    repo: Path, work: Path, env: dict[str, str], seconds: float, models: int, clients: int
+) -> dict:
     """Our router vs Ray's on `models` models, each replica's budget holding a third of them."""
     bodies = [(f"/v2/models/m{i}/infer", BODY) for i in range(models)]
     out = {}
@@ -143,7 +157,8 @@ def routing(repo: Path, work: Path, env: dict[str, str], seconds: float, models:
                         router, "--memory-budget-bytes", str(BUDGET))  # fmt: skip
         proc = start(cmd, work / f"{router}.log", env)
         wait_http(f"{HTTP}/v2/health/ready")
-        run = closed_loop(HTTP, seconds, 4, bodies)
+        wait_replicas(2)  # both replicas up before the clock starts
+        run = closed_loop(HTTP, seconds, clients, bodies)
         loads = loads_per_replica()
         run["model_loads"] = loads
         run["hit_ratio"] = 1 - sum(loads.values()) / max(1, run["requests"])
@@ -153,7 +168,7 @@ def routing(repo: Path, work: Path, env: dict[str, str], seconds: float, models:
 
 
 def autoscale(cluster: RayCluster, repo: Path, work: Path, env: dict[str, str], out: Path) -> dict:
-    """Replica count over time: 20 s idle-to-busy with 16 clients, then idle."""
+    """Replica count over time: idle, 45 s of 16 clients, then idle."""
     cmd = serve_cmd(repo, *RAY, "--autoscale", "1,2", "--load-models", "mlp")
     proc = start(cmd, work / "auto.log", env)
     wait_http(f"{HTTP}/v2/health/ready")
@@ -171,7 +186,7 @@ def autoscale(cluster: RayCluster, repo: Path, work: Path, env: dict[str, str], 
     sampler.start()
     time.sleep(3)
     load_start = time.monotonic() - t0
-    busy = closed_loop(HTTP, 30, 16, [("/v2/models/mlp/infer", BODY)])
+    busy = closed_loop(HTTP, 45, 16, [("/v2/models/mlp/infer", BODY)])
     load_end = time.monotonic() - t0
     time.sleep(40)
     done.set()
@@ -193,7 +208,7 @@ def autoscale(cluster: RayCluster, repo: Path, work: Path, env: dict[str, str], 
     fig.tight_layout()
     fig.savefig(out.with_name(out.name + "_autoscale.png"), dpi=100)
     up = next((t for t, c in timeline if c >= 2 and t >= load_start), None)
-    down = next((t for t, c in timeline if c == 1 and t >= load_end), None)
+    down = next((t for t, c in timeline if c == 1 and up is not None and t > up), None)
     return {"load_s": [load_start, load_end], "two_replicas_at_s": up, "back_to_one_at_s": down,
             "busy": busy, "timeline": timeline}  # fmt: skip
 
@@ -206,6 +221,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--models", type=int, default=6)
+    # A model in use cannot be evicted: with a budget of two models per replica, more clients
+    # than that make loads fail (503, no room) rather than wait.
+    parser.add_argument("--routing-clients", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/ray_scaleout"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ray-bench-"))
@@ -225,7 +243,9 @@ def main() -> None:
         size = _unit_bytes(repo, work, env)
         BUDGET = int(size * args.models / 3 + size / 2)  # a third of the models fit
         results["unit_bytes"], results["budget_bytes"] = size, BUDGET
-        results["routing"] = routing(repo, work, env, args.seconds, args.models)
+        results["routing"] = routing(
+            repo, work, env, args.seconds, args.models, args.routing_clients
+        )
         results["autoscale"] = autoscale(cluster, repo, work, env, args.out)
     finally:
         cluster.stop()

@@ -20,7 +20,12 @@ import re
 import time
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+# Ray 2.58's public router API (the module re-exports them without an __all__).
+from ray.serve.request_router import (  # type: ignore[attr-defined]
+    PendingRequest,
+    RequestRouter,
+    RunningReplica,
+)
 
 from slimserve.policies.routing import ReplicaStats, RouteConfig, RouteRequest, route
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -50,7 +51,9 @@ class ReplicaApp:
         return self.clock() - min(self._started.values()) if self._started else 0.0
 
 
-def routing_stats(health: HealthReport, ready: list[RepositoryEntry], in_flight: int) -> dict:
+def routing_stats(
+    health: HealthReport, ready: list[RepositoryEntry], in_flight: int
+) -> dict[str, Any]:
     """What the router reads of one replica (kept to JSON types: Ray ships it as is).
     `health` is Engine.health(), `ready` Engine.repository_index(ready_only=True)."""
     return {

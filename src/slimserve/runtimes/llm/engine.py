@@ -177,6 +177,8 @@ class GenerationEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
             self._thread.start()
+            if self.tokenizer is not None:  # ready before the first constrained request
+                threading.Thread(target=self._grammars.prepare, daemon=True).start()
 
     def close(self) -> None:
         """Stop the worker; every unfinished request fails with UNAVAILABLE."""

@@ -156,6 +156,9 @@ class H2Connection(asyncio.Protocol):
         self.going_away = False
         self.failed = False
         self.paused = False  # the peer does not read: we do not either
+        # Streams we reset: the peer's frames already in flight on them are ignored (RFC 9113
+        # 5.1), HEADERS included. Bounded: only the most recent resets matter.
+        self.sent_resets: set[int] = set()
         self.peer_name = "unknown"
         self.started = self.last_call = self.last_seen = clock()
         self.ping_sent: float | None = None
@@ -354,6 +357,9 @@ class H2Connection(asyncio.Protocol):
             self.reset(stream.id, NO_ERROR)
 
     def reset(self, sid: int, code: int) -> None:
+        if len(self.sent_resets) >= 1024:
+            self.sent_resets.clear()
+        self.sent_resets.add(sid)
         if self.transport is not None:
             self.transport.write(frame(RST_STREAM, 0, sid, U32.pack(code)))
 

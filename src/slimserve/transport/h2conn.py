@@ -301,7 +301,8 @@ class H2ServerConnection(H2Connection):
         if stream is not None:
             self._on_trailers(stream, flags, headers)
         elif sid <= self.last_stream:
-            self.fail(STREAM_CLOSED, "HEADERS on a closed stream")
+            if sid not in self.sent_resets:  # else sent before our reset reached the client
+                self.fail(STREAM_CLOSED, "HEADERS on a closed stream")
         else:
             self._open(sid, flags, headers)
 

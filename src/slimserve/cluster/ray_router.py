@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 # Ray 2.58's public router API (the module re-exports them without an __all__).
-from ray.serve.request_router import (  # type: ignore[attr-defined]
+from ray.serve.request_router import (
     PendingRequest,
     RequestRouter,
     RunningReplica,

@@ -64,7 +64,7 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
             downscale_delay_s=10.0,
             metrics_interval_s=1.0,
             look_back_period_s=3.0,
-            policy=AutoscalingPolicy(policy_function=AUTOSCALE_POLICY),  # type: ignore[no-untyped-call]
+            policy=AutoscalingPolicy(policy_function=AUTOSCALE_POLICY),
         )
     return options
 
@@ -120,5 +120,5 @@ def run_on_ray(settings: Settings, build: Builder) -> None:
             signal.signal(sig, handler)
         serve.delete(APP_NAME)
         if local:
-            serve.shutdown()  # type: ignore[no-untyped-call]
+            serve.shutdown()
             ray.shutdown()

@@ -6,6 +6,7 @@ Prometheus scraping, and an open-loop load generator on pooled keep-alive connec
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import platform
 import signal
@@ -40,7 +41,7 @@ def write_mlp(path: Path, sizes: list[int], seed: int = 0, out_name: str = "outp
 
     rng = np.random.default_rng(seed)
     nodes, inits, prev = [], [], "input"
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
         inits += [
             numpy_helper.from_array(w, f"w{i}"),

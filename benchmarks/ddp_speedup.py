@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _repro_common import facts_markdown, fashion_mnist, machine_facts  # noqa: E402
+from _repro_common import facts_markdown, fashion_mnist, machine_facts
 
-from slimserve.train import TrainConfig, classification_loss, fit  # noqa: E402
-from slimserve.train.distributed import init_distributed, is_main_process, shutdown  # noqa: E402
-from slimserve.zoo import MLP  # noqa: E402
+from slimserve.train import TrainConfig, classification_loss, fit
+from slimserve.train.distributed import init_distributed, is_main_process, shutdown
+from slimserve.zoo import MLP
 
 
 def worker(out: Path, samples: int, batch: int, threads: int) -> None:

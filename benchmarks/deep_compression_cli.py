@@ -34,10 +34,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _repro_common import facts_markdown, fashion_mnist, machine_facts  # noqa: E402
+from _repro_common import facts_markdown, fashion_mnist, machine_facts
 
-from slimserve.train import TrainConfig, accuracy, classification_loss, fit  # noqa: E402
-from slimserve.zoo import MLP, CaffeLeNet  # noqa: E402
+from slimserve.train import TrainConfig, accuracy, classification_loss, fit
+from slimserve.zoo import MLP, CaffeLeNet
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,12 @@ class Baseline:
     epochs: int
     lr_gamma: float
     target: float  # test accuracy the baseline must reach
+    input_shape: str = "784"  # one row, for `repo add --input-shape`
 
 
 BASELINES = {
     "lenet300": Baseline("slimserve.zoo:MLP", {"sizes": [784, 300, 100, 10]}, 30, 0.9, 0.894),
-    "lenet5": Baseline("slimserve.zoo:CaffeLeNet", {}, 10, 0.8, 0.91),
+    "lenet5": Baseline("slimserve.zoo:CaffeLeNet", {}, 10, 0.8, 0.91, "1,28,28"),
 }
 
 
@@ -97,6 +98,7 @@ def compress(name: str, seed: int, weights: Path, work: Path, recipe: str) -> di
         slimserve(
             "repo", "add", model, str(weights), "-r", str(repo),
             "--model-class", b.model_class, "--model-args", json.dumps(b.model_args),
+            "--input-shape", b.input_shape,
         )  # fmt: skip
     command = [
         "optimize", model, "-r", str(repo), "--recipe", recipe,
@@ -107,7 +109,8 @@ def compress(name: str, seed: int, weights: Path, work: Path, recipe: str) -> di
     print(slimserve(*command), flush=True)
     seconds = time.perf_counter() - t0
     variants = repo / model / "1" / "variants"
-    doc = yaml.safe_load(next(variants.glob("*/variant.yaml")).read_text())
+    docs = [yaml.safe_load(p.read_text()) for p in sorted(variants.glob("*/variant.yaml"))]
+    (doc,) = [d for d in docs if d["recipe"]["text"] == recipe]
     report = json.loads((repo / model / "reports" / "1" / "report.json").read_text())
     profile = doc["profile"]
     original = report["original"]

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _pressure as P  # noqa: E402
+import _pressure as P
 
 WIDTH, DELAY_S, RECOVER_S = 16, 0.020, 2.0
 

@@ -24,9 +24,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _pressure as P  # noqa: E402
+import _pressure as P
 
-from slimserve.bench.http_client import build_request, connect  # noqa: E402
+from slimserve.bench.http_client import build_request, connect
 
 WIDTH, RATE, FAULT_ON, FAULT_OFF, END = 16, 40.0, 2.0, 8.0, 14.0
 BREAKER = {"consecutive_failures": 5, "open_s": 2.0, "probe_calls": 3}
@@ -50,9 +50,9 @@ def build_repo(root: Path, fault: Path) -> None:
 
 async def toggle(fault: Path, t0: float) -> None:
     await asyncio.sleep(max(0.0, t0 + FAULT_ON - time.perf_counter()))
-    fault.touch()
+    await asyncio.to_thread(fault.touch)
     await asyncio.sleep(max(0.0, t0 + FAULT_OFF - time.perf_counter()))
-    fault.unlink()
+    await asyncio.to_thread(fault.unlink)
 
 
 async def watch(port: int, t0: float) -> list[tuple[float, str]]:
@@ -87,7 +87,7 @@ async def scenario(port: int, fault: Path) -> dict[str, Any]:
 def classify(s: P.Sample) -> str:
     if s.status != 200:
         return str(s.status)
-    name, degraded = P.served(s.body)
+    _name, degraded = P.served(s.body)
     return "fallback" if degraded else "original"
 
 

@@ -9,7 +9,8 @@ alternating), drives the same MLP model over gRPC with `slimserve bench` (bench'
 HTTP/2 client, from `--after`), and reads the server's CPU time from /proc around the measured
 load. Per side it prints req/s, p50/p99 and the server's CPU microseconds per call; at the end
 the medians over rounds and after/before ratios. On a shared machine the ratios within a
-round are what to compare, and CPU per call is steadier than req/s.
+round are what to compare, and CPU per call is steadier than req/s (it includes the server's
+idle CPU while bench starts, the same for both sides).
 Needs benchmarks/models.py's repository (`mlp-onnx`).
 """
 
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from procs import free_port, start, stop, wait_answer  # noqa: E402
+from procs import free_port, start, stop, wait_answer
 
 TICK_S = os.sysconf("SC_CLK_TCK")
 
@@ -54,16 +55,17 @@ def one_side(src: Path, after: Path, repo: Path, args: argparse.Namespace) -> li
                      "--grpc-url", f"127.0.0.1:{grpc_port}", "--model", "mlp-onnx",
                      "--protocol", "grpc", "--concurrency", n, "--duration", str(args.duration),
                      "--warmup", str(args.warmup), "--json"]  # fmt: skip
+            # The server's CPU over the whole bench run (its start, on a loaded machine, takes
+            # seconds of no load), divided by the calls of the measured window: with no
+            # warm-up (--warmup 0, the default here) that window is all the load there was.
+            c0 = cpu_s(server.pid)
             proc = subprocess.Popen(
                 bench, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(after)}
             )
-            time.sleep(args.warmup + 1.0)  # bench's start and warm-up: not counted
-            t0, c0 = time.perf_counter(), cpu_s(server.pid)
-            time.sleep(args.duration - 1.0)
-            c1, t1 = cpu_s(server.pid), time.perf_counter()
-            out, _ = proc.communicate(timeout=120)
+            out, _ = proc.communicate(timeout=300)
+            c1 = cpu_s(server.pid)
             result = json.loads(out)[0]
-            calls = result["rps"] * (t1 - t0)
+            calls = result["rps"] * result["duration_s"]
             result["server_cpu_us"] = (c1 - c0) / calls * 1e6 if calls else float("nan")
             rows.append(result)
     finally:
@@ -78,7 +80,7 @@ def main() -> None:
     p.add_argument("--after", type=Path, required=True)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=6.0)
-    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--warmup", type=float, default=0.0)
     p.add_argument("--concurrency", default="1,64")
     args = p.parse_args()
     after = args.after.resolve()

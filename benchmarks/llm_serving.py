@@ -414,7 +414,7 @@ def main() -> None:
     malloc_tuned = keep_freed_memory()  # as llm_throughput.py, and as the server does
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_before = uptime()
-    facts = machine_facts(args.threads) + [f"- glibc malloc keeps freed buffers: {malloc_tuned}"]
+    facts = [*machine_facts(args.threads), f"- glibc malloc keeps freed buffers: {malloc_tuned}"]
     folder = args.model_dir or convert_gguf(
         smollm2_gguf(),
         Path(tempfile.gettempdir()) / f"slimserve-smollm2-{smollm2_gguf().stat().st_size}",

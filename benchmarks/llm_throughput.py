@@ -223,7 +223,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     malloc_tuned = keep_freed_memory()  # for every system measured here (see malloc.py)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    facts = machine_facts(args.threads) + [f"- glibc malloc keeps freed buffers: {malloc_tuned}"]
+    facts = [*machine_facts(args.threads), f"- glibc malloc keeps freed buffers: {malloc_tuned}"]
     folder = args.model_dir or convert_gguf(
         smollm2_gguf(),
         Path(tempfile.gettempdir()) / f"slimserve-smollm2-{smollm2_gguf().stat().st_size}",

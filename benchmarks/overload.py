@@ -33,9 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _pressure as P  # noqa: E402
+import _pressure as P
 
-from slimserve.bench.http_client import connect  # noqa: E402
+from slimserve.bench.http_client import connect
 
 WIDTH_IN, WIDTH_OUT = 784, 10
 # The model must be what saturates, as in the overload the proof is about. An MLP

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _pressure as P  # noqa: E402
+import _pressure as P
 
 PARTS = (
     ("residency", "Residency under a memory budget: eviction policies"),

@@ -68,18 +68,18 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _distill_patient as patient  # noqa: E402
-from _repro_common import facts_markdown, fashion_mnist, machine_facts  # noqa: E402
+import _distill_patient as patient
+from _repro_common import facts_markdown, fashion_mnist, machine_facts
 
-from slimserve.optimize.distillation import DistillConfig, distill  # noqa: E402
-from slimserve.train import (  # noqa: E402
+from slimserve.optimize.distillation import DistillConfig, distill
+from slimserve.train import (
     Callback,
     TrainConfig,
     accuracy,
     classification_loss,
     fit,
 )
-from slimserve.zoo import MLP  # noqa: E402
+from slimserve.zoo import MLP
 
 VAL = 5000
 BATCH = 128

@@ -30,23 +30,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _repro_common import facts_markdown, fashion_mnist, machine_facts  # noqa: E402
+from _repro_common import facts_markdown, fashion_mnist, machine_facts
 
-from slimserve.optimize.compress import (  # noqa: E402
+from slimserve.optimize.compress import (
     WeightSharing,
     finetune_centroids,
     load_compressed,
     save_compressed,
     share_weights_,
 )
-from slimserve.optimize.prune import (  # noqa: E402
+from slimserve.optimize.prune import (
     MagnitudePruning,
     count_nonzero,
     layer_sparsity,
     prune_iteratively,
 )
-from slimserve.train import TrainConfig, accuracy, classification_loss, fit  # noqa: E402
-from slimserve.zoo import MLP, CaffeLeNet  # noqa: E402
+from slimserve.train import TrainConfig, accuracy, classification_loss, fit
+from slimserve.zoo import MLP, CaffeLeNet
 
 
 @dataclass(frozen=True)

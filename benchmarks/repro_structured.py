@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _repro_common import facts_markdown, fashion_mnist, machine_facts  # noqa: E402
+from _repro_common import facts_markdown, fashion_mnist, machine_facts
 
-from slimserve.optimize.prune import StructuredPruning, prune_  # noqa: E402
-from slimserve.optimize.structured import count_macs  # noqa: E402
-from slimserve.train import TrainConfig, accuracy, classification_loss, fit  # noqa: E402
-from slimserve.zoo import MLP, CaffeLeNet, LeNet5  # noqa: E402
+from slimserve.optimize.prune import StructuredPruning, prune_
+from slimserve.optimize.structured import count_macs
+from slimserve.train import TrainConfig, accuracy, classification_loss, fit
+from slimserve.zoo import MLP, CaffeLeNet, LeNet5
 
 MODELS = {
     # name: (constructor, dense epochs, amount removed, fine-tune epochs)

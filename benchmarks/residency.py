@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _pressure as P  # noqa: E402
+import _pressure as P
 
-from slimserve.bench.http_client import connect  # noqa: E402
+from slimserve.bench.http_client import connect
 
 N_MODELS, WIDTH_IN, WIDTH_OUT = 20, 64, 16
 POLICIES = ("lru", "lfu", "gdsf")

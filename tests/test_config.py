@@ -61,7 +61,7 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 
 def test_serve_makes_openmp_threads_sleep_unless_told_to_spin(monkeypatch) -> None:
-    from slimserve.app import configure_threads
+    from slimserve.launch import configure_threads
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "unset")  # recorded, so the test leaves it as it was
     monkeypatch.delenv("OMP_WAIT_POLICY")

@@ -65,3 +65,11 @@ def test_readme_optimize_example_runs():
     assert type(model.net[0]).__name__ != "Linear"  # swapped for an int8 layer
     after = model(torch.ones(1, 784))
     assert after.shape == before.shape
+
+
+def test_readme_embedding_example_runs(tmp_path, capsys, monkeypatch):
+    _mnist_mlp(tmp_path / "models")
+    (block,) = [b for b in python_blocks() if "build_server" in b]
+    monkeypatch.chdir(tmp_path)  # Settings(repository="models") is relative
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    assert capsys.readouterr().out.strip() == "(1, 10)"

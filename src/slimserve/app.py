@@ -2,32 +2,30 @@
 
 `build_server(settings)` builds everything from Settings (thread pools, model residency,
 admission, authenticator, audit log, metrics, response caches, the engine, the HTTP app and the
-gRPC service) and returns a `Server`; `serve` runs one on sockets until a signal. Also defines
-`slimserve serve`.
+gRPC service) and returns a `Server`; `serve` runs one on sockets until a signal (launch.py
+runs it in one process or several: `slimserve serve`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import os
 import signal
 import socket
-import sys
 import time
-import typing
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from slimserve.config import Settings
-from slimserve.errors import ConfigError, SlimserveError
+from slimserve.errors import ConfigError
 from slimserve.repository.store import Repository
+from slimserve.runtimes.base import RuntimeOptions
 from slimserve.security.audit import AuditLog
+from slimserve.security.crypto import resolve_data_key
 from slimserve.security.keys import Authenticator
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import ResponseCaches
@@ -47,102 +45,6 @@ from slimserve.types import Clock
 log = logging.getLogger("slimserve")
 
 
-def register(sub: Any) -> None:
-    """`slimserve serve`: one flag per Settings field, help from its description."""
-    parser = sub.add_parser(
-        "serve",
-        help="serve a model repository over HTTP and gRPC",
-        description="Serve every model in a repository (KServe v2 over HTTP and gRPC). "
-        "Options also come from SLIMSERVE_<OPTION> environment variables and --config FILE; "
-        "flags win over the environment, which wins over the file.",
-    )
-    parser.add_argument("--config", type=Path, help="YAML file of settings (keys as below).")
-    for name, field in Settings.model_fields.items():
-        _add_flag(parser, name, field)
-    parser.set_defaults(handler=_serve_command)
-
-
-def _add_flag(parser: argparse.ArgumentParser, name: str, field: Any) -> None:
-    flag = "--" + name.replace("_", "-")
-    default = field.default_factory() if field.default_factory else field.default
-    help_text = f"{field.description} (default: {default})"
-    annotation = field.annotation
-    optional = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if type(None) in typing.get_args(annotation) and len(optional) == 1:
-        annotation = optional[0]  # `X | None`: the flag takes an X
-    if annotation is bool:
-        parser.add_argument(
-            flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-        )
-    elif typing.get_origin(annotation) is typing.Literal:
-        parser.add_argument(flag, choices=typing.get_args(annotation), default=None, help=help_text)
-    elif typing.get_origin(annotation) is list:
-        parser.add_argument(
-            flag,
-            type=lambda s: [x for x in s.split(",") if x],
-            default=None,
-            help=help_text + "; comma-separated",
-        )
-    else:
-        parser.add_argument(flag, type=annotation, default=None, help=help_text)
-
-
-def _serve_command(args: argparse.Namespace) -> int:
-    flags = {name: getattr(args, name) for name in Settings.model_fields}
-    settings = Settings.load(args.config, **flags)
-    run_server(settings)
-    # Everything is stopped and flushed; skip interpreter teardown, where gRPC's core alone
-    # spends over a second, so that a restart or rolling update is not held up.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def configure_logging(settings: Settings) -> None:
-    from slimserve import logs
-
-    logs.configure(settings.log_level, settings.log_format)
-
-
-def run_server(settings: Settings) -> None:
-    """Run until SIGINT/SIGTERM, on uvloop where available; several processes with workers."""
-    configure_logging(settings)
-    configure_threads(settings)
-    if settings.workers > 1:
-        from slimserve.cluster.processes import run_workers
-
-        if run_workers(settings, run_worker):
-            raise SlimserveError("a worker process failed; see the log above")
-        return
-    _run_loop(serve(settings))
-
-
-def configure_threads(settings: Settings) -> None:
-    """OpenMP (torch's intra-op pool) reads its wait policy once, when torch is imported: set
-    it first. Spinning OpenMP threads took the cores from the event loop and the client on a
-    2-core machine (MiniLM batch 32 in-process, other processes busy: 34 rows/s spinning,
-    231 sleeping; benchmarks/RESULTS.md). A policy the user set in the environment wins."""
-    if not settings.spin_wait:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def run_worker(settings: Settings, sockets: list[socket.socket]) -> None:
-    """One worker process of `--workers N` (started by cluster.processes)."""
-    configure_logging(settings)
-    configure_threads(settings)
-    _run_loop(serve(settings, http_sockets=sockets))
-
-
-def _run_loop(main: Coroutine[Any, Any, None]) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
-
-
 def build_engine(
     settings: Settings,
     *,
@@ -153,9 +55,10 @@ def build_engine(
     """The engine and every part it works with, built from `settings`.
 
     `runtime_factory` (target, options) -> Runtime replaces the backends (tests pass toy
-    runtimes); `clock` (monotonic seconds) is the one clock of residency and admission (tests
-    pass `slimserve.testing.FakeClock`). The engine owns what is built here: `Engine.stop`
-    closes it all.
+    runtimes); `clock` (monotonic seconds) is the one clock of every decision by time: batching
+    windows, deadlines, rate limits, breakers, residency, cache expiry, generation deadlines
+    (tests pass `slimserve.testing.FakeClock`). The engine owns what is built here:
+    `Engine.stop` closes it all.
     """
     repository = repository or Repository(settings.repository)
     threads = settings.inference_threads or os.cpu_count() or 1
@@ -165,6 +68,7 @@ def build_engine(
         settings,
         InferenceThreads(threads),
         ThreadPoolExecutor(2, thread_name_prefix="slimserve-load"),
+        runtime_options(settings, clock),
         runtime_factory,
         clock=clock,
         on_batch=metrics.batch_observer,
@@ -187,6 +91,20 @@ def build_engine(
         catalog=catalog,
         control=control,
         audit=audit,
+        clock=clock,
+    )
+
+
+def runtime_options(settings: Settings, clock: Clock) -> RuntimeOptions:
+    """What every runtime is built with: threads, ONNX Runtime's graph level, spinning, the
+    data key for encrypted artifacts (read once, here) and the clock."""
+    return RuntimeOptions(
+        intra_op_threads=settings.intra_op_threads,
+        graph_optimization=settings.ort_graph_optimization,
+        spin_wait=settings.spin_wait,
+        data_key=resolve_data_key(
+            settings.data_key_file, settings.data_key_env, settings.data_key_environment()
+        ),
         clock=clock,
     )
 
@@ -235,7 +153,7 @@ class Server:
     def grpc_server(self) -> GrpcServer:
         """The configured gRPC server (--grpc-server) for settings.host:grpc_port, not started."""
         if self.settings.grpc_server == "grpcio":
-            return create_server(self.engine, self.settings)
+            return cast(GrpcServer, create_server(self.engine, self.settings))
         return NativeGrpcServer(self.engine, self.settings)
 
     async def serve(

@@ -16,11 +16,15 @@ from slimserve.errors import SlimserveError
 
 # Modules that each define `register(subparsers) -> None`; their handlers are stored with
 # `parser.set_defaults(handler=...)` and take the parsed namespace, returning an exit code.
+# A handler may be named 'package.module:function' instead: that module is imported only
+# when its command runs (`serve` loads the transports; other commands should not).
 COMMAND_MODULES = (
-    "slimserve.app",  # serve
+    "slimserve.serve_cli",  # serve
     "slimserve.repository.cli",  # repo add | list | manifest
     "slimserve.optimize.cli",  # optimize
     "slimserve.bench",  # bench
+    "slimserve.bench.profile_command",  # profile
+    "slimserve.planning.cli",  # plan
     "slimserve.security.cli",  # keys create | list | revoke; repo encrypt | decrypt
 )
 
@@ -70,8 +74,12 @@ def missing_extra(exc: ModuleNotFoundError, command: str) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    handler = args.handler
+    if isinstance(handler, str):
+        module, _, function = handler.partition(":")
+        handler = getattr(importlib.import_module(module), function)
     try:
-        return int(args.handler(args) or 0)
+        return int(handler(args) or 0)
     except SlimserveError as exc:
         print(f"slimserve {args.command}: error: {exc.message}", file=sys.stderr)
         return 2

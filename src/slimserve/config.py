@@ -8,6 +8,7 @@ flags and their help text from the fields below, so a default is written in one 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +40,8 @@ class Settings(BaseSettings):
     )
     load_models: list[str] = Field(
         default_factory=lambda: ["*"],
-        description="Models to load at start ('*': all in the repository; empty: none).",
+        description="Models to load at start ('*': all in the repository; empty: none); an "
+        "entry NAME/VERSION or NAME/VERSION:VARIANT loads that one unit only.",
     )
     model_control: bool = Field(
         False,
@@ -105,6 +107,39 @@ class Settings(BaseSettings):
         le=64,
         description="Server processes sharing the ports; each loads its own models (the "
         "memory budget is split between them), batches and counts on its own.",
+    )
+    worker_max_restarts: int = Field(
+        5,
+        ge=0,
+        description="With several workers: how often one worker may die within a minute "
+        "and be restarted (with backoff); one more death is a crash loop, which stops the "
+        "server with the reason.",
+    )
+    ray: str | None = Field(
+        None,
+        description="Serve on Ray Serve: 'local' starts a Ray instance on this machine, an "
+        "address (HOST:PORT, ray://HOST:PORT or auto) joins a running cluster; each replica "
+        "runs a whole slimserve engine and Ray's proxy listens on host:http_port (and "
+        "grpc_port). None: serve from this process (or --workers processes).",
+    )
+    replicas: int = Field(
+        1, ge=1, le=256, description="With ray: how many replicas serve (fixed count)."
+    )
+    ray_proxy: Literal["head", "every-node"] = Field(
+        "head",
+        description="With ray: where Ray's HTTP/gRPC proxy runs: 'head' (one entry point on "
+        "the head node) or 'every-node' (one per node, each on host:http_port; put a load "
+        "balancer in front).",
+    )
+    ray_router: Literal["slimserve", "ray"] = Field(
+        "slimserve",
+        description="With ray: 'slimserve' routes by model residency, free budget and queue "
+        "depth; 'ray' is Ray Serve's default router (power of two choices), for comparison.",
+    )
+    autoscale: str | None = Field(
+        None,
+        description="With ray: MIN,MAX replicas, scaled by slimserve's own signals (requests "
+        "in flight per replica, queue delay) instead of a fixed --replicas.",
     )
     max_body_bytes: int = Field(
         64 * MiB, gt=0, description="Largest request body accepted, in bytes (413 above)."
@@ -206,17 +241,31 @@ class Settings(BaseSettings):
                 "model_control with several workers would load or unload in one process "
                 "only; use workers: 1 to manage models through the API"
             )
+        if self.autoscale is not None and self.ray is None:
+            raise ValueError("autoscale needs ray: add --ray local (or --ray ADDRESS)")
+        if self.ray is not None and self.workers > 1:
+            raise ValueError("ray and workers do not mix: Ray runs the replicas; drop --workers")
         if self.data_key_file is not None and self.data_key_env is not None:
             raise ValueError("set data_key_file or data_key_env, not both")
         return self
 
-    def data_key(self) -> bytes | None:
-        """The artifact data key from data_key_file or the variable named by data_key_env."""
-        import os  # the environment is read here and nowhere else
+    def data_key_environment(self) -> dict[str, str]:
+        """{data_key_env: its value} when that variable is set (for security.crypto's
+        resolve_data_key): the environment is read here and nowhere else."""
+        name = self.data_key_env
+        value = None if name is None else os.environ.get(name)
+        return {} if name is None or value is None else {name: value}
 
-        from slimserve.security.crypto import resolve_data_key
+    @field_validator("autoscale")
+    @classmethod
+    def _autoscale_bounds(cls, value: str | None) -> str | None:
+        if value is not None:
+            autoscale_bounds(value)  # raises with the fix
+        return value
 
-        return resolve_data_key(self.data_key_file, self.data_key_env, os.environ)
+    def autoscale_range(self) -> tuple[int, int] | None:
+        """(min, max) replicas from `autoscale`, None when the count is fixed."""
+        return None if self.autoscale is None else autoscale_bounds(self.autoscale)
 
     @field_validator("host")
     @classmethod
@@ -249,7 +298,6 @@ class Settings(BaseSettings):
         if config_file is not None:
             file_values = _read_yaml(config_file)
         env_names = {f"SLIMSERVE_{k.upper()}" for k in cls.model_fields}
-        import os  # the environment is read here and nowhere else
 
         from_env = {n[len("SLIMSERVE_") :].lower() for n in env_names if n in os.environ}
         merged = {k: v for k, v in file_values.items() if k not in from_env}
@@ -258,6 +306,18 @@ class Settings(BaseSettings):
             return cls(**merged)
         except ValidationError as exc:
             raise ConfigError(_describe(exc, config_file)) from None
+
+
+def autoscale_bounds(text: str) -> tuple[int, int]:
+    """'MIN,MAX' as two ints, 0 <= MIN <= MAX, MAX >= 1."""
+    parts = text.split(",")
+    try:
+        low, high = (int(p) for p in parts) if len(parts) == 2 else (-1, -1)
+    except ValueError:
+        low, high = -1, -1
+    if not 0 <= low <= high or high < 1:
+        raise ValueError("use MIN,MAX replicas with 0 <= MIN <= MAX and MAX >= 1, e.g. 1,4")
+    return low, high
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

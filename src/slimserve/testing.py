@@ -24,7 +24,6 @@ import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +122,6 @@ class ToyRuntime(Runtime):
     `batch_sizes` lists the batch size of every infer call, in order, so engine tests can
     check what the batcher formed; `loads` / `unloads` count lifecycle calls.
     """
-
-    thread_safe = True
 
     def __init__(
         self, target: Target, options: RuntimeOptions | None = None, *, memory: int = 1 << 20
@@ -281,8 +278,6 @@ class ScalePredictor:
     """A predictor for the python backend (`model_class: slimserve.testing:ScalePredictor`):
     every declared output is the first input times `scale`; `setup` reads nothing."""
 
-    thread_safe = True
-
     def __init__(self, scale: float = 2.0, output: str = "output") -> None:
         self.scale = scale
         self.output = output
@@ -401,15 +396,12 @@ class RuntimeContract:
             expected = _concrete_shape(spec.shape, batch)
             assert array.ndim == len(expected), (spec.name, array.shape, spec.shape)
             for got, want, declared in zip(array.shape, expected, spec.shape, strict=True):
-                assert declared == -1 and got > 0 or got == want, (spec.name, array.shape)
+                assert (declared == -1 and got > 0) or got == want, (spec.name, array.shape)
             if runtime.target.config.batched:
                 assert array.shape[0] == batch, (spec.name, array.shape, batch)
 
     def test_memory_bytes_positive_when_loaded(self, loaded: Runtime) -> None:
         assert loaded.memory_bytes() > 0
-
-    def test_thread_safe_is_declared(self, loaded: Runtime) -> None:
-        assert isinstance(loaded.thread_safe, bool)
 
     def test_batch_of_one(self, loaded: Runtime, target: Target) -> None:
         out = loaded.infer(self.make_inputs(target, 1))
@@ -440,17 +432,6 @@ class RuntimeContract:
 
     def test_warmup(self, loaded: Runtime) -> None:
         loaded.warmup()
-
-    def test_concurrent_infer_when_thread_safe(self, loaded: Runtime, target: Target) -> None:
-        if not loaded.thread_safe:
-            pytest.skip("not thread-safe: the serving layer calls it from one thread at a time")
-        inputs = [self.make_inputs(target, 1, seed=s) for s in range(8)]
-        expected = [loaded.infer(x) for x in inputs]
-        with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(loaded.infer, inputs))
-        for got, want in zip(results, expected, strict=True):
-            for name in want:
-                np.testing.assert_allclose(got[name], want[name], rtol=self.rtol, atol=self.atol)
 
     def test_unload_then_load_again(self, target: Target) -> None:
         runtime = self.make_runtime(target)

@@ -80,7 +80,11 @@ class RequestControls:
     timeout_s: float | None = None  # seconds from arrival; also a gRPC call's deadline
     priority: int = 0  # higher is served first from a model's queue
     degrade: bool | None = None  # may a cheaper variant answer? None: model.yaml's degrade.allow
-    # Service-level objectives for variant choice go here (latency_slo_ms, max_quality_loss).
+    # Per-request objective (policies/slo.py): answer within this many ms from arrival, giving
+    # up at most `max_quality_loss` points against the original (None: the model's
+    # degrade.max_quality_loss). latency_slo_ms None: no objective, nothing changes.
+    latency_slo_ms: float | None = None
+    max_quality_loss: float | None = None
 
 
 NO_CONTROLS = RequestControls()

@@ -6,6 +6,7 @@ module imports torch.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -23,14 +24,15 @@ class MLP(nn.Module):
         if len(sizes) < 2:
             raise ValueError(f"MLP needs at least [in, out] sizes, got {list(sizes)}")
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1))
+        out: torch.Tensor = self.net(x.flatten(1))
+        return out
 
 
 class LeNet5(nn.Module):
@@ -58,7 +60,8 @@ class LeNet5(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # flat 784-pixel rows
             x = x.view(-1, 1, 28, 28)
-        return self.classifier(self.features(x))
+        out: torch.Tensor = self.classifier(self.features(x))
+        return out
 
 
 class CaffeLeNet(nn.Module):
@@ -86,4 +89,5 @@ class CaffeLeNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # flat 784-pixel rows
             x = x.view(-1, 1, 28, 28)
-        return self.classifier(self.features(x))
+        out: torch.Tensor = self.classifier(self.features(x))
+        return out

@@ -8,7 +8,5 @@ import numpy as np
 
 
 class TextEcho:
-    thread_safe = True
-
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"text_out": inputs["text"], "twice": inputs["half"] * 2}

@@ -67,6 +67,13 @@ def served(model_repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 # -- a valid client doing anything ------------------------------------------------------
 
+SETTING_CODES = [
+    SettingsFrame.INITIAL_WINDOW_SIZE,
+    SettingsFrame.MAX_FRAME_SIZE,
+    SettingsFrame.HEADER_TABLE_SIZE,
+    SettingsFrame.ENABLE_PUSH,
+]
+SETTINGS = st.dictionaries(st.sampled_from(SETTING_CODES), st.integers(1, 2**24 - 1), max_size=2)
 actions = st.lists(
     st.one_of(
         st.tuples(st.just("call"), st.sampled_from(METHODS), st.booleans()),
@@ -74,22 +81,7 @@ actions = st.lists(
         st.tuples(st.just("trailers"), st.just(None), st.just(None)),
         st.tuples(st.just("reset"), st.integers(0, 13), st.just(None)),
         st.tuples(st.just("ping"), st.binary(min_size=8, max_size=8), st.just(None)),
-        st.tuples(
-            st.just("settings"),
-            st.dictionaries(
-                st.sampled_from(
-                    [
-                        SettingsFrame.INITIAL_WINDOW_SIZE,
-                        SettingsFrame.MAX_FRAME_SIZE,
-                        SettingsFrame.HEADER_TABLE_SIZE,
-                        SettingsFrame.ENABLE_PUSH,
-                    ]
-                ),
-                st.integers(1, 2**24 - 1),
-                max_size=2,
-            ),
-            st.just(None),
-        ),  # fmt: skip
+        st.tuples(st.just("settings"), SETTINGS, st.just(None)),
         st.tuples(st.just("window"), st.integers(1, 2**20), st.booleans()),
     ),
     max_size=12,

@@ -32,7 +32,6 @@ TEXT_MODULE = """\
 import numpy as np
 
 class Upper:
-    thread_safe = True
 
     def predict(self, inputs):
         s = inputs["s"]

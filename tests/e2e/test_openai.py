@@ -13,6 +13,7 @@ import pytest
 
 from tests.e2e.conftest import ServerProcess, start_server, stop_server
 from tests.runtimes.llm.conftest import tiny_llama_dir  # noqa: F401 - a fixture
+from tests.runtimes.llm.helpers import check_decisive
 from tests.transport.test_openai import build_repo
 
 openai = pytest.importorskip("openai")
@@ -51,13 +52,17 @@ def reference(tiny_llama_dir: Path) -> list[tuple[str, str]]:  # noqa: F811
     out = []
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
-        tokens = model.generate(
+        generated = model.generate(
             **ids,
             max_new_tokens=10,
             do_sample=False,
             eos_token_id=tokenizer.sep_token_id,
             pad_token_id=tokenizer.pad_token_id,
-        )[0, ids["input_ids"].shape[1] :].tolist()
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        check_decisive(generated.scores, repr(prompt))  # equal text needs no near-ties
+        tokens = generated.sequences[0, ids["input_ids"].shape[1] :].tolist()
         finish = "stop" if tokens[-1] == tokenizer.sep_token_id else "length"
         out.append((tokenizer.decode(tokens, skip_special_tokens=True), finish))
     return out

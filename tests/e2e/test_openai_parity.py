@@ -22,7 +22,7 @@ from tests.transport.test_openai import LM_YAML
 
 openai = pytest.importorskip("openai")
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(300)
 
 ASK = [{"role": "user", "content": "hello world"}]
 BUSY = """\

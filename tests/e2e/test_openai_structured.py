@@ -23,7 +23,7 @@ from tests.runtimes.llm.conftest import tiny_bpe_dir  # noqa: F401 - a fixture
 
 openai = pytest.importorskip("openai")
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(360)
 
 YAML = """\
 backend: transformers

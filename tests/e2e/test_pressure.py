@@ -8,6 +8,7 @@ No timing assertions: orderings are made sure of by polling the server's own /me
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +42,7 @@ def write_mlp(path: Path, sizes: list[int], seed: int) -> int:
     """MLP 'input' [N, sizes[0]] -> 'output' [N, sizes[-1]]; returns the file's bytes."""
     rng = np.random.default_rng(seed)
     nodes, inits, prev = [], [], "input"
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         last = i == len(sizes) - 2
         inits += [
             numpy_helper.from_array(rng.standard_normal((a, b)).astype(np.float32), f"w{i}"),

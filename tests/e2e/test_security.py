@@ -139,7 +139,7 @@ def test_https_with_curl_and_keys(secure_server, pki, keys_file):
             cmd += ["-H", f"Authorization: Bearer {key}"]
         if body is not None:
             cmd += ["-d", body]
-        out = subprocess.run(cmd + [url + path], capture_output=True, text=True, check=True)
+        out = subprocess.run([*cmd, url + path], capture_output=True, text=True, check=True)
         text, _, code = out.stdout.rpartition("\n")
         return int(code), text
 

@@ -104,7 +104,7 @@ def test_jsonl_of_v2_requests(tmp_path):
 
 def test_digits_splits_and_unknown_formats(tmp_path):
     x, y = digits("train")
-    xt, yt = digits("test")
+    xt, _yt = digits("test")
     assert x.shape[1] == 64 and len(x) + len(xt) == 1797 and x.max() <= 1.0
     assert set(y.tolist()) == set(range(10))
     with pytest.raises(InvalidArgument, match=r"\.npz, \.csv, \.jsonl"):

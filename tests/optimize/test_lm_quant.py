@@ -160,14 +160,14 @@ def test_a_failure_while_making_variants_leaves_no_trace(repo: Path, monkeypatch
     assert not (repo / "tiny/1/variants").exists()
 
 
-def test_a_non_lm_model_still_needs_data(tmp_path: Path) -> None:
+def test_a_non_lm_model_still_needs_data_to_train(tmp_path: Path) -> None:
     root = tmp_path / "models"
     (root / "mlp/1").mkdir(parents=True)
     (root / "mlp/model.yaml").write_text(
         "backend: torch\nmodel_class: slimserve.zoo:MLP\nmodel_args: {sizes: [4, 3]}\n"
     )
-    with pytest.raises(InvalidArgument, match="--data is required"):
-        optimize(root, "mlp", ["int8"], None, None, FAST)
+    with pytest.raises(InvalidArgument, match="'finetune' trains on labelled data: give --data"):
+        optimize(root, "mlp", ["finetune"], None, None, FAST)
 
 
 def test_cli_makes_an_int4_variant_from_a_text_file(repo: Path, tmp_path: Path, capsys) -> None:

@@ -158,7 +158,7 @@ def test_bad_magnitude_configs_are_named(kwargs, match):
 
 
 def test_unknown_layer_names_and_unprunable_layers_are_named(model):
-    with pytest.raises(InvalidArgument, match="net.9"):
+    with pytest.raises(InvalidArgument, match=r"net.9"):
         prune_(model, MagnitudePruning(amount=0.5, layer_amounts={"net.9": 0.5}))
     bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     with pytest.raises(InvalidArgument, match="BatchNorm1d"):
@@ -236,7 +236,7 @@ def test_structured_refuses_a_residual_and_leaves_the_model(functional, match):
 
 
 def test_structured_refuses_the_output_layer(model):
-    with pytest.raises(InvalidArgument, match="net.4"):  # the output layer
+    with pytest.raises(InvalidArgument, match=r"net.4"):  # the output layer
         prune_(model, StructuredPruning(0.5), lambda m, n: n == "net.4")
     with pytest.raises(InvalidArgument, match="example input"):
         prune_(LeNet5(), StructuredPruning(0.5))

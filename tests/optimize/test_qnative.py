@@ -115,14 +115,14 @@ def test_native_kernel_on_such_a_graph_is_refused_and_model_left_as_it_was():
     torch.manual_seed(0)
     model, x = _Residual().eval(), torch.randn(32, 8)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(NativeUnsupported, match="quint8.*kernel=gemm"):
+    with pytest.raises(NativeUnsupported, match=r"quint8.*kernel=gemm"):
         quantize_(model, StaticInt8(kernel="native"), data=x)
     assert isinstance(model.fc1, nn.Linear) and isinstance(model.fc2, nn.Linear)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_unknown_kernel_is_refused():
-    with pytest.raises(InvalidArgument, match="kernel='fast'.*auto, native, gemm"):
+    with pytest.raises(InvalidArgument, match=r"kernel='fast'.*auto, native, gemm"):
         StaticInt8(kernel="fast")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="kernel"):
         QAT(kernel="nope")  # type: ignore[arg-type]

@@ -215,7 +215,7 @@ def test_static_without_data_says_what_to_give():
 def test_layers_a_method_cannot_handle_are_named_and_model_unchanged():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(InvalidArgument, match="'0'.*groups=2"):
+    with pytest.raises(InvalidArgument, match=r"'0'.*groups=2"):
         quantize_(model, StaticInt8(), data=torch.rand(4, 4, 3, 3))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(InvalidArgument, match="'0' is a Conv2d"):
@@ -331,7 +331,14 @@ def test_fewer_bits_simulate_coarser_quantization_and_do_not_convert():
         sim = prepare_qat(digits_mlp(), x, weight_bits=bits, act_bits=bits).eval()
         errors[bits] = float(np.abs(outputs(sim, x) - outputs(digits_mlp(), x)).mean())
     assert errors[8] < errors[4] < errors[2]
-    with pytest.raises(InvalidArgument, match="4-bit weights.*simulated"):
+    with pytest.raises(InvalidArgument, match=r"4-bit weights.*simulated"):
         convert_qat(prepare_qat(digits_mlp(), x, weight_bits=4))
     with pytest.raises(InvalidArgument, match="2 to 8 bits"):
         prepare_qat(digits_mlp(), x, act_bits=9)
+
+
+@pytest.mark.parametrize("base_class", ["os:system", "builtins:dict", "slimserve.zoo:nope"])
+def test_a_variant_names_only_torch_module_classes(base_class: str) -> None:
+    """variant.yaml's base_class cannot make the server call any importable callable."""
+    with pytest.raises(InvalidArgument, match="model_class"):
+        VariantModel(base_class=base_class, base_args={}, layers={})

@@ -63,7 +63,7 @@ def test_add_onnx_prints_the_written_model_yaml(tmp_path, capsys, dynamic_onnx):
 
 
 def test_add_safetensors_with_class_args_and_shape(tmp_path, capsys, lenet_safetensors):
-    code, out, _ = _run(
+    code, _out, _ = _run(
         capsys,
         "repo",
         "add",
@@ -110,7 +110,7 @@ def test_add_notes_go_to_stderr(tmp_path, capsys, fixed_onnx):
 
 
 def test_add_errors_exit_2_with_the_reason(tmp_path, capsys, mlp_safetensors):
-    code, out, err = _run(capsys, "repo", "add", "t", str(mlp_safetensors), "-r", str(tmp_path))
+    code, _out, err = _run(capsys, "repo", "add", "t", str(mlp_safetensors), "-r", str(tmp_path))
     assert code == 2
     assert "error:" in err and "--model-class" in err
     assert not (tmp_path / "t").exists()
@@ -229,7 +229,7 @@ def test_manifest_accepts_a_deliberate_edit(tmp_path, capsys, dynamic_onnx):
         f"wrote {variant / 'MANIFEST.json'}",
     ]
     assert verify_manifest(tmp_path / "mlp" / "2") and verify_manifest(variant)
-    with pytest.raises(Exception, match="notes.txt"):
+    with pytest.raises(Exception, match=r"notes.txt"):
         verify_manifest(tmp_path / "mlp" / "1")  # not asked for: still refused
     code, out, _ = _run(capsys, "repo", "manifest", "mlp", "-r", str(tmp_path))
     assert code == 0 and verify_manifest(tmp_path / "mlp" / "1")

@@ -70,7 +70,7 @@ def test_fixed_batch_of_one_turns_batching_off_and_says_so(tmp_path, fixed_onnx)
 
 
 def test_asking_to_batch_a_fixed_batch_model_is_refused(tmp_path, fixed_onnx):
-    with pytest.raises(InvalidArgument, match="cannot batch.*dynamic first axis"):
+    with pytest.raises(InvalidArgument, match=r"cannot batch.*dynamic first axis"):
         add_model(tmp_path, "fixed", fixed_onnx, max_batch_size=8)
     assert not (tmp_path / "fixed").exists()
 
@@ -109,7 +109,7 @@ def test_onnx_external_weights_are_copied_and_hashed(tmp_path):
 def test_missing_external_weights_are_named(tmp_path):
     path = mlp_onnx(tmp_path / "src" / "big.onnx", external=True)
     (tmp_path / "src" / "big.onnx.data").unlink()
-    with pytest.raises(InvalidArgument, match="big.onnx.data"):
+    with pytest.raises(InvalidArgument, match=r"big.onnx.data"):
         add_model(tmp_path / "repo", "big", path)
 
 
@@ -187,11 +187,11 @@ def test_a_model_folder_that_is_a_symlink_is_refused(tmp_path, dynamic_onnx):
 def test_unknown_and_missing_artifacts_are_refused(tmp_path):
     text = tmp_path / "model.txt"
     text.write_text("hello")
-    with pytest.raises(InvalidArgument, match="unknown kind of artifact '.txt'"):
+    with pytest.raises(InvalidArgument, match=r"unknown kind of artifact '.txt'"):
         add_model(tmp_path / "repo", "m", text)
     with pytest.raises(InvalidArgument, match="no such file"):
         add_model(tmp_path / "repo", "m", tmp_path / "nope.onnx")
-    with pytest.raises(InvalidArgument, match="config.json"):
+    with pytest.raises(InvalidArgument, match=r"config.json"):
         add_model(tmp_path / "repo", "m", tmp_path)  # a folder that is not a transformers model
 
 
@@ -238,7 +238,7 @@ def test_safetensors_with_a_class_reads_shapes_from_the_first_layer(tmp_path, ml
 
 
 def test_safetensors_without_a_class_says_which_flag_to_add(tmp_path, mlp_safetensors):
-    with pytest.raises(InvalidArgument, match="--model-class package.module:ClassName"):
+    with pytest.raises(InvalidArgument, match=r"--model-class package.module:ClassName"):
         add_model(tmp_path, "t", mlp_safetensors)
 
 
@@ -291,7 +291,7 @@ def test_a_conv_first_layer_asks_for_the_input_shape(tmp_path, lenet_safetensors
 
 
 def test_a_wrong_input_shape_is_reported(tmp_path, mlp_safetensors):
-    with pytest.raises(InvalidArgument, match="failed on zeros.*--input-shape"):
+    with pytest.raises(InvalidArgument, match=r"failed on zeros.*--input-shape"):
         add_model(
             tmp_path,
             "t",

@@ -129,9 +129,9 @@ def test_duplicate_tensor_names_are_refused(tmp_path):
 
 def test_transformers_needs_a_task(tmp_path):
     text = "backend: transformers\ninputs: [{name: text, datatype: BYTES, shape: [-1]}]\n"
-    with pytest.raises(ConfigError, match="field 'task' is missing.*task: embedding"):
+    with pytest.raises(ConfigError, match=r"field 'task' is missing.*task: embedding"):
         load_model_config(_write(tmp_path, text))
-    with pytest.raises(ConfigError, match="field 'task' = 'chat'.*embedding or sequence"):
+    with pytest.raises(ConfigError, match=r"field 'task' = 'chat'.*embedding or sequence"):
         load_model_config(_write(tmp_path, text + "task: chat\n"))
 
 

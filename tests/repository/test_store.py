@@ -63,7 +63,7 @@ def test_plain_names_pass(name):
 
 
 def test_a_name_that_is_not_text_gets_the_same_message():
-    with pytest.raises(InvalidArgument, match="invalid model name '12.5'"):
+    with pytest.raises(InvalidArgument, match=r"invalid model name '12.5'"):
         check_name(12.5)  # type: ignore[arg-type]  # e.g. an unquoted YAML value
 
 

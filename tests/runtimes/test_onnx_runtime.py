@@ -66,7 +66,7 @@ def test_unknown_output_name(onnx_target: Target, tmp_path: Path) -> None:
     target = make_model(
         tmp_path, onnx_target.path / "model.onnx", "m", outputs=[io("scores", width=SIZES[-1])]
     )
-    with pytest.raises(ModelLoadError, match="declares output 'scores'.*rename"):
+    with pytest.raises(ModelLoadError, match=r"declares output 'scores'.*rename"):
         OnnxRuntime(target).load()
 
 
@@ -74,7 +74,7 @@ def test_wrong_datatype_says_the_graph_type(onnx_target: Target, tmp_path: Path)
     target = make_model(
         tmp_path, onnx_target.path / "model.onnx", "m", inputs=[io("input", "FP16")]
     )
-    with pytest.raises(ModelLoadError, match="FP32 in the graph but FP16.*datatype: FP32"):
+    with pytest.raises(ModelLoadError, match=r"FP32 in the graph but FP16.*datatype: FP32"):
         OnnxRuntime(target).load()
 
 
@@ -97,7 +97,7 @@ def test_fixed_batch_graph_refused_when_batching(mlp: Any, tmp_path: Path) -> No
     with pytest.warns(DeprecationWarning):
         torch.onnx.export(mlp, (torch.zeros(1, SIZES[0]),), str(folder / "model.onnx"),
                           input_names=["input"], output_names=["logits"], dynamo=False)  # fmt: skip
-    with pytest.raises(ModelLoadError, match="fixed first dimension 1.*max_batch_size is 16"):
+    with pytest.raises(ModelLoadError, match=r"fixed first dimension 1.*max_batch_size is 16"):
         OnnxRuntime(Repository(tmp_path).target("m", 1)).load()
 
 
@@ -141,7 +141,7 @@ def test_several_onnx_files_are_ambiguous(onnx_target: Target, tmp_path: Path) -
 def test_not_an_onnx_file(tmp_path: Path) -> None:
     folder = write_model(tmp_path, "m", mlp_config("onnx"))
     (folder / "model.onnx").write_bytes(b"\x00not a protobuf at all\xff" * 10)
-    with pytest.raises(ModelLoadError, match="model.onnx"):
+    with pytest.raises(ModelLoadError, match=r"model.onnx"):
         OnnxRuntime(Repository(tmp_path).target("m", 1)).load()
 
 
@@ -198,7 +198,7 @@ def test_bad_inter_op_threads_parameter(onnx_target: Target, tmp_path: Path) -> 
     target = make_model(
         tmp_path, onnx_target.path / "model.onnx", "m", parameters={"inter_op_threads": "four"}
     )
-    with pytest.raises(ConfigError, match="parameters.inter_op_threads = 'four'"):
+    with pytest.raises(ConfigError, match=r"parameters.inter_op_threads = 'four'"):
         OnnxRuntime(target).load()
 
 

@@ -46,7 +46,6 @@ def test_predictor_gets_args_and_folder(tmp_path: Path) -> None:
     runtime = create_runtime(target)
     assert isinstance(runtime, PythonRuntime)
     runtime.load()
-    assert runtime.thread_safe is True
     assert runtime._impl.folder == target.path
     out = runtime.infer({"input": np.ones((2, 4), np.float32)})["output"]
     np.testing.assert_array_equal(out, np.full((2, 4), 3.0, np.float32))
@@ -89,5 +88,5 @@ def test_load_errors(tmp_path: Path, fields: dict[str, object], message: str) ->
 def test_pickle_in_folder_refused(tmp_path: Path) -> None:
     target = python_target(tmp_path, "m", model_class="slimserve.testing:ScalePredictor")
     (target.path / "model.joblib").write_bytes(b"x")
-    with pytest.raises(UnsafeArtifact, match="model.joblib: pickle"):
+    with pytest.raises(UnsafeArtifact, match=r"model.joblib: pickle"):
         PythonRuntime(target).load()

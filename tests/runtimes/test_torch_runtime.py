@@ -81,7 +81,7 @@ def test_unimportable_model_class(torch_target: Target, tmp_path: Path) -> None:
     target = make_model(
         tmp_path, torch_target.path / "model.safetensors", model_class="slimserve.zoo:NoSuchNet"
     )
-    with pytest.raises(ModelLoadError, match="'slimserve.zoo:NoSuchNet' cannot be imported"):
+    with pytest.raises(ModelLoadError, match=r"'slimserve.zoo:NoSuchNet' cannot be imported"):
         TorchRuntime(target).load()
 
 
@@ -89,7 +89,7 @@ def test_model_class_must_be_a_module(torch_target: Target, tmp_path: Path) -> N
     target = make_model(
         tmp_path, torch_target.path / "model.safetensors", model_class="slimserve.errors:Code"
     )
-    with pytest.raises(ModelLoadError, match="not a torch.nn.Module class"):
+    with pytest.raises(ModelLoadError, match=r"not a torch.nn.Module class"):
         TorchRuntime(target).load()
 
 
@@ -185,7 +185,7 @@ def test_map_outputs_tuple_in_order_and_dict_by_name() -> None:
 
 
 def test_map_outputs_mismatches_say_how_to_fix() -> None:
-    with pytest.raises(FailedPrecondition, match="one tensor but model.yaml declares 2"):
+    with pytest.raises(FailedPrecondition, match=r"one tensor but model.yaml declares 2"):
         map_outputs(torch.zeros(1), SPECS)
     with pytest.raises(FailedPrecondition, match=r"not \['b'\]"):
         map_outputs({"a": torch.zeros(1)}, SPECS)

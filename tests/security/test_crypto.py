@@ -62,7 +62,7 @@ def test_parse_data_key_forms(tmp_path: Path) -> None:
     assert parse_data_key(key.hex() + "\n", "hex") == key
     assert parse_data_key(base64.b64encode(key).decode(), "b64") == key
     for bad in (b"short", key.hex()[:-2], "z" * 64):
-        with pytest.raises(ConfigError, match="not a 32-byte key.*gen-data-key"):
+        with pytest.raises(ConfigError, match=r"not a 32-byte key.*gen-data-key"):
             parse_data_key(bad, "the key")
     with pytest.raises(ConfigError, match="cannot read the data key file"):
         crypto.load_data_key_file(tmp_path / "missing.key")
@@ -123,7 +123,7 @@ def test_encrypt_refuses_modified_files_pickles_and_symlinks(
     unit = light_repo / "m" / "1"
     write_manifest(unit)
     (unit / "vocab.txt").write_bytes(b"tampered")
-    with pytest.raises(ModelLoadError, match="does not match MANIFEST.json"):
+    with pytest.raises(ModelLoadError, match=r"does not match MANIFEST.json"):
         encrypt_unit(unit, data_key)  # a tampered file is never laundered into a manifest
     (unit / MANIFEST).unlink()
     (unit / "extra.pkl").write_bytes(b"\x80\x04")

@@ -132,7 +132,7 @@ def test_onnx_external_data_confined(
     (repo / "outside.bin").write_bytes(b"\0" * 4096)
     if encrypted:
         encrypt_unit(path.parent, data_key)
-    with pytest.raises(UnsafeArtifact, match="model.onnx"):
+    with pytest.raises(UnsafeArtifact, match=r"model.onnx"):
         _answer(repo, "mlp-onnx", data_key)
 
 
@@ -141,5 +141,5 @@ def test_encrypted_pickle_refused(repo: Path, data_key: bytes, name: str) -> Non
     unit = repo / name / "1"
     encrypt_unit(unit, data_key)
     shutil.copy(unit / "model.safetensors.enc", unit / "pytorch_model.bin.enc")
-    with pytest.raises(UnsafeArtifact, match="pytorch_model.bin.enc: an encrypted pickle"):
+    with pytest.raises(UnsafeArtifact, match=r"pytorch_model.bin.enc: an encrypted pickle"):
         _answer(repo, name, data_key)

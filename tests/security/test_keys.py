@@ -136,7 +136,7 @@ def test_invalid_file_keeps_last_keys_and_logs(
 
 
 def test_startup_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist.*keys create"):
+    with pytest.raises(ConfigError, match=r"does not exist.*keys create"):
         Authenticator(tmp_path / "none.json")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": 1, "keys": [{"id": "x"}]}))

@@ -96,7 +96,7 @@ def test_full_queue_answers_unavailable_with_retry_after(pool):
         b.start()
         x = {"x": np.ones((1, 2), np.float32)}
         first = asyncio.ensure_future(b.submit(x, 1))
-        while b.running_rows == 0:  # until first is inside the model (held by the gate)
+        while b.running_rows == 0:  # noqa: ASYNC110 - until first is inside the model (gated)
             await asyncio.sleep(0.001)
         queued = [asyncio.ensure_future(b.submit(x, 1)) for _ in range(2)]
         await asyncio.sleep(0)
@@ -244,7 +244,7 @@ def test_deadlines_follow_the_clock_passed_in(pool):
         try:
             x = np.ones((1, 2), np.float32)
             first = asyncio.ensure_future(batcher.submit({"x": x}, 1))
-            while batcher.running_rows == 0:  # the first request holds the model
+            while batcher.running_rows == 0:  # noqa: ASYNC110 - the first request holds the model
                 await asyncio.sleep(0.001)
             late = asyncio.ensure_future(batcher.submit({"x": x}, 1, deadline=clock() + 1.0))
             kept = asyncio.ensure_future(batcher.submit({"x": x}, 1, deadline=clock() + 9.0))

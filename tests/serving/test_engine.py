@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -288,7 +289,7 @@ def test_response_cache_answers_repeats_without_the_model(tmp_path):
         await engine.stop()
         return first, again, other, v1, cache
 
-    first, again, other, v1, cache = asyncio.run(main())
+    first, again, _other, v1, cache = asyncio.run(main())
     assert len(calls) == 3  # the repeat came from the cache
     np.testing.assert_array_equal(first.outputs["y"], again.outputs["y"])
     assert cache.hits == 1 and cache.misses == 3
@@ -298,7 +299,7 @@ def test_response_cache_answers_repeats_without_the_model(tmp_path):
 class ThreadRecording(ScaleRuntime):
     """Records the thread of its warm-up and of every batch."""
 
-    seen: dict[str, set[str]] = {}
+    seen: ClassVar[dict[str, set[str]]] = {}
 
     def _note(self) -> None:
         import threading

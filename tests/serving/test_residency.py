@@ -144,7 +144,7 @@ def test_a_model_larger_than_the_budget_is_refused_with_figures(tmp_path):
     root = repo(tmp_path, {"huge": 500, "small": 10})
 
     async def body(engine: Engine):
-        with pytest.raises(Unavailable, match="needs about .* MiB but the memory budget"):
+        with pytest.raises(Unavailable, match=r"needs about .* MiB but the memory budget"):
             await engine.infer(req("huge"))
         return await engine.infer(req("small"))
 

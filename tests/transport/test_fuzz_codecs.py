@@ -45,8 +45,10 @@ LIMITS = TensorLimits(max_elements=1000, max_string_bytes=64)
 # Names the decoders look for, mixed with arbitrary ones.
 DATATYPE_NAMES = st.sampled_from([*DATATYPES, "FP8", "", "fp32", "STRING"])
 FIELD_NAMES = st.sampled_from(
-    ["name", "shape", "datatype", "data", "parameters", "inputs", "outputs", "id"]
-    + ["binary_data_size", "binary_data", "binary_data_output", "timeout", "classification"]
+    [
+        *("name", "shape", "datatype", "data", "parameters", "inputs", "outputs", "id"),
+        *("binary_data_size", "binary_data", "binary_data_output", "timeout", "classification"),
+    ]
 )
 
 

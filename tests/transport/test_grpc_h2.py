@@ -272,7 +272,7 @@ def test_message_and_metadata_limits_fail_the_call_not_the_connection() -> None:
                 "ServerLive", grpc_message(pb.ServerLiveRequest()), x_pad="a" * 3000
             )
             assert headers["grpc-status"] == "8" and "max_header_bytes" in headers["grpc-message"]
-            headers, data = await client.call("ServerLive", grpc_message(pb.ServerLiveRequest()))
+            headers, _ = await client.call("ServerLive", grpc_message(pb.ServerLiveRequest()))
             assert headers["grpc-status"] == "0"
 
     asyncio.run(main())

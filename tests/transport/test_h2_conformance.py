@@ -287,7 +287,7 @@ def test_stream_frames_on_closed_streams_are_ignored(conn: RawH2) -> None:
 
 
 def test_stream_over_max_concurrent_streams_is_refused() -> None:
-    server, engine = start(max_streams=2)
+    server, _ = start(max_streams=2)
     with server as ts:
         c = RawH2(ts.port)
         c.handshake()
@@ -552,7 +552,7 @@ def test_reset_of_other_than_4_bytes(srv: ThreadServer) -> None:
 def test_reset_flood_closes_the_connection_with_enhance_your_calm() -> None:
     """Rapid reset: streams opened and reset at once. Within the budget the connection
     serves on; past it, GOAWAY ENHANCE_YOUR_CALM, and other connections are served."""
-    server, engine = start(reset_burst=50, reset_rate=1.0)
+    server, _ = start(reset_burst=50, reset_rate=1.0)
     with server as ts:
         c = RawH2(ts.port)
         c.handshake()

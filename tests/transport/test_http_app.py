@@ -202,7 +202,7 @@ def test_model_metadata_config_ready_and_stats(repo):
 
 def test_json_inference_flat_and_nested_with_ids(repo):
     async def body(client, app):
-        flat = x_input([sum(X, [])])
+        flat = x_input([[v for row in X for v in row]])
         flat["shape"] = [2, 3]
         for item in (x_input(X), flat):
             doc = {"id": "req-1", "inputs": [item]}

@@ -285,21 +285,28 @@ def test_embeddings_float_and_base64(repo: Path) -> None:
 
     texts = ["a cat sits on the mat", "stock prices fell"]
 
-    async def body(client: httpx.AsyncClient, app: Any) -> tuple[Any, Any]:
+    async def body(client: httpx.AsyncClient, app: Any) -> tuple[Any, Any, Any]:
         floats = await client.post("/v1/embeddings", json={"model": "minilm", "input": texts})
         b64 = await client.post(
             "/v1/embeddings",
-            json={"model": "minilm", "input": texts[0], "encoding_format": "base64"},
+            json={"model": "minilm", "input": texts, "encoding_format": "base64"},
         )
-        return floats.json(), b64.json()
+        alone = await client.post("/v1/embeddings", json={"model": "minilm", "input": texts[0]})
+        return floats.json(), b64.json(), alone.json()
 
-    floats, b64 = run(repo, body)
+    floats, b64, alone = run(repo, body)
     assert floats["object"] == "list" and floats["model"] == "minilm"
     assert [d["index"] for d in floats["data"]] == [0, 1]
     vectors = np.array([d["embedding"] for d in floats["data"]], dtype=np.float32)
     assert vectors.shape == (2, 384)
-    decoded = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
-    np.testing.assert_array_equal(decoded, vectors[0])
+    # The same batch, encoded two ways: base64 carries the very float32 bits.
+    decoded = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in b64["data"]]
+    np.testing.assert_array_equal(np.stack(decoded), vectors)
+    # A batch of one is another computation (padding to another length, other matmul
+    # shapes): equal within float32 rounding, not bit for bit. The bound is the runtime
+    # contract's for a row alone against the same row in a batch (slimserve.testing).
+    single = np.array(alone["data"][0]["embedding"], dtype=np.float32)
+    np.testing.assert_allclose(single, vectors[0], rtol=1e-4, atol=1e-5)
     # The reference: mean-pooled, normalized MiniLM from transformers directly.
     import torch
 
@@ -355,59 +362,6 @@ def test_embeddings_float_and_base64(repo: Path) -> None:
             "encoding_format",
         ),
         ("/v1/embeddings", {"model": "tiny", "input": "x"}, 400, None),
-        # Unknown fields are named, not ignored; so are bad extras and structured requests.
-        ("/v1/completions", {"model": "tiny", "prompt": "x", "temprature": 0}, 400, "temprature"),
-        (
-            "/v1/chat/completions",
-            {"model": "tiny", "messages": CHAT, "tool_choise": 1},
-            400,
-            "tool_choise",
-        ),
-        ("/v1/embeddings", {"model": "minilm", "input": "x", "truncate": True}, 400, "truncate"),
-        ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": -5}, 400, "top_k"),
-        ("/v1/completions", {"model": "tiny", "prompt": "x", "min_p": 2}, 400, "min_p"),
-        (
-            "/v1/completions",
-            {"model": "tiny", "prompt": "x", "logit_bias": {"1": 2}},
-            400,
-            "logit_bias",
-        ),
-        (
-            "/v1/chat/completions",
-            {"model": "tiny", "messages": CHAT, "response_format": {"type": "xml"}},
-            400,
-            "response_format",
-        ),
-        (
-            "/v1/chat/completions",
-            {"model": "tiny", "messages": CHAT, "tools": [{"type": "function"}]},
-            400,
-            "tools",
-        ),
-        (
-            "/v1/chat/completions",
-            {"model": "tiny", "messages": CHAT, "tool_choice": "auto"},
-            400,
-            "tool_choice",
-        ),
-        (
-            "/v1/chat/completions",
-            {
-                "model": "tiny",
-                "messages": CHAT,
-                "tools": TOOLS,
-                "tool_choice": {"type": "function", "function": {"name": "nope"}},
-            },
-            400,
-            "tool_choice",
-        ),
-        # MiniLM's WordPiece tokenizer cannot be constrained: a 400 that says so.
-        (
-            "/v1/chat/completions",
-            {"model": "tiny", "messages": CHAT, "response_format": {"type": "json_object"}},
-            400,
-            None,
-        ),
     ],
 )
 def test_errors_in_openai_shape(
@@ -420,6 +374,76 @@ def test_errors_in_openai_shape(
     assert error["param"] == param
     assert error["message"]
     assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+# Unknown fields are named, not ignored; so are bad extras and structured requests.
+BAD_REQUESTS = [
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "temprature": 0}, 400, "temprature"),
+    (
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": CHAT, "tool_choise": 1},
+        400,
+        "tool_choise",
+    ),
+    ("/v1/embeddings", {"model": "minilm", "input": "x", "truncate": True}, 400, "truncate"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": -5}, 400, "top_k"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "min_p": 2}, 400, "min_p"),
+    (
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x", "logit_bias": {"1": 2}},
+        400,
+        "logit_bias",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": CHAT, "response_format": {"type": "xml"}},
+        400,
+        "response_format",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": CHAT, "tools": [{"type": "function"}]},
+        400,
+        "tools",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": CHAT, "tool_choice": "auto"},
+        400,
+        "tool_choice",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": "tiny",
+            "messages": CHAT,
+            "tools": TOOLS,
+            "tool_choice": {"type": "function", "function": {"name": "nope"}},
+        },
+        400,
+        "tool_choice",
+    ),
+    # MiniLM's WordPiece tokenizer cannot be constrained: a 400 that says so.
+    (
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": CHAT, "response_format": {"type": "json_object"}},
+        400,
+        None,
+    ),
+]
+
+
+def test_unknown_fields_and_bad_structured_requests_are_400s_naming_them(repo: Path) -> None:
+    async def body(client: httpx.AsyncClient, app: Any) -> list[dict[str, Any]]:
+        return [
+            error_of(await client.post(path, json=request), status)
+            for path, request, status, _ in BAD_REQUESTS
+        ]
+
+    errors = run(repo, body)
+    assert [e["param"] for e in errors] == [param for *_, param in BAD_REQUESTS]
+    assert "unknown field 'temprature'" in errors[0]["message"]
+    assert "tokenizer cannot be constrained" in errors[-1]["message"]  # MiniLM's WordPiece
 
 
 def test_not_json_is_a_400(repo: Path) -> None:

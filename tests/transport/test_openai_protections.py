@@ -366,3 +366,6 @@ def test_token_metrics_count_what_the_responses_report(repo: Path) -> None:
     assert sample(text, "slimserve_kv_cache_blocks_used", **tiny) == 0
     assert sample(text, "slimserve_kv_cache_capacity_blocks", **tiny) > 0
     assert sample(text, "slimserve_prefix_cache_hit_tokens_total", **tiny) >= 0
+    # The Gateway API Inference Extension's three gauges, over all language models.
+    for gauge in ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc"):
+        assert re.search(rf"^slimserve_{gauge} 0\.0$", text, re.M), gauge

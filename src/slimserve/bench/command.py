@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from slimserve.bench import payload as pl
 from slimserve.bench.drivers import (
@@ -20,7 +23,7 @@ from slimserve.bench.drivers import (
     fetch_metadata,
 )
 from slimserve.bench.http_client import parse_http_url
-from slimserve.bench.runner import Result, closed_loop, new_loop, summarize
+from slimserve.bench.runner import Result, closed_loop, new_loop, open_loop, summarize
 from slimserve.errors import InvalidArgument, Unavailable
 
 # Time allowed after the window for the last in-flight requests to answer, in seconds.
@@ -57,6 +60,30 @@ def _seconds(text: str, minimum: float) -> float:
     if not value >= minimum or math.isinf(value):
         raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds >= {minimum:g}")
     return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: give requests per second, a number > 0")
+    return value
+
+
+def _parameter(text: str) -> tuple[str, bool | int | float | str]:
+    """KEY=VALUE; the value read as a YAML scalar (5 -> int, 2.5 -> float, true -> bool)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: give KEY=VALUE, e.g. latency_slo_ms=5")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    if not isinstance(value, bool | int | float | str):
+        value = raw
+    return key.strip(), value
 
 
 def register(subparsers: Any) -> None:
@@ -117,6 +144,21 @@ def register(subparsers: Any) -> None:
         help="gRPC load generator: 'native' (a lean HTTP/2 client, a fraction of the CPU per "
         "call) or 'grpcio' (grpc.aio); it shares the machine's cores with the server",
     )
+    p.add_argument(
+        "--rate",
+        type=_rate,
+        default=None,
+        help="open loop: Poisson arrivals at this many requests/s, over at most --concurrency "
+        "connections; latency counts from each scheduled arrival (default: closed loop)",
+    )
+    p.add_argument(
+        "--parameter",
+        type=_parameter,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a request parameter sent with every request, e.g. latency_slo_ms=5 (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(handler=run)
 
@@ -133,6 +175,7 @@ class Plan:
     duration_s: float
     warmup_s: float
     grpc_client: str = "native"
+    rate_rps: float | None = None  # open loop at this rate; None: closed loop
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
@@ -151,10 +194,16 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         args.duration,
         args.warmup,
         getattr(args, "grpc_client", "native"),
+        getattr(args, "rate", None),
     )
 
 
 async def _payload(args: argparse.Namespace, plan: Plan) -> pl.Payload:
+    p = await _inputs(args, plan)
+    return dataclasses.replace(p, parameters=tuple(getattr(args, "parameter", [])))
+
+
+async def _inputs(args: argparse.Namespace, plan: Plan) -> pl.Payload:
     if args.input_file is not None:
         return pl.from_request_file(args.input_file)
     try:
@@ -180,7 +229,11 @@ def _driver(protocol: str, plan: Plan, p: pl.Payload) -> Driver:
 
 async def _measure(driver: Driver, n: int, plan: Plan) -> Result:
     sends = await driver.senders(n)
-    run = asyncio.ensure_future(closed_loop(sends, plan.duration_s, plan.warmup_s))
+    if plan.rate_rps is None:
+        loop = closed_loop(sends, plan.duration_s, plan.warmup_s)
+    else:
+        loop = open_loop(sends, plan.rate_rps, plan.duration_s, plan.warmup_s)
+    run = asyncio.ensure_future(loop)
     try:
         rec, cpu = await asyncio.wait_for(run, plan.duration_s + plan.warmup_s + _GRACE_S)
     except asyncio.TimeoutError:
@@ -233,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         print(
             f"slimserve bench: model {plan.model} at {args.url}; {plan.duration_s:g} s per "
-            f"row after {plan.warmup_s:g} s warm-up; closed loop",
+            f"row after {plan.warmup_s:g} s warm-up; "
+            + ("closed loop" if plan.rate_rps is None else f"open loop, {plan.rate_rps:g} req/s"),
             flush=True,
         )
         print(HEADER, flush=True)

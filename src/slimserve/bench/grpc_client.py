@@ -92,7 +92,7 @@ def request_headers(authority: str, path: str, metadata: dict[str, str] | None =
 
 
 class _Call:
-    __slots__ = ("future", "data", "headers")
+    __slots__ = ("data", "future", "headers")
 
     def __init__(self, future: asyncio.Future[bytes]) -> None:
         self.future = future

@@ -160,7 +160,7 @@ class Connection(asyncio.Protocol):
         """Send pre-built request bytes; wait for the whole response; (status, body)."""
         if self._transport is None:
             raise self._lost or ConnectionResetError("connection is closed")
-        waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
         self._transport.write(raw)
         if self._buf:  # bytes that arrived before we asked (unlikely): frame them now

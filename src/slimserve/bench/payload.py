@@ -40,6 +40,8 @@ class Tensor:
 class Payload:
     inputs: tuple[Tensor, ...]
     outputs: tuple[str, ...]  # output names to ask for; empty: all (server default)
+    # Request parameters sent with every request (`--parameter KEY=VALUE`), e.g. an objective.
+    parameters: tuple[tuple[str, bool | int | float | str], ...] = ()
 
 
 def _synthetic(
@@ -156,6 +158,8 @@ def json_body(p: Payload) -> bytes:
     }
     if p.outputs:
         body["outputs"] = [{"name": n} for n in p.outputs]
+    if p.parameters:
+        body["parameters"] = dict(p.parameters)
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
@@ -177,6 +181,8 @@ def binary_body(p: Payload) -> tuple[bytes, int]:
         header["outputs"] = [{"name": n, "parameters": {"binary_data": True}} for n in p.outputs]
     else:
         header["parameters"] = {"binary_data_output": True}
+    if p.parameters:
+        header["parameters"] = {**header.get("parameters", {}), **dict(p.parameters)}
     head = orjson.dumps(header)
     return head + b"".join(raws), len(head)
 
@@ -192,6 +198,16 @@ def grpc_request(p: Payload, model: str, version: str = "") -> bytes:
         request.raw_input_contents.append(raw_bytes(t))
     for name in p.outputs:
         request.outputs.add().name = name
+    for key, value in p.parameters:
+        param = request.parameters[key]
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int):
+            param.int64_param = value
+        elif isinstance(value, float):
+            param.double_param = value
+        else:
+            param.string_param = value
     return bytes(request.SerializeToString())
 
 
@@ -201,7 +217,7 @@ def grpc_messages() -> Any:
     Both define package `inference` with the same field numbers for the inference messages.
     """
     try:
-        from slimserve.transport._proto import grpc_service_pb2 as pb  # type: ignore[attr-defined]
+        from slimserve.transport._proto import grpc_service_pb2 as pb
     except ImportError:
         try:
             from tritonclient.grpc import service_pb2 as pb  # type: ignore[no-redef]

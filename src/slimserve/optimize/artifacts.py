@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.errors import InvalidArgument, NotFound
+from slimserve.optimize.compress import load_compressed, save_compressed
+from slimserve.optimize.prune import make_permanent
+from slimserve.optimize.quantize import quantized_layers
 from slimserve.repository.schema import ModelConfig
+from slimserve.runtimes.quantized.variant import float_layer_spec, import_class
 
 VARIANT_CLASS = "slimserve.runtimes.quantized.variant:VariantModel"
 
@@ -32,8 +36,6 @@ def find_file(folder: Path, suffix: str) -> Path:
 
 
 def build_module(model_class: str, model_args: dict[str, Any]) -> Any:
-    from slimserve.runtimes.quantized.variant import import_class
-
     try:
         return import_class(model_class)(**model_args)
     except TypeError as exc:
@@ -45,8 +47,6 @@ def load_torch(folder: Path, model_class: str, model_args: dict[str, Any]) -> An
     model.safetensors, or from model.dcz (Deep Compression storage) where that is the artifact."""
     model = build_module(model_class, model_args)
     if (folder / "model.dcz").is_file():
-        from slimserve.optimize.compress import load_compressed
-
         state = load_compressed(folder / "model.dcz")
     else:
         from safetensors.torch import load_file
@@ -76,9 +76,6 @@ def load_original(version_dir: Path, config: ModelConfig) -> tuple[str, Any]:
 
 def _changed_layers(model: Any, base: Any) -> dict[str, dict[str, Any]]:
     """Specs of layers that are quantized, or whose shape differs from a fresh base model."""
-    from slimserve.optimize.quantize import quantized_layers
-    from slimserve.runtimes.quantized.variant import float_layer_spec
-
     layers = quantized_layers(model)
     fresh = dict(base.named_modules())
     for name, module in model.named_modules():
@@ -102,8 +99,6 @@ def save_torch(
     model_class/model_args override, if any."""
     from torch import nn
 
-    from slimserve.optimize.prune import make_permanent
-
     make_permanent(model)  # drop pruning masks: zeros stay, the state dict is plain again
     layers = _changed_layers(model, build_module(base_class, base_args))
     wrapped = bool(layers) or dtype != "float32"
@@ -120,8 +115,6 @@ def save_torch(
 
 def _write_weights(model: Any, folder: Path, storage: str) -> None:
     if storage == "dcz":
-        from slimserve.optimize.compress import save_compressed
-
         save_compressed(model, folder / "model.dcz")  # weight codes become the storage itself
         return
     from safetensors.torch import save_file

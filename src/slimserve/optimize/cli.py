@@ -9,10 +9,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from slimserve.config import Settings
 from slimserve.errors import InvalidArgument
-
-DEFAULT_REPOSITORY = Settings.model_fields["repository"].default
+from slimserve.repository.cli import repository_option
 
 _RECIPE_HELP = (
     "Steps joined by '+', one variant per --recipe: deep-compression[:ratio=40], int8, "
@@ -33,14 +31,7 @@ def register(subparsers: Any) -> None:
         "(NAME/reports/VERSION/report.md|json|png).",
     )
     p.add_argument("name", metavar="NAME", help="The model in the repository.")
-    p.add_argument(
-        "--repository",
-        "-r",
-        type=Path,
-        default=DEFAULT_REPOSITORY,
-        metavar="DIR",
-        help=f"Model repository folder (default: {DEFAULT_REPOSITORY}).",
-    )
+    repository_option(p)
     p.add_argument("--recipe", action="append", required=True, metavar="STEPS", help=_RECIPE_HELP)
     p.add_argument(
         "--data",

@@ -4,7 +4,7 @@
    importable here): k-means codes per layer; the module gets a uint8 buffer `weight_codes`.
 2. `finetune_centroids(...)`: trains the shared values (gradients summed per cluster).
 3. `save_compressed(model, path)`: writes a `.dcz` file (below); `load_compressed(path)` gives
-   back a state dict of dense (or sparse) tensors equal bit for bit to the shared model's.
+   back a state dict[str, Any] of dense (or sparse) tensors equal bit for bit to the shared model's.
 
 The file format and its reader live with the runtimes (`slimserve.runtimes.dcz`), which load it
 without importing `slimserve.optimize`; this module writes it.
@@ -18,6 +18,7 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,7 +87,7 @@ class CompressionStats:
 
 
 def save_compressed(
-    model: nn.Module, path: str | Path, meta: dict | None = None
+    model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None
 ) -> CompressionStats:
     """Write the model's state as a .dcz file (atomically: temp file, then rename)."""
     blob, stats = encode_model(model, meta)
@@ -107,9 +108,11 @@ def compressed_size(model: nn.Module) -> CompressionStats:
     return encode_model(model)[1]
 
 
-def encode_model(model: nn.Module, meta: dict | None = None) -> tuple[bytes, CompressionStats]:
+def encode_model(
+    model: nn.Module, meta: dict[str, Any] | None = None
+) -> tuple[bytes, CompressionStats]:
     """The .dcz bytes of `model` and their size breakdown."""
-    entries: list[dict] = []
+    entries: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     stats = CompressionStats(0, 0)
     offset = 0
@@ -146,7 +149,7 @@ def _stored_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, nn.Module
 
 def _encode_tensor(
     name: str, tensor: torch.Tensor, module: nn.Module | None, offset: int
-) -> tuple[dict, list[bytes], TensorSize]:
+) -> tuple[dict[str, Any], list[bytes], TensorSize]:
     dense = tensor.numel() * tensor.element_size()
     if module is None:
         data = _raw_bytes(tensor)
@@ -170,7 +173,7 @@ def _raw_bytes(tensor: torch.Tensor) -> bytes:
 
 def _encode_shared(
     name: str, module: nn.Module, offset: int, dense: int
-) -> tuple[dict, list[bytes], TensorSize]:
+) -> tuple[dict[str, Any], list[bytes], TensorSize]:
     bits = code_bits(module)
     codes = tensor_of(module, "weight_codes").flatten().numpy().astype(np.int64)
     book = codebook_of(module)[: 1 << bits].numpy().astype("<f4").tobytes()
@@ -219,7 +222,7 @@ def _coded_bits(symbols: np.ndarray, alphabet: int) -> int:
     return huffman.encoded_bits(freqs, huffman.code_lengths(freqs))
 
 
-def _stream(symbols: np.ndarray, alphabet: int, offset: int) -> tuple[dict, bytes]:
+def _stream(symbols: np.ndarray, alphabet: int, offset: int) -> tuple[dict[str, Any], bytes]:
     lengths = huffman.code_lengths(np.bincount(symbols, minlength=alphabet))
     data, nbits = huffman.encode(symbols, lengths)
     text = huffman.lengths_to_text(lengths)

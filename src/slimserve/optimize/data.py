@@ -40,8 +40,8 @@ def _open(path: Path) -> bytes:
     if not path.is_file():
         raise NotFound(f"data file {path} does not exist")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:  # type: ignore[operator]
-        return fh.read()  # type: ignore[no-any-return]
+    with opener(path, "rb") as fh:
+        return fh.read()
 
 
 def load_idx(path: str | Path) -> np.ndarray:

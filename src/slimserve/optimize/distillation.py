@@ -29,6 +29,7 @@ from torch import nn
 from slimserve.errors import InvalidArgument
 from slimserve.optimize.config import OptimizeConfig
 from slimserve.train.loop import Batch, FitResult, TrainConfig, fit, predict
+from slimserve.zoo import MLP
 
 _KINDS = ("classifier", "embedding")
 _EMBEDDING_LOSSES = ("cosine", "mse")
@@ -230,8 +231,6 @@ def derive_student(teacher: nn.Module, width: float = 0.25, depth: int | None = 
 
     e.g. teacher 784-1200-1200-10, width=0.25 -> 784-300-300-10; depth=1 -> 784-300-10.
     """
-    from slimserve.zoo import MLP
-
     if not isinstance(teacher, MLP):
         raise InvalidArgument(
             f"derive_student works on slimserve.zoo.MLP teachers, not {type(teacher).__name__}; "

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from slimserve.errors import InvalidArgument
+from slimserve.runtimes.quantized.cpu import cpu_flags
 
 Inputs = np.ndarray | dict[str, np.ndarray]
 Predict = Callable[[Inputs], np.ndarray]
@@ -55,7 +56,8 @@ def _torch_predictor(model: Any, threads: int | None) -> Predict:
             else:
                 out = model(torch.from_numpy(x))
         out = out[0] if isinstance(out, tuple | list) else out
-        return out.float().numpy()
+        result: np.ndarray = out.float().numpy()
+        return result
 
     return predict
 
@@ -212,8 +214,6 @@ def size_on_disk(path: str | Path | None) -> int | None:
 
 def machine_facts(threads: int | None = None) -> dict[str, Any]:
     """CPU model and flags, threads, library versions, load average: how to read the figures."""
-    from slimserve.optimize.precision import cpu_flags
-
     flags = cpu_flags()
     return {
         "cpu": _cpu_model(),
@@ -303,7 +303,7 @@ def evaluate(
 def _run_checked(predict: Predict, inputs: Inputs) -> np.ndarray:
     try:
         return predict_all(predict, inputs)
-    except Exception as exc:  # torch and onnxruntime raise unrelated types for bad shapes
+    except Exception as exc:  # noqa: BLE001 - torch and onnxruntime raise unrelated types for bad shapes
         shape = (
             {k: v.shape for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.shape
         )

@@ -103,7 +103,8 @@ def optimize(
     repo = Repository(Path(repository))
     config = repo.config(name)
     if config.task == "text-generation":  # quantized LM weights: lm_quant.py
-        return optimize_lm(repository, name, recipes, data, eval_data, opts)
+        result: Result = optimize_lm(repository, name, recipes, data, eval_data, opts)
+        return result
     version = opts.version or latest_version(repo, name)
     vdir = repo.version_dir(name, version)
     start = "onnx" if config.backend == "onnx" else "torch"
@@ -166,11 +167,9 @@ def _check_fits(original: _Original, x: np.ndarray, flag: str) -> None:
                 f"{flag}: data of shape {got} does not fit input '{inputs[0].name}' of shape "
                 f"{want} in model.yaml; give rows shaped {want[1:]} (reshape the data)"
             )
-    from slimserve.optimize.evaluation import as_predictor
-
     try:
         as_predictor(original.model)(np.ascontiguousarray(x[:2]))
-    except Exception as exc:  # any framework error here means the shapes disagree
+    except Exception as exc:  # noqa: BLE001 - any framework error here means the shapes disagree
         raise InvalidArgument(
             f"{flag}: the model cannot run on data of shape {list(x.shape)}: "
             f"{str(exc)[:200]}; give data shaped like the model's input"

@@ -46,11 +46,11 @@ class Precision(OptimizeConfig):
             )
 
 
-def Bf16(device: str = "cpu") -> Precision:  # noqa: N802 - a config constructor, torchao-style
+def Bf16(device: str = "cpu") -> Precision:
     return Precision("bfloat16", device)
 
 
-def Fp16(device: str = "cuda") -> Precision:  # noqa: N802
+def Fp16(device: str = "cuda") -> Precision:
     return Precision("float16", device)
 
 

@@ -102,7 +102,8 @@ class FakeQuantConv2d(nn.Module):
         scale, zp = self.tracker(x)
         xq = qmath.fake_quantize_affine(x, scale, zp, self.tracker.bits)
         w = qmath.fake_quantize_weight(self.float_module.weight, self.weight_bits)
-        return self.float_module._conv_forward(xq, w, self.float_module.bias)
+        out: torch.Tensor = self.float_module._conv_forward(xq, w, self.float_module.bias)
+        return out
 
     def convert(self, per_channel: bool) -> StaticInt8Conv2d:
         _check_int8(self)

@@ -14,18 +14,20 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from slimserve.errors import InvalidArgument
+from slimserve.optimize import quantize_native as qn
 from slimserve.optimize.calibrate import OBSERVERS
 from slimserve.optimize.config import OptimizeConfig
 from slimserve.optimize.onnx_quant import quantize_onnx
 from slimserve.optimize.qat import FAKE_QUANT, FakeQuantConv2d, FakeQuantLinear
 from slimserve.runtimes.quantized import layers as qlayers
+from slimserve.train.loop import TrainConfig, classification_loss, fit
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -264,7 +266,7 @@ def _batches(data: Any, what: str, batch_size: int = 64) -> Iterable[Any]:
     if hasattr(data, "shape"):
         x = torch.as_tensor(data)
         return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
-    return data
+    return cast(Iterable[Any], data)
 
 
 def _first(batch: Any) -> torch.Tensor:
@@ -329,8 +331,6 @@ def _native(
 ) -> bool:
     """Convert to qnative layers; False (model untouched) when kernel="auto" and the graph
     cannot carry quint8 tensors."""
-    from slimserve.optimize import quantize_native as qn
-
     batches = qn.first_batches(_batches(data, "static int8"), getattr(cfg, "max_batches", 32))
     try:
         qn.convert_native(
@@ -411,8 +411,6 @@ def convert_qat(
 
 
 def _qat(model: nn.Module, cfg: QAT, filter_fn: FilterFn, data: Any) -> None:
-    from slimserve.train import TrainConfig, classification_loss, fit  # the shared loop
-
     if not (isinstance(data, tuple) and len(data) == 2 and hasattr(data[1], "shape")):
         raise InvalidArgument(
             "QAT fine-tunes on labelled data: pass data=(inputs, labels) tensors "

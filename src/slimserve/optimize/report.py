@@ -26,7 +26,8 @@ _COLUMNS = (
 
 def quality(profile: dict[str, Any]) -> float | None:
     value = profile.get("accuracy")
-    return profile.get("agreement", 1.0) if value is None else value
+    chosen = profile.get("agreement", 1.0) if value is None else value
+    return None if chosen is None else float(chosen)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

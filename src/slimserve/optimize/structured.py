@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ def _trace(model: nn.Module, example: torch.Tensor) -> list[_Call]:
     calls: list[_Call] = []
 
     def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple, out: object) -> None:
+        def record(module: nn.Module, args: tuple[Any, ...], out: object) -> None:
             inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if isinstance(out, torch.Tensor):
                 calls.append(_Call(name, module, inp, out))
@@ -120,7 +121,7 @@ def _fits(producer: nn.Module, consumer: nn.Module, flattened: bool) -> bool:
     if isinstance(consumer, nn.Conv2d):
         return not flattened and consumer.groups == 1 and producer.groups == 1  # type: ignore
     # Conv2d -> Flatten -> Linear: each channel owns S consecutive inputs.
-    n = producer.out_channels  # type: ignore[union-attr]
+    n = producer.out_channels
     return flattened and consumer.in_features % n == 0 and producer.groups == 1  # type: ignore
 
 
@@ -191,7 +192,8 @@ def _chosen(
 
 def l2_importance(module: nn.Module) -> torch.Tensor:
     """L2 norm of each output neuron's incoming weights: shape (out_features | out_channels,)."""
-    return tensor_of(module).detach().flatten(1).norm(dim=1)
+    norms: torch.Tensor = tensor_of(module).detach().flatten(1).norm(dim=1)
+    return norms
 
 
 def taylor_importance(
@@ -227,7 +229,7 @@ def _group_taylor(module: nn.Module) -> torch.Tensor:
     """sum over each output neuron's parameters of w * dL/dw: shape (out,)."""
     w = module.weight
     total = (w * w.grad).detach().flatten(1).sum(1)  # type: ignore[operator]
-    if module.bias is not None and module.bias.grad is not None:  # type: ignore[union-attr]
+    if module.bias is not None and module.bias.grad is not None:
         total += (module.bias * module.bias.grad).detach()  # type: ignore[operator]
     return total
 
@@ -266,7 +268,7 @@ def _slice_(module: nn.Module, side: str, keep: torch.Tensor) -> None:
             module.weight = nn.Parameter(sliced, requires_grad=t.requires_grad)
         else:
             module.register_buffer(key, sliced)
-    if side == "out" and module.bias is not None:  # type: ignore[union-attr]
+    if side == "out" and module.bias is not None:
         module.bias = nn.Parameter(module.bias[keep].clone())  # type: ignore[index]
     _resize_attrs(module)
 
@@ -323,7 +325,7 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     per example (dense kernels: zeros count too)."""
     total = 0
 
-    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
         nonlocal total
         if isinstance(module, nn.Linear):
             total += out.numel() * module.in_features

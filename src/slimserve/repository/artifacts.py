@@ -12,36 +12,23 @@ torch is imported only by the functions that need it.
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from slimserve.errors import InvalidArgument
-from slimserve.repository.schema import (
-    BatchingConfig,
-    ModelConfig,
-    describe_validation_error,
-)
+from slimserve.repository.artifact_base import Imported
+from slimserve.repository.onnx_artifact import inspect_onnx
+from slimserve.repository.schema import describe_validation_error
 from slimserve.repository.store import PICKLE_SUFFIXES, refuse_pickles
+from slimserve.repository.torch_artifact import inspect_safetensors
+from slimserve.repository.transformers_artifact import inspect_transformers
 
-DEFAULT_MAX_BATCH_SIZE = 32
+__all__ = ["Imported", "inspect_artifact"]
+
 MAX_BATCH_SIZE_LIMIT = 65536  # BatchingConfig's bound
-ONNX_FILE = "model.onnx"
-SAFETENSORS_FILE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "spiece.model")
-
-
-@dataclass
-class Imported:
-    """What an inspector learned: the config to write, how to copy the artifact, notes."""
-
-    config: ModelConfig
-    copy: Callable[[Path], None]
-    notes: list[str] = field(default_factory=list)
 
 
 def inspect_artifact(
@@ -81,22 +68,16 @@ def _inspect(
     input_shape: Sequence[int] | None,
     max_batch_size: int | None,
 ) -> Imported:
-    # Each kind's reader is imported when needed (the torch ones import torch).
+    # Each kind's reader imports its framework (onnx, torch) only when it runs.
     if kind == "onnx":
-        from slimserve.repository.onnx_artifact import inspect_onnx
-
         return inspect_onnx(artifact, max_batch_size)
     if kind == "transformers":
-        from slimserve.repository.transformers_artifact import inspect_transformers
-
         return inspect_transformers(artifact, task, max_batch_size)
     if model_class is None:
         raise InvalidArgument(
             f"{artifact}: safetensors weights need the class that uses them; fix: add "
             "--model-class package.module:ClassName (and --model-args JSON if it takes any)"
         )
-    from slimserve.repository.torch_artifact import inspect_safetensors
-
     return inspect_safetensors(artifact, model_class, model_args, input_shape, max_batch_size)
 
 
@@ -138,20 +119,3 @@ def _check_options(
         raise InvalidArgument(
             f"--task {task!r}: use embedding, sequence-classification or text-generation"
         )
-
-
-# --------------------------------------------------------------------------- shared
-
-
-def batching_for(max_batch_size: int | None) -> BatchingConfig:
-    size = DEFAULT_MAX_BATCH_SIZE if max_batch_size is None else max_batch_size
-    return BatchingConfig.model_validate({"max_batch_size": size})
-
-
-def make_config(**fields: Any) -> ModelConfig:
-    # model_validate rather than the constructor: the schema's defaults are pydantic Fields.
-    return ModelConfig.model_validate(fields)
-
-
-def copy_file(src: Path, dest: Path) -> None:
-    shutil.copyfile(src, dest)

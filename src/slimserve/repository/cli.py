@@ -14,6 +14,7 @@ from typing import Any
 
 from slimserve.config import Settings
 from slimserve.errors import InvalidArgument, SlimserveError
+from slimserve.repository.importer import add_model  # onnx/torch load when it runs
 from slimserve.repository.manifest import MANIFEST, verify_manifest, write_manifest
 from slimserve.repository.store import VARIANTS_DIR, Repository
 
@@ -31,13 +32,11 @@ def register(subparsers: Any) -> None:
     sub = repo.add_subparsers(dest="repo_command", metavar="SUBCOMMAND", required=True)
     _register_add(sub)
     _register_list(sub)
-    _register_manifest(sub)
-    from slimserve.security.cli import register_repo_commands
-
-    register_repo_commands(sub)  # repo encrypt | decrypt
+    _register_manifest(sub)  # security/cli.py adds `encrypt` and `decrypt`
 
 
-def _repository_option(parser: argparse.ArgumentParser) -> None:
+def repository_option(parser: argparse.ArgumentParser) -> None:
+    """`--repository DIR` (`-r`), defaulting to Settings' repository: every command's."""
     parser.add_argument(
         "--repository",
         "-r",
@@ -63,7 +62,7 @@ def _register_add(sub: Any) -> None:
         metavar="PATH",
         help="The artifact: model.onnx, model.safetensors, or a transformers folder.",
     )
-    _repository_option(p)
+    repository_option(p)
     p.add_argument(
         "--model-class",
         metavar="PKG.MOD:CLASS",
@@ -106,7 +105,7 @@ def _register_add(sub: Any) -> None:
 
 def _register_list(sub: Any) -> None:
     p = sub.add_parser("list", help="Show models, versions, variants, sizes and manifests.")
-    _repository_option(p)
+    repository_option(p)
     p.add_argument(
         "--no-verify",
         action="store_true",
@@ -123,14 +122,19 @@ def _register_manifest(sub: Any) -> None:
         "MANIFEST.json, accepting their current contents.",
     )
     p.add_argument("name", metavar="NAME", help="Model name.")
-    _repository_option(p)
-    p.add_argument(
+    repository_option(p)
+    unit_version_option(p)
+    p.set_defaults(handler=_manifest)
+
+
+def unit_version_option(parser: argparse.ArgumentParser) -> None:
+    """`--version V`: a command that works on one version and its variants, or on all."""
+    parser.add_argument(
         "--version",
         type=int,
         metavar="V",
         help="Only this version and its variants (default: every version).",
     )
-    p.set_defaults(handler=_manifest)
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -159,8 +163,6 @@ def _shape(text: str) -> list[int]:
 
 
 def _add(args: argparse.Namespace) -> int:
-    from slimserve.repository.importer import add_model  # imports onnx/torch as needed
-
     path = add_model(
         args.repository,
         args.name,

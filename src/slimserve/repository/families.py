@@ -12,6 +12,8 @@ soft-capping values, tied embeddings) is read from the config at load:
 - gemma: RMSNorm scaling by (1 + w), embeddings times sqrt(hidden), GeGLU (tanh gelu) MLP.
 - gemma2: gemma's, plus norms after attention and MLP, soft-capped attention scores and
   logits, query scaling by query_pre_attn_scalar, a sliding window on alternate layers.
+- gemma3_text: gemma2's without soft-capping, plus RMSNorm on each query and key head, and
+  another rotary base on the sliding-window layers.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Family:
     sandwich_norms: bool = False  # norms on the attention's and MLP's outputs too (Gemma-2)
     activation: str = "silu"  # of the gate: silu (SwiGLU) | gelu_tanh (GeGLU)
     scale_embedding: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
+    qk_norm: bool = False  # RMSNorm on each query and key head before rotary (Gemma-3)
 
 
 FAMILIES: dict[str, Family] = {
@@ -53,6 +56,15 @@ FAMILIES: dict[str, Family] = {
             sandwich_norms=True,
             activation="gelu_tanh",
             scale_embedding=True,
+        ),
+        Family(
+            "gemma3_text",
+            "Gemma-3 (text: 270M, 1B)",
+            norm_offset=1.0,
+            sandwich_norms=True,
+            activation="gelu_tanh",
+            scale_embedding=True,
+            qk_norm=True,
         ),
     )
 }
@@ -80,11 +92,12 @@ def family_of(config: Mapping[str, Any], where: str = "config.json") -> Family:
 def _refuse_variations(config: Mapping[str, Any], where: str) -> None:
     """Options of a listed family that the forward does not implement."""
     params = rope_parameters(config)
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", None):
-        raise InvalidArgument(
-            f"{where}: rope scaling {kind!r} is not supported; only default rotary embeddings"
-        )
+    for part in _rope_parts(params):
+        kind = part.get("rope_type", part.get("type", "default"))
+        if kind not in ("default", None):
+            raise InvalidArgument(
+                f"{where}: rope scaling {kind!r} is not supported; only default rotary embeddings"
+            )
     partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         raise InvalidArgument(f"{where}: partial_rotary_factor {partial} is not supported")
@@ -99,8 +112,20 @@ def rope_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
     return dict(params or {})
 
 
-def rope_theta(config: Mapping[str, Any]) -> float:
-    return float(rope_parameters(config).get("rope_theta", config.get("rope_theta") or 1e4))
+def _rope_parts(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Gemma-3 keeps one set of rotary parameters per layer type; others one set."""
+    nested = [v for k, v in params.items() if k in _LAYER_TYPES and isinstance(v, dict)]
+    return nested or [params]
+
+
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def rope_theta(config: Mapping[str, Any], layer_type: str = "full_attention") -> float:
+    """The rotary base of a layer type (the same for all layers but Gemma-3's)."""
+    params = rope_parameters(config)
+    params = params.get(layer_type, params) if isinstance(params.get(layer_type), dict) else params
+    return float(params.get("rope_theta", config.get("rope_theta") or 1e4))
 
 
 def layer_windows(config: Mapping[str, Any]) -> tuple[int | None, ...]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.errors import InvalidArgument
-from slimserve.repository.artifacts import (
+from slimserve.repository.artifact_base import (
     ONNX_FILE,
     Imported,
     batching_for,
@@ -45,7 +45,7 @@ def inspect_onnx(path: Path, max_batch_size: int | None) -> Imported:
 
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError, OSError, ...: all mean "not ONNX"
+    except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError, OSError, ...: all mean "not ONNX"
         raise InvalidArgument(f"{path}: not a readable ONNX model ({exc})") from None
     model = _with_inferred_shapes(model)
     initializers = {t.name for t in model.graph.initializer}
@@ -64,7 +64,7 @@ def _with_inferred_shapes(model: Any) -> Any:
 
     try:
         return onnx.shape_inference.infer_shapes(model)
-    except Exception:  # shape inference is best effort; the declared shapes still count
+    except Exception:  # noqa: BLE001 - shape inference is best effort; the declared shapes still count
         return model
 
 

@@ -206,6 +206,17 @@ class VariantProfile(BaseModel):
     accuracy: float | None = None
     agreement: float | None = None
 
+    def quality_loss(self) -> float | None:
+        """Points given up against the original: `quality_loss` if written, else
+        100 x (1 - agreement); None when the profile says neither."""
+        extra = self.model_extra or {}
+        if isinstance(extra.get("quality_loss"), int | float):
+            return float(extra["quality_loss"])
+        if self.agreement is not None:
+            # Rounded: (1 - 0.99) * 100 is 1.0000000000000009, over a budget of exactly 1.
+            return round((1.0 - self.agreement) * 100.0, 9)
+        return None
+
 
 class VariantInfo(BaseModel):
     """The contents of variant.yaml: how the variant was made, and what it measured."""
@@ -218,31 +229,38 @@ class VariantInfo(BaseModel):
     profile: VariantProfile = Field(default_factory=VariantProfile)
 
 
-def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+_MODEL_YAML_HELP = "see README 'model.yaml' or run `slimserve repo add NAME ARTIFACT`"
+
+
+def read_yaml_mapping(path: Path, expected: str = _MODEL_YAML_HELP) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; ConfigError saying what to write otherwise."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ConfigError(
-            f"{path}: missing; write one (see README 'model.yaml') or run "
-            "`slimserve repo add NAME ARTIFACT` to generate it"
-        ) from None
+        raise ConfigError(f"{path}: missing; write one ({expected})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping (backend:, inputs:, outputs:, ...)")
+        raise ConfigError(f"{path}: expected a mapping at the top level ({expected})")
     return data
 
 
-def describe_validation_error(path: Path, exc: ValidationError) -> str:
-    """One line per mistake: file, field path, the value given, what is wrong, the fix."""
+def describe_validation_error(
+    path: Path, exc: ValidationError, fixes: dict[str, str] | None = None
+) -> str:
+    """One line per mistake: file, field path, the value given, what is wrong, the fix
+    (`fixes`: advice per field name; model.yaml's by default)."""
+    fixes = _FIXES if fixes is None else fixes
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         value = err.get("input")
         last = next((str(p) for p in reversed(err["loc"]) if isinstance(p, str)), "")
-        fix = _FIXES.get(last, "")
+        fix = fixes.get(last, "")
         if err["type"] == "extra_forbidden":
             fix = "remove it or check its spelling"
         elif err["type"] == "missing":
@@ -259,7 +277,7 @@ def describe_validation_error(path: Path, exc: ValidationError) -> str:
 
 def load_model_config(path: Path) -> ModelConfig:
     """Read and validate a model.yaml; ConfigError names every mistake."""
-    data = _read_yaml_mapping(path)
+    data = read_yaml_mapping(path)
     try:
         config = ModelConfig.model_validate(data)
     except ValidationError as exc:
@@ -293,9 +311,22 @@ def load_variant_info(path: Path) -> VariantInfo:
     """Read a variant.yaml (a missing file means an unprofiled, hand-made variant)."""
     if not path.exists():
         return VariantInfo()
-    data = _read_yaml_mapping(path)
+    data = read_yaml_mapping(path)
     try:
         return VariantInfo.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(path, exc)) from None
+
+
+def load_version_profile(path: Path) -> VariantProfile | None:
+    """Read an original version's profile.yaml (written by `slimserve profile`); None if absent.
+
+    Same shape as a variant.yaml's `profile:` section, so one reader serves both."""
+    if not path.exists():
+        return None
+    data = read_yaml_mapping(path)
+    try:
+        return VariantInfo.model_validate(data).profile
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(path, exc)) from None
 
@@ -310,4 +341,4 @@ def dump_model_config(config: ModelConfig) -> str:
     order = ["backend", "task", "model_class", "model_args", "inputs", "outputs", "batching"]
     ordered = {k: data[k] for k in order if k in data}
     ordered.update({k: v for k, v in data.items() if k not in ordered})
-    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None)
+    return str(yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None))

@@ -16,12 +16,15 @@ from slimserve.errors import InvalidArgument, NotFound, UnsafeArtifact
 from slimserve.repository.schema import (
     ModelConfig,
     VariantInfo,
+    VariantProfile,
     load_model_config,
     load_variant_info,
+    load_version_profile,
 )
 
 MODEL_YAML = "model.yaml"
 VARIANT_YAML = "variant.yaml"
+PROFILE_YAML = "profile.yaml"  # an original version's measured profile (`slimserve profile`)
 VARIANTS_DIR = "variants"
 VARIANT_SEPARATOR = ":"
 
@@ -99,6 +102,13 @@ class Target:
     path: Path
     config: ModelConfig
     info: VariantInfo | None = None
+    # The original's profile (its profile.yaml); a variant's is `info.profile`.
+    version_profile: VariantProfile | None = None
+
+    @property
+    def profile(self) -> VariantProfile | None:
+        """The measured profile of this unit, variant or original; None if never measured."""
+        return self.info.profile if self.info is not None else self.version_profile
 
     @property
     def key(self) -> str:
@@ -175,6 +185,8 @@ class Repository:
     def target(self, name: str, version: int, variant: str | None = None) -> Target:
         config = self.config(name)
         if variant is None:
-            return Target(name, version, None, self.version_dir(name, version), config)
+            folder = self.version_dir(name, version)
+            profile = load_version_profile(folder / PROFILE_YAML)
+            return Target(name, version, None, folder, config, version_profile=profile)
         path = self.variant_dir(name, version, variant)
         return Target(name, version, variant, path, config, load_variant_info(path / VARIANT_YAML))

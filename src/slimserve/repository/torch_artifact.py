@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from slimserve.errors import InvalidArgument
-from slimserve.repository.artifacts import (
+from slimserve.repository.artifact_base import (
     SAFETENSORS_FILE,
     Imported,
     batching_for,
@@ -55,13 +55,13 @@ def _build_module(path: Path, model_class: str, model_args: dict[str, Any]) -> A
     cls = _import_class(model_class)
     try:
         module = cls(**model_args)
-    except Exception as exc:  # the user's constructor: any failure is an argument problem
+    except Exception as exc:  # noqa: BLE001 - the user's constructor: any failure is an argument problem
         raise InvalidArgument(
             f"{model_class}(**{model_args}) failed: {exc}; fix: check --model-args"
         ) from None
     try:
         state = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for a bad header
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a bad header
         raise InvalidArgument(f"{path}: not a readable safetensors file ({exc})") from None
     try:
         module.load_state_dict(state, strict=True)
@@ -122,7 +122,7 @@ def _probe_outputs(path: Path, module: Any, shape: list[int]) -> list[TensorConf
     try:
         with torch.inference_mode():
             result = module(torch.zeros((2, *shape), dtype=torch.float32))
-    except Exception as exc:  # the user's forward: report it as a shape/argument problem
+    except Exception as exc:  # noqa: BLE001 - the user's forward: report it as a shape/argument problem
         raise InvalidArgument(
             f"{path}: the model failed on zeros of shape (batch, {', '.join(map(str, shape))}): "
             f"{exc}; fix: pass the right --input-shape"

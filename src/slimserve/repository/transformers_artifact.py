@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.errors import InvalidArgument
-from slimserve.repository.artifacts import (
+from slimserve.repository.artifact_base import (
     TOKENIZER_FILES,
     Imported,
     batching_for,
@@ -75,7 +75,7 @@ def _check_safetensors_headers(folder: Path, weights: list[str]) -> None:
         try:
             with safe_open(str(folder / name), framework="numpy") as fh:
                 fh.keys()
-        except Exception as exc:  # safetensors raises SafetensorError for any bad header
+        except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError for any bad header
             raise InvalidArgument(
                 f"{folder / name}: not a readable safetensors file ({exc})"
             ) from None

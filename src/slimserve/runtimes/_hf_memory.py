@@ -34,7 +34,7 @@ def load_in_memory(folder: Path, task: str | None, key: bytes | None) -> tuple[A
     tokenizer = _tokenizer(folder, key)
     auto = AutoModel if task == "embedding" else AutoModelForSequenceClassification
     # Built with random weights, which load_state_dict replaces below.
-    model = auto.from_config(config, trust_remote_code=False)
+    model = auto.from_config(config, trust_remote_code=False)  # type: ignore[no-untyped-call]
     _load_state(model, _weights(folder, key), folder)
     return tokenizer, model.eval()
 

@@ -1,9 +1,9 @@
 """The one runtime interface: load, infer a batch, unload, memory used.
 
 A runtime is the only place that touches a framework. It is built from a repository Target
-(folder + model.yaml [+ variant.yaml]) and RuntimeOptions, and used from worker threads:
-`infer` may be called from several threads at once only if `thread_safe` is True; otherwise
-the serving layer calls it from one thread at a time.
+(folder + model.yaml [+ variant.yaml]) and RuntimeOptions, and used from a worker thread: the
+serving layer runs all of a unit's batches on the one thread assigned to it
+(serving/threads.py), so `infer` is never called from two threads at once.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from slimserve.repository.store import Target
 from slimserve.runtimes.llm.params import SamplingParams
-from slimserve.types import Clock, TensorSpec
+from slimserve.types import Clock, TensorSpec, numpy_dtype
 
 if TYPE_CHECKING:
     from slimserve.runtimes.llm.engine import EngineStats
@@ -46,8 +46,6 @@ class Runtime(ABC):
     when the model is batched their first dimension is the batch, and every output must keep
     that first dimension.
     """
-
-    thread_safe: bool = False
 
     def __init__(self, target: Target, options: RuntimeOptions | None = None) -> None:
         self.target = target
@@ -85,8 +83,6 @@ class Runtime(ABC):
             if spec.datatype == "BYTES":
                 feeds[spec.name] = np.full(shape, b"warm up", dtype=object)
             else:
-                from slimserve.types import numpy_dtype
-
                 feeds[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
         self.infer(feeds)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ DTYPES = {
 
 
 def load_compressed(path: str | Path, sparse: bool = False) -> dict[str, torch.Tensor]:
-    """State dict of a .dcz file: dense tensors, or sparse COO for shared weights."""
+    """State dict[str, Any] of a .dcz file: dense tensors, or sparse COO for shared weights."""
     raw = Path(path).read_bytes()
     header, data = _split(raw, str(path))
     tensors = {}
@@ -66,12 +67,12 @@ def load_compressed(path: str | Path, sparse: bool = False) -> dict[str, torch.T
     return tensors
 
 
-def read_header(path: str | Path) -> dict:
+def read_header(path: str | Path) -> dict[str, Any]:
     """The JSON header of a .dcz file (format, version, meta, tensor entries)."""
     return _split(Path(path).read_bytes(), str(path))[0]
 
 
-def _split(raw: bytes, where: str) -> tuple[dict, memoryview]:
+def _split(raw: bytes, where: str) -> tuple[dict[str, Any], memoryview]:
     if raw[:8] != MAGIC or len(raw) < 16:
         raise InvalidArgument(
             f"{where}: not a .dcz file (bad magic); write it with save_compressed"
@@ -91,14 +92,14 @@ def _split(raw: bytes, where: str) -> tuple[dict, memoryview]:
     return header, memoryview(raw)[16 + size :]
 
 
-def _blob(data: memoryview, ref: dict) -> bytes:
+def _blob(data: memoryview, ref: dict[str, Any]) -> bytes:
     start, length = int(ref["offset"]), int(ref["length"])
     if start < 0 or length < 0 or start + length > len(data):
         raise ValueError(f"section [{start}, {start + length}) lies outside the data")
     return bytes(data[start : start + length])
 
 
-def _decode_entry(entry: dict, data: memoryview, sparse: bool) -> torch.Tensor:
+def _decode_entry(entry: dict[str, Any], data: memoryview, sparse: bool) -> torch.Tensor:
     shape = [int(s) for s in entry["shape"]]
     if entry["kind"] == "raw":
         dtype = DTYPES[entry["dtype"]]
@@ -112,7 +113,9 @@ def _decode_entry(entry: dict, data: memoryview, sparse: bool) -> torch.Tensor:
     return _decode_shared(entry, data, shape, sparse)
 
 
-def _decode_shared(entry: dict, data: memoryview, shape: list[int], sparse: bool) -> torch.Tensor:
+def _decode_shared(
+    entry: dict[str, Any], data: memoryview, shape: list[int], sparse: bool
+) -> torch.Tensor:
     count = int(entry["entries"])
     codes = _read_stream(data, entry["codes"], count, 1 << int(entry["bits"]))
     gaps = _read_stream(data, entry["gaps"], count, 1 << int(entry["gap_bits"]))
@@ -134,7 +137,7 @@ def _decode_shared(entry: dict, data: memoryview, shape: list[int], sparse: bool
     return dense.view(shape)
 
 
-def _read_stream(data: memoryview, ref: dict, count: int, alphabet: int) -> np.ndarray:
+def _read_stream(data: memoryview, ref: dict[str, Any], count: int, alphabet: int) -> np.ndarray:
     if alphabet > 256:
         raise ValueError(f"alphabet of {alphabet} symbols; at most 8 bits per symbol")
     lengths = huffman.lengths_from_text(str(ref["lengths"]), alphabet)

@@ -38,10 +38,6 @@ _V2_DEFAULTS: dict[str, Any] = {"max_tokens": 16, "temperature": 0.0, "timeout_s
 class GenerationRuntime(Runtime, TextGenerator):
     """A loaded causal LM and its running generation engine."""
 
-    # infer only submits to the engine (which has its own lock) and waits: v2 requests from
-    # several worker threads join the same running batch.
-    thread_safe = True
-
     def __init__(self, target: Target, options: RuntimeOptions | None = None) -> None:
         super().__init__(target, options)
         self.settings = target.config.generation or GenerationSettings()

@@ -114,7 +114,8 @@ def decode(data: bytes, nbits: int, count: int, lengths: np.ndarray) -> np.ndarr
     starts = _chain(np.minimum(np.arange(nbits) + len_table[window], nbits), count)
     if starts[-1] >= nbits or len_table[window[starts]].min() == 0:
         raise ValueError("corrupt Huffman section: the stream ends before its last symbol")
-    return sym_table[window[starts]]
+    decoded: np.ndarray = sym_table[window[starts]]
+    return decoded
 
 
 def _table(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -63,9 +63,7 @@ _FIX_MISSING = "export the model to ONNX (torch.onnx.export) and save it as mode
 
 
 class OnnxRuntime(Runtime):
-    """Runs an ONNX graph with ONNX Runtime; `InferenceSession.run` is safe from many threads."""
-
-    thread_safe = True
+    """Runs an ONNX graph with ONNX Runtime."""
 
     def __init__(self, target: Target, options: RuntimeOptions | None = None) -> None:
         super().__init__(target, options)
@@ -91,7 +89,7 @@ class OnnxRuntime(Runtime):
         options = self._session_options()
         try:
             return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
 
     def _session_options(self) -> ort.SessionOptions:
@@ -135,7 +133,8 @@ def _feed(array: np.ndarray) -> np.ndarray:
     if array.dtype != object:
         return array
     decode = np.frompyfunc(lambda x: x.decode("utf-8") if isinstance(x, bytes) else x, 1, 1)
-    return decode(array).astype(object)
+    decoded: np.ndarray = decode(array).astype(object)
+    return decoded
 
 
 def _inspect_model(path: Path, source: str | bytes) -> int:
@@ -145,7 +144,7 @@ def _inspect_model(path: Path, source: str | bytes) -> int:
             model = onnx.load_model_from_string(source)
         else:
             model = onnx.load(source, load_external_data=False)
-    except Exception as exc:  # protobuf decode errors have no common type
+    except Exception as exc:  # noqa: BLE001 - protobuf decode errors have no common type
         raise ModelLoadError(f"{path}: not a valid ONNX model: {exc}") from None
     folder = path.parent.resolve()
     total = 0
@@ -167,7 +166,7 @@ def _decrypt_model(path: Path, folder: Path, key: bytes | None) -> bytes:
     data = read_artifact(path, key, root=folder)
     try:
         model = onnx.load_model_from_string(data)
-    except Exception as exc:  # protobuf decode errors have no common type
+    except Exception as exc:  # noqa: BLE001 - protobuf decode errors have no common type
         raise ModelLoadError(f"{path}: not a valid ONNX model: {exc}") from None
     external = [t for t in _tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
     if not external:
@@ -175,7 +174,7 @@ def _decrypt_model(path: Path, folder: Path, key: bytes | None) -> bytes:
     files: dict[str, bytes] = {}
     for tensor in external:
         _inline_external(path, folder, tensor, files, key)
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 def _inline_external(
@@ -235,7 +234,7 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     except (KeyError, ValueError, TypeError):
         itemsize = 4  # an exotic type (float8, int4): close enough for an estimate
-    return math.prod(tensor.dims) * itemsize
+    return int(math.prod(tensor.dims)) * itemsize
 
 
 def _check_io(

@@ -7,8 +7,8 @@ repository still runs no code that ships with an artifact. Two kinds of class ar
   used as is (e.g. `slimserve.testing:SlowRuntime` to serve a toy model from disk);
 - any class with `predict(inputs: dict[str, ndarray]) -> dict[str, ndarray]`, built as
   `Class(**model_args)`; optional methods: `setup(folder: Path)` (load files, once),
-  `teardown()`, `memory_bytes() -> int`; an optional class attribute `thread_safe = True`
-  lets the server call `predict` from several threads at once.
+  `teardown()`, `memory_bytes() -> int`. `predict` is called from one thread at a time (the
+  unit's inference thread), so the class needs no locks.
 
     class Doubler:
         def predict(self, inputs):
@@ -39,11 +39,6 @@ class PythonRuntime(Runtime):
         self._impl: Any = None  # the predictor, or the delegate Runtime
         self._delegate: Runtime | None = None
         self._folder_bytes = 0
-
-    @property
-    def thread_safe(self) -> bool:  # type: ignore[override]
-        """Known once loaded: the class's own `thread_safe` (False when it does not say)."""
-        return bool(getattr(self._impl, "thread_safe", False))
 
     def load(self) -> None:
         folder = check_folder(self.target)

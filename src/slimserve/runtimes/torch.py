@@ -75,7 +75,7 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     if array.flags.writeable:
         return torch.from_numpy(array)
     # from_numpy warns on read-only arrays (np.frombuffer over request bytes); DLPack does not.
-    return torch.from_dlpack(array)
+    return torch.utils.dlpack.from_dlpack(array)
 
 
 def to_numpy(tensor: torch.Tensor, spec: TensorSpec) -> np.ndarray:
@@ -118,13 +118,7 @@ def import_class(path: str, where: Path) -> type[nn.Module]:
 
 
 class TorchRuntime(Runtime):
-    """Runs an nn.Module in eval and inference mode.
-
-    Not marked thread-safe: model classes are arbitrary code that may keep state, and on CPU
-    two concurrent forwards only split the same cores between their intra-op pools.
-    """
-
-    thread_safe = False
+    """Runs an nn.Module in eval and inference mode."""
 
     def __init__(self, target: Target, options: RuntimeOptions | None = None) -> None:
         super().__init__(target, options)

@@ -37,11 +37,9 @@ _SAFE_LOAD: dict[str, Any] = {"local_files_only": True, "trust_remote_code": Fal
 class TransformersRuntime(Runtime):
     """Text embedding or sequence classification with a local transformers model.
 
-    Not thread-safe: a fast tokenizer called with padding/truncation settings mutates itself
-    and fails ("Already borrowed") when two threads use it at once.
+    Called from one thread at a time (its unit's): a fast tokenizer called with padding or
+    truncation settings mutates itself and fails ("Already borrowed") when two threads use it.
     """
-
-    thread_safe = False
 
     def __init__(self, target: Target, options: RuntimeOptions | None = None) -> None:
         super().__init__(target, options)

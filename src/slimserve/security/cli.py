@@ -14,19 +14,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slimserve.config import Settings
 from slimserve.errors import AlreadyExists, ConfigError, InvalidArgument
+from slimserve.repository.cli import repository_option, unit_version_option
+from slimserve.repository.store import Repository
+from slimserve.security.crypto import (
+    decrypt_unit,
+    encrypt_unit,
+    generate_data_key,
+    load_data_key_file,
+    parse_data_key,
+)
 from slimserve.security.keys import SCOPES, KeyStore, write_private
-
-DEFAULT_REPOSITORY = Settings.model_fields["repository"].default
 
 
 def register(subparsers: Any) -> None:
-    """Add `keys`, and `repo-crypt encrypt|decrypt` unless `repo` already has them."""
+    """Add `keys`, and `repo encrypt|decrypt` to the `repo` command that repository/cli.py
+    registered before (cli.COMMAND_MODULES' order), or `repo-crypt encrypt|decrypt` without
+    it."""
     _register_keys(subparsers)
     repo_sub = _subcommands_of(subparsers.choices.get("repo"))
-    if repo_sub is not None and "encrypt" in repo_sub.choices:
-        return  # repository/cli.py called register_repo_commands: `repo encrypt` exists
+    if repo_sub is not None:
+        register_repo_commands(repo_sub)
+        return
     group = subparsers.add_parser(
         "repo-crypt",
         help="Encrypt or decrypt a model's artifacts at rest (AES-256-GCM).",
@@ -140,8 +149,6 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _gen_data_key(args: argparse.Namespace) -> int:
-    from slimserve.security.crypto import generate_data_key
-
     text = generate_data_key().hex() + "\n"
     if args.out is None:
         print(text, end="")
@@ -167,20 +174,8 @@ def register_repo_commands(repo_subparsers: Any) -> None:
     ):
         p = repo_subparsers.add_parser(verb, help=text, description=text)
         p.add_argument("name", metavar="NAME", help="Model name.")
-        p.add_argument(
-            "--repository",
-            "-r",
-            type=Path,
-            default=DEFAULT_REPOSITORY,
-            metavar="DIR",
-            help=f"Model repository (default: {DEFAULT_REPOSITORY}).",
-        )
-        p.add_argument(
-            "--version",
-            type=int,
-            metavar="V",
-            help="Only this version and its variants (default: every version).",
-        )
+        repository_option(p)
+        unit_version_option(p)
         key = p.add_mutually_exclusive_group(required=True)
         key.add_argument(
             "--key-file", type=Path, metavar="FILE", help="32-byte data key: raw, hex or base64."
@@ -193,8 +188,6 @@ def register_repo_commands(repo_subparsers: Any) -> None:
 
 def data_key_from_args(key_file: Path | None, key_env: str | None) -> bytes:
     """The data key named on the command line (a file, or an environment variable)."""
-    from slimserve.security.crypto import load_data_key_file, parse_data_key
-
     if key_file is not None:
         return load_data_key_file(key_file)
     assert key_env is not None  # argparse requires one of the two
@@ -207,8 +200,6 @@ def data_key_from_args(key_file: Path | None, key_env: str | None) -> bytes:
 
 
 def _crypt(args: argparse.Namespace) -> int:
-    from slimserve.repository.store import Repository
-    from slimserve.security.crypto import decrypt_unit, encrypt_unit
 
     if not args.repository.is_dir():
         raise InvalidArgument(f"--repository {args.repository}: no such folder")

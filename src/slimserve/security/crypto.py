@@ -21,7 +21,7 @@ import base64
 import binascii
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from slimserve.errors import ConfigError, ModelLoadError, UnsafeArtifact
@@ -175,14 +175,6 @@ def read_artifact(path: Path, key: bytes | None, root: Path | None = None) -> by
 
 # ---------------------------------------------------------------------------------------------
 # Whole units (a version or variant folder).
-
-
-def unit_folders(version_dir: Path) -> Iterator[Path]:
-    """A version folder and each of its variant folders."""
-    yield version_dir
-    variants = version_dir / VARIANTS_DIR
-    if variants.is_dir():
-        yield from sorted(p for p in variants.iterdir() if p.is_dir())
 
 
 def _unit_files(unit: Path) -> list[Path]:

@@ -27,6 +27,7 @@ from slimserve.policies.shedding import should_shed
 from slimserve.repository.schema import GenerationSettings, ModelConfig
 from slimserve.runtimes.base import TextGenerator
 from slimserve.serving.models import ModelEntry, State, Unit
+from slimserve.serving.slo import quality_loss
 
 
 @dataclass(slots=True)
@@ -204,7 +205,7 @@ class Admission:
         return guard is not None and cost is not None and guard.demand.rate(now) * cost >= 1.0
 
     def _candidate(self, unit: Unit) -> Candidate | None:
-        cost, loss = _cost(unit), _quality_loss(unit)
+        cost, loss = _cost(unit), quality_loss(unit)
         if cost is None or loss is None:
             return None
         healthy = unit.state is State.READY and self.breaker_state(unit) is BreakerState.CLOSED
@@ -236,6 +237,10 @@ class Admission:
         self.counts["shed"] += 1
         raise Unavailable(f"{reason}; retry shortly", retry_after_s=retry)
 
+    def healthy(self, unit: Unit) -> bool:
+        """Whether `unit` may take a request now: its breaker lets calls through."""
+        return self.breaker_state(unit) is BreakerState.CLOSED
+
     def record(self, unit: Unit, now: float, ok: bool, latency_s: float) -> None:
         guard = self._guards.get(unit.target.key)
         if guard is not None and guard.breaker is not None:
@@ -255,21 +260,7 @@ def _cost(unit: Unit) -> float | None:
     batcher = unit.batcher
     if batcher is not None and batcher.estimate.samples >= 3:
         return batcher.estimate.batch_s / max(batcher.estimate.batch_rows, 1.0)
-    info = unit.target.info
-    if info is not None and info.profile.latency_ms_batch1 is not None:
-        return info.profile.latency_ms_batch1 / 1000
-    return None
-
-
-def _quality_loss(unit: Unit) -> float | None:
-    """Points given up against the original, from the variant's profile."""
-    info = unit.target.info
-    if info is None:
-        return None
-    extra = info.profile.model_extra or {}
-    if isinstance(extra.get("quality_loss"), int | float):
-        return float(extra["quality_loss"])
-    if info.profile.agreement is not None:
-        # Rounded: (1 - 0.99) * 100 is 1.0000000000000009, over a budget of exactly 1 point.
-        return round((1.0 - info.profile.agreement) * 100.0, 9)
+    profile = unit.target.profile
+    if profile is not None and profile.latency_ms_batch1 is not None:
+        return profile.latency_ms_batch1 / 1000
     return None

@@ -15,7 +15,7 @@ import hashlib
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import orjson
@@ -132,7 +132,7 @@ class MemoryCache:
         if expiry is not None and self._timer() >= expiry:
             del self._data[key]
             return None
-        return value
+        return cast(Arrays, value)
 
     async def set(self, key: str, value: Arrays) -> None:
         size = nbytes(value)

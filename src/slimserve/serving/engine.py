@@ -30,7 +30,7 @@ from slimserve.repository.store import Repository, split_served_name
 from slimserve.runtimes.llm import SamplingParams
 from slimserve.security.audit import AuditLog
 from slimserve.security.keys import ANONYMOUS, Identity
-from slimserve.serving import llm, prompt_tensors
+from slimserve.serving import llm, prompt_tensors, slo
 from slimserve.serving.admission import Admission
 from slimserve.serving.cache import ResponseCaches, cache_key
 from slimserve.serving.catalog import Catalog, parse_version
@@ -42,6 +42,7 @@ from slimserve.serving.models import ModelManager, Unit
 from slimserve.serving.overview import LiveSample, ModelView, live_sample, model_views
 from slimserve.serving.validate import check_inputs, check_outputs
 from slimserve.types import (
+    NO_CONTROLS,
     Clock,
     HealthReport,
     InferRequest,
@@ -50,6 +51,7 @@ from slimserve.types import (
     ModelSettings,
     ModelStatistics,
     RepositoryEntry,
+    RequestControls,
     ServerMetadata,
 )
 
@@ -106,10 +108,12 @@ class Engine:
         available = self.repository.model_names()
         if "*" in wanted:
             return available
-        missing = [n for n in wanted if n not in available]
+        # An entry is a model (all its units) or one unit key, NAME/VERSION[:VARIANT], as
+        # `slimserve plan` writes them to keep only the planned units resident.
+        missing = [n for n in wanted if n.partition("/")[0] not in available]
         for name in missing:
             log.error("startup model %s is not in the repository %s", name, self.repository.root)
-        return [n for n in wanted if n in available]
+        return [n for n in wanted if n not in missing]
 
     async def _load_all(self, names: list[str]) -> None:
         await self.models.register_all()
@@ -213,6 +217,7 @@ class Engine:
         self.metrics.observe_request(label, "", exc.code.value.lower(), 0.0)
 
     async def _infer(self, request: InferRequest) -> InferResponse:
+        arrived = self._clock()
         name, variant = _requested(request)
         version = parse_version(request.version)
         entry = self.models.entry(name)
@@ -225,6 +230,13 @@ class Engine:
         deadline = _deadline(controls.timeout_s, now)
         self.admission.check_rate(request.client, name, config, now)
         allow = config.degrade.allow if controls.degrade is None else controls.degrade
+        choice = None
+        if controls.latency_slo_ms is not None and asked.target.variant is None:
+            # The objective picks the unit (serving/slo.py); pressure does not move it again.
+            asked, choice = slo.choose_unit(
+                entry, asked, controls, rows, self.admission.healthy, arrived, now
+            )
+            allow = False
         unit = self.admission.route(entry, asked, allow, now, rows)
         self.admission.check_load(unit, None if deadline is None else deadline - now)
         cache = self.caches.for_model(unit.target.model, unit.target.config.cache)
@@ -246,6 +258,8 @@ class Engine:
         )
         if unit is not asked:
             response.parameters["degraded"] = True
+        if choice is not None:
+            response.parameters.update(slo.response_parameters(choice))
         return response
 
     async def _run(
@@ -407,8 +421,16 @@ class Engine:
         found = await cache.get_or_compute(key, arrays, keep=lambda _: kept["ok"])
         return bytes(found["reply"][0]), not kept["computed"]
 
-    async def embed(self, model: str, texts: Sequence[str], client: str | None = None) -> Any:
-        """Embeddings (N, hidden) FP32 of an embedding model, through `infer` (batched)."""
+    async def embed(
+        self,
+        model: str,
+        texts: Sequence[str],
+        client: str | None = None,
+        controls: RequestControls = NO_CONTROLS,
+    ) -> InferResponse:
+        """Embeddings of an embedding model through `infer` (batched): one response whose only
+        output is (N, hidden) FP32; it names the unit that answered (the first chunk's, with
+        its objective parameters, when `controls` carry latency_slo_ms)."""
         config = llm.find_unit(self.models, model, llm.EMBEDDING).target.config
         spec, output = config.input_specs()[0], config.output_specs()[0].name
         step = config.batching.max_batch_size or len(texts)
@@ -417,9 +439,15 @@ class Engine:
             array = np.empty(len(texts[start : start + step]), dtype=object)
             array[:] = [t.encode("utf-8") for t in texts[start : start + step]]
             inputs = {spec.name: array}
-            requests.append(InferRequest(model, inputs, outputs=(output,), client=client))
+            requests.append(
+                InferRequest(model, inputs, outputs=(output,), client=client, controls=controls)
+            )
         responses = await asyncio.gather(*(self.infer(r) for r in requests))
-        return np.concatenate([r.outputs[output] for r in responses])
+        first = responses[0]
+        vectors = np.concatenate([r.outputs[output] for r in responses])
+        return InferResponse(
+            first.model, first.version, {output: vectors}, first.variant, None, first.parameters
+        )
 
     def count_tokens(self, model: str, texts: Sequence[str]) -> int:
         """Tokens in `texts` for an embedding model's usage (0 when unknown)."""

@@ -19,11 +19,26 @@ from typing import Any
 from slimserve.errors import InvalidArgument, SlimserveError
 from slimserve.repository.store import split_served_name
 from slimserve.runtimes.base import TextGenerator
-from slimserve.runtimes.llm import SamplingParams, TokenEvent
+from slimserve.runtimes.llm import SamplingParams, TokenEvent, TokenLogprob, Usage
+from slimserve.runtimes.llm.params import Grammar
 from slimserve.runtimes.llm.stream import GenerationStream
 from slimserve.serving.metrics import TokenMeter
 from slimserve.serving.models import ModelManager, Unit
 from slimserve.serving.sampling_args import number
+
+# The vocabulary of generation requests, for the transports (which speak to serving, not to
+# the runtimes that define it).
+__all__ = [
+    "EMBEDDING",
+    "TEXT_GENERATION",
+    "Grammar",
+    "SamplingParams",
+    "TextStream",
+    "TokenEvent",
+    "TokenLogprob",
+    "Usage",
+    "merge",
+]
 
 TEXT_GENERATION = "text-generation"
 EMBEDDING = "embedding"

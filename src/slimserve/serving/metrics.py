@@ -46,26 +46,14 @@ class Metrics:
             ["model", "variant", "outcome"],
             registry=r,
         )
-        self.latency = Histogram(
-            "slimserve_request_duration_seconds",
-            "Engine time per request (queue + model).",
-            ["model", "variant"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.latency = _per_unit(
+            r, "slimserve_request_duration_seconds", "Engine time per request (queue + model)."
         )
-        self.queue_time = Histogram(
-            "slimserve_queue_duration_seconds",
-            "Time requests waited for their batch.",
-            ["model", "variant"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.queue_time = _per_unit(
+            r, "slimserve_queue_duration_seconds", "Time requests waited for their batch."
         )
-        self.batch_size = Histogram(
-            "slimserve_batch_size_rows",
-            "Rows per batch the model ran.",
-            ["model", "variant"],
-            buckets=_BATCH_BUCKETS,
-            registry=r,
+        self.batch_size = _per_unit(
+            r, "slimserve_batch_size_rows", "Rows per batch the model ran.", _BATCH_BUCKETS
         )
         self.degraded = Counter(
             "slimserve_degraded_requests",
@@ -111,6 +99,13 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _per_unit(
+    r: CollectorRegistry, name: str, doc: str, buckets: tuple[float, ...] = _LATENCY_BUCKETS
+) -> Histogram:
+    """A histogram labelled by model and variant."""
+    return Histogram(name, doc, ["model", "variant"], buckets=buckets, registry=r)
 
 
 class GenerationMetrics:
@@ -174,7 +169,7 @@ class GenerationMetrics:
 class TokenMeter:
     """Records one request's tokens as its events arrive; `close` once at its end."""
 
-    __slots__ = ("_children", "_started", "_last", "_first", "_finished", "_closed")
+    __slots__ = ("_children", "_closed", "_finished", "_first", "_last", "_started")
 
     def __init__(self, children: tuple[Any, ...], n: int) -> None:
         self._children = children
@@ -286,6 +281,7 @@ def _generation_state(units: list[Unit]) -> Iterator[Metric]:
     preempted = CounterMetricFamily(
         "slimserve_generation_preemptions", "Sequences preempted for KV space.", labels=labels
     )
+    sums = [0, 0, 0, 0]  # running, waiting, KV blocks used, KV blocks in all pools
     for u in units:
         runtime = u.runtime
         if not isinstance(runtime, TextGenerator) or u.state is not State.READY:
@@ -298,7 +294,28 @@ def _generation_state(units: list[Unit]) -> Iterator[Metric]:
         total.add_metric(key, s.total_blocks)
         hits.add_metric(key, s.cached_tokens)
         preempted.add_metric(key, s.preemptions)
+        for i, value in enumerate((s.running, s.waiting, s.total_blocks - s.free_blocks)):
+            sums[i] += value
+        sums[3] += s.total_blocks
     yield from (running, waiting, used, total, hits, preempted)
+    yield from _inference_gateway_gauges(*sums)
+
+
+def _inference_gateway_gauges(
+    running: int, waiting: int, used: int, total: int
+) -> Iterator[Metric]:
+    """The three gauges the Kubernetes Gateway API Inference Extension's endpoint picker reads
+    from a model server (its model server protocol: queued requests, running requests, KV cache
+    utilisation as a fraction), over all the server's language models. Point the picker's
+    --total-queued-requests-metric, --total-running-requests-metric and
+    --kv-cache-usage-percentage-metric at these names."""
+    yield _gauge("slimserve_num_requests_waiting", "LLM requests queued for prefill.", waiting)
+    yield _gauge("slimserve_num_requests_running", "LLM requests being decoded.", running)
+    yield _gauge(
+        "slimserve_kv_cache_usage_perc",
+        "Fraction of KV cache blocks in use (0-1), all language models.",
+        used / total if total else 0.0,
+    )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -130,6 +130,7 @@ class ModelManager:
         settings: Settings,
         infer_threads: InferenceThreads,
         load_executor: Executor,
+        options: RuntimeOptions,
         runtime_factory: RuntimeFactory | None = None,
         clock: Clock = time.monotonic,
         on_batch: Callable[[Target], Callable[[int, list[float]], None]] | None = None,
@@ -141,13 +142,7 @@ class ModelManager:
         self._load_executor = load_executor
         self._factory = runtime_factory or create_runtime
         self._clock = clock
-        self._options = RuntimeOptions(
-            intra_op_threads=settings.intra_op_threads,
-            graph_optimization=settings.ort_graph_optimization,
-            spin_wait=settings.spin_wait,
-            data_key=settings.data_key(),
-            clock=clock,
-        )
+        self._options = options
         self.budget_bytes = settings.memory_budget_bytes or default_budget() // settings.workers
         self.policy = make_policy(settings.eviction_policy)
         self.used_bytes = 0  # resident sizes plus reservations of loads in progress
@@ -210,11 +205,9 @@ class ModelManager:
 
     # -- serving -------------------------------------------------------------------------------
 
-    async def acquire(self, name: str, version: int | None, variant: str | None) -> Unit:
-        """The READY unit for a request, loading it if needed; pair with `release`."""
-        return await self.acquire_unit(self.find(name, version, variant))
-
     async def acquire_unit(self, unit: Unit) -> Unit:
+        """`unit` READY (loaded now if needed) and held against eviction; pair with
+        `release`."""
         if unit.state is not State.READY:
             await self.ensure_loaded(unit)
         resident = unit.resident
@@ -268,7 +261,7 @@ class ModelManager:
             except BaseException:
                 self._infer_threads.release(executor)
                 raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any load failure marks this unit unavailable
             self.used_bytes -= estimate
             unit.state = State.UNAVAILABLE
             unit.reason = exc.message if isinstance(exc, SlimserveError) else _describe(exc)
@@ -372,12 +365,18 @@ class ModelManager:
                 self.models[name] = self.discover(name)
 
     async def preload(self, names: list[str]) -> None:
-        """Load the given models' units while they fit, without evicting anything."""
+        """Load the given models' units while they fit, without evicting anything. A name
+        may also be one unit's key (NAME/VERSION or NAME/VERSION:VARIANT): only that unit."""
         for name in names:
-            entry = self.models.get(name)
+            model, _, unit_key = name.partition("/")
+            entry = self.models.get(model)
             if entry is None:
                 continue
             ordered = sorted(entry.units.values(), key=_preload_order)
+            if unit_key:
+                ordered = [u for u in ordered if u.target.key == name]
+                if not ordered:
+                    log.error("startup unit %s is not in the repository", name)
             for unit in ordered:
                 try:
                     await self.ensure_loaded(unit, evict=False)

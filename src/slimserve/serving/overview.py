@@ -77,7 +77,8 @@ def _model(entry: ModelEntry, admission: Admission, public: Callable[[str], str]
     degraded = False
     for original in originals:
         targets.update(admission.degrade_options(entry, original))
-        degraded = degraded or admission.guard(original).degrade.degraded
+        guard = admission.guards().get(original.target.key)  # none before its first request
+        degraded = degraded or (guard is not None and guard.degrade.degraded)
     units = [
         _unit(u, admission, public, u.target.key in targets)
         for _, u in sorted(entry.units.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, ...]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
-Data = Dataset | Sequence[torch.Tensor]
+Data = Dataset[Any] | Sequence[torch.Tensor]
 
 _OPTIMIZERS = ("sgd", "adam", "adamw")
 _PRECISIONS = ("off", "bf16", "fp16")
@@ -328,7 +328,7 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[None]:
     if config.mixed_precision == "off":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
@@ -359,10 +359,10 @@ def _batches(
         )
     per_rank = config.batch_size // ctx.world_size
     tensors = _as_tensors(data)
-    dataset = cast(Dataset, TensorDataset(*tensors) if tensors is not None else data)
+    dataset = cast(Dataset[Any], TensorDataset(*tensors) if tensors is not None else data)
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise InvalidArgument("fit: the training data is empty")
-    sampler: DistributedSampler = DistributedSampler(
+    sampler: DistributedSampler[Any] = DistributedSampler(
         dataset,
         num_replicas=ctx.world_size,
         rank=ctx.rank,
@@ -385,7 +385,10 @@ def _progress(
 
     desc = f"{config.desc} {epoch + 1}/{config.epochs}"
     show = config.progress and ctx.is_main  # only rank 0 draws
-    return tqdm(batches, desc=desc, total=total, disable=not show, leave=False, mininterval=1.0)
+    shown: Iterator[tuple[torch.Tensor, ...]] = tqdm(
+        batches, desc=desc, total=total, disable=not show, leave=False, mininterval=1.0
+    )
+    return shown
 
 
 def _mean_over_ranks(total: torch.Tensor, count: int, ctx: DistContext) -> float:

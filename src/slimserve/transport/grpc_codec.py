@@ -30,7 +30,7 @@ from slimserve.transport import v2_shapes as shapes
 from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport._proto import model_config_pb2 as mc
 from slimserve.transport.controls import take_controls, with_deadline
-from slimserve.transport.limits import check_extent
+from slimserve.transport.limits import check_extent, check_int_range
 from slimserve.transport.raw import pack_bytes, tensor_from_raw
 from slimserve.types import (
     DATATYPE_TO_NUMPY,
@@ -165,7 +165,7 @@ def contents_tensor(
     array = np.fromiter(values, dtype=wire_dtype, count=count)
     target = DATATYPE_TO_NUMPY[datatype]
     if target != wire_dtype:  # INT8/16 in int32, UINT8/16 in uint32: check they fit
-        _check_range(array, target, name)
+        check_int_range(array, target, name)
         array = array.astype(target)
     return array.reshape(shape)
 
@@ -185,18 +185,6 @@ def _count_message(
         f"input {name!r}: shape {list(shape)} holds {math.prod(shape)} elements but "
         f"contents.{field} has {got}; make them agree (or use raw_input_contents)"
     )
-
-
-def _check_range(array: np.ndarray, target: np.dtype[Any], name: str) -> None:
-    if not array.size:
-        return
-    info = np.iinfo(target)
-    low, high = int(array.min()), int(array.max())
-    if low < info.min or high > info.max:
-        raise InvalidArgument(
-            f"input {name!r}: values {low}..{high} do not fit {target.name} "
-            f"({info.min}..{info.max})"
-        )
 
 
 def requested_outputs(items: Iterable[Any]) -> tuple[str, ...] | None:

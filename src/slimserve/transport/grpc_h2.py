@@ -20,6 +20,7 @@ limit); a call refused before its message is whole is answered at once and its s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -79,7 +80,7 @@ class _Abort(Exception):
 class CallContext:
     """What the servicer asks of a call (the part of grpc.aio.ServicerContext it uses)."""
 
-    __slots__ = ("_metadata", "_peer", "_deadline", "_clock")
+    __slots__ = ("_clock", "_deadline", "_metadata", "_peer")
 
     def __init__(
         self,
@@ -107,7 +108,7 @@ class CallContext:
 
 
 class _Stream(H2Stream):
-    __slots__ = ("method", "metadata", "deadline", "encoding", "body", "task", "refused")
+    __slots__ = ("body", "deadline", "encoding", "metadata", "method", "refused", "task")
 
     def __init__(self, stream_id: int, send_window: int, recv_window: int) -> None:
         super().__init__(stream_id, send_window, recv_window)
@@ -132,10 +133,7 @@ class _Connection(H2ServerConnection):
         self.max_body = server.settings.max_body_bytes
 
     def on_connection(self, made: bool) -> None:
-        if made:
-            self.server.connections.add(self)
-        else:
-            self.server.connections.discard(self)
+        self.server.connection_changed(self, made)
 
     def new_stream(self, stream_id: int, send_window: int, recv_window: int) -> H2Stream:
         return _Stream(stream_id, send_window, recv_window)
@@ -287,7 +285,7 @@ class _Connection(H2ServerConnection):
             self._answer_error(stream, abort.code, abort.details, abort.trailing)
         except asyncio.CancelledError:
             return  # RST_STREAM or the connection went away: nobody to answer
-        except Exception:  # noqa: BLE001 - the boundary: log once, answer INTERNAL
+        except Exception:
             log.exception("unhandled error in gRPC %s", stream.method)
             self._answer_error(stream, grpc.StatusCode.INTERNAL, "internal server error", ())
         else:
@@ -336,7 +334,18 @@ class NativeGrpcServer:
             m.name: getattr(servicer, m.name) for m in SERVICE.methods
         }
         self.connections: set[_Connection] = set()
+        self._drained = asyncio.Event()  # set while no connection is open
+        self._drained.set()
         self._server: asyncio.base_events.Server | None = None
+
+    def connection_changed(self, connection: _Connection, opened: bool) -> None:
+        if opened:
+            self.connections.add(connection)
+            self._drained.clear()
+        else:
+            self.connections.discard(connection)
+            if not self.connections:
+                self._drained.set()
 
     def ssl_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -379,9 +388,9 @@ class NativeGrpcServer:
             self._server.close()
         for connection in list(self.connections):
             connection.shutdown()
-        deadline = self.clock() + (grace or 0.0)
-        while self.connections and self.clock() < deadline:
-            await asyncio.sleep(0.02)
+        if grace:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), grace)
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.abort()

@@ -98,8 +98,17 @@ class H2Stream:
     """One request/answer exchange. Call layers subclass it with their own fields."""
 
     __slots__ = (
-        "id", "send_window", "recv_window", "recv_unacked", "received", "content_length",
-        "pending", "trailers", "ended", "closed", "opened",
+        "closed",
+        "content_length",
+        "ended",
+        "id",
+        "opened",
+        "pending",
+        "received",
+        "recv_unacked",
+        "recv_window",
+        "send_window",
+        "trailers",
     )  # fmt: skip
 
     def __init__(self, stream_id: int, send_window: int, recv_window: int) -> None:

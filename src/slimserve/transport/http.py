@@ -107,15 +107,15 @@ class _Request:
     """The parts of an ASGI scope a handler needs, headers scanned once."""
 
     __slots__ = (
+        "authorization",
+        "client",
+        "content_length",
+        "encoding",
+        "header_length",
         "method",
         "path",
         "receive",
-        "content_length",
-        "header_length",
         "request_id",
-        "encoding",
-        "authorization",
-        "client",
     )
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
@@ -183,7 +183,7 @@ class HttpApp:
             status, body, headers = exc.status, _error_body(exc.message), [_JSON, *exc.headers]
         except _Disconnected:
             return
-        except Exception:  # noqa: BLE001 - the boundary: log once, answer a generic 500
+        except Exception:
             log.exception("unhandled error answering %s %s", request.method, request.path[:200])
             status, body, headers = 500, _error_body("internal server error; see the log"), [_JSON]
         if request.request_id is not None:

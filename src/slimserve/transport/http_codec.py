@@ -27,7 +27,7 @@ import orjson
 
 from slimserve.errors import InvalidArgument, Unimplemented
 from slimserve.transport.controls import take_controls
-from slimserve.transport.limits import check_extent
+from slimserve.transport.limits import check_extent, check_int_range
 from slimserve.transport.raw import pack_bytes, tensor_from_raw
 from slimserve.types import DATATYPE_TO_NUMPY, InferRequest, InferResponse, datatype_of
 
@@ -263,7 +263,7 @@ def _json_numbers(data: list[Any], datatype: str, name: str) -> np.ndarray:
     if datatype == "BF16":
         return float_to_bf16(array)
     if kind in "iu" and target.kind in "iu" and array.size:
-        _check_range(array, target, name)
+        check_int_range(array, target, name)
     with np.errstate(over="ignore"):  # FP32/FP16 overflow becomes inf, as a C cast would
         return array.astype(target, copy=False)
 
@@ -278,16 +278,6 @@ def _exact_ints(data: list[Any], target: np.dtype[Any], name: str) -> np.ndarray
             return np.asarray(data, dtype=target)
     except (OverflowError, FloatingPointError) as exc:
         raise InvalidArgument(f"input {name!r}: values do not fit {target.name} ({exc})") from None
-
-
-def _check_range(array: np.ndarray, target: np.dtype[Any], name: str) -> None:
-    info = np.iinfo(target)
-    low, high = int(array.min()), int(array.max())
-    if low < info.min or high > info.max:
-        raise InvalidArgument(
-            f"input {name!r}: values {low}..{high} do not fit {target.name} "
-            f"({info.min}..{info.max})"
-        )
 
 
 def float_to_bf16(array: np.ndarray) -> np.ndarray:

@@ -194,7 +194,7 @@ class CoalescingTransport:
     both leave in one writev; a head with nothing after it goes out on the next turn.
     """
 
-    __slots__ = ("_transport", "_loop", "_head")
+    __slots__ = ("_head", "_loop", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +56,20 @@ def check_inputs(inputs: Mapping[str, np.ndarray], limits: TensorLimits) -> None
         _check_shape(name, array.shape, limits.max_elements)
         if array.dtype == object and array.size:
             _check_strings(name, array, limits.max_string_bytes)
+
+
+def check_int_range(array: np.ndarray, target: np.dtype[Any], name: str) -> None:
+    """Integers decoded in a wider type (JSON numbers, protobuf int32 for INT8) must fit the
+    input's datatype: a 400 naming the input and the range, never a silent wrap-around."""
+    if not array.size:
+        return
+    info = np.iinfo(target)
+    low, high = int(array.min()), int(array.max())
+    if low < info.min or high > info.max:
+        raise InvalidArgument(
+            f"input {name!r}: values {low}..{high} do not fit {target.name} "
+            f"({info.min}..{info.max})"
+        )
 
 
 def _check_shape(name: str, shape: tuple[int, ...], limit: int) -> None:

@@ -43,12 +43,12 @@ import numpy as np
 import orjson
 
 from slimserve.errors import Code, PayloadTooLarge, SlimserveError, Unimplemented
-from slimserve.runtimes.llm import SamplingParams
 from slimserve.security.keys import bearer_token
 from slimserve.serving.engine import Engine
-from slimserve.serving.llm import TextStream
+from slimserve.serving.llm import SamplingParams, TextStream
 from slimserve.transport import openai_requests as req
 from slimserve.transport import openai_structured as structured
+from slimserve.transport.controls import LATENCY_SLO_MS, MAX_QUALITY_LOSS, take_controls
 from slimserve.transport.http import STATUS
 from slimserve.transport.openai_models import models_reply
 from slimserve.transport.openai_replies import Chat, Completion, Reply
@@ -177,16 +177,22 @@ class OpenAIApp:
             )
         if body.get("dimensions") is not None:
             raise BadRequest("dimensions is not supported; leave it out", "dimensions")
-        vectors = np.ascontiguousarray(await self.engine.embed(model, texts, client), "<f4")
+        # Extension fields: a per-request objective, as the v2 parameters of the same names.
+        _, controls = take_controls(
+            {k: body[k] for k in (LATENCY_SLO_MS, MAX_QUALITY_LOSS) if body.get(k) is not None}
+        )
+        answer = await self.engine.embed(model, texts, client, controls)
+        (vectors,) = (np.ascontiguousarray(v, "<f4") for v in answer.outputs.values())
         tokens = self.engine.count_tokens(model, texts)
         data = [
             {"object": "embedding", "index": i, "embedding": req.vector(row, encoding)}
             for i, row in enumerate(vectors)
         ]
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        await _send_json(
-            send, 200, {"object": "list", "data": data, "model": model, "usage": usage}
-        )
+        reply = {"object": "list", "data": data, "model": answer.served_name, "usage": usage}
+        if answer.parameters:  # which variant answered the objective, and whether it could
+            reply["slimserve"] = answer.parameters
+        await _send_json(send, 200, reply)
 
     # -- completions -----------------------------------------------------------------------
 
@@ -381,7 +387,7 @@ async def _pump(send: Send, chunks: AsyncIterator[dict[str, Any]]) -> None:
             await _event(send, orjson.dumps(chunk))
     except SlimserveError as exc:
         await _event(send, orjson.dumps(error_doc(exc)))
-    except Exception:  # noqa: BLE001 - the status is sent: report in the stream, log once
+    except Exception:
         log.exception("generation stream failed")
         await _event(
             send, orjson.dumps(_error("internal server error; see the log", "server_error"))

@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from slimserve.runtimes.llm import TokenEvent, TokenLogprob, Usage
-from slimserve.serving.llm import TextStream, merge
+from slimserve.serving.llm import TextStream, TokenEvent, TokenLogprob, Usage, merge
 from slimserve.transport.openai_structured import Structured, tool_calls
 
 

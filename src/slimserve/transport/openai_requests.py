@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from slimserve.errors import DeadlineExceeded
-from slimserve.runtimes.llm import SamplingParams
+from slimserve.serving.llm import SamplingParams
 from slimserve.serving.sampling_args import BadParameter, number, sampling_params, whole
 
 _UNSUPPORTED = ("suffix", "logit_bias", "functions", "function_call", "audio", "prediction")
@@ -33,7 +33,13 @@ FIELDS = {
             *("store", "metadata", "service_tier", "modalities"),
         )
     ),
-    "embeddings": frozenset(("model", "input", "encoding_format", "dimensions", "user")),
+    # latency_slo_ms, max_quality_loss: the per-request objective extension (as v2 parameters)
+    "embeddings": frozenset(
+        (
+            *("model", "input", "encoding_format", "dimensions", "user"),
+            *("latency_slo_ms", "max_quality_loss"),
+        )
+    ),
 }
 
 BadRequest = BadParameter  # a request field is wrong; `param` names it in the error body

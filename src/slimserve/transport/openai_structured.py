@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from slimserve.runtimes.llm.params import Grammar
+from slimserve.serving.llm import Grammar
 from slimserve.serving.sampling_args import BadParameter
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"

@@ -23,6 +23,26 @@ def text_of(events: list[TokenEvent], index: int = 0) -> str:
     return "".join(e.text for e in events if e.index == index)
 
 
+# Greedy tokens computed in a batch (the engine: paged attention, several sequences at once)
+# and alone (transformers' generate) are equal only where the top logit leads the second by
+# more than rounding. fp32 logits of magnitude ~10 come out ~1e-5 apart across batch shapes
+# and kernels (summation order in 64- to 2048-long dot products), so a lead of NEAR_TIE (10x
+# that) decides the token on any CPU; a reference with a closer call fails here, naming the
+# step, instead of an equality of tokens failing on some machines only.
+NEAR_TIE = 1e-4
+
+
+def check_decisive(scores: Any, where: str) -> None:
+    """`scores`: generate()'s per-step logits (output_scores=True), batch of one."""
+    for step, logits in enumerate(scores):
+        top = logits[0].float().topk(2).values
+        lead = float(top[0] - top[1])
+        assert lead > NEAR_TIE, (
+            f"{where}: step {step}'s greedy token leads by only {lead:.2e} (< {NEAR_TIE}): "
+            "batched and unbatched runs may round it either way; use another prompt or seed"
+        )
+
+
 def greedy_reference(hf_model: Any, prompt: list[int], max_tokens: int) -> list[int]:
     import torch
 
@@ -33,8 +53,11 @@ def greedy_reference(hf_model: Any, prompt: list[int], max_tokens: int) -> list[
         eos_token_id=None,
         pad_token_id=0,
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        output_scores=True,
+        return_dict_in_generate=True,
     )
-    return out[0, len(prompt) :].tolist()
+    check_decisive(out.scores, f"prompt {prompt[:8]}...")
+    return list(out.sequences[0, len(prompt) :].tolist())
 
 
 def greedy_references(folder: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

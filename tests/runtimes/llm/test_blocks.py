@@ -28,7 +28,7 @@ def test_a_shared_prefix_reuses_full_blocks_only() -> None:
     first = list(range(10))  # blocks [0-3] [4-7] and a partial one
     table, _ = pool.allocate_prompt(first)
     pool.register(table, block_keys(first, 4))
-    second = list(range(8)) + [99, 98, 97]
+    second = [*list(range(8)), 99, 98, 97]
     assert pool.blocks_to_admit(second) == 1  # 3 blocks, 2 of them cached
     shared, cached = pool.allocate_prompt(second)
     assert cached == 8 and shared[:2] == table[:2] and shared[2] != table[2]

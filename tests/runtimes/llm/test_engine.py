@@ -25,9 +25,9 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 SHARED = list(range(2000, 2012))
 PROMPTS = [
     list(range(1000, 1003)),
-    SHARED + [7, 8, 9],
+    [*SHARED, 7, 8, 9],
     list(range(3000, 3016)),
-    SHARED + [11, 12, 13, 14, 15],
+    [*SHARED, 11, 12, 13, 14, 15],
     list(range(4000, 4031)),
     SHARED,
 ]
@@ -97,8 +97,8 @@ def test_greedy_matches_generate_under_preemption(
 
 def test_prefix_cache_hits_are_reported_in_usage(engine: GenerationEngine) -> None:
     async def scenario() -> tuple[Any, Any]:
-        first = await collect(engine, SHARED + [1, 2], GREEDY)
-        second = await collect(engine, SHARED + [3, 4, 5], GREEDY)
+        first = await collect(engine, [*SHARED, 1, 2], GREEDY)
+        second = await collect(engine, [*SHARED, 3, 4, 5], GREEDY)
         return first[-1].usage, second[-1].usage
 
     first, second = asyncio.run(scenario())
@@ -187,12 +187,12 @@ def wait_until_idle(engine: GenerationEngine) -> None:
 def test_a_task_cancelled_mid_stream_cancels_its_request(engine: GenerationEngine) -> None:
     async def scenario() -> None:
         task = asyncio.create_task(collect(engine, PROMPTS[4], SamplingParams(max_tokens=400)))
-        while engine.stats().running == 0:
+        while engine.stats().running == 0:  # noqa: ASYNC110 - polls a state that has no event to wait on
             await asyncio.sleep(0.005)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        while engine.stats().free_blocks < engine.stats().total_blocks:
+        while engine.stats().free_blocks < engine.stats().total_blocks:  # noqa: ASYNC110 - polls a state that has no event to wait on
             await asyncio.sleep(0.005)
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
@@ -281,7 +281,7 @@ def test_queue_bound_refuses_with_resource_exhausted(runtime: TextGenerationRunt
 
 
 def test_engine_config_names_a_bad_field() -> None:
-    with pytest.raises(InvalidArgument, match="EngineConfig.block_size=0"):
+    with pytest.raises(InvalidArgument, match=r"EngineConfig.block_size=0"):
         EngineConfig(block_size=0)
 
 

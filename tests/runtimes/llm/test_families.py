@@ -37,6 +37,7 @@ COMMON: dict[str, Any] = {
 def _configs() -> dict[str, Callable[[int], Any]]:
     from transformers import (
         Gemma2Config,
+        Gemma3TextConfig,
         GemmaConfig,
         MistralConfig,
         Phi3Config,
@@ -55,6 +56,15 @@ def _configs() -> dict[str, Callable[[int], Any]]:
             sliding_window=6,  # layer 0 sliding, layer 1 full
             attn_logit_softcapping=5.0,  # small enough to bend the random scores
             final_logit_softcapping=3.0,
+            **COMMON,
+        ),
+        "gemma3_text": lambda v: Gemma3TextConfig(
+            vocab_size=v,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=6,
+            # rotary bases 1e6 (full) and 1e4 (sliding): each layer type its own
+            layer_types=["sliding_attention", "full_attention"],
             **COMMON,
         ),
     }
@@ -79,7 +89,7 @@ def _save(kind: str, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "mistral", "phi3", "gemma", "gemma2"])
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "phi3", "gemma", "gemma2", "gemma3_text"])
 def test_greedy_equals_generate(kind: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -100,6 +110,8 @@ def test_greedy_equals_generate(kind: str, tmp_path: Path) -> None:
             return [tokens_of(e) for e in events]
 
         assert run(all_prompts()) == expected
+        alone = run(collect(engine, PROMPTS[1], GREEDY))  # one-row decode steps: another path
+        assert tokens_of(alone) == expected[1]
         # Log-probabilities too (soft-capped logits keep the argmax: only these see the cap).
         first = run(
             collect(engine, PROMPTS[2], SamplingParams(max_tokens=1, temperature=0.0, logprobs=0))

@@ -67,7 +67,7 @@ def test_json_object_and_lark_grammars(engine: GenerationEngine) -> None:
     params = SamplingParams(max_tokens=40, temperature=0.0, grammar=Grammar("lark", LARK))
     text = text_of(run(collect(engine, PROMPT, params)))
     assert text in ("yes", "no") or (text.startswith("n=") and text[2:].isdigit()), text
-    params = SamplingParams(max_tokens=300, temperature=0.0, grammar=Grammar("json_object"))
+    params = SamplingParams(max_tokens=60, temperature=0.0, grammar=Grammar("json_object"))
     events = run(collect(engine, PROMPT, params))
     if events[-1].finish_reason == "stop":
         assert isinstance(json.loads(text_of(events)), dict)
@@ -84,21 +84,6 @@ def test_a_bad_schema_is_refused_before_any_token(engine: GenerationEngine) -> N
 
     with pytest.raises(InvalidArgument, match="cannot be enforced"):
         run(submit())
-
-
-def test_a_wordpiece_tokenizer_is_refused_with_the_reason(tiny_llama_dir: Path) -> None:
-    runtime = TextGenerationRuntime.load(tiny_llama_dir)
-    engine = GenerationEngine(runtime.model, runtime.tokenizer, EngineConfig(block_size=4))
-    engine.start()
-    try:
-
-        async def submit() -> None:
-            engine.submit(PROMPT, SamplingParams(grammar=Grammar("json_object")))
-
-        with pytest.raises(InvalidArgument, match="tokenizer cannot be constrained"):
-            run(submit())
-    finally:
-        engine.close()
 
 
 def test_top_k_1_and_min_p_1_are_greedy(engine: GenerationEngine) -> None:

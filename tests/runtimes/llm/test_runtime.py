@@ -33,12 +33,12 @@ def test_pickle_weights_are_refused(tiny_llama_dir: Path, tmp_path: Path) -> Non
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_llama_dir, folder)
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    with pytest.raises(UnsafeArtifact, match="pytorch_model.bin is a pickle file"):
+    with pytest.raises(UnsafeArtifact, match=r"pytorch_model.bin is a pickle file"):
         TextGenerationRuntime.load(folder)
 
 
 def test_a_folder_without_config_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config.json"):
         TextGenerationRuntime.load(tmp_path)
 
 

@@ -107,7 +107,7 @@ def attend(
     layer's keys in the L3 cache for the matmuls that follow, and the copy is read from DRAM."""
     rows, new, heads, head_dim = q.shape
     keys, values = _gather(kv, index.read, (index.rows, kv.shape[1], index.keys, head_dim))
-    if new == 1 and rows == 1:
+    if new == 1 and rows == 1 and softcap is None:
         return _decode_one(q, keys, values, index.mask).view(1, 1, heads * head_dim)
     if new == 1:
         out = _decode(q, keys, values, index.mask, softcap)

@@ -177,6 +177,8 @@ class GenerationEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
             self._thread.start()
+            if self.tokenizer is not None:  # ready before the first constrained request
+                threading.Thread(target=self._grammars.prepare, daemon=True).start()
 
     def close(self) -> None:
         """Stop the worker; every unfinished request fails with UNAVAILABLE."""
@@ -330,7 +332,7 @@ class GenerationEngine:
             return
         try:
             run(seqs)
-        except Exception as error:  # noqa: BLE001 - reported to every request of the batch
+        except Exception as error:
             log.exception("generation batch failed")
             for seq in seqs:
                 self.blocks.unregister(seq.table)  # their K/V may be half written

@@ -120,7 +120,7 @@ class Int4Linear:
         """The weight (N, K) in fp32 exactly as the kernel sees it."""
         total = torch.zeros(())
         for q, sz in zip(self._levels, self.scales, strict=True):
-            n, k = q.shape
+            _n, _k = q.shape
             scale = sz[..., 0].t().float().repeat_interleave(GROUP, dim=1)  # (N, K)
             zero = sz[..., 1].t().float().repeat_interleave(GROUP, dim=1)
             total = total + (q.float() - 8) * scale + zero
@@ -137,7 +137,8 @@ class Int4Linear:
         )
         for packed, scales in zip(self.packed[1:], self.scales[1:], strict=True):
             out += torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scales)
-        return out.view(*x.shape[:-1], self.out_features)
+        result: torch.Tensor = out.view(*x.shape[:-1], self.out_features)
+        return result
 
 
 class DualLinear:

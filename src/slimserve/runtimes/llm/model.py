@@ -61,6 +61,7 @@ class LlamaShape:
     query_scale: float = 1.0  # q multiplied by this, so 1/sqrt(hd) scaling gives the model's
     attn_softcap: float | None = None  # scores -> c * tanh(scores / c) (Gemma-2)
     logit_softcap: float | None = None  # logits likewise (Gemma-2)
+    local_rope_theta: float | None = None  # the sliding layers' own rotary base (Gemma-3)
 
 
 @dataclass(slots=True)
@@ -75,6 +76,8 @@ class LayerWeights:
     post_attn_norm: torch.Tensor | None = None  # (D,) on the attention's output (Gemma-2)
     post_mlp_norm: torch.Tensor | None = None  # (D,) on the MLP's output (Gemma-2)
     window: int | None = None  # sliding window: a query sees the last `window` positions
+    q_norm: torch.Tensor | None = None  # (hd,) RMSNorm of each query head (Gemma-3)
+    k_norm: torch.Tensor | None = None  # (hd,) and of each key head
 
 
 @dataclass(slots=True)
@@ -85,6 +88,7 @@ class LlamaModel:
     norm: torch.Tensor  # (D,)
     lm_head: Linear  # D -> V
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (max_positions, hd)
+    local_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # sliding layers' (Gemma-3)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in _tensors(self))
@@ -118,7 +122,9 @@ class FloatLinear:
         if not self.packed:
             return F.linear(x, self.weight)
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, None, "none", [], "")
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            flat, self.weight, None, "none", [], ""
+        )
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -163,7 +169,9 @@ class BFloat16Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, None, "none", [], "")
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            flat, self.weight, None, "none", [], ""
+        )
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -214,7 +222,13 @@ def shape_of(config: Any) -> LlamaShape:
         query_scale=(head_dim / scalar) ** 0.5 if scalar else 1.0,
         attn_softcap=getattr(config, "attn_logit_softcapping", None),
         logit_softcap=getattr(config, "final_logit_softcapping", None),
+        local_rope_theta=_local_theta(values),
     )
+
+
+def _local_theta(values: dict[str, Any]) -> float | None:
+    local = rope_theta(values, "sliding_attention")
+    return local if local != rope_theta(values) else None
 
 
 def build_model(
@@ -236,9 +250,13 @@ def build_model(
         for i in range(shape.layers)
     ]
     rope = rope_tables(shape)
+    local = shape.local_rope_theta
+    local_rope = (
+        None if local is None else rope_tables(dataclasses.replace(shape, rope_theta=local))
+    )
     head_linear = make_linear(head.float(), "lm_head")
     norm = get("model.norm.weight") + family.norm_offset
-    return LlamaModel(shape, embed, layers, norm, head_linear, rope)
+    return LlamaModel(shape, embed, layers, norm, head_linear, rope, local_rope)
 
 
 def _getter(state: dict[str, torch.Tensor], config: Any) -> Callable[[str], torch.Tensor]:
@@ -284,6 +302,8 @@ def _layer(
         post_attn_norm=norm("post_attention_layernorm") if sandwich else None,
         post_mlp_norm=norm("post_feedforward_layernorm") if sandwich else None,
         window=window,
+        q_norm=norm("self_attn.q_norm") if family.qk_norm else None,
+        k_norm=norm("self_attn.k_norm") if family.qk_norm else None,
     )
 
 
@@ -323,13 +343,15 @@ def forward(
     if shape.embed_scale != 1.0:
         x = x * shape.embed_scale
     dtype = shape.dtype
-    cos, sin = (t[batch.positions].unsqueeze(2).to(dtype) for t in model.rope)  # (B, T, 1, hd)
+    rope = _rope_at(model.rope, batch.positions, dtype)  # cos, sin (B, T, 1, hd)
+    local = None if model.local_rope is None else _rope_at(model.local_rope, batch.positions, dtype)
     index = attention.kv_index(batch.slots, batch.block_tables, batch.positions, pool.shape)
     indexes = _window_indexes(model, index, batch.positions)
     activation = _ACTIVATIONS[shape.activation]
     for kv, layer in zip(pool, model.layers, strict=True):
         h = rms_norm(x, layer.attn_norm, shape.eps, dtype)
-        h = _attention(shape, layer, kv, h, (cos, sin), indexes[layer.window])
+        layer_rope = local if local is not None and layer.window is not None else rope
+        h = _attention(shape, layer, kv, h, layer_rope, indexes[layer.window])
         x = x + _post_norm(h, layer.post_attn_norm, shape.eps)
         h = rms_norm(x, layer.mlp_norm, shape.eps, dtype)
         gate, up = layer.gate_up(h).chunk(2, dim=-1)
@@ -341,6 +363,13 @@ def forward(
     if shape.logit_softcap is not None:  # Gemma-2: c * tanh(logits / c)
         logits = torch.tanh(logits / shape.logit_softcap).mul_(shape.logit_softcap)
     return logits
+
+
+def _rope_at(
+    tables: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = (t[positions].unsqueeze(2).to(dtype) for t in tables)
+    return cos, sin
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -399,8 +428,16 @@ def _attention(
     if layer.qkv_bias is not None:
         qkv = qkv + layer.qkv_bias
     qkv = qkv.to(kv.dtype).view(rows, new, shape.heads + 2 * kvh, hd)
+    qk = qkv[:, :, : shape.heads + kvh]  # (B, T, H + Hkv, hd)
+    if layer.q_norm is not None and layer.k_norm is not None:  # Gemma-3: per head, fp32
+        q, k = qk.float().split([shape.heads, kvh], dim=2)
+        q, k = (
+            rms_norm(q, layer.q_norm, shape.eps, kv.dtype),
+            rms_norm(k, layer.k_norm, shape.eps, kv.dtype),
+        )
+        qk = torch.cat([q, k], dim=2)
     # Rotary on the query and key heads together: one pass instead of two.
-    qk = _rotate(qkv[:, :, : shape.heads + kvh], *rope)  # (B, T, H + Hkv, hd)
+    qk = _rotate(qk, *rope)  # (B, T, H + Hkv, hd)
     q, k = qk.split([shape.heads, kvh], dim=2)
     if shape.query_scale != 1.0:
         q = q * shape.query_scale
@@ -413,7 +450,8 @@ def _tensors(model: LlamaModel) -> list[torch.Tensor]:
     linears: list[Any] = [model.lm_head]
     for layer in model.layers:
         found += [layer.attn_norm, layer.mlp_norm]
-        optional = (layer.qkv_bias, layer.post_attn_norm, layer.post_mlp_norm)
+        optional = [layer.qkv_bias, layer.post_attn_norm, layer.post_mlp_norm]
+        optional += [layer.q_norm, layer.k_norm]
         found += [t for t in optional if t is not None]
         linears += [layer.qkv, layer.o, layer.gate_up, layer.down]
     for linear in linears:

@@ -151,4 +151,4 @@ def _eos_ids(config: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if isinstance(i, int)))
 
 
-__all__ = ["TextGenerationRuntime", "Linear"]
+__all__ = ["Linear", "TextGenerationRuntime"]

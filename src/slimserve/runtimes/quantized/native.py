@@ -146,7 +146,7 @@ class _NativeInt8(QuantizedLayer):
         self.register_buffer("input_qparams", torch.tensor([1.0, 0.0]))
         self.register_buffer("output_qparams", torch.tensor([1.0, 0.0]))
         self._packed = None
-        self.register_load_state_dict_post_hook(_drop_packed)
+        self.register_load_state_dict_post_hook(_drop_packed)  # type: ignore[no-untyped-call]
 
     def load_float(
         self,

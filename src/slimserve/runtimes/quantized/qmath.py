@@ -29,7 +29,8 @@ def qrange(bits: int, signed: bool = True) -> tuple[int, int]:
 
 def symmetric_scale(amax: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Scale mapping [-amax, amax] onto [-(2^(b-1)-1), 2^(b-1)-1]."""
-    return amax.clamp_min(_EPS) / (2 ** (bits - 1) - 1)
+    scale: torch.Tensor = amax.clamp_min(_EPS) / (2 ** (bits - 1) - 1)
+    return scale
 
 
 def affine_params(

@@ -90,7 +90,8 @@ class NativeSequential(nn.Sequential):
         if plan is None or len(plan.children) != len(self._modules):
             plan = self._plan = _build_plan(self)
         if self.training or any(plan.hook_dicts):
-            return super().forward(x)
+            out: torch.Tensor = super().forward(x)  # type: ignore[no-untyped-call]
+            return out
         for step in plan.steps:
             x = step(x)
         return x

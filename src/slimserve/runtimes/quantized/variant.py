@@ -31,12 +31,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def import_class(path: str) -> type[nn.Module]:
-    """'package.module:ClassName' -> the class."""
+    """'package.module:ClassName' -> the class, which must be a torch.nn.Module subclass (as
+    runtimes/torch.py requires of model.yaml's model_class): variant.yaml cannot make the
+    server call any other importable callable."""
     module_name, _, attr = path.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+        cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise InvalidArgument(f"model_class {path!r} cannot be imported: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise InvalidArgument(f"model_class {path!r} is not a torch.nn.Module class")
+    return cls
 
 
 # Float layers a structural change (pruning whole neurons) resized: rebuilt at their new shape.

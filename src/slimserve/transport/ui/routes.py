@@ -4,8 +4,8 @@ same 401 as everywhere."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
@@ -64,21 +64,21 @@ class ConsoleApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # websockets are refused, as on every other path
-        status, body, headers = self._reply(scope)
+        status, body, headers = await self._reply(scope)
         headers.append((b"content-length", b"%d" % len(body)))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _reply(self, scope: Scope) -> Reply:
+    async def _reply(self, scope: Scope) -> Reply:
         if scope["method"] != "GET":
             message = f"{scope['method']} is not allowed on {scope['path'][:200]}; use GET"
             return 405, _error_body(message), [_JSON, (b"allow", b"GET"), *SECURITY_HEADERS]
         parts = scope["path"].split("/")[2:]  # after '', 'ui'
         try:
-            return self.console.get(parts, _token(scope))
+            return await self.console.get(parts, _token(scope))
         except SlimserveError as exc:
             return _error_reply(self.engine.public(exc.message), exc.code)
-        except Exception:  # noqa: BLE001 - the boundary: log once, answer a generic 500
+        except Exception:
             log.exception("unhandled error answering GET %s", scope["path"][:200])
             return _error_reply("internal server error; see the log", Code.INTERNAL)
 
@@ -91,13 +91,13 @@ class Console:
         folder = resources.files(__package__) / "static"
         self._files = {name: (folder / name).read_bytes() for name in _STATIC}
 
-    def get(self, parts: list[str], token: str | None) -> Reply:
+    async def get(self, parts: list[str], token: str | None) -> Reply:
         if not parts or parts == [""]:  # /ui or /ui/
             return self._static("index.html")
         if parts[0] == "static" and len(parts) == 2:
             return self._static(parts[1])
         if parts[0] == "api" and len(parts) >= 2:
-            return self._api(parts[1:], token)
+            return await self._api(parts[1:], token)
         raise _no_route(parts)
 
     def _static(self, name: str) -> Reply:
@@ -107,23 +107,25 @@ class Console:
         headers = [(b"content-type", _STATIC[name]), (b"cache-control", b"no-cache")]
         return 200, body, headers + SECURITY_HEADERS
 
-    def _api(self, parts: list[str], token: str | None) -> Reply:
+    async def _api(self, parts: list[str], token: str | None) -> Reply:
         engine = self.engine
         what = parts[0]
         if what == "session" and len(parts) == 1:
             return _json(_session(engine.identify(token), engine))
         if what == "models" and len(parts) == 1:
             identity = engine.authorize(token, "infer")
-            return _json([asdict(m) for m in engine.overview(identity)])
+            return _json(engine.overview(identity))
         if what == "live" and len(parts) == 1:
             identity = engine.authorize(token, "metrics")
-            return _json(asdict(engine.live_metrics(identity)))
+            return _json(engine.live_metrics(identity))
         if what == "reports" and len(parts) == 1:
             identity = engine.authorize(token, "metrics")
-            return _json(list_reports(engine.repository, identity.may_use))
+            # Reports are files: read off the event loop.
+            found = await asyncio.to_thread(list_reports, engine.repository, identity.may_use)
+            return _json(found)
         if what == "reports" and len(parts) == 4 and parts[3] == "plot":
             engine.authorize(token, "metrics", parts[1])
-            body = plot_bytes(engine.repository, parts[1], parts[2])
+            body = await asyncio.to_thread(plot_bytes, engine.repository, parts[1], parts[2])
             return 200, body, [_PNG, _NO_STORE, *SECURITY_HEADERS]
         raise _no_route(["api", *parts])
 
@@ -139,7 +141,8 @@ def _session(identity: Identity, engine: Engine) -> dict[str, Any]:
 
 
 def _json(doc: Any) -> Reply:
-    # Non-finite floats (the +Inf histogram bucket) become null.
+    # orjson encodes the engine's dataclasses as they are (no asdict copy); non-finite floats
+    # (the +Inf histogram bucket) become null.
     return (
         200,
         orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY),

@@ -95,7 +95,9 @@ export class Live {
     this.previous = sample;
     if (!before) return;
     const seconds = sample.time_s - before.time_s;
-    const old = new Map(before.units.map((u) => [key(u), u]));
+    const known = new Map(before.units.map((u) => [key(u), u]));
+    // A unit new in this sample counts from now: its totals so far are not this second's.
+    const old = new Map(sample.units.map((u) => [key(u), known.get(key(u)) || u]));
     const perModel = new Map();
     for (const u of sample.units) {
       const d = delta(u, old.get(key(u)), (x) => Math.max(x.requests, x.histograms.generation ? x.histograms.generation.count : 0));
@@ -155,7 +157,9 @@ export class Live {
       const data = [this.times.slice(), ...used.map((k) => this.series.get(k)[name].slice())];
       chart.setData(data);
       const values = data.slice(1).flat().filter((v) => typeof v === "number");
+      // For people reading the DOM (and the browser tests): what the chart shows now.
       chart.root.parentElement.dataset.max = values.length ? Math.max(...values) : 0;
+      chart.root.parentElement.dataset.points = this.times.length;
     }
   }
 

@@ -1,0 +1,101 @@
+"""What the web console's live view costs the server: GET /ui/api/live (read the engine's
+Prometheus registry into per-unit counters and histogram buckets, encode as JSON) against
+GET /metrics (the same registry as Prometheus text), in process over httpx.ASGITransport.
+
+    python benchmarks/console_live.py --models 10 --variants 2 --calls 300
+
+Each model is a toy echo runtime (python backend) with `--variants` variants; every unit
+serves a few requests first, so each has latency, queue and batch-size series.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from slimserve.app import build_engine
+from slimserve.config import Settings
+from slimserve.transport.asgi import create_app
+
+ECHO = {
+    "backend": "python",
+    "model_class": "slimserve.testing:EchoRuntime",
+    "model_args": {"memory": 4096},
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
+    "batching": {"max_batch_size": 4, "max_queue_delay_ms": 0},
+}
+ROW = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
+
+
+def build(root: Path, models: int, variants: int) -> list[str]:
+    served = []
+    for m in range(models):
+        name = f"m{m}"
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "model.yaml").write_text(yaml.safe_dump(ECHO))
+        (root / name / "1" / "README").write_text("toy\n")
+        served.append(name)
+        for v in range(variants):
+            folder = root / name / "1" / "variants" / f"v{v}"
+            folder.mkdir(parents=True)
+            (folder / "README").write_text("toy\n")
+            profile = {"latency_ms_batch1": 0.01, "agreement": 0.995}
+            (folder / "variant.yaml").write_text(yaml.safe_dump({"profile": profile}))
+            served.append(f"{name}:v{v}")
+    return served
+
+
+async def timed(client: httpx.AsyncClient, path: str, calls: int) -> tuple[float, float, int]:
+    """Median wall milliseconds per GET, CPU milliseconds per GET (this process's CPU time:
+    on a shared, loaded machine wall times of long calls grow with preemption), body bytes."""
+    times, size = [], 0
+    cpu = time.process_time()
+    for _ in range(calls):
+        started = time.perf_counter()
+        response = await client.get(path)
+        times.append((time.perf_counter() - started) * 1000)
+        size = len(response.content)
+    cpu_ms = (time.process_time() - cpu) * 1000 / calls
+    return statistics.median(times), cpu_ms, size
+
+
+async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "models"
+        served = build(root, args.models, args.variants)
+        settings = Settings(repository=root)
+        engine = build_engine(settings)
+        await engine.start(wait=True)
+        transport = httpx.ASGITransport(app=create_app(engine, settings))
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://b") as client:
+                for name in served:
+                    for _ in range(5):
+                        await client.post(f"/v2/models/{name}/infer", json=ROW)
+                await timed(client, "/ui/api/live", 20)  # warm-up
+                print(f"units: {len(served)}; load average {os.getloadavg()[0]:.1f}")
+                for path in ("/ui/api/live", "/metrics", "/ui/api/models"):
+                    ms, cpu_ms, size = await timed(client, path, args.calls)
+                    print(
+                        f"GET {path:<15} median {ms:6.2f} ms wall, {cpu_ms:6.2f} ms CPU "
+                        f"per call, {size / 1024:6.1f} KiB"
+                    )
+        finally:
+            await engine.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=10)
+    parser.add_argument("--variants", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=300)
+    asyncio.run(main(parser.parse_args()))

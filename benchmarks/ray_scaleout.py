@@ -1,0 +1,270 @@
+"""Scale-out figures on a real two-node Ray cluster on this machine (one CPU per node, inside
+a private network namespace): slimserve alone against slimserve through Ray's proxy (one
+replica), where the time goes through the proxy, slimserve's router against Ray's default on
+many models (each replica's budget holds a third of them), and an autoscaling timeline.
+
+    PYTHONPATH=src:. python benchmarks/ray_scaleout.py --seconds 20 --out benchmarks/ray_scaleout
+
+Writes OUT.json and OUT_autoscale.png; run as root (network namespace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.cluster.load import BODY
+from tests.cluster.ray_cluster import PrivateNetwork, RayCluster
+from tests.e2e.conftest import build_repo, mlp_weights, write_mlp_onnx
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+HTTP = "http://127.0.0.1:8000"
+RAY = ("--ray", "127.0.0.1:6379", "--http-port", "8000")
+
+
+def closed_loop(url: str, seconds: float, threads: int, bodies: list[tuple[str, Any]]) -> dict:
+    """`threads` clients in a loop for `seconds`: req/s, p50/p99 ms, errors, per replica."""
+    lat: list[float] = []
+    errors, replicas = [0], {}  # type: ignore[var-annotated]
+    lock, stop = threading.Lock(), time.monotonic() + seconds
+
+    def run(offset: int) -> None:
+        i = offset
+        with httpx.Client(base_url=url, timeout=60) as client:
+            while time.monotonic() < stop:
+                path, body = bodies[i % len(bodies)]
+                i += threads
+                t = time.perf_counter()
+                try:
+                    resp = client.post(path, json=body)
+                    ok = resp.status_code == 200
+                except httpx.HTTPError:
+                    ok, resp = False, None
+                with lock:
+                    if ok:
+                        lat.append(time.perf_counter() - t)
+                        name = resp.headers.get("slimserve-replica", "-")  # type: ignore[union-attr]
+                        replicas[name] = replicas.get(name, 0) + 1
+                    else:
+                        errors[0] += 1
+
+    pool = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    lat.sort()
+    return {
+        "requests": len(lat), "errors": errors[0], "req_s": len(lat) / seconds,
+        "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
+        "p99_ms": 1000 * lat[int(len(lat) * 0.99)] if lat else None, "replicas": replicas,
+    }  # fmt: skip
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def wait_http(url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready")
+
+
+def wait_replicas(count: int, timeout: float = 300) -> None:
+    """Until `count` distinct replicas have answered a health check."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < count and time.monotonic() < deadline:
+        resp = httpx.get(f"{HTTP}/v2/health/ready", timeout=10)
+        seen.add(resp.headers.get("slimserve-replica", ""))
+        time.sleep(0.1)
+
+
+def serve_cmd(repo: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "slimserve", "serve", "--repository", str(repo),
+            "--grpc-port", "0", "--log-format", "text", *extra]  # fmt: skip
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(60)
+
+
+def loads_per_replica(seconds: float = 15) -> dict[str, float]:
+    """slimserve_model_loads of each replica, read from /metrics until both answered."""
+    out: dict[str, float] = {}
+    deadline = time.monotonic() + seconds
+    while len(out) < 2 and time.monotonic() < deadline:
+        resp = httpx.get(f"{HTTP}/metrics", timeout=10)
+        match = re.search(r"^slimserve_model_loads_total (\S+)$", resp.text, re.M)
+        if match:
+            out[resp.headers["slimserve-replica"]] = float(match.group(1))
+    return out
+
+
+def proxy_time(repo: Path, work: Path, env: dict[str, str], seconds: float) -> dict:
+    """Alone vs through Ray with one replica, one client at a time and 8 at once; the
+    replica's own time per request from Ray's replica log (what the proxy adds is the rest)."""
+    alone = start(serve_cmd(repo, "--http-port", "8100", "--load-models", "mlp"),
+                  work / "alone.log", env)  # fmt: skip
+    wait_http("http://127.0.0.1:8100/v2/health/ready")
+    body = [("/v2/models/mlp/infer", BODY)]
+    result = {"alone": {c: closed_loop("http://127.0.0.1:8100", seconds, c, body) for c in (1, 8)}}
+    stop(alone)
+    cmd = serve_cmd(repo, *RAY, "--replicas", "1", "--load-models", "mlp")
+    ray_run = start(cmd, work / "ray1.log", env)
+    wait_http(f"{HTTP}/v2/health/ready")
+    result["ray_1_replica"] = {c: closed_loop(HTTP, seconds, c, body) for c in (1, 8)}
+    session = re.search(r"(/tmp/ray/session_[^/\s]+)", (work / "head.log").read_text())
+    assert session, "the head node's log names no session folder"
+    logs = sorted(Path(session.group(1), "logs", "serve").glob("replica_*.log"),
+                  key=lambda p: p.stat().st_mtime)  # fmt: skip
+    inside = [float(m) for m in re.findall(r"POST / 200 ([\d.]+)ms", logs[-1].read_text())]
+    result["replica_handling_ms_median"] = statistics.median(inside) if inside else None
+    stop(ray_run)
+    return result
+
+
+def routing(
+    repo: Path, work: Path, env: dict[str, str], seconds: float, models: int, clients: int
+) -> dict:
+    """Our router vs Ray's on `models` models, each replica's budget holding a third of them."""
+    bodies = [(f"/v2/models/m{i}/infer", BODY) for i in range(models)]
+    out = {}
+    for router in ("slimserve", "ray"):
+        cmd = serve_cmd(repo, *RAY, "--replicas", "2", "--load-models", "", "--ray-router",
+                        router, "--memory-budget-bytes", str(BUDGET))  # fmt: skip
+        proc = start(cmd, work / f"{router}.log", env)
+        wait_http(f"{HTTP}/v2/health/ready")
+        wait_replicas(2)  # both replicas up before the clock starts
+        run = closed_loop(HTTP, seconds, clients, bodies)
+        loads = loads_per_replica()
+        run["model_loads"] = loads
+        run["hit_ratio"] = 1 - sum(loads.values()) / max(1, run["requests"])
+        out[router] = run
+        stop(proc)
+    return out
+
+
+def autoscale(cluster: RayCluster, repo: Path, work: Path, env: dict[str, str], out: Path) -> dict:
+    """Replica count over time: idle, 45 s of 16 clients, then idle."""
+    cmd = serve_cmd(repo, *RAY, "--autoscale", "1,2", "--load-models", "mlp")
+    proc = start(cmd, work / "auto.log", env)
+    wait_http(f"{HTTP}/v2/health/ready")
+    timeline: list[tuple[float, int]] = []
+    t0 = time.monotonic()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            count = sum(len(node.replica_pids()) for node in cluster.nodes)
+            timeline.append((time.monotonic() - t0, count))
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    time.sleep(3)
+    load_start = time.monotonic() - t0
+    busy = closed_loop(HTTP, 45, 16, [("/v2/models/mlp/infer", BODY)])
+    load_end = time.monotonic() - t0
+    time.sleep(40)
+    done.set()
+    sampler.join()
+    stop(proc)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.step([t for t, _ in timeline], [c for _, c in timeline], where="post")
+    ax.axvspan(load_start, load_end, alpha=0.2, label="16 clients")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("replicas")
+    ax.set_yticks([0, 1, 2])
+    ax.legend()
+    ax.set_title("slimserve --ray --autoscale 1,2")
+    fig.tight_layout()
+    fig.savefig(out.with_name(out.name + "_autoscale.png"), dpi=100)
+    up = next((t for t, c in timeline if c >= 2 and t >= load_start), None)
+    down = next((t for t, c in timeline if c == 1 and up is not None and t > up), None)
+    return {"load_s": [load_start, load_end], "two_replicas_at_s": up, "back_to_one_at_s": down,
+            "busy": busy, "timeline": timeline}  # fmt: skip
+
+
+BUDGET = 0  # set in main from a measured model size
+
+
+def main() -> None:
+    global BUDGET
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--models", type=int, default=6)
+    # A model in use cannot be evicted: with a budget of two models per replica, more clients
+    # than that make loads fail (503, no room) rather than wait.
+    parser.add_argument("--routing-clients", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/ray_scaleout"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ray-bench-"))
+    repo = build_repo(work / "models").root
+    shutil.rmtree(repo / "broken")
+    for i in range(args.models):
+        (repo / f"m{i}").mkdir()
+        (repo / f"m{i}" / "model.yaml").write_text((repo / "mlp" / "model.yaml").read_text())
+        write_mlp_onnx(repo / f"m{i}" / "1" / "model.onnx", mlp_weights(10 + i))
+    env = dict(os.environ, PYTHONPATH=f"{SRC}", OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    network = PrivateNetwork()
+    cluster = RayCluster(work, 6379, env)
+    results: dict[str, Any] = {"uptime": os.getloadavg()}
+    try:
+        cluster.start()
+        results["proxy"] = proxy_time(repo, work, env, args.seconds)
+        size = _unit_bytes(repo, work, env)
+        BUDGET = int(size * args.models / 3 + size / 2)  # a third of the models fit
+        results["unit_bytes"], results["budget_bytes"] = size, BUDGET
+        results["routing"] = routing(
+            repo, work, env, args.seconds, args.models, args.routing_clients
+        )
+        results["autoscale"] = autoscale(cluster, repo, work, env, args.out)
+    finally:
+        cluster.stop()
+        network.leave()
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k != "autoscale"}, indent=1))
+    print({k: v for k, v in results["autoscale"].items() if k != "timeline"})
+
+
+def _unit_bytes(repo: Path, work: Path, env: dict[str, str]) -> int:
+    """Resident bytes of one small model, as the server's residency counts it."""
+    proc = start(
+        serve_cmd(repo, "--http-port", "8101", "--load-models", "m0"), work / "size.log", env
+    )
+    wait_http("http://127.0.0.1:8101/v2/health/ready")
+    size = httpx.get("http://127.0.0.1:8101/v2/health/status").json()["resident_bytes"]
+    stop(proc)
+    return int(size)
+
+
+if __name__ == "__main__":
+    main()

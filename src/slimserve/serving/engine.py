@@ -233,8 +233,9 @@ class Engine:
         choice = None
         if controls.latency_slo_ms is not None and asked.target.variant is None:
             # The objective picks the unit (serving/slo.py); pressure does not move it again.
+            resident = self.models.resident_units()
             asked, choice = slo.choose_unit(
-                entry, asked, controls, rows, self.admission.healthy, arrived, now
+                entry, asked, controls, rows, self.admission.healthy, resident, (arrived, now)
             )
             allow = False
         unit = self.admission.route(entry, asked, allow, now, rows)

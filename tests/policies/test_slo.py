@@ -65,8 +65,11 @@ def test_loose_objective_keeps_the_original_tight_one_degrades_only_as_far_as_ne
 
 def test_the_quality_budget_bounds_how_far_a_request_is_degraded():
     # 2 ms is reachable only by 'pruned' (3 points lost): over a 1-point budget, not taken.
+    # Unreachable within the budget: the fastest within it (int8, 3 ms) answers, and says so.
     refused = choose(units(), 2.0, 1.0, rows=1, arrived=0.0, now=0.0)
-    assert (refused.variant, refused.met, refused.predicted_ms) == (None, False, 10.0)
+    assert (refused.variant, refused.met, refused.predicted_ms) == ("int8", False, 3.0)
+    nothing_to_give = choose(units(), 2.0, 0.0, rows=1, arrived=0.0, now=0.0)
+    assert (nothing_to_give.variant, nothing_to_give.met) == (None, False)
     allowed = choose(units(), 2.0, 5.0, rows=1, arrived=0.0, now=0.0)
     assert (allowed.variant, allowed.met) == ("pruned", True)
 
@@ -88,7 +91,8 @@ def test_a_variant_behind_the_originals_batch_on_its_thread_is_not_chosen_blindl
     crowded = units(pruned={"thread_busy_ms": 9.0})
     assert choose(crowded, 5.0, 5.0, 1, 0.0, 0.0).variant == "int8"
     assert choose(units(), 5.0, 5.0, 1, 0.0, 0.0).variant == "int8"  # least loss that fits
-    assert choose(crowded, 2.5, 5.0, 1, 0.0, 0.0).met is False  # nothing fits 2.5 ms now
+    late = choose(crowded, 2.5, 5.0, 1, 0.0, 0.0)  # nothing fits 2.5 ms now: int8 is first
+    assert (late.variant, late.met, late.predicted_ms) == ("int8", False, 3.0)
     assert choose(units(), 2.5, 5.0, 1, 0.0, 0.0).variant == "pruned"
 
 

@@ -228,8 +228,19 @@ def machine_settings(
         "pin_models": sorted({n for n, _, _ in mp.units}),
         "memory_budget_bytes": int((m.memory_gb - m.reserved_memory_gb) * GiB),
     }
+    threads = {_intra_op_threads(repo, n, versions[n], v) for n, v, _ in mp.units} - {None}
+    if len(threads) == 1:  # the profiles were measured with this many: serve the same way
+        data["intra_op_threads"] = threads.pop()
     Settings(**data)  # the server must take it: fail here, not on the machine
     return data
+
+
+def _intra_op_threads(repo: Repository, name: str, version: int, variant: str | None) -> int | None:
+    """Threads inside one call the unit's sweep ran with (None: not recorded)."""
+    profile = repo.target(name, version, variant).profile
+    settings = (profile.model_extra or {}).get("sweep_settings") if profile is not None else None
+    threads = (settings or {}).get("intra_op_threads")
+    return threads if isinstance(threads, int) and threads > 0 else None
 
 
 def write_plan(result: Plan, repo: Repository, workload: Workload, out: Path) -> list[Path]:

@@ -20,7 +20,11 @@ its queue. The choice, in the manner of INFaaS but per request:
    only as far as its deadline needs, never further;
 4. only when no loaded option fits, an unloaded one whose prediction plus its last measured
    load time fits (a request prefers what is resident);
-5. none fits: the original answers, and the answer says the objective was not reachable.
+5. none fits: the answer says the objective was not reachable, and it comes from the loaded
+   option within the quality budget predicted to answer first (the client said it would
+   give up that much quality for speed, and the original would be the latest of all: under
+   overload, sending the misses to the original made them later still and slowed the
+   variants sharing its thread); the original when no loaded option has a prediction.
 
 Pure: the caller passes `now` and when the request arrived (seconds, monotonic).
 """
@@ -123,6 +127,20 @@ def choose(
         if fits:
             _, predicted, _, best = min(fits, key=lambda f: f[:3])
             return Choice(best.variant, predicted, True)
+    return _fastest(usable, options, rows)
+
+
+def _fastest(usable: list[Option], options: list[Option], rows: int) -> Choice:
+    """No option fits: the loaded usable one predicted first (least loss on a tie), else the
+    original; met is False either way."""
+    ranked = [
+        (predicted, option.quality_loss, option.variant or "", option)
+        for option in usable
+        if option.loaded and (predicted := predict_ms(option, rows)) is not None
+    ]
+    if ranked:
+        predicted, _, _, best = min(ranked, key=lambda r: r[:3])
+        return Choice(best.variant, predicted, False)
     original = next((o for o in options if o.variant is None), None)
     predicted = predict_ms(original, rows) if original is not None else None
     return Choice(None, predicted, False)

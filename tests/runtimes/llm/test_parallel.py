@@ -19,9 +19,11 @@ import pytest
 from slimserve.errors import InvalidArgument, ModelLoadError, Unavailable
 from slimserve.runtimes.llm import EngineConfig, GenerationEngine, SamplingParams
 from slimserve.runtimes.llm.parallel.group import GroupConfig, ModelGroup
+from slimserve.runtimes.llm.parallel.plan import Dims, make_plan
 from slimserve.runtimes.llm.runtime import TextCodec, TextGenerationRuntime
 from slimserve.runtimes.llm.speculate import SpeculativeConfig
 
+from .conftest import save_random_llama
 from .helpers import collect, greedy_references, tokens_of
 from .test_engine import GREEDY, PROMPTS, joining_mid_flight
 
@@ -133,7 +135,7 @@ def test_the_budget_is_checked_per_process(
 ) -> None:
     group = start_group(tiny_llama_dir, 2, 1, budget_bytes=2**20)
     try:
-        with pytest.raises(ModelLoadError, match="over its memory budget of 1.0 MiB"):
+        with pytest.raises(ModelLoadError, match=r"over its memory budget of 1\.0 MiB"):
             GenerationEngine(group, runtime.tokenizer, EngineConfig(block_size=4))
     finally:
         group.close()
@@ -145,3 +147,49 @@ def test_speculative_decoding_is_refused_on_a_group(
     config = EngineConfig(block_size=4, kv_cache_bytes=2**20, speculative=SpeculativeConfig())
     with pytest.raises(InvalidArgument, match="speculative decoding does not run"):
         GenerationEngine(group, runtime.tokenizer, config)
+
+
+def test_stages_split_layers_evenly_and_smollm2_splits_only_its_mlp() -> None:
+    assert make_plan(Dims(5, 4, 2, 128), 2, 1).stages == ((0, 3), (3, 5))
+    smollm2 = make_plan(Dims(30, 9, 3, 1536), 1, 2)  # 9 query heads, 3 KV heads
+    assert (smollm2.split_heads, smollm2.split_mlp) == (False, True)
+    assert "attention is replicated on every rank, the MLP is split" in smollm2.notes[0]
+    assert make_plan(Dims(2, 4, 2, 128), 2, 2).notes == ()
+
+
+@pytest.fixture(scope="module")
+def odd_heads_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """The tiny Llama's tokenizer with 6 query and 3 KV heads: at T=2 only the MLP splits."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    folder = tmp_path_factory.mktemp("odd-heads")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir, local_files_only=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    save_random_llama(folder, config, tokenizer, seed=1)
+    return folder
+
+
+def test_heads_that_do_not_divide_are_replicated_and_still_match(odd_heads_dir: Path) -> None:
+    runtime = TextGenerationRuntime.load(odd_heads_dir)
+    expected = greedy_references(odd_heads_dir, PROMPTS[:3], GREEDY.max_tokens)
+    group = start_group(odd_heads_dir, 2, 2)  # 3 layers in stages of 2 and 1
+    try:
+        assert group.plan.stages == ((0, 2), (2, 3)) and not group.plan.split_heads
+        with engine_on(group, runtime) as engine:
+
+            async def all_at_once() -> list[list[int]]:
+                runs = [collect(engine, p, GREEDY) for p in PROMPTS[:3]]
+                return [tokens_of(events) for events in await asyncio.gather(*runs)]
+
+            assert asyncio.run(all_at_once()) == expected
+    finally:
+        group.close()

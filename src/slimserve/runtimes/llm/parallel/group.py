@@ -73,6 +73,7 @@ class ModelGroup:
                 "processes yet; serve the float checkpoint with generation.weights: int8 or bf16"
             )
         self.config = config
+        self._values = model_config.to_dict()
         self.shape: LlamaShape = dataclasses.replace(
             shape_of(model_config), dtype=compute_dtype(config.weights)
         )
@@ -153,6 +154,7 @@ class ModelGroup:
         for rank in range(self.plan.world):
             spec = WorkerSpec(
                 str(c.folder),
+                self._values,
                 c.weights,
                 c.pipeline,
                 c.tensor,

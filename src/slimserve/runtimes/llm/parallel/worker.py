@@ -51,6 +51,7 @@ class WorkerSpec:
     """What a worker is started with (plain values: it crosses the process boundary)."""
 
     folder: str
+    config: dict[str, Any]  # the transformers config's to_dict(): no transformers import here
     weights: str
     pipeline: int
     tensor: int
@@ -85,8 +86,6 @@ def _send(conn: Connection, fields: dict[str, Any]) -> None:
 
 class _Worker:
     def __init__(self, spec: WorkerSpec, conn: Connection) -> None:
-        from transformers import AutoConfig
-
         self.spec, self.conn = spec, conn
         dist.init_process_group(
             "gloo",  # the forward is oneDNN on the CPU (model.py): NCCL would need CUDA tensors
@@ -95,9 +94,7 @@ class _Worker:
             world_size=spec.pipeline * spec.tensor,
             timeout=timedelta(seconds=spec.timeout_s),
         )
-        config = AutoConfig.from_pretrained(
-            spec.folder, local_files_only=True, trust_remote_code=False
-        )
+        config = ConfigView(spec.config)
         self.plan: Plan = make_plan(dims_of(config), spec.pipeline, spec.tensor)
         self.stage, self.tp = self.plan.place(spec.rank)
         self.group = self._tensor_group()
@@ -184,6 +181,22 @@ class _Worker:
             handle.wait()
         if outputs:
             self.conn.send_bytes(encode({"op": "logits"}, {"logits": torch.cat(outputs)}))
+
+
+class ConfigView:
+    """A transformers config's values read as attributes, as model.shape_of reads them."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = values
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
 
 
 def split_rows(batch: Batch, parts: int) -> list[Batch]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.errors import InvalidArgument
+from slimserve.fields import build
 from slimserve.repository.cli import repository_option
 
 _RECIPE_HELP = (
@@ -104,17 +105,8 @@ def _sizes(text: str) -> tuple[int, ...]:
 def _handle(args: argparse.Namespace) -> int:
     from slimserve.optimize.pipeline import Options, optimize
 
-    opts = Options(
-        version=args.version,
-        overwrite=args.overwrite,
-        threads=args.threads,
-        embedding=args.embedding,
-        max_eval_rows=args.max_eval_rows,
-        report_dir=args.report_dir,
-        batch_sizes=_sizes(args.batch_sizes),
-        min_time_s=args.min_time_s,
-        seed=args.seed,
-    )
+    # Every Options field the command has a flag for; `progress` keeps its default.
+    opts = build(Options, args, batch_sizes=_sizes(args.batch_sizes))
     result = optimize(args.repository, args.name, args.recipe, args.data, args.eval_data, opts)
     for v in result.variants:
         p = v["profile"]

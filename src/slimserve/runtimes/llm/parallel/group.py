@@ -81,7 +81,6 @@ class ModelGroup:
         for note in self.plan.notes:
             log.warning("%s: %s", config.folder, note)
         self.restarts = 0
-        self.comm_s = 0.0  # seconds forwards spent beyond the workers' compute (see bench)
         self.per_process: list[dict[str, Any]] = []  # weights / kv bytes and pid, by rank
         self._procs: list[_Process] = []
         self._blocks: tuple[int, int] | None = None
@@ -125,6 +124,13 @@ class ModelGroup:
                 "the worker group is restarting: retry shortly"
             ) from None
         return out["logits"]
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """Each worker's forward seconds, seconds waiting on peers, and steps (benchmarks)."""
+        self._await_restart()
+        for proc in self._procs:
+            proc.conn.send_bytes(encode({"op": "stats"}))
+        return [fields for fields, _ in self._gather(self._procs)]
 
     def nbytes(self) -> int:
         """The largest process's weights + KV: what each process's budget must hold."""

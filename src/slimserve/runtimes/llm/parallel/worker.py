@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -108,6 +109,9 @@ class _Worker:
             self._reduce,
         )
         self.pool: torch.Tensor | None = None
+        # Seconds of forwards, and of those spent waiting on peers (receiving the previous
+        # stage's hidden states, all-reduces, sends completing): transfer plus pipeline bubble.
+        self.times = {"forward_s": 0.0, "wait_s": 0.0, "steps": 0.0}
 
     def _tensor_group(self) -> Any:
         """This stage's tensor ranks (every rank creates every group, in the same order)."""
@@ -121,7 +125,9 @@ class _Worker:
         return mine
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         dist.all_reduce(partial, group=self.group)
+        self.times["wait_s"] += time.perf_counter() - start
         return partial
 
     def serve(self) -> None:
@@ -132,8 +138,13 @@ class _Worker:
                     return
                 if fields["op"] == "allocate":
                     self._allocate(int(fields["num_blocks"]), int(fields["block_size"]))
+                elif fields["op"] == "stats":
+                    self.conn.send_bytes(encode({"op": "stats", **self.times}))
                 else:
+                    start = time.perf_counter()
                     self._forward(fields, tensors)
+                    self.times["forward_s"] += time.perf_counter() - start
+                    self.times["steps"] += 1
 
     def _allocate(self, num_blocks: int, block_size: int) -> None:
         self.pool = new_kv_pool(self.shard.model.shape, num_blocks, block_size)
@@ -163,12 +174,7 @@ class _Worker:
         )
         sends, outputs = [], []
         for part in split_rows(batch, int(fields["micro"])):
-            if shard.first:
-                x = embed(model, part)
-            else:
-                rows, width = part.tokens.shape
-                x = torch.empty(rows, width, model.shape.hidden)
-                dist.recv(x, src=plan.rank(self.stage - 1, self.tp))
+            x = embed(model, part) if shard.first else self._receive(part)
             x = run_layers(model, self.pool, part, x)
             if shard.last:
                 if self.tp == 0:
@@ -177,10 +183,21 @@ class _Worker:
                 handle = dist.isend(x.contiguous(), dst=plan.rank(self.stage + 1, self.tp))
                 if handle is not None:
                     sends.append(handle)
+        start = time.perf_counter()
         for handle in sends:
             handle.wait()
+        self.times["wait_s"] += time.perf_counter() - start
         if outputs:
             self.conn.send_bytes(encode({"op": "logits"}, {"logits": torch.cat(outputs)}))
+
+    def _receive(self, part: Batch) -> torch.Tensor:
+        """The previous stage's hidden states (rows, T, D) fp32 for this micro-batch."""
+        rows, width = part.tokens.shape
+        x = torch.empty(rows, width, self.shard.model.shape.hidden)
+        start = time.perf_counter()
+        dist.recv(x, src=self.plan.rank(self.stage - 1, self.tp))
+        self.times["wait_s"] += time.perf_counter() - start
+        return x
 
 
 class ConfigView:

@@ -34,6 +34,10 @@ class MLP(nn.Module):
         out: torch.Tensor = self.net(x.flatten(1))
         return out
 
+    def pipeline_blocks(self) -> list[nn.Module]:
+        """forward as a sequence of blocks (what pipeline-parallel training cuts into stages)."""
+        return [nn.Flatten(1), *self.net]
+
 
 class LeNet5(nn.Module):
     """LeNet-5 for 28x28 single-channel images: input (B, 1, 28, 28) or (B, 784) -> (B, 10)."""

@@ -26,6 +26,7 @@ ROOT = Path(slimserve.__file__).parent
 LAYERS = {
     "slimserve": 0,  # the package root: the public names of types and errors
     "types": 0,
+    "fields": 0,
     "errors": 0,
     "config": 1,
     "logs": 1,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from slimserve.errors import InvalidArgument
+from slimserve.fields import build
 from slimserve.repository.cli import repository_option
 
 _RECIPE_HELP = (
@@ -118,18 +119,8 @@ def _handle(args: argparse.Namespace) -> int:
     spec = parse_parallel(args.parallel) if args.parallel else None
     # Under torchrun: join the group with this layout; otherwise a spec must be one process.
     ctx = init_distributed(parallel=spec)
-    opts = Options(
-        version=args.version,
-        overwrite=args.overwrite,
-        threads=args.threads,
-        embedding=args.embedding,
-        max_eval_rows=args.max_eval_rows,
-        report_dir=args.report_dir,
-        batch_sizes=_sizes(args.batch_sizes),
-        min_time_s=args.min_time_s,
-        seed=args.seed,
-        progress=ctx.is_main,
-    )
+    # Every Options field the command has a flag for; progress bars on rank 0 only.
+    opts = build(Options, args, batch_sizes=_sizes(args.batch_sizes), progress=ctx.is_main)
     # On an error no shutdown(): its barrier would wait for ranks stuck in a collective;
     # the process exits and torchrun stops the others.
     result = optimize(args.repository, args.name, args.recipe, args.data, args.eval_data, opts)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimserve.errors import InvalidArgument
+from slimserve.fields import build
 from slimserve.optimize.config import OptimizeConfig
 from slimserve.train.distributed import context
 from slimserve.train.loop import FitResult, TrainConfig, fit, predict
@@ -88,17 +89,7 @@ class DistillConfig(OptimizeConfig):
             )
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            weight_decay=self.weight_decay,
-            optimizer=self.optimizer,
-            lr_gamma=self.lr_gamma,
-            progress=self.progress,
-            seed=self.seed,
-            desc="distill",
-        )
+        return build(TrainConfig, self, desc="distill")
 
 
 def soft_target_loss(

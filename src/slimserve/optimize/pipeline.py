@@ -34,6 +34,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from slimserve.errors import InvalidArgument
+from slimserve.fields import pick
 from slimserve.optimize import artifacts
 from slimserve.optimize.data import load_data
 from slimserve.optimize.evaluation import as_predictor, evaluate, predict_all
@@ -203,10 +204,7 @@ def _profile_original(
         y,
         reference=reference,
         artifact=artifact,
-        embedding=opts.embedding,
-        batch_sizes=opts.batch_sizes,
-        threads=opts.threads,
-        min_time_s=opts.min_time_s,
+        **pick(opts, "embedding batch_sizes threads min_time_s"),
     )
     return reference, _mark_accuracy(profile, y, opts.embedding)
 

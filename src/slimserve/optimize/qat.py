@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimserve.errors import InvalidArgument
-from slimserve.runtimes.quantized import qmath
+from slimserve.runtimes import qmath
 from slimserve.runtimes.quantized.layers import StaticInt8Conv2d, StaticInt8Linear
 
 

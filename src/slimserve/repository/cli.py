@@ -14,6 +14,7 @@ from typing import Any
 
 from slimserve.config import Settings
 from slimserve.errors import InvalidArgument, SlimserveError
+from slimserve.fields import pick
 from slimserve.repository.importer import add_model  # onnx/torch load when it runs
 from slimserve.repository.manifest import MANIFEST, verify_manifest, write_manifest
 from slimserve.repository.store import VARIANTS_DIR, Repository
@@ -163,18 +164,8 @@ def _shape(text: str) -> list[int]:
 
 
 def _add(args: argparse.Namespace) -> int:
-    path = add_model(
-        args.repository,
-        args.name,
-        args.path,
-        model_class=args.model_class,
-        model_args=args.model_args,
-        task=args.task,
-        input_shape=args.input_shape,
-        max_batch_size=args.max_batch_size,
-        version=args.version,
-        report=_note,
-    )
+    named = pick(args, "model_class model_args task input_shape max_batch_size version")
+    path = add_model(args.repository, args.name, args.path, report=_note, **named)
     print(f"added {args.name} version {path.name} at {path}")
     print((path.parent / "model.yaml").read_text(), end="")
     return 0

@@ -38,7 +38,7 @@ from _repro_common import facts_markdown, machine_facts
 from slimserve.train import TrainConfig, classification_loss, fit
 from slimserve.train.distributed import DistContext, init_distributed, shutdown
 from slimserve.train.parallel import parse_parallel
-from slimserve.train.pipeline import pipeline_blocks, split_blocks
+from slimserve.train.stages import pipeline_blocks, split_blocks
 from slimserve.zoo import MLP
 
 SIZES = [784, 2048, 2048, 2048, 10]

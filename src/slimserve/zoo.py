@@ -62,10 +62,12 @@ class LeNet5(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # flat 784-pixel rows
-            x = x.view(-1, 1, 28, 28)
-        out: torch.Tensor = self.classifier(self.features(x))
+        out: torch.Tensor = self.classifier(self.features(_images(x)))
         return out
+
+    def pipeline_blocks(self) -> list[nn.Module]:
+        """forward as a sequence of blocks (what pipeline-parallel training cuts into stages)."""
+        return [_Images(), *self.features, *self.classifier]
 
 
 class CaffeLeNet(nn.Module):
@@ -91,7 +93,21 @@ class CaffeLeNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # flat 784-pixel rows
-            x = x.view(-1, 1, 28, 28)
-        out: torch.Tensor = self.classifier(self.features(x))
+        out: torch.Tensor = self.classifier(self.features(_images(x)))
         return out
+
+    def pipeline_blocks(self) -> list[nn.Module]:
+        """forward as a sequence of blocks (what pipeline-parallel training cuts into stages)."""
+        return [_Images(), *self.features, *self.classifier]
+
+
+def _images(x: torch.Tensor) -> torch.Tensor:
+    """(B, 784) flat pixel rows as (B, 1, 28, 28) images; images as they are."""
+    return x.view(-1, 1, 28, 28) if x.dim() == 2 else x
+
+
+class _Images(nn.Module):
+    """`_images` as a block, the first of a LeNet's pipeline blocks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _images(x)

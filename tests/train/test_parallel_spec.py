@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from slimserve.errors import InvalidArgument
 from slimserve.train.distributed import init_distributed
 from slimserve.train.parallel import ParallelSpec, check_world, parse_parallel
-from slimserve.train.pipeline import microbatch_count, pipeline_blocks, split_blocks
-from slimserve.zoo import MLP
+from slimserve.train.pipeline import microbatch_count
+from slimserve.train.stages import pipeline_blocks, split_blocks
+from slimserve.zoo import MLP, CaffeLeNet, LeNet5
 
 
 def test_parse_degrees():
@@ -70,3 +72,13 @@ def test_microbatches_must_split_the_rows_evenly():
         microbatch_count(9, 2, None)
     with pytest.raises(InvalidArgument, match="at least the 4 stages"):
         microbatch_count(64, 4, 2)
+
+
+@pytest.mark.parametrize("model", [MLP([784, 32, 10]), LeNet5(), CaffeLeNet()])
+def test_zoo_blocks_applied_in_turn_are_the_forward(model):
+    x = torch.randn(3, 784)
+    out = x
+    for block in pipeline_blocks(model):
+        out = block(out)
+    torch.testing.assert_close(out, model(x))
+    assert len(split_blocks(pipeline_blocks(model), 2)) == 2

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
@@ -27,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from slimserve.errors import InvalidArgument
 from slimserve.train.distributed import DistContext
 from slimserve.train.losses import Batch
+from slimserve.train.stages import has_blocks, pipeline_blocks
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
@@ -83,9 +85,13 @@ class ReplicaEngine:
 class ShardedEngine(ReplicaEngine):
     """FSDP2 over the replicas: a sharded copy trains; the caller's model gets the result.
 
-    Each module holding parameters directly becomes its own FSDP unit, so only one layer's
-    full weight is gathered at a time. The caller's parameters are emptied while the copy
-    trains (their storage would otherwise double what sharding saves) and refilled at the end.
+    Each block (`stages.pipeline_blocks`, else each module holding parameters directly)
+    becomes its own FSDP unit, so only one layer's full weight is gathered at a time: a block,
+    not its inner Linear, because a block such as QAT's fake-quantized twin reads its inner
+    layer's weight without calling that layer. Buffers (QAT's range trackers) are not
+    sharded; each replica updates its own, and rank 0's are kept at the end. The caller's
+    parameters are emptied while the copy trains (their storage would otherwise double what
+    sharding saves) and refilled at the end.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, ctx: DistContext, precision: str):
@@ -96,15 +102,15 @@ class ShardedEngine(ReplicaEngine):
             )
         sharded = copy.deepcopy(model)
         mesh = ctx.layout.replica_mesh()
-        for module in list(sharded.modules())[1:]:
-            if any(True for _ in module.parameters(recurse=False)):
-                fully_shard(module, mesh=mesh)
+        for unit in _units(sharded):
+            fully_shard(unit, mesh=mesh)
         fully_shard(sharded, mesh=mesh)
         with torch.no_grad():
             for p in model.parameters():
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         self.module = self.net = sharded
         self.loss_fn, self.device, self.precision = loss_fn, ctx.device, precision
+        self.group = ctx.layout.replica_group
 
     def finish(self, model: nn.Module) -> None:
         assert isinstance(self.module, FSDPModule)
@@ -115,6 +121,15 @@ class ShardedEngine(ReplicaEngine):
                 if name in params:
                     params[name].data = value
             model.load_state_dict(full)
+            for buffer in model.buffers():  # every replica leaves with rank 0's buffers
+                dist.broadcast(buffer, group=self.group, group_src=0)
+
+
+def _units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP gathers one at a time (see ShardedEngine)."""
+    if has_blocks(model):
+        return [b for b in pipeline_blocks(model) if any(True for _ in b.parameters())]
+    return [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))][1:]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ train exactly like one process.
 Each layout trains an MLP teacher on the digits (SGD with gradient clipping, a short last
 batch) and then distills a student from it (the teacher's forward pipelined under pp). Every
 rank's final weights and per-epoch losses must equal the single-process run's up to float
-summation order: measured about 3e-8; we allow 1e-5.
+summation order: measured about 3e-8; we allow 1e-5. A QAT copy of the teacher must come out
+about as accurate as one process's (its range trackers cannot match exactly, see README).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def reference():
     result = load_worker(WORKER).run()
     weights = {f"teacher.{k}": v for k, v in result["teacher"].state_dict().items()}
     weights |= {f"student.{k}": v for k, v in result["student"].state_dict().items()}
-    return weights, {k: result[k] for k in ("losses", "distill_losses")}
+    return weights, {k: result[k] for k in ("losses", "distill_losses", "qat_accuracy")}
 
 
 @pytest.mark.parametrize(("spec", "procs"), [("pp=2", 2), ("fsdp=2", 2), ("dp=2,pp=2", 4)])
@@ -42,8 +43,11 @@ def test_layout_trains_like_one_process(spec, procs, tmp_path, reference):
         for name, tensor in weights.items():
             torch.testing.assert_close(got[name], tensor, atol=TOLERANCE, rtol=0, msg=name)
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        for key, expected in losses.items():
-            assert report[key] == pytest.approx(expected, abs=TOLERANCE), (rank, key)
+        for key in ("losses", "distill_losses"):
+            assert report[key] == pytest.approx(losses[key], abs=TOLERANCE), (rank, key)
+        # QAT's range trackers see shares of batches or micro-batches: close, not equal
+        # (trackers fed uninitialised tensors gave 0.41 against 0.67 here).
+        assert abs(report["qat_accuracy"] - losses["qat_accuracy"]) < 0.05, report
     # training moved the weights: the comparison is not between two initial models
     torch.manual_seed(0)
     from slimserve.zoo import MLP

@@ -330,7 +330,7 @@ def _engine(
             f"--parallel {spec}: this step's loss needs the whole model in one process "
             "(it is not an OutputLoss of the model's output); use dp=N or fsdp=N for it"
         )
-    rows = config.batch_size // spec.replicas
+    rows = _per_replica(config, ctx)
     return PipelineEngine(
         model, loss_fn.criterion, ctx, config.mixed_precision, rows, config.microbatches
     )
@@ -361,17 +361,23 @@ def _as_tensors(data: Data) -> tuple[torch.Tensor, ...] | None:
     return None
 
 
-def _batches(
-    data: Data, config: TrainConfig, ctx: DistContext, epoch: int
-) -> tuple[Iterator[Batch], int]:
-    """This rank's batches for `epoch`, and how many there are."""
+def _per_replica(config: TrainConfig, ctx: DistContext) -> int:
+    """Rows of each global batch that one data-parallel replica takes."""
     replicas = ctx.layout.spec.replicas
     if config.batch_size % replicas:
         raise InvalidArgument(
             f"batch_size {config.batch_size} must divide evenly among {replicas} "
             "data-parallel replicas; use a multiple of their count"
         )
-    per_rank = config.batch_size // replicas
+    return config.batch_size // replicas
+
+
+def _batches(
+    data: Data, config: TrainConfig, ctx: DistContext, epoch: int
+) -> tuple[Iterator[Batch], int]:
+    """This rank's batches for `epoch`, and how many there are."""
+    replicas = ctx.layout.spec.replicas
+    per_rank = _per_replica(config, ctx)
     tensors = _as_tensors(data)
     dataset = cast(Dataset[Any], TensorDataset(*tensors) if tensors is not None else data)
     if len(dataset) == 0:  # type: ignore[arg-type]

@@ -20,6 +20,9 @@ other stages' weights in each process first.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -81,15 +84,38 @@ class PipelineEngine:
         self.layout, self.device, self.precision, self.rows = layout, ctx.device, precision, rows
         self.criterion = criterion
         self.first, self.last = layout.stage == 0, layout.stage == stages - 1
-        count = microbatch_count(rows, stages, microbatches)
-        stage = PipelineStage(self.module, layout.stage, stages, ctx.device, group=layout.pp_group)
-        # scale_grads=False: _loss already weighs each micro-batch by its share of the rows.
-        self.schedule = Schedule1F1B(stage, count, loss_fn=self._loss, scale_grads=False)
+        self.count = microbatch_count(rows, stages, microbatches)
+        self.schedule: Schedule1F1B | None = None  # built on the first batch (its shapes)
         self._targets: tuple[torch.Tensor, ...] = ()
         self._real = rows
 
+    def _build(self, x: torch.Tensor) -> Schedule1F1B:
+        """The stage with its input and output shapes given (static mode). Left to infer them,
+        torch runs each stage's forward once on uninitialised tensors in training mode, which
+        would feed garbage into buffers that track statistics (QAT ranges, batch norm)."""
+        example = _pad(x, self.rows)[: self.rows // self.count]
+        inputs = outputs = example
+        with torch.no_grad(), autocast(self.precision, self.device), _eval(self.parts):
+            for stage, blocks in enumerate(self.parts):
+                inputs = outputs
+                for block in blocks:
+                    outputs = block(outputs)
+                if stage == self.layout.stage:
+                    break
+        # Metadata as in training: activations between stages carry gradients.
+        outputs = outputs.detach().requires_grad_(True)
+        inputs = inputs.detach().requires_grad_(not self.first)
+        stage_ = PipelineStage(
+            self.module, self.layout.stage, self.layout.spec.pp, self.device,
+            input_args=inputs, output_args=outputs, group=self.layout.pp_group,
+        )  # fmt: skip
+        # scale_grads=False: _loss already weighs each micro-batch by its share of the rows.
+        return Schedule1F1B(stage_, self.count, loss_fn=self._loss, scale_grads=False)
+
     def forward_backward(self, batch: Batch, scale: float) -> torch.Tensor | None:
         x, *targets = batch
+        if self.schedule is None:
+            self.schedule = self._build(x)
         real = len(x)
         self._targets, self._real = tuple(targets), real
         index = torch.full((self.rows,), -1, dtype=torch.long, device=x.device)
@@ -134,6 +160,20 @@ class PipelineEngine:
 
     def finish(self, model: nn.Module) -> None:
         broadcast_stages(self.parts, self.layout)
+
+
+@contextlib.contextmanager
+def _eval(parts: list[list[nn.Module]]) -> Iterator[None]:
+    """Every block in eval mode for a while (buffers untouched), then as it was."""
+    blocks = [b for blocks in parts for b in blocks]
+    modes = [b.training for b in blocks]
+    try:
+        for b in blocks:
+            b.eval()
+        yield
+    finally:
+        for b, mode in zip(blocks, modes, strict=True):
+            b.train(mode)
 
 
 def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -231,6 +231,19 @@ class VariantProfile(BaseModel):
             return round((1.0 - self.agreement) * 100.0, 9)
         return None
 
+    def latency_curve(self) -> tuple[tuple[int, float], ...]:
+        """(batch rows, ms) from `latency_ms_by_batch`, sorted by rows (else batch 1 alone
+        from latency_ms_batch1; empty when neither was measured)."""
+        by_batch = (self.model_extra or {}).get("latency_ms_by_batch")
+        points: list[tuple[int, float]] = []
+        if isinstance(by_batch, dict):
+            for size, ms in by_batch.items():
+                if str(size).isdigit() and isinstance(ms, int | float) and ms > 0:
+                    points.append((int(size), float(ms)))
+        if not points and self.latency_ms_batch1:
+            points.append((1, float(self.latency_ms_batch1)))
+        return tuple(sorted(points))
+
 
 class VariantInfo(BaseModel):
     """The contents of variant.yaml: how the variant was made, and what it measured."""

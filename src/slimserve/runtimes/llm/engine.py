@@ -33,6 +33,7 @@ import torch
 
 from slimserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from slimserve.runtimes.llm.blocks import BlockAllocator, block_keys
+from slimserve.runtimes.llm.decode import forward_step, supported
 from slimserve.runtimes.llm.grammar import Grammars
 from slimserve.runtimes.llm.model import (
     LlamaModel,
@@ -124,6 +125,7 @@ class GenerationEngine:
         """`draft`: the model proposing tokens for `speculative` method `draft` (same
         tokenizer; usually a quantized variant of `model`)."""
         self.model, self.tokenizer = model, tokenizer
+        self._fast = supported(model)  # decode steps through decode.py's lean path
         self.config = config or EngineConfig()
         self.eos = frozenset(eos_token_ids)
         self.clock = clock
@@ -377,7 +379,8 @@ class GenerationEngine:
                 self._speculator.settle(seq, len(draft), len(kept) - 1)
 
     def _forward_and_sample(self, seqs: list[Seq]) -> None:
-        logits = forward(self.model, self.pool, make_batch(seqs, self.config.block_size))
+        batch = make_batch(seqs, self.config.block_size)
+        logits = forward_step(self.model, self.pool, batch, self._fast)
         tokens, logprobs = sample(logits, seqs)
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             seq.computed = len(seq.tokens)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from slimserve.cli_parts import command
 from slimserve.config import Settings
 from slimserve.errors import ConfigError
 from slimserve.planning.workload import GiB, Workload, load_workload
@@ -33,21 +34,19 @@ from slimserve.policies.planning import (
 from slimserve.repository.schema import VariantProfile
 from slimserve.repository.store import Repository, Target
 
+ABOUT = """plan variants, replicas and placement for a workload from measured profiles
+From the workload (per model: rate_rps, p99_ms, max_quality_loss; machines: cores, memory_gb,
+count) and the units' profiles (`slimserve profile`), choose per model the cheapest unit
+meeting the objective within the quality budget and place its replicas; print a table and
+write plan.yaml and machine-N.yaml (settings for `slimserve serve --config`).
+"""
+
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "plan",
-        help="plan variants, replicas and placement for a workload from measured profiles",
-        description="From the workload (per model: rate_rps, p99_ms, max_quality_loss; "
-        "machines: cores, memory_gb, count) and the units' profiles (`slimserve profile`), "
-        "choose per model the cheapest unit meeting the objective within the quality budget "
-        "and place its replicas; print a table and write plan.yaml and machine-N.yaml "
-        "(settings for `slimserve serve --config`).",
-    )
+    p = command(subparsers, "plan", run, ABOUT)
     p.add_argument("--repository", type=Path, default=Path("models"), help="model repository")
     p.add_argument("--workload", type=Path, required=True, help="workload YAML file")
     p.add_argument("--out", type=Path, default=Path("plan"), help="folder for the plan files")
-    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

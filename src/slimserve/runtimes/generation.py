@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from slimserve.errors import ModelLoadError
+from slimserve.fields import build
 from slimserve.repository.schema import GenerationSettings, SpeculativeSettings
 from slimserve.repository.store import Target
 from slimserve.runtimes._common import check_folder, not_loaded
@@ -67,17 +68,12 @@ class GenerationRuntime(Runtime, TextGenerator):
         self.text, self.engine = text, engine
 
     def _engine_config(self) -> EngineConfig:
-        s = self.settings
-        return EngineConfig(
-            block_size=s.block_size,
-            kv_cache_bytes=s.kv_cache_bytes,
-            max_seqs=s.max_seqs,
-            max_prefill_tokens=s.max_prefill_tokens,
-            max_waiting=s.max_waiting,
-            continuous=s.continuous,
-            prefix_caching=s.prefix_caching,
+        # model.yaml's generation settings under the engine's own names (block_size, ...).
+        return build(
+            EngineConfig,
+            self.settings,
             threads=self.options.intra_op_threads,
-            speculative=_speculative(s.speculative),
+            speculative=_speculative(self.settings.speculative),
         )
 
     def _check_specs(self) -> None:

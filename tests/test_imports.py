@@ -26,9 +26,11 @@ ROOT = Path(slimserve.__file__).parent
 LAYERS = {
     "slimserve": 0,  # the package root: the public names of types and errors
     "types": 0,
+    "fields": 0,
     "errors": 0,
     "config": 1,
     "logs": 1,
+    "cli_parts": 1,
     "repository": 2,  # the on-disk format
     "policies": 2,  # pure decisions
     "security": 3,  # keys, audit, encryption at rest (of repository files)

@@ -34,8 +34,27 @@ class MLP(nn.Module):
         out: torch.Tensor = self.net(x.flatten(1))
         return out
 
+    def pipeline_blocks(self) -> list[nn.Module]:
+        """forward as a sequence of blocks (what pipeline-parallel training cuts into stages)."""
+        return [nn.Flatten(1), *self.net]
 
-class LeNet5(nn.Module):
+
+class _MnistConvNet(nn.Module):
+    """`features` then `classifier`, on 28x28 images given as (B, 1, 28, 28) or (B, 784)."""
+
+    features: nn.Sequential
+    classifier: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.classifier(self.features(_images(x)))
+        return out
+
+    def pipeline_blocks(self) -> list[nn.Module]:
+        """forward as a sequence of blocks (what pipeline-parallel training cuts into stages)."""
+        return [_Images(), *self.features, *self.classifier]
+
+
+class LeNet5(_MnistConvNet):
     """LeNet-5 for 28x28 single-channel images: input (B, 1, 28, 28) or (B, 784) -> (B, 10)."""
 
     def __init__(self, num_classes: int = 10) -> None:
@@ -57,14 +76,8 @@ class LeNet5(nn.Module):
             nn.Linear(84, num_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # flat 784-pixel rows
-            x = x.view(-1, 1, 28, 28)
-        out: torch.Tensor = self.classifier(self.features(x))
-        return out
 
-
-class CaffeLeNet(nn.Module):
+class CaffeLeNet(_MnistConvNet):
     """LeNet-5 as in Caffe's MNIST example and Han et al. 2015/2016 (20-50-500, 431k weights).
 
     conv 5x5 (1->20) -> pool -> conv 5x5 (20->50) -> pool -> fc 800->500 -> fc 500->10, no
@@ -86,8 +99,14 @@ class CaffeLeNet(nn.Module):
             nn.Linear(500, num_classes),
         )
 
+
+def _images(x: torch.Tensor) -> torch.Tensor:
+    """(B, 784) flat pixel rows as (B, 1, 28, 28) images; images as they are."""
+    return x.view(-1, 1, 28, 28) if x.dim() == 2 else x
+
+
+class _Images(nn.Module):
+    """`_images` as a block, the first of a LeNet's pipeline blocks."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # flat 784-pixel rows
-            x = x.view(-1, 1, 28, 28)
-        out: torch.Tensor = self.classifier(self.features(x))
-        return out
+        return _images(x)

@@ -23,7 +23,7 @@ from slimserve.optimize.quantize import (
     quantize_onnx,
     quantized_layers,
 )
-from slimserve.runtimes.quantized import qmath
+from slimserve.runtimes import qmath
 from slimserve.runtimes.quantized.layers import (
     Int8DynamicLinear,
     StaticInt8Conv2d,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from slimserve.runtimes.quantized import qmath
+from slimserve.runtimes import qmath
 
 # Values kept per batch for percentile/entropy: bounds memory, enough for 1e-4 tails.
 _SAMPLE = 1 << 16

@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimserve.errors import InvalidArgument
+from slimserve.fields import pick
 from slimserve.optimize.compress import compressed_size
 from slimserve.optimize.config import OptimizeConfig
 from slimserve.optimize.distillation import soft_target_loss, teacher_outputs
@@ -289,15 +290,8 @@ def _retraining(
 
 
 def _train(config: DeepCompression, epochs: int, lr: float, desc: str) -> TrainConfig:
-    return TrainConfig(
-        epochs=epochs,
-        lr=lr,
-        weight_decay=config.weight_decay,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        progress=config.progress,
-        desc=desc,
-    )
+    shared = pick(config, "weight_decay batch_size seed progress")
+    return TrainConfig(epochs=epochs, lr=lr, desc=desc, **shared)
 
 
 def _pct(value: float | None) -> str:

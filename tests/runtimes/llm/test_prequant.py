@@ -17,13 +17,9 @@ from slimserve.runtimes.llm.engine import EngineConfig, GenerationEngine
 from slimserve.runtimes.llm.prequant import METADATA_KEY, quantize_state, read_format
 from slimserve.runtimes.llm.quality import HELD_OUT_TEXT
 from slimserve.runtimes.llm.quant import Int8Linear
-from slimserve.runtimes.llm.quant4 import (
-    Int4Linear,
-    dequantize_int4,
-    quantize_int4,
-    unpack_int4,
-)
+from slimserve.runtimes.llm.quant4 import Int4Linear
 from slimserve.runtimes.llm.runtime import TextGenerationRuntime
+from slimserve.runtimes.qmath import dequantize_int4_affine, quantize_int4_affine, unpack_uint4
 from tests.optimize.lm_fixtures import trained_llama_dir  # noqa: F401 - a fixture
 from tests.runtimes.llm.helpers import collect, run, tokens_of
 
@@ -34,27 +30,27 @@ GREEDY_AGREEMENT = 0.75
 
 def test_int4_packs_two_levels_a_byte_low_nibble_first() -> None:
     weight = torch.tensor([[0.0, 15.0, 3.0, 12.0]])  # one group of 4: scale 1, low 0
-    packed, scale, low = quantize_int4(weight, 4)
+    packed, scale, low = quantize_int4_affine(weight, 4)
     assert packed.tolist() == [[0xF0, 0xC3]]
-    assert unpack_int4(packed).tolist() == [[0, 15, 3, 12]]
+    assert unpack_uint4(packed).tolist() == [[0, 15, 3, 12]]
     assert scale.tolist() == [[1.0]] and low.tolist() == [[0.0]]
 
 
 def test_int4_error_is_within_half_a_step_per_group() -> None:
     torch.manual_seed(0)
     weight = torch.randn(48, 128) * torch.linspace(0.01, 2.0, 48)[:, None]  # rows of any range
-    packed, scale, low = quantize_int4(weight, 32)
+    packed, scale, low = quantize_int4_affine(weight, 32)
     assert packed.shape == (48, 64) and scale.shape == low.shape == (48, 4)
-    back = dequantize_int4(packed, scale, low, torch.float32)
+    back = dequantize_int4_affine(packed, scale, low, torch.float32)
     step = scale.float().repeat_interleave(32, dim=1)
     assert bool(((back - weight).abs() <= step * 0.5 + 1e-3 * weight.abs() + 1e-6).all())
 
 
 def test_int4_linear_multiplies_by_the_dequantized_weight() -> None:
     torch.manual_seed(1)
-    packed, scale, low = quantize_int4(torch.randn(16, 64), 32)
+    packed, scale, low = quantize_int4_affine(torch.randn(16, 64), 32)
     x = torch.randn(3, 5, 64)
-    expected = x @ dequantize_int4(packed, scale, low, torch.float32).T
+    expected = x @ dequantize_int4_affine(packed, scale, low, torch.float32).T
     torch.testing.assert_close(Int4Linear(packed, scale, low)(x), expected)
 
 

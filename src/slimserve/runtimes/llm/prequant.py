@@ -3,7 +3,7 @@
 A quantized variant is a transformers folder (config.json, tokenizer files) whose
 model.safetensors holds, under the transformers weight names:
   NAME.q (int8, N x K) + NAME.scale (fp32, N)       int8, symmetric, one scale per row
-  NAME.q4 (uint8, N x K/2) + NAME.scale, NAME.low   int4, two per byte, fp16 per group (quant4)
+  NAME.q4 (uint8, N x K/2) + NAME.scale, NAME.low   int4, two per byte, fp16 per group (qmath)
 and the norms as fp32. The embedding table is always int8 per row (it is also the tied head's
 weight, and int8 per output channel of the head is int8 per row of the table); in the int4
 scheme the head stays int8 too (the logits are the most sensitive matmul). The header's
@@ -43,7 +43,8 @@ from slimserve.runtimes.llm.model import (
     shape_of,
 )
 from slimserve.runtimes.llm.quant import Int8Linear, prequantized_int8, quantize_per_channel
-from slimserve.runtimes.llm.quant4 import Int4Linear, dequantize_int4, quantize_int4
+from slimserve.runtimes.llm.quant4 import Int4Linear
+from slimserve.runtimes.qmath import dequantize_int4_affine, quantize_int4_affine
 
 METADATA_KEY = "slimserve_quant"
 SCHEMES = ("int8", "int8-weight-only", "int4")
@@ -95,7 +96,7 @@ def quantize_state(
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if scheme == "int4" and is_layer_linear(name):
-            packed, scale, low = quantize_int4(tensor.float(), int(group or 0))
+            packed, scale, low = quantize_int4_affine(tensor.float(), int(group or 0))
             out |= {f"{name}.q4": packed, f"{name}.scale": scale, f"{name}.low": low}
         elif is_layer_linear(name) or name in (EMBED, HEAD):
             q, scale = quantize_per_channel(tensor.float())
@@ -200,7 +201,7 @@ def _layer_maker(get: Callable[[str], torch.Tensor], scheme: str, compute: str) 
         packed, scale, low = cat(names, ".q4"), cat(names, ".scale"), cat(names, ".low")
         if compute == "unpack":
             return Int4Linear(packed, scale, low)
-        weight = dequantize_int4(packed, scale, low, torch.float32)  # (N, K)
+        weight = dequantize_int4_affine(packed, scale, low, torch.float32)  # (N, K)
         # The MLP's down projection keeps float activations (see quant.py int8_linear): its
         # int4 values in a float matmul; the others go to the int8 matmul.
         return bf16_linear(weight) if role == "down" else Int8Linear(weight, mode="dynamic")

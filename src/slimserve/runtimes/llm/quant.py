@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slimserve.runtimes import qmath
 from slimserve.runtimes.llm.model import Linear, bf16_linear
 
 MODES = ("dynamic", "weight-only")
@@ -36,8 +37,7 @@ MODES = ("dynamic", "weight-only")
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 weight (out, in) and fp32 scale (out,) with weight ~= q * scale[:, None]."""
-    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    q, scale = qmath.quantize_weight_per_channel(weight)
     return q.contiguous(), scale.float().contiguous()
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimserve.runtimes.quantized import qmath
+from slimserve.runtimes import qmath
 
 
 class QuantizedLayer(nn.Module):
@@ -44,36 +44,48 @@ def _linear_spec(layer: Any) -> dict[str, Any]:
     }
 
 
-class Int8DynamicLinear(QuantizedLayer):
+class _Int8WeightLinear(QuantizedLayer):
+    """The state both int8-weight Linears keep: an int8 weight buffer (named and laid out by
+    the subclass, as their saved tensors are), a float scale per output channel, a bias."""
+
+    weight_name: ClassVar[str]
+    transposed: ClassVar[bool]  # stored (K, N) rather than (N, K)
+    weight_scale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        shape = (in_features, out_features) if self.transposed else (out_features, in_features)
+        self.register_buffer(self.weight_name, torch.zeros(*shape, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        _bias_buffer(self, out_features, bias)
+
+    def _load_float(self, linear: nn.Linear, per_channel: bool) -> None:
+        q, scale = qmath.weight_quantizer(per_channel)(linear.weight)
+        getattr(self, self.weight_name).copy_(q.t() if self.transposed else q)
+        self.weight_scale.copy_(scale)
+        _copy_bias(self, linear)
+
+    def spec(self) -> dict[str, Any]:
+        return _linear_spec(self)
+
+
+class Int8DynamicLinear(_Int8WeightLinear):
     """int8 weights (symmetric per channel), int8 activations quantized per token at run time.
 
     y (M, N) = (x_q (M, K) @ w_q^T (K, N)) * s_x (M, 1) * s_w (1, N) + b
     """
 
     kind = "int8_dynamic"
+    # Stored transposed, (K, N) row-major: the layout torch._int_mm is fast on.
+    weight_name, transposed = "qweight_t", True
     qweight_t: torch.Tensor
-    weight_scale: torch.Tensor
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        # Stored transposed, (K, N) row-major: the layout torch._int_mm is fast on.
-        self.register_buffer("qweight_t", torch.zeros(in_features, out_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features))
-        _bias_buffer(self, out_features, bias)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, per_channel: bool = True) -> Int8DynamicLinear:
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        quant = qmath.weight_quantizer(per_channel)
-        q, scale = quant(linear.weight)
-        layer.qweight_t.copy_(q.t())
-        layer.weight_scale.copy_(scale)
-        _copy_bias(layer, linear)
+        layer._load_float(linear, per_channel)
         return layer
-
-    def spec(self) -> dict[str, Any]:
-        return _linear_spec(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -86,31 +98,18 @@ class Int8DynamicLinear(QuantizedLayer):
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
 
-class WeightOnlyInt8Linear(QuantizedLayer):
+class WeightOnlyInt8Linear(_Int8WeightLinear):
     """int8 weights (per channel), float activations: 4x smaller weights, float accuracy."""
 
     kind = "int8_weight_only"
+    weight_name, transposed = "qweight", False
     qweight: torch.Tensor
-    weight_scale: torch.Tensor
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features))
-        _bias_buffer(self, out_features, bias)
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> WeightOnlyInt8Linear:
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        q, scale = qmath.quantize_weight_per_channel(linear.weight)
-        layer.qweight.copy_(q)
-        layer.weight_scale.copy_(scale)
-        _copy_bias(layer, linear)
+        layer._load_float(linear, per_channel=True)
         return layer
-
-    def spec(self) -> dict[str, Any]:
-        return _linear_spec(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

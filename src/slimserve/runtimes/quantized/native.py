@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimserve.runtimes.quantized import qmath
+from slimserve.runtimes import qmath
 from slimserve.runtimes.quantized.cpu import bf16_supported
 from slimserve.runtimes.quantized.layers import QuantizedLayer
 

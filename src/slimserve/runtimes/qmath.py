@@ -1,6 +1,9 @@
 """Integer quantization arithmetic, written out plainly (no torch.ao: deprecated in torch 2.x).
 
-Conventions used everywhere in slimserve.optimize:
+The one quantization math module: `slimserve optimize`'s layers (runtimes/quantized, used
+offline and at load time) and the LLM engine's int8/int4 weights (runtimes/llm) both use it.
+
+Conventions:
 - Weights: symmetric signed int8 (zero point 0), per output channel by default:
   scale[c] = max|w[c, :]| / 127, q = round(w / scale) in [-127, 127] (not -128, so that
   negation stays representable and the range is symmetric).
@@ -8,7 +11,11 @@ Conventions used everywhere in slimserve.optimize:
   zero_point = round(-128 - min / scale) in [-128, 127], q = clamp(round(x / scale) + zp).
   The range always includes 0 so that zero (padding, ReLU output) is exact.
 - Activations (dynamic): symmetric per token (per row), computed at run time.
-- int4 weights: symmetric signed in [-8, 7] per group of `group_size` inputs, two per byte.
+- int4 weights (optimize's layers): symmetric signed in [-8, 7] per group of `group_size`
+  inputs, two per byte.
+- int4 weights (the LLM engine, `quantize_int4_affine`): asymmetric per group, levels 0..15
+  with an fp16 scale and low per group, two per byte (see that function).
+- Two 4-bit values a byte: the even index in the low nibble, the odd one in the high nibble.
 """
 
 from __future__ import annotations
@@ -117,15 +124,57 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a.float() @ b.float()).round().to(torch.int32)
 
 
+def pack_uint4(u: torch.Tensor) -> torch.Tensor:
+    """u (..., K) uint8 levels in 0..15, K even -> (..., K/2) uint8: low nibble first."""
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_uint4(p: torch.Tensor) -> torch.Tensor:
+    """(..., K/2) uint8 -> (..., K) uint8 levels in 0..15 (inverse of pack_uint4)."""
+    return torch.stack((p & 0x0F, p >> 4), dim=-1).flatten(-2)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """q (..., K) int8 in [-8, 7], K even -> (..., K/2) uint8: low nibble first."""
-    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4)
+    return pack_uint4((q.to(torch.int16) & 0xF).to(torch.uint8))
 
 
 def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     """(..., K/2) uint8 -> (..., K) int8 in [-8, 7] (inverse of pack_int4)."""
-    lo = (p & 0xF).to(torch.int8)
-    hi = (p >> 4).to(torch.int8)
-    q = torch.stack((lo, hi), dim=-1).flatten(-2)
+    q = unpack_uint4(p).to(torch.int8)
     return torch.where(q > 7, q - 16, q)
+
+
+UINT4_LEVELS = 15  # asymmetric int4: q in 0..15
+
+
+def quantize_int4_affine(
+    weight: torch.Tensor, group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W (N, K) -> packed uint8 (N, K/2), scale fp16 (N, K/group), low fp16 (N, K/group).
+
+    W is cut along K into groups of `group` weights; each group g keeps
+    w ~= q * scale[g] + low[g] with q in 0..15 (asymmetric: the group's min and max map to 0
+    and 15, so a group with no negative weights wastes no levels). Scale and low are fp16: with
+    group 32 a weight costs 4 bits + 32 bits / 32 = 5 bits, 0.625 bytes, 16% of fp32.
+    """
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // group, group)  # (N, G, group)
+    low = groups.amin(dim=2)
+    high = groups.amax(dim=2)
+    # Round the group's parameters to fp16 first, so the levels are chosen against the
+    # values the reader will use.
+    scale = ((high - low) / UINT4_LEVELS).clamp(min=1e-8).half()
+    low16 = low.half()
+    q = torch.round((groups - low16.float()[..., None]) / scale.float()[..., None])
+    q = q.clamp(0, UINT4_LEVELS).to(torch.uint8).reshape(n, k)
+    return pack_uint4(q).contiguous(), scale.contiguous(), low16.contiguous()
+
+
+def dequantize_int4_affine(
+    packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The weight (N, K) in `dtype` from its packed levels and fp16 group parameters."""
+    n, groups = scale.shape
+    q = unpack_uint4(packed).to(dtype).view(n, groups, -1)  # (N, G, group)
+    return torch.addcmul(low.to(dtype)[..., None], q, scale.to(dtype)[..., None]).view(n, -1)

@@ -34,6 +34,10 @@ class MLP(nn.Module):
         out: torch.Tensor = self.net(x.flatten(1))
         return out
 
+    def pipeline_blocks(self) -> list[nn.Module]:
+        """forward as a sequence of blocks (what pipeline-parallel training cuts into stages)."""
+        return [nn.Flatten(1), *self.net]
+
 
 class _MnistConvNet(nn.Module):
     """`features` then `classifier`, on 28x28 images given as (B, 1, 28, 28) or (B, 784)."""
@@ -42,10 +46,12 @@ class _MnistConvNet(nn.Module):
     classifier: nn.Sequential
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # flat 784-pixel rows
-            x = x.view(-1, 1, 28, 28)
-        out: torch.Tensor = self.classifier(self.features(x))
+        out: torch.Tensor = self.classifier(self.features(_images(x)))
         return out
+
+    def pipeline_blocks(self) -> list[nn.Module]:
+        """forward as a sequence of blocks (what pipeline-parallel training cuts into stages)."""
+        return [_Images(), *self.features, *self.classifier]
 
 
 class LeNet5(_MnistConvNet):
@@ -92,3 +98,15 @@ class CaffeLeNet(_MnistConvNet):
             nn.ReLU(),
             nn.Linear(500, num_classes),
         )
+
+
+def _images(x: torch.Tensor) -> torch.Tensor:
+    """(B, 784) flat pixel rows as (B, 1, 28, 28) images; images as they are."""
+    return x.view(-1, 1, 28, 28) if x.dim() == 2 else x
+
+
+class _Images(nn.Module):
+    """`_images` as a block, the first of a LeNet's pipeline blocks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _images(x)

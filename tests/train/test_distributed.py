@@ -7,39 +7,26 @@ summation order: we allow 1e-5 absolute after 48 SGD steps (measured: about 1e-7
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from tests.train.launch import load_worker, torchrun
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TOLERANCE = 1e-5
 
 
-def _worker_module():
-    spec = importlib.util.spec_from_file_location("ddp_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_two_process_ddp_matches_single_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run(
-        [*cmd, str(WORKER), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
-    )
+    proc = torchrun(2, [str(WORKER), str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "rank0.json"]
     report = json.loads((tmp_path / "rank0.json").read_text())
     assert report["world"] == 2
 
-    model, losses, world = _worker_module().train()
+    model, losses, world = load_worker(WORKER).train()
     assert world == 1
     ddp = load_file(tmp_path / "model.safetensors")
     for name, tensor in model.state_dict().items():

@@ -57,6 +57,15 @@ def register(subparsers: Any) -> None:
         default=0,
         help="Seed of training and of inputs made without --data (default 0).",
     )
+    p.add_argument(
+        "--parallel",
+        metavar="SPEC",
+        help="How the processes torchrun started split the steps that train (finetune, "
+        "distill, qat, retraining): dp=N (DDP, the default under torchrun), fsdp=N (sharded "
+        "parameters, gradients and optimizer state), pp=N (pipeline stages, 1F1B), or "
+        "dp=N,pp=M; the product must equal the process count, e.g. "
+        "torchrun --nproc_per_node=2 -m slimserve optimize ... --parallel pp=2",
+    )
     p.add_argument("--overwrite", action="store_true", help="Replace variants of the same name.")
     p.add_argument("--threads", type=int, help="Threads for timing (default: the library's).")
     p.add_argument(
@@ -104,10 +113,24 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def _handle(args: argparse.Namespace) -> int:
     from slimserve.optimize.pipeline import Options, optimize
+    from slimserve.train.distributed import init_distributed, shutdown
+    from slimserve.train.parallel import parse_parallel
 
-    # Every Options field the command has a flag for; `progress` keeps its default.
-    opts = build(Options, args, batch_sizes=_sizes(args.batch_sizes))
+    spec = parse_parallel(args.parallel) if args.parallel else None
+    # Under torchrun: join the group with this layout; otherwise a spec must be one process.
+    ctx = init_distributed(parallel=spec)
+    # Every Options field the command has a flag for; progress bars on rank 0 only.
+    opts = build(Options, args, batch_sizes=_sizes(args.batch_sizes), progress=ctx.is_main)
+    # On an error no shutdown(): its barrier would wait for ranks stuck in a collective;
+    # the process exits and torchrun stops the others.
     result = optimize(args.repository, args.name, args.recipe, args.data, args.eval_data, opts)
+    shutdown()
+    if ctx.is_main:  # the other processes took part in training only
+        _print(result)
+    return 0
+
+
+def _print(result: Any) -> None:
     for v in result.variants:
         p = v["profile"]
         if "perplexity" in p:  # a language model (lm_quant.py)
@@ -125,4 +148,3 @@ def _handle(args: argparse.Namespace) -> int:
             f"accuracy {shown}, agreement {p.get('agreement')}"
         )
     print(f"report: {result.report.get('markdown')}")
-    return 0

@@ -13,11 +13,15 @@ only the student. With `DistillConfig(augment=fn)` distillation is online and co
 so the student matches the teacher's function on inputs the training set does not hold (e.g.
 mixup between images); each step then costs a teacher forward as well.
 Training goes through `slimserve.train.fit`: one process or DDP under torchrun alike (under
-DDP each process augments its own share of the batch, from its own random stream).
+DDP each process augments its own share of the batch, from its own random stream). With a
+pipeline-parallel layout (`--parallel pp=N`) the teacher's forward is pipelined too: each
+process runs only its stage of the teacher, and with `release_teacher=True` keeps only that
+stage's weights, so a teacher too large for one process is split across the pipeline.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -29,7 +33,10 @@ from torch import nn
 from slimserve.errors import InvalidArgument
 from slimserve.fields import build
 from slimserve.optimize.config import OptimizeConfig
-from slimserve.train.loop import Batch, FitResult, TrainConfig, fit, predict
+from slimserve.train.distributed import context
+from slimserve.train.loop import FitResult, TrainConfig, fit, predict
+from slimserve.train.losses import Batch, OutputLoss
+from slimserve.train.pipeline import pipeline_forward
 from slimserve.zoo import MLP
 
 _KINDS = ("classifier", "embedding")
@@ -128,8 +135,16 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> t
     return F.mse_loss(student, teacher)
 
 
-def teacher_outputs(teacher: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The teacher's outputs for every input, once (eval mode, no gradients, float32)."""
+def teacher_outputs(
+    teacher: nn.Module, inputs: torch.Tensor, release: bool = False
+) -> torch.Tensor:
+    """The teacher's outputs for every input, once (eval mode, no gradients, float32).
+
+    Under a pipeline-parallel layout each process runs its stage of the teacher; `release`
+    frees the other stages' weights first (the teacher cannot be used afterwards)."""
+    ctx = context()
+    if ctx.layout.spec.pp > 1:
+        return pipeline_forward(teacher, inputs, ctx, batch_size=1024, release=release)
     return predict(teacher, inputs, batch_size=1024)
 
 
@@ -138,11 +153,14 @@ def distill(
     student: nn.Module,
     data: Sequence[torch.Tensor],
     config: DistillConfig | None = None,
+    release_teacher: bool = False,
 ) -> FitResult:
     """Train `student` in place to imitate `teacher` on `data`.
 
     data: (inputs, labels) for classifiers; (inputs,) or (inputs, anything) for embeddings.
     A label of -1 marks an unlabelled input: it is trained on the teacher's soft targets only.
+    release_teacher: under pipeline parallelism, keep only this process's stage of the
+    teacher (the teacher is unusable afterwards).
     """
     config = config or DistillConfig()
     if not data or not isinstance(data[0], torch.Tensor):
@@ -152,14 +170,17 @@ def distill(
     labels = data[1] if config.kind == "classifier" else torch.zeros(len(data[0]))
     if config.augment is not None:
         return _distill_online(teacher, student, (data[0], labels), config, config.augment)
-    targets = teacher_outputs(teacher, data[0])
+    targets = teacher_outputs(teacher, data[0], release_teacher)
     _check_shapes(student, data[0], targets)
-
-    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
-        x, y, t = batch
-        return _student_loss(model(x), t, y, config)
-
+    # An OutputLoss: a pipelined student computes it on its last stage, per micro-batch.
+    loss_fn = OutputLoss(functools.partial(_offline_loss, config=config))
     return fit(student, loss_fn, (data[0], labels, targets), config.train_config())
+
+
+def _offline_loss(
+    out: torch.Tensor, y: torch.Tensor, t: torch.Tensor, config: DistillConfig
+) -> torch.Tensor:
+    return _student_loss(out, t, y, config)
 
 
 def _student_loss(

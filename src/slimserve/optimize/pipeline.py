@@ -12,6 +12,10 @@ Order of work, so that bad input changes nothing:
    on one file system). On any error the staging folders are removed and the repository is
    exactly as it was; then the report is written under NAME/reports/ (outside every version,
    so no manifest changes).
+
+Under torchrun (`--parallel`), every process runs every recipe's steps, since the steps that
+train need them all; only rank 0 measures, writes variants and the report. The others stop
+after the last step (`_follow`).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from slimserve.optimize.synthetic import synthetic_inputs
 from slimserve.repository import Repository, write_manifest
 from slimserve.repository.schema import ModelConfig
 from slimserve.repository.store import VARIANT_YAML, VARIANTS_DIR
+from slimserve.train.distributed import barrier, context
 
 __all__ = ["Options", "Result", "optimize"]
 
@@ -103,13 +108,16 @@ def optimize(
     opts = options or Options()
     repo = Repository(Path(repository))
     config = repo.config(name)
-    if config.task == "text-generation":  # quantized LM weights: lm_quant.py
+    if config.task == "text-generation":  # quantized LM weights: lm_quant.py (no training)
+        if not context().is_main:
+            return Result(name, opts.version or 0, {})
         result: Result = optimize_lm(repository, name, recipes, data, eval_data, opts)
         return result
     version = opts.version or latest_version(repo, name)
     vdir = repo.version_dir(name, version)
     start = "onnx" if config.backend == "onnx" else "torch"
     recipes_ = plan(recipes, start, vdir, opts.overwrite)
+    barrier()  # every process has checked for existing variants before rank 0 writes one
     if data is None:
         for recipe in recipes_:
             check_data([(s.spec, s.config, s.text) for s in recipe.steps])
@@ -118,6 +126,9 @@ def optimize(
     train = _inputs(original, data, "--data", opts.seed)
     evaluation = train if eval_data is None else _inputs(original, eval_data, "--eval-data", 0)
     result = Result(name, version, {})
+    if not context().is_main:
+        _follow(_Made(original, train, evaluation, np.empty(0), opts, data is None, {}), recipes_)
+        return result
     reference, result.original = _profile_original(original, evaluation, opts)
     baseline = {k: result.original.get(k) for k in ("accuracy", "size_bytes", "latency_ms_batch1")}
     made = _Made(original, train, evaluation, reference, opts, data is None, plain(baseline))
@@ -269,6 +280,14 @@ class _Made:
         else:
             state.model = copy.deepcopy(self.original.model)
         return state
+
+
+def _follow(made: _Made, recipes: list[Recipe]) -> None:
+    """A process other than rank 0: each recipe's steps (their training needs every process),
+    nothing measured or written."""
+    for recipe in recipes:
+        with tempfile.TemporaryDirectory(prefix="slimserve-optimize-") as scratch:
+            _run_steps(recipe, made._state(Path(scratch)), progress=False)
 
 
 def _run_steps(recipe: Recipe, state: State, progress: bool) -> None:

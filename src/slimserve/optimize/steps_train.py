@@ -207,7 +207,9 @@ def _run_distill(state: State, step: DistillStep) -> None:
         sizes = mlp_sizes(teacher)
         hidden = step.hidden * (len(sizes) - 2) if len(step.hidden) == 1 else step.hidden
         student = MLP([sizes[0], *hidden, sizes[-1]])
-    distill(teacher.eval(), student, state.labelled("distill"), step.config)
+    # The teacher is dropped after this step: under pipeline parallelism each process may free
+    # the stages of it that it does not run.
+    distill(teacher.eval(), student, state.labelled("distill"), step.config, release_teacher=True)
     state.model = student.eval()
     state.model_class = "slimserve.zoo:MLP"
     state.model_args = {"sizes": mlp_sizes(student)}
@@ -295,6 +297,6 @@ register_step(
     produces="torch-dcz",
     needs=labels_if(lambda c: True),
     help="Han et al.'s pipeline in one step: e.g. deep-compression or "
-    "deep-compression:ratio=40[,rounds=4,epochs=2,final_epochs=4,lr=0.0003,bits=5,conv_bits=6,"
-    "sparsity=0.92] (stored as model.dcz)",
+    "deep-compression:ratio=40[,rounds=4,epochs=2,final_epochs=4,lr=0.0003,bits=5,conv_bits=8,"
+    "distill=0.5,temperature=4,sparsity=0.92] (stored as model.dcz)",
 )

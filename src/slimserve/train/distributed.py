@@ -6,6 +6,11 @@ the environment. Outside torchrun everything degrades to one process (rank 0 of 
 
 Backend: NCCL when the model trains on CUDA, gloo on CPU. Only rank 0 should write files or
 log progress (`is_main_process()`).
+
+How the processes split the work (`parallel.py`) is chosen once, when the process joins:
+`init_distributed(parallel="dp=2,pp=2")`; without it every process is a DDP replica. The
+layout is a property of the process group, like the world size, so `fit` reads it from here
+rather than from each caller's config.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from slimserve.train.parallel import Layout, ParallelSpec, build_layout, check_world
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,7 @@ class DistContext:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
+    layout: Layout = field(default_factory=lambda: Layout(ParallelSpec()))
 
     @property
     def is_distributed(self) -> bool:
@@ -43,30 +51,42 @@ def _device_for(rank: int, want: str | None) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str | None = None) -> DistContext:
+_layout: Layout | None = None  # set by init_distributed(parallel=...); None: DDP over all
+
+
+def init_distributed(
+    device: str | None = None, parallel: ParallelSpec | None = None
+) -> DistContext:
     """Join the process group when launched by torchrun (idempotent); else one process.
 
-    `device`: "cpu", "cuda" or None (CPU). Returns this process's context.
+    `device`: "cpu", "cuda" or None (CPU). `parallel`: how the processes split the work (its
+    product must equal the world size); None keeps the layout chosen before (default: every
+    process a DDP replica). Returns this process's context.
     """
+    global _layout
     if not dist.is_available():
+        if parallel is not None:
+            check_world(parallel, 1)
         return DistContext(device=_device_for(0, device))
     if not dist.is_initialized() and dist.is_torchelastic_launched():
         backend = "nccl" if _device_for(0, device).type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
+    if parallel is not None:
+        _layout = build_layout(parallel, _device_for(_rank(), device))
     return context(device)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def context(device: str | None = None) -> DistContext:
     """The current process's context, without joining anything."""
     if not (dist.is_available() and dist.is_initialized()):
         return DistContext(device=_device_for(0, device))
-    rank = dist.get_rank()
-    return DistContext(
-        rank=rank,
-        world_size=dist.get_world_size(),
-        device=_device_for(rank, device),
-        backend=str(dist.get_backend()),
-    )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    layout = _layout or Layout(ParallelSpec(dp=world), replica=rank)
+    return DistContext(rank, world, _device_for(rank, device), str(dist.get_backend()), layout)
 
 
 def is_main_process() -> bool:
@@ -86,6 +106,8 @@ def shutdown() -> None:
     Waits for every rank first: a rank that tears gloo down while its peer is still writing
     its results can abort the peer's transport thread.
     """
+    global _layout
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _layout = None

@@ -18,7 +18,6 @@ One process or data-parallel under torchrun, chosen at run time:
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import itertools
 import logging
@@ -34,10 +33,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 
 from slimserve.errors import InvalidArgument
 from slimserve.train.distributed import DistContext, init_distributed
+from slimserve.train.engines import Engine, ReplicaEngine, ShardedEngine
+from slimserve.train.losses import Batch, OutputLoss
+from slimserve.train.pipeline import PipelineEngine
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, ...]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 Data = Dataset[Any] | Sequence[torch.Tensor]
 
@@ -63,6 +64,9 @@ class TrainConfig:
     shuffle: bool = True
     seed: int = 0
     device: str | None = None  # "cpu", "cuda"; None: CPU
+    # Pipeline parallel only: micro-batches per step (None: 2 x stages, or stages, whichever
+    # divides the rows each pipeline takes per step).
+    microbatches: int | None = None
     progress: bool = True
     desc: str = "train"
 
@@ -181,9 +185,8 @@ class FitResult:
     loss_scale: float | None = None
 
 
-def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Cross-entropy of `model(x)` against integer labels `y`: batch = (x, y)."""
-    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+# Cross-entropy of `model(x)` against integer labels `y`: batch = (x, y).
+classification_loss = OutputLoss(nn.functional.cross_entropy)
 
 
 def fit(
@@ -199,11 +202,11 @@ def fit(
     model.to(ctx.device)
     was_training = model.training
     model.train()
-    net = _wrap(model, ctx)
-    optimizer = _optimizer(model, config)
+    engine = _engine(model, loss_fn, config, ctx, bool(callbacks))
+    optimizer = _optimizer(engine.module, config)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_gamma)
     scaler = LossScaler() if config.scales_loss else None
-    state = _State(net, model, loss_fn, optimizer, scaler, config, ctx, callbacks)
+    state = _State(engine, model, optimizer, scaler, config, ctx, callbacks)
     result = FitResult(world_size=ctx.world_size)
     start = time.perf_counter()
     for cb in callbacks:
@@ -219,11 +222,12 @@ def fit(
     result.steps, result.skipped_steps = state.steps, state.skipped
     result.seconds = time.perf_counter() - start
     result.loss_scale = scaler.scale if scaler else None
+    engine.finish(model)
     model.train(was_training)
     if ctx.is_distributed:
         # Free the DDP wrapper now: left to the garbage collector it can outlive the process
         # group and abort the process at exit ("terminate called without an active exception").
-        del state, net
+        del state, engine
         gc.collect()
     return result
 
@@ -232,9 +236,8 @@ def fit(
 class _State:
     """One fit call's moving parts, so the per-step code stays a short method."""
 
-    net: nn.Module
+    engine: Engine
     model: nn.Module
-    loss_fn: LossFn
     optimizer: torch.optim.Optimizer
     scaler: LossScaler | None
     config: TrainConfig
@@ -244,7 +247,7 @@ class _State:
     skipped: int = 0
 
     def __post_init__(self) -> None:
-        self.masks = masked_parameters(self.model)
+        self.masks = masked_parameters(self.engine.module)
 
     def run_epoch(self, data: Data, epoch: int) -> float:
         total, count = torch.zeros((), dtype=torch.float64), 0
@@ -252,22 +255,22 @@ class _State:
         bar = _progress(batches, n, self.config, self.ctx, epoch)
         for batch in bar:
             loss = self.step(tuple(t.to(self.ctx.device, non_blocking=True) for t in batch))
-            total += loss.detach().double().cpu()
-            count += 1
+            if loss is not None:  # None: a pipeline stage before the last
+                total += loss.detach().double().cpu()
+                count += 1
         return _mean_over_ranks(total, count, self.ctx)
 
-    def step(self, batch: Batch) -> torch.Tensor:
+    def step(self, batch: Batch) -> torch.Tensor | None:
         self.optimizer.zero_grad(set_to_none=True)
-        with _autocast(self.config, self.ctx.device):
-            loss = self.loss_fn(self.net, batch)
-        (self.scaler.scale_loss(loss) if self.scaler else loss).backward()
+        loss = self.engine.forward_backward(batch, self.scaler.scale if self.scaler else 1.0)
         for cb in self.callbacks:
             cb.after_backward(self.model)
         _mask_grads(self.masks)
         if self.scaler is not None:
             self.skipped += not self.scaler.step(self.optimizer, self.config.max_grad_norm)
         else:
-            _clip(self.optimizer, self.config.max_grad_norm)
+            if self.config.max_grad_norm is not None:
+                self.engine.clip(self.config.max_grad_norm)
             self.optimizer.step()
         apply_masks(self.masks)
         for cb in self.callbacks:
@@ -307,13 +310,30 @@ def _clip(optimizer: torch.optim.Optimizer, max_norm: float | None) -> None:
         nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def _wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
-    if not ctx.is_distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+def _engine(
+    model: nn.Module, loss_fn: LossFn, config: TrainConfig, ctx: DistContext, callbacks: bool
+) -> Engine:
+    """The engine for this process's layout; refuses what it cannot train exactly."""
+    spec = ctx.layout.spec
+    if spec.pp == 1 and spec.fsdp == 1:
+        return ReplicaEngine(model, loss_fn, ctx, config.mixed_precision)
+    if callbacks or config.scales_loss:
+        what = "fp16 loss scaling" if config.scales_loss else "this step's training hooks"
+        raise InvalidArgument(
+            f"--parallel {spec}: {what} need the whole model and gradients in every process; "
+            "use dp=N for this step (or bf16 instead of fp16)"
+        )
+    if spec.fsdp > 1:
+        return ShardedEngine(model, loss_fn, ctx, config.mixed_precision)
+    if not isinstance(loss_fn, OutputLoss):
+        raise InvalidArgument(
+            f"--parallel {spec}: this step's loss needs the whole model in one process "
+            "(it is not an OutputLoss of the model's output); use dp=N or fsdp=N for it"
+        )
+    rows = _per_replica(config, ctx)
+    return PipelineEngine(
+        model, loss_fn.criterion, ctx, config.mixed_precision, rows, config.microbatches
+    )
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -326,13 +346,6 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
         )
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[None]:
-    if config.mixed_precision == "off":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _as_tensors(data: Data) -> tuple[torch.Tensor, ...] | None:
@@ -348,24 +361,31 @@ def _as_tensors(data: Data) -> tuple[torch.Tensor, ...] | None:
     return None
 
 
+def _per_replica(config: TrainConfig, ctx: DistContext) -> int:
+    """Rows of each global batch that one data-parallel replica takes."""
+    replicas = ctx.layout.spec.replicas
+    if config.batch_size % replicas:
+        raise InvalidArgument(
+            f"batch_size {config.batch_size} must divide evenly among {replicas} "
+            "data-parallel replicas; use a multiple of their count"
+        )
+    return config.batch_size // replicas
+
+
 def _batches(
     data: Data, config: TrainConfig, ctx: DistContext, epoch: int
 ) -> tuple[Iterator[Batch], int]:
     """This rank's batches for `epoch`, and how many there are."""
-    if config.batch_size % ctx.world_size:
-        raise InvalidArgument(
-            f"batch_size {config.batch_size} must divide evenly among {ctx.world_size} "
-            "processes; use a multiple of the process count"
-        )
-    per_rank = config.batch_size // ctx.world_size
+    replicas = ctx.layout.spec.replicas
+    per_rank = _per_replica(config, ctx)
     tensors = _as_tensors(data)
     dataset = cast(Dataset[Any], TensorDataset(*tensors) if tensors is not None else data)
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise InvalidArgument("fit: the training data is empty")
     sampler: DistributedSampler[Any] = DistributedSampler(
         dataset,
-        num_replicas=ctx.world_size,
-        rank=ctx.rank,
+        num_replicas=replicas,
+        rank=ctx.layout.replica,
         shuffle=config.shuffle,
         seed=config.seed,
     )

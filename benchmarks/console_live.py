@@ -19,38 +19,18 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 from slimserve.app import build_engine
 from slimserve.config import Settings
+from slimserve.testing import ECHO_ROW, echo_model
 from slimserve.transport.asgi import create_app
-
-ECHO = {
-    "backend": "python",
-    "model_class": "slimserve.testing:EchoRuntime",
-    "model_args": {"memory": 4096},
-    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
-    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
-    "batching": {"max_batch_size": 4, "max_queue_delay_ms": 0},
-}
-ROW = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
 
 
 def build(root: Path, models: int, variants: int) -> list[str]:
     served = []
     for m in range(models):
-        name = f"m{m}"
-        (root / name / "1").mkdir(parents=True)
-        (root / name / "model.yaml").write_text(yaml.safe_dump(ECHO))
-        (root / name / "1" / "README").write_text("toy\n")
-        served.append(name)
-        for v in range(variants):
-            folder = root / name / "1" / "variants" / f"v{v}"
-            folder.mkdir(parents=True)
-            (folder / "README").write_text("toy\n")
-            profile = {"latency_ms_batch1": 0.01, "agreement": 0.995}
-            (folder / "variant.yaml").write_text(yaml.safe_dump({"profile": profile}))
-            served.append(f"{name}:v{v}")
+        echo_model(root, f"m{m}", {f"v{v}": 0.995 for v in range(variants)})
+        served += [f"m{m}", *(f"m{m}:v{v}" for v in range(variants))]
     return served
 
 
@@ -80,7 +60,7 @@ async def main(args: argparse.Namespace) -> None:
             async with httpx.AsyncClient(transport=transport, base_url="http://b") as client:
                 for name in served:
                     for _ in range(5):
-                        await client.post(f"/v2/models/{name}/infer", json=ROW)
+                        await client.post(f"/v2/models/{name}/infer", json=ECHO_ROW)
                 await timed(client, "/ui/api/live", 20)  # warm-up
                 print(f"units: {len(served)}; load average {os.getloadavg()[0]:.1f}")
                 for path in ("/ui/api/live", "/metrics", "/ui/api/models"):

@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -50,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from llm_throughput import Run, engine_run, hf_run, machine_facts, percentile, prompts, table
 
+from slimserve.bench.local_server import serve_command, spawn, stop, wait_ready
 from slimserve.runtimes.llm import (
     TextGenerationRuntime,
     convert_gguf,
@@ -113,41 +113,18 @@ class Server:
     def __init__(self, repository: Path, log_path: Path, threads: int) -> None:
         self.port = free_port()
         self.log_path = log_path
-        cmd = [
-            sys.executable,
-            "-m",
-            "slimserve",
-            "serve",
-            "--repository",
-            str(repository),
-            "--http-port",
-            str(self.port),
-            "--grpc-port",
-            "0",
-        ]
-        env = dict(os.environ)
+        cmd = serve_command(repository, self.port, 0)
+        env = {}
         if threads:  # 0: the server's default (the cores it may use)
             cmd += ["--intra-op-threads", str(threads)]
             env["OMP_NUM_THREADS"] = str(threads)
-        self.started = time.perf_counter()
-        with log_path.open("wb") as log:  # the child keeps its own handle
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.started = time.monotonic()
+        self.process = spawn(cmd, log_path, env)
 
     def wait_ready(self, timeout_s: float) -> float:
         """Seconds from start to ready; raises with the log's tail if it is not."""
-        deadline = self.started + timeout_s
         url = f"http://127.0.0.1:{self.port}/v2/health/ready"
-        while time.perf_counter() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if response.status == 200:
-                        return time.perf_counter() - self.started
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready within {timeout_s:.0f} s:\n{self.log()}")
+        return wait_ready(self.process, url, self.log_path, timeout_s, started=self.started)
 
     def thread_cpu_seconds(self) -> dict[str, float]:
         """User + system CPU time of each of the server's threads, by thread id."""
@@ -158,14 +135,7 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> int | None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop(self.process, timeout_s=30)
 
 
 def _cpu_seconds(stat: Path) -> float:

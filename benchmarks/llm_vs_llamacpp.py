@@ -31,11 +31,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -55,6 +53,7 @@ from llm_serving import (
 )
 from llm_throughput import Run, hf_run, machine_facts, percentile
 
+from slimserve.bench.local_server import spawn, stop, wait_ready
 from slimserve.runtimes.llm import TextGenerationRuntime, convert_gguf, smollm2_gguf
 from slimserve.runtimes.llm.engine import usable_cores
 from slimserve.runtimes.llm.model import auto_weights
@@ -77,33 +76,15 @@ class LlamaServer:
         self.log_path = log_path
         cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["-t", str(threads), "-np", "32", "-cb", "-nr", "-c", "8192", "--no-webui"]
-        self.started = time.perf_counter()
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.started = time.monotonic()
+        self.process = spawn(cmd, log_path)
 
     def wait_ready(self, timeout_s: float) -> float:
-        deadline = self.started + timeout_s
-        while time.perf_counter() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llama-server exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                url = f"http://127.0.0.1:{self.port}/health"
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if response.status == 200:
-                        return time.perf_counter() - self.started
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"llama-server not ready in {timeout_s:.0f} s")
+        url = f"http://127.0.0.1:{self.port}/health"
+        return wait_ready(self.process, url, self.log_path, timeout_s, started=self.started)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop(self.process, timeout_s=30)
 
 
 class Prompts:

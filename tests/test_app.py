@@ -13,7 +13,8 @@ import pytest
 from slimserve.app import build_server
 from slimserve.config import Settings
 from slimserve.errors import ConfigError
-from slimserve.testing import EchoRuntime, toy_config, write_model
+from slimserve.testing import EchoRuntime, FakeClock, toy_config, write_model
+from slimserve.transport.grpc_h2 import NativeGrpcServer
 from slimserve.types import InferRequest
 
 
@@ -52,3 +53,11 @@ def test_build_server_serves_without_sockets(tmp_path: Path) -> None:
 def test_build_server_names_a_missing_repository(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="repository"):
         build_server(Settings(repository=tmp_path / "absent"))
+
+
+def test_build_server_passes_its_clock_to_the_native_grpc_server(tmp_path: Path) -> None:
+    clock = FakeClock()
+    server = build_server(Settings(repository=tmp_path, grpc_server="native"), clock=clock)
+    grpc = server.grpc_server()
+    assert isinstance(grpc, NativeGrpcServer)
+    assert grpc.clock is clock  # deadlines and HTTP/2 rate limits read the one clock

@@ -30,6 +30,7 @@ LAYERS = {
     "errors": 0,
     "config": 1,
     "logs": 1,
+    "cli_parts": 1,
     "repository": 2,  # the on-disk format
     "policies": 2,  # pure decisions
     "security": 3,  # keys, audit, encryption at rest (of repository files)

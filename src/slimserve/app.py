@@ -106,6 +106,7 @@ def runtime_options(settings: Settings, clock: Clock) -> RuntimeOptions:
             settings.data_key_file, settings.data_key_env, settings.data_key_environment()
         ),
         clock=clock,
+        memory_budget_bytes=settings.memory_budget_bytes,
     )
 
 
@@ -138,6 +139,7 @@ class Server:
     settings: Settings
     engine: Engine
     http_app: Router
+    clock: Clock = time.monotonic  # the engine's: the gRPC layer's deadlines and limits too
 
     async def start(self, wait: bool = False) -> None:
         """Start the engine; `wait=True` returns once the startup models are loaded."""
@@ -154,7 +156,7 @@ class Server:
         """The configured gRPC server (--grpc-server) for settings.host:grpc_port, not started."""
         if self.settings.grpc_server == "grpcio":
             return cast(GrpcServer, create_server(self.engine, self.settings))
-        return NativeGrpcServer(self.engine, self.settings)
+        return NativeGrpcServer(self.engine, self.settings, clock=self.clock)
 
     async def serve(
         self,
@@ -212,7 +214,7 @@ def build_server(
     engine = build_engine(
         settings, repository=repository, runtime_factory=runtime_factory, clock=clock
     )
-    return Server(settings, engine, create_app(engine, settings))
+    return Server(settings, engine, create_app(engine, settings), clock)
 
 
 async def serve(

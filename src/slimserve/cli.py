@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from slimserve.errors import SlimserveError
 
-# Modules that each define `register(subparsers) -> None`; their handlers are stored with
-# `parser.set_defaults(handler=...)` and take the parsed namespace, returning an exit code.
+# Modules that each define `register(subparsers) -> None`; their handlers are stored by
+# `cli_parts.command` (as `handler`) and take the parsed namespace, returning an exit code.
 # A handler may be named 'package.module:function' instead: that module is imported only
 # when its command runs (`serve` loads the transports; other commands should not).
 COMMAND_MODULES = (

@@ -12,23 +12,24 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from slimserve.cli_parts import command
 from slimserve.config import Settings
 
 HANDLER = "slimserve.launch:serve_command"
 
 
+ABOUT = """serve a model repository over HTTP and gRPC
+Serve every model in a repository (KServe v2 over HTTP and gRPC). Options also come from
+SLIMSERVE_<OPTION> environment variables and --config FILE; flags win over the environment,
+which wins over the file.
+"""
+
+
 def register(sub: Any) -> None:
-    parser = sub.add_parser(
-        "serve",
-        help="serve a model repository over HTTP and gRPC",
-        description="Serve every model in a repository (KServe v2 over HTTP and gRPC). "
-        "Options also come from SLIMSERVE_<OPTION> environment variables and --config FILE; "
-        "flags win over the environment, which wins over the file.",
-    )
+    parser = command(sub, "serve", HANDLER, ABOUT)
     parser.add_argument("--config", type=Path, help="YAML file of settings (keys as below).")
     for name, field in Settings.model_fields.items():
         _add_flag(parser, name, field)
-    parser.set_defaults(handler=HANDLER)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

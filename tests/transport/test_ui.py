@@ -11,30 +11,15 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from slimserve.app import build_engine
 from slimserve.config import Settings
 from slimserve.security.keys import KeyStore
+from slimserve.testing import ECHO_ROW, echo_model
 from slimserve.transport.asgi import create_app
 from slimserve.transport.ui.routes import _STATIC, CSP
 
 pytestmark = pytest.mark.timeout(60)
-
-ECHO = {
-    "backend": "python",
-    "model_class": "slimserve.testing:EchoRuntime",
-    "model_args": {"memory": 4096},
-    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
-    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
-    "batching": {"max_batch_size": 4, "max_queue_delay_ms": 0},
-}
-ROW = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
-
-
-def _write(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(doc))
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +27,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """a: an echo model with variants cheap (a degrade target) and lossy (over budget);
     b: another echo model; a/reports/1/report.json (no plot)."""
     root = tmp_path_factory.mktemp("ui") / "models"
-    for name in ("a", "b"):
-        _write(root / name / "model.yaml", ECHO)
-        (root / name / "1").mkdir()
-        (root / name / "1" / "README").write_text("served by model_class\n")
-    for variant, agreement in (("cheap", 0.995), ("lossy", 0.9)):
-        folder = root / "a" / "1" / "variants" / variant
-        profile = {"latency_ms_batch1": 0.01, "agreement": agreement}
-        _write(folder / "variant.yaml", {"recipe": {"text": "int8"}, "profile": profile})
-        (folder / "README").write_text("served by model_class\n")
+    echo_model(root, "a", {"cheap": 0.995, "lossy": 0.9})
+    echo_model(root, "b")
     report = {"model": "a", "version": 1, "original": {"latency_ms_batch1": 0.02}, "variants": []}
     (root / "a" / "reports" / "1").mkdir(parents=True)
     (root / "a" / "reports" / "1" / "report.json").write_text(json.dumps(report))
@@ -134,7 +112,7 @@ def test_models_show_state_profiles_and_degrade_targets(repo: Path):
     models = run(repo, body)
     a = models[0]
     assert a["name"] == "a" and a["state"] == "READY" and a["default_version"] == 1
-    assert a["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}]
+    assert a["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 2]}]
     units = {u["variant"]: u for u in a["units"]}
     assert set(units) == {None, "cheap", "lossy"}
     assert units["cheap"]["degrade_target"] and not units["lossy"]["degrade_target"]
@@ -148,8 +126,10 @@ def test_live_counters_move_with_requests(repo: Path):
     async def body(client: httpx.AsyncClient) -> tuple[dict[str, Any], dict[str, Any]]:
         before = (await client.get("/ui/api/live")).json()
         for _ in range(3):
-            assert (await client.post("/v2/models/a/infer", json=ROW)).status_code == 200
-        bad = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+            assert (await client.post("/v2/models/a/infer", json=ECHO_ROW)).status_code == 200
+        bad = {
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]
+        }
         assert (await client.post("/v2/models/a/infer", json=bad)).status_code == 400
         return before, (await client.get("/ui/api/live")).json()
 

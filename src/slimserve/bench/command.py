@@ -24,6 +24,7 @@ from slimserve.bench.drivers import (
 )
 from slimserve.bench.http_client import parse_http_url
 from slimserve.bench.runner import Result, closed_loop, new_loop, open_loop, summarize
+from slimserve.cli_parts import command
 from slimserve.errors import InvalidArgument, Unavailable
 
 # Time allowed after the window for the last in-flight requests to answer, in seconds.
@@ -86,13 +87,14 @@ def _parameter(text: str) -> tuple[str, bool | int | float | str]:
     return key.strip(), value
 
 
+ABOUT = """load-test a running server over HTTP (JSON, binary) and gRPC
+Closed-loop load: N clients, each with one request in flight, for a fixed time; prints
+requests/s, p50/p90/p99/max latency and errors per protocol and N.
+"""
+
+
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "bench",
-        help="load-test a running server over HTTP (JSON, binary) and gRPC",
-        description="Closed-loop load: N clients, each with one request in flight, for a fixed "
-        "time; prints requests/s, p50/p90/p99/max latency and errors per protocol and N.",
-    )
+    p = command(subparsers, "bench", run, ABOUT)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server HTTP address")
     p.add_argument(
         "--grpc-url",
@@ -160,7 +162,6 @@ def register(subparsers: Any) -> None:
         help="a request parameter sent with every request, e.g. latency_slo_ms=5 (repeatable)",
     )
     p.add_argument("--json", action="store_true", help="print results as JSON")
-    p.set_defaults(handler=run)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from pathlib import Path
 from typing import Any
 
 from slimserve.bench.command import _positive_ints, _seconds
 from slimserve.bench.profile import Grid, Point, Sweep, sweep
+from slimserve.cli_parts import command
 from slimserve.errors import InvalidArgument
 from slimserve.repository.profiles import update_profile
 from slimserve.repository.store import Repository, check_name
@@ -26,54 +28,38 @@ def _delays(text: str) -> list[float]:
     return values
 
 
+ABOUT = """measure a model or variant: throughput, p50/p99, memory over a sweep
+Sweep client concurrency x max_batch_size x max_queue_delay_ms against a real `slimserve
+serve` (one per batching configuration), write the results into the profile the server reads
+(variant.yaml, or VERSION/profile.yaml for an original) and plot throughput against p99.
+Time: configurations x concurrencies x (duration + warmup), plus a server start per
+configuration.
+"""
+
+
 def register(subparsers: Any) -> None:
     d = Grid()
-    p = subparsers.add_parser(
-        "profile",
-        help="measure a model or variant: throughput, p50/p99, memory over a sweep",
-        description="Sweep client concurrency x max_batch_size x max_queue_delay_ms against a "
-        "real `slimserve serve` (one per batching configuration), write the results into the "
-        "profile the server reads (variant.yaml, or VERSION/profile.yaml for an original) and "
-        "plot throughput against p99. Time: configurations x concurrencies x "
-        "(duration + warmup), plus a server start per configuration.",
-    )
+    p = command(subparsers, "profile", run, ABOUT)
     p.add_argument("name", help="model name in the repository")
     p.add_argument("--variant", default=None, help="variant to profile (default: the original)")
     p.add_argument("--repository", type=Path, default=Path("models"), help="model repository")
     p.add_argument("--model-version", type=int, default=None, help="version (default: latest)")
-    p.add_argument(
-        "--concurrency",
-        type=_positive_ints,
-        default=list(d.concurrency),
-        help=f"client concurrencies (default {','.join(map(str, d.concurrency))})",
-    )
-    p.add_argument(
-        "--max-batch-size",
-        type=_positive_ints,
-        default=list(d.max_batch_size),
-        help=f"batch size limits (default {','.join(map(str, d.max_batch_size))})",
-    )
-    p.add_argument(
-        "--queue-delay-ms",
-        type=_delays,
-        default=list(d.queue_delay_ms),
-        help=f"batching delays in ms (default {','.join(f'{x:g}' for x in d.queue_delay_ms)})",
-    )
-    p.add_argument(
-        "--duration",
-        type=lambda t: _seconds(t, 0.1),
-        default=d.duration_s,
-        help=f"measured seconds per point (default {d.duration_s:g})",
-    )
-    p.add_argument(
-        "--warmup",
-        type=lambda t: _seconds(t, 0.0),
-        default=d.warmup_s,
-        help=f"seconds of load before each point (default {d.warmup_s:g})",
-    )
+    # The sweep's axes: comma-separated values, defaults from Grid.
+    for flag, parse, values, what in (
+        ("--concurrency", _positive_ints, d.concurrency, "client concurrencies"),
+        ("--max-batch-size", _positive_ints, d.max_batch_size, "batch size limits"),
+        ("--queue-delay-ms", _delays, d.queue_delay_ms, "batching delays in ms"),
+    ):
+        shown = ",".join(f"{x:g}" for x in values)
+        p.add_argument(flag, type=parse, default=list(values), help=f"{what} (default {shown})")
+    for flag, least, seconds, what in (
+        ("--duration", 0.1, d.duration_s, "measured seconds per point"),
+        ("--warmup", 0.0, d.warmup_s, "seconds of load before each point"),
+    ):
+        parse_s = functools.partial(_seconds, minimum=least)
+        p.add_argument(flag, type=parse_s, default=seconds, help=f"{what} (default {seconds:g})")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: under reports/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

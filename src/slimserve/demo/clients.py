@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from slimserve.bench.local_server import free_ports as free_ports  # tests import it here
+from slimserve.bench.local_server import serve_command, spawn, stop, wait_ready
 from slimserve.demo.data import LLM_NAME, MINILM_NAME, MLP_NAME, Dataset
 
 SENTENCES = (
@@ -36,62 +34,19 @@ COUNTING = "Count from one to five."
 @contextmanager
 def running_server(root: Path, http_port: int, grpc_port: int) -> Iterator[subprocess.Popen[bytes]]:
     """`python -m slimserve serve` as a child process, stopped by its PID on the way out."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "slimserve",
-        "serve",
-        "--repository",
-        str(root),
-        "--http-port",
-        str(http_port),
-        "--grpc-port",
-        str(grpc_port),
-    ]
+    cmd = serve_command(root, http_port, grpc_port)
     print("$ python " + " ".join(cmd[1:]))
     with tempfile.TemporaryDirectory(prefix="slimserve-demo-") as tmp:
         log_path = Path(tmp) / "server.log"  # shown if the server fails to start
-        with log_path.open("w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                wait_ready(proc, http_port, log_path)
-                yield proc
-            finally:
-                stop(proc)
-
-
-def wait_ready(proc: subprocess.Popen[bytes], http_port: int, log: Path) -> None:
-    url = f"http://127.0.0.1:{http_port}/v2/health/ready"
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{_tail(log)}")
+        proc = spawn(cmd, log_path)
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    print(f"server ready (pid {proc.pid}) on http://127.0.0.1:{http_port}")
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"the server was not ready after {READY_TIMEOUT_S:.0f} s:\n{_tail(log)}")
-
-
-def _tail(log: Path, lines: int = 30) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (graceful shutdown), then SIGKILL if it has not exited within 15 s."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    print(f"server stopped (pid {proc.pid})")
+            url = f"http://127.0.0.1:{http_port}/v2/health/ready"
+            wait_ready(proc, url, log_path, READY_TIMEOUT_S)
+            print(f"server ready (pid {proc.pid}) on http://127.0.0.1:{http_port}")
+            yield proc
+        finally:
+            stop(proc)
+            print(f"server stopped (pid {proc.pid})")
 
 
 # --------------------------------------------------------------------------- clients

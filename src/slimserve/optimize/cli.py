@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from slimserve.cli_parts import command
 from slimserve.errors import InvalidArgument
 from slimserve.fields import build
 from slimserve.repository.cli import repository_option
@@ -23,14 +24,14 @@ _RECIPE_HELP = (
 )
 
 
+ABOUT = """Make cheaper variants of a model (quantize, prune, distill, ...).
+Run each recipe on the model's version; write each result as a measured variant (variant.yaml
+with recipe and profile, MANIFEST.json) and a report (NAME/reports/VERSION/report.md|json|png).
+"""
+
+
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "optimize",
-        help="Make cheaper variants of a model (quantize, prune, distill, ...).",
-        description="Run each recipe on the model's version; write each result as a measured "
-        "variant (variant.yaml with recipe and profile, MANIFEST.json) and a report "
-        "(NAME/reports/VERSION/report.md|json|png).",
-    )
+    p = command(subparsers, "optimize", _handle, ABOUT)
     p.add_argument("name", metavar="NAME", help="The model in the repository.")
     repository_option(p)
     p.add_argument("--recipe", action="append", required=True, metavar="STEPS", help=_RECIPE_HELP)
@@ -98,7 +99,6 @@ def register(subparsers: Any) -> None:
         metavar="DIR",
         help="Where to write the report (default: NAME/reports/VERSION/).",
     )
-    p.set_defaults(handler=_handle)
 
 
 def _sizes(text: str) -> tuple[int, ...]:

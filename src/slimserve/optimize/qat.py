@@ -46,75 +46,69 @@ class _RangeTracker(nn.Module):
         return qmath.affine_params(self.lo, self.hi, self.bits)
 
 
-class FakeQuantLinear(nn.Module):
-    float_module: nn.Linear
+class _FakeQuant(nn.Module):
+    """A float layer run on fake-quantized inputs and weights, with its input range tracked."""
+
+    float_module: nn.Linear | nn.Conv2d
     tracker: _RangeTracker
 
     def __init__(
         self,
-        linear: nn.Linear,
+        float_module: nn.Linear | nn.Conv2d,
         lo: torch.Tensor,
         hi: torch.Tensor,
         weight_bits: int = 8,
         act_bits: int = 8,
     ) -> None:
         super().__init__()
-        self.float_module = linear
+        self.float_module = float_module
         self.weight_bits = weight_bits
         self.tracker = _RangeTracker(bits=act_bits)
         self.tracker.lo.copy_(lo)
         self.tracker.hi.copy_(hi)
         self.tracker.seen.fill_(True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fake_quantized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, weight), each quantized and dequantized, straight-through gradients."""
         scale, zp = self.tracker(x)
         xq = qmath.fake_quantize_affine(x, scale, zp, self.tracker.bits)
-        w = qmath.fake_quantize_weight(self.float_module.weight, self.weight_bits)
+        return xq, qmath.fake_quantize_weight(self.float_module.weight, self.weight_bits)
+
+    def _input_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static int8 (scale, zero point) of the tracked input range; 8 bits only."""
+        _check_int8(self)
+        return qmath.affine_params(self.tracker.lo, self.tracker.hi)
+
+
+class FakeQuantLinear(_FakeQuant):
+    float_module: nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq, w = self._fake_quantized(x)
         return F.linear(xq, w, self.float_module.bias)
 
     def convert(self, per_channel: bool) -> StaticInt8Linear:
-        _check_int8(self)
-        scale, zp = qmath.affine_params(self.tracker.lo, self.tracker.hi)
+        scale, zp = self._input_params()
         return StaticInt8Linear.from_float(self.float_module, scale, zp, per_channel)
 
 
-class FakeQuantConv2d(nn.Module):
+class FakeQuantConv2d(_FakeQuant):
     float_module: nn.Conv2d
-    tracker: _RangeTracker
-
-    def __init__(
-        self,
-        conv: nn.Conv2d,
-        lo: torch.Tensor,
-        hi: torch.Tensor,
-        weight_bits: int = 8,
-        act_bits: int = 8,
-    ) -> None:
-        super().__init__()
-        self.float_module = conv
-        self.weight_bits = weight_bits
-        self.tracker = _RangeTracker(bits=act_bits)
-        self.tracker.lo.copy_(lo)
-        self.tracker.hi.copy_(hi)
-        self.tracker.seen.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale, zp = self.tracker(x)
-        xq = qmath.fake_quantize_affine(x, scale, zp, self.tracker.bits)
-        w = qmath.fake_quantize_weight(self.float_module.weight, self.weight_bits)
+        xq, w = self._fake_quantized(x)
         out: torch.Tensor = self.float_module._conv_forward(xq, w, self.float_module.bias)
         return out
 
     def convert(self, per_channel: bool) -> StaticInt8Conv2d:
-        _check_int8(self)
-        scale, zp = qmath.affine_params(self.tracker.lo, self.tracker.hi)
+        scale, zp = self._input_params()
         return StaticInt8Conv2d.from_float(self.float_module, scale, zp, per_channel)
 
 
 FAKE_QUANT = (FakeQuantLinear, FakeQuantConv2d)
 
 
-def _check_int8(twin: FakeQuantLinear | FakeQuantConv2d) -> None:
+def _check_int8(twin: _FakeQuant) -> None:
     """Fewer bits than 8 are simulated only (accuracy studies): there is no kernel for them."""
     if (twin.weight_bits, twin.tracker.bits) != (8, 8):
         raise InvalidArgument(

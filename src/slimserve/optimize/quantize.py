@@ -53,29 +53,31 @@ def _check_kernel(method: str, kernel: str) -> None:
         )
 
 
-def _check_bits(method: str, bits: int) -> None:
-    if bits != 8:
-        raise InvalidArgument(
-            f"{method}: bits={bits} is not supported: int8 methods use 8 bits; "
-            "for 4-bit weights use WeightOnlyInt4 (recipe step int4:group=64)"
-        )
+@dataclass(frozen=True)
+class _Int8Config(OptimizeConfig):
+    """An int8 method: `bits` is there to be refused with a pointer to the int4 method."""
+
+    bits: int = field(default=8, kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.bits != 8:
+            raise InvalidArgument(
+                f"{type(self).__name__}: bits={self.bits} is not supported: int8 methods use "
+                "8 bits; for 4-bit weights use WeightOnlyInt4 (recipe step int4:group=64)"
+            )
 
 
 @dataclass(frozen=True)
-class DynamicInt8(OptimizeConfig):
+class DynamicInt8(_Int8Config):
     """int8 weights (symmetric, per channel or per tensor) and per-token dynamic activations."""
 
     technique: ClassVar[str] = "int8"
 
     per_channel: bool = True
-    bits: int = 8
-
-    def __post_init__(self) -> None:
-        _check_bits("DynamicInt8", self.bits)
 
 
 @dataclass(frozen=True)
-class StaticInt8(OptimizeConfig):
+class StaticInt8(_Int8Config):
     """int8 weights and inputs; input ranges from calibration data (quantize_(..., data=))."""
 
     technique: ClassVar[str] = "static-int8"
@@ -86,7 +88,6 @@ class StaticInt8(OptimizeConfig):
     max_batches: int = 32
     # ONNX models only: quantize just these op types, e.g. ("Gemm", "MatMul"); None: all.
     onnx_op_types: tuple[str, ...] | None = None
-    bits: int = 8
     # torch models: "native" = PyTorch's quantized kernels with quint8 activations flowing
     # between layers, ReLU fused (qnative; LeNet-5, 1 thread: ~2x fp32's speed at batch
     # 64-256, 1.14x at batch 1); "gemm" = our int8 GEMM layers that take and give float (any
@@ -95,7 +96,7 @@ class StaticInt8(OptimizeConfig):
     kernel: Literal["auto", "native", "gemm"] = "auto"
 
     def __post_init__(self) -> None:
-        _check_bits("StaticInt8", self.bits)
+        super().__post_init__()
         _check_kernel("StaticInt8", self.kernel)
         if self.calibration not in OBSERVERS:
             raise InvalidArgument(
@@ -109,12 +110,8 @@ class StaticInt8(OptimizeConfig):
 
 
 @dataclass(frozen=True)
-class WeightOnlyInt8(OptimizeConfig):
+class WeightOnlyInt8(_Int8Config):
     technique: ClassVar[str] = "weight-int8"
-    bits: int = 8
-
-    def __post_init__(self) -> None:
-        _check_bits("WeightOnlyInt8", self.bits)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from slimserve.cli_parts import command
 from slimserve.config import Settings
 from slimserve.errors import InvalidArgument, SlimserveError
 from slimserve.fields import pick
@@ -25,11 +26,9 @@ DEFAULT_REPOSITORY = Settings.model_fields["repository"].default
 
 def register(subparsers: Any) -> None:
     """Add `repo` and its sub-commands to the top-level parser."""
-    repo = subparsers.add_parser(
-        "repo",
-        help="Import models into a repository, list it, refresh manifests.",
-        description="Manage a model repository folder (see README, 'The model repository').",
-    )
+    about = """Import models into a repository, list it, refresh manifests.
+    Manage a model repository folder (see README, 'The model repository')."""
+    repo = command(subparsers, "repo", None, about)
     sub = repo.add_subparsers(dest="repo_command", metavar="SUBCOMMAND", required=True)
     _register_add(sub)
     _register_list(sub)
@@ -49,13 +48,11 @@ def repository_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _register_add(sub: Any) -> None:
-    p = sub.add_parser(
-        "add",
-        help="Import an artifact as a new model version and write its model.yaml.",
-        description="Import an .onnx file, a .safetensors file with --model-class, or a "
-        "transformers folder as NAME's next version; model.yaml is written from what the "
-        "artifact declares (names, datatypes, shapes).",
-    )
+    about = """Import an artifact as a new model version and write its model.yaml.
+    Import an .onnx file, a .safetensors file with --model-class, or a transformers folder as
+    NAME's next version; model.yaml is written from what the artifact declares (names,
+    datatypes, shapes)."""
+    p = command(sub, "add", _add, about)
     p.add_argument("name", metavar="NAME", help="Model name: letters, digits, '_', '-', '.'.")
     p.add_argument(
         "path",
@@ -101,31 +98,26 @@ def _register_add(sub: Any) -> None:
         metavar="V",
         help="Version number to create (default: the next free one).",
     )
-    p.set_defaults(handler=_add)
 
 
 def _register_list(sub: Any) -> None:
-    p = sub.add_parser("list", help="Show models, versions, variants, sizes and manifests.")
+    p = command(sub, "list", _list, "Show models, versions, variants, sizes and manifests.")
     repository_option(p)
     p.add_argument(
         "--no-verify",
         action="store_true",
         help="Do not hash files against MANIFEST.json (faster for large models).",
     )
-    p.set_defaults(handler=_list)
 
 
 def _register_manifest(sub: Any) -> None:
-    p = sub.add_parser(
-        "manifest",
-        help="Rewrite MANIFEST.json after a deliberate edit of a version's files.",
-        description="Hash the files of a version (and of its variants) and rewrite their "
-        "MANIFEST.json, accepting their current contents.",
-    )
+    about = """Rewrite MANIFEST.json after a deliberate edit of a version's files.
+    Hash the files of a version (and of its variants) and rewrite their MANIFEST.json,
+    accepting their current contents."""
+    p = command(sub, "manifest", _manifest, about)
     p.add_argument("name", metavar="NAME", help="Model name.")
     repository_option(p)
     unit_version_option(p)
-    p.set_defaults(handler=_manifest)
 
 
 def unit_version_option(parser: argparse.ArgumentParser) -> None:

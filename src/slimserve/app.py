@@ -106,6 +106,7 @@ def runtime_options(settings: Settings, clock: Clock) -> RuntimeOptions:
             settings.data_key_file, settings.data_key_env, settings.data_key_environment()
         ),
         clock=clock,
+        memory_budget_bytes=settings.memory_budget_bytes,
     )
 
 

@@ -267,6 +267,11 @@ class Settings(BaseSettings):
         """(min, max) replicas from `autoscale`, None when the count is fixed."""
         return None if self.autoscale is None else autoscale_bounds(self.autoscale)
 
+    def shares_ports(self) -> bool:
+        """Whether several processes listen on this server's gRPC port (`--workers`, or Ray
+        replicas on one node): bind it with SO_REUSEPORT."""
+        return self.workers > 1 or self.ray is not None
+
     @field_validator("host")
     @classmethod
     def _host_not_empty(cls, value: str) -> str:

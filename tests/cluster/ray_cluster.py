@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ NODE_ARGS = [
 ]
 RAY = str(Path(sys.executable).with_name("ray"))
 METRICS_PORT = 8090  # the head node's Prometheus port; worker nodes the next ones
+AGENT_PORT = 52365  # Ray's default agent HTTP port, the head node's; worker nodes the next
 
 
 class PrivateNetwork:
@@ -103,6 +105,7 @@ class RayCluster:
     port: int
     env: dict[str, str]
     nodes: list[Node] = field(default_factory=list)
+    added: int = 0  # worker nodes started so far (each gets ports of its own)
 
     @property
     def address(self) -> str:
@@ -118,8 +121,12 @@ class RayCluster:
             self.wait_started(timeout)
 
     def add_worker(self, name: str) -> Node:
-        port = str(METRICS_PORT + len(self.nodes))  # each node exports Prometheus metrics
-        cmd = [RAY, "start", "--address", self.address, "--metrics-export-port", port]
+        self.added += 1
+        port = str(METRICS_PORT + self.added)  # each node exports Prometheus metrics
+        # Each node's agent its own HTTP port (one address for every node here).
+        agent = str(AGENT_PORT + self.added)
+        cmd = [RAY, "start", "--address", self.address, "--metrics-export-port", port,
+               "--dashboard-agent-listen-port", agent]  # fmt: skip
         node = self._spawn(name, [*cmd, *NODE_ARGS])
         self.nodes.append(node)
         return node
@@ -133,16 +140,16 @@ class RayCluster:
         return Node(proc, log)
 
     def wait_started(self, timeout: float = 180) -> None:
-        """Until every node says it started (`ray start` prints it once up). A node that gave
-        up starting (Ray allows its raylet 30 s to register, which a loaded two-core machine
-        can exceed) is started once more."""
-        deadline, retried = time.monotonic() + timeout, set()
+        """Until every node says it started (`ray start` prints it once up). A worker node
+        that gave up starting (Ray allows its raylet 30 s to register, which a loaded two-core
+        machine can exceed) is started again, up to twice."""
+        deadline, retried = time.monotonic() + timeout, Counter[Path]()
         while time.monotonic() < deadline:
             for i, node in enumerate(self.nodes):
                 if node.process.poll() is not None:
-                    if i == 0 or node.log in retried:
+                    if i == 0 or retried[node.log] >= 2:
                         raise RuntimeError(f"ray node exited:\n{node.log.read_text()[-3000:]}")
-                    retried.add(node.log)
+                    retried[node.log] += 1
                     node.signal(signal.SIGKILL)
                     self.nodes[i] = self._spawn(node.log.stem, node.process.args)  # type: ignore[arg-type]
             if all("Ray runtime started" in n.log.read_text() for n in self.nodes):

@@ -1,8 +1,9 @@
 """slimserve on a real two-node Ray cluster (each node one CPU, both on loopback inside a
 private network namespace): answers equal a single process's, both replicas serve, routing
-keeps models where they are resident, a killed replica is replaced with only its in-flight
-requests failing, autoscaling goes up under load and back down, and a killed node leaves the
-other node serving.
+keeps models where they are resident, v2 gRPC answers on every replica's own port, prefix
+affinity keeps a shared prompt on one replica, a killed replica is replaced with only its
+in-flight requests failing, a killed node leaves the other node serving and its replica is
+placed on a replacement node, and autoscaling goes up under load and back down.
 
 One cluster and one deployment for the module (Ray starts slowly on two cores); the tests run
 in file order and the last ones are destructive.
@@ -11,6 +12,7 @@ in file order and the last ones are destructive.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -41,6 +43,7 @@ pytestmark = [
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 HTTP = "http://127.0.0.1:8000"
+GRPC = "8001"  # every replica's own v2 gRPC port (Ray's gRPC proxy cannot carry v2)
 MODELS = ("m1", "m2", "m3")
 
 
@@ -53,10 +56,10 @@ class Deployment:
     def deploy(self, *args: str, timeout: float = 240) -> None:
         """`slimserve serve --ray ADDRESS ...` (replacing any earlier driver) and wait until
         it answers. Only the ONNX model loads at start (no torch in a fresh replica: a
-        replacement starts in seconds); the tiny LLM loads on its first request."""
+        replacement starts in seconds) unless `args` say otherwise."""
         self.stop_driver()
         cmd = [sys.executable, "-m", "slimserve", "serve", "--repository", str(self.repository),
-               "--ray", self.cluster.address, "--http-port", "8000", "--grpc-port", "0",
+               "--ray", self.cluster.address, "--http-port", "8000", "--grpc-port", GRPC,
                "--load-models", "mlp", "--log-format", "text", *args]  # fmt: skip
         with (self.cluster.root / "driver.log").open("ab") as log:  # the child keeps a copy
             self.driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -108,7 +111,8 @@ def ray_app(
     deployment = Deployment(cluster, repository)
     try:
         cluster.start()
-        deployment.deploy("--replicas", "2")
+        # The tiny LLM resident on both replicas: prefix affinity then chooses between them.
+        deployment.deploy("--replicas", "2", "--load-models", "mlp,tiny")
         yield deployment
     finally:
         deployment.stop_driver()
@@ -169,6 +173,35 @@ def test_answers_through_the_cluster_equal_a_single_process(ray_app: Deployment)
     assert streamed == expected[3]["choices"][0]["message"]["content"]
 
 
+GRPC_CLIENT = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+client = grpcclient.InferenceServerClient(sys.argv[1])
+x = grpcclient.InferInput("input", [1, 4], "FP32")
+x.set_data_from_numpy(np.array([[1, 2, 3, 4]], dtype=np.float32))
+print(json.dumps(client.infer("mlp", [x]).as_numpy("logits").ravel().tolist()))
+"""
+
+
+def test_v2_grpc_on_every_replicas_own_port_equals_a_single_process(ray_app: Deployment):
+    """tritonclient's gRPC client (in a child process: it lives in the cluster's network
+    namespace, whatever threads gRPC started earlier in this one) against the replicas' port;
+    each replica listens on it (SO_REUSEPORT: two LISTEN sockets on one machine)."""
+    replicas_seen(2)
+    sockets = Path("/proc/thread-self/net/tcp").read_text().splitlines()[1:]
+    port = f":{int(GRPC):04X}"
+    listening = [s for s in sockets if s.split()[1].endswith(port) and s.split()[3] == "0A"]
+    assert len(listening) == 2, sockets
+    want = single_process(ray_app.repository, [("/v2/models/mlp/infer", BODY)])[0]
+    for _ in range(3):  # new connections: the kernel may hand each to either replica
+        cmd = [sys.executable, "-c", GRPC_CLIENT, f"127.0.0.1:{GRPC}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=ray_app.cluster.env,
+                             timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads(out.stdout) == pytest.approx(want["outputs"][0]["data"], rel=1e-6)
+
+
 def test_both_replicas_serve_one_on_each_node(ray_app: Deployment):
     assert len(replicas_seen(2)) == 2
     per_node = [len(node.replica_pids()) for node in ray_app.cluster.nodes]
@@ -204,6 +237,41 @@ def test_routing_keeps_each_model_where_it_is_resident(ray_app: Deployment):
     assert all(len(replicas) == 1 for replicas in served.values()), served
 
 
+PREFIX_CLIENT = """
+import json, sys, time
+import ray
+from ray import serve
+ray.init(address=sys.argv[1], log_to_driver=False)
+handle = serve.get_app_handle("slimserve")
+prompt = "You are the help desk of a shop selling garden tools. Answer briefly. " * 8
+replicas = []
+for i in range(6):
+    body = {"model": "tiny", "prompt": prompt + f"Question {i}:", "max_tokens": 2}
+    answer = handle.post.remote("/v1/completions", body).result()
+    assert answer["status"] == 200, answer
+    replicas.append(answer["replica"])
+    if i == 0:
+        time.sleep(3)  # the replica publishes the prompt's prefix hashes (every second)
+print(json.dumps(replicas))
+"""
+
+
+def test_prefix_affinity_sends_a_shared_prompt_prefix_to_the_replica_that_cached_it(
+    ray_app: Deployment,
+):
+    """Through a Ray handle (`post`), whose body the router sees: the tiny LLM is resident on
+    both replicas, so after the first call every call sharing its long prompt prefix goes to
+    the replica that served it (by chance alone, 5 in a row: 1 in 32)."""
+    replicas_seen(2)
+    cmd = [sys.executable, "-c", PREFIX_CLIENT, ray_app.cluster.address]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ray_app.cluster.env,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    replicas = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"prefix affinity: replicas in call order {replicas}")
+    assert len(set(replicas[1:])) == 1 and replicas[1] == replicas[0], replicas
+
+
 def test_a_killed_replica_is_replaced_and_only_its_in_flight_requests_fail(
     ray_app: Deployment,
 ):
@@ -223,10 +291,41 @@ def test_a_killed_replica_is_replaced_and_only_its_in_flight_requests_fail(
     assert failed <= load.threads, load.errors
 
 
+def test_a_killed_node_leaves_the_other_node_serving_and_its_replica_is_replaced(
+    ray_app: Deployment,
+):
+    # The worker node dies under load (its raylet and replica at once) and the head node
+    # serves alone. Then a replacement node joins (as a cloud or KubeRay would bring one) and
+    # Ray places the second replica there again. The node starts with no client load: Ray
+    # gives a starting node a fixed 30 s to register, which its agents' start-up exceeded on
+    # this two-core machine under load (three tries in a row).
+    cluster = ray_app.cluster
+    with Load(f"{HTTP}/v2/models/mlp/infer", threads=4, max_s=300) as load:
+        assert wait_for_replicas(ray_app, 2, timeout=90)
+        assert cluster.nodes[-1].replica_pids(), "the second replica is not on the worker node"
+        load.wait_for(100)
+        cluster.kill_node(cluster.nodes[-1])  # the worker node: its raylet and replica
+        killed, after = time.monotonic(), load.total()
+        load.wait_for(200)  # served by the head node's replica
+    served_alone, failed = load.total() - after, sum(load.errors.values())
+    cluster.add_worker("worker-replacement")
+    cluster.wait_started()
+    replacement = cluster.nodes[-1]  # (started again if it gave up the first time)
+    placed = wait_until(lambda: bool(replacement.replica_pids()), timeout=180)
+    both = replicas_seen(2, timeout=120)
+    replaced_s = time.monotonic() - killed
+    print(f"node kill: {failed} failed of {load.total()} {dict(load.errors)}; a replica "
+          f"answering on the new node {replaced_s:.1f} s after the kill")  # fmt: skip
+    assert failed <= load.threads, load.errors
+    assert served_alone >= 200
+    assert placed, "no replica was placed on the replacement node"
+    assert len(both) == 2
+
+
 def test_autoscaling_adds_a_replica_under_load_and_returns_to_the_minimum(
     ray_app: Deployment,
 ):
-    ray_app.deploy("--autoscale", "1,2")
+    ray_app.deploy("--autoscale", "1,2")  # on the head and the replacement node
     assert wait_for_replicas(ray_app, 1, timeout=60)
     with Load(f"{HTTP}/v2/models/mlp/infer", threads=16, max_s=240) as load:
         started = time.monotonic()
@@ -242,27 +341,14 @@ def test_autoscaling_adds_a_replica_under_load_and_returns_to_the_minimum(
     assert not load.errors
 
 
-def test_a_killed_node_leaves_the_other_node_serving(ray_app: Deployment):
-    # The autoscaled deployment of the test above: load brings the second replica back (on
-    # the worker node, the head's CPU being taken), then the worker node dies under load.
-    cluster = ray_app.cluster
-    with Load(f"{HTTP}/v2/models/mlp/infer", threads=16, max_s=240) as load:
-        assert wait_for_replicas(ray_app, 2, timeout=90)
-        assert cluster.nodes[-1].replica_pids(), "the second replica is not on the worker node"
-        load.wait_for(100)
-        cluster.kill_node(cluster.nodes[-1])  # the worker node: its raylet and replica
-        after = load.total()
-        load.wait_for(200)  # served by the head node's replica
-    failed = sum(load.errors.values())
-    print(f"node kill: {failed} failed of {load.total()} {dict(load.errors)}")
-    assert failed <= load.threads, load.errors
-    assert load.total() - after >= 200
-
-
-def wait_for_replicas(ray_app: Deployment, count: int, timeout: float) -> bool:
+def wait_until(check: Any, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(ray_app.replica_pids()) == count:
+        if check():
             return True
         time.sleep(0.5)
     return False
+
+
+def wait_for_replicas(ray_app: Deployment, count: int, timeout: float) -> bool:
+    return wait_until(lambda: len(ray_app.replica_pids()) == count, timeout)

@@ -8,7 +8,15 @@ import pickle
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from slimserve.cluster.replica_app import ReplicaApp, routing_stats
+from slimserve.cluster.replica_app import (
+    PrefixIndex,
+    ReplicaApp,
+    post_json,
+    prompt_text,
+    request_prefixes,
+    routing_stats,
+)
+from slimserve.policies.routing import PREFIX_BLOCK_CHARS
 from slimserve.types import HealthReport, RepositoryEntry
 
 
@@ -43,9 +51,66 @@ def test_routing_stats_from_health_and_ready_models():
     health = HealthReport("ok", True, True, (), (), (), resident_bytes=300,
                           memory_budget_bytes=1000)  # fmt: skip
     ready = [RepositoryEntry("mlp", "2", "READY"), RepositoryEntry("mlp:fast", "2", "READY")]
-    assert routing_stats(health, ready, 4) == {
-        "resident": ["mlp:", "mlp:fast"], "free_bytes": 700, "queue": 4,
+    assert routing_stats(health, ready, 4, ["h1"]) == {
+        "resident": ["mlp:", "mlp:fast"], "free_bytes": 700, "queue": 4, "prefixes": ["h1"],
     }  # fmt: skip
+
+
+LONG = "You are a helpful assistant for a shop selling garden tools. " * 12  # > 2 blocks
+
+
+def test_prompt_prefixes_are_the_same_for_a_replica_and_the_router_and_extend():
+    chat = {"model": "tiny", "messages": [{"role": "system", "content": LONG},
+                                          {"role": "user", "content": "a spade?"}]}  # fmt: skip
+    longer = {**chat, "messages": [*chat["messages"], {"role": "user", "content": "and a rake"}]}
+    first = request_prefixes("/v1/chat/completions", chat)
+    assert len(first) == len(prompt_text("/v1/chat/completions", chat)) // PREFIX_BLOCK_CHARS
+    assert len(first) >= 2
+    assert request_prefixes("/v1/chat/completions", longer)[: len(first)] == first
+    assert request_prefixes("/v1/completions", {"prompt": LONG})
+    assert request_prefixes("/v2/models/m/infer", {"inputs": []}) == ()
+    assert request_prefixes("/v1/completions", {"prompt": [1, 2]}) == ()  # token ids: none
+
+
+def test_the_prefix_index_keeps_the_most_recent_hashes():
+    index = PrefixIndex(size=3)
+    index.add(["a", "b", "c"])
+    index.add(["a", "d"])  # a used again: b is now the oldest
+    assert index.published() == ["c", "a", "d"]
+
+
+def test_post_json_runs_one_request_through_the_app():
+    async def echo(scope: Scope, receive: Receive, send: Send) -> None:
+        body = (await receive())["body"]
+        assert scope["path"] == "/v1/completions" and scope["method"] == "POST"
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    assert asyncio.run(post_json(echo, "/v1/completions", {"a": [1]})) == (201, {"a": [1]})
+
+
+def test_the_router_reads_model_and_prompt_of_a_handle_call():
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from slimserve.cluster.ray_router import handle_post, request_key
+
+    def pending(method: str, *args: object) -> PendingRequest:
+        future = loop.create_future()  # what Ray sets once a replica is chosen
+        metadata = RequestMetadata("r", "i", call_method=method)
+        return PendingRequest(list(args), {}, metadata, future=future)
+
+    loop = asyncio.new_event_loop()
+    try:
+        body = {"model": "tiny", "prompt": LONG}
+        call = pending("post", "/v1/completions", body)
+        assert handle_post(call) == ("/v1/completions", body)
+        assert request_key(call) == "tiny:"
+        assert request_key(pending("post", "/v2/models/mlp/infer", {"inputs": []})) == "mlp:"
+        assert handle_post(pending("__call__", b"pickled scope")) is None
+    finally:
+        loop.close()
 
 
 def test_the_router_reads_the_v2_model_out_of_rays_request_without_unpickling():

@@ -1,6 +1,5 @@
 """`--workers N` under load: a killed worker is replaced while the others serve, SIGHUP reloads
-them one at a time (at most one failed request per worker replaced; the target is none), and a
-crash loop stops the server saying why."""
+them one at a time with no failed request, and a crash loop stops the server saying why."""
 
 from __future__ import annotations
 
@@ -97,11 +96,11 @@ def test_sighup_reloads_every_worker_with_no_failed_request(workers: ServerProce
     assert done, workers.log()[-3000:]
     new = worker_pids(workers)
     assert len(new) == 2 and not new & old, (old, new)
-    # The target is no failed request. Not yet met: in about one run in seven a request on a
-    # keep-alive connection that an old worker closes as it stops fails (ReadError or
-    # RemoteProtocolError); at most one per worker replaced, which is what is held here.
+    # An old worker drains: it stops accepting, answers what its keep-alive connections send
+    # next with `Connection: close`, and only then closes them (transport/http_protocol.py),
+    # so no request is lost to a close racing a client's next request.
     print(f"SIGHUP reload under load: {dict(load.errors)} failed of {load.total()}")
-    assert sum(load.errors.values()) <= len(old), load.errors
+    assert not load.errors, load.errors
     assert load.ok > 400
 
 

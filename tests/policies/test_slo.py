@@ -31,13 +31,27 @@ def test_batch_latency_interpolates_and_extrapolates_per_row():
     assert batch_latency_ms((), 4) is None
 
 
-def test_prediction_adds_queue_wait_and_the_batching_delay_of_a_partial_batch():
-    o = Option(
-        "v", 0.0, CURVE, queue_wait_ms=5.0, queued_rows=7, max_batch_size=32, batch_delay_ms=2.0
-    )
-    assert predict_ms(o, 1) == pytest.approx(5.0 + 2.0 + 4.0)  # joins a batch of 8
-    full = Option("v", 0.0, CURVE, queued_rows=40, max_batch_size=32, batch_delay_ms=2.0)
-    assert predict_ms(full, 1) == pytest.approx(10.0)  # a full batch goes out at once
+def test_prediction_adds_the_running_batch_and_the_delay_while_a_batch_fills():
+    batching = {"max_batch_size": 32, "batch_delay_ms": 2.0}
+    o = Option("v", 0.0, CURVE, running_left_ms=5.0, queued_rows=7, fill_rows=16, **batching)
+    assert predict_ms(o, 1) == pytest.approx(5.0 + 2.0 + 4.0)  # joins a batch of 8, waits
+    reached = Option("v", 0.0, CURVE, queued_rows=7, fill_rows=8, **batching)
+    assert predict_ms(reached, 1) == pytest.approx(4.0)  # the batcher's target: out at once
+    lone = Option("v", 0.0, CURVE, **batching)
+    assert predict_ms(lone, 1) == pytest.approx(2.0)  # a lone client is never held back
+
+
+def test_full_batches_queued_ahead_go_first_and_the_request_joins_the_rest():
+    o = Option("v", 0.0, CURVE, queued_rows=40, max_batch_size=32, batch_delay_ms=2.0)
+    # One full batch of 32 (10 ms) leaves first; the request joins the 8 left: 9 rows.
+    assert predict_ms(o, 1) == pytest.approx(10.0 + 4.0 + 6.0 / 24)
+
+
+def test_other_units_on_the_same_thread_slowdown_and_transport_count():
+    shared = Option("v", 0.0, CURVE, thread_busy_ms=30.0)
+    assert predict_ms(shared, 1) == pytest.approx(32.0)  # waits for the neighbour's batch
+    slow = Option("v", 0.0, CURVE, slowdown=3.0, overhead_ms=0.5)
+    assert predict_ms(slow, 1) == pytest.approx(2.0 * 3.0 + 0.5)
 
 
 def test_loose_objective_keeps_the_original_tight_one_degrades_only_as_far_as_needed():
@@ -51,8 +65,11 @@ def test_loose_objective_keeps_the_original_tight_one_degrades_only_as_far_as_ne
 
 def test_the_quality_budget_bounds_how_far_a_request_is_degraded():
     # 2 ms is reachable only by 'pruned' (3 points lost): over a 1-point budget, not taken.
+    # Unreachable within the budget: the fastest within it (int8, 3 ms) answers, and says so.
     refused = choose(units(), 2.0, 1.0, rows=1, arrived=0.0, now=0.0)
-    assert (refused.variant, refused.met, refused.predicted_ms) == (None, False, 10.0)
+    assert (refused.variant, refused.met, refused.predicted_ms) == ("int8", False, 3.0)
+    nothing_to_give = choose(units(), 2.0, 0.0, rows=1, arrived=0.0, now=0.0)
+    assert (nothing_to_give.variant, nothing_to_give.met) == (None, False)
     allowed = choose(units(), 2.0, 5.0, rows=1, arrived=0.0, now=0.0)
     assert (allowed.variant, allowed.met) == ("pruned", True)
 
@@ -64,8 +81,19 @@ def test_time_already_spent_counts_against_the_objective():
 
 
 def test_a_busy_queue_moves_the_request_to_another_unit():
-    busy = units(original={"queue_wait_ms": 30.0})
+    busy = units(original={"running_left_ms": 30.0})
     assert choose(busy, 20.0, 0.5, 1, 0.0, 0.0).variant == "bf16"
+
+
+def test_a_variant_behind_the_originals_batch_on_its_thread_is_not_chosen_blindly():
+    # pruned shares its thread with the original, which runs a 9 ms batch: int8 (on the
+    # other thread) answers the 5 ms objective instead; both within the 5-point budget.
+    crowded = units(pruned={"thread_busy_ms": 9.0})
+    assert choose(crowded, 5.0, 5.0, 1, 0.0, 0.0).variant == "int8"
+    assert choose(units(), 5.0, 5.0, 1, 0.0, 0.0).variant == "int8"  # least loss that fits
+    late = choose(crowded, 2.5, 5.0, 1, 0.0, 0.0)  # nothing fits 2.5 ms now: int8 is first
+    assert (late.variant, late.met, late.predicted_ms) == ("int8", False, 3.0)
+    assert choose(units(), 2.5, 5.0, 1, 0.0, 0.0).variant == "pruned"
 
 
 def test_unhealthy_units_are_skipped():

@@ -94,6 +94,7 @@ class Sweep:
                 "protocol": "http-binary",
                 "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "cpu_count": os.cpu_count(),
+                "intra_op_threads": INTRA_OP_THREADS,
                 "load_average": round(os.getloadavg()[0], 2),
             },
         }

@@ -12,9 +12,11 @@ The parent supervises: a worker that dies is started again after a backoff while
 keep serving (connections waiting in the shared socket's queue go to the live workers); a
 worker slot that keeps dying is a crash loop, and the whole server stops saying so
 (policies.restart). SIGHUP reloads the workers one at a time: a new process is started for a
-slot, and only once it is serving is the old one asked to stop (SIGTERM: it stops accepting,
-finishes what it has in flight and exits), so no request fails and capacity never drops by
-more than one worker's share.
+slot, and only once it is serving is the old one asked to stop (SIGTERM: it stops accepting
+on the shared socket, which the other workers keep accepting on, answers the request in
+flight or the next one on each keep-alive connection with `Connection: close`, closes
+connections left quiet, and exits: transport/http_protocol.py), so no request fails and
+capacity never drops by more than one worker's share.
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ The builder is handed in (`build`, normally `slimserve.app.build_server`) rather
 imported, so that the app module, which starts Ray, and this module, which Ray runs, do not
 import each other. Ray calls `record_routing_stats` (for cluster.ray_router) and
 `record_autoscaling_stats` (for cluster.ray_autoscale) on a timer.
+
+gRPC does not go through Ray: Ray's gRPC proxy calls one deployment method per RPC with
+messages it unpickles, which cannot carry the v2 service as slimserve serves it (its own
+HTTP/2 layer, binary tensors). Each replica serves v2 gRPC itself on its node's
+settings.host:grpc_port, bound with SO_REUSEPORT so that replicas sharing a node share the
+port (the kernel spreads connections over them).
 """
 
 from __future__ import annotations
@@ -17,11 +23,24 @@ from ray import serve
 from starlette.types import ASGIApp
 
 from slimserve.cluster.ray_metrics import RayMetricsMirror
-from slimserve.cluster.replica_app import ReplicaApp, routing_stats
+from slimserve.cluster.replica_app import (
+    PrefixIndex,
+    ReplicaApp,
+    post_json,
+    request_prefixes,
+    routing_stats,
+)
 from slimserve.config import Settings
 from slimserve.serving.engine import Engine
 
 log = logging.getLogger("slimserve.ray")
+
+
+class GrpcServer(Protocol):
+    """A gRPC server as the composition root makes one (slimserve.app.GrpcServer)."""
+
+    async def start(self) -> None: ...
+    async def stop(self, grace: float | None) -> None: ...
 
 
 class BuiltServer(Protocol):
@@ -31,6 +50,10 @@ class BuiltServer(Protocol):
     def engine(self) -> Engine: ...
     @property
     def http_app(self) -> ASGIApp: ...
+    @property
+    def settings(self) -> Settings: ...
+
+    def grpc_server(self) -> GrpcServer: ...
 
     async def start(self, wait: bool = False) -> None: ...
     async def stop(self) -> None: ...
@@ -47,8 +70,13 @@ class SlimserveReplica:
         self.name = serve.get_replica_context().replica_id.unique_id
         self.server = build(Settings(**settings))
         await self.server.start(wait=True)  # ready once the startup models are loaded
+        self.grpc: GrpcServer | None = None
+        if self.server.settings.grpc_port:
+            self.grpc = self.server.grpc_server()
+            await self.grpc.start()
         self.asgi = ReplicaApp(self.server.http_app, self.name)
         self.metrics = RayMetricsMirror()
+        self.prefixes = PrefixIndex()
         log.info("replica %s serving", self.name)
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
@@ -60,12 +88,27 @@ class SlimserveReplica:
         engine = self.server.engine
         self.metrics.update(engine.metrics_text()[0].decode())
         stats = routing_stats(
-            engine.health(), engine.repository_index(ready_only=True), self.asgi.in_flight()
+            engine.health(),
+            engine.repository_index(ready_only=True),
+            self.asgi.in_flight(),
+            self.prefixes.published(),
         )
         return {**stats, "name": self.name}
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One JSON POST (v2 inference, or an OpenAI call without streaming) made through a Ray
+        handle: `handle.post.remote("/v1/completions", {...})`. Unlike a call through Ray's
+        HTTP proxy, its body is known when it is routed, so the router can use the prompt's
+        prefix (cluster.ray_router). Returns {"status", "body", "replica"}."""
+        status, answer = await post_json(self.asgi, path, body)
+        if status == 200:
+            self.prefixes.add(request_prefixes(path, body))
+        return {"status": status, "body": answer, "replica": self.name}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {"in_flight": self.asgi.in_flight(), "oldest_s": self.asgi.oldest_age_s()}
 
     async def __del__(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop(grace=2.0)
         await self.server.stop()

@@ -7,9 +7,10 @@ the body still at the proxy) and a few headers. The model is the `serve_multiple
 header where a client sets it (`model` or `model:variant`; the way to route OpenAI calls,
 whose model is in the body), else the name in a v2 path (/v2/models/NAME/...). The scope is
 read with `pickletools.genops`, which walks the opcodes without building any object: the
-router never unpickles. Routing by prompt prefix needs the prompt, which is in the body that
-Ray's proxy has not read when it routes; the policy supports it, this router has no prompt
-to give it (README, scale-out).
+router never unpickles. Prefix affinity needs the prompt, which is in the body that Ray's
+proxy has not read when it routes: it applies to calls made through a Ray handle
+(`handle.post.remote(path, body)`, cluster.ray_replica), whose body the router sees; the
+replicas publish the prefix hashes of the prompts they served (README, scale-out).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from slimserve.cluster.replica_app import request_prefixes
 from slimserve.policies.routing import ReplicaStats, RouteConfig, RouteRequest, route
 
 V2_PATH = re.compile(r"^/v2/models/([^/]+)")
@@ -51,9 +53,11 @@ class SlimserveRouter(RequestRouter):
         if not candidate_replicas:
             return []
         key = request_key(pending_request) if pending_request is not None else None
+        body = handle_post(pending_request) if pending_request is not None else None
+        prefixes = request_prefixes(*body) if body is not None else ()
         now = time.monotonic()
         stats = [self._stats(r, key, now) for r in candidate_replicas]
-        decision = route(self._config, stats, RouteRequest(key), self._rng)
+        decision = route(self._config, stats, RouteRequest(key, prefixes=prefixes), self._rng)
         self.decisions[decision.reason] = self.decisions.get(decision.reason, 0) + 1
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         first, *rest = (by_id[name] for name in decision.ranked)
@@ -90,12 +94,28 @@ class SlimserveRouter(RequestRouter):
             resident.update([key] if now - recent[1] < ASSUMED_RESIDENT_S else [])
         cached = self.replica_queue_len_cache.get(replica.replica_id)
         queue = cached if cached is not None else int(published.get("queue", 0))
-        return ReplicaStats(name, frozenset(resident), int(published.get("free_bytes", 0)), queue)
+        free, prefixes = int(published.get("free_bytes", 0)), published.get("prefixes", ())
+        return ReplicaStats(name, frozenset(resident), free, queue, frozenset(prefixes))
+
+
+def handle_post(request: PendingRequest) -> tuple[str, dict[str, Any]] | None:
+    """(path, body) of a `post` call made through a Ray handle; None for anything else."""
+    args = request.args
+    if request.metadata.call_method != "post" or len(args) != 2:
+        return None
+    path, body = args
+    return (path, body) if isinstance(path, str) and isinstance(body, dict) else None
 
 
 def request_key(request: PendingRequest) -> str | None:
     """The "model:variant" a request is for, or None (see the module's doc)."""
     model = request.metadata.multiplexed_model_id
+    post = handle_post(request)
+    if not model and post is not None:
+        named = post[1].get("model")
+        model = named if isinstance(named, str) else ""
+        match = V2_PATH.match(post[0])
+        model = model or (match.group(1) if match else "")
     if model:
         return model if ":" in model else f"{model}:"
     path = scope_path(request.args[0]) if request.args else None

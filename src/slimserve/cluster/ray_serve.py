@@ -72,11 +72,11 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
 def deploy(settings: Settings, build: Builder) -> None:
     """Start Serve's HTTP proxy on settings' host and port and deploy (Ray must be running).
 
-    No gRPC: Ray's gRPC proxy calls one deployment method per RPC with Ray's own context
-    object, while slimserve's v2 gRPC service is its own HTTP/2 server; over Ray, v2 goes over
-    HTTP (README, scale-out)."""
+    gRPC is not carried by Ray's gRPC proxy (it calls one deployment method per RPC with Ray's
+    own context object, while slimserve's v2 gRPC service is its own HTTP/2 server): each
+    replica listens on its node's --grpc-port itself (cluster.ray_replica; README, scale-out)."""
     if settings.grpc_port:
-        log.warning("gRPC is not served on Ray (--grpc-port %s ignored)", settings.grpc_port)
+        log.info("v2 gRPC: every replica on its node's %s:%s", settings.host, settings.grpc_port)
     serve.start(
         http_options=HTTPOptions(
             host=settings.host, port=settings.http_port, keep_alive_timeout_s=settings.keep_alive_s

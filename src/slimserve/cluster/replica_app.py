@@ -1,17 +1,22 @@
 """What a replica adds around the server's ASGI app: its name on every response and the load
 it carries (requests in flight, the oldest one's age), which it publishes to the router and
-the autoscaler. No Ray here: the Ray deployment (cluster.ray_replica) wraps its app in this.
+the autoscaler; the prompts it served (as prefix hashes), for prefix affinity; and one JSON
+POST through the app, for calls that come through a Ray handle rather than Ray's HTTP proxy.
+No Ray here: the Ray deployment (cluster.ray_replica) wraps its app in this.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from slimserve.policies.routing import prefix_hashes
 from slimserve.types import HealthReport, RepositoryEntry
 
 REPLICA_HEADER = b"slimserve-replica"
@@ -52,12 +57,87 @@ class ReplicaApp:
 
 
 def routing_stats(
-    health: HealthReport, ready: list[RepositoryEntry], in_flight: int
+    health: HealthReport,
+    ready: list[RepositoryEntry],
+    in_flight: int,
+    prefixes: Iterable[str] = (),
 ) -> dict[str, Any]:
     """What the router reads of one replica (kept to JSON types: Ray ships it as is).
-    `health` is Engine.health(), `ready` Engine.repository_index(ready_only=True)."""
+    `health` is Engine.health(), `ready` Engine.repository_index(ready_only=True),
+    `prefixes` PrefixIndex.published()."""
     return {
         "resident": sorted({e.name if ":" in e.name else f"{e.name}:" for e in ready}),
         "free_bytes": max(0, health.memory_budget_bytes - health.resident_bytes),
         "queue": in_flight,
+        "prefixes": list(prefixes),
     }
+
+
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def prompt_text(path: str, body: Mapping[str, Any]) -> str | None:
+    """The text a language-model call's KV cache is built from, the same on the replica and in
+    the router (both hash it with policies.routing.prefix_hashes); None for other calls."""
+    if path == "/v1/completions":
+        prompt = body.get("prompt")
+        return prompt if isinstance(prompt, str) else None
+    if path == "/v1/chat/completions" and isinstance(body.get("messages"), list):
+        turns = [m for m in body["messages"] if isinstance(m, dict)]
+        return "".join(f"<{m.get('role')}>{m.get('content')}\n" for m in turns)
+    return None
+
+
+def request_prefixes(path: str, body: Mapping[str, Any]) -> tuple[str, ...]:
+    """The prefix hashes of a language-model call's prompt (none for other calls)."""
+    text = prompt_text(path, body)
+    return prefix_hashes(text) if text else ()
+
+
+class PrefixIndex:
+    """The prefix hashes of the prompts a replica served most recently (at most `size`): what
+    its LLM engine's prefix cache most likely still holds. An approximation of the cache
+    itself, which is kept in token blocks the router cannot compute without the tokenizer."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self.size = size
+        self._hashes: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, hashes: Iterable[str]) -> None:
+        for h in hashes:
+            self._hashes[h] = None
+            self._hashes.move_to_end(h)
+        while len(self._hashes) > self.size:
+            self._hashes.popitem(last=False)
+
+    def published(self) -> list[str]:
+        return list(self._hashes)
+
+
+async def post_json(app: ASGIApp, path: str, body: Mapping[str, Any]) -> tuple[int, Any]:
+    """POST `body` as JSON to `path` of `app` in-process: (status, decoded JSON answer)."""
+    payload = orjson.dumps(body)
+    scope: Scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                     (b"content-length", str(len(payload)).encode())],
+        "client": None, "server": None,
+    }  # fmt: skip
+    sent = [False]
+    status, chunks = [500], list[bytes]()
+
+    async def receive() -> Message:
+        if sent[0]:
+            return {"type": "http.disconnect"}
+        sent[0] = True
+        return {"type": "http.request", "body": payload, "more_body": False}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            status[0] = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status[0], orjson.loads(b"".join(chunks) or b"null")

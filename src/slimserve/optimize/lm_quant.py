@@ -46,6 +46,7 @@ from slimserve.optimize.staging import (
     stage_all,
 )
 from slimserve.repository import Repository, write_manifest
+from slimserve.repository.profiles import update_profile
 from slimserve.repository.store import VARIANT_YAML, VARIANTS_DIR
 from slimserve.runtimes.llm.prequant import METADATA_KEY, check_group, quantize_state
 from slimserve.runtimes.llm.runtime import TextGenerationRuntime, _check_folder, _read_weights
@@ -116,6 +117,9 @@ def optimize_lm(
         result,
     )
     commit(staged, vdir / VARIANTS_DIR, opts.overwrite)
+    # The original's decode profile where the server reads it (VERSION/profile.yaml), so a
+    # per-request latency objective can weigh the original against its variants.
+    update_profile(repo, name, version, None, original)
     out = opts.report_dir or (repo.model_dir(name) / "reports" / str(version))
     result.report = write_report(result, out)
     return result

@@ -31,6 +31,7 @@ from slimserve.policies.planning import (
     Unit,
     plan,
 )
+from slimserve.policies.queueing import ServiceModel, SweepPoint, calibrate
 from slimserve.repository.schema import VariantProfile
 from slimserve.repository.store import Repository, Target
 
@@ -104,21 +105,30 @@ def _unit(target: Target) -> Unit | None:
     profile = target.profile
     if profile is None:
         return None
-    points = _points(profile, target)
+    rows = _sweep_rows(profile, target)
+    points = tuple(Point(float(r["throughput_rps"]), float(r["p99_ms"])) for r in rows)
     loss = 0.0 if target.variant is None else profile.quality_loss()
     if not points or loss is None:
         return None
     extra = profile.model_extra or {}
     cores = int((extra.get("sweep_settings") or {}).get("cpu_count") or 1)
     memory = profile.memory_bytes or profile.size_bytes or 0
-    return Unit(target.model, target.variant, loss, memory, points, cores)
+    service = _service(profile, rows, target.config.batching.max_batch_size)
+    return Unit(target.model, target.variant, loss, memory, points, cores, service)
 
 
-def _points(profile: VariantProfile, target: Target) -> tuple[Point, ...]:
+def _sweep_rows(profile: VariantProfile, target: Target) -> list[dict[str, Any]]:
     """Sweep points run with the batching model.yaml has now (what the server will do);
     all points when none were."""
     sweep = (profile.model_extra or {}).get("sweep") or []
-    rows = [r for r in sweep if isinstance(r, dict) and not r.get("errors")]
+    rows = [
+        r
+        for r in sweep
+        if isinstance(r, dict)
+        and not r.get("errors")
+        and r.get("throughput_rps")
+        and r.get("p99_ms") is not None
+    ]
     batching = target.config.batching
     same = [
         r
@@ -126,11 +136,28 @@ def _points(profile: VariantProfile, target: Target) -> tuple[Point, ...]:
         if r.get("max_batch_size") == batching.max_batch_size
         and r.get("max_queue_delay_ms") == batching.max_queue_delay_ms
     ]
-    return tuple(
-        Point(float(r["throughput_rps"]), float(r["p99_ms"]))
-        for r in (same or rows)
-        if r.get("throughput_rps") and r.get("p99_ms") is not None
-    )
+    return same or rows
+
+
+def _service(
+    profile: VariantProfile, rows: list[dict[str, Any]], max_batch_size: int
+) -> ServiceModel | None:
+    """The unit's queueing model, calibrated on its sweep and batch latency curve (None:
+    the profile lacks the curve or the points' concurrency and p50)."""
+    points = [
+        SweepPoint(
+            int(r["concurrency"]),
+            float(r["throughput_rps"]),
+            float(r["p50_ms"]),
+            float(r["p99_ms"]),
+        )
+        for r in rows
+        if r.get("concurrency") and r.get("p50_ms") is not None
+    ]
+    curve = profile.latency_curve()
+    if not points or not curve:
+        return None
+    return calibrate(points, curve, max_batch_size)
 
 
 def _served(model: str, variant: str | None) -> str:
@@ -200,8 +227,19 @@ def machine_settings(
         "pin_models": sorted({n for n, _, _ in mp.units}),
         "memory_budget_bytes": int((m.memory_gb - m.reserved_memory_gb) * GiB),
     }
+    threads = {_intra_op_threads(repo, n, versions[n], v) for n, v, _ in mp.units} - {None}
+    if len(threads) == 1:  # the profiles were measured with this many: serve the same way
+        data["intra_op_threads"] = threads.pop()
     Settings(**data)  # the server must take it: fail here, not on the machine
     return data
+
+
+def _intra_op_threads(repo: Repository, name: str, version: int, variant: str | None) -> int | None:
+    """Threads inside one call the unit's sweep ran with (None: not recorded)."""
+    profile = repo.target(name, version, variant).profile
+    settings = (profile.model_extra or {}).get("sweep_settings") if profile is not None else None
+    threads = (settings or {}).get("intra_op_threads")
+    return threads if isinstance(threads, int) and threads > 0 else None
 
 
 def write_plan(result: Plan, repo: Repository, workload: Workload, out: Path) -> list[Path]:

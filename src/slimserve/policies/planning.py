@@ -3,10 +3,12 @@
 Pure: inputs are the workload (rate, p99 objective, quality budget per model), the machines,
 and each unit's measured sweep (`slimserve profile`: throughput and p99 per point).
 
-1. Capacity of a unit under an objective: the most throughput any measured point sustains
-   with p99 <= the objective (Model Analyzer's "best configuration under a latency
-   constraint"), scaled by machine cores / cores where it was measured (compute is assumed to
-   scale with cores).
+1. Capacity of a unit under an objective: the highest Poisson arrival rate whose expected p99
+   meets the objective, from the unit's queueing model calibrated on its profile
+   (policies/queueing.py: M/G/1 with batches, Kingman's wait, an exponential tail). A unit
+   whose profile has no batch latency curve falls back to the sweep as Model Analyzer reads
+   it: the most throughput a measured point sustains with p99 <= the objective. Either is
+   scaled by machine cores / cores where it was measured (compute is assumed to scale).
 2. Variant choice in the manner of INFaaS: among the units within the quality budget that meet
    the objective at all, the cheapest: fewest replicas, then least memory, then least loss.
 3. Replicas: ceil(rate / capacity), the rate split evenly; at most one replica of a model per
@@ -14,13 +16,17 @@ and each unit's measured sweep (`slimserve profile`: throughput and p99 per poin
 4. Placement in the manner of AlpaServe's greedy: repeatedly take the model with the most
    load not yet placed and put one replica on the least-loaded machine where it fits (memory,
    and compute utilization <= 1).
-5. Expected p99 per model: the sweep's p99 at the per-replica rate, linear between points.
+5. Expected p99 per model: the queueing model's at the per-replica rate (the fallback: the
+   sweep's p99 at that throughput, linear between points, which ignores open-loop bursts).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from slimserve.policies import queueing
+from slimserve.policies.queueing import ServiceModel
 
 
 class PlanError(ValueError):
@@ -43,6 +49,25 @@ class Unit:
     memory_bytes: int
     points: tuple[Point, ...]
     cores: int = 1  # cores of the machine the sweep ran on
+    service: ServiceModel | None = None  # the queueing model (None: read the sweep directly)
+
+    def capacity_rps(self, p99_ms: float) -> float:
+        """One replica's rate within the objective, on the machine it was measured on."""
+        if self.service is not None:
+            return queueing.capacity_rps(self.service, p99_ms)
+        return capacity_rps(self.points, p99_ms)
+
+    def lowest_p99_ms(self) -> float:
+        """The p99 of a lone request: no objective below it can be met."""
+        if self.service is not None:
+            return queueing.p99_ms(self.service, 0.0)
+        return min((p.p99_ms for p in self.points), default=math.inf)
+
+    def p99_at(self, rate_rps: float, p99_ms: float) -> float:
+        """Expected p99 at `rate_rps` (on the machine it was measured on)."""
+        if self.service is not None:
+            return queueing.p99_ms(self.service, rate_rps)
+        return p99_at(self.points, rate_rps, p99_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +144,7 @@ def choose_unit(demand: Demand, units: list[Unit], machines: Machines) -> tuple[
     for unit in units:
         if unit.model != demand.model or unit.quality_loss > demand.max_quality_loss:
             continue
-        capacity = capacity_rps(unit.points, demand.p99_ms) * machines.cores / unit.cores
+        capacity = unit.capacity_rps(demand.p99_ms) * machines.cores / unit.cores
         if capacity > 0:
             replicas = math.ceil(demand.rate_rps / capacity)
             fits.append((replicas, replicas * unit.memory_bytes, unit.quality_loss, unit, capacity))
@@ -139,7 +164,7 @@ def _unreachable(demand: Demand, units: list[Unit]) -> str:
             f"{where}.max_quality_loss = {demand.max_quality_loss:g}: no profiled unit is "
             f"within it (the least loss is {least:g}); raise it, or make a closer variant"
         )
-    fastest = min((p.p99_ms for u in within for p in u.points), default=math.inf)
+    fastest = min((u.lowest_p99_ms() for u in within), default=math.inf)
     return (
         f"{where}.p99_ms = {demand.p99_ms:g}: no unit within the quality budget reaches it "
         f"(the lowest measured p99 is {fastest:.2f} ms); raise p99_ms to at least "
@@ -163,7 +188,7 @@ def plan(demands: list[Demand], units: list[Unit], machines: Machines) -> Plan:
                 f"machines.count to {replicas}, or relax p99_ms or max_quality_loss"
             )
         per_replica = d.rate_rps / replicas
-        p99 = p99_at(unit.points, per_replica * unit.cores / machines.cores, d.p99_ms)
+        p99 = unit.p99_at(per_replica * unit.cores / machines.cores, d.p99_ms)
         models.append(
             ModelPlan(d.model, unit.variant, replicas, capacity, d.rate_rps, p99, unit.memory_bytes)
         )

@@ -7,14 +7,24 @@ quality loss from its profile, its batch latency curve from its profile, and the
 its queue. The choice, in the manner of INFaaS but per request:
 
 1. keep the options within the quality budget that are healthy (the original always is within);
-2. predict each one's latency: the wait for the rows queued ahead of it, the batching delay
-   while a batch fills, and the profile's latency at the batch the request would join;
+2. predict each one's latency (`predict_ms`): what runs before its batch can start (the rest
+   of the unit's running batch, the full batches queued ahead of it, and the batches of other
+   units sharing its inference thread: serving/threads.py runs a unit's batches on one thread
+   that several units may share, so a small variant waits behind a large original's batch),
+   the batching delay while a partial batch fills toward the batcher's target, the profile's
+   latency at the batch the request joins, scaled by how much slower than its profile the unit
+   runs now (CPU contention from other processes), and the fixed time a request spends outside
+   the model (transport; from the profile's one-client sweep point);
 3. among the loaded options whose prediction fits the time left, answer with the one that gives
    up the least quality (the original first), the faster one on a tie: a request is degraded
    only as far as its deadline needs, never further;
 4. only when no loaded option fits, an unloaded one whose prediction plus its last measured
    load time fits (a request prefers what is resident);
-5. none fits: the original answers, and the answer says the objective was not reachable.
+5. none fits: the answer says the objective was not reachable, and it comes from the loaded
+   option within the quality budget predicted to answer first (the client said it would
+   give up that much quality for speed, and the original would be the latest of all: under
+   overload, sending the misses to the original made them later still and slowed the
+   variants sharing its thread); the original when no loaded option has a prediction.
 
 Pure: the caller passes `now` and when the request arrived (seconds, monotonic).
 """
@@ -34,10 +44,14 @@ class Option:
     latency_ms_by_batch: tuple[tuple[int, float], ...]  # profile: (batch rows, ms), sorted
     loaded: bool = True
     healthy: bool = True  # breaker closed, not failed
-    queue_wait_ms: float = 0.0  # work queued ahead of a new request (live estimate)
+    running_left_ms: float = 0.0  # what is left of the unit's batch on the runtime now
+    thread_busy_ms: float = 0.0  # other units' batches ahead on the same inference thread
     queued_rows: int = 0  # rows waiting now, which a new request would batch with
     max_batch_size: int = 1  # 0 or 1: no batching
     batch_delay_ms: float = 0.0  # how long a partial batch may wait to fill
+    fill_rows: int = 1  # rows the batcher waits for before it sends a partial batch
+    slowdown: float = 1.0  # live batch time / the profile's at the same rows (> 1: a busy box)
+    overhead_ms: float = 0.0  # per request outside the model (transport), from the profile
     load_ms: float | None = None  # last measured load time (unloaded options only)
 
 
@@ -50,7 +64,7 @@ class Choice:
     met: bool
 
 
-def batch_latency_ms(curve: tuple[tuple[int, float], ...], rows: int) -> float | None:
+def batch_latency_ms(curve: tuple[tuple[int, float], ...], rows: float) -> float | None:
     """The profile's latency for a batch of `rows`: linear between measured sizes, scaled by
     rows/size past the largest (per-row cost then stays constant), None without a profile."""
     if not curve:
@@ -69,17 +83,21 @@ def batch_latency_ms(curve: tuple[tuple[int, float], ...], rows: int) -> float |
 
 
 def predict_ms(option: Option, rows: int) -> float | None:
-    """Queue wait + batching delay + the profile latency of the batch this request joins."""
-    batch = rows
-    delay = 0.0
-    if option.max_batch_size > 1:
-        batch = min(option.queued_rows + rows, option.max_batch_size)
-        # A batch that is not full may wait for more rows (the batcher's delay bound).
-        delay = option.batch_delay_ms if batch < option.max_batch_size else 0.0
+    """Milliseconds until a request of `rows` arriving now is answered by `option`: the work
+    ahead of its batch, the batching delay, its batch's compute, the transport overhead."""
+    size = max(1, option.max_batch_size)
+    full, joined = divmod(option.queued_rows, size)  # full batches leave before it
+    batch = min(joined + rows, size) if option.max_batch_size > 1 else rows
     compute = batch_latency_ms(option.latency_ms_by_batch, batch)
     if compute is None:
         return None
-    total = option.queue_wait_ms + delay + compute
+    ahead = 0.0
+    if full:
+        ahead = full * (batch_latency_ms(option.latency_ms_by_batch, size) or compute)
+    # A partial batch waits (at most the delay bound) while the batcher expects more rows.
+    delay = option.batch_delay_ms if batch < min(option.fill_rows, size) else 0.0
+    work = (ahead + compute) * option.slowdown
+    total = option.running_left_ms + option.thread_busy_ms + delay + work + option.overhead_ms
     if not option.loaded:
         if option.load_ms is None:
             return None  # never loaded here: its load time is unknown
@@ -109,6 +127,20 @@ def choose(
         if fits:
             _, predicted, _, best = min(fits, key=lambda f: f[:3])
             return Choice(best.variant, predicted, True)
+    return _fastest(usable, options, rows)
+
+
+def _fastest(usable: list[Option], options: list[Option], rows: int) -> Choice:
+    """No option fits: the loaded usable one predicted first (least loss on a tie), else the
+    original; met is False either way."""
+    ranked = [
+        (predicted, option.quality_loss, option.variant or "", option)
+        for option in usable
+        if option.loaded and (predicted := predict_ms(option, rows)) is not None
+    ]
+    if ranked:
+        predicted, _, _, best = min(ranked, key=lambda r: r[:3])
+        return Choice(best.variant, predicted, False)
     original = next((o for o in options if o.variant is None), None)
     predicted = predict_ms(original, rows) if original is not None else None
     return Choice(None, predicted, False)

@@ -138,6 +138,12 @@ class GenerationSettings(_Strict):
     `auto` (the default) picks from the CPU's features: bf16+int4 where it has bf16
     arithmetic, else int8. fp32 only when asked. `speculative` drafts tokens for greedy
     requests (see SpeculativeSettings).
+
+    `pipeline_parallel` P x `tensor_parallel` T above 1 split the model over P x T worker
+    processes the server starts (runtimes/llm/parallel/): P stages of consecutive layers, each
+    with its attention heads and MLP columns over T ranks; each process reads only its shard
+    and holds its own KV pool. `step_timeout_s`: a worker not answering a step by then fails
+    the requests in flight (503) and the group restarts.
     """
 
     block_size: int = Field(16, ge=1, le=1024)
@@ -149,6 +155,14 @@ class GenerationSettings(_Strict):
     continuous: bool = True
     weights: Weights = "auto"
     speculative: SpeculativeSettings | None = None
+    pipeline_parallel: int = Field(1, ge=1, le=64)
+    tensor_parallel: int = Field(1, ge=1, le=64)
+    step_timeout_s: float = Field(60.0, gt=0)
+
+    @property
+    def processes(self) -> int:
+        """Worker processes the model is split over (1: in the server process)."""
+        return self.pipeline_parallel * self.tensor_parallel
 
 
 class ModelConfig(_Strict):
@@ -216,6 +230,19 @@ class VariantProfile(BaseModel):
             # Rounded: (1 - 0.99) * 100 is 1.0000000000000009, over a budget of exactly 1.
             return round((1.0 - self.agreement) * 100.0, 9)
         return None
+
+    def latency_curve(self) -> tuple[tuple[int, float], ...]:
+        """(batch rows, ms) from `latency_ms_by_batch`, sorted by rows (else batch 1 alone
+        from latency_ms_batch1; empty when neither was measured)."""
+        by_batch = (self.model_extra or {}).get("latency_ms_by_batch")
+        points: list[tuple[int, float]] = []
+        if isinstance(by_batch, dict):
+            for size, ms in by_batch.items():
+                if str(size).isdigit() and isinstance(ms, int | float) and ms > 0:
+                    points.append((int(size), float(ms)))
+        if not points and self.latency_ms_batch1:
+            points.append((1, float(self.latency_ms_batch1)))
+        return tuple(sorted(points))
 
 
 class VariantInfo(BaseModel):

@@ -37,6 +37,9 @@ class RuntimeOptions:
     # The server's one clock (monotonic seconds), for runtimes that keep deadlines themselves
     # (the generation engine).
     clock: Clock = field(default=time.monotonic, repr=False, compare=False)
+    # The server's memory budget (bytes, 0: unset): a model split over worker processes
+    # checks each process's weights and KV cache against it (runtimes/llm/parallel/).
+    memory_budget_bytes: int = 0
 
 
 class Runtime(ABC):

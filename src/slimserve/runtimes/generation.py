@@ -17,6 +17,7 @@ holding its worker thread forever).
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,8 +29,16 @@ from slimserve.repository.store import Target
 from slimserve.runtimes._common import check_folder, not_loaded
 from slimserve.runtimes.base import Runtime, RuntimeOptions, TextGenerator
 from slimserve.runtimes.llm import SamplingParams, keep_freed_memory
-from slimserve.runtimes.llm.engine import EngineConfig, EngineStats, GenerationEngine
-from slimserve.runtimes.llm.runtime import TextGenerationRuntime
+from slimserve.runtimes.llm.engine import (
+    EngineConfig,
+    EngineStats,
+    GenerationEngine,
+    RemoteModel,
+    usable_cores,
+)
+from slimserve.runtimes.llm.model import LlamaModel
+from slimserve.runtimes.llm.parallel.group import GroupConfig, ModelGroup
+from slimserve.runtimes.llm.runtime import TextCodec, TextGenerationRuntime
 from slimserve.runtimes.llm.speculate import SpeculativeConfig
 from slimserve.runtimes.llm.stream import GenerationStream
 
@@ -42,8 +51,9 @@ class GenerationRuntime(Runtime, TextGenerator):
     def __init__(self, target: Target, options: RuntimeOptions | None = None) -> None:
         super().__init__(target, options)
         self.settings = target.config.generation or GenerationSettings()
-        self.text: TextGenerationRuntime | None = None
+        self.text: TextCodec | None = None
         self.engine: GenerationEngine | None = None
+        self.group: ModelGroup | None = None
 
     def load(self) -> None:
         folder = check_folder(self.target)
@@ -51,21 +61,50 @@ class GenerationRuntime(Runtime, TextGenerator):
         # As the throughput benchmark runs: a 16 x 128-token int8 prefill took 1.81 s with
         # glibc's defaults and 1.29 s with large freed buffers kept (see llm/malloc.py).
         keep_freed_memory()
-        text = TextGenerationRuntime.load(folder, weights=self.settings.weights)
+        text, model = self._load_model(folder)
         spec = self.settings.speculative
         draft = None
         if spec is not None and spec.method == "draft":
             draft = TextGenerationRuntime.load(folder, weights=spec.draft_weights).model
-        engine = GenerationEngine(
-            text.model,
-            text.tokenizer,
-            self._engine_config(),
-            eos_token_ids=text.eos_token_ids,
-            clock=self.options.clock,
-            draft=draft,
-        )
+        try:
+            engine = GenerationEngine(
+                model,
+                text.tokenizer,
+                self._engine_config(),
+                eos_token_ids=text.eos_token_ids,
+                clock=self.options.clock,
+                draft=draft,
+            )
+        except BaseException:
+            self._close_group()
+            raise
         engine.start()
         self.text, self.engine = text, engine
+
+    def _load_model(self, folder: Path) -> tuple[TextCodec, LlamaModel | RemoteModel]:
+        """In this process, or split over the worker processes model.yaml asks for."""
+        s = self.settings
+        if s.processes == 1:
+            text = TextGenerationRuntime.load(folder, weights=s.weights)
+            return text, text.model
+        codec = TextCodec.load_codec(folder)
+        threads = self.options.intra_op_threads or max(1, usable_cores() // s.processes)
+        config = GroupConfig(
+            folder,
+            s.weights,
+            pipeline=s.pipeline_parallel,
+            tensor=s.tensor_parallel,
+            threads=threads,
+            budget_bytes=self.options.memory_budget_bytes,
+            step_timeout_s=s.step_timeout_s,
+        )
+        self.group = ModelGroup(config, codec.config())
+        return codec, self.group
+
+    def _close_group(self) -> None:
+        group, self.group = self.group, None
+        if group is not None:
+            group.close()
 
     def _engine_config(self) -> EngineConfig:
         # model.yaml's generation settings under the engine's own names (block_size, ...).
@@ -105,7 +144,7 @@ class GenerationRuntime(Runtime, TextGenerator):
 
     # -- TextGenerator: what the serving layer uses ------------------------------------------
 
-    def _loaded(self) -> tuple[TextGenerationRuntime, GenerationEngine]:
+    def _loaded(self) -> tuple[TextCodec, GenerationEngine]:
         text, engine = self.text, self.engine
         if text is None or engine is None:
             raise not_loaded(self.target)
@@ -143,6 +182,7 @@ class GenerationRuntime(Runtime, TextGenerator):
         engine, self.engine, self.text = self.engine, None, None
         if engine is not None:
             engine.close()
+        self._close_group()
 
     def memory_bytes(self) -> int:
         """Weights plus the KV pool (allocated whole at load), a draft model's included."""

@@ -117,6 +117,9 @@ class Batcher:
         self._on_batch = on_batch  # (rows, each request's queue seconds), for metrics
         self.queued_rows = 0
         self.running_rows = 0
+        # When the running batch started on its inference thread (ns; None: not yet, it waits
+        # behind other units' batches on that thread, serving/threads.py).
+        self.running_started_ns: int | None = None
         self._peak_rows, self._peak_ns = 0, 0  # most rows queued + running, and when seen
         self._arrival: asyncio.Future[bool] | None = None  # resolved by the next submit
         self._queue: deque[_Item] = deque()
@@ -179,6 +182,15 @@ class Batcher:
         rows = self.queued_rows + self.running_rows
         if rows >= self._peak_rows or now_ns - self._peak_ns > _PEAK_WINDOW_NS:
             self._peak_rows, self._peak_ns = rows, now_ns
+
+    def running_for_s(self) -> float | None:
+        """Seconds the running batch has been computing (None: no batch has started)."""
+        started = self.running_started_ns
+        return None if started is None else (self._now_ns() - started) / 1e9
+
+    def fill_rows(self) -> int:
+        """Rows a partial batch waits for now (at most max_delay_s): see the module doc."""
+        return self._target_rows(self._now_ns()) if self.max_batch_size else 1
 
     def _target_rows(self, now_ns: int) -> int:
         """Rows worth waiting for: the recent peak in the batcher, at most max_batch_size."""
@@ -292,18 +304,27 @@ class Batcher:
         self._queue = kept
         return batch
 
+    def _timed_infer(self, inputs: Arrays) -> Arrays:
+        """On the inference thread: note when the batch really starts (after the thread's
+        other units' batches), so compute time excludes the wait for the thread."""
+        self.running_started_ns = self._now_ns()
+        return self._infer(inputs)
+
     async def _execute(self, batch: list[_Item]) -> None:
         start_ns = self._now_ns()
         inputs = _concat(batch) if self.max_batch_size else batch[0].inputs
         loop = asyncio.get_running_loop()
         self.running_rows = sum(item.rows for item in batch)
         try:
-            outputs = await loop.run_in_executor(self._executor, self._infer, inputs)
+            outputs = await loop.run_in_executor(self._executor, self._timed_infer, inputs)
         except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests only
             self._fail(batch, exc, start_ns)
             return
         finally:
             self.running_rows = 0
+            if self.running_started_ns is not None:
+                start_ns = max(start_ns, self.running_started_ns)
+            self.running_started_ns = None
         end_ns = self._now_ns()
         self._deliver(batch, outputs, start_ns, end_ns)
 

@@ -233,10 +233,13 @@ class Engine:
         choice = None
         if controls.latency_slo_ms is not None and asked.target.variant is None:
             # The objective picks the unit (serving/slo.py); pressure does not move it again.
+            resident = self.models.resident_units()
             asked, choice = slo.choose_unit(
-                entry, asked, controls, rows, self.admission.healthy, arrived, now
+                entry, asked, controls, rows, self.admission.healthy, resident, (arrived, now)
             )
             allow = False
+        elif controls.latency_slo_ms is not None:
+            allow = False  # a named variant answers, as named (README: latency objectives)
         unit = self.admission.route(entry, asked, allow, now, rows)
         self.admission.check_load(unit, None if deadline is None else deadline - now)
         cache = self.caches.for_model(unit.target.model, unit.target.config.cache)
@@ -258,7 +261,7 @@ class Engine:
         )
         if unit is not asked:
             response.parameters["degraded"] = True
-        if choice is not None:
+        if controls.latency_slo_ms is not None:
             response.parameters.update(slo.response_parameters(choice))
         return response
 
@@ -349,6 +352,7 @@ class Engine:
         fill_max_tokens: bool = False,
         deadline_s: float | None = None,
         client: str | None = None,
+        controls: RequestControls = NO_CONTROLS,
     ) -> TextStream:
         """Submit a prompt (text, token ids or chat messages) to a text-generation model; the
         returned stream yields TokenEvents and releases the model when it ends.
@@ -356,6 +360,7 @@ class Engine:
         `fill_max_tokens`: ignore params.max_tokens and allow up to the context's end (at
         most llm.DEFAULT_CHAT_MAX_TOKENS), as the chat API does when max_tokens is not given.
         Refusals (rate limits, a full queue, a prompt too long) raise before any event.
+        `controls` may carry a latency objective for the whole completion (serving/slo.py).
         """
         try:
             asked = llm.find_unit(self.models, model, llm.TEXT_GENERATION)
@@ -365,9 +370,21 @@ class Engine:
                 deadline_s = limit if deadline_s is None else min(deadline_s, limit)
             now = self._clock()
             self.admission.check_rate(client, asked.target.model, config, now)
-            # As v2 requests: the breaker, and a cheaper variant under pressure where allowed.
+            # As v2 requests: the breaker, and a cheaper variant under pressure where allowed;
+            # a latency objective picks the unit itself (and pressure does not move it).
             entry = self.models.entry(asked.target.model)
-            unit = self.admission.route(entry, asked, config.degrade.allow, now)
+            allow, objective = config.degrade.allow, None
+            if controls.latency_slo_ms is not None:
+                allow = False
+                if asked.target.variant is None:
+                    tokens = llm.DEFAULT_CHAT_MAX_TOKENS if fill_max_tokens else params.max_tokens
+                    asked, choice = slo.choose_llm_unit(
+                        entry, asked, controls, tokens + 1, self.admission.healthy, (now, now)
+                    )
+                    objective = slo.response_parameters(choice)
+                else:
+                    objective = slo.response_parameters(None)
+            unit = self.admission.route(entry, asked, allow, now)
             self.admission.check_load(unit, deadline_s)
             unit = await self._acquire(unit)
         except SlimserveError as exc:  # refused before any event: counted like a failed infer
@@ -393,7 +410,7 @@ class Engine:
             elapsed = self._done(unit, outcome, started)
             self.metrics.observe_request(target.model, variant, outcome, elapsed)
 
-        served = llm.Served(variant or None, degraded=unit is not asked)
+        served = llm.Served(variant or None, degraded=unit is not asked, objective=objective)
         return TextStream(stream, generator, len(ids), meter, on_end, served)
 
     async def cached_reply(

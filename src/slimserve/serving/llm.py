@@ -106,6 +106,9 @@ class Served:
 
     variant: str | None = None
     degraded: bool = False
+    # A per-request objective's outcome (serving/slo.py response_parameters); None: no
+    # objective, or a variant was named explicitly.
+    objective: dict[str, Any] | None = None
 
 
 class TextStream:

@@ -240,12 +240,17 @@ class ModelManager:
                 unit.loading = None
 
     async def _load_unit(self, unit: Unit, evict: bool) -> None:
-        estimate = max(folder_bytes(unit.target), 1)
+        # A model split over P x T worker processes: each process holds about 1/(P x T).
+        generation = unit.target.config.generation
+        processes = generation.processes if generation is not None else 1
+        estimate = max(folder_bytes(unit.target) // processes, 1)
         if estimate > self.budget_bytes:  # can never succeed: 503 without Retry-After
+            per = " per process" if processes > 1 else ""
             raise Unavailable(
-                f"{unit.target.key} needs about {estimate / MiB:.1f} MiB but the memory budget "
-                f"is {self.budget_bytes / MiB:.1f} MiB; raise --memory-budget-bytes or serve "
-                "a smaller variant"
+                f"{unit.target.key} needs about {estimate / MiB:.1f} MiB{per} but the memory "
+                f"budget is {self.budget_bytes / MiB:.1f} MiB; raise --memory-budget-bytes, "
+                "serve a smaller variant, or split it (model.yaml generation: "
+                "pipeline_parallel: 2)"
             )
         async with self._room:
             await self._make_room(estimate, evict)

@@ -103,7 +103,7 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", -1),  # answers are as large as the model makes them
         # One process: refuse a port another server holds (it would steal half the calls).
         # Several workers (--workers): they share the port on purpose.
-        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+        ("grpc.so_reuseport", 1 if settings.shares_ports() else 0),
         # Limits (see SECURITY.md): metadata size, a deadline on the TLS and HTTP/2
         # handshake, idle connections closed (clients reconnect by themselves), and keepalive
         # pings every 60 s that drop a peer silent for 20 s more.

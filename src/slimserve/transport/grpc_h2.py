@@ -374,7 +374,7 @@ class NativeGrpcServer:
                 s.grpc_port,
                 ssl=tls,
                 ssl_handshake_timeout=s.header_timeout_s if tls is not None else None,
-                reuse_port=s.workers > 1 or None,
+                reuse_port=s.shares_ports() or None,
                 backlog=2048,
             )
         except OSError as exc:

@@ -13,6 +13,12 @@ could so hold a connection, and its memory, forever (slowloris). This protocol a
 
 A request over a deadline gets 408, one over the header cap 431, both with a JSON
 {"error": ...} naming the flag that raises the limit, and the connection is closed.
+
+A graceful stop (SIGTERM, a `--workers` reload) drains instead of cutting: uvicorn closes an
+idle keep-alive connection at once, and a request its client had just sent (still unread in
+the socket, or on the wire) then fails with a reset. Here an idle connection stays open for
+its client's next request, which is answered with `Connection: close`; one that stays quiet
+for `drain_idle_s` is closed then, as an idle timeout would.
 Inference itself is never timed here: both deadlines end when the request is fully received.
 Responses leave in one send: `CoalescingTransport` holds a head until its body is written.
 """
@@ -40,6 +46,9 @@ class ConnectionLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     max_header_bytes: int = 32 * 1024
+    # How long a connection idle at a graceful stop may stay open for its next request: a
+    # client in a request loop sends within milliseconds; a quiet one sees a normal idle close.
+    drain_idle_s: float = 2.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
@@ -69,6 +78,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._in_headers = True  # reading a request line and headers (or waiting for one)
         self._header_bytes = 0  # bytes received while in headers, this request
         self._begun = 0  # requests begun on this connection
+        self._draining = False  # the server is stopping: answer with Connection: close
+        self._head_begun = False  # a request line has arrived, its headers not all yet
 
     # -- connection ------------------------------------------------------------------------
 
@@ -82,6 +93,30 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """A graceful stop (the server no longer accepts): the request in flight, or the
+        next one on an idle connection, is the last, answered with `Connection: close`. A
+        response already on its way stays keep-alive (its head is out): closing right after
+        it would race the client's next request, so that request is the last instead."""
+        self._draining = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if not cycle.response_started:
+                cycle.keep_alive = False
+            return  # on_response_complete arms the drain timer if the connection stays
+        if not self._head_begun:  # else a request is arriving: on_headers_complete marks it
+            self._arm_drain()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._draining and self.timeout_keep_alive_task is not None:
+            self._arm_drain()  # kept alive while draining: wait drain_idle_s, not keep-alive
+
+    def _arm_drain(self) -> None:
+        self._unset_keepalive_if_required()
+        idle_s = min(self.timeout_keep_alive, self.limits.drain_idle_s)
+        self.timeout_keep_alive_task = self.loop.call_later(idle_s, self.timeout_keep_alive_handler)
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
@@ -114,7 +149,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._begun += 1
-        self._in_headers = True
+        self._head_begun = self._in_headers = True
         self._header_bytes = 0
         if self._deadline is None:  # a later request on a kept-alive connection
             self._arm(self.limits.header_timeout_s)
@@ -123,9 +158,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
         if size > self.limits.max_header_bytes:
             raise _Refused(431, self._header_message(size))
-        self._in_headers = False
+        self._head_begun = self._in_headers = False
         self._arm(self.limits.body_timeout_s)
         super().on_headers_complete()
+        if self._draining:
+            self.cycle.keep_alive = False  # the last request: its response says close
 
     def on_message_complete(self) -> None:
         self._disarm()

@@ -53,6 +53,7 @@ from slimserve.transport.http import STATUS
 from slimserve.transport.openai_models import models_reply
 from slimserve.transport.openai_replies import Chat, Completion, Reply
 from slimserve.transport.openai_requests import BadRequest
+from slimserve.types import RequestControls
 
 log = logging.getLogger("slimserve.openai")
 
@@ -95,14 +96,31 @@ class Answer:
 
 
 def _served_headers(streams: list[TextStream]) -> list[tuple[bytes, bytes]]:
-    """Which variant answered, and whether instead of the one asked for (x-slimserve-*)."""
+    """Which variant answered, and whether instead of the one asked for (x-slimserve-*);
+    with a latency objective, whether it was reachable (streams have no body to say it in)."""
     served = streams[0].served if streams else None
-    if served is None or served.variant is None:
+    if served is None:
         return []
-    headers = [(b"x-slimserve-variant", served.variant.encode())]
+    headers = []
+    if served.variant is not None:
+        headers.append((b"x-slimserve-variant", served.variant.encode()))
     if any(s.served.degraded for s in streams):
         headers.append((b"x-slimserve-degraded", b"true"))
+    objective = served.objective or {}
+    if "slo_reachable" in objective:
+        headers.append(
+            (b"x-slimserve-slo-reachable", b"true" if objective["slo_reachable"] else b"false")
+        )
+    elif objective:
+        headers.append((b"x-slimserve-slo-considered", b"false"))
     return headers
+
+
+def _objective(body: dict[str, Any]) -> RequestControls:
+    """The extension fields latency_slo_ms and max_quality_loss, parsed as the v2 parameters
+    of the same names (a bad value is a 400 naming the field and the fix)."""
+    fields = {k: body[k] for k in (LATENCY_SLO_MS, MAX_QUALITY_LOSS) if body.get(k) is not None}
+    return take_controls(fields)[1]
 
 
 class _RouteError(Exception):
@@ -177,11 +195,7 @@ class OpenAIApp:
             )
         if body.get("dimensions") is not None:
             raise BadRequest("dimensions is not supported; leave it out", "dimensions")
-        # Extension fields: a per-request objective, as the v2 parameters of the same names.
-        _, controls = take_controls(
-            {k: body[k] for k in (LATENCY_SLO_MS, MAX_QUALITY_LOSS) if body.get(k) is not None}
-        )
-        answer = await self.engine.embed(model, texts, client, controls)
+        answer = await self.engine.embed(model, texts, client, _objective(body))
         (vectors,) = (np.ascontiguousarray(v, "<f4") for v in answer.outputs.values())
         tokens = self.engine.count_tokens(model, texts)
         data = [
@@ -212,8 +226,10 @@ class OpenAIApp:
         self._check_sizes(prompts, "prompt")
         reply = Completion(model, params.n, stream_opts is not None and stream_opts)
 
+        controls = _objective(body)
+
         def submit() -> Awaitable[list[TextStream]]:
-            return self._submit_all(model, params, client, prompts, req.timeout(body))
+            return self._submit_all(model, params, client, prompts, (req.timeout(body), controls))
 
         await self._respond(Answer(body, model, params, stream_opts is not None), submit, reply, io)
 
@@ -230,6 +246,7 @@ class OpenAIApp:
         messages = structured.with_tools(messages, plan)
         unset = body.get("max_completion_tokens") is None and body.get("max_tokens") is None
         reply = Chat(model, params.n, stream_opts is not None and stream_opts, plan)
+        controls = _objective(body)
 
         async def submit() -> list[TextStream]:
             stream = await self.engine.generate(
@@ -239,6 +256,7 @@ class OpenAIApp:
                 fill_max_tokens=unset,
                 deadline_s=req.timeout(body),
                 client=client,
+                controls=controls,
             )
             return [stream]
 
@@ -263,6 +281,9 @@ class OpenAIApp:
         async def compute() -> tuple[bytes, bool]:
             streams = await submit()
             doc = await reply.collect(streams)
+            objective = streams[0].served.objective if streams else None
+            if objective is not None:  # as on /v1/embeddings: which unit, and could it
+                doc["slimserve"] = objective
             headers.extend(_served_headers(streams))
             return orjson.dumps(doc), not any(s.served.degraded for s in streams)
 
@@ -288,15 +309,22 @@ class OpenAIApp:
         params: SamplingParams,
         client: str | None,
         prompts: list[Any],
-        deadline_s: float | None,
+        limits: tuple[float | None, RequestControls],
     ) -> list[TextStream]:
-        """One engine request per prompt; if one is refused, the others are cancelled."""
+        """One engine request per prompt (`limits`: its deadline and objective); if one is
+        refused, the others are cancelled."""
+        deadline_s, controls = limits
         streams: list[TextStream] = []
         try:
             for prompt in prompts:
                 streams.append(
                     await self.engine.generate(
-                        model, params, prompt=prompt, deadline_s=deadline_s, client=client
+                        model,
+                        params,
+                        prompt=prompt,
+                        deadline_s=deadline_s,
+                        client=client,
+                        controls=controls,
                     )
                 )
         except BaseException:

@@ -21,6 +21,8 @@ _SAMPLING = (
     *("model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop"),
     *("seed", "presence_penalty", "frequency_penalty", "logprobs", "user", "timeout"),
     *("ignore_eos", "top_k", "min_p", "repetition_penalty", "response_format", "logit_bias"),
+    # The per-request objective extension (as the v2 parameters of the same names).
+    *("latency_slo_ms", "max_quality_loss"),
 )
 # Every field each route reads; any other is refused (a typo must not pass silently).
 FIELDS = {
@@ -33,7 +35,6 @@ FIELDS = {
             *("store", "metadata", "service_tier", "modalities"),
         )
     ),
-    # latency_slo_ms, max_quality_loss: the per-request objective extension (as v2 parameters)
     "embeddings": frozenset(
         (
             *("model", "input", "encoding_format", "dimensions", "user"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,12 +18,26 @@ CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = minilm_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    model = tiny_llama(tokenizer).eval()
+    save_sharpened(folder, tiny_llama(tokenizer).eval(), tokenizer)
+    return folder
+
+
+def save_random_llama(folder: Path, config: Any, tokenizer: Any, seed: int) -> None:
+    """A LlamaForCausalLM of `config` with N(0, 0.2) matrices, saved with the tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    save_sharpened(folder, LlamaForCausalLM(config).eval(), tokenizer)
+
+
+def save_sharpened(folder: Path, model: Any, tokenizer: Any) -> None:
+    """Save `model` with its matrices redrawn from N(0, 0.2), and `tokenizer`, in `folder`."""
+    import torch
+
     # Larger random weights than the default init, so logits are far from ties and greedy
     # tokens vary from step to step (a sharper test of the paged attention).
     with torch.no_grad():
@@ -31,7 +46,6 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 parameter.normal_(0.0, 0.2)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ forward, sample, emit, free the finished. Events cross to the caller's loop with
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -27,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -36,8 +37,9 @@ from slimserve.runtimes.llm.blocks import BlockAllocator, block_keys
 from slimserve.runtimes.llm.decode import forward_step, supported
 from slimserve.runtimes.llm.grammar import Grammars
 from slimserve.runtimes.llm.model import (
+    Batch,
     LlamaModel,
-    forward,
+    LlamaShape,
     kv_bytes_per_token,
     new_kv_pool,
 )
@@ -101,6 +103,21 @@ class EngineStats:
     accepted_tokens: int
 
 
+class RemoteModel(Protocol):
+    """A model whose forward runs elsewhere and holds its own KV pools (model-parallel worker
+    processes: parallel/group.py). The engine's block tables index its pools as its own; a
+    forward that raises Unavailable means that KV state is lost (see `_lose_kv`)."""
+
+    shape: LlamaShape  # the whole model's
+
+    def allocate(self, num_blocks: int, block_size: int) -> None: ...
+    def forward(self, batch: Batch, all_logits: bool = False) -> torch.Tensor: ...
+    def nbytes(self) -> int: ...
+    def healthy(self) -> bool: ...
+    def dead_reason(self) -> str: ...
+    def restart(self, reason: str) -> None: ...
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity: a container's or taskset's
     limit), not the machine's count."""
@@ -115,7 +132,7 @@ class GenerationEngine:
 
     def __init__(
         self,
-        model: LlamaModel,
+        model: LlamaModel | RemoteModel,
         tokenizer: Any = None,
         config: EngineConfig | None = None,
         eos_token_ids: Sequence[int] = (),
@@ -125,13 +142,26 @@ class GenerationEngine:
         """`draft`: the model proposing tokens for `speculative` method `draft` (same
         tokenizer; usually a quantized variant of `model`)."""
         self.model, self.tokenizer = model, tokenizer
-        self._fast = supported(model)  # decode steps through decode.py's lean path
         self.config = config or EngineConfig()
         self.eos = frozenset(eos_token_ids)
         self.clock = clock
         num_blocks = self.config.kv_cache_bytes // self.block_bytes()
         self.blocks = BlockAllocator(num_blocks, self.config.block_size, self.config.prefix_caching)
-        self.pool = new_kv_pool(model.shape, num_blocks, self.config.block_size)
+        self.pool: torch.Tensor | None = None
+        self._remote: RemoteModel | None = None
+        self._forward: Callable[[Batch, bool], torch.Tensor]
+        if isinstance(model, LlamaModel):
+            self.pool = new_kv_pool(model.shape, num_blocks, self.config.block_size)
+            # decode steps through decode.py's lean path where the model's family allows
+            self._forward = functools.partial(forward_step, model, self.pool, fast=supported(model))
+        else:
+            if self.config.speculative is not None:
+                raise InvalidArgument(
+                    "speculative decoding does not run on a model-parallel group yet; drop "
+                    "`speculative` or set pipeline_parallel and tensor_parallel to 1"
+                )
+            model.allocate(num_blocks, self.config.block_size)
+            self._forward, self._remote = model.forward, model
         pool_tokens = self.blocks.capacity * self.config.block_size
         self.max_context = min(model.shape.max_positions, pool_tokens)
         self._limits = Limits(self.config.max_seqs, self.config.max_prefill_tokens)
@@ -165,8 +195,11 @@ class GenerationEngine:
         return Speculator(spec, self.blocks, self.max_context, drafter)
 
     def nbytes(self) -> int:
-        """Weights and KV pool, and a draft model's."""
-        total = self.model.nbytes() + self.pool.numel() * self.pool.element_size()
+        """Weights and KV pool, and a draft model's (a model-parallel group: its largest
+        process's weights and KV pool)."""
+        total = self.model.nbytes()
+        if self.pool is not None:
+            total += self.pool.numel() * self.pool.element_size()
         spec = self._speculator
         return total + (spec.draft.nbytes() if spec is not None and spec.draft else 0)
 
@@ -268,6 +301,10 @@ class GenerationEngine:
     def step(self) -> None:
         """One iteration: schedule, preempt, prefill, decode, emit, free."""
         self._counts["iterations"] += 1
+        if self._remote is not None and not self._remote.healthy():
+            reason = self._remote.dead_reason()  # a worker died between steps
+            self._lose_kv(Unavailable(f"a model-parallel worker failed ({reason}); retry"))
+            self._remote.restart(reason)
         decision = schedule(
             self._state,
             self._waiting_view(),
@@ -284,7 +321,8 @@ class GenerationEngine:
             self._allocate_prompt(seq)
         self._run_batch(admitted, self.prefill)
         self._running += admitted
-        self._run_batch(decoding, self.decode_step)
+        # A lost model-parallel group fails every running sequence (_lose_kv).
+        self._run_batch([s for s in decoding if s.finish_reason is None], self.decode_step)
         self._running = [seq for seq in self._running if seq.finish_reason is None]
 
     def _waiting_view(self) -> list[WaitingSeq]:
@@ -339,6 +377,17 @@ class GenerationEngine:
             for seq in seqs:
                 self.blocks.unregister(seq.table)  # their K/V may be half written
                 self._fail(seq.request, error)
+            if self._remote is not None and isinstance(error, Unavailable):
+                self._lose_kv(error)
+
+    def _lose_kv(self, error: Unavailable) -> None:
+        """The remote model's KV pools are gone (its processes restart empty): fail every
+        sequence holding blocks and forget the prefix cache. Waiting ones hold none: kept."""
+        for request in {seq.request for seq in self._running}:
+            self._fail(request, error)
+        self.blocks = BlockAllocator(
+            self.blocks.num_blocks, self.config.block_size, self.config.prefix_caching
+        )
 
     def prefill(self, seqs: list[Seq]) -> None:
         """Compute the K/V of the admitted sequences' uncached tokens; sample the next token."""
@@ -359,7 +408,7 @@ class GenerationEngine:
         """One forward over each row's new token and its drafts; each row keeps the tokens
         speculate.accept says (plain rows: their one sampled token)."""
         rows = [Row(s.tokens + drafts.get(s.seq_id, []), s.computed, s.table) for s in seqs]
-        logits = forward(self.model, self.pool, make_batch(rows, self.config.block_size), True)
+        logits = self._forward(make_batch(rows, self.config.block_size), True)
         first = [len(s.tokens) - s.computed - 1 for s in seqs]  # the new token's offset
         tokens, logprobs = sample(logits[torch.arange(len(seqs)), first], seqs)
         greedy = logits.argmax(dim=-1).tolist()  # (B, T)
@@ -379,8 +428,7 @@ class GenerationEngine:
                 self._speculator.settle(seq, len(draft), len(kept) - 1)
 
     def _forward_and_sample(self, seqs: list[Seq]) -> None:
-        batch = make_batch(seqs, self.config.block_size)
-        logits = forward_step(self.model, self.pool, batch, self._fast)
+        logits = self._forward(make_batch(seqs, self.config.block_size), False)
         tokens, logprobs = sample(logits, seqs)
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             seq.computed = len(seq.tokens)

@@ -246,7 +246,7 @@ def build_model(
     head = state.get("lm_head.weight", embed)  # tied embeddings: no separate head
     windows = layer_windows(config.to_dict())
     layers = [
-        _layer(get, f"model.layers.{i}.", make_linear, family, windows[i])
+        build_layer(get, f"model.layers.{i}.", make_linear, family, windows[i])
         for i in range(shape.layers)
     ]
     rope = rope_tables(shape)
@@ -269,7 +269,7 @@ def _getter(state: dict[str, torch.Tensor], config: Any) -> Callable[[str], torc
     return get
 
 
-def _layer(
+def build_layer(
     get: Callable[[str], torch.Tensor],
     prefix: str,
     make_linear: MakeLinear,
@@ -338,10 +338,25 @@ def forward(
     all_logits: bool = False,
 ) -> torch.Tensor:
     """Logits (B, V) of each row's last token, or (B, T, V) with `all_logits`."""
-    shape = model.shape
+    x = run_layers(model, pool, batch, embed(model, batch))
+    return head(model, x, batch, all_logits)
+
+
+def embed(model: LlamaModel, batch: Batch) -> torch.Tensor:
+    """The residual stream (B, T, D) fp32 entering the first layer."""
     x = model.embed[batch.tokens]  # (B, T, D)
-    if shape.embed_scale != 1.0:
-        x = x * shape.embed_scale
+    if model.shape.embed_scale != 1.0:
+        x = x * model.shape.embed_scale
+    return x
+
+
+@torch.inference_mode()
+def run_layers(
+    model: LlamaModel, pool: torch.Tensor, batch: Batch, x: torch.Tensor
+) -> torch.Tensor:
+    """`model.layers` over the residual stream x (B, T, D); `pool` holds their K/V, in order
+    (a pipeline stage's model holds its own layers and pool only: parallel/)."""
+    shape = model.shape
     dtype = shape.dtype
     rope = _rope_at(model.rope, batch.positions, dtype)  # cos, sin (B, T, 1, hd)
     local = None if model.local_rope is None else _rope_at(model.local_rope, batch.positions, dtype)
@@ -357,9 +372,15 @@ def forward(
         gate, up = layer.gate_up(h).chunk(2, dim=-1)
         h = layer.down(activation(gate).mul_(up))
         x = x + _post_norm(h, layer.post_mlp_norm, shape.eps)
+    return x
+
+
+def head(model: LlamaModel, x: torch.Tensor, batch: Batch, all_logits: bool) -> torch.Tensor:
+    """Logits from the last layer's residual stream (see `forward`)."""
+    shape = model.shape
     if not all_logits:
         x = x[torch.arange(x.shape[0]), batch.last]  # (B, D): only the logits we sample from
-    logits = model.lm_head(rms_norm(x, model.norm, shape.eps, dtype)).float()
+    logits = model.lm_head(rms_norm(x, model.norm, shape.eps, shape.dtype)).float()
     if shape.logit_softcap is not None:  # Gemma-2: c * tanh(logits / c)
         logits = torch.tanh(logits / shape.logit_softcap).mul_(shape.logit_softcap)
     return logits

@@ -32,13 +32,54 @@ WEIGHTS = ("auto", "fp32", "bf16", "bf16+int4", "int8", "int8-weight-only")
 
 
 @dataclass
-class TextGenerationRuntime:
-    """A tokenizer (with its chat template) and our Llama forward, from one folder."""
+class TextCodec:
+    """A model folder's tokenizer (with its chat template) and end-of-sequence ids: what
+    serving needs of a model whose weights live elsewhere (model-parallel workers)."""
 
     folder: Path
-    model: LlamaModel
     tokenizer: Any
     eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def load_codec(cls, folder: str | Path) -> TextCodec:
+        from transformers import AutoConfig, AutoTokenizer
+
+        path = _check_folder(Path(folder))
+        config = AutoConfig.from_pretrained(path, **_SAFE_LOAD)
+        tokenizer = AutoTokenizer.from_pretrained(path, **_SAFE_LOAD)
+        return cls(path, tokenizer, _eos_ids(config, tokenizer))
+
+    def config(self) -> Any:
+        """The folder's transformers config."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.folder, **_SAFE_LOAD)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a completion prompt (with the tokenizer's usual special tokens)."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a chat, rendered by the tokenizer's chat template, ready to answer."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidArgument(
+                f"{self.folder}: the tokenizer has no chat template; use completions, or add "
+                "a chat_template to tokenizer_config.json"
+            )
+        ids = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        return list(ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+@dataclass
+class TextGenerationRuntime(TextCodec):
+    """A tokenizer (with its chat template) and our Llama forward, from one folder."""
+
+    model: LlamaModel
 
     @classmethod
     def load(
@@ -61,26 +102,7 @@ class TextGenerationRuntime:
         config = AutoConfig.from_pretrained(path, **_SAFE_LOAD)
         tokenizer = AutoTokenizer.from_pretrained(path, **_SAFE_LOAD)
         model = _build(config, path, weights, int4_compute)
-        return cls(path, model, tokenizer, _eos_ids(config, tokenizer))
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a completion prompt (with the tokenizer's usual special tokens)."""
-        return list(self.tokenizer(text)["input_ids"])
-
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of a chat, rendered by the tokenizer's chat template, ready to answer."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidArgument(
-                f"{self.folder}: the tokenizer has no chat template; use completions, or add "
-                "a chat_template to tokenizer_config.json"
-            )
-        ids = self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"]
-        return list(ids)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+        return cls(path, tokenizer, _eos_ids(config, tokenizer), model)
 
     def memory_bytes(self) -> int:
         return self.model.nbytes()
@@ -109,7 +131,7 @@ def _build(config: Any, path: Path, weights: str, int4_compute: str | None) -> L
     meta = read_format(path)
     if meta is not None:
         return build_quantized(config, _read_weights(path), meta, int4_compute)
-    return build_model(config, _read_weights(path), _linear_maker(weights), compute_dtype(weights))
+    return build_model(config, _read_weights(path), linear_maker(weights), compute_dtype(weights))
 
 
 def _read_weights(folder: Path) -> dict[str, Any]:
@@ -121,9 +143,9 @@ def _read_weights(folder: Path) -> dict[str, Any]:
     return state
 
 
-def _linear_maker(weights: str) -> MakeLinear:
+def linear_maker(weights: str) -> MakeLinear:
     if weights == "auto":  # chosen from the CPU's features (model.auto_weights)
-        return _linear_maker(auto_weights())
+        return linear_maker(auto_weights())
     if weights == "bf16+int4":
         from slimserve.runtimes.llm.int4mm import dual_linear
 

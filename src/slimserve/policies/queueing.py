@@ -1,0 +1,155 @@
+"""Latency of a unit under open-loop (Poisson) arrivals, from its measured profile.
+
+`slimserve profile` measures a closed loop: N clients, each waiting for its answer before it
+sends again, so the server never sees more than N requests and never a burst. Traffic at a
+rate of lambda requests/s from many users is an open loop: arrivals do not wait for answers,
+and Poisson bursts queue up. A sweep point's p99 at the throughput equal to lambda is
+therefore not the p99 at rate lambda (the previous plan read it off that way and was 5x off
+under bursts). Here the server is modelled as one queue whose "customer" is a batch:
+
+- a lone request takes the one-client sweep point's latency (p50 and p99, end to end: client,
+  transport, model at batch 1);
+- the bottleneck is busy `T(b) = S(b) + h * b` ms for a batch of b rows: S(b) the runtime's
+  batch latency (the profile's in-process `latency_ms_by_batch`), h a serial per-request cost
+  outside the model (the event loop, encoding, the load generator on the same cores),
+  calibrated so that the busiest sweep point's throughput is what the model says it sustains;
+- at rate lambda the dynamic batcher forms batches of the rows that arrive while one batch
+  runs: b = lambda * T(b), at least 1, at most max_batch_size (a fixed point: "the batch size
+  the rate implies"); utilization rho = lambda * T(b) / b;
+- the wait before a request's batch starts: with batching, the batcher takes everything queued
+  into its next batch, so a request waits at most the rest of the running batch (busy with
+  probability rho, at a uniform point of it): p99 = T(b) * (1 - 0.01 / rho). Without
+  batching, one request at a time: an M/G/1 queue, mean wait by Kingman's approximation with
+  Poisson arrivals (ca^2 = 1; exact for M/G/1, Pollaczek-Khinchine), E[W] = rho / (1 - rho) *
+  (1 + cs^2) / 2 * T(1), cs^2 from the lone request's spread (p99 - p50 = 2.33 sigma), and an
+  exponential tail P(W > t) ~ rho * exp(-t rho / E[W]): p99 = E[W] / rho * ln(100 rho);
+- a request's p99: the lone request's median, plus its larger batch's extra time, plus the
+  wait's p99 and the lone request's spread combined as independent spreads (root of the sum
+  of squares: within a few percent of the exact p99 of a sum of two exponentials).
+
+Pure; units: milliseconds and requests per second.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from slimserve.policies.slo import batch_latency_ms
+
+Curve = tuple[tuple[int, float], ...]
+_Z99 = 2.326  # standard normal 99th percentile: p99 - p50 = 2.326 sigma for a normal spread
+
+
+@dataclass(frozen=True, slots=True)
+class SweepPoint:
+    """One closed-loop point of `slimserve profile` (at the batching the server will use)."""
+
+    concurrency: int
+    throughput_rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceModel:
+    """One unit, one batching configuration, calibrated on its profile."""
+
+    batch_ms: Curve  # S(b): the runtime's latency per batch size (in-process medians)
+    max_batch_size: int  # 0 or 1: no batching
+    lone_p50_ms: float  # a lone request, end to end (the sweep's one-client point)
+    lone_p99_ms: float
+    per_request_ms: float  # h: serial cost per request outside the model (calibrated)
+
+    def busy_ms(self, rows: float) -> float:
+        """T(b): how long the bottleneck is busy with a batch of `rows`."""
+        compute = batch_latency_ms(self.batch_ms, rows) or 0.0
+        return compute + self.per_request_ms * rows
+
+    @property
+    def largest_batch(self) -> int:
+        return max(1, self.max_batch_size)
+
+    @property
+    def saturation_rps(self) -> float:
+        """The most requests/s the unit sustains (full batches back to back)."""
+        size = self.largest_batch
+        return size * 1000.0 / self.busy_ms(size)
+
+    @property
+    def scv(self) -> float:
+        """cs^2 of the service time, from the lone request's spread, within [0, 1]."""
+        sigma = max(0.0, self.lone_p99_ms - self.lone_p50_ms) / _Z99
+        return min(1.0, (sigma / self.lone_p50_ms) ** 2) if self.lone_p50_ms > 0 else 1.0
+
+
+def calibrate(points: list[SweepPoint], batch_ms: Curve, max_batch_size: int) -> ServiceModel:
+    """The service model of a unit from its sweep (one batching configuration) and its batch
+    latency curve: the lone request from the lowest-concurrency point, h from the busiest."""
+    if not points or not batch_ms:
+        raise ValueError("a sweep and a batch latency curve are needed")
+    lone = min(points, key=lambda p: (p.concurrency, p.p50_ms))
+    busiest = max(points, key=lambda p: p.throughput_rps)
+    rows = min(busiest.concurrency, max(1, max_batch_size))
+    per_row = (batch_latency_ms(batch_ms, rows) or 0.0) / rows
+    h = max(0.0, 1000.0 / busiest.throughput_rps - per_row)
+    return ServiceModel(batch_ms, max_batch_size, lone.p50_ms, lone.p99_ms, h)
+
+
+def batch_rows(model: ServiceModel, rate_rps: float) -> float:
+    """The batch the rate implies (mean rows): those that arrive while one such batch runs,
+    b = rate * T(b), at least 1 and at most max_batch_size."""
+    per_ms, largest = rate_rps / 1000.0, float(model.largest_batch)
+    if per_ms * model.busy_ms(1.0) <= 1.0:
+        return 1.0
+    if per_ms * model.busy_ms(largest) >= largest:
+        return largest  # even the largest batch cannot keep up
+    lo, hi = 1.0, largest  # rate * T(b) - b: > 0 at lo, < 0 at hi
+    for _ in range(60):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if per_ms * model.busy_ms(mid) > mid else (lo, mid)
+    return (lo + hi) / 2.0
+
+
+def utilization(model: ServiceModel, rate_rps: float) -> float:
+    """Share of time the bottleneck is busy at `rate_rps` (>= 1: it cannot keep up)."""
+    rows = batch_rows(model, rate_rps)
+    return rate_rps / 1000.0 * model.busy_ms(rows) / rows
+
+
+def wait_p99_ms(model: ServiceModel, rate_rps: float, rows: float) -> float:
+    """p99 of the time a request waits before its batch starts (ms)."""
+    busy = model.busy_ms(rows)
+    rho = min(1.0, rate_rps / 1000.0 * busy / rows)
+    if rho <= 0.01:  # the server is idle on arrival for 99% of requests
+        return 0.0
+    if model.largest_batch > 1:
+        # A dynamic batcher takes everything queued into its next batch, so a request waits
+        # at most the rest of the running batch: found busy with probability rho, at a
+        # uniform point of it.
+        return busy * (1.0 - 0.01 / rho)
+    mean_wait = rho / (1.0 - rho) * (1.0 + model.scv) / 2.0 * busy  # Kingman, ca^2 = 1
+    return mean_wait / rho * math.log(100.0 * rho)
+
+
+def p99_ms(model: ServiceModel, rate_rps: float) -> float:
+    """Expected p99 (ms) at `rate_rps` Poisson arrivals; inf where the unit cannot keep up."""
+    rows = batch_rows(model, rate_rps)
+    rho = utilization(model, rate_rps)
+    # Batching keeps up (rho = 1, batches grow) until the largest batch cannot.
+    if rho >= 1.0 if model.largest_batch == 1 else rho > 1.0 + 1e-6:
+        return math.inf
+    longer = model.busy_ms(rows) - model.busy_ms(1)  # its own batch is larger than a lone one
+    spread = max(0.0, model.lone_p99_ms - model.lone_p50_ms)
+    return model.lone_p50_ms + longer + math.hypot(spread, wait_p99_ms(model, rate_rps, rows))
+
+
+def capacity_rps(model: ServiceModel, objective_ms: float) -> float:
+    """The highest rate whose expected p99 meets `objective_ms` (0: not even a lone request)."""
+    if p99_ms(model, 0.0) > objective_ms:
+        return 0.0
+    lo, hi = 0.0, model.saturation_rps
+    for _ in range(60):  # bisection; p99 rises with the rate
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if p99_ms(model, mid) <= objective_ms else (lo, mid)
+    return lo

@@ -45,18 +45,14 @@ def _plain_layer(layer: LayerWeights) -> bool:
 
 @torch.inference_mode()
 def forward_step(
-    model: LlamaModel,
-    pool: torch.Tensor,
-    batch: Batch,
-    all_logits: bool = False,
-    fast: bool | None = None,
+    model: LlamaModel, pool: torch.Tensor, batch: Batch, fast: bool | None = None
 ) -> torch.Tensor:
-    """model.forward's logits: through this path for decode steps of supported models
-    (`fast`: whether the model is, cached by the caller), through model.forward otherwise."""
+    """Logits (B, V) of each row's last token: this path for decode steps of supported
+    models (`fast`: whether the model is, cached by the caller), model.forward otherwise."""
     if fast is None:
         fast = supported(model)
-    if all_logits or not fast or batch.tokens.shape[1] != 1:
-        return forward(model, pool, batch, all_logits)
+    if not fast or batch.tokens.shape[1] != 1:
+        return forward(model, pool, batch)
     return _decode(model, pool, batch)
 
 

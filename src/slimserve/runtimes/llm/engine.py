@@ -40,6 +40,7 @@ from slimserve.runtimes.llm.model import (
     Batch,
     LlamaModel,
     LlamaShape,
+    forward,
     kv_bytes_per_token,
     new_kv_pool,
 )
@@ -152,8 +153,8 @@ class GenerationEngine:
         self._forward: Callable[[Batch, bool], torch.Tensor]
         if isinstance(model, LlamaModel):
             self.pool = new_kv_pool(model.shape, num_blocks, self.config.block_size)
-            # decode steps through decode.py's lean path where the model's family allows
-            self._forward = functools.partial(forward_step, model, self.pool, fast=supported(model))
+            # decode steps of supported models go through decode.py's lean path
+            self._forward = functools.partial(_local_forward, model, self.pool, supported(model))
         else:
             if self.config.speculative is not None:
                 raise InvalidArgument(
@@ -522,3 +523,13 @@ def _put_all(items: list[tuple[Request, Any]]) -> None:
     """Runs in the caller's loop: hand each request its events, in order."""
     for request, item in items:
         request.queue.put_nowait(item)
+
+
+def _local_forward(
+    model: LlamaModel, pool: torch.Tensor, fast: bool, batch: Batch, all_logits: bool
+) -> torch.Tensor:
+    """This process's forward: every position's logits through model.forward (verification,
+    prefill), or the last token's through decode.forward_step (lean for decode steps)."""
+    if all_logits:
+        return forward(model, pool, batch, True)
+    return forward_step(model, pool, batch, fast)

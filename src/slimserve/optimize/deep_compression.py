@@ -50,7 +50,8 @@ from slimserve.optimize.config import OptimizeConfig
 from slimserve.optimize.distillation import soft_target_loss, teacher_outputs
 from slimserve.optimize.prune import MagnitudePruning, count_nonzero, prune_, prune_iteratively
 from slimserve.optimize.sharing import WeightSharing, finetune_centroids, share_weights_
-from slimserve.train.loop import Batch, LossFn, TrainConfig, classification_loss, fit
+from slimserve.train.loop import LossFn, TrainConfig, classification_loss, fit
+from slimserve.train.losses import Batch
 
 STEPS_PER_ROUND = 1500  # optimizer steps of retraining per pruning round (see the docstring)
 MAX_EPOCHS = 20

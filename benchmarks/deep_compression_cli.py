@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from _repro_common import facts_markdown, fashion_mnist, machine_facts
 
-from slimserve.train import TrainConfig, accuracy, classification_loss, fit
+from slimserve.train import Callback, TrainConfig, accuracy, classification_loss, fit
 from slimserve.zoo import MLP, CaffeLeNet
 
 
@@ -49,10 +49,16 @@ class Baseline:
     target: float  # test accuracy the baseline must reach
     input_shape: str = "784"  # one row, for `repo add --input-shape`
 
+    @property
+    def tag(self) -> str:
+        """Names the cached weights, so a changed schedule trains afresh."""
+        return f"e{self.epochs}g{self.lr_gamma}"
+
 
 BASELINES = {
     "lenet300": Baseline("slimserve.zoo:MLP", {"sizes": [784, 300, 100, 10]}, 30, 0.9, 0.894),
-    "lenet5": Baseline("slimserve.zoo:CaffeLeNet", {}, 10, 0.8, 0.91, "1,28,28"),
+    # 10 epochs x0.8 reached 90.97% (seed 0): 15 epochs, the rate still annealed to ~4e-5.
+    "lenet5": Baseline("slimserve.zoo:CaffeLeNet", {}, 15, 0.8, 0.91, "1,28,28"),
 }
 
 
@@ -60,10 +66,21 @@ def build(b: Baseline) -> torch.nn.Module:
     return MLP(**b.model_args) if b.model_class.endswith(":MLP") else CaffeLeNet(**b.model_args)
 
 
+class TestAccuracy(Callback):
+    """Prints the test accuracy after each epoch (a learning curve; nothing is chosen by it)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, name: str) -> None:
+        self.x, self.y, self.name = x, y, name
+
+    def on_epoch_end(self, model: torch.nn.Module, epoch: int, loss: float) -> None:
+        acc = accuracy(model, self.x, self.y)
+        print(f"{self.name} epoch {epoch + 1}: loss {loss:.4f}, test {acc:.4f}", flush=True)
+
+
 def train_baseline(name: str, seed: int, work: Path, data: tuple) -> tuple[Path, float]:
     """The cached or freshly trained baseline's weights and its test accuracy."""
     b = BASELINES[name]
-    path = work / f"{name}-seed{seed}.safetensors"
+    path = work / f"{name}-{b.tag}-seed{seed}.safetensors"
     xtr, ytr, xte, yte = data
     model = build(b)
     if path.exists():
@@ -74,7 +91,7 @@ def train_baseline(name: str, seed: int, work: Path, data: tuple) -> tuple[Path,
     config = TrainConfig(
         epochs=b.epochs, lr=1e-3, batch_size=128, lr_gamma=b.lr_gamma, seed=seed, desc=name
     )
-    fit(model, classification_loss, (xtr, ytr), config)
+    fit(model, classification_loss, (xtr, ytr), config, [TestAccuracy(xte, yte, name)])
     acc = accuracy(model, xte, yte)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     print(f"{name} seed {seed}: baseline {acc:.4f} (target {b.target})", flush=True)

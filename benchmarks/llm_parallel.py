@@ -10,8 +10,10 @@ prompts of --prompt-tokens tokens, --output-tokens each with end-of-sequence ign
                          a step's rows in two micro-batches;
   T=2 x 1 thread         two tensor ranks (SmolLM2's 9 heads / 3 KV heads do not divide by 2:
                          attention is replicated, the MLP is split; an all-reduce per layer).
-At each concurrency c, c streams are submitted at once: output tokens/s over the wall time,
-TTFT and ITL p50 / p99 over all streams (as llm_throughput.py). Per split: each worker's
+All three are started first; then at each concurrency c, each setup in turn gets c streams
+submitted at once, for --rounds rounds (so the shared machine's load hits them alike): output
+tokens/s over the wall time, TTFT and ITL p50 / p99 over all streams (as llm_throughput.py),
+the round of median tok/s shown. Per split: each worker's
 time in forwards and, of it, waiting on peers (receiving the previous stage's hidden states,
 all-reduces, sends: transfer plus pipeline bubble), per engine step; and memory per process
 (weights + KV pool as allocated, and the resident set from /proc).
@@ -70,26 +72,26 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def measure(
-    model: Any, runtime: TextGenerationRuntime, name: str, args: argparse.Namespace
-) -> tuple[list[Run], list[str]]:
-    config = EngineConfig(kv_cache_bytes=KV_BYTES, max_seqs=32, prefix_caching=False, threads=2)
-    engine = GenerationEngine(model, runtime.tokenizer, config, runtime.eos_token_ids)
-    engine.start()
-    runs = []
-    try:
-        for streams in args.streams:
-            batch = prompts(runtime, streams, args.prompt_tokens)
-            runs.append(run_streams(engine, name, batch, args.output_tokens))
-            print(row(runs[-1]), flush=True)
-        steps = engine.stats().iterations
-        notes = process_lines(model, engine, name, steps)
-    finally:
-        engine.close()
-    return runs, notes
+def interleaved(
+    engines: dict[str, GenerationEngine], runtime: TextGenerationRuntime, args: argparse.Namespace
+) -> list[Run]:
+    """Each concurrency on each setup in turn, `--rounds` times (the shared machine's load
+    then hits every setup alike); the run of median tok/s per setup and concurrency."""
+    runs: list[Run] = []
+    for streams in args.streams:
+        batch = prompts(runtime, streams, args.prompt_tokens)
+        found: dict[str, list[Run]] = {name: [] for name in engines}
+        for _ in range(args.rounds):
+            for name, engine in engines.items():
+                found[name].append(run_streams(engine, name, batch, args.output_tokens))
+                print(row(found[name][-1]), flush=True)
+        for name in engines:
+            ordered = sorted(found[name], key=lambda run: run.tokens_per_s)
+            runs.append(ordered[len(ordered) // 2])
+    return sorted(runs, key=lambda run: list(engines).index(run.name))
 
 
-def process_lines(model: Any, engine: GenerationEngine, name: str, steps: int) -> list[str]:
+def process_lines(model: Any, engine: GenerationEngine, name: str) -> list[str]:
     if not isinstance(model, ModelGroup):
         mib = engine.nbytes() / MiB
         return [f"| {name} | engine process | {mib:.0f} | {rss_mib(os.getpid()):.0f} | - | - |"]
@@ -106,39 +108,48 @@ def process_lines(model: Any, engine: GenerationEngine, name: str, steps: int) -
     return lines
 
 
+SETUPS = (("1 process x 2 threads", 1, 1), ("P=2 x 1 thread", 2, 1), ("T=2 x 1 thread", 1, 2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", default="bf16")
     parser.add_argument("--streams", default="1,8,32")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]
     keep_freed_memory()
     gguf = smollm2_gguf()
-    folder = convert_gguf(
-        gguf, Path(tempfile.gettempdir()) / f"slimserve-smollm2-{gguf.stat().st_size}"
-    )
+    cache = Path(tempfile.gettempdir()) / f"slimserve-smollm2-{gguf.stat().st_size}"
+    folder = convert_gguf(gguf, cache)
     runtime = TextGenerationRuntime.load(folder, weights=args.weights)
-    config = runtime.config()
-    runs, memory = [], []
-    for name, pipeline, tensor in (
-        ("1 process x 2 threads", 1, 1),
-        ("P=2 x 1 thread", 2, 1),
-        ("T=2 x 1 thread", 1, 2),
-    ):
-        group = None
-        if pipeline * tensor > 1:
-            group = ModelGroup(
-                GroupConfig(folder, args.weights, pipeline, tensor, threads=1), config
+    models: dict[str, Any] = {}
+    engines: dict[str, GenerationEngine] = {}
+    config = EngineConfig(kv_cache_bytes=KV_BYTES, max_seqs=32, prefix_caching=False, threads=2)
+    try:
+        for name, pipeline, tensor in SETUPS:
+            models[name] = runtime.model
+            if pipeline * tensor > 1:
+                split = GroupConfig(folder, args.weights, pipeline, tensor, threads=1)
+                models[name] = ModelGroup(split, runtime.config())
+            engines[name] = GenerationEngine(
+                models[name], runtime.tokenizer, config, runtime.eos_token_ids
             )
-        try:
-            found, lines = measure(group or runtime.model, runtime, name, args)
-        finally:
-            if group is not None:
-                group.close()
-        runs += found
-        memory += lines
+            engines[name].start()
+        runs = interleaved(engines, runtime, args)
+        memory = [
+            line
+            for name, engine in engines.items()
+            for line in process_lines(models[name], engine, name)
+        ]
+    finally:
+        for engine in engines.values():
+            engine.close()
+        for model in models.values():
+            if isinstance(model, ModelGroup):
+                model.close()
     report(args, runs, memory)
 
 
@@ -146,7 +157,10 @@ def report(args: argparse.Namespace, runs: list[Run], memory: list[str]) -> None
     print(f"\n### Model-parallel generation, SmolLM2-135M {args.weights}\n")
     print("```\n" + " ".join(sys.argv) + "\n```\n")
     print("\n".join(machine_facts(2)))
-    print(f"- prompts {args.prompt_tokens} tokens, {args.output_tokens} output tokens each\n")
+    print(
+        f"- prompts {args.prompt_tokens} tokens, {args.output_tokens} output tokens each; "
+        f"each setup in turn, {args.rounds} rounds; the run of median tok/s shown\n"
+    )
     print(
         "| setup | streams | out tokens | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms "
         "| wall s | driver CPU s |"

@@ -14,6 +14,7 @@ import yaml
 
 from slimserve.cli import main
 from slimserve.optimize.data import digits
+from slimserve.optimize.deep_compression import DeepCompression, ramp
 from tests.optimize.quant_fixtures import make_repository, tree_digest
 
 FAST = ["--batch-sizes", "1,4", "--min-time-s", "0.01", "--max-eval-rows", "300"]
@@ -53,6 +54,31 @@ def test_deep_compression_is_one_step_with_rounds_sharing_and_a_dcz(repo, capsys
     assert doc["seed"] == 3
     report = (repo / "mlp" / "reports" / "1" / "report.md").read_text()
     assert "baseline accuracy" in report and f"| {name.name} |" in report
+
+
+def test_deep_compression_retrains_longer_in_late_rounds_and_from_the_dense_model(repo):
+    # The defaults: rounds ramp from 0.5x to 1.5x the mean epochs; distillation from the dense
+    # model on; conv 8 / fc 5 bits (Han et al.).
+    assert ramp(4, 4) == [2, 3, 5, 6] and ramp(2, 1) == [2] and ramp(0, 3) == [0, 0, 0]
+    assert DeepCompression().distill > 0 and DeepCompression().conv_bits == 8
+    recipe = "deep-compression:ratio=4,rounds=2,epochs=1,final_epochs=0,centroid_epochs=0"
+    assert _optimize(repo, "--recipe", recipe + ",distill=0") == 0
+    assert _optimize(repo, "--recipe", recipe + ",distill=1,temperature=2") == 0
+    docs = [_variant(repo, v.name) for v in (repo / "mlp" / "1" / "variants").iterdir()]
+    assert len(docs) == 2
+    for doc in docs:
+        assert doc["notes"]["deep_compression"]["schedule"]["round_epochs"] == [1, 2]
+        assert doc["profile"]["accuracy"] >= doc["baseline"]["accuracy"] - 0.1
+
+
+@pytest.mark.parametrize(
+    ("param", "words"),
+    [("distill=1.5", ["distill=1.5", "[0, 1]"]), ("temperature=0", ["temperature=0", "e.g. 4"])],
+)
+def test_deep_compression_refuses_bad_distillation_settings(repo, capsys, param, words):
+    assert _optimize(repo, "--recipe", f"deep-compression:{param}") == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
 
 
 def test_iterative_pruning_is_one_step(repo):

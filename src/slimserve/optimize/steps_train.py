@@ -297,6 +297,6 @@ register_step(
     produces="torch-dcz",
     needs=labels_if(lambda c: True),
     help="Han et al.'s pipeline in one step: e.g. deep-compression or "
-    "deep-compression:ratio=40[,rounds=4,epochs=2,final_epochs=4,lr=0.0003,bits=5,conv_bits=6,"
-    "sparsity=0.92] (stored as model.dcz)",
+    "deep-compression:ratio=40[,rounds=4,epochs=2,final_epochs=4,lr=0.0003,bits=5,conv_bits=8,"
+    "distill=0.5,temperature=4,sparsity=0.92] (stored as model.dcz)",
 )

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -119,8 +120,19 @@ def test_a_killed_worker_fails_in_flight_requests_and_the_group_recovers(
             assert group.restarts == 1
             events = asyncio.run(asyncio.wait_for(collect(engine, PROMPTS[1], GREEDY), 120))
             assert tokens_of(events) == reference[1]  # served again, by new processes
+            os.kill(group.per_process[0]["pid"], signal.SIGKILL)  # idle: no request fails
+            wait_until(lambda: not group.healthy())
+            events = asyncio.run(asyncio.wait_for(collect(engine, PROMPTS[2], GREEDY), 120))
+            assert tokens_of(events) == reference[2] and group.restarts == 2
     finally:
         group.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 def test_a_bad_split_is_refused_naming_the_setting(tiny_llama_dir: Path) -> None:
@@ -193,3 +205,13 @@ def test_heads_that_do_not_divide_are_replicated_and_still_match(odd_heads_dir: 
             assert asyncio.run(all_at_once()) == expected
     finally:
         group.close()
+
+
+def test_model_yaml_names_a_bad_split_setting() -> None:
+    from pydantic import ValidationError
+
+    from slimserve.repository.schema import GenerationSettings
+
+    with pytest.raises(ValidationError, match="pipeline_parallel"):
+        GenerationSettings(pipeline_parallel=0)
+    assert GenerationSettings(pipeline_parallel=2, tensor_parallel=2).processes == 4

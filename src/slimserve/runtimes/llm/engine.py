@@ -34,6 +34,7 @@ import torch
 
 from slimserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from slimserve.runtimes.llm.blocks import BlockAllocator, block_keys
+from slimserve.runtimes.llm.decode import forward_step, supported
 from slimserve.runtimes.llm.grammar import Grammars
 from slimserve.runtimes.llm.model import (
     Batch,
@@ -113,6 +114,9 @@ class RemoteModel(Protocol):
     def allocate(self, num_blocks: int, block_size: int) -> None: ...
     def forward(self, batch: Batch, all_logits: bool = False) -> torch.Tensor: ...
     def nbytes(self) -> int: ...
+    def healthy(self) -> bool: ...
+    def dead_reason(self) -> str: ...
+    def restart(self, reason: str) -> None: ...
 
 
 def usable_cores() -> int:
@@ -145,10 +149,12 @@ class GenerationEngine:
         num_blocks = self.config.kv_cache_bytes // self.block_bytes()
         self.blocks = BlockAllocator(num_blocks, self.config.block_size, self.config.prefix_caching)
         self.pool: torch.Tensor | None = None
+        self._remote: RemoteModel | None = None
         self._forward: Callable[[Batch, bool], torch.Tensor]
         if isinstance(model, LlamaModel):
             self.pool = new_kv_pool(model.shape, num_blocks, self.config.block_size)
-            self._forward = functools.partial(forward, model, self.pool)
+            # decode steps of supported models go through decode.py's lean path
+            self._forward = functools.partial(_local_forward, model, self.pool, supported(model))
         else:
             if self.config.speculative is not None:
                 raise InvalidArgument(
@@ -156,7 +162,7 @@ class GenerationEngine:
                     "`speculative` or set pipeline_parallel and tensor_parallel to 1"
                 )
             model.allocate(num_blocks, self.config.block_size)
-            self._forward = model.forward
+            self._forward, self._remote = model.forward, model
         pool_tokens = self.blocks.capacity * self.config.block_size
         self.max_context = min(model.shape.max_positions, pool_tokens)
         self._limits = Limits(self.config.max_seqs, self.config.max_prefill_tokens)
@@ -296,6 +302,10 @@ class GenerationEngine:
     def step(self) -> None:
         """One iteration: schedule, preempt, prefill, decode, emit, free."""
         self._counts["iterations"] += 1
+        if self._remote is not None and not self._remote.healthy():
+            reason = self._remote.dead_reason()  # a worker died between steps
+            self._lose_kv(Unavailable(f"a model-parallel worker failed ({reason}); retry"))
+            self._remote.restart(reason)
         decision = schedule(
             self._state,
             self._waiting_view(),
@@ -368,7 +378,7 @@ class GenerationEngine:
             for seq in seqs:
                 self.blocks.unregister(seq.table)  # their K/V may be half written
                 self._fail(seq.request, error)
-            if self.pool is None and isinstance(error, Unavailable):
+            if self._remote is not None and isinstance(error, Unavailable):
                 self._lose_kv(error)
 
     def _lose_kv(self, error: Unavailable) -> None:
@@ -513,3 +523,13 @@ def _put_all(items: list[tuple[Request, Any]]) -> None:
     """Runs in the caller's loop: hand each request its events, in order."""
     for request, item in items:
         request.queue.put_nowait(item)
+
+
+def _local_forward(
+    model: LlamaModel, pool: torch.Tensor, fast: bool, batch: Batch, all_logits: bool
+) -> torch.Tensor:
+    """This process's forward: every position's logits through model.forward (verification,
+    prefill), or the last token's through decode.forward_step (lean for decode steps)."""
+    if all_logits:
+        return forward(model, pool, batch, True)
+    return forward_step(model, pool, batch, fast)

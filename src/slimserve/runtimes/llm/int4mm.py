@@ -7,9 +7,12 @@ that reads packed 4-bit weights with per-group scales and zero points,
 the only one that moves bytes at the memory's speed here. Measured on the issue's 2-core EPYC,
 one thread, SmolLM2's 49152 x 576 head at 1 row (load average ~10): int4 1.7 ms; oneDNN bf16
 12-33 ms; `_weight_int8pack_mm` 13 ms; `torch._int_mm` 11 ms; MKL fp32 32 ms. The kernel's time
-grows with rows faster than oneDNN's (M = 4: equal on the head; M = 8: 2x slower), so it serves
-only steps of few rows (`Int4Linear.max_rows`) and a bf16 copy of the same values serves the
-rest (model.py's `DualLinear`).
+grows with rows faster than oneDNN's, so it serves only steps of few rows (`Int4Linear.max_rows`)
+and a bf16 copy of the same values serves the rest (`DualLinear`). Where the cut falls depends
+on the planes: CPU time (one thread, load ~20) of SmolLM2's 120 layer matmuls, one plane each
+(weights read from memory, not cache), int4 against bf16, ms, at M rows: 9.0 / 37.9 (M = 1),
+14.8 / 34.5 (4), 24.4 / 32.1 (8), 34.9 / 32.2 (12); the two-plane head: 3.5 / 4.9 (1),
+4.6 / 5.5 (2), 5.3 / 4.8 (3), 11.9 / 5.7 (8). So one plane serves up to 8 rows, two planes 2.
 
 Weights become `planes` of 4 bits over groups of 32 input channels:
 
@@ -98,11 +101,11 @@ def eight_bit_planes(weight: torch.Tensor) -> list[Plane]:
 class Int4Linear:
     """y = x @ W.T from 4-bit planes; bf16 activations, fp32 accumulation, bf16 out."""
 
-    max_rows = 2  # more rows: the bf16 copy is faster (module docstring)
-
     def __init__(self, weight: torch.Tensor) -> None:
         planes = four_bit_planes(weight) or eight_bit_planes(weight)
         self.out_features = weight.shape[0]
+        # More rows than this: the bf16 copy is faster (module docstring).
+        self.max_rows = 8 if len(planes) == 1 else 2
         convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
         self.packed = [convert(q, 1) for q, _, _ in planes]
         # (K / 32, N, 2): scale and zero of each group, as the kernel reads them.
@@ -150,7 +153,7 @@ class DualLinear:
         self.small.drop_levels()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= Int4Linear.max_rows * x.shape[-1]:
+        if x.numel() <= self.small.max_rows * x.shape[-1]:
             return self.small(x)
         return self.large(x)
 

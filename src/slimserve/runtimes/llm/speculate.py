@@ -33,7 +33,8 @@ import torch
 
 from slimserve.errors import InvalidArgument
 from slimserve.runtimes.llm.blocks import BlockAllocator
-from slimserve.runtimes.llm.model import LlamaModel, forward, new_kv_pool
+from slimserve.runtimes.llm.decode import forward_step
+from slimserve.runtimes.llm.model import LlamaModel, new_kv_pool
 from slimserve.runtimes.llm.sequence import Row, Seq, make_batch
 
 METHODS = ("prompt-lookup", "draft")
@@ -126,7 +127,7 @@ class DraftModel:
         ]
         drafts: list[list[int]] = [[] for _ in seqs]
         for step in range(k):
-            logits = forward(self.model, self.pool, make_batch(rows, self.block_size))
+            logits = forward_step(self.model, self.pool, make_batch(rows, self.block_size))
             for row, draft, token in zip(rows, drafts, logits.argmax(dim=-1).tolist(), strict=True):
                 row.computed = len(row.tokens)
                 draft.append(token)

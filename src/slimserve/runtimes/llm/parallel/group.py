@@ -104,6 +104,10 @@ class ModelGroup:
     def forward(self, batch: Batch, all_logits: bool = False) -> torch.Tensor:
         """Logits (B, V), or (B, T, V) with `all_logits`, as model.forward's."""
         self._await_restart()
+        if not self.healthy():  # died since the engine's check: this step's KV is gone too
+            reason = self.dead_reason()
+            self._lose(reason)
+            raise Unavailable(f"a model-parallel worker failed ({reason}); retry shortly")
         fields = {"op": "forward", "micro": self._micro(batch), "all_logits": all_logits}
         tensors = {
             "tokens": batch.tokens,
@@ -124,6 +128,19 @@ class ModelGroup:
                 "the worker group is restarting: retry shortly"
             ) from None
         return out["logits"]
+
+    def healthy(self) -> bool:
+        """Every worker is running (one that died is seen once its exit is reported)."""
+        if self._restarting is not None:
+            return True  # a new group is on its way
+        return bool(self._procs) and all(p.process.is_alive() for p in self._procs)
+
+    def dead_reason(self) -> str:
+        return next((_exit_of(p) for p in self._procs if not p.process.is_alive()), "stopped")
+
+    def restart(self, reason: str) -> None:
+        """Stop every worker and start a new group (the next forward waits for it)."""
+        self._lose(reason)
 
     def worker_stats(self) -> list[dict[str, Any]]:
         """Each worker's forward seconds, seconds waiting on peers, and steps (benchmarks)."""

@@ -1,0 +1,139 @@
+"""The decode step (one new token per row) with few torch operations per layer.
+
+A one-row SmolLM2-135M step multiplies ~100 MB of int4 weights, a few milliseconds of memory
+traffic, and runs ~60 small torch operations in each of its 30 layers (norm statistics,
+rotary halves, dtype casts, views, K/V writes and gathers); each costs microseconds of Python
+and dispatch, so the small operations, not the weights, set the step's time at one row and
+weigh heavily at eight (benchmarks/RESULTS.md, "issue 14, session 3": the profile). This
+path does the same arithmetic as model.forward in about half the operations:
+
+- the norms through torch's fused `rms_norm` (statistics in fp32 as before);
+- rotary embedding as one batched matmul per layer: each row's rotation (cos on the diagonal,
+  +-sin on the half-swapped positions) is a (hd, hd) matrix built once per step, applied to
+  the query and key heads together;
+- a single row whose block table is a run of consecutive blocks (the usual case: the
+  allocator hands blocks out in order) reads its keys and values as a view of the pool,
+  exactly the positions written so far: no gather, no mask;
+- no (B, T) padding: the residual stream is (B, D).
+
+Families with per-head norms, soft-capping, sliding windows or sandwich norms take
+model.forward (`supported`); both paths give the same logits up to rounding (tests compare
+engine output with transformers' generate() in fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slimserve.runtimes.llm import attention
+from slimserve.runtimes.llm.model import _ACTIVATIONS, Batch, LayerWeights, LlamaModel, forward
+
+
+def supported(model: LlamaModel) -> bool:
+    """Whether this path computes the model exactly as model.forward does."""
+    shape = model.shape
+    plain = shape.attn_softcap is None and shape.logit_softcap is None
+    plain = plain and model.local_rope is None
+    return plain and all(_plain_layer(layer) for layer in model.layers)
+
+
+def _plain_layer(layer: LayerWeights) -> bool:
+    extras = (layer.post_attn_norm, layer.post_mlp_norm, layer.q_norm, layer.k_norm)
+    return layer.window is None and all(t is None for t in extras)
+
+
+@torch.inference_mode()
+def forward_step(
+    model: LlamaModel, pool: torch.Tensor, batch: Batch, fast: bool | None = None
+) -> torch.Tensor:
+    """Logits (B, V) of each row's last token: this path for decode steps of supported
+    models (`fast`: whether the model is, cached by the caller), model.forward otherwise."""
+    if fast is None:
+        fast = supported(model)
+    if not fast or batch.tokens.shape[1] != 1:
+        return forward(model, pool, batch)
+    return _decode(model, pool, batch)
+
+
+def rotations(tables: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """(B, hd, hd): x @ R[b] == x * cos + rotate_half(x) * sin at row b's position."""
+    cos, sin = tables[0][positions], tables[1][positions]  # (B, hd)
+    half = cos.shape[-1] // 2
+    eye = torch.eye(cos.shape[-1])
+    # rotate_half(x)[k] = -x[k + half] (k < half), x[k - half] (k >= half): x @ swap
+    swap = torch.roll(eye, half, dims=1)
+    swap[half:] *= -1
+    return eye * cos[:, None, :] + swap * sin[:, None, :]
+
+
+def _decode(model: LlamaModel, pool: torch.Tensor, batch: Batch) -> torch.Tensor:
+    shape = model.shape
+    rows = batch.tokens.shape[0]
+    heads, kvh, hd, eps = shape.heads, shape.kv_heads, shape.head_dim, shape.eps
+    norm_shape = (shape.hidden,)
+    x = model.embed[batch.tokens.view(-1)]  # (B, D) fp32
+    if shape.embed_scale != 1.0:
+        x = x * shape.embed_scale
+    dtype = shape.dtype
+    rotate = rotations(model.rope, batch.positions.view(-1))
+    run = _consecutive(batch)
+    index = None if run is not None else _index(batch, pool)
+    activation = _ACTIVATIONS[shape.activation]
+    for kv, layer in zip(pool, model.layers, strict=True):
+        h = F.rms_norm(x, norm_shape, layer.attn_norm, eps).to(dtype)
+        qkv = layer.qkv(h)
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
+        qkv = qkv.view(rows, heads + 2 * kvh, hd)
+        # rotary in fp32 (a small bf16 bmm takes 6x as long on the CPU)
+        qk = torch.bmm(qkv[:, : heads + kvh].float(), rotate).to(kv.dtype)  # (B, H + Hkv, hd)
+        qkv = qkv.to(kv.dtype)
+        q = qk[:, :heads]
+        if shape.query_scale != 1.0:
+            q = q * shape.query_scale
+        k, v = qk[:, heads:], qkv[:, heads + kvh :]
+        if run is not None:
+            out = _attend_run(q, k, v, kv, run)
+        else:
+            assert index is not None
+            attention.write_kv(kv, k, v, index)
+            out = attention.attend(q.view(rows, 1, heads, hd), kv, index)
+        x = x + layer.o(out.reshape(rows, heads * hd))
+        h = F.rms_norm(x, norm_shape, layer.mlp_norm, eps).to(dtype)
+        gate, up = layer.gate_up(h).chunk(2, dim=-1)
+        x = x + layer.down(activation(gate).mul_(up))
+    logits = model.lm_head(F.rms_norm(x, norm_shape, model.norm, eps).to(dtype)).float()
+    return logits
+
+
+def _consecutive(batch: Batch) -> tuple[int, int] | None:
+    """(first slot, keys) when the batch is one row whose blocks are consecutive."""
+    if batch.tokens.shape[0] != 1:
+        return None
+    table = batch.block_tables[0]
+    count = table.shape[0]
+    first = int(table[0])
+    if count > 1 and not bool((table[1:] - table[:-1] == 1).all()):
+        return None
+    return first, int(batch.positions[0, 0]) + 1
+
+
+def _index(batch: Batch, pool: torch.Tensor) -> attention.KvIndex:
+    return attention.kv_index(batch.slots, batch.block_tables, batch.positions, pool.shape)
+
+
+def _attend_run(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, run: tuple[int, int]
+) -> torch.Tensor:
+    """One row, consecutive blocks: write the new K/V at its slot, attend over a view of the
+    pool holding exactly the row's positions so far. q (1, H, hd) -> (1, H, hd)."""
+    first_block, keys = run
+    _, kv_heads, blocks, block_size, hd = kv.shape
+    flat = kv.view(2, kv_heads, blocks * block_size, hd)
+    start = first_block * block_size
+    cache = flat[:, :, start : start + keys]  # (2, Hkv, S, hd)
+    cache[:, :, keys - 1] = torch.stack([k[0], v[0]])
+    grouped = q.view(1, kv_heads, -1, hd)  # (1, Hkv, G, hd): query heads of each K/V head
+    out = F.scaled_dot_product_attention(grouped, cache[0][None], cache[1][None])
+    return out.view(1, -1, hd)

@@ -3,16 +3,19 @@
 Every configuration trains the same MLP (784-2048-2048-2048-10, 10.5M weights, Adam) on the
 same global batches of random inputs (timing only: the values do not matter) through
 `slimserve.train.fit`, each process on one thread, started by torchrun like a user would.
-Each configuration runs one cold epoch (memory) and then `--repeats` timed epochs
-(`FitResult.seconds`, set-up excluded); the median seconds per step is reported (the slowest
-rank's). Memory per process:
+Each run of a configuration trains one cold epoch (memory) and then `--repeats` timed epochs
+(`FitResult.seconds`, set-up excluded); its seconds per step is the slowest rank's median.
+Configurations alternate for `--rounds` rounds; the table gives the median over rounds
+(memory from the last round). Memory per process:
 
 - state MiB: the bytes this process holds for training (its parameters, gradients and Adam
   moments), counted from the part of the model it trains (its stage; 1/N under FSDP);
 - peak RSS growth MiB: the process's resident-set high-water mark during the first (cold)
   epoch (Linux VmHWM, reset through /proc/self/clear_refs) minus its RSS before it, so
   imports, data and the caller's copy of the model are not counted; set-up is (FSDP's sharded
-  copy, the pipeline's buffers).
+  copy, the pipeline's buffers). With glibc's default, freed large blocks may stay in the
+  heap, so the high-water mark can count memory already given back by torch; `--mmap-bytes
+  65536` makes every tensor of 64 KiB or more its own mapping, returned when freed.
 
     python benchmarks/train_parallel.py                      # all configurations, one table
     torchrun --nproc_per_node=2 benchmarks/train_parallel.py --worker OUT.json --parallel pp=2
@@ -99,6 +102,8 @@ def launch(procs: int, parallel: str | None, args: argparse.Namespace) -> list[d
         run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         run += [f"--nproc_per_node={procs}"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if args.mmap_bytes:  # glibc: allocations this large are mmapped, freed back at once
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_bytes)
         subprocess.run([*run, *cmd], check=True, capture_output=True, env=env)
         return [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("r.*.json"))]
 
@@ -109,7 +114,15 @@ def main() -> None:
     parser.add_argument("--parallel")
     parser.add_argument("--steps", type=int, default=8, help="steps per epoch")
     parser.add_argument("--batch", type=int, default=256, help="global batch")
-    parser.add_argument("--repeats", type=int, default=3, help="timed epochs")
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every configuration")
+    parser.add_argument(
+        "--mmap-bytes",
+        type=int,
+        default=0,
+        help="glibc's MALLOC_MMAP_THRESHOLD_ for the workers (0: glibc's default); e.g. 65536 "
+        "so that freed tensors leave the RSS and its peak follows the live tensors",
+    )
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.parallel, args.steps, args.batch, args.repeats)
@@ -119,15 +132,20 @@ def main() -> None:
         "process | peak RSS growth MiB per process |",
         "|---|---|---|---|---|---|",
     ]
+    runs: dict[str, list[list[dict]]] = {name: [] for name, _, _ in CONFIGS}
+    for _ in range(args.rounds):  # alternate, so that load changes hit every configuration
+        for name, procs, parallel in CONFIGS:
+            runs[name].append(launch(procs, parallel, args))
+            print(name, runs[name][-1], flush=True)
     base = None
-    for name, procs, parallel in CONFIGS:
-        ranks = launch(procs, parallel, args)
-        step = max(r["step_s"] for r in ranks)  # the step ends when the slowest rank is done
+    for name, procs, _ in CONFIGS:
+        # The step ends when the slowest rank is done; the median over rounds.
+        step = statistics.median(max(r["step_s"] for r in ranks) for ranks in runs[name])
         base = base or step
-        state = "/".join(f"{r['state_mib']:.0f}" for r in ranks)
-        peak = "/".join(f"{r['peak_mib']:.0f}" for r in ranks)
+        last = runs[name][-1]
+        state = "/".join(f"{r['state_mib']:.0f}" for r in last)
+        peak = "/".join(f"{r['peak_mib']:.0f}" for r in last)
         lines.append(f"| {name} | {procs} | {step:.3f} | {base / step:.2f}x | {state} | {peak} |")
-        print(lines[-1], flush=True)
     facts["loadavg_end"] = machine_facts()["loadavg"]
     head = f"`python {' '.join(sys.argv)}` (batch {args.batch}, {args.steps} steps per epoch)"
     print(head + "\n\n" + "\n".join(lines) + "\n\n" + facts_markdown(facts))

@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from slimserve.errors import InvalidArgument
 from slimserve.train.distributed import DistContext, init_distributed
 from slimserve.train.engines import Engine, ReplicaEngine, ShardedEngine
-from slimserve.train.losses import Batch, OutputLoss
+from slimserve.train.losses import Batch as Batch  # re-exported: callers type losses with it
+from slimserve.train.losses import OutputLoss
 from slimserve.train.pipeline import PipelineEngine
 
 log = logging.getLogger(__name__)

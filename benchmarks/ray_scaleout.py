@@ -3,9 +3,11 @@ a private network namespace): slimserve alone against slimserve through Ray's pr
 replica), where the time goes through the proxy, slimserve's router against Ray's default on
 many models (each replica's budget holds a third of them), and an autoscaling timeline.
 
-    PYTHONPATH=src:. python benchmarks/ray_scaleout.py --seconds 20 --out benchmarks/ray_scaleout
+    PYTHONPATH=src:. python benchmarks/ray_scaleout.py --seconds 15 --out benchmarks/ray_scaleout
+    PYTHONPATH=src:. python benchmarks/ray_scaleout.py --seconds 15 --parts proxy,haproxy,routing
 
-Writes OUT.json and OUT_autoscale.png; run as root (network namespace).
+Writes OUT.json (OUT_PARTS.json for other --parts) and OUT_autoscale.png; run as root
+(network namespace).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -35,17 +38,20 @@ HTTP = "http://127.0.0.1:8000"
 RAY = ("--ray", "127.0.0.1:6379", "--http-port", "8000")
 
 
-def closed_loop(url: str, seconds: float, threads: int, bodies: list[tuple[str, Any]]) -> dict:
-    """`threads` clients in a loop for `seconds`: req/s, p50/p99 ms, errors, per replica."""
+def closed_loop(
+    url: str, seconds: float, threads: int, bodies: list[tuple[str, Any]], shuffle: bool = False
+) -> dict:
+    """`threads` clients in a loop for `seconds`: req/s, p50/p99 ms, errors, per replica.
+    Each client sends `bodies` in turn, or with `shuffle` one drawn at random each time."""
     lat: list[float] = []
     errors, replicas = [0], {}  # type: ignore[var-annotated]
     lock, stop = threading.Lock(), time.monotonic() + seconds
 
     def run(offset: int) -> None:
-        i = offset
+        i, rng = offset, random.Random(offset)
         with httpx.Client(base_url=url, timeout=60) as client:
             while time.monotonic() < stop:
-                path, body = bodies[i % len(bodies)]
+                path, body = rng.choice(bodies) if shuffle else bodies[i % len(bodies)]
                 i += threads
                 t = time.perf_counter()
                 try:
@@ -146,6 +152,34 @@ def proxy_time(repo: Path, work: Path, env: dict[str, str], seconds: float) -> d
     return result
 
 
+def haproxy_time(repo: Path, work: Path, env: dict[str, str], seconds: float) -> dict:
+    """Through Ray with one replica in Ray's HAProxy mode (RAY_SERVE_ENABLE_HA_PROXY=1 on the
+    nodes: HAProxy listens on the HTTP port and forwards to the replica's own HTTP port,
+    skipping the Python proxy); a fresh cluster, since the nodes read the setting at start."""
+    # HAProxy's default maxconn (20,000) asks for more file descriptors than the hard limit
+    # here (20,000) allows, and HAProxy then refuses to start.
+    env = dict(env, RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_HAPROXY_MAXCONN="4096")
+    hwork = work / "haproxy"
+    hwork.mkdir()
+    cluster = RayCluster(hwork, 6379, env)
+    body = [("/v2/models/mlp/infer", BODY)]
+    try:
+        cluster.start()
+        # Ray's router: HAProxy balances by itself, and Ray refuses a custom router with it.
+        one = ("--replicas", "1", "--load-models", "mlp", "--ray-router", "ray")
+        cmd = serve_cmd(repo, *RAY, *one)
+        proc = start(cmd, hwork / "ray1.log", env)
+        try:
+            wait_http(f"{HTTP}/v2/health/ready")
+            return {c: closed_loop(HTTP, seconds, c, body) for c in (1, 8)}
+        finally:
+            stop(proc)
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+    finally:
+        cluster.stop()
+
+
 def routing(
     repo: Path, work: Path, env: dict[str, str], seconds: float, models: int, clients: int
 ) -> dict:
@@ -158,7 +192,9 @@ def routing(
         proc = start(cmd, work / f"{router}.log", env)
         wait_http(f"{HTTP}/v2/health/ready")
         wait_replicas(2)  # both replicas up before the clock starts
-        run = closed_loop(HTTP, seconds, clients, bodies)
+        # Models drawn at random: in turn, any cache smaller than the set misses every time,
+        # whatever the router.
+        run = closed_loop(HTTP, seconds, clients, bodies, shuffle=True)
         loads = loads_per_replica()
         run["model_loads"] = loads
         run["hit_ratio"] = 1 - sum(loads.values()) / max(1, run["requests"])
@@ -225,6 +261,8 @@ def main() -> None:
     # than that make loads fail (503, no room) rather than wait.
     parser.add_argument("--routing-clients", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/ray_scaleout"))
+    parser.add_argument("--parts", default="proxy,routing,autoscale",
+                        help="of proxy,routing,autoscale,haproxy (Ray's HAProxy mode)")  # fmt: skip
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ray-bench-"))
     repo = build_repo(work / "models").root
@@ -239,20 +277,28 @@ def main() -> None:
     results: dict[str, Any] = {"uptime": os.getloadavg()}
     try:
         cluster.start()
-        results["proxy"] = proxy_time(repo, work, env, args.seconds)
-        size = _unit_bytes(repo, work, env)
-        BUDGET = int(size * args.models / 3 + size / 2)  # a third of the models fit
-        results["unit_bytes"], results["budget_bytes"] = size, BUDGET
-        results["routing"] = routing(
-            repo, work, env, args.seconds, args.models, args.routing_clients
-        )
-        results["autoscale"] = autoscale(cluster, repo, work, env, args.out)
+        parts = set(args.parts.split(","))
+        if "proxy" in parts:
+            results["proxy"] = proxy_time(repo, work, env, args.seconds)
+        if "routing" in parts:
+            size = _unit_bytes(repo, work, env)
+            BUDGET = int(size * args.models / 3 + size / 2)  # a third of the models fit
+            results["unit_bytes"], results["budget_bytes"] = size, BUDGET
+            results["routing"] = routing(
+                repo, work, env, args.seconds, args.models, args.routing_clients
+            )
+        if "autoscale" in parts:
+            results["autoscale"] = autoscale(cluster, repo, work, env, args.out)
+        cluster.stop()
+        if "haproxy" in parts:
+            results["haproxy_1_replica"] = haproxy_time(repo, work, env, args.seconds)
     finally:
         cluster.stop()
         network.leave()
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    name = "" if args.parts == "proxy,routing,autoscale" else "_" + args.parts.replace(",", "_")
+    args.out.with_name(args.out.name + name + ".json").write_text(json.dumps(results, indent=1))
     print(json.dumps({k: v for k, v in results.items() if k != "autoscale"}, indent=1))
-    print({k: v for k, v in results["autoscale"].items() if k != "timeline"})
+    print({k: v for k, v in results.get("autoscale", {}).items() if k != "timeline"})
 
 
 def _unit_bytes(repo: Path, work: Path, env: dict[str, str]) -> int:

@@ -233,7 +233,7 @@ def test_routing_keeps_each_model_where_it_is_resident(ray_app: Deployment):
                 served[model][resp.headers["slimserve-replica"]] += 1
     # Sequential requests never queue, so residency alone decides: each model is loaded on
     # one replica and every later request for it goes there (Ray's default router spreads
-    # them over both and loads every model twice: benchmarks/ray_routing.py).
+    # them over both and loads every model twice).
     assert all(len(replicas) == 1 for replicas in served.values()), served
 
 

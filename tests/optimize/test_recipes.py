@@ -14,7 +14,7 @@ import yaml
 
 from slimserve.cli import main
 from slimserve.optimize.data import digits
-from slimserve.optimize.deep_compression import DeepCompression, ramp
+from slimserve.optimize.deep_compression import DeepCompression
 from tests.optimize.quant_fixtures import make_repository, tree_digest
 
 FAST = ["--batch-sizes", "1,4", "--min-time-s", "0.01", "--max-eval-rows", "300"]
@@ -56,19 +56,15 @@ def test_deep_compression_is_one_step_with_rounds_sharing_and_a_dcz(repo, capsys
     assert "baseline accuracy" in report and f"| {name.name} |" in report
 
 
-def test_deep_compression_retrains_longer_in_late_rounds_and_from_the_dense_model(repo):
-    # The defaults: rounds ramp from 0.5x to 1.5x the mean epochs; distillation from the dense
-    # model on; conv 8 / fc 5 bits (Han et al.).
-    assert ramp(4, 4) == [2, 3, 5, 6] and ramp(2, 1) == [2] and ramp(0, 3) == [0, 0, 0]
-    assert DeepCompression().distill > 0 and DeepCompression().conv_bits == 8
-    recipe = "deep-compression:ratio=4,rounds=2,epochs=1,final_epochs=0,centroid_epochs=0"
-    assert _optimize(repo, "--recipe", recipe + ",distill=0") == 0
-    assert _optimize(repo, "--recipe", recipe + ",distill=1,temperature=2") == 0
-    docs = [_variant(repo, v.name) for v in (repo / "mlp" / "1" / "variants").iterdir()]
-    assert len(docs) == 2
-    for doc in docs:
-        assert doc["notes"]["deep_compression"]["schedule"]["round_epochs"] == [1, 2]
-        assert doc["profile"]["accuracy"] >= doc["baseline"]["accuracy"] - 0.1
+def test_deep_compression_can_retrain_from_the_dense_models_soft_targets(repo):
+    # Off by default (it measured worse on LeNet-300-100); bits as Han et al.: conv 8, fc 5.
+    assert DeepCompression().distill == 0 and DeepCompression().conv_bits == 8
+    recipe = "deep-compression:ratio=4,rounds=2,epochs=1,final_epochs=1,centroid_epochs=0"
+    assert _optimize(repo, "--recipe", recipe + ",distill=0.9,temperature=2") == 0
+    (folder,) = (repo / "mlp" / "1" / "variants").iterdir()
+    doc = _variant(repo, folder.name)
+    assert doc["notes"]["deep_compression"]["rounds"][1]["sparsity"] > 0.5
+    assert doc["profile"]["accuracy"] >= doc["baseline"]["accuracy"] - 0.1
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,7 @@ class SlimserveReplica:
         self.asgi = ReplicaApp(self.server.http_app, self.name)
         self.metrics = RayMetricsMirror()
         self.prefixes = PrefixIndex()
+        self.reports = 0  # routing stats reported so far
         log.info("replica %s serving", self.name)
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
@@ -87,11 +88,13 @@ class SlimserveReplica:
         into Ray's (cluster.ray_metrics)."""
         engine = self.server.engine
         self.metrics.update(engine.metrics_text()[0].decode())
+        self.reports += 1
         stats = routing_stats(
             engine.health(),
-            engine.repository_index(ready_only=True),
+            engine.repository_index(),
             self.asgi.in_flight(),
             self.prefixes.published(),
+            self.reports,
         )
         return {**stats, "name": self.name}
 

@@ -32,7 +32,10 @@ from slimserve.cluster.replica_app import request_prefixes
 from slimserve.policies.routing import ReplicaStats, RouteConfig, RouteRequest, route
 
 V2_PATH = re.compile(r"^/v2/models/([^/]+)")
-ASSUMED_RESIDENT_S = 5.0  # a cold model just routed counts as resident there until stats say
+# A cold model just routed counts as resident on its replica until that replica reports
+# again (its report then lists the model, loading or loaded, or not: it was evicted), or
+# for at most this long.
+ASSUMED_RESIDENT_S = 5.0
 
 
 class SlimserveRouter(RequestRouter):
@@ -42,7 +45,8 @@ class SlimserveRouter(RequestRouter):
         """kwargs (request_router_kwargs): imbalance (queue length), seed (for tests)."""
         self._config = RouteConfig(imbalance=int(kwargs.get("imbalance", 8)))
         self._rng = random.Random(kwargs.get("seed"))
-        self._recent: dict[str, tuple[str, float]] = {}  # model key -> (replica, when routed)
+        # model key -> (replica, when routed, that replica's report count then)
+        self._recent: dict[str, tuple[str, float, int]] = {}
         self.decisions: dict[str, int] = {}  # reason -> count (for tests and benchmarks)
 
     async def choose_replicas(
@@ -62,7 +66,8 @@ class SlimserveRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         first, *rest = (by_id[name] for name in decision.ranked)
         if key is not None:
-            self._recent[key] = (first.replica_id.unique_id, now)
+            seq = int((first.routing_stats or {}).get("seq", 0))
+            self._recent[key] = (first.replica_id.unique_id, now, seq)
         return [[first], rest] if rest else [[first]]
 
     def _fulfill_next_pending_request(
@@ -91,7 +96,8 @@ class SlimserveRouter(RequestRouter):
         resident = set(published.get("resident", ()))
         recent = self._recent.get(key) if key is not None else None
         if key is not None and recent is not None and recent[0] == name:
-            resident.update([key] if now - recent[1] < ASSUMED_RESIDENT_S else [])
+            unreported = int(published.get("seq", 0)) == recent[2]
+            resident.update([key] if unreported and now - recent[1] < ASSUMED_RESIDENT_S else [])
         cached = self.replica_queue_len_cache.get(replica.replica_id)
         queue = cached if cached is not None else int(published.get("queue", 0))
         free, prefixes = int(published.get("free_bytes", 0)), published.get("prefixes", ())

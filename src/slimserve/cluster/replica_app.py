@@ -56,20 +56,27 @@ class ReplicaApp:
         return self.clock() - min(self._started.values()) if self._started else 0.0
 
 
+RESIDENT_STATES = ("READY", "LOADING")  # a unit loading now is resident for routing
+
+
 def routing_stats(
     health: HealthReport,
-    ready: list[RepositoryEntry],
+    units: list[RepositoryEntry],
     in_flight: int,
     prefixes: Iterable[str] = (),
+    seq: int = 0,
 ) -> dict[str, Any]:
     """What the router reads of one replica (kept to JSON types: Ray ships it as is).
-    `health` is Engine.health(), `ready` Engine.repository_index(ready_only=True),
-    `prefixes` PrefixIndex.published()."""
+    `health` is Engine.health(), `units` Engine.repository_index(), `prefixes`
+    PrefixIndex.published(); `seq` counts the replica's reports, so that the router knows
+    when it sees one newer than a decision it made."""
+    resident = {e.name for e in units if e.state in RESIDENT_STATES}
     return {
-        "resident": sorted({e.name if ":" in e.name else f"{e.name}:" for e in ready}),
+        "resident": sorted(n if ":" in n else f"{n}:" for n in resident),
         "free_bytes": max(0, health.memory_budget_bytes - health.resident_bytes),
         "queue": in_flight,
         "prefixes": list(prefixes),
+        "seq": seq,
     }
 
 

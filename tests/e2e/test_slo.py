@@ -173,7 +173,10 @@ def test_tight_and_loose_objectives_get_different_variants(repo, server, ask):
             assert a["slo_variant"] in ("int8", "structured0.75"), answers
             assert a["predicted_latency_ms"] <= tight
         else:
-            assert a["predicted_latency_ms"] > tight, answers
+            # What the request spent before the choice left less than `tight` for every unit
+            # (the answer's prediction leaves that time out): a cheaper unit, predicted first,
+            # answered rather than the original.
+            assert a["slo_variant"] in ("int8", "structured0.75"), answers
     assert any(a["slo_reachable"] for a in answers), (tight, answers)
     # The same objective with no quality to give: the original, and it says so.
     strict = ask(server, latency_slo_ms=tight, max_quality_loss=0.0)

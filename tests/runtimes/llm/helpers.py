@@ -18,27 +18,28 @@ def minilm_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(get_model_path(), local_files_only=True)
 
 
-def tiny_llama(tokenizer: Any) -> Any:
+def tiny_llama(tokenizer: Any, **config: Any) -> Any:
     """A random LlamaForCausalLM over `tokenizer`'s vocabulary, seed 0: hidden 64, 2 layers,
-    4 query heads on 2 KV heads (grouped-query attention, as SmolLM2), tied head."""
+    4 query heads on 2 KV heads (grouped-query attention, as SmolLM2), tied head; `config`
+    overrides LlamaConfig fields (special token ids default to MiniLM's)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
+    fields = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": tokenizer.cls_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": True,
+    }
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **config}))
 
 
 async def collect(

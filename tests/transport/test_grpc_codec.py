@@ -18,8 +18,8 @@ from tritonclient.grpc import service_pb2 as triton_pb
 
 from slimserve.errors import InvalidArgument, Unimplemented
 from slimserve.transport import grpc_codec as codec
-from slimserve.transport._proto import grpc_service_pb2 as pb
-from slimserve.transport._proto import model_config_pb2 as mc
+from slimserve.transport.vendor import grpc_service_pb2 as pb
+from slimserve.transport.vendor import model_config_pb2 as mc
 from slimserve.types import (
     DATATYPE_TO_NUMPY,
     InferResponse,
@@ -401,7 +401,7 @@ def test_generated_modules_match_the_proto_files(tmp_path: Path) -> None:
     from google.protobuf import descriptor_pb2
     from grpc_tools import protoc
 
-    protos = Path(codec.__file__).parent / "protos"
+    protos = Path(pb.__file__).parent
     out = tmp_path / "descriptors.pb"
     args = ["protoc", f"-I{protos}", f"--descriptor_set_out={out}"]
     assert protoc.main([*args, "model_config.proto", "grpc_service.proto"]) == 0

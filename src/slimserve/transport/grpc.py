@@ -9,7 +9,7 @@ the request's deadline (parameter `timeout`, seconds). RPCs of Triton's service 
 declared here (streaming, shared memory, trace, log settings) answer UNIMPLEMENTED.
 
 A model name may carry a variant ("mlp:int8"), or the request a string parameter `variant`.
-Python clients can use the generated stub, `_proto.grpc_service_pb2_grpc`, or tritonclient.grpc.
+Python clients can use the generated stub, `vendor.grpc_service_pb2_grpc`, or tritonclient.grpc.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from slimserve.errors import Code, ConfigError, InvalidArgument, SlimserveError
 from slimserve.security.keys import Identity, bearer_token
 from slimserve.serving.engine import Engine
 from slimserve.transport import grpc_codec as codec
-from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport.limits import TensorLimits, check_inputs
+from slimserve.transport.vendor import grpc_service_pb2 as pb
 
 log = logging.getLogger("slimserve.grpc")
 _INT32_MAX = 2**31 - 1

@@ -27,11 +27,11 @@ import orjson
 
 from slimserve.errors import InvalidArgument, Unimplemented
 from slimserve.transport import v2_shapes as shapes
-from slimserve.transport._proto import grpc_service_pb2 as pb
-from slimserve.transport._proto import model_config_pb2 as mc
 from slimserve.transport.controls import take_controls, with_deadline
 from slimserve.transport.limits import check_extent, check_int_range
 from slimserve.transport.raw import pack_bytes, tensor_from_raw
+from slimserve.transport.vendor import grpc_service_pb2 as pb
+from slimserve.transport.vendor import model_config_pb2 as mc
 from slimserve.types import (
     DATATYPE_TO_NUMPY,
     Duration,

@@ -73,6 +73,21 @@ class Reply:
     def logprobs_doc(self, items: list[tuple[TextStream, TokenLogprob]], with_lp: bool) -> Any:
         raise NotImplementedError
 
+    def choice_doc(
+        self,
+        index: int,
+        finish: str | None,
+        pairs: list[tuple[TextStream, TokenLogprob]],
+        **body: Any,
+    ) -> dict[str, Any]:
+        """One choice; `body` is its content: text=, message= or (a stream chunk's) delta=."""
+        return {
+            "index": index,
+            **body,
+            "logprobs": self.logprobs_doc(pairs, bool(pairs)),
+            "finish_reason": finish,
+        }
+
     async def chunks(self, streams: list[TextStream]) -> AsyncIterator[dict[str, Any]]:
         usages: list[Usage] = []
         for first in self.first_chunks(len(streams)):
@@ -117,12 +132,7 @@ class Completion(Reply):
         logprobs: list[tuple[TextStream, TokenLogprob]],
         streams: list[TextStream],
     ) -> dict[str, Any]:
-        return {
-            "index": index,
-            "text": text,
-            "logprobs": self.logprobs_doc(logprobs, bool(logprobs)),
-            "finish_reason": finish,
-        }
+        return self.choice_doc(index, finish, logprobs, text=text)
 
     def logprobs_doc(self, items: list[tuple[TextStream, TokenLogprob]], with_lp: bool) -> Any:
         if not with_lp:
@@ -171,12 +181,7 @@ class Chat(Reply):
         if calls is not None:
             message = {"role": "assistant", "content": None, "tool_calls": calls}
             finish = "tool_calls" if finish == "stop" else finish
-        return {
-            "index": index,
-            "message": message,
-            "logprobs": self.logprobs_doc(logprobs, bool(logprobs)),
-            "finish_reason": finish,
-        }
+        return self.choice_doc(index, finish, logprobs, message=message)
 
     def logprobs_doc(self, items: list[tuple[TextStream, TokenLogprob]], with_lp: bool) -> Any:
         if not with_lp:
@@ -203,12 +208,7 @@ class Chat(Reply):
                 {
                     **self.head(self.chunk_name),
                     "choices": [
-                        {
-                            "index": i,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
+                        self.choice_doc(i, None, [], delta={"role": "assistant", "content": ""})
                     ],
                 }
             )
@@ -230,12 +230,7 @@ class Chat(Reply):
         finish: str | None,
         pairs: list[tuple[TextStream, TokenLogprob]],
     ) -> dict[str, Any]:
-        choice = {
-            "index": index,
-            "delta": delta,
-            "logprobs": self.logprobs_doc(pairs, bool(pairs)),
-            "finish_reason": finish,
-        }
+        choice = self.choice_doc(index, finish, pairs, delta=delta)
         return self.with_usage({**self.head(self.chunk_name), "choices": [choice]})
 
     def _held_chunk(self, index: int, event: TokenEvent) -> dict[str, Any] | None:

@@ -203,6 +203,13 @@ class InferenceServicer:
     def _allow(self, context: Context, scope: str, model: str | None = None) -> Identity:
         return self.engine.authorize(_token(context), scope, model or None)
 
+    def _model(
+        self, context: Context, request: Any, scope: str = "infer"
+    ) -> tuple[str, str | None]:
+        """Authorizes `scope` on the model a request names; its (name, version or None)."""
+        self._allow(context, scope, request.name)
+        return request.name, request.version or None
+
     @_rpc(pb.ServerLiveRequest)
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> Any:
         return pb.ServerLiveResponse(live=self.engine.live())
@@ -213,8 +220,7 @@ class InferenceServicer:
 
     @_rpc(pb.ModelReadyRequest)
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> Any:
-        self._allow(context, "infer", request.name)
-        ready = self.engine.model_ready(request.name, request.version or None)
+        ready = self.engine.model_ready(*self._model(context, request))
         return pb.ModelReadyResponse(ready=ready)
 
     @_rpc(pb.ServerMetadataRequest)
@@ -224,8 +230,7 @@ class InferenceServicer:
 
     @_rpc(pb.ModelMetadataRequest)
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> Any:
-        self._allow(context, "infer", request.name)
-        meta = self.engine.model_metadata(request.name, request.version or None)
+        meta = self.engine.model_metadata(*self._model(context, request))
         return codec.model_metadata_message(meta)
 
     @_rpc(pb.ModelInferRequest)
@@ -239,14 +244,13 @@ class InferenceServicer:
 
     @_rpc(pb.ModelConfigRequest)
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> Any:
-        self._allow(context, "infer", request.name)
-        config = self.engine.model_config(request.name, request.version or None)
+        config = self.engine.model_config(*self._model(context, request))
         return codec.model_config_message(config)
 
     @_rpc(pb.ModelStatisticsRequest)
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> Any:
-        self._allow(context, "metrics", request.name)
-        stats = self.engine.model_statistics(request.name or None, request.version or None)
+        name, version = self._model(context, request, "metrics")  # no name: every model
+        stats = self.engine.model_statistics(name or None, version)
         return codec.statistics_message(stats)
 
     @_rpc(pb.RepositoryIndexRequest)

@@ -4,9 +4,10 @@ Each RPC parses its message, decodes it (`grpc_codec`), calls one `Engine` metho
 the answer; a `SlimserveError` becomes the gRPC status from `STATUS` with the error's message,
 bytes that are not a valid message are INVALID_ARGUMENT, anything else is logged once and
 answered INTERNAL. Messages above settings.max_body_bytes are refused by gRPC itself with
-RESOURCE_EXHAUSTED before they are parsed. The call's deadline becomes
-the request's deadline (parameter `timeout`, seconds). RPCs of Triton's service that are not
-declared here (streaming, shared memory, trace, log settings) answer UNIMPLEMENTED.
+RESOURCE_EXHAUSTED before they are parsed. The call's deadline becomes the request's timeout
+(`RequestControls.timeout_s`; the earlier of it and a `timeout` parameter). RPCs of Triton's
+service that are not declared here (streaming, shared memory, trace, log settings) answer
+UNIMPLEMENTED.
 
 A model name may carry a variant ("mlp:int8"), or the request a string parameter `variant`.
 Python clients can use the generated stub, `vendor.grpc_service_pb2_grpc`, or tritonclient.grpc.

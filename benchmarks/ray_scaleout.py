@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from tests.cluster.load import BODY
-from tests.cluster.ray_cluster import PrivateNetwork, RayCluster
+from tests.cluster.ray_cluster import METRICS_PORT, PrivateNetwork, RayCluster
 from tests.e2e.conftest import build_repo, mlp_weights, write_mlp_onnx
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -44,7 +44,7 @@ def closed_loop(
     """`threads` clients in a loop for `seconds`: req/s, p50/p99 ms, errors, per replica.
     Each client sends `bodies` in turn, or with `shuffle` one drawn at random each time."""
     lat: list[float] = []
-    errors, replicas = [0], {}  # type: ignore[var-annotated]
+    errors, replicas, paths = [0], {}, {}  # type: ignore[var-annotated]
     lock, stop = threading.Lock(), time.monotonic() + seconds
 
     def run(offset: int) -> None:
@@ -64,6 +64,8 @@ def closed_loop(
                         lat.append(time.perf_counter() - t)
                         name = resp.headers.get("slimserve-replica", "-")  # type: ignore[union-attr]
                         replicas[name] = replicas.get(name, 0) + 1
+                        per = paths.setdefault(name, {})
+                        per[path] = per.get(path, 0) + 1
                     else:
                         errors[0] += 1
 
@@ -77,6 +79,7 @@ def closed_loop(
         "requests": len(lat), "errors": errors[0], "req_s": len(lat) / seconds,
         "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
         "p99_ms": 1000 * lat[int(len(lat) * 0.99)] if lat else None, "replicas": replicas,
+        "paths_per_replica": paths,
     }  # fmt: skip
 
 
@@ -117,15 +120,21 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(60)
 
 
-def loads_per_replica(seconds: float = 15) -> dict[str, float]:
-    """slimserve_model_loads of each replica, read from /metrics until both answered."""
+def loads_per_replica(settle_s: float = 4.0) -> dict[str, float]:
+    """slimserve_model_loads of every replica, from the nodes' Prometheus ports (each replica
+    copies its metrics into Ray's, which every node exports: cluster.ray_metrics), after
+    `settle_s` for the last counts to get there. Not through the proxy: its router would ask
+    only the replicas it picks (Ray's, the one on the proxy's node)."""
+    time.sleep(settle_s)
     out: dict[str, float] = {}
-    deadline = time.monotonic() + seconds
-    while len(out) < 2 and time.monotonic() < deadline:
-        resp = httpx.get(f"{HTTP}/metrics", timeout=10)
-        match = re.search(r"^slimserve_model_loads_total (\S+)$", resp.text, re.M)
-        if match:
-            out[resp.headers["slimserve-replica"]] = float(match.group(1))
+    for port in (METRICS_PORT, METRICS_PORT + 1):
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        for labels, value in re.findall(
+            r"^ray_slimserve_model_loads_total\{([^}]*)\} (\S+)$", text, re.M
+        ):
+            name = re.search(r'replica="([^"]+)"', labels)
+            if name:
+                out[name.group(1)] = max(out.get(name.group(1), 0.0), float(value))
     return out
 
 
@@ -193,9 +202,12 @@ def routing(
         wait_http(f"{HTTP}/v2/health/ready")
         wait_replicas(2)  # both replicas up before the clock starts
         # Models drawn at random: in turn, any cache smaller than the set misses every time,
-        # whatever the router.
+        # whatever the router. A warm-up first (every model loaded once, the proxy's and the
+        # replicas' first calls made), not counted: the first run had paid for it alone.
+        closed_loop(HTTP, min(5.0, seconds / 3), clients, bodies, shuffle=True)
+        before = loads_per_replica()
         run = closed_loop(HTTP, seconds, clients, bodies, shuffle=True)
-        loads = loads_per_replica()
+        loads = {k: v - before.get(k, 0.0) for k, v in loads_per_replica().items()}
         run["model_loads"] = loads
         run["hit_ratio"] = 1 - sum(loads.values()) / max(1, run["requests"])
         out[router] = run
@@ -271,7 +283,8 @@ def main() -> None:
         (repo / f"m{i}").mkdir()
         (repo / f"m{i}" / "model.yaml").write_text((repo / "mlp" / "model.yaml").read_text())
         write_mlp_onnx(repo / f"m{i}" / "1" / "model.onnx", mlp_weights(10 + i))
-    env = dict(os.environ, PYTHONPATH=f"{SRC}", OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, PYTHONPATH=f"{SRC}", OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0",
+               RAY_metrics_report_interval_ms="1000")  # fmt: skip
     network = PrivateNetwork()
     cluster = RayCluster(work, 6379, env)
     results: dict[str, Any] = {"uptime": os.getloadavg()}
@@ -282,7 +295,7 @@ def main() -> None:
             results["proxy"] = proxy_time(repo, work, env, args.seconds)
         if "routing" in parts:
             size = _unit_bytes(repo, work, env)
-            BUDGET = int(size * args.models / 3 + size / 2)  # a third of the models fit
+            BUDGET = third_budget(size, _folder_bytes(repo / "m0" / "1"), args.models)
             results["unit_bytes"], results["budget_bytes"] = size, BUDGET
             results["routing"] = routing(
                 repo, work, env, args.seconds, args.models, args.routing_clients
@@ -299,6 +312,21 @@ def main() -> None:
     args.out.with_name(args.out.name + name + ".json").write_text(json.dumps(results, indent=1))
     print(json.dumps({k: v for k, v in results.items() if k != "autoscale"}, indent=1))
     print({k: v for k, v in results.get("autoscale", {}).items() if k != "timeline"})
+
+
+def third_budget(size: int, folder: int, models: int) -> int:
+    """A budget holding a third of `models` models of `size` resident bytes, and room to load
+    one more in place of one of them: a load reserves the model's bytes on disk (`folder`)
+    until its resident size is known (serving.models), so k resident models and a load need
+    (k - 1) x size + folder; k + 1 resident must not fit."""
+    k = max(1, models // 3)
+    low, high = (k - 1) * size + max(folder, size), (k + 1) * size
+    assert low < high, "the model's files are too large against its resident size"
+    return (low + high) // 2
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def _unit_bytes(repo: Path, work: Path, env: dict[str, str]) -> int:

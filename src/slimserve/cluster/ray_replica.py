@@ -128,7 +128,7 @@ class SlimserveReplica:
             self.prefixes.add(request_prefixes(path, body))
         return {"status": status, "body": answer, "replica": self.name}
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         return {"in_flight": self.asgi.in_flight(), "oldest_s": self.asgi.oldest_age_s()}
 
     async def __del__(self) -> None:

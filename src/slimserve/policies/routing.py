@@ -90,9 +90,7 @@ def home_order(key: str, names: Sequence[str]) -> list[str]:
     return sorted(names, key=weight, reverse=True)
 
 
-def balanced_homes(
-    keys: Iterable[str], names: Sequence[str], slack: float = 1.0
-) -> dict[str, str]:
+def balanced_homes(keys: Iterable[str], names: Sequence[str], slack: float = 1.0) -> dict[str, str]:
     """A home replica for each key: its first in home_order with fewer than
     ceil(slack x keys / replicas) keys so far, keys taken in hash order. Rendezvous hashing
     alone is lumpy for few models (six models on two replicas split 5/1 one time in five);

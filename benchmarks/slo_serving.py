@@ -315,7 +315,7 @@ def main() -> None:
                     k: p.get(k)
                     for k in ("latency_ms_by_batch", "agreement", "accuracy", "memory_bytes")
                 }
-                | {"sweep": p["sweep"]}
+                | {"sweep": p["sweep"], "open_loop": p.get("open_loop")}
                 for v, p in prof.items()
             },
             "plan": {

@@ -54,8 +54,8 @@ SIZES = [64, 4096, 4096, 10]
 RECIPES = ["bf16", "structured:0.75+finetune:epochs=3"]
 ENV = {"OMP_NUM_THREADS": "1"}
 # stream (0: tight), ms from the scheduled arrival, ms of it before the request was sent (the
-# load generator's own lateness), answered right, unit
-Record = tuple[int, float, float, bool, str]
+# load generator's own lateness), answered right, unit, the server's prediction (ms; nan: none)
+Record = tuple[int, float, float, bool, str, float]
 
 
 def build_repository(root: Path, epochs: int) -> Path:
@@ -181,10 +181,15 @@ def bodies(tight: dict[str, Any] | None) -> tuple[list[bytes], np.ndarray]:
 
 
 async def mixed_phase(
-    port: int, models: tuple[str, str], params: dict | None, rate: float, args: Any
+    port: int,
+    models: tuple[str, str],
+    params: dict | None,
+    rate: float,
+    seconds: float,
 ) -> list[Record]:
-    """Open loop at `rate`: even arrivals are the tight stream (to models[0], with `params`),
-    odd ones plain (to models[1]); returns per-stream latencies, accuracy, variants."""
+    """Open loop at `rate` for 1 s (not recorded) + `seconds`: even arrivals are the tight
+    stream (to models[0], with `params`), odd ones plain (to models[1]); returns per-stream
+    latencies, accuracy, variants."""
     host = "127.0.0.1"
     plain_bodies, labels = bodies(None)
     tight_bodies, _ = bodies(params)
@@ -198,7 +203,7 @@ async def mixed_phase(
         pool.put_nowait(await connect(host, port, keep_body=True))
     records: list[Record] = []
     start = time.perf_counter_ns()
-    warm_end, end = start + 1_000_000_000, start + int((1.0 + args.phase) * 1e9)
+    warm_end, end = start + 1_000_000_000, start + int((1.0 + seconds) * 1e9)
 
     async def one(i: int, scheduled_ns: int) -> None:
         stream, row = i % 2, (i // 2) % len(labels)
@@ -213,7 +218,8 @@ async def mixed_phase(
             return
         doc = orjson.loads(body)
         correct = int(np.argmax(doc["outputs"][0]["data"])) == int(labels[row])
-        records.append((stream, ms, late, correct, doc["model_name"]))
+        predicted = float((doc.get("parameters") or {}).get("predicted_latency_ms", "nan"))
+        records.append((stream, ms, late, correct, doc["model_name"], predicted))
 
     tasks: list[asyncio.Task[None]] = []
     # Each request sent at its instant (a thread times them: the loop's timers are ms-grained).
@@ -228,14 +234,19 @@ async def mixed_phase(
 
 
 def summarize(records: list[Record], slo_ms: float) -> dict[str, Any]:
+    """Attainment, latency and accuracy; for the tight half also where its time went: the
+    generator's lateness, and the server's prediction against what was measured after the
+    request was sent (prediction error, median)."""
     tight = [r for r in records if r[0] == 0]
     every = np.array([r[1] for r in records])
     served: dict[str, int] = {}
     for r in tight:
         served[r[4]] = served.get(r[4], 0) + 1
+    predicted = [(r[1] - r[2], r[5]) for r in tight if not np.isnan(r[5])]
     return {
         "requests": len(records),
         "tight_attainment": float(np.mean([r[1] <= slo_ms for r in tight])),
+        "tight_p50_ms": float(np.percentile([r[1] for r in tight], 50)),
         "tight_p99_ms": float(np.percentile([r[1] for r in tight], 99)),
         "tight_accuracy": float(np.mean([r[3] for r in tight])),
         "all_accuracy": float(np.mean([r[3] for r in records])),
@@ -243,6 +254,12 @@ def summarize(records: list[Record], slo_ms: float) -> dict[str, Any]:
         "sender_late_p99_ms": float(np.percentile([r[2] for r in records], 99)),
         "all_p99_ms": float(np.percentile(every, 99)),
         "tight_served_by": served,
+        "tight_predicted_p50_ms": float(np.median([p for _, p in predicted]))
+        if predicted
+        else None,
+        "tight_sent_to_answer_p50_ms": float(np.median([m for m, _ in predicted]))
+        if predicted
+        else None,
     }
 
 
@@ -258,10 +275,17 @@ def run_mixed(root: Path, prof: dict[str, dict[str, Any]], args: Any) -> dict[st
     }
     records: dict[str, list[Record]] = {name: [] for name in policies}
     rounds: dict[str, list[float]] = {name: [] for name in policies}
+    names = list(policies)
     with local_server(root, env=ENV) as server:
-        for _ in range(args.rounds):
-            for name, (models, params) in policies.items():
-                got = uvloop.run(mixed_phase(server.http_port, models, params, args.rate, args))
+        for name in names:  # warm every path once (first calls, allocator); not counted
+            models, params = policies[name]
+            uvloop.run(mixed_phase(server.http_port, models, params, args.rate, 1.0))
+        for i in range(args.rounds):
+            # Each round starts with another policy, so none always follows the same one.
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                models, params = policies[name]
+                phase = mixed_phase(server.http_port, models, params, args.rate, args.phase)
+                got = uvloop.run(phase)
                 records[name].extend(got)
                 rounds[name].append(summarize(got, args.slo_ms)["tight_attainment"])
     out: dict[str, Any] = {"cheapest": cheapest}

@@ -3,15 +3,19 @@
     PYTHONPATH=src python benchmarks/slo_serving.py [--quick]
 
 1. A digits MLP (64-4096-4096-10, trained here) and two variants from `slimserve optimize`
-   (bf16; structured:0.75+finetune), each profiled by `slimserve profile`.
+   (bf16; structured:0.75+finetune), each profiled by `slimserve profile` (closed loop at 1, 4
+   and 8 clients, then open loop at 0.15 and 0.5 of the best of those: the serving path the
+   plan fits its serving-path term on).
 2. Plan: two workloads (rate, p99 objective, quality budget, one machine of this box; see
    `workloads`) planned by `slimserve plan`; the planned machine's settings served by
    `slimserve serve --config` and driven by `slimserve bench --rate` (open loop, Poisson) at
    the workload's rate, --repeats times: median measured p99 and throughput against the plan's.
 3. Mixed traffic on one server holding every unit: an open loop at RATE, half of the requests
    with a tight objective. Three policies in interleaved rounds (--rounds x --phase seconds
-   each), each on the same arrivals (same seed): per-request choice (the tight half sends
-   latency_slo_ms and max_quality_loss), always the original, always the cheapest variant.
+   each, after one unrecorded warm-up phase each; each round starts with the next policy),
+   each on the same arrivals (same seed, sent by bench's pacing thread): per-request choice
+   (the tight half sends latency_slo_ms and max_quality_loss), always the original, always
+   the cheapest variant.
    Recorded for the tight half: share of answers within the objective (client-measured); for
    all: accuracy on the digits test labels of the answers served.
 

@@ -4,7 +4,7 @@
 
 1. A digits MLP (64-4096-4096-10, trained here) and two variants from `slimserve optimize`
    (bf16; structured:0.75+finetune), each profiled by `slimserve profile` (closed loop at 1, 4
-   and 8 clients, then open loop at 0.15 and 0.5 of the best of those: the serving path the
+   and 8 clients, then open loop at 0.1, 0.3 and 0.5 of the best of those: the serving path the
    plan fits its serving-path term on).
 2. Plan: two workloads (rate, p99 objective, quality budget, one machine of this box; see
    `workloads`) planned by `slimserve plan`; the planned machine's settings served by

@@ -109,12 +109,12 @@ def test_profile_writes_the_sweep_where_the_server_reads_it(repo: Path):
     assert point["throughput_rps"] > 0 and point["p99_ms"] >= point["p50_ms"] > 0
     assert p["memory_bytes"] > 0 and p["server_peak_rss_bytes"] > p["memory_bytes"]
     assert set(p["latency_ms_by_batch"]) == {"1", "2", "4", "8"}
-    # The serving path under an open loop (Poisson) at 0.15 and 0.5 of that throughput.
-    low, high = p["open_loop"]
-    assert [low["rate_rps"], high["rate_rps"]] == [
-        round(point["throughput_rps"] * share, 1) for share in (0.15, 0.5)
+    # The serving path under an open loop (Poisson) at 0.1, 0.3 and 0.5 of that throughput.
+    opened = p["open_loop"]
+    assert [o["rate_rps"] for o in opened] == [
+        round(point["throughput_rps"] * share, 1) for share in (0.1, 0.3, 0.5)
     ]
-    for o in (low, high):
+    for o in opened:
         assert o["concurrency"] == 32 and o["max_batch_size"] == 8 and o["errors"] == 0
         assert o["throughput_rps"] > 0 and o["p99_ms"] >= o["p50_ms"] > 0
     # The manifest covers profile.yaml and was refreshed, not broken.
@@ -182,9 +182,12 @@ def test_tight_and_loose_objectives_get_different_variants(repo, server, ask):
             assert a["predicted_latency_ms"] <= tight
         else:
             # What the request spent before the choice left less than `tight` for every unit
-            # (the answer's prediction leaves that time out): a cheaper unit, predicted first,
-            # answered rather than the original.
-            assert a["slo_variant"] in ("int8", "structured0.75"), answers
+            # (the answer's prediction leaves that time out): the unit predicted first
+            # answered. Usually a variant; on a loaded machine it may be the original, since
+            # each prediction scales by the unit's live slowdown (a 0.1 ms variant's recent
+            # batches can run 20x its profile where a larger model's run 2x).
+            assert a["slo_variant"] in ("", "int8", "structured0.75"), answers
+            assert a["predicted_latency_ms"] > 0
     assert any(a["slo_reachable"] for a in answers), (tight, answers)
     # The same objective with no quality to give: the original, and it says so.
     strict = ask(server, latency_slo_ms=tight, max_quality_loss=0.0)

@@ -57,7 +57,7 @@ class Grid:
     queue_delay_ms: tuple[float, ...] = (0.0, 2.0)
     duration_s: float = 1.0
     warmup_s: float = 0.3
-    open_loop_shares: tuple[float, ...] = (0.15, 0.5)  # of the best closed-loop throughput
+    open_loop_shares: tuple[float, ...] = (0.1, 0.3, 0.5)  # of the best closed-loop throughput
     connections: int = 32  # the open loop's (as `slimserve bench --rate` uses by default)
 
     def configs(self, model: ModelConfig) -> list[tuple[int, float]]:

@@ -24,7 +24,7 @@ def _shares(text: str) -> list[float]:
     if any(not (0 < v <= 1) for v in values):
         raise argparse.ArgumentTypeError(
             f"{text!r}: give shares of the best closed-loop throughput in (0, 1] separated by "
-            "commas, e.g. 0.15,0.5 (an empty string: no open-loop points)"
+            "commas, e.g. 0.1,0.3,0.5 (an empty string: no open-loop points)"
         )
     return values
 

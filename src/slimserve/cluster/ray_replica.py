@@ -3,8 +3,11 @@ composition root as `slimserve serve`, served through Ray Serve's ASGI ingress.
 
 The builder is handed in (`build`, normally `slimserve.app.build_server`) rather than
 imported, so that the app module, which starts Ray, and this module, which Ray runs, do not
-import each other. Ray calls `record_routing_stats` (for cluster.ray_router) and
-`record_autoscaling_stats` (for cluster.ray_autoscale) on a timer.
+import each other. Ray calls `record_autoscaling_stats` (for cluster.ray_autoscale) on a
+timer, and `record_routing_stats` (for cluster.ray_router) again as soon as its last call
+returned: each call waits until this replica's residency changes (or a second passes), so a
+model loaded or evicted reaches the routers at the next tick of Ray's controller (0.1 s)
+rather than at the next timed report.
 
 gRPC does not go through Ray: Ray's gRPC proxy calls one deployment method per RPC with
 messages it unpickles, which cannot carry the v2 service as slimserve serves it (its own
@@ -17,12 +20,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from ray import serve
 from starlette.types import ASGIApp
 
+from slimserve.cluster.ray_group import RayLauncher
 from slimserve.cluster.ray_metrics import RayMetricsMirror
 from slimserve.cluster.replica_app import (
     PrefixIndex,
@@ -33,6 +36,7 @@ from slimserve.cluster.replica_app import (
     routing_stats,
 )
 from slimserve.config import Settings
+from slimserve.runtimes.launch import WorkerLauncher
 from slimserve.serving.engine import Engine
 
 log = logging.getLogger("slimserve.ray")
@@ -65,7 +69,10 @@ class BuiltServer(Protocol):
     async def stop(self) -> None: ...
 
 
-Builder = Callable[[Settings], BuiltServer]
+class Builder(Protocol):
+    """The composition root (slimserve.app.build_server), as far as a replica calls it."""
+
+    def __call__(self, settings: Settings, *, launcher: WorkerLauncher | None) -> BuiltServer: ...
 
 
 @serve.ingress()
@@ -74,7 +81,10 @@ class SlimserveReplica:
 
     async def __init__(self, settings: dict[str, Any], build: Builder) -> None:  # type: ignore[misc]
         self.name = serve.get_replica_context().replica_id.unique_id
-        self.server = build(Settings(**settings))
+        config = Settings(**settings)
+        # A model split over worker processes gets them as Ray actors in a placement group.
+        launcher = RayLauncher(config.ray_group_strategy, config.ray_group_cpus)
+        self.server = build(config, launcher=launcher)
         await self.server.start(wait=True)  # ready once the startup models are loaded
         self.grpc: GrpcServer | None = None
         if self.server.settings.grpc_port:

@@ -38,22 +38,24 @@ MAX_DIMS = 32  # numpy allows 64; no model here has more than a handful
 _RAW_WHERE = "its raw_input_contents buffer"
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
 # Little-endian dtypes for raw buffers (the wire order, whatever the host's).
-# datatype -> (InferTensorContents field, numpy dtype of that field's values).
-CONTENTS_FIELDS: dict[str, tuple[str, np.dtype[Any]]] = {
-    "BOOL": ("bool_contents", np.dtype(np.bool_)),
-    "INT8": ("int_contents", np.dtype(np.int32)),
-    "INT16": ("int_contents", np.dtype(np.int32)),
-    "INT32": ("int_contents", np.dtype(np.int32)),
-    "INT64": ("int64_contents", np.dtype(np.int64)),
-    "UINT8": ("uint_contents", np.dtype(np.uint32)),
-    "UINT16": ("uint_contents", np.dtype(np.uint32)),
-    "UINT32": ("uint_contents", np.dtype(np.uint32)),
-    "UINT64": ("uint64_contents", np.dtype(np.uint64)),
-    "FP32": ("fp32_contents", np.dtype(np.float32)),
-    "FP64": ("fp64_contents", np.dtype(np.float64)),
-    "BYTES": ("bytes_contents", np.dtype(np.object_)),
+# InferTensorContents field -> (numpy dtype of its values, the datatypes it carries), as
+# grpc_service.proto declares them; CONTENTS_FIELDS looks them up by datatype.
+_FIELDS: dict[str, tuple[type[np.generic], tuple[str, ...]]] = {
+    "bool_contents": (np.bool_, ("BOOL",)),
+    "int_contents": (np.int32, ("INT8", "INT16", "INT32")),
+    "int64_contents": (np.int64, ("INT64",)),
+    "uint_contents": (np.uint32, ("UINT8", "UINT16", "UINT32")),
+    "uint64_contents": (np.uint64, ("UINT64",)),
+    "fp32_contents": (np.float32, ("FP32",)),
+    "fp64_contents": (np.float64, ("FP64",)),
+    "bytes_contents": (np.object_, ("BYTES",)),
 }
-_ALL_FIELDS = sorted({f for f, _ in CONTENTS_FIELDS.values()})
+CONTENTS_FIELDS: dict[str, tuple[str, np.dtype[Any]]] = {
+    datatype: (field, np.dtype(values))
+    for field, (values, datatypes) in _FIELDS.items()
+    for datatype in datatypes
+}
+_ALL_FIELDS = sorted(_FIELDS)
 
 
 # -- requests ------------------------------------------------------------------------------

@@ -46,13 +46,7 @@ from slimserve.fields import pick
 from slimserve.optimize.compress import compressed_size
 from slimserve.optimize.config import OptimizeConfig
 from slimserve.optimize.distillation import soft_target_loss, teacher_outputs
-from slimserve.optimize.prune import (
-    MagnitudePruning,
-    count_nonzero,
-    prune_,
-    prune_iteratively,
-    schedule_fraction,
-)
+from slimserve.optimize.prune import MagnitudePruning, count_nonzero, prune_, prune_iteratively
 from slimserve.optimize.sharing import WeightSharing, finetune_centroids, share_weights_
 from slimserve.train.loop import LossFn, TrainConfig, classification_loss, fit
 from slimserve.train.losses import Batch
@@ -62,9 +56,6 @@ MAX_EPOCHS = 20
 # Plan for this much more than `ratio`: retrained weights share and code less well than the
 # trial's (measured on LeNet-300-100: planned 42.0x at 1.05 gave 39.3x; 1.12 gave 42.1x).
 SIZE_MARGIN = 1.12
-# The last round's sparsity, planned again on the retrained weights, needs a smaller margin:
-# only the final retraining and the centroids still move them.
-REPLAN_MARGIN = 1.04
 FINAL_GAMMA = 0.7  # learning rate x this per epoch within the final retraining
 
 
@@ -76,7 +67,6 @@ class DeepCompression(OptimizeConfig):
     ratio: float = 40.0  # stored size target: float32 bytes / .dcz bytes
     sparsity: float | None = None  # fraction of weights pruned (global); None: from `ratio`
     rounds: int = 4
-    replan: bool = False  # plan the last round's sparsity again on the retrained weights
     epochs: int | None = None  # retraining epochs per round
     final_epochs: int | None = None
     lr: float | None = None  # Adam, retraining
@@ -131,7 +121,6 @@ class DeepCompressionReport:
     schedule: Schedule
     baseline_accuracy: float | None
     rounds: list[dict[str, float | None]] = field(default_factory=list)
-    replanned_sparsity: float | None = None
     pruned_accuracy: float | None = None
     shared_accuracy: float | None = None
     nonzero: int = 0
@@ -169,14 +158,12 @@ def stored_ratio(model: nn.Module, sparsity: float, sharing: WeightSharing) -> f
     return compressed_size(trial).ratio
 
 
-def plan_sparsity(
-    model: nn.Module, config: DeepCompression, margin: float = SIZE_MARGIN, steps: int = 8
-) -> float:
-    """The smallest global sparsity whose stored size meets ratio x margin (bisection)."""
+def plan_sparsity(model: nn.Module, config: DeepCompression, steps: int = 8) -> float:
+    """The smallest global sparsity whose stored size meets ratio x SIZE_MARGIN (bisection)."""
     if config.sparsity is not None:
         return config.sparsity
     sharing = WeightSharing(bits=config.bits, conv_bits=config.conv_bits)
-    target = config.ratio * margin
+    target = config.ratio * SIZE_MARGIN
     lo, hi = 0.5, 0.995
     if stored_ratio(model, hi, sharing) < target:
         raise InvalidArgument(
@@ -238,9 +225,6 @@ def _prune_rounds(
     report: DeepCompressionReport,
     bar: tqdm,
 ) -> None:
-    """`rounds` rounds on the cubic schedule towards the planned sparsity; with `replan`, the
-    last round's sparsity is planned again on the retrained weights (see REPLAN_MARGIN)."""
-
     def after_round(m: nn.Module) -> float:
         acc = score(m)
         bar.set_postfix(stage=f"round {len(report.rounds) + 1}", acc=_pct(acc))
@@ -249,22 +233,17 @@ def _prune_rounds(
         return float("nan") if acc is None else acc
 
     train = _train(config, schedule.round_epochs, schedule.lr, "prune round")
-    for r in range(1, config.rounds + 1):
-        amount = schedule.sparsity * schedule_fraction(r, config.rounds)
-        if r == config.rounds and config.replan and config.sparsity is None:
-            amount = plan_sparsity(model, config, REPLAN_MARGIN)
-            report.replanned_sparsity = amount
-        desc = f"prune round {r}/{config.rounds}"
-        (done,) = prune_iteratively(
-            model,
-            MagnitudePruning(amount=amount, scope="global"),
-            data,
-            replace(train, desc=desc),
-            rounds=1,
-            loss_fn=loss,
-            metric=after_round,
-        )
-        report.rounds[-1]["sparsity"] = round(done.sparsity, 4)
+    rounds = prune_iteratively(
+        model,
+        MagnitudePruning(amount=schedule.sparsity, scope="global"),
+        data,
+        train,
+        rounds=config.rounds,
+        loss_fn=loss,
+        metric=after_round,
+    )
+    for entry, r in zip(report.rounds, rounds, strict=True):
+        entry["sparsity"] = round(r.sparsity, 4)
 
 
 def _retrain(

@@ -151,6 +151,17 @@ class ModelManager:
         self.models: dict[str, ModelEntry] = {}
         self._room = asyncio.Lock()  # one make-room decision at a time
         self._locks: dict[str, asyncio.Lock] = {}
+        self._watchers: list[Callable[[], None]] = []
+
+    def watch_residency(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the event loop) whenever a unit starts loading, becomes ready,
+        fails to load or is unloaded: a Ray replica reports its residency to the router at
+        once rather than on a timer (cluster.ray_replica)."""
+        self._watchers.append(callback)
+
+    def _residency_changed(self) -> None:
+        for callback in self._watchers:
+            callback()
 
     # -- discovery and lookup ----------------------------------------------------------------
 
@@ -256,21 +267,23 @@ class ModelManager:
             await self._make_room(estimate, evict)
             self.used_bytes += estimate  # reserved until the real size is known
         unit.state, unit.reason = State.LOADING, ""
+        self._residency_changed()
         started = self._clock()
         try:
             loop = asyncio.get_running_loop()
             runtime = await loop.run_in_executor(self._load_executor, self._build, unit.target)
-            executor = self._infer_threads.assign()
+            executor = self._infer_threads.assign(unit.target.key, _thread_cost_ms(unit.target))
             try:  # warmed up on the thread that will run its batches (serving/threads.py)
                 await loop.run_in_executor(executor, self._warm, runtime)
             except BaseException:
-                self._infer_threads.release(executor)
+                self._infer_threads.release(unit.target.key)
                 raise
         except Exception as exc:  # noqa: BLE001 - any load failure marks this unit unavailable
             self.used_bytes -= estimate
             unit.state = State.UNAVAILABLE
             unit.reason = exc.message if isinstance(exc, SlimserveError) else _describe(exc)
             log.error("failed to load %s: %s", unit.target.key, unit.reason)
+            self._residency_changed()
             raise Unavailable(f"{unit.target.key} failed to load: {unit.reason}") from None
         self._activate(unit, runtime, executor, estimate, self._clock() - started)
 
@@ -307,6 +320,7 @@ class ModelManager:
         unit.runtime, unit.cold_load_s = runtime, load_s
         unit.state = State.READY
         self.loads += 1
+        self._residency_changed()
         log.info(
             "loaded %s (%s) in %.2f s, %.1f MiB; resident %.1f of %.1f MiB",
             unit.target.key,
@@ -422,6 +436,7 @@ class ModelManager:
                 unit.state, unit.reason = state, reason
             return
         unit.state = State.UNLOADING
+        self._residency_changed()
         if unit.batcher is not None:
             await unit.batcher.close()  # queued requests finish first
         if unit.runtime is not None:
@@ -430,9 +445,10 @@ class ModelManager:
         if unit.resident is not None:
             self.used_bytes -= unit.resident.size_bytes
         if unit.executor is not None:
-            self._infer_threads.release(unit.executor)
+            self._infer_threads.release(unit.target.key)
         unit.runtime, unit.batcher, unit.resident, unit.executor = None, None, None, None
         unit.state, unit.reason = state, reason
+        self._residency_changed()
         log.info("unloaded %s (%s)", unit.target.key, reason)
 
     async def close(self) -> None:
@@ -467,3 +483,11 @@ def _memory_bytes(runtime: Runtime) -> int:
 
 def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def _thread_cost_ms(target: Target) -> float | None:
+    """How long the unit holds its inference thread per batch: its profiled batch-1 latency
+    (serving/threads.py balances these); None without a profile."""
+    profile = target.profile
+    curve = profile.latency_curve() if profile is not None else ()
+    return curve[0][1] if curve else None

@@ -42,8 +42,11 @@ test: $(STAMP) test-deps
 	$(PY) -m pytest -q -p no:cacheprovider -rs
 
 # The gate CI runs before the tests (.ci/run): ruff's rules and formatting on all the Python,
-# mypy --strict on the package (pyproject.toml holds both configurations).
-lint: $(STAMP)
+# mypy --strict on the package (pyproject.toml holds both configurations). lint installs into
+# a venv not yet installed (CI's clean clone) but never reinstalls because pyproject.toml
+# changed: that is `make install`'s job, and with a shared VENV= it would re-point the
+# editable install at this checkout.
+lint: $(if $(wildcard $(STAMP)),,$(STAMP))
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy src

@@ -226,7 +226,7 @@ def fit(
     result.loss_scale = scaler.scale if scaler else None
     engine.finish(model)
     if fast_layout:
-        model.to(memory_format=torch.contiguous_format)
+        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     model.train(was_training)
     if ctx.is_distributed:
         # Free the DDP wrapper now: left to the garbage collector it can outlive the process
@@ -294,7 +294,8 @@ def _channels_last(model: nn.Module, ctx: DistContext) -> bool:
     convs = any(p.dim() == 4 for p in model.parameters())
     if not convs or ctx.is_distributed or ctx.device.type != "cpu":
         return False
-    model.to(memory_format=torch.channels_last)
+    # Module.to takes memory_format at run time; torch's type stubs leave it out.
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return True
 
 

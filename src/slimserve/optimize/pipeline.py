@@ -15,7 +15,9 @@ Order of work, so that bad input changes nothing:
 
 Under torchrun (`--parallel`), every process runs every recipe's steps, since the steps that
 train need them all; only rank 0 measures, writes variants and the report. The others stop
-after the last step (`_follow`).
+after the last step (`_follow`). Under pipeline stages, when every recipe distills from the
+original, no process loads it whole: each holds its stage, and the original is profiled
+stage by stage (split_original.py).
 """
 
 from __future__ import annotations

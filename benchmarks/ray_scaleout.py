@@ -1,10 +1,13 @@
 """Scale-out figures on a real two-node Ray cluster on this machine (one CPU per node, inside
 a private network namespace): slimserve alone against slimserve through Ray's proxy (one
 replica), where the time goes through the proxy, slimserve's router against Ray's default on
-many models (each replica's budget holds a third of them), and an autoscaling timeline.
+many models (each replica's budget holds a third of them), and an autoscaling timeline with
+where the time from the load step to the new replica's first answer goes.
 
     PYTHONPATH=src:. python benchmarks/ray_scaleout.py --seconds 15 --out benchmarks/ray_scaleout
     PYTHONPATH=src:. python benchmarks/ray_scaleout.py --seconds 15 --parts proxy,haproxy,routing
+    PYTHONPATH=src:. python benchmarks/ray_scaleout.py --seconds 15 --parts routing    # ~4 min
+    PYTHONPATH=src:. python benchmarks/ray_scaleout.py --parts autoscale               # ~2.5 min
 
 Writes OUT.json (OUT_PARTS.json for other --parts) and OUT_autoscale.png; run as root
 (network namespace).

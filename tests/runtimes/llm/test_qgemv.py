@@ -1,0 +1,115 @@
+"""The C kernel for few-row quantized matmuls (qgemv.py): exact weights where the checkpoint
+allows, products within int8-activation rounding, the same result on one core or two, and a
+clean fallback to torch when it cannot be built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from slimserve.runtimes.llm import qgemv  # noqa: E402
+from slimserve.runtimes.llm.int4mm import DualLinear, Int4Linear  # noqa: E402
+from slimserve.runtimes.llm.qgemv import QLinear  # noqa: E402
+
+from .test_int4mm import four_bit_weight  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(not qgemv.available(), reason="no AVX-512 VNNI or compiler")
+
+
+def q4_1_weight(n: int, k: int) -> torch.Tensor:
+    """What a GGUF Q4_1 tensor dequantizes to: levels 0..15 (both ends used) times an fp16
+    step, plus an fp16 minimum, per group of 32."""
+    weight = four_bit_weight(n, k).view(n, k // 32, 32)
+    low, high = weight.amin(dim=2, keepdim=True), weight.amax(dim=2, keepdim=True)
+    step, low = ((high - low) / 15).half().float(), low.half().float()
+    return (torch.round((weight - low) / step) * step + low).view(n, k)
+
+
+def q8_0_weight(n: int, k: int) -> torch.Tensor:
+    """What a GGUF Q8_0 tensor dequantizes to: q in -127..127 times an fp16 step per 32."""
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (n, k // 32, 32), generator=generator).float()
+    q[..., 0] = 127
+    step = (torch.rand(n, k // 32, 1, generator=generator) * 0.01 + 1e-4).half().float()
+    return (q * step).view(n, k)
+
+
+@needs_kernel
+def test_four_and_eight_bit_checkpoints_are_kept_exact() -> None:
+    four = QLinear(q4_1_weight(64, 256))
+    assert four.bits == 4
+    assert torch.equal(four.dequantize(), q4_1_weight(64, 256))
+    eight = QLinear(q8_0_weight(48, 128))
+    assert eight.bits == 8
+    assert torch.equal(eight.dequantize(), q8_0_weight(48, 128))
+
+
+@needs_kernel
+def test_other_weights_become_int8_per_group() -> None:
+    weight = torch.randn(32, 192)
+    linear = QLinear(weight)
+    assert linear.bits == 8
+    step = weight.view(32, 6, 32).abs().amax(dim=2, keepdim=True) / 127
+    error = (linear.dequantize() - weight).view(32, 6, 32).abs()
+    assert bool((error <= step * 0.51 + 1e-6).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 4, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_products_match_the_weights_it_holds(rows: int, dtype: torch.dtype) -> None:
+    """Any number of rows (groups of four and the rest), fp32 or bf16 activations: within
+    the rounding of int8 activations per group of 32 (~0.5% of the product's norm)."""
+    for weight in (q4_1_weight(96, 320), torch.randn(80, 128)):
+        linear = QLinear(weight)
+        x = torch.randn(rows, weight.shape[1]).to(dtype)
+        expected = x.float() @ linear.dequantize().T
+        got = linear(x)
+        assert got.shape == (rows, weight.shape[0]) and got.dtype == torch.float32
+        assert float((got - expected).norm() / expected.norm()) < 0.015
+
+
+@needs_kernel
+def test_two_cores_give_the_same_bits_as_one() -> None:
+    """The outputs are split between the cores, never a dot product: the same result."""
+    linear = QLinear(q4_1_weight(512, 256))
+    x = torch.randn(2, 1, 256)  # leading dimensions kept
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = linear(x)
+        torch.set_num_threads(2)
+        shared = [linear(x) for _ in range(20)]  # the pool's workers, woken and spinning
+    finally:
+        torch.set_num_threads(saved)
+    assert alone.shape == (2, 1, 512)
+    assert all(torch.equal(alone, y) for y in shared)
+
+
+@needs_kernel
+def test_dual_linear_takes_the_kernel_and_falls_back_when_switched_off() -> None:
+    weight = four_bit_weight(64, 256)
+    assert isinstance(DualLinear(weight).small, QLinear)
+    with qgemv.switched_off():
+        assert isinstance(DualLinear(weight).small, Int4Linear)
+
+
+def test_no_compiler_means_torch_kernels(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compiler that fails (or none) leaves the torch path, with one warning."""
+    monkeypatch.setenv("CC", "false")  # /bin/false: exits 1, builds nothing
+    monkeypatch.setenv("SLIMSERVE_KERNEL_CACHE", str(tmp_path))
+    qgemv._library.cache_clear()
+    try:
+        if not qgemv._cpu_has_isa():
+            assert not qgemv.available()
+            return
+        assert not qgemv.available()
+        assert "did not build" in caplog.text
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        qgemv._library.cache_clear()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimserve.runtimes.llm import attention
+from slimserve.runtimes.llm import attention, qgemv
 from slimserve.runtimes.llm.model import _ACTIVATIONS, Batch, LayerWeights, LlamaModel, forward
 
 
@@ -53,6 +53,9 @@ def forward_step(
         fast = supported(model)
     if not fast or batch.tokens.shape[1] != 1:
         return forward(model, pool, batch)
+    if batch.tokens.shape[0] <= qgemv.MAX_ROWS:  # the few-row kernel takes the cores
+        with qgemv.owning_cores():
+            return _decode(model, pool, batch)
     return _decode(model, pool, batch)
 
 

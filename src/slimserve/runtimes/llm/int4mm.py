@@ -157,7 +157,7 @@ class DualLinear:
         if qgemv.available() and qgemv.fits(weight):
             self.small = QLinear(weight)
             # Its cost per extra row is a dot product, not a re-read of the weights.
-            self.max_rows = 8
+            self.max_rows = qgemv.MAX_ROWS
             self.large = BFloat16Linear(self.small.dequantize())
         else:
             planes = Int4Linear(weight)

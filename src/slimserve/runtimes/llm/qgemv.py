@@ -32,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,7 +108,11 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+# Steps of at most this many rows go through the kernel (int4mm.DualLinear); more through
+# oneDNN's bf16 matmuls.
+MAX_ROWS = 8
 _switched_off: list[bool] = []
+_local = threading.local()  # .threads: the kernel's threads inside `owning_cores`
 
 
 def available() -> bool:
@@ -159,6 +164,25 @@ def _eight_bit(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     safe = torch.where(d > 0, d, torch.ones_like(d))[..., None]
     q = torch.round(groups / safe).clamp(-127, 127) * (d[..., None] > 0)
     return (q + 128).to(torch.uint8), scale, (-128 * d).half()
+
+
+@contextlib.contextmanager
+def owning_cores() -> Iterator[None]:
+    """Inside, torch runs on one thread and the kernel on all of torch's: the small torch
+    operations of a few-row step gain nothing from a second thread, and each OpenMP region
+    (scaled_dot_product_attention's, for one) would wake a torch thread that competes with
+    the kernel's pool for the same cores."""
+    threads = torch.get_num_threads()
+    if threads == 1 or not available():
+        yield
+        return
+    _local.threads = threads
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _local.threads = None
 
 
 class QLinear:
@@ -222,6 +246,6 @@ class QLinear:
             n,
             k,
             out.data_ptr(),
-            torch.get_num_threads(),
+            getattr(_local, "threads", None) or torch.get_num_threads(),
         )
         return out.view(*x.shape[:-1], n)

@@ -146,14 +146,11 @@ static inline __attribute__((always_inline)) void rows_dot(const Job *j, int n, 
     }
 }
 
-static void run_range(const Job *j, int ith, int nth) {
-    /* Contiguous slices of outputs, in multiples of 16 so slices do not share cache lines. */
-    int units = (j->N + 15) / 16;
-    int n0 = (int)((long)units * ith / nth) * 16, n1 = (int)((long)units * (ith + 1) / nth) * 16;
-    if (n1 > j->N) n1 = j->N;
-    /* One weight row at a time, all activation rows against it: interleaving four weight
-     * rows (activations loaded once for four) was slower when the weights stream from DRAM
-     * (SmolLM2's head: 4.9 against 2.0 ms), the hardware prefetcher prefers one stream. */
+/* Outputs n0..n1-1 for every activation row. One weight row at a time, all activation rows
+ * against it: interleaving four weight rows (activations loaded once for four) was slower
+ * when the weights stream from DRAM (SmolLM2's head: 4.9 against 2.0 ms); the hardware
+ * prefetcher prefers one stream. */
+static void run_rows(const Job *j, int n0, int n1) {
     for (int n = n0; n < n1; n++) {
         int m0 = 0;
         for (; m0 + 4 <= j->M; m0 += 4) rows_dot(j, n, m0, 4);
@@ -166,14 +163,20 @@ static void run_range(const Job *j, int ith, int nth) {
     }
 }
 
-/* The pool: workers 1..created-1 wait for `generation` to change, run their share of `job`,
- * and count themselves done. They spin for SPIN_NS (the next matmul of a decode step comes
- * within microseconds), then sleep on a condition variable. */
+/* The pool shares a job's outputs in units of UNIT rows, each claimed by whichever thread
+ * comes first: the caller never waits for a worker that has not started (a busy machine
+ * may not schedule it for milliseconds), only for units a worker already holds. Workers
+ * spin for SPIN_NS between jobs (a decode step's next matmul comes within microseconds),
+ * then sleep on a condition variable. `cursor` is the job's generation (high 32 bits) and
+ * its next unclaimed unit: a late worker cannot claim a unit of a newer job. */
+#define UNIT 32
+
 static Job job;
-static atomic_int generation, done;
-static int job_threads = 1, created = 1, sleepers = 0;
+static _Atomic uint64_t cursor;
+static atomic_uint generation;
+static atomic_int finished; /* units of the current job done */
+static int created = 1, sleepers = 0;
 static pid_t owner = 0;
-static int born[MAX_THREADS]; /* the generation current when each worker was created */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 
@@ -183,9 +186,25 @@ static long now_ns(void) {
     return t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
+static int claim(uint32_t gen, int units) {
+    uint64_t v = atomic_load_explicit(&cursor, memory_order_acquire);
+    for (;;) {
+        if ((uint32_t)(v >> 32) != gen || (int)(uint32_t)v >= units) return -1;
+        if (atomic_compare_exchange_weak(&cursor, &v, v + 1)) return (int)(uint32_t)v;
+    }
+}
+
+static void work(const Job *j, uint32_t gen) {
+    int units = (j->N + UNIT - 1) / UNIT;
+    for (int u; (u = claim(gen, units)) >= 0;) {
+        int n1 = (u + 1) * UNIT < j->N ? (u + 1) * UNIT : j->N;
+        run_rows(j, u * UNIT, n1);
+        atomic_fetch_add_explicit(&finished, 1, memory_order_release);
+    }
+}
+
 static void *worker(void *arg) {
-    int ith = (int)(intptr_t)arg;
-    int seen = born[ith]; /* not the current one: a job may be published before we run */
+    uint32_t seen = (uint32_t)(uintptr_t)arg; /* the generation when we were created */
     for (;;) {
         long start = now_ns();
         int spins = 0;
@@ -200,15 +219,14 @@ static void *worker(void *arg) {
             }
         }
         seen = atomic_load_explicit(&generation, memory_order_acquire);
-        if (ith < job_threads) {
-            run_range(&job, ith, job_threads);
-            atomic_fetch_add_explicit(&done, 1, memory_order_release);
-        }
+        /* A copy torn by a newer job is never used: that job's cursor refuses our claims. */
+        Job mine = job;
+        work(&mine, seen);
     }
     return NULL;
 }
 
-static int grow(int threads) {
+static void grow(int threads) {
     if (owner != getpid()) { /* a forked child has none of its parent's workers */
         created = 1;
         owner = getpid();
@@ -218,35 +236,35 @@ static int grow(int threads) {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        born[created] = atomic_load(&generation);
-        int failed = pthread_create(&t, &attr, worker, (void *)(intptr_t)created);
+        uintptr_t born = atomic_load(&generation);
+        int failed = pthread_create(&t, &attr, worker, (void *)born);
         pthread_attr_destroy(&attr);
         if (failed) break;
         created++;
     }
-    return created < threads ? created : threads;
 }
 
 /* y (M, N) fp32 = x (M, K) @ W.T for W held as `bits`-bit levels (see the top). `threads`:
- * how many cores share the N outputs (the caller's thread is one of them). */
+ * how many threads may share the outputs (the caller's is one of them). */
 void qgemv(const uint8_t *levels, const float *scales, const uint16_t *offsets, int bits,
            const int8_t *qx, const float *d, const float *dsum, int M, int N, int K,
            float *y, int threads) {
     Job j = {levels, scales, offsets, qx, d, dsum, y, M, N, K, bits};
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > 1 && N >= 64 * threads) threads = grow(threads);
-    else threads = 1;
-    if (threads == 1) {
-        run_range(&j, 0, 1);
+    if (threads > 1 && N >= 4 * UNIT) grow(threads);
+    if (threads < 2 || N < 4 * UNIT || created < 2) {
+        run_rows(&j, 0, N);
         return;
     }
     job = j;
-    job_threads = threads;
-    atomic_store_explicit(&done, 0, memory_order_relaxed);
-    atomic_fetch_add_explicit(&generation, 1, memory_order_release);
+    atomic_store_explicit(&finished, 0, memory_order_relaxed);
+    uint32_t gen = atomic_load(&generation) + 1;
+    atomic_store_explicit(&cursor, (uint64_t)gen << 32, memory_order_release);
+    atomic_store_explicit(&generation, gen, memory_order_release);
     pthread_mutex_lock(&lock);
     if (sleepers) pthread_cond_broadcast(&wake);
     pthread_mutex_unlock(&lock);
-    run_range(&j, 0, threads);
-    while (atomic_load_explicit(&done, memory_order_acquire) < threads - 1) _mm_pause();
+    work(&j, gen);
+    int units = (N + UNIT - 1) / UNIT;
+    while (atomic_load_explicit(&finished, memory_order_acquire) < units) _mm_pause();
 }

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import uvloop
 
-from slimserve.transport._proto import grpc_service_pb2 as pb
+from slimserve.transport.vendor import grpc_service_pb2 as pb
 
 SERVICE = "inference.GRPCInferenceService"
 

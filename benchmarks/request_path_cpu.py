@@ -28,8 +28,8 @@ import orjson
 
 from slimserve.config import Settings
 from slimserve.testing import EchoRuntime, toy_config, write_model
-from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport.grpc import InferenceServicer
+from slimserve.transport.vendor import grpc_service_pb2 as pb
 from slimserve.types import InferRequest
 
 WIDTH = 784

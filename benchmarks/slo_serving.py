@@ -3,15 +3,19 @@
     PYTHONPATH=src python benchmarks/slo_serving.py [--quick]
 
 1. A digits MLP (64-4096-4096-10, trained here) and two variants from `slimserve optimize`
-   (bf16; structured:0.75+finetune), each profiled by `slimserve profile`.
+   (bf16; structured:0.75+finetune), each profiled by `slimserve profile` (closed loop at 1, 4
+   and 8 clients, then open loop at 0.1, 0.3 and 0.5 of the best of those: the serving path the
+   plan fits its serving-path term on).
 2. Plan: two workloads (rate, p99 objective, quality budget, one machine of this box; see
    `workloads`) planned by `slimserve plan`; the planned machine's settings served by
    `slimserve serve --config` and driven by `slimserve bench --rate` (open loop, Poisson) at
    the workload's rate, --repeats times: median measured p99 and throughput against the plan's.
 3. Mixed traffic on one server holding every unit: an open loop at RATE, half of the requests
    with a tight objective. Three policies in interleaved rounds (--rounds x --phase seconds
-   each), each on the same arrivals (same seed): per-request choice (the tight half sends
-   latency_slo_ms and max_quality_loss), always the original, always the cheapest variant.
+   each, after one unrecorded warm-up phase each; each round starts with the next policy),
+   each on the same arrivals (same seed, sent by bench's pacing thread): per-request choice
+   (the tight half sends latency_slo_ms and max_quality_loss), always the original, always
+   the cheapest variant.
    Recorded for the tight half: share of answers within the objective (client-measured); for
    all: accuracy on the digits test labels of the answers served.
 
@@ -35,11 +39,13 @@ from typing import Any
 import numpy as np
 import orjson
 import torch
+import uvloop
 import yaml
 from safetensors.torch import save_file
 
 from slimserve.bench.http_client import build_request, connect
 from slimserve.bench.local_server import local_server
+from slimserve.bench.runner import paced, poisson_schedule
 from slimserve.cli import main as slimserve
 from slimserve.optimize.data import digits
 from slimserve.optimize.pipeline import Options, optimize
@@ -51,7 +57,9 @@ OUT = Path(__file__).parent / "results" / "slo_serving.json"
 SIZES = [64, 4096, 4096, 10]
 RECIPES = ["bf16", "structured:0.75+finetune:epochs=3"]
 ENV = {"OMP_NUM_THREADS": "1"}
-Record = tuple[int, float, bool, str]  # stream (0: tight), ms, answered right, unit
+# stream (0: tight), ms from the scheduled arrival, ms of it before the request was sent (the
+# load generator's own lateness), answered right, unit, the server's prediction (ms; nan: none)
+Record = tuple[int, float, float, bool, str, float]
 
 
 def build_repository(root: Path, epochs: int) -> Path:
@@ -177,10 +185,15 @@ def bodies(tight: dict[str, Any] | None) -> tuple[list[bytes], np.ndarray]:
 
 
 async def mixed_phase(
-    port: int, models: tuple[str, str], params: dict | None, rate: float, args: Any
+    port: int,
+    models: tuple[str, str],
+    params: dict | None,
+    rate: float,
+    seconds: float,
 ) -> list[Record]:
-    """Open loop at `rate`: even arrivals are the tight stream (to models[0], with `params`),
-    odd ones plain (to models[1]); returns per-stream latencies, accuracy, variants."""
+    """Open loop at `rate` for 1 s (not recorded) + `seconds`: even arrivals are the tight
+    stream (to models[0], with `params`), odd ones plain (to models[1]); returns per-stream
+    latencies, accuracy, variants."""
     host = "127.0.0.1"
     plain_bodies, labels = bodies(None)
     tight_bodies, _ = bodies(params)
@@ -192,33 +205,32 @@ async def mixed_phase(
     pool: asyncio.Queue[Any] = asyncio.Queue()
     for _ in range(32):
         pool.put_nowait(await connect(host, port, keep_body=True))
-    rng = np.random.default_rng(7)
     records: list[Record] = []
-    start = time.perf_counter()
-    warm_end, end = start + 1.0, start + 1.0 + args.phase
+    start = time.perf_counter_ns()
+    warm_end, end = start + 1_000_000_000, start + int((1.0 + seconds) * 1e9)
 
-    async def one(i: int, scheduled: float) -> None:
+    async def one(i: int, scheduled_ns: int) -> None:
         stream, row = i % 2, (i // 2) % len(labels)
         conn = await pool.get()
+        late = (time.perf_counter_ns() - scheduled_ns) / 1e6
         try:
             status, body = await conn.request(raw[stream][row])
         finally:
             pool.put_nowait(conn)
-        ms = (time.perf_counter() - scheduled) * 1e3
-        if status != 200 or scheduled < warm_end:
+        ms = (time.perf_counter_ns() - scheduled_ns) / 1e6
+        if status != 200 or scheduled_ns < warm_end:
             return
         doc = orjson.loads(body)
         correct = int(np.argmax(doc["outputs"][0]["data"])) == int(labels[row])
-        records.append((stream, ms, correct, doc["model_name"]))
+        predicted = float((doc.get("parameters") or {}).get("predicted_latency_ms", "nan"))
+        records.append((stream, ms, late, correct, doc["model_name"], predicted))
 
-    tasks, t, i = [], start, 0
-    while True:
-        t += rng.exponential(1 / rate)
-        if t >= end:
-            break
-        await asyncio.sleep(max(0.0, t - time.perf_counter()))
-        tasks.append(asyncio.create_task(one(i, t)))
-        i += 1
+    tasks: list[asyncio.Task[None]] = []
+    # Each request sent at its instant (a thread times them: the loop's timers are ms-grained).
+    await paced(
+        poisson_schedule(start, end, rate, 7),
+        lambda i, t: tasks.append(asyncio.ensure_future(one(i, t))),
+    )
     await asyncio.gather(*tasks)
     while not pool.empty():
         pool.get_nowait().close()
@@ -226,19 +238,32 @@ async def mixed_phase(
 
 
 def summarize(records: list[Record], slo_ms: float) -> dict[str, Any]:
+    """Attainment, latency and accuracy; for the tight half also where its time went: the
+    generator's lateness, and the server's prediction against what was measured after the
+    request was sent (prediction error, median)."""
     tight = [r for r in records if r[0] == 0]
     every = np.array([r[1] for r in records])
     served: dict[str, int] = {}
     for r in tight:
-        served[r[3]] = served.get(r[3], 0) + 1
+        served[r[4]] = served.get(r[4], 0) + 1
+    predicted = [(r[1] - r[2], r[5]) for r in tight if not np.isnan(r[5])]
     return {
         "requests": len(records),
         "tight_attainment": float(np.mean([r[1] <= slo_ms for r in tight])),
+        "tight_p50_ms": float(np.percentile([r[1] for r in tight], 50)),
         "tight_p99_ms": float(np.percentile([r[1] for r in tight], 99)),
-        "tight_accuracy": float(np.mean([r[2] for r in tight])),
-        "all_accuracy": float(np.mean([r[2] for r in records])),
+        "tight_accuracy": float(np.mean([r[3] for r in tight])),
+        "all_accuracy": float(np.mean([r[3] for r in records])),
+        "sender_late_p50_ms": float(np.percentile([r[2] for r in records], 50)),
+        "sender_late_p99_ms": float(np.percentile([r[2] for r in records], 99)),
         "all_p99_ms": float(np.percentile(every, 99)),
         "tight_served_by": served,
+        "tight_predicted_p50_ms": float(np.median([p for _, p in predicted]))
+        if predicted
+        else None,
+        "tight_sent_to_answer_p50_ms": float(np.median([m for m, _ in predicted]))
+        if predicted
+        else None,
     }
 
 
@@ -254,10 +279,17 @@ def run_mixed(root: Path, prof: dict[str, dict[str, Any]], args: Any) -> dict[st
     }
     records: dict[str, list[Record]] = {name: [] for name in policies}
     rounds: dict[str, list[float]] = {name: [] for name in policies}
+    names = list(policies)
     with local_server(root, env=ENV) as server:
-        for _ in range(args.rounds):
-            for name, (models, params) in policies.items():
-                got = asyncio.run(mixed_phase(server.http_port, models, params, args.rate, args))
+        for name in names:  # warm every path once (first calls, allocator); not counted
+            models, params = policies[name]
+            uvloop.run(mixed_phase(server.http_port, models, params, args.rate, 1.0))
+        for i in range(args.rounds):
+            # Each round starts with another policy, so none always follows the same one.
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                models, params = policies[name]
+                phase = mixed_phase(server.http_port, models, params, args.rate, args.phase)
+                got = uvloop.run(phase)
                 records[name].extend(got)
                 rounds[name].append(summarize(got, args.slo_ms)["tight_attainment"])
     out: dict[str, Any] = {"cheapest": cheapest}
@@ -311,7 +343,7 @@ def main() -> None:
                     k: p.get(k)
                     for k in ("latency_ms_by_batch", "agreement", "accuracy", "memory_bytes")
                 }
-                | {"sweep": p["sweep"]}
+                | {"sweep": p["sweep"], "open_loop": p.get("open_loop")}
                 for v, p in prof.items()
             },
             "plan": {

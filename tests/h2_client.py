@@ -27,7 +27,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
-from slimserve.transport._proto import grpc_service_pb2 as pb
+from slimserve.transport.vendor import grpc_service_pb2 as pb
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 SERVICE = "/inference.GRPCInferenceService/"

@@ -24,6 +24,7 @@ from slimserve.config import Settings
 from slimserve.errors import ConfigError
 from slimserve.repository.store import Repository
 from slimserve.runtimes.base import RuntimeOptions
+from slimserve.runtimes.launch import WorkerLauncher
 from slimserve.security.audit import AuditLog
 from slimserve.security.crypto import resolve_data_key
 from slimserve.security.keys import Authenticator
@@ -51,13 +52,16 @@ def build_engine(
     repository: Repository | None = None,
     runtime_factory: RuntimeFactory | None = None,
     clock: Clock = time.monotonic,
+    launcher: WorkerLauncher | None = None,
 ) -> Engine:
     """The engine and every part it works with, built from `settings`.
 
     `runtime_factory` (target, options) -> Runtime replaces the backends (tests pass toy
     runtimes); `clock` (monotonic seconds) is the one clock of every decision by time: batching
     windows, deadlines, rate limits, breakers, residency, cache expiry, generation deadlines
-    (tests pass `slimserve.testing.FakeClock`). The engine owns what is built here:
+    (tests pass `slimserve.testing.FakeClock`); `launcher` starts the worker processes of
+    models split over several (runtimes/launch.py; None: local processes). The engine owns
+    what is built here:
     `Engine.stop` closes it all.
     """
     repository = repository or Repository(settings.repository)
@@ -68,7 +72,7 @@ def build_engine(
         settings,
         InferenceThreads(threads),
         ThreadPoolExecutor(2, thread_name_prefix="slimserve-load"),
-        runtime_options(settings, clock),
+        runtime_options(settings, clock, launcher),
         runtime_factory,
         clock=clock,
         on_batch=metrics.batch_observer,
@@ -95,7 +99,9 @@ def build_engine(
     )
 
 
-def runtime_options(settings: Settings, clock: Clock) -> RuntimeOptions:
+def runtime_options(
+    settings: Settings, clock: Clock, launcher: WorkerLauncher | None = None
+) -> RuntimeOptions:
     """What every runtime is built with: threads, ONNX Runtime's graph level, spinning, the
     data key for encrypted artifacts (read once, here) and the clock."""
     return RuntimeOptions(
@@ -107,6 +113,7 @@ def runtime_options(settings: Settings, clock: Clock) -> RuntimeOptions:
         ),
         clock=clock,
         memory_budget_bytes=settings.memory_budget_bytes,
+        launcher=launcher,
     )
 
 
@@ -203,8 +210,10 @@ def build_server(
     *,
     runtime_factory: RuntimeFactory | None = None,
     clock: Clock = time.monotonic,
+    launcher: WorkerLauncher | None = None,
 ) -> Server:
-    """A whole server built from `settings` (see `Server` for how to run it)."""
+    """A whole server built from `settings` (see `Server` for how to run it; `launcher`:
+    see build_engine)."""
     repository = Repository(settings.repository)
     if not repository.root.is_dir():
         raise ConfigError(
@@ -212,7 +221,11 @@ def build_server(
             "point --repository at your model repository"
         )
     engine = build_engine(
-        settings, repository=repository, runtime_factory=runtime_factory, clock=clock
+        settings,
+        repository=repository,
+        runtime_factory=runtime_factory,
+        clock=clock,
+        launcher=launcher,
     )
     return Server(settings, engine, create_app(engine, settings), clock)
 

@@ -136,6 +136,20 @@ class Settings(BaseSettings):
         description="With ray: 'slimserve' routes by model residency, free budget and queue "
         "depth; 'ray' is Ray Serve's default router (power of two choices), for comparison.",
     )
+    ray_group_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="With ray: how the worker processes of a model split over several "
+        "(model.yaml generation: pipeline_parallel x tensor_parallel > 1) are gang-scheduled, "
+        "one Ray placement-group bundle each: PACK (as few nodes as hold them), SPREAD (over "
+        "nodes where it can), STRICT_PACK (one node), STRICT_SPREAD (a node each).",
+    )
+    ray_group_cpus: float = Field(
+        1.0,
+        gt=0,
+        le=1024,
+        description="With ray: CPUs reserved for each worker process of a split model (its "
+        "placement-group bundle).",
+    )
     autoscale: str | None = Field(
         None,
         description="With ray: MIN,MAX replicas, scaled by slimserve's own signals (requests "

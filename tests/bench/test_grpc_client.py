@@ -12,9 +12,9 @@ import pytest
 from slimserve.bench.grpc_client import GrpcCallError, GrpcConnection, request_headers
 from slimserve.config import Settings
 from slimserve.errors import NotFound
-from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport.grpc import create_server
 from slimserve.transport.grpc_h2 import NativeGrpcServer
+from slimserve.transport.vendor import grpc_service_pb2 as pb
 from slimserve.types import ModelMetadata, TensorSpec
 from tests.grpc_standin import StandInEngine, free_port
 

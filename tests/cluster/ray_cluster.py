@@ -22,14 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
-NODE_ARGS = [
-    "--block",
-    "--num-cpus",
-    "1",
-    "--node-ip-address",
-    "127.0.0.1",
-    "--disable-usage-stats",
-]
+NODE_ARGS = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
 RAY = str(Path(sys.executable).with_name("ray"))
 METRICS_PORT = 8090  # the head node's Prometheus port; worker nodes the next ones
 AGENT_PORT = 52365  # Ray's default agent HTTP port, the head node's; worker nodes the next
@@ -99,11 +92,13 @@ def _cmdline(pid: int) -> str:
 
 @dataclass
 class RayCluster:
-    """A head node and one worker node, one CPU each, on 127.0.0.1:`port`."""
+    """A head node and one worker node, `cpus` CPUs each (Ray's count, for placement), on
+    127.0.0.1:`port`."""
 
     root: Path
     port: int
     env: dict[str, str]
+    cpus: int = 1
     nodes: list[Node] = field(default_factory=list)
     added: int = 0  # worker nodes started so far (each gets ports of its own)
 
@@ -114,7 +109,7 @@ class RayCluster:
     def start(self, workers: int = 1, timeout: float = 180) -> None:
         head = [RAY, "start", "--head", "--port", str(self.port), "--include-dashboard", "false",
                 "--metrics-export-port", str(METRICS_PORT)]  # fmt: skip
-        self.nodes.append(self._spawn("head", [*head, *NODE_ARGS]))
+        self.nodes.append(self._spawn("head", [*head, *self._node_args()]))
         self.wait_started(timeout)
         for i in range(workers):
             self.add_worker(f"worker{i}")
@@ -127,9 +122,12 @@ class RayCluster:
         agent = str(AGENT_PORT + self.added)
         cmd = [RAY, "start", "--address", self.address, "--metrics-export-port", port,
                "--dashboard-agent-listen-port", agent]  # fmt: skip
-        node = self._spawn(name, [*cmd, *NODE_ARGS])
+        node = self._spawn(name, [*cmd, *self._node_args()])
         self.nodes.append(node)
         return node
+
+    def _node_args(self) -> list[str]:
+        return [*NODE_ARGS, "--num-cpus", str(self.cpus)]
 
     def _spawn(self, name: str, cmd: list[str]) -> Node:
         log = self.root / f"{name}.log"

@@ -37,7 +37,7 @@ from hyperframe.frame import SettingsFrame
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from slimserve.transport._proto import grpc_service_pb2 as pb
+from slimserve.transport.vendor import grpc_service_pb2 as pb
 from tests.e2e.conftest import Repo, ServerProcess, start_server, stop_server
 from tests.h2_client import PREFACE, RawH2, grpc_body, raw_frame, request_fields, serves
 

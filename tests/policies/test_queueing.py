@@ -8,11 +8,14 @@ import pytest
 
 from slimserve.policies.planning import Demand, Machines, Point, Unit, plan
 from slimserve.policies.queueing import (
+    OpenLoopPoint,
     ServiceModel,
+    ServingPath,
     SweepPoint,
     batch_rows,
     calibrate,
     capacity_rps,
+    fit_serving_path,
     p99_ms,
     utilization,
 )
@@ -67,3 +70,50 @@ def test_the_planner_uses_the_model_for_capacity_and_expected_p99():
     (m,) = plan([Demand("m", 600, 6.0, 0.0)], [unit], Machines(2, 1 << 30, 1)).models
     assert m.capacity_rps == pytest.approx(602.0, abs=0.01)  # not the sweep's 500
     assert (m.replicas, m.expected_p99_ms) == (1, pytest.approx(5.975))
+
+
+# The serving path: an open-loop request costs 1 ms more than a closed-loop lone one, and the
+# server's own serial work is 0.5 ms a request.
+PATH = ServingPath(extra_ms=1.0, per_request_ms=0.5)
+
+
+def test_the_serving_path_is_an_md1_queue_in_front_of_the_model():
+    # 1000 req/s: rho = 0.5; mean wait 0.5 / 0.5 / 2 * 0.5 = 0.25 ms; its p99 0.25 / 0.5 *
+    # ln(50) = 1.956 ms; plus the extra 1 ms.
+    assert PATH.p99_ms(1000) == pytest.approx(1.0 + 0.5 * math.log(50))
+    assert PATH.p99_ms(5) == 1.0  # rho 0.0025: nobody waits
+    assert math.isinf(PATH.p99_ms(2000))  # rho = 1
+    # Added to the model's p99: 100 req/s of BATCHED is 4.9 ms (above); rho 0.05, mean wait
+    # 0.05 / 0.95 / 2 * 0.5 = 0.013158 ms, p99 0.013158 / 0.05 * ln(5) = 0.42354 ms.
+    with_path = ServiceModel(((1, 2.0), (8, 9.0)), 8, 3.0, 3.0, 0.0, PATH)
+    assert p99_ms(with_path, 100) == pytest.approx(4.9 + 1.0 + 0.42354, abs=1e-4)
+    # The path also caps the throughput: 1000 / 0.5 ms = 2000 req/s, above the model's
+    # 8 rows / 9 ms = 889 req/s here, so the model's cap holds.
+    assert with_path.saturation_rps == pytest.approx(8000 / 9)
+    slow = ServiceModel(((1, 2.0), (8, 9.0)), 8, 3.0, 3.0, 0.0, ServingPath(0.0, 2.0))
+    assert slow.saturation_rps == pytest.approx(500.0)
+
+
+def test_the_serving_path_is_fitted_on_what_open_loop_points_leave_over():
+    # Measured p99 = the model's + PATH's at 100 and 300 req/s: the fit finds c and e again
+    # (c on a grid of 1000 / 300 / 2000 ms steps).
+    points = [OpenLoopPoint(r, p99_ms(BATCHED, r) + PATH.p99_ms(r)) for r in (100.0, 300.0)]
+    fitted = fit_serving_path(BATCHED, points)
+    assert fitted is not None
+    assert fitted.per_request_ms == pytest.approx(0.5, abs=0.002)
+    assert fitted.extra_ms == pytest.approx(1.0, abs=0.01)
+    # One point: no slope to fit; the extra is its residual. None: nothing usable.
+    one = fit_serving_path(BATCHED, [OpenLoopPoint(100.0, 7.0)])
+    assert one == ServingPath(pytest.approx(7.0 - 4.9), 0.0)
+    assert fit_serving_path(BATCHED, [OpenLoopPoint(1000.0, 7.0)]) is None  # model: inf
+
+
+def test_the_planner_adds_the_serving_path_to_the_expected_p99():
+    # The hand calculation above: 100 req/s within 7 ms -> 6.3235 ms expected; the capacity
+    # within 7 ms drops below the bare model's (the path adds 1 ms and more as rho grows).
+    served = ServiceModel(((1, 2.0), (8, 9.0)), 8, 3.0, 3.0, 0.0, PATH)
+    unit = Unit("m", None, 0.0, 1 << 20, (Point(500, 4.0),), 2, served)
+    (m,) = plan([Demand("m", 100, 7.0, 0.0)], [unit], Machines(2, 1 << 30, 1)).models
+    assert m.expected_p99_ms == pytest.approx(6.3235, abs=1e-4)
+    assert m.capacity_rps < capacity_rps(BATCHED, 7.0)
+    assert p99_ms(served, m.capacity_rps) == pytest.approx(7.0, abs=1e-3)

@@ -346,14 +346,25 @@ def test_each_unit_runs_its_warmup_and_batches_on_one_thread(tmp_path):
     assert used == {"slimserve-infer-0_0", "slimserve-infer-1_0"}, used
 
 
-def test_inference_threads_assign_the_least_used_and_release():
+def test_inference_threads_balance_profiled_cost_and_release():
     from slimserve.serving.threads import InferenceThreads
 
     threads = InferenceThreads(2)
     try:
-        a, b, c = threads.assign(), threads.assign(), threads.assign()
-        assert a is not b and c is a
-        threads.release(b)
-        assert threads.assign() is b
+        a, b, c = threads.assign("a"), threads.assign("b"), threads.assign("c")
+        assert a is not b and c is a  # no costs known: by count
+        threads.release("b")
+        assert threads.assign("b2") is b
+    finally:
+        threads.shutdown()
+    threads = InferenceThreads(2)
+    try:
+        # An original (4.3 ms a batch), its bf16 variant (3.7 ms), a pruned one (0.13 ms):
+        # by count the pruned one would share the original's thread; by cost it goes beside
+        # the bf16 variant, and an unprofiled unit counts as the costliest so far.
+        original, bf16 = threads.assign("o", 4.3), threads.assign("h", 3.7)
+        assert threads.assign("p", 0.13) is bf16 is not original
+        threads.assign("u", None)  # counted as 4.3 ms, on the 3.83 ms thread
+        assert threads.assign("q", 0.5) is original  # 4.3 < 8.13
     finally:
         threads.shutdown()

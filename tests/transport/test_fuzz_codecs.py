@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 
 from slimserve.errors import SlimserveError
 from slimserve.transport import grpc_codec
-from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport.http_codec import decode_infer_request, parse_header_length
 from slimserve.transport.limits import TensorLimits, check_inputs
+from slimserve.transport.vendor import grpc_service_pb2 as pb
 from slimserve.types import DATATYPES, InferRequest
 
 pytestmark = pytest.mark.timeout(120)

@@ -18,8 +18,8 @@ from tritonclient.grpc import service_pb2 as triton_pb
 
 from slimserve.errors import InvalidArgument, Unimplemented
 from slimserve.transport import grpc_codec as codec
-from slimserve.transport._proto import grpc_service_pb2 as pb
-from slimserve.transport._proto import model_config_pb2 as mc
+from slimserve.transport.vendor import grpc_service_pb2 as pb
+from slimserve.transport.vendor import model_config_pb2 as mc
 from slimserve.types import (
     DATATYPE_TO_NUMPY,
     InferResponse,
@@ -28,6 +28,7 @@ from slimserve.types import (
     RepositoryEntry,
     RequestControls,
     TensorSpec,
+    datatype_of,
 )
 
 NUMERIC = [d for d in DATATYPE_TO_NUMPY if d not in ("BYTES", "BF16")]
@@ -89,7 +90,7 @@ def test_service_methods_are_tritons() -> None:
 def raw_request(arrays: dict[str, np.ndarray], **fields: Any) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name="m", **fields)
     for name, array in arrays.items():
-        datatype = "BYTES" if array.dtype == object else codec.datatype_of(array)
+        datatype = "BYTES" if array.dtype == object else datatype_of(array)
         request.inputs.add(name=name, datatype=datatype, shape=array.shape)
         request.raw_input_contents.append(codec.raw_bytes(array, datatype))
     return request
@@ -137,7 +138,7 @@ def test_raw_bytes_round_trip(items: list[bytes]) -> None:
 @given(numeric_arrays)
 def test_typed_contents_round_trip(array: np.ndarray) -> None:
     request = pb.ModelInferRequest(model_name="m")
-    datatype = codec.datatype_of(array)
+    datatype = datatype_of(array)
     if datatype == "FP16":
         return  # raw only, tested below
     field = codec.CONTENTS_FIELDS[datatype][0]
@@ -401,7 +402,7 @@ def test_generated_modules_match_the_proto_files(tmp_path: Path) -> None:
     from google.protobuf import descriptor_pb2
     from grpc_tools import protoc
 
-    protos = Path(codec.__file__).parent / "protos"
+    protos = Path(pb.__file__).parent
     out = tmp_path / "descriptors.pb"
     args = ["protoc", f"-I{protos}", f"--descriptor_set_out={out}"]
     assert protoc.main([*args, "model_config.proto", "grpc_service.proto"]) == 0

@@ -21,8 +21,8 @@ import h2.settings
 import pytest
 
 from slimserve.config import Settings
-from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport.grpc_h2 import NativeGrpcServer, _percent_encode, _timeout_s
+from slimserve.transport.vendor import grpc_service_pb2 as pb
 from slimserve.types import ModelMetadata, TensorSpec
 from tests.grpc_standin import StandInEngine, free_port
 
@@ -221,7 +221,7 @@ def test_stop_lets_calls_in_progress_finish() -> None:
     h2's own client drops streams once it sees GOAWAY)."""
     import grpc
 
-    from slimserve.transport._proto import grpc_service_pb2_grpc as pb_grpc
+    from slimserve.transport.vendor import grpc_service_pb2_grpc as pb_grpc
 
     async def main() -> None:
         engine = LoadEngine()

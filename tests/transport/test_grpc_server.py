@@ -19,10 +19,10 @@ import pytest
 
 from slimserve.config import Settings
 from slimserve.errors import ConfigError, NotFound, ResourceExhausted
-from slimserve.transport._proto import grpc_service_pb2 as pb
-from slimserve.transport._proto import grpc_service_pb2_grpc as pb_grpc
 from slimserve.transport.grpc import STATUS, create_server
 from slimserve.transport.grpc_h2 import NativeGrpcServer
+from slimserve.transport.vendor import grpc_service_pb2 as pb
+from slimserve.transport.vendor import grpc_service_pb2_grpc as pb_grpc
 from slimserve.types import ModelMetadata
 from tests.grpc_standin import StandInEngine, free_port
 

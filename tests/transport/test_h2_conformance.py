@@ -72,9 +72,9 @@ from hyperframe.frame import (
 )
 
 from slimserve.config import Settings
-from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport.grpc_h2 import NativeGrpcServer
 from slimserve.transport.h2conn import H2Limits
+from slimserve.transport.vendor import grpc_service_pb2 as pb
 from tests.grpc_standin import StandInEngine, free_port
 from tests.h2_client import (
     CANCEL,

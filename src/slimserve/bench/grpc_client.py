@@ -21,31 +21,7 @@ from urllib.parse import unquote
 import hpack
 import hpack.exceptions
 
-from slimserve.transport.h2wire import (
-    ACK,
-    CONTINUATION,
-    DATA,
-    END_HEADERS,
-    END_STREAM,
-    GOAWAY,
-    HEADERS,
-    MAX_WINDOW,
-    PING,
-    PREFACE,
-    PRIORITY_FLAG,
-    RST_STREAM,
-    S_ENABLE_PUSH,
-    S_INITIAL_WINDOW_SIZE,
-    S_MAX_CONCURRENT_STREAMS,
-    S_MAX_FRAME_SIZE,
-    SETTINGS,
-    WINDOW_UPDATE,
-    FrameReader,
-    frame,
-    literal,
-    unpad,
-)
-from slimserve.transport.h2wire import U32 as _U32
+from slimserve.transport import h2wire as wire
 
 STREAM_WINDOW = 1 << 24
 # grpc-status codes by number, for error labels.
@@ -79,7 +55,7 @@ class GrpcCallError(Exception):
 def request_headers(authority: str, path: str, metadata: dict[str, str] | None = None) -> bytes:
     block = b"\x83\x86"  # static table: :method POST, :scheme http
     block += b"".join(
-        literal(k.encode(), v.encode())
+        wire.literal(k.encode(), v.encode())
         for k, v in [
             (":path", path),
             (":authority", authority),
@@ -106,7 +82,7 @@ class GrpcConnection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: Any = None
-        self.reader = FrameReader()
+        self.reader = wire.FrameReader()
         self.decoder = hpack.Decoder()
         self.calls: dict[int, _Call] = {}
         self.next_id = 1
@@ -130,10 +106,14 @@ class GrpcConnection(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         # No push; 16 MiB per stream.
-        settings = struct.pack(">HIHI", S_ENABLE_PUSH, 0, S_INITIAL_WINDOW_SIZE, STREAM_WINDOW)
-        grow = _U32.pack(MAX_WINDOW - 65_535)
+        settings = struct.pack(
+            ">HIHI", wire.S_ENABLE_PUSH, 0, wire.S_INITIAL_WINDOW_SIZE, STREAM_WINDOW
+        )
+        grow = wire.U32.pack(wire.MAX_WINDOW - 65_535)
         transport.write(
-            PREFACE + frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, grow)
+            wire.PREFACE
+            + wire.frame(wire.SETTINGS, 0, 0, settings)
+            + wire.frame(wire.WINDOW_UPDATE, 0, 0, grow)
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -161,14 +141,15 @@ class GrpcConnection(asyncio.Protocol):
         sid, self.next_id = self.next_id, self.next_id + 2
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.calls[sid] = _Call(future)
-        body = b"\x00" + _U32.pack(len(message)) + message
+        body = b"\x00" + wire.U32.pack(len(message)) + message
         if len(body) <= min(self.send_window, self.peer_stream_window, self.peer_frame):
             self.send_window -= len(body)
             self.transport.write(
-                frame(HEADERS, END_HEADERS, sid, block) + frame(DATA, END_STREAM, sid, body)
+                wire.frame(wire.HEADERS, wire.END_HEADERS, sid, block)
+                + wire.frame(wire.DATA, wire.END_STREAM, sid, body)
             )
         else:
-            self.transport.write(frame(HEADERS, END_HEADERS, sid, block))
+            self.transport.write(wire.frame(wire.HEADERS, wire.END_HEADERS, sid, block))
             await self._send_large(sid, body)
         return await future
 
@@ -185,7 +166,7 @@ class GrpcConnection(asyncio.Protocol):
             chunk, body = body[:n], body[n:]
             self.send_window -= n
             stream_window -= n
-            self.transport.write(frame(DATA, 0 if body else END_STREAM, sid, chunk))
+            self.transport.write(wire.frame(wire.DATA, 0 if body else wire.END_STREAM, sid, chunk))
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -193,55 +174,57 @@ class GrpcConnection(asyncio.Protocol):
         for kind, flags, sid, payload in self.reader.feed(data):
             self._dispatch(kind, flags, sid, payload)
         if self.recv_unacked > (1 << 30) and self.transport is not None:
-            self.transport.write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.recv_unacked)))
+            self.transport.write(
+                wire.frame(wire.WINDOW_UPDATE, 0, 0, wire.U32.pack(self.recv_unacked))
+            )
             self.recv_unacked = 0
 
     def _dispatch(self, kind: int, flags: int, sid: int, payload: memoryview) -> None:
-        if kind == DATA:
+        if kind == wire.DATA:
             self.recv_unacked += len(payload)
             call = self.calls.get(sid)
-            data = unpad(flags, payload)
+            data = wire.unpad(flags, payload)
             if call is not None and data is not None:
                 call.data += data
-                if flags & END_STREAM:
+                if flags & wire.END_STREAM:
                     self._finish(sid)
-        elif kind in (HEADERS, CONTINUATION):
-            if kind == HEADERS:
-                payload = unpad(flags, payload) or memoryview(b"")
-                if flags & PRIORITY_FLAG:
+        elif kind in (wire.HEADERS, wire.CONTINUATION):
+            if kind == wire.HEADERS:
+                payload = wire.unpad(flags, payload) or memoryview(b"")
+                if flags & wire.PRIORITY_FLAG:
                     payload = payload[5:]
                 self.header_block = bytearray(payload)
                 self.header_stream, self.header_flags = sid, flags
             elif self.header_block is not None:
                 self.header_block += payload
-            if flags & END_HEADERS and self.header_block is not None:
+            if flags & wire.END_HEADERS and self.header_block is not None:
                 block, self.header_block = bytes(self.header_block), None
                 self._headers(self.header_stream, self.header_flags, block)
-        elif kind == SETTINGS and not flags & ACK:
+        elif kind == wire.SETTINGS and not flags & wire.ACK:
             for i in range(0, len(payload), 6):
                 key, value = struct.unpack_from(">HI", payload, i)
-                if key == S_MAX_CONCURRENT_STREAMS:
+                if key == wire.S_MAX_CONCURRENT_STREAMS:
                     self.max_streams = value
-                elif key == S_INITIAL_WINDOW_SIZE:
+                elif key == wire.S_INITIAL_WINDOW_SIZE:
                     self.peer_stream_window = value
-                elif key == S_MAX_FRAME_SIZE:
+                elif key == wire.S_MAX_FRAME_SIZE:
                     self.peer_frame = value
             if self.transport is not None:
-                self.transport.write(frame(SETTINGS, ACK, 0))
+                self.transport.write(wire.frame(wire.SETTINGS, wire.ACK, 0))
             self._wake()
-        elif kind == WINDOW_UPDATE:
+        elif kind == wire.WINDOW_UPDATE:
             if sid == 0:
-                self.send_window += _U32.unpack(payload)[0] & 0x7FFFFFFF
+                self.send_window += wire.U32.unpack(payload)[0] & 0x7FFFFFFF
             self._wake()
-        elif kind == PING and not flags & ACK and self.transport is not None:
-            self.transport.write(frame(PING, ACK, 0, payload))
-        elif kind == RST_STREAM:
+        elif kind == wire.PING and not flags & wire.ACK and self.transport is not None:
+            self.transport.write(wire.frame(wire.PING, wire.ACK, 0, payload))
+        elif kind == wire.RST_STREAM:
             call = self.calls.pop(sid, None)
-            code = _U32.unpack(payload)[0] if len(payload) == 4 else -1
+            code = wire.U32.unpack(payload)[0] if len(payload) == 4 else -1
             if call is not None and not call.future.done():
                 call.future.set_exception(GrpcCallError("RST_STREAM", f"error code {code}"))
-        elif kind == GOAWAY:
-            last = _U32.unpack(payload[:4])[0] & 0x7FFFFFFF if len(payload) >= 4 else 0
+        elif kind == wire.GOAWAY:
+            last = wire.U32.unpack(payload[:4])[0] & 0x7FFFFFFF if len(payload) >= 4 else 0
             self.error = "UNAVAILABLE"
             for stream_id in [s for s in self.calls if s > last]:
                 call = self.calls.pop(stream_id)
@@ -266,7 +249,7 @@ class GrpcConnection(asyncio.Protocol):
         if call is None:
             return
         call.headers.update(headers)
-        if flags & END_STREAM:
+        if flags & wire.END_STREAM:
             self._finish(sid)
 
     def _finish(self, sid: int) -> None:
@@ -276,7 +259,7 @@ class GrpcConnection(asyncio.Protocol):
         status = call.headers.get(b"grpc-status")
         if status == b"0":
             data = call.data
-            if len(data) < 5 or _U32.unpack_from(data, 1)[0] != len(data) - 5:
+            if len(data) < 5 or wire.U32.unpack_from(data, 1)[0] != len(data) - 5:
                 call.future.set_exception(GrpcCallError("INTERNAL", "a bad length prefix"))
             else:
                 call.future.set_result(bytes(data[5:]))

@@ -217,13 +217,13 @@ def grpc_messages() -> Any:
     Both define package `inference` with the same field numbers for the inference messages.
     """
     try:
-        from slimserve.transport._proto import grpc_service_pb2 as pb
+        from slimserve.transport.vendor import grpc_service_pb2 as pb
     except ImportError:
         try:
             from tritonclient.grpc import service_pb2 as pb  # type: ignore[no-redef]
         except ImportError:
             raise InvalidArgument(
                 "gRPC benchmarking needs the v2 protobuf stubs: build slimserve with its "
-                "transport/_proto package, or `pip install tritonclient[grpc]`"
+                "transport/vendor package, or `pip install tritonclient[grpc]`"
             ) from None
     return pb

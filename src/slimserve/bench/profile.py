@@ -8,11 +8,17 @@ point: throughput, p50, p99, errors; per unit: resident memory (the runtime's ow
 server's peak RSS, the median batch latency by batch size timed in this process (what the
 per-request objective predicts from, policies/slo.py; the same measure `slimserve optimize`
 writes for variants) and the mean batch time the server saw (its statistics API).
+
+Then, per configuration, the serving path under the traffic a plan serves: an open loop
+(Poisson arrivals over `connections` connections, `slimserve bench --rate`) at a few shares of
+the best closed-loop throughput, recorded as `open_loop` points (offered rate, p50, p99). A
+closed loop of N clients never sends a burst and keeps the server hot; an open loop does both,
+and at high rates of a cheap model the server's own per-request work, not the model, decides
+the p99. `slimserve plan` fits its serving-path term on these (policies/queueing.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import shutil
@@ -31,7 +37,7 @@ from slimserve.bench import payload as pl
 from slimserve.bench.drivers import HttpDriver, fetch_metadata, model_path
 from slimserve.bench.http_client import build_request, connect
 from slimserve.bench.local_server import LocalServer, local_server
-from slimserve.bench.runner import closed_loop, summarize
+from slimserve.bench.runner import Result, closed_loop, new_loop, open_loop, summarize
 from slimserve.errors import InvalidArgument
 from slimserve.repository.schema import BatchingConfig, ModelConfig, dump_model_config
 from slimserve.repository.store import MODEL_YAML, VARIANTS_DIR, Repository, Target
@@ -51,6 +57,8 @@ class Grid:
     queue_delay_ms: tuple[float, ...] = (0.0, 2.0)
     duration_s: float = 1.0
     warmup_s: float = 0.3
+    open_loop_shares: tuple[float, ...] = (0.1, 0.3, 0.5)  # of the best closed-loop throughput
+    connections: int = 32  # the open loop's (as `slimserve bench --rate` uses by default)
 
     def configs(self, model: ModelConfig) -> list[tuple[int, float]]:
         """(max_batch_size, max_queue_delay_ms) pairs; a model without a batch dimension
@@ -60,7 +68,8 @@ class Grid:
         return list(itertools.product(self.max_batch_size, self.queue_delay_ms))
 
     def points(self, model: ModelConfig) -> int:
-        return len(self.configs(model)) * len(self.concurrency)
+        per_config = len(self.concurrency) + len(self.open_loop_shares)
+        return len(self.configs(model)) * per_config
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +83,19 @@ class Point:
     errors: int
 
 
+@dataclass(frozen=True, slots=True)
+class OpenPoint(Point):
+    """An open-loop point: Poisson arrivals at `rate_rps` over `concurrency` connections."""
+
+    rate_rps: float
+    sender_late_p99_ms: float  # the load generator's own lateness (no server in it)
+
+
 @dataclass
 class Sweep:
     target: str  # NAME/VERSION[:VARIANT]
     points: list[Point] = field(default_factory=list)
+    open_points: list[OpenPoint] = field(default_factory=list)
     batch_ms: dict[int, float] = field(default_factory=dict)  # in-process medians, by rows
     served_batch_ms: dict[int, float] = field(default_factory=dict)  # the server's means
     memory_bytes: int | None = None
@@ -88,9 +106,11 @@ class Sweep:
         ok = [p for p in self.points if p.errors == 0 and p.throughput_rps > 0]
         fields: dict[str, Any] = {
             "sweep": [_rounded(asdict(p)) for p in self.points],
+            "open_loop": [_rounded(asdict(p)) for p in self.open_points],
             "sweep_settings": {
                 "duration_s": grid.duration_s,
                 "warmup_s": grid.warmup_s,
+                "open_loop_connections": grid.connections,
                 "protocol": "http-binary",
                 "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "cpu_count": os.cpu_count(),
@@ -179,33 +199,50 @@ async def _measure_config(
     batching: BatchingConfig,
     grid: Grid,
     step: Callable[[], None],
-) -> tuple[list[Point], dict[int, list[int]]]:
+) -> tuple[list[Point], list[OpenPoint], dict[int, list[int]]]:
     served = target.model if target.variant is None else f"{target.model}:{target.variant}"
     version = str(target.version)
     meta = await fetch_metadata("127.0.0.1", server.http_port, served, version)
     payload = pl.from_metadata(meta, batch_size=1)
-    points = []
-    for n in grid.concurrency:
+    size, delay = batching.max_batch_size, batching.max_queue_delay_ms
+
+    async def run(clients: int, rate: float | None) -> Result:
         driver = HttpDriver("http-binary", "127.0.0.1", server.http_port, served, version, payload)
         try:
-            sends = await driver.senders(n)
-            rec, cpu = await closed_loop(sends, grid.duration_s, grid.warmup_s)
+            sends = await driver.senders(clients)
+            if rate is None:
+                rec, cpu = await closed_loop(sends, grid.duration_s, grid.warmup_s)
+            else:
+                rec, cpu = await open_loop(sends, rate, grid.duration_s, grid.warmup_s)
         finally:
             await driver.close()
-        r = summarize("http-binary", n, grid.duration_s, rec, cpu)
-        points.append(
-            Point(
-                n,
-                batching.max_batch_size,
-                batching.max_queue_delay_ms,
+        step()
+        return summarize("http-binary", clients, grid.duration_s, rec, cpu)
+
+    points = []
+    for n in grid.concurrency:
+        r = await run(n, None)
+        errors = sum(r.errors.values())
+        points.append(Point(n, size, delay, r.rps, r.p50_ms, r.p99_ms, errors))
+    best = max((p.throughput_rps for p in points if not p.errors), default=0.0)
+    opened = []
+    for share in grid.open_loop_shares if best > 0 else ():
+        rate = round(best * share, 1)
+        r = await run(grid.connections, rate)
+        opened.append(
+            OpenPoint(
+                grid.connections,
+                size,
+                delay,
                 r.rps,
                 r.p50_ms,
                 r.p99_ms,
                 sum(r.errors.values()),
+                rate,
+                r.late_p99_ms,
             )
         )
-        step()
-    return points, await _batch_stats(server, served, target.version)
+    return points, opened, await _batch_stats(server, served, target.version)
 
 
 def sweep(
@@ -236,9 +273,17 @@ def sweep(
                 root, "--load-models", name, "--intra-op-threads", str(INTRA_OP_THREADS), env=env
             ) as server,
         ):
-            points, stats = asyncio.run(_measure_config(server, target, batching, grid, step))
+            # uvloop, as `slimserve bench` runs: the open-loop figures are what a plan is
+            # checked against with it
+            loop = new_loop()
+            try:
+                measure = _measure_config(server, target, batching, grid, step)
+                points, opened, stats = loop.run_until_complete(measure)
+            finally:
+                loop.close()
             rss = server.peak_rss_bytes()
         result.points.extend(points)
+        result.open_points.extend(opened)
         result.peak_rss_bytes = max(result.peak_rss_bytes or 0, rss or 0) or None
         for rows, (count, ns) in stats.items():
             entry = totals.setdefault(rows, [0, 0])

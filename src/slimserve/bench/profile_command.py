@@ -16,6 +16,19 @@ from slimserve.repository.profiles import update_profile
 from slimserve.repository.store import Repository, check_name
 
 
+def _shares(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = [-1.0]
+    if any(not (0 < v <= 1) for v in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give shares of the best closed-loop throughput in (0, 1] separated by "
+            "commas, e.g. 0.1,0.3,0.5 (an empty string: no open-loop points)"
+        )
+    return values
+
+
 def _delays(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -52,6 +65,15 @@ def register(subparsers: Any) -> None:
     ):
         shown = ",".join(f"{x:g}" for x in values)
         p.add_argument(flag, type=parse, default=list(values), help=f"{what} (default {shown})")
+    shown = ",".join(f"{x:g}" for x in d.open_loop_shares)
+    p.add_argument(
+        "--open-loop-shares",
+        type=_shares,
+        default=list(d.open_loop_shares),
+        help="open-loop (Poisson) points at these shares of the best closed-loop throughput, "
+        f"per batching configuration: what `slimserve plan` fits the serving path on "
+        f"(default {shown}; '' for none)",
+    )
     for flag, least, seconds, what in (
         ("--duration", 0.1, d.duration_s, "measured seconds per point"),
         ("--warmup", 0.0, d.warmup_s, "seconds of load before each point"),
@@ -76,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         tuple(args.queue_delay_ms),
         args.duration,
         args.warmup,
+        tuple(args.open_loop_shares),
     )
     with tqdm(
         total=grid.points(config), desc=f"profile {args.name}", disable=args.no_progress
@@ -94,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     write_plot(result, plot)
     print(format_table(result))
     print(f"profile written to {path}\nplot written to {plot}")
-    bad = [p for p in result.points if p.errors or not p.throughput_rps]
+    bad = [p for p in [*result.points, *result.open_points] if p.errors or not p.throughput_rps]
     if bad:
         raise InvalidArgument(
             f"{len(bad)} point(s) had errors or no answers (see the table); the server log "
@@ -114,6 +137,12 @@ def format_table(result: Sweep) -> str:
         lines.append(
             f"{p.max_batch_size:>6}{p.max_queue_delay_ms:>9g}{p.concurrency:>8}"
             f"{p.throughput_rps:>10.1f}{p.p50_ms:>9.2f}{p.p99_ms:>9.2f}{p.errors:>7}"
+        )
+    for o in result.open_points:
+        lines.append(
+            f"{o.max_batch_size:>6}{o.max_queue_delay_ms:>9g}{'open':>8}"
+            f"{o.throughput_rps:>10.1f}{o.p50_ms:>9.2f}{o.p99_ms:>9.2f}{o.errors:>7}"
+            f"  (Poisson at {o.rate_rps:g} req/s)"
         )
     return "\n".join(lines)
 

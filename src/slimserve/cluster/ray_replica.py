@@ -16,12 +16,12 @@ port (the kernel spreads connections over them).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from ray import serve
 from starlette.types import ASGIApp
 
+from slimserve.cluster.ray_group import RayLauncher
 from slimserve.cluster.ray_metrics import RayMetricsMirror
 from slimserve.cluster.replica_app import (
     PrefixIndex,
@@ -31,6 +31,7 @@ from slimserve.cluster.replica_app import (
     routing_stats,
 )
 from slimserve.config import Settings
+from slimserve.runtimes.launch import WorkerLauncher
 from slimserve.serving.engine import Engine
 
 log = logging.getLogger("slimserve.ray")
@@ -59,7 +60,10 @@ class BuiltServer(Protocol):
     async def stop(self) -> None: ...
 
 
-Builder = Callable[[Settings], BuiltServer]
+class Builder(Protocol):
+    """The composition root (slimserve.app.build_server), as far as a replica calls it."""
+
+    def __call__(self, settings: Settings, *, launcher: WorkerLauncher | None) -> BuiltServer: ...
 
 
 @serve.ingress()
@@ -68,7 +72,10 @@ class SlimserveReplica:
 
     async def __init__(self, settings: dict[str, Any], build: Builder) -> None:  # type: ignore[misc]
         self.name = serve.get_replica_context().replica_id.unique_id
-        self.server = build(Settings(**settings))
+        config = Settings(**settings)
+        # A model split over worker processes gets them as Ray actors in a placement group.
+        launcher = RayLauncher(config.ray_group_strategy, config.ray_group_cpus)
+        self.server = build(config, launcher=launcher)
         await self.server.start(wait=True)  # ready once the startup models are loaded
         self.grpc: GrpcServer | None = None
         if self.server.settings.grpc_port:

@@ -8,8 +8,13 @@ onnx: `model.onnx`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
 
 from slimserve.errors import InvalidArgument, NotFound
 from slimserve.optimize.compress import load_compressed, save_compressed
@@ -17,6 +22,7 @@ from slimserve.optimize.prune import make_permanent
 from slimserve.optimize.quantize import quantized_layers
 from slimserve.repository.schema import ModelConfig
 from slimserve.runtimes.quantized.variant import float_layer_spec, import_class
+from slimserve.train.stages import pipeline_blocks, split_blocks
 
 VARIANT_CLASS = "slimserve.runtimes.quantized.variant:VariantModel"
 
@@ -53,6 +59,54 @@ def load_torch(folder: Path, model_class: str, model_args: dict[str, Any]) -> An
 
         state = load_file(str(find_file(folder, ".safetensors")))
     model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class TorchFiles:
+    """A torch model on disk, not loaded yet: its folder (model.safetensors), class
+    ("package.module:Class") and constructor arguments. Distillation takes one as its teacher
+    to load only the pipeline stage each process runs (load_torch_stage)."""
+
+    folder: Path
+    model_class: str
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Any:
+        return load_torch(self.folder, self.model_class, self.model_args)
+
+
+def load_torch_stage(files: TorchFiles, stages: int, stage: int) -> nn.Module:
+    """The model with only pipeline stage `stage` of `stages` in memory.
+
+    Built on the meta device (shapes, no memory), cut into stages as the pipeline cuts it
+    (train/stages.py), then only this stage's blocks are filled from the safetensors file,
+    each tensor read on its own (`safe_open` per tensor: at most one tensor's file pages are
+    mapped at a time, so the process's peak is its stage plus one tensor). The other stages
+    stay on the meta device: the model runs through train.pipeline.pipeline_forward only.
+    """
+    with torch.device("meta"):
+        model: nn.Module = build_module(files.model_class, files.model_args)
+    blocks = pipeline_blocks(model)
+    start, end = split_blocks(blocks, stages)[stage]
+    prefixes = {id(m): name for name, m in model.named_modules()}
+    path = str(find_file(files.folder, ".safetensors"))
+    for block in blocks[start:end]:
+        names = list(block.state_dict())
+        if not names:
+            continue  # weightless (an activation, a reshape the model makes in forward)
+        prefix = prefixes[id(block)]
+        state = {}
+        for name in names:
+            with safe_open(path, framework="pt") as f:
+                state[name] = f.get_tensor(f"{prefix}.{name}" if prefix else name)
+        block.load_state_dict(state, strict=True, assign=True)
+        if any(t.is_meta for t in [*block.parameters(), *block.buffers()]):
+            raise InvalidArgument(
+                f"{files.model_class}: block '{prefix}' has tensors its state dict does not "
+                "hold (non-persistent buffers), which a stage loaded from the file cannot "
+                "have; load the teacher whole (pass the module, not TorchFiles)"
+            )
     return model.eval()
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from slimserve.errors import InvalidArgument
 from slimserve.fields import build
+from slimserve.optimize.artifacts import TorchFiles, load_torch_stage
 from slimserve.optimize.config import OptimizeConfig
 from slimserve.train.distributed import context
 from slimserve.train.loop import FitResult, TrainConfig, fit, predict
@@ -149,7 +150,7 @@ def teacher_outputs(
 
 
 def distill(
-    teacher: nn.Module,
+    teacher: nn.Module | TorchFiles,
     student: nn.Module,
     data: Sequence[torch.Tensor],
     config: DistillConfig | None = None,
@@ -161,6 +162,9 @@ def distill(
     A label of -1 marks an unlabelled input: it is trained on the teacher's soft targets only.
     release_teacher: under pipeline parallelism, keep only this process's stage of the
     teacher (the teacher is unusable afterwards).
+    A teacher given as TorchFiles is loaded here: whole in one process (or with dp / fsdp);
+    under pipeline parallelism each process reads only its stage's tensors from the file, so
+    no process ever holds the whole teacher.
     """
     config = config or DistillConfig()
     if not data or not isinstance(data[0], torch.Tensor):
@@ -168,6 +172,7 @@ def distill(
     if config.kind == "classifier" and len(data) < 2:
         raise InvalidArgument("distill: classifiers need (inputs, labels); labels are missing")
     labels = data[1] if config.kind == "classifier" else torch.zeros(len(data[0]))
+    teacher, release_teacher = _teacher_module(teacher, release_teacher, config)
     if config.augment is not None:
         return _distill_online(teacher, student, (data[0], labels), config, config.augment)
     targets = teacher_outputs(teacher, data[0], release_teacher)
@@ -175,6 +180,24 @@ def distill(
     # An OutputLoss: a pipelined student computes it on its last stage, per micro-batch.
     loss_fn = OutputLoss(functools.partial(_offline_loss, config=config))
     return fit(student, loss_fn, (data[0], labels, targets), config.train_config())
+
+
+def _teacher_module(
+    teacher: nn.Module | TorchFiles, release: bool, config: DistillConfig
+) -> tuple[nn.Module, bool]:
+    """The teacher as a module, and whether to free the stages this process does not run."""
+    if isinstance(teacher, nn.Module):
+        return teacher, release
+    layout = context().layout
+    if layout.spec.pp == 1:
+        return teacher.load(), release
+    if config.augment is not None:
+        raise InvalidArgument(
+            "distill: augment runs the teacher whole on every view, so a teacher split over "
+            "pipeline stages (TorchFiles under --parallel pp) cannot take it; drop augment, "
+            "or pass the teacher as a module"
+        )
+    return load_torch_stage(teacher, layout.spec.pp, layout.stage), True
 
 
 def _offline_loss(

@@ -31,20 +31,13 @@ import yaml
 from safetensors.torch import save_file
 
 from slimserve.errors import InvalidArgument
+from slimserve.optimize import staging
 from slimserve.optimize.data import load_text
 from slimserve.optimize.evaluation import machine_facts
 from slimserve.optimize.heldout import HELD_OUT_TEXT
 from slimserve.optimize.lm_profile import perplexity_of, profile
 from slimserve.optimize.recipe import Recipe, parse_recipe
-from slimserve.optimize.staging import (
-    Result,
-    VariantRow,
-    commit,
-    latest_version,
-    plain,
-    plan,
-    stage_all,
-)
+from slimserve.optimize.staging import Result, VariantRow, plain
 from slimserve.repository import Repository, write_manifest
 from slimserve.repository.profiles import update_profile
 from slimserve.repository.store import VARIANT_YAML, VARIANTS_DIR
@@ -97,11 +90,11 @@ def optimize_lm(
 ) -> Any:
     """One quantized variant per recipe of the text-generation model `name`."""
     repo = Repository(Path(repository))
-    version = opts.version or latest_version(repo, name)
+    version = opts.version or staging.latest_version(repo, name)
     vdir = repo.version_dir(name, version)
     for text in recipes:  # the LM's own message first, before the step-order rules
         scheme_of(parse_recipe(text))
-    recipes_ = [(r, scheme_of(r)) for r in plan(recipes, "torch", vdir, opts.overwrite)]
+    recipes_ = [(r, scheme_of(r)) for r in staging.plan(recipes, "torch", vdir, opts.overwrite)]
     text = eval_text(data, eval_data)
     state = _read_state(vdir)
     _check_groups(state, [s for _, s in recipes_])
@@ -109,14 +102,14 @@ def optimize_lm(
         torch.set_num_threads(opts.threads)
     tokens, reference, original = _profile_original(vdir, text, opts)
     result = Result(name, version, original)
-    staged = stage_all(
+    staged = staging.stage_all(
         vdir / VARIANTS_DIR,
         recipes_,
         lambda item: item[0].name,
         lambda item, stage: _make_variant(*item, vdir, state, stage, tokens, reference, opts),
         result,
     )
-    commit(staged, vdir / VARIANTS_DIR, opts.overwrite)
+    staging.commit(staged, vdir / VARIANTS_DIR, opts.overwrite)
     # The original's decode profile where the server reads it (VERSION/profile.yaml), so a
     # per-request latency objective can weigh the original against its variants.
     update_profile(repo, name, version, None, original)

@@ -35,21 +35,13 @@ from tqdm.auto import tqdm
 
 from slimserve.errors import InvalidArgument
 from slimserve.fields import pick
-from slimserve.optimize import artifacts
+from slimserve.optimize import artifacts, staging
 from slimserve.optimize.data import load_data
 from slimserve.optimize.evaluation import as_predictor, evaluate, predict_all
 from slimserve.optimize.lm_quant import optimize_lm
 from slimserve.optimize.recipe import Recipe
 from slimserve.optimize.report import earlier_variants, write_report
-from slimserve.optimize.staging import (
-    Result,
-    VariantRow,
-    commit,
-    latest_version,
-    plain,
-    plan,
-    stage_all,
-)
+from slimserve.optimize.staging import Result, VariantRow, plain
 from slimserve.optimize.state import State
 from slimserve.optimize.steps import check_data
 from slimserve.optimize.synthetic import synthetic_inputs
@@ -113,10 +105,10 @@ def optimize(
             return Result(name, opts.version or 0, {})
         result: Result = optimize_lm(repository, name, recipes, data, eval_data, opts)
         return result
-    version = opts.version or latest_version(repo, name)
+    version = opts.version or staging.latest_version(repo, name)
     vdir = repo.version_dir(name, version)
     start = "onnx" if config.backend == "onnx" else "torch"
-    recipes_ = plan(recipes, start, vdir, opts.overwrite)
+    recipes_ = staging.plan(recipes, start, vdir, opts.overwrite)
     barrier()  # every process has checked for existing variants before rank 0 writes one
     if data is None:
         for recipe in recipes_:
@@ -132,8 +124,10 @@ def optimize(
     reference, result.original = _profile_original(original, evaluation, opts)
     baseline = {k: result.original.get(k) for k in ("accuracy", "size_bytes", "latency_ms_batch1")}
     made = _Made(original, train, evaluation, reference, opts, data is None, plain(baseline))
-    staged = stage_all(vdir / VARIANTS_DIR, recipes_, lambda r: r.name, made.variant, result)
-    commit(staged, vdir / VARIANTS_DIR, opts.overwrite)
+    staged = staging.stage_all(
+        vdir / VARIANTS_DIR, recipes_, lambda r: r.name, made.variant, result
+    )
+    staging.commit(staged, vdir / VARIANTS_DIR, opts.overwrite)
     result.earlier = earlier_variants(vdir / VARIANTS_DIR, {v["name"] for v in result.variants})
     out = opts.report_dir or (repo.model_dir(name) / "reports" / str(version))
     result.report = write_report(result, out)

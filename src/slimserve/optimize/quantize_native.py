@@ -22,6 +22,7 @@ from torch import nn
 
 from slimserve.errors import InvalidArgument
 from slimserve.optimize.calibrate import OBSERVERS
+from slimserve.runtimes.quantized import layers as qlayers
 from slimserve.runtimes.quantized import native as qnative
 from slimserve.runtimes.quantized import sequential as qsequential
 
@@ -89,17 +90,9 @@ def _observe(
 def _native_layer(m: nn.Module, relu: bool) -> qnative._NativeInt8:
     if isinstance(m, nn.Linear):
         return qnative.NativeInt8Linear(m.in_features, m.out_features, m.bias is not None, relu)
-    assert isinstance(m, nn.Conv2d) and not isinstance(m.padding, str)
+    assert isinstance(m, nn.Conv2d)
     return qnative.NativeInt8Conv2d(
-        m.in_channels,
-        m.out_channels,
-        list(m.kernel_size),
-        list(m.stride),
-        list(m.padding),
-        list(m.dilation),
-        m.groups,
-        m.bias is not None,
-        relu,
+        groups=m.groups, bias=m.bias is not None, relu=relu, **qlayers.conv_args(m)
     )
 
 

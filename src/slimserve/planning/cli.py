@@ -13,6 +13,7 @@ the plan as a table and writes it as files the server takes:
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,13 @@ from slimserve.policies.planning import (
     Unit,
     plan,
 )
-from slimserve.policies.queueing import ServiceModel, SweepPoint, calibrate
+from slimserve.policies.queueing import (
+    OpenLoopPoint,
+    ServiceModel,
+    SweepPoint,
+    calibrate,
+    fit_serving_path,
+)
 from slimserve.repository.schema import VariantProfile
 from slimserve.repository.store import Repository, Target
 
@@ -113,17 +120,16 @@ def _unit(target: Target) -> Unit | None:
     extra = profile.model_extra or {}
     cores = int((extra.get("sweep_settings") or {}).get("cpu_count") or 1)
     memory = profile.memory_bytes or profile.size_bytes or 0
-    service = _service(profile, rows, target.config.batching.max_batch_size)
+    service = _service(profile, rows, target)
     return Unit(target.model, target.variant, loss, memory, points, cores, service)
 
 
-def _sweep_rows(profile: VariantProfile, target: Target) -> list[dict[str, Any]]:
-    """Sweep points run with the batching model.yaml has now (what the server will do);
-    all points when none were."""
-    sweep = (profile.model_extra or {}).get("sweep") or []
+def _same_batching(rows: Any, target: Target) -> list[dict[str, Any]]:
+    """Rows measured without errors with the batching model.yaml has now (what the server
+    will do); all usable rows when none were."""
     rows = [
         r
-        for r in sweep
+        for r in (rows if isinstance(rows, list) else [])
         if isinstance(r, dict)
         and not r.get("errors")
         and r.get("throughput_rps")
@@ -139,11 +145,17 @@ def _sweep_rows(profile: VariantProfile, target: Target) -> list[dict[str, Any]]
     return same or rows
 
 
+def _sweep_rows(profile: VariantProfile, target: Target) -> list[dict[str, Any]]:
+    """Closed-loop sweep points run with the batching the server will use."""
+    return _same_batching((profile.model_extra or {}).get("sweep"), target)
+
+
 def _service(
-    profile: VariantProfile, rows: list[dict[str, Any]], max_batch_size: int
+    profile: VariantProfile, rows: list[dict[str, Any]], target: Target
 ) -> ServiceModel | None:
-    """The unit's queueing model, calibrated on its sweep and batch latency curve (None:
-    the profile lacks the curve or the points' concurrency and p50)."""
+    """The unit's queueing model, calibrated on its sweep and batch latency curve, with the
+    serving path fitted on its open-loop points where the profile has them (None: the profile
+    lacks the curve or the points' concurrency and p50)."""
     points = [
         SweepPoint(
             int(r["concurrency"]),
@@ -157,7 +169,14 @@ def _service(
     curve = profile.latency_curve()
     if not points or not curve:
         return None
-    return calibrate(points, curve, max_batch_size)
+    model = calibrate(points, curve, target.config.batching.max_batch_size)
+    opened = _same_batching((profile.model_extra or {}).get("open_loop"), target)
+    measured = [
+        OpenLoopPoint(float(r["rate_rps"]), float(r["p99_ms"]))
+        for r in opened
+        if isinstance(r.get("rate_rps"), int | float)
+    ]
+    return replace(model, serving=fit_serving_path(model, measured))
 
 
 def _served(model: str, variant: str | None) -> str:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from slimserve.repository.store import Target
+from slimserve.runtimes.launch import WorkerLauncher
 from slimserve.runtimes.llm.params import SamplingParams
 from slimserve.types import Clock, TensorSpec, numpy_dtype
 
@@ -40,6 +41,9 @@ class RuntimeOptions:
     # The server's memory budget (bytes, 0: unset): a model split over worker processes
     # checks each process's weights and KV cache against it (runtimes/llm/parallel/).
     memory_budget_bytes: int = 0
+    # Who starts a split model's worker processes (runtimes/launch.py); None: local child
+    # processes. On Ray, the replica hands in Ray actors in a placement group.
+    launcher: WorkerLauncher | None = field(default=None, repr=False, compare=False)
 
 
 class Runtime(ABC):

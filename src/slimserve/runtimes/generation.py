@@ -38,6 +38,7 @@ from slimserve.runtimes.llm.engine import (
 )
 from slimserve.runtimes.llm.model import LlamaModel
 from slimserve.runtimes.llm.parallel.group import GroupConfig, ModelGroup
+from slimserve.runtimes.llm.parallel.local import LocalLauncher
 from slimserve.runtimes.llm.runtime import TextCodec, TextGenerationRuntime
 from slimserve.runtimes.llm.speculate import SpeculativeConfig
 from slimserve.runtimes.llm.stream import GenerationStream
@@ -97,6 +98,7 @@ class GenerationRuntime(Runtime, TextGenerator):
             threads=threads,
             budget_bytes=self.options.memory_budget_bytes,
             step_timeout_s=s.step_timeout_s,
+            launcher=self.options.launcher or LocalLauncher(),
         )
         self.group = ModelGroup(config, codec.config())
         return codec, self.group

@@ -260,11 +260,11 @@ class ModelManager:
         try:
             loop = asyncio.get_running_loop()
             runtime = await loop.run_in_executor(self._load_executor, self._build, unit.target)
-            executor = self._infer_threads.assign()
+            executor = self._infer_threads.assign(unit.target.key, _thread_cost_ms(unit.target))
             try:  # warmed up on the thread that will run its batches (serving/threads.py)
                 await loop.run_in_executor(executor, self._warm, runtime)
             except BaseException:
-                self._infer_threads.release(executor)
+                self._infer_threads.release(unit.target.key)
                 raise
         except Exception as exc:  # noqa: BLE001 - any load failure marks this unit unavailable
             self.used_bytes -= estimate
@@ -430,7 +430,7 @@ class ModelManager:
         if unit.resident is not None:
             self.used_bytes -= unit.resident.size_bytes
         if unit.executor is not None:
-            self._infer_threads.release(unit.executor)
+            self._infer_threads.release(unit.target.key)
         unit.runtime, unit.batcher, unit.resident, unit.executor = None, None, None, None
         unit.state, unit.reason = state, reason
         log.info("unloaded %s (%s)", unit.target.key, reason)
@@ -467,3 +467,11 @@ def _memory_bytes(runtime: Runtime) -> int:
 
 def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def _thread_cost_ms(target: Target) -> float | None:
+    """How long the unit holds its inference thread per batch: its profiled batch-1 latency
+    (serving/threads.py balances these); None without a profile."""
+    profile = target.profile
+    curve = profile.latency_curve() if profile is not None else ()
+    return curve[0][1] if curve else None

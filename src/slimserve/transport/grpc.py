@@ -4,12 +4,13 @@ Each RPC parses its message, decodes it (`grpc_codec`), calls one `Engine` metho
 the answer; a `SlimserveError` becomes the gRPC status from `STATUS` with the error's message,
 bytes that are not a valid message are INVALID_ARGUMENT, anything else is logged once and
 answered INTERNAL. Messages above settings.max_body_bytes are refused by gRPC itself with
-RESOURCE_EXHAUSTED before they are parsed. The call's deadline becomes
-the request's deadline (parameter `timeout`, seconds). RPCs of Triton's service that are not
-declared here (streaming, shared memory, trace, log settings) answer UNIMPLEMENTED.
+RESOURCE_EXHAUSTED before they are parsed. The call's deadline becomes the request's timeout
+(`RequestControls.timeout_s`; the earlier of it and a `timeout` parameter). RPCs of Triton's
+service that are not declared here (streaming, shared memory, trace, log settings) answer
+UNIMPLEMENTED.
 
 A model name may carry a variant ("mlp:int8"), or the request a string parameter `variant`.
-Python clients can use the generated stub, `_proto.grpc_service_pb2_grpc`, or tritonclient.grpc.
+Python clients can use the generated stub, `vendor.grpc_service_pb2_grpc`, or tritonclient.grpc.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from slimserve.errors import Code, ConfigError, InvalidArgument, SlimserveError
 from slimserve.security.keys import Identity, bearer_token
 from slimserve.serving.engine import Engine
 from slimserve.transport import grpc_codec as codec
-from slimserve.transport._proto import grpc_service_pb2 as pb
 from slimserve.transport.limits import TensorLimits, check_inputs
+from slimserve.transport.vendor import grpc_service_pb2 as pb
 
 log = logging.getLogger("slimserve.grpc")
 _INT32_MAX = 2**31 - 1
@@ -203,6 +204,13 @@ class InferenceServicer:
     def _allow(self, context: Context, scope: str, model: str | None = None) -> Identity:
         return self.engine.authorize(_token(context), scope, model or None)
 
+    def _model(
+        self, context: Context, request: Any, scope: str = "infer"
+    ) -> tuple[str, str | None]:
+        """Authorizes `scope` on the model a request names; its (name, version or None)."""
+        self._allow(context, scope, request.name)
+        return request.name, request.version or None
+
     @_rpc(pb.ServerLiveRequest)
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> Any:
         return pb.ServerLiveResponse(live=self.engine.live())
@@ -213,8 +221,7 @@ class InferenceServicer:
 
     @_rpc(pb.ModelReadyRequest)
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> Any:
-        self._allow(context, "infer", request.name)
-        ready = self.engine.model_ready(request.name, request.version or None)
+        ready = self.engine.model_ready(*self._model(context, request))
         return pb.ModelReadyResponse(ready=ready)
 
     @_rpc(pb.ServerMetadataRequest)
@@ -224,8 +231,7 @@ class InferenceServicer:
 
     @_rpc(pb.ModelMetadataRequest)
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> Any:
-        self._allow(context, "infer", request.name)
-        meta = self.engine.model_metadata(request.name, request.version or None)
+        meta = self.engine.model_metadata(*self._model(context, request))
         return codec.model_metadata_message(meta)
 
     @_rpc(pb.ModelInferRequest)
@@ -239,14 +245,13 @@ class InferenceServicer:
 
     @_rpc(pb.ModelConfigRequest)
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> Any:
-        self._allow(context, "infer", request.name)
-        config = self.engine.model_config(request.name, request.version or None)
+        config = self.engine.model_config(*self._model(context, request))
         return codec.model_config_message(config)
 
     @_rpc(pb.ModelStatisticsRequest)
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> Any:
-        self._allow(context, "metrics", request.name)
-        stats = self.engine.model_statistics(request.name or None, request.version or None)
+        name, version = self._model(context, request, "metrics")  # no name: every model
+        stats = self.engine.model_statistics(name or None, version)
         return codec.statistics_message(stats)
 
     @_rpc(pb.RepositoryIndexRequest)

@@ -25,47 +25,37 @@ from typing import Any
 import numpy as np
 import orjson
 
+from slimserve import types
 from slimserve.errors import InvalidArgument, Unimplemented
 from slimserve.transport import v2_shapes as shapes
-from slimserve.transport._proto import grpc_service_pb2 as pb
-from slimserve.transport._proto import model_config_pb2 as mc
 from slimserve.transport.controls import take_controls, with_deadline
 from slimserve.transport.limits import check_extent, check_int_range
 from slimserve.transport.raw import pack_bytes, tensor_from_raw
-from slimserve.types import (
-    DATATYPE_TO_NUMPY,
-    Duration,
-    InferRequest,
-    InferResponse,
-    ModelMetadata,
-    ModelSettings,
-    ModelStatistics,
-    RepositoryEntry,
-    ServerMetadata,
-    TensorSpec,
-    datatype_of,
-)
+from slimserve.transport.vendor import grpc_service_pb2 as pb
+from slimserve.transport.vendor import model_config_pb2 as mc
 
 MAX_DIMS = 32  # numpy allows 64; no model here has more than a handful
 _RAW_WHERE = "its raw_input_contents buffer"
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
 # Little-endian dtypes for raw buffers (the wire order, whatever the host's).
-# datatype -> (InferTensorContents field, numpy dtype of that field's values).
-CONTENTS_FIELDS: dict[str, tuple[str, np.dtype[Any]]] = {
-    "BOOL": ("bool_contents", np.dtype(np.bool_)),
-    "INT8": ("int_contents", np.dtype(np.int32)),
-    "INT16": ("int_contents", np.dtype(np.int32)),
-    "INT32": ("int_contents", np.dtype(np.int32)),
-    "INT64": ("int64_contents", np.dtype(np.int64)),
-    "UINT8": ("uint_contents", np.dtype(np.uint32)),
-    "UINT16": ("uint_contents", np.dtype(np.uint32)),
-    "UINT32": ("uint_contents", np.dtype(np.uint32)),
-    "UINT64": ("uint64_contents", np.dtype(np.uint64)),
-    "FP32": ("fp32_contents", np.dtype(np.float32)),
-    "FP64": ("fp64_contents", np.dtype(np.float64)),
-    "BYTES": ("bytes_contents", np.dtype(np.object_)),
+# InferTensorContents field -> (numpy dtype of its values, the datatypes it carries), as
+# grpc_service.proto declares them; CONTENTS_FIELDS looks them up by datatype.
+_FIELDS: dict[str, tuple[type[np.generic], tuple[str, ...]]] = {
+    "bool_contents": (np.bool_, ("BOOL",)),
+    "int_contents": (np.int32, ("INT8", "INT16", "INT32")),
+    "int64_contents": (np.int64, ("INT64",)),
+    "uint_contents": (np.uint32, ("UINT8", "UINT16", "UINT32")),
+    "uint64_contents": (np.uint64, ("UINT64",)),
+    "fp32_contents": (np.float32, ("FP32",)),
+    "fp64_contents": (np.float64, ("FP64",)),
+    "bytes_contents": (np.object_, ("BYTES",)),
 }
-_ALL_FIELDS = sorted({f for f, _ in CONTENTS_FIELDS.values()})
+CONTENTS_FIELDS: dict[str, tuple[str, np.dtype[Any]]] = {
+    datatype: (field, np.dtype(values))
+    for field, (values, datatypes) in _FIELDS.items()
+    for datatype in datatypes
+}
+_ALL_FIELDS = sorted(_FIELDS)
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -75,14 +65,14 @@ def decode_infer_request(
     message: pb.ModelInferRequest,
     client: str | None = None,
     time_remaining: float | None = None,
-) -> InferRequest:
+) -> types.InferRequest:
     """A ModelInferRequest as an InferRequest (arrays are views of the message's buffers).
 
     `time_remaining`: the call's deadline (seconds left), which bounds the request's timeout.
     """
     params = decode_parameters(message.parameters, "the request")
     variant, controls = take_controls(params)
-    return InferRequest(
+    return types.InferRequest(
         model=message.model_name,
         inputs=decode_inputs(message),
         version=message.model_version or None,
@@ -129,10 +119,10 @@ def tensor_header(tensor: Any) -> tuple[str, str, tuple[int, ...]]:
     if len(name) > 256:
         raise InvalidArgument(f"input name {name[:32]!r}... is {len(name)} characters; max 256")
     datatype = tensor.datatype
-    if datatype not in DATATYPE_TO_NUMPY:
+    if datatype not in types.DATATYPE_TO_NUMPY:
         raise InvalidArgument(
             f"input {name!r}: datatype {datatype[:32]!r} is not one of "
-            f"{', '.join(DATATYPE_TO_NUMPY)}"
+            f"{', '.join(types.DATATYPE_TO_NUMPY)}"
         )
     shape = tuple(tensor.shape)
     if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
@@ -163,7 +153,7 @@ def contents_tensor(
         array[:] = list(values)
         return array.reshape(shape)
     array = np.fromiter(values, dtype=wire_dtype, count=count)
-    target = DATATYPE_TO_NUMPY[datatype]
+    target = types.DATATYPE_TO_NUMPY[datatype]
     if target != wire_dtype:  # INT8/16 in int32, UINT8/16 in uint32: check they fit
         check_int_range(array, target, name)
         array = array.astype(target)
@@ -260,7 +250,7 @@ def encode_parameters(values: Mapping[str, Any], target: Any) -> None:
 # -- responses -----------------------------------------------------------------------------
 
 
-def encode_infer_response(response: InferResponse) -> pb.ModelInferResponse:
+def encode_infer_response(response: types.InferResponse) -> pb.ModelInferResponse:
     """An InferResponse as a ModelInferResponse with one raw buffer per output."""
     message = pb.ModelInferResponse(
         model_name=response.served_name, model_version=response.version, id=response.id or ""
@@ -268,7 +258,7 @@ def encode_infer_response(response: InferResponse) -> pb.ModelInferResponse:
     encode_parameters(response.parameters, message.parameters)
     buffers = []
     for name, array in response.outputs.items():
-        datatype = datatype_of(array)
+        datatype = types.datatype_of(array)
         message.outputs.add(name=name, datatype=datatype, shape=array.shape)
         buffers.append(raw_bytes(array, datatype))
     message.raw_output_contents.extend(buffers)
@@ -287,19 +277,19 @@ def raw_bytes(array: np.ndarray, datatype: str) -> bytes:
 # -- metadata, configuration, statistics, repository --------------------------------------
 
 
-def server_metadata_message(meta: ServerMetadata) -> pb.ServerMetadataResponse:
+def server_metadata_message(meta: types.ServerMetadata) -> pb.ServerMetadataResponse:
     return pb.ServerMetadataResponse(
         name=meta.name, version=meta.version, extensions=list(meta.extensions)
     )
 
 
-def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+def _tensor_metadata(spec: types.TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(
         name=spec.name, datatype=spec.datatype, shape=list(spec.shape)
     )
 
 
-def model_metadata_message(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+def model_metadata_message(meta: types.ModelMetadata) -> pb.ModelMetadataResponse:
     return pb.ModelMetadataResponse(
         name=meta.name,
         versions=list(meta.versions),
@@ -309,8 +299,8 @@ def model_metadata_message(meta: ModelMetadata) -> pb.ModelMetadataResponse:
     )
 
 
-def model_config_message(config: ModelSettings) -> pb.ModelConfigResponse:
-    def kind(spec: TensorSpec) -> Any:
+def model_config_message(config: types.ModelSettings) -> pb.ModelConfigResponse:
+    def kind(spec: types.TensorSpec) -> Any:
         return mc.DataType.Value(shapes.triton_type(spec.datatype))
 
     message = mc.ModelConfig(
@@ -336,11 +326,11 @@ def model_config_message(config: ModelSettings) -> pb.ModelConfigResponse:
     return pb.ModelConfigResponse(config=message)
 
 
-def _duration(d: Duration) -> pb.StatisticDuration:
+def _duration(d: types.Duration) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=d.count, ns=d.ns)
 
 
-def _unit_statistics(s: ModelStatistics) -> pb.ModelStatistics:
+def _unit_statistics(s: types.ModelStatistics) -> pb.ModelStatistics:
     no_copy = pb.StatisticDuration(count=s.compute.count, ns=0)
     message = pb.ModelStatistics(
         name=s.name,
@@ -370,11 +360,11 @@ def _unit_statistics(s: ModelStatistics) -> pb.ModelStatistics:
     return message
 
 
-def statistics_message(stats: Iterable[ModelStatistics]) -> pb.ModelStatisticsResponse:
+def statistics_message(stats: Iterable[types.ModelStatistics]) -> pb.ModelStatisticsResponse:
     return pb.ModelStatisticsResponse(model_stats=[_unit_statistics(s) for s in stats])
 
 
-def index_message(rows: Iterable[RepositoryEntry]) -> pb.RepositoryIndexResponse:
+def index_message(rows: Iterable[types.RepositoryEntry]) -> pb.RepositoryIndexResponse:
     return pb.RepositoryIndexResponse(
         models=[
             pb.RepositoryIndexResponse.ModelIndex(

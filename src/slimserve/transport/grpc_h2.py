@@ -34,10 +34,10 @@ from google.protobuf.message import Message
 from slimserve.config import Settings
 from slimserve.errors import ConfigError
 from slimserve.serving.engine import Engine
+from slimserve.transport import h2wire as wire
 from slimserve.transport.grpc import SERVICE, InferenceServicer
 from slimserve.transport.h2conn import H2Limits, H2ServerConnection, H2Stream
 from slimserve.transport.h2fields import RequestHead
-from slimserve.transport.h2wire import U32, literal
 from slimserve.transport.limits import TensorLimits
 
 log = logging.getLogger("slimserve.grpc")
@@ -46,9 +46,9 @@ _METHODS = {f"/{SERVICE.full_name}/{m.name}".encode(): m.name for m in SERVICE.m
 
 
 _STATUS_200 = b"\x88"  # static table index 8: ":status: 200"
-_RESPONSE_HEADERS = _STATUS_200 + literal(b"content-type", b"application/grpc")
-_OK_TRAILERS = literal(b"grpc-status", b"0")
-_ACCEPT = literal(b"grpc-accept-encoding", b"identity,deflate,gzip")
+_RESPONSE_HEADERS = _STATUS_200 + wire.literal(b"content-type", b"application/grpc")
+_OK_TRAILERS = wire.literal(b"grpc-status", b"0")
+_ACCEPT = wire.literal(b"grpc-accept-encoding", b"identity,deflate,gzip")
 
 
 def _percent_encode(text: str) -> bytes:
@@ -238,7 +238,7 @@ class _Connection(H2ServerConnection):
             )
             return None
         compressed = body[0]
-        length = U32.unpack_from(body, 1)[0]
+        length = wire.U32.unpack_from(body, 1)[0]
         if len(body) != 5 + length:
             stream.refused = (
                 grpc.StatusCode.INTERNAL,
@@ -290,7 +290,7 @@ class _Connection(H2ServerConnection):
             self._answer_error(stream, grpc.StatusCode.INTERNAL, "internal server error", ())
         else:
             message = reply.SerializeToString()
-            body = b"\x00" + U32.pack(len(message)) + message
+            body = b"\x00" + wire.U32.pack(len(message)) + message
             self.send_answer(stream, _RESPONSE_HEADERS, body, _OK_TRAILERS)
 
     def _answer_refused(self, stream: _Stream, more: bool = False) -> None:
@@ -305,12 +305,12 @@ class _Connection(H2ServerConnection):
     ) -> None:
         """Trailers-only: one HEADERS frame with the status."""
         block = bytearray(_RESPONSE_HEADERS)
-        block += literal(b"grpc-status", str(code.value[0]).encode())
+        block += wire.literal(b"grpc-status", str(code.value[0]).encode())
         if details:
-            block += literal(b"grpc-message", _percent_encode(details)[:8192])
+            block += wire.literal(b"grpc-message", _percent_encode(details)[:8192])
         for key, value in trailing or ():
             raw = value if isinstance(value, bytes) else str(value).encode("latin-1", "replace")
-            block += literal(key.encode("latin-1"), raw)
+            block += wire.literal(key.encode("latin-1"), raw)
         if code == grpc.StatusCode.UNIMPLEMENTED:
             block += _ACCEPT
         self.send_trailers_only(stream, bytes(block))

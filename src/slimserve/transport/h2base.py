@@ -19,28 +19,8 @@ import hpack
 from slimserve.config import Settings
 from slimserve.errors import ConfigError
 from slimserve.policies.rate_limit import Bucket, Limit, take
+from slimserve.transport import h2wire as wire
 from slimserve.transport.h2fields import RequestHead
-from slimserve.transport.h2wire import (
-    DATA,
-    DEFAULT_FRAME,
-    DEFAULT_WINDOW,
-    END_HEADERS,
-    END_STREAM,
-    GOAWAY,
-    HEADERS,
-    MAX_WINDOW,
-    PING,
-    RST_STREAM,
-    S_INITIAL_WINDOW_SIZE,
-    S_MAX_CONCURRENT_STREAMS,
-    S_MAX_FRAME_SIZE,
-    S_MAX_HEADER_LIST_SIZE,
-    SETTINGS,
-    U32,
-    WINDOW_UPDATE,
-    FrameReader,
-    frame,
-)
 
 log = logging.getLogger("slimserve.grpc")
 
@@ -56,7 +36,7 @@ class H2Limits:
 
     max_frame: int = 1 << 20  # frames we accept: fewer frames per large tensor
     stream_window: int = 1 << 24  # per stream: most requests never wait for a WINDOW_UPDATE
-    conn_window: int = MAX_WINDOW  # the whole connection
+    conn_window: int = wire.MAX_WINDOW  # the whole connection
     max_streams: int = 1024  # requests in flight per connection
     max_header_bytes: int = 32 * 1024  # metadata; a block over 16x fails the connection
     reset_burst: int = 1000  # resets allowed at once (nghttp2's default) ...
@@ -68,11 +48,11 @@ class H2Limits:
     ping_timeout_s: float = 20.0  # for the PING's answer
 
     def __post_init__(self) -> None:
-        if not DEFAULT_FRAME <= self.max_frame <= 2**24 - 1:
+        if not wire.DEFAULT_FRAME <= self.max_frame <= 2**24 - 1:
             raise ConfigError(f"max_frame {self.max_frame} must be within 2^14..2^24-1")
-        if not 1 <= self.stream_window <= MAX_WINDOW:
+        if not 1 <= self.stream_window <= wire.MAX_WINDOW:
             raise ConfigError(f"stream_window {self.stream_window} must be within 1..2^31-1")
-        if not DEFAULT_WINDOW <= self.conn_window <= MAX_WINDOW:
+        if not wire.DEFAULT_WINDOW <= self.conn_window <= wire.MAX_WINDOW:
             # A connection window can only grow from 65,535 (WINDOW_UPDATE, never SETTINGS).
             raise ConfigError(f"conn_window {self.conn_window} must be within 65535..2^31-1")
         if self.max_streams < 1 or self.reset_burst < 1 or self.reset_rate <= 0:
@@ -132,21 +112,21 @@ class H2Connection(asyncio.Protocol):
         self.limits = limits
         self.clock = clock
         self.transport: asyncio.Transport | None = None
-        self.reader = FrameReader(limits.max_frame)
+        self.reader = wire.FrameReader(limits.max_frame)
         self.preface = False
         self.preface_bytes = b""
         self.decoder = hpack.Decoder(max_header_list_size=limits.block_limit)
         self.streams: dict[int, H2Stream] = {}
         self.last_stream = 0
-        self.peer_window = DEFAULT_WINDOW  # initial send window of each new stream
-        self.peer_frame = DEFAULT_FRAME
+        self.peer_window = wire.DEFAULT_WINDOW  # initial send window of each new stream
+        self.peer_frame = wire.DEFAULT_FRAME
         # After the client changes SETTINGS_HEADER_TABLE_SIZE, our next header block must
         # start with a dynamic table size update (RFC 7541 4.2); ours is always 0: our
         # blocks never index anything.
         self.table_update = b""
-        self.send_window = DEFAULT_WINDOW  # the connection's, toward the client
+        self.send_window = wire.DEFAULT_WINDOW  # the connection's, toward the client
         # Until the client acknowledges our SETTINGS it may assume the default stream window.
-        self.local_window = max(limits.stream_window, DEFAULT_WINDOW)
+        self.local_window = max(limits.stream_window, wire.DEFAULT_WINDOW)
         self.settings_acked = False
         self.recv_window = limits.conn_window  # the connection's, from the client
         self.recv_unacked = 0
@@ -202,14 +182,16 @@ class H2Connection(asyncio.Protocol):
         lim = self.limits
         settings = struct.pack(
             ">HIHIHIHI",
-            S_MAX_CONCURRENT_STREAMS, lim.max_streams,
-            S_INITIAL_WINDOW_SIZE, lim.stream_window,
-            S_MAX_FRAME_SIZE, lim.max_frame,
-            S_MAX_HEADER_LIST_SIZE, lim.max_header_bytes,
+            wire.S_MAX_CONCURRENT_STREAMS, lim.max_streams,
+            wire.S_INITIAL_WINDOW_SIZE, lim.stream_window,
+            wire.S_MAX_FRAME_SIZE, lim.max_frame,
+            wire.S_MAX_HEADER_LIST_SIZE, lim.max_header_bytes,
         )  # fmt: skip
-        out = frame(SETTINGS, 0, 0, settings)
-        if lim.conn_window > DEFAULT_WINDOW:
-            out += frame(WINDOW_UPDATE, 0, 0, U32.pack(lim.conn_window - DEFAULT_WINDOW))
+        out = wire.frame(wire.SETTINGS, 0, 0, settings)
+        if lim.conn_window > wire.DEFAULT_WINDOW:
+            out += wire.frame(
+                wire.WINDOW_UPDATE, 0, 0, wire.U32.pack(lim.conn_window - wire.DEFAULT_WINDOW)
+            )
         transport.write(out)
         self.on_connection(True)
         self._schedule_tick()
@@ -260,7 +242,7 @@ class H2Connection(asyncio.Protocol):
             return
         if self.ping_sent is None and now - self.last_seen > lim.ping_every_s:
             self.ping_sent = now
-            self.transport.write(frame(PING, 0, 0, b"slimserv"))
+            self.transport.write(wire.frame(wire.PING, 0, 0, b"slimserv"))
         self._schedule_tick()
 
     def _drop_slow_requests(self, now: float) -> None:
@@ -282,7 +264,7 @@ class H2Connection(asyncio.Protocol):
         if self.transport is not None and not self.going_away:
             self.going_away = True
             payload = struct.pack(">II", self.last_stream, code) + debug
-            self.transport.write(frame(GOAWAY, 0, 0, payload))
+            self.transport.write(wire.frame(wire.GOAWAY, 0, 0, payload))
 
     def fail(self, code: int, why: str) -> None:
         """A connection error: GOAWAY with the code and close; nothing more is read."""
@@ -330,13 +312,13 @@ class H2Connection(asyncio.Protocol):
             stream.send_window -= len(body)
             self.send_window -= len(body)
             self.transport.write(
-                frame(HEADERS, END_HEADERS, sid, head)
-                + frame(DATA, 0, sid, body)
-                + frame(HEADERS, END_HEADERS | END_STREAM, sid, trailers)
+                wire.frame(wire.HEADERS, wire.END_HEADERS, sid, head)
+                + wire.frame(wire.DATA, 0, sid, body)
+                + wire.frame(wire.HEADERS, wire.END_HEADERS | wire.END_STREAM, sid, trailers)
             )
             self.close_stream(stream)
             return
-        self.transport.write(frame(HEADERS, END_HEADERS, sid, head))
+        self.transport.write(wire.frame(wire.HEADERS, wire.END_HEADERS, sid, head))
         stream.pending, stream.trailers = body, trailers
         self._flush(stream)
 
@@ -346,7 +328,9 @@ class H2Connection(asyncio.Protocol):
             return
         if self.table_update:
             block, self.table_update = self.table_update + block, b""
-        self.transport.write(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, block))
+        self.transport.write(
+            wire.frame(wire.HEADERS, wire.END_HEADERS | wire.END_STREAM, stream.id, block)
+        )
         self.close_stream(stream)
 
     def stop_receiving(self, stream: H2Stream) -> None:
@@ -361,7 +345,7 @@ class H2Connection(asyncio.Protocol):
             self.sent_resets.clear()
         self.sent_resets.add(sid)
         if self.transport is not None:
-            self.transport.write(frame(RST_STREAM, 0, sid, U32.pack(code)))
+            self.transport.write(wire.frame(wire.RST_STREAM, 0, sid, wire.U32.pack(code)))
 
     def _flush(self, stream: H2Stream) -> None:
         """Send what the windows allow of the stream's answer; the trailers when all is out."""
@@ -373,13 +357,15 @@ class H2Connection(asyncio.Protocol):
             n = min(len(stream.pending), stream.send_window, self.send_window, self.peer_frame)
             if n <= 0:
                 break
-            frames.append(frame(DATA, 0, stream.id, stream.pending[:n]))
+            frames.append(wire.frame(wire.DATA, 0, stream.id, stream.pending[:n]))
             stream.pending = stream.pending[n:]
             stream.send_window -= n
             self.send_window -= n
         if not stream.pending:
             block, self.table_update = self.table_update + stream.trailers, b""
-            frames.append(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, block))
+            frames.append(
+                wire.frame(wire.HEADERS, wire.END_HEADERS | wire.END_STREAM, stream.id, block)
+            )
         transport.write(b"".join(frames))
         if not stream.pending:
             self.close_stream(stream)

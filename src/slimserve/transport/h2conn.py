@@ -42,6 +42,7 @@ from typing import Any
 import hpack
 import hpack.exceptions
 
+from slimserve.transport import h2wire as wire
 from slimserve.transport.h2base import (
     COMPRESSION_ERROR,
     ENHANCE_YOUR_CALM,
@@ -56,33 +57,6 @@ from slimserve.transport.h2base import (
     log,
 )
 from slimserve.transport.h2fields import Malformed, request_head, trailer_fields
-from slimserve.transport.h2wire import (
-    ACK,
-    CONTINUATION,
-    DATA,
-    DEFAULT_FRAME,
-    END_HEADERS,
-    END_STREAM,
-    GOAWAY,
-    HEADERS,
-    MAX_WINDOW,
-    PING,
-    PREFACE,
-    PRIORITY,
-    PRIORITY_FLAG,
-    PUSH_PROMISE,
-    RST_STREAM,
-    S_ENABLE_PUSH,
-    S_HEADER_TABLE_SIZE,
-    S_INITIAL_WINDOW_SIZE,
-    S_MAX_FRAME_SIZE,
-    SETTINGS,
-    U32,
-    WINDOW_UPDATE,
-    FrameTooLarge,
-    frame,
-    unpad,
-)
 
 __all__ = ["H2Limits", "H2ServerConnection", "H2Stream"]
 
@@ -110,44 +84,46 @@ class H2ServerConnection(H2Connection):
                 if self.paused:  # the peer is not reading: the rest waits (resume_writing)
                     frames.close()
                     break
-        except FrameTooLarge as exc:
+        except wire.FrameTooLarge as exc:
             self.fail(FRAME_SIZE_ERROR, str(exc))
             return
         if self.recv_unacked >= self.limits.conn_window // 2 and self.transport is not None:
-            self.transport.write(frame(WINDOW_UPDATE, 0, 0, U32.pack(self.recv_unacked)))
+            self.transport.write(
+                wire.frame(wire.WINDOW_UPDATE, 0, 0, wire.U32.pack(self.recv_unacked))
+            )
             self.recv_window += self.recv_unacked
             self.recv_unacked = 0
 
     def _read_preface(self, data: bytes) -> bytes:
         """The bytes after the client's connection preface (b"" while it is incomplete)."""
         seen = self.preface_bytes + data
-        if not (PREFACE.startswith(seen) or seen.startswith(PREFACE)):
+        if not (wire.PREFACE.startswith(seen) or seen.startswith(wire.PREFACE)):
             self.fail(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
             return b""
-        if len(seen) < len(PREFACE):
+        if len(seen) < len(wire.PREFACE):
             self.preface_bytes = seen
             return b""
         self.preface = True
-        return seen[len(PREFACE) :]
+        return seen[len(wire.PREFACE) :]
 
     def _dispatch(self, kind: int, flags: int, sid: int, payload: memoryview) -> None:
-        if self.header_block is not None and kind != CONTINUATION:
+        if self.header_block is not None and kind != wire.CONTINUATION:
             self.fail(PROTOCOL_ERROR, "a header block was interrupted")
-        elif kind == DATA:
+        elif kind == wire.DATA:
             self._on_data(flags, sid, payload)
-        elif kind == HEADERS:
+        elif kind == wire.HEADERS:
             self._on_headers(flags, sid, payload)
-        elif kind == CONTINUATION:
+        elif kind == wire.CONTINUATION:
             self._on_continuation(flags, sid, payload)
-        elif kind == SETTINGS:
+        elif kind == wire.SETTINGS:
             self._on_settings(flags, sid, payload)
-        elif kind == WINDOW_UPDATE:
+        elif kind == wire.WINDOW_UPDATE:
             self._on_window_update(sid, payload)
-        elif kind == PING:
+        elif kind == wire.PING:
             self._on_ping(flags, sid, payload)
-        elif kind == RST_STREAM:
+        elif kind == wire.RST_STREAM:
             self._on_reset(sid, payload)
-        elif kind == PRIORITY:
+        elif kind == wire.PRIORITY:
             if sid == 0:
                 self.fail(PROTOCOL_ERROR, "PRIORITY on stream 0")
             elif len(payload) != 5:
@@ -155,9 +131,9 @@ class H2ServerConnection(H2Connection):
                     self.fail(FRAME_SIZE_ERROR, "PRIORITY of other than 5 bytes")
                 else:
                     self._stream_error(sid, FRAME_SIZE_ERROR)
-        elif kind == GOAWAY:
+        elif kind == wire.GOAWAY:
             self._on_goaway(sid, payload)
-        elif kind == PUSH_PROMISE:
+        elif kind == wire.PUSH_PROMISE:
             self.fail(PROTOCOL_ERROR, "a client may not push")
         # Unknown frame types are ignored (RFC 9113 5.5).
 
@@ -170,10 +146,10 @@ class H2ServerConnection(H2Connection):
             self.fail(PROTOCOL_ERROR, "PING on a stream")
         elif len(payload) != 8:
             self.fail(FRAME_SIZE_ERROR, "PING of other than 8 bytes")
-        elif flags & ACK:
+        elif flags & wire.ACK:
             self.ping_sent = None
         elif self.transport is not None:
-            self.transport.write(frame(PING, ACK, 0, payload))
+            self.transport.write(wire.frame(wire.PING, wire.ACK, 0, payload))
 
     def _on_goaway(self, sid: int, payload: memoryview) -> None:
         if sid != 0:
@@ -201,7 +177,7 @@ class H2ServerConnection(H2Connection):
             self._after_close()
 
     def _unpad(self, flags: int, payload: memoryview) -> memoryview | None:
-        out = unpad(flags, payload)
+        out = wire.unpad(flags, payload)
         if out is None:
             self.fail(PROTOCOL_ERROR, "padding longer than the frame")
         return out
@@ -230,7 +206,7 @@ class H2ServerConnection(H2Connection):
             return
         stream.recv_window -= size
         stream.received += len(data)
-        end = bool(flags & END_STREAM)
+        end = bool(flags & wire.END_STREAM)
         self.on_data(stream, data, end)
         if stream.closed:
             return  # answered (refused) already
@@ -243,7 +219,9 @@ class H2ServerConnection(H2Connection):
         """Stream credit for consumed bytes, in one WINDOW_UPDATE per half window."""
         stream.recv_unacked += size
         if stream.recv_unacked >= self.limits.stream_window // 2 and self.transport is not None:
-            self.transport.write(frame(WINDOW_UPDATE, 0, stream.id, U32.pack(stream.recv_unacked)))
+            self.transport.write(
+                wire.frame(wire.WINDOW_UPDATE, 0, stream.id, wire.U32.pack(stream.recv_unacked))
+            )
             stream.recv_window += stream.recv_unacked
             stream.recv_unacked = 0
 
@@ -263,7 +241,7 @@ class H2ServerConnection(H2Connection):
         block = self._unpad(flags, payload)
         if block is None:
             return
-        if flags & PRIORITY_FLAG:
+        if flags & wire.PRIORITY_FLAG:
             if len(block) < 5:
                 self.fail(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
                 return
@@ -271,7 +249,7 @@ class H2ServerConnection(H2Connection):
         if len(block) > self.limits.block_limit:
             self.fail(ENHANCE_YOUR_CALM, "header block over the metadata limit")
             return
-        if flags & END_HEADERS:
+        if flags & wire.END_HEADERS:
             self._headers_complete(sid, flags, bytes(block))
         else:
             self.header_block, self.header_stream, self.header_flags = bytearray(block), sid, flags
@@ -284,7 +262,7 @@ class H2ServerConnection(H2Connection):
         if len(self.header_block) > self.limits.block_limit:
             self.fail(ENHANCE_YOUR_CALM, "header block over the metadata limit")
             return
-        if flags & END_HEADERS:
+        if flags & wire.END_HEADERS:
             block, self.header_block = bytes(self.header_block), None
             self._headers_complete(self.header_stream, self.header_flags, block)
 
@@ -315,7 +293,7 @@ class H2ServerConnection(H2Connection):
         except Malformed:
             self._stream_error(stream.id, PROTOCOL_ERROR)
             return
-        if not flags & END_STREAM:
+        if not flags & wire.END_STREAM:
             self._stream_error(stream.id, PROTOCOL_ERROR)  # a second header block must end it
             return
         self._end_of_request(stream)
@@ -338,8 +316,8 @@ class H2ServerConnection(H2Connection):
         stream.opened = self.last_call
         stream.content_length = head.content_length
         self.streams[sid] = stream
-        self.on_request(stream, head, bool(flags & END_STREAM))
-        if flags & END_STREAM and not stream.closed:
+        self.on_request(stream, head, bool(flags & wire.END_STREAM))
+        if flags & wire.END_STREAM and not stream.closed:
             self._end_of_request(stream)
 
     # -- settings and windows ----------------------------------------------------------------
@@ -348,7 +326,7 @@ class H2ServerConnection(H2Connection):
         if sid != 0:
             self.fail(PROTOCOL_ERROR, "SETTINGS on a stream")
             return
-        if flags & ACK:
+        if flags & wire.ACK:
             if payload:
                 self.fail(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             else:
@@ -362,28 +340,28 @@ class H2ServerConnection(H2Connection):
             if not self._apply_setting(key, value):
                 return
         if self.transport is not None:
-            self.transport.write(frame(SETTINGS, ACK, 0))
+            self.transport.write(wire.frame(wire.SETTINGS, wire.ACK, 0))
         self._flush_all()
 
     def _apply_setting(self, key: int, value: int) -> bool:
-        if key == S_INITIAL_WINDOW_SIZE:
-            if value > MAX_WINDOW:
+        if key == wire.S_INITIAL_WINDOW_SIZE:
+            if value > wire.MAX_WINDOW:
                 self.fail(FLOW_CONTROL_ERROR, "initial window above 2^31-1")
                 return False
             delta, self.peer_window = value - self.peer_window, value
             for stream in self.streams.values():
                 stream.send_window += delta
-                if stream.send_window > MAX_WINDOW:
+                if stream.send_window > wire.MAX_WINDOW:
                     self.fail(FLOW_CONTROL_ERROR, "a stream window above 2^31-1")
                     return False
-        elif key == S_MAX_FRAME_SIZE:
-            if not DEFAULT_FRAME <= value <= 2**24 - 1:
+        elif key == wire.S_MAX_FRAME_SIZE:
+            if not wire.DEFAULT_FRAME <= value <= 2**24 - 1:
                 self.fail(PROTOCOL_ERROR, "max frame size out of range")
                 return False
             self.peer_frame = value
-        elif key == S_HEADER_TABLE_SIZE:
+        elif key == wire.S_HEADER_TABLE_SIZE:
             self.table_update = b"\x20"  # a size update to 0 (RFC 7541 6.3)
-        elif key == S_ENABLE_PUSH and value > 1:
+        elif key == wire.S_ENABLE_PUSH and value > 1:
             self.fail(PROTOCOL_ERROR, "ENABLE_PUSH must be 0 or 1")
             return False
         return True  # other settings (and unknown ones, RFC 9113 6.5.2) change nothing here
@@ -403,13 +381,13 @@ class H2ServerConnection(H2Connection):
         if len(payload) != 4:
             self.fail(FRAME_SIZE_ERROR, "WINDOW_UPDATE of other than 4 bytes")
             return
-        increment = U32.unpack(payload)[0] & 0x7FFFFFFF
+        increment = wire.U32.unpack(payload)[0] & 0x7FFFFFFF
         if sid == 0:
             if increment == 0:
                 self.fail(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
                 return
             self.send_window += increment
-            if self.send_window > MAX_WINDOW:
+            if self.send_window > wire.MAX_WINDOW:
                 self.fail(FLOW_CONTROL_ERROR, "connection window above 2^31-1")
                 return
             self._flush_all()
@@ -424,7 +402,7 @@ class H2ServerConnection(H2Connection):
             self._stream_error(sid, PROTOCOL_ERROR)
             return
         stream.send_window += increment
-        if stream.send_window > MAX_WINDOW:
+        if stream.send_window > wire.MAX_WINDOW:
             self._stream_error(sid, FLOW_CONTROL_ERROR)
         elif stream.pending:
             self._flush(stream)

@@ -13,6 +13,9 @@ import numpy as np
 from slimserve.serving.llm import TextStream, TokenEvent, TokenLogprob, Usage, merge
 from slimserve.transport.openai_structured import Structured, tool_calls
 
+# A choice's token logprobs, each with the stream whose tokenizer spells its tokens.
+Pairs = list[tuple[TextStream, TokenLogprob]]
+
 
 def usage_doc(usages: list[Usage]) -> dict[str, Any]:
     prompt = sum(u.prompt_tokens for u in usages)
@@ -44,7 +47,7 @@ class Reply:
     async def collect(self, streams: list[TextStream]) -> dict[str, Any]:
         texts: dict[int, list[str]] = {}
         finish: dict[int, str | None] = {}
-        logprobs: dict[int, list[tuple[TextStream, TokenLogprob]]] = {}
+        logprobs: dict[int, Pairs] = {}
         usages: list[Usage] = []
         async with contextlib.aclosing(merge(streams)) as events:
             async for which, event in events:
@@ -54,24 +57,29 @@ class Reply:
                 finish[index] = event.finish_reason or finish.get(index)
                 if event.usage is not None:
                     usages.append(event.usage)
-        choices = [
-            self.choice(i, "".join(texts[i]), finish[i], logprobs[i], streams)
-            for i in sorted(texts)
-        ]
+        choices = [self.choice(i, "".join(texts[i]), finish[i], logprobs[i]) for i in sorted(texts)]
         return {**self.head(self.object_name), "choices": choices, "usage": usage_doc(usages)}
 
-    def choice(
-        self,
-        index: int,
-        text: str,
-        finish: str | None,
-        logprobs: list[tuple[TextStream, TokenLogprob]],
-        streams: list[TextStream],
-    ) -> dict[str, Any]:
+    def choice(self, index: int, text: str, finish: str | None, logprobs: Pairs) -> dict[str, Any]:
         raise NotImplementedError
 
-    def logprobs_doc(self, items: list[tuple[TextStream, TokenLogprob]], with_lp: bool) -> Any:
+    def logprobs_doc(self, items: Pairs) -> Any:
         raise NotImplementedError
+
+    def choice_doc(
+        self,
+        index: int,
+        finish: str | None,
+        pairs: Pairs,
+        **body: Any,
+    ) -> dict[str, Any]:
+        """One choice; `body` is its content: text=, message= or (a stream chunk's) delta=."""
+        return {
+            "index": index,
+            **body,
+            "logprobs": self.logprobs_doc(pairs),
+            "finish_reason": finish,
+        }
 
     async def chunks(self, streams: list[TextStream]) -> AsyncIterator[dict[str, Any]]:
         usages: list[Usage] = []
@@ -94,9 +102,7 @@ class Reply:
     def first_chunks(self, prompts: int) -> list[dict[str, Any]]:
         return []
 
-    def chunk(
-        self, index: int, event: TokenEvent, pairs: list[tuple[TextStream, TokenLogprob]]
-    ) -> dict[str, Any] | None:
+    def chunk(self, index: int, event: TokenEvent, pairs: Pairs) -> dict[str, Any] | None:
         raise NotImplementedError
 
     def with_usage(self, doc: dict[str, Any]) -> dict[str, Any]:
@@ -109,23 +115,11 @@ class Completion(Reply):
     object_name = chunk_name = "text_completion"
     prefix = "cmpl"
 
-    def choice(
-        self,
-        index: int,
-        text: str,
-        finish: str | None,
-        logprobs: list[tuple[TextStream, TokenLogprob]],
-        streams: list[TextStream],
-    ) -> dict[str, Any]:
-        return {
-            "index": index,
-            "text": text,
-            "logprobs": self.logprobs_doc(logprobs, bool(logprobs)),
-            "finish_reason": finish,
-        }
+    def choice(self, index: int, text: str, finish: str | None, logprobs: Pairs) -> dict[str, Any]:
+        return self.choice_doc(index, finish, logprobs, text=text)
 
-    def logprobs_doc(self, items: list[tuple[TextStream, TokenLogprob]], with_lp: bool) -> Any:
-        if not with_lp:
+    def logprobs_doc(self, items: Pairs) -> Any:
+        if not items:
             return None
         tokens = [stream.token_text(lp.token_id) for stream, lp in items]
         offsets = np.cumsum([0, *map(len, tokens)])[:-1].tolist()
@@ -136,10 +130,8 @@ class Completion(Reply):
             "text_offset": offsets,
         }
 
-    def chunk(
-        self, index: int, event: TokenEvent, pairs: list[tuple[TextStream, TokenLogprob]]
-    ) -> dict[str, Any]:
-        choice = self.choice(index, event.text, event.finish_reason, pairs, [])
+    def chunk(self, index: int, event: TokenEvent, pairs: Pairs) -> dict[str, Any]:
+        choice = self.choice(index, event.text, event.finish_reason, pairs)
         return self.with_usage({**self.head(self.chunk_name), "choices": [choice]})
 
 
@@ -158,28 +150,16 @@ class Chat(Reply):
         self.structured = structured or Structured()
         self._held: dict[int, list[str]] = {}
 
-    def choice(
-        self,
-        index: int,
-        text: str,
-        finish: str | None,
-        logprobs: list[tuple[TextStream, TokenLogprob]],
-        streams: list[TextStream],
-    ) -> dict[str, Any]:
+    def choice(self, index: int, text: str, finish: str | None, logprobs: Pairs) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": text}
         calls = tool_calls(text, self.structured) if self.structured.calls else None
         if calls is not None:
             message = {"role": "assistant", "content": None, "tool_calls": calls}
             finish = "tool_calls" if finish == "stop" else finish
-        return {
-            "index": index,
-            "message": message,
-            "logprobs": self.logprobs_doc(logprobs, bool(logprobs)),
-            "finish_reason": finish,
-        }
+        return self.choice_doc(index, finish, logprobs, message=message)
 
-    def logprobs_doc(self, items: list[tuple[TextStream, TokenLogprob]], with_lp: bool) -> Any:
-        if not with_lp:
+    def logprobs_doc(self, items: Pairs) -> Any:
+        if not items:
             return None
 
         def entry(stream: TextStream, token_id: int, logprob: float) -> dict[str, Any]:
@@ -203,21 +183,14 @@ class Chat(Reply):
                 {
                     **self.head(self.chunk_name),
                     "choices": [
-                        {
-                            "index": i,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
+                        self.choice_doc(i, None, [], delta={"role": "assistant", "content": ""})
                     ],
                 }
             )
             for i in range(prompts * self.n)
         ]
 
-    def chunk(
-        self, index: int, event: TokenEvent, pairs: list[tuple[TextStream, TokenLogprob]]
-    ) -> dict[str, Any] | None:
+    def chunk(self, index: int, event: TokenEvent, pairs: Pairs) -> dict[str, Any] | None:
         if self.structured.calls:
             return self._held_chunk(index, event)
         delta = {"content": event.text} if event.text else {}
@@ -228,14 +201,9 @@ class Chat(Reply):
         index: int,
         delta: dict[str, Any],
         finish: str | None,
-        pairs: list[tuple[TextStream, TokenLogprob]],
+        pairs: Pairs,
     ) -> dict[str, Any]:
-        choice = {
-            "index": index,
-            "delta": delta,
-            "logprobs": self.logprobs_doc(pairs, bool(pairs)),
-            "finish_reason": finish,
-        }
+        choice = self.choice_doc(index, finish, pairs, delta=delta)
         return self.with_usage({**self.head(self.chunk_name), "choices": [choice]})
 
     def _held_chunk(self, index: int, event: TokenEvent) -> dict[str, Any] | None:

@@ -11,16 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from slimserve.types import (
-    Duration,
-    HealthReport,
-    ModelMetadata,
-    ModelSettings,
-    ModelStatistics,
-    RepositoryEntry,
-    ServerMetadata,
-    TensorSpec,
-)
+from slimserve import types
 
 
 def triton_type(datatype: str) -> str:
@@ -28,16 +19,16 @@ def triton_type(datatype: str) -> str:
     return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
 
 
-def config_dims(spec: TensorSpec, batched: bool) -> list[int]:
+def config_dims(spec: types.TensorSpec, batched: bool) -> list[int]:
     """Triton's `dims`: the shape without the batch dimension of a batched model."""
     return list(spec.shape[1:] if batched else spec.shape)
 
 
-def server_metadata_doc(meta: ServerMetadata) -> dict[str, Any]:
+def server_metadata_doc(meta: types.ServerMetadata) -> dict[str, Any]:
     return {"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)}
 
 
-def model_metadata_doc(meta: ModelMetadata) -> dict[str, Any]:
+def model_metadata_doc(meta: types.ModelMetadata) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "name": meta.name,
         "versions": list(meta.versions),
@@ -53,8 +44,8 @@ def model_metadata_doc(meta: ModelMetadata) -> dict[str, Any]:
     return doc
 
 
-def model_config_doc(config: ModelSettings) -> dict[str, Any]:
-    def tensors(specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
+def model_config_doc(config: types.ModelSettings) -> dict[str, Any]:
+    def tensors(specs: Sequence[types.TensorSpec]) -> list[dict[str, Any]]:
         return [
             {
                 "name": s.name,
@@ -77,16 +68,16 @@ def model_config_doc(config: ModelSettings) -> dict[str, Any]:
     return doc
 
 
-def _pair(d: Duration) -> dict[str, int]:
+def _pair(d: types.Duration) -> dict[str, int]:
     return {"count": d.count, "ns": d.ns}
 
 
-_NONE = Duration(0, 0)
+_NONE = types.Duration(0, 0)
 
 
-def unit_statistics_doc(s: ModelStatistics) -> dict[str, Any]:
+def unit_statistics_doc(s: types.ModelStatistics) -> dict[str, Any]:
     """Triton's statistics of one unit (input and output copies are not timed: zero)."""
-    no_copy = Duration(s.compute.count, 0)
+    no_copy = types.Duration(s.compute.count, 0)
     return {
         "name": s.name,
         "version": s.version,
@@ -106,26 +97,26 @@ def unit_statistics_doc(s: ModelStatistics) -> dict[str, Any]:
         "batch_stats": [
             {
                 "batch_size": b.batch_size,
-                "compute_input": _pair(Duration(b.executions.count, 0)),
+                "compute_input": _pair(types.Duration(b.executions.count, 0)),
                 "compute_infer": _pair(b.executions),
-                "compute_output": _pair(Duration(b.executions.count, 0)),
+                "compute_output": _pair(types.Duration(b.executions.count, 0)),
             }
             for b in s.batches
         ],
     }
 
 
-def statistics_doc(stats: Sequence[ModelStatistics]) -> dict[str, Any]:
+def statistics_doc(stats: Sequence[types.ModelStatistics]) -> dict[str, Any]:
     return {"model_stats": [unit_statistics_doc(s) for s in stats]}
 
 
-def index_doc(rows: Sequence[RepositoryEntry]) -> list[dict[str, Any]]:
+def index_doc(rows: Sequence[types.RepositoryEntry]) -> list[dict[str, Any]]:
     return [
         {"name": r.name, "version": r.version, "state": r.state, "reason": r.reason} for r in rows
     ]
 
 
-def health_doc(report: HealthReport) -> dict[str, Any]:
+def health_doc(report: types.HealthReport) -> dict[str, Any]:
     return {
         "status": report.status,
         "live": report.live,

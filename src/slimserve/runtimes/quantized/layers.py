@@ -7,7 +7,7 @@ quantized model saves to safetensors and loads back into an empty layer of the s
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,33 @@ def _linear_spec(layer: Any) -> dict[str, Any]:
         "in_features": layer.in_features,
         "out_features": layer.out_features,
         "bias": layer.bias is not None,
+    }
+
+
+class ConvArgs(TypedDict):
+    """A Conv2d's geometry: the constructor arguments both int8 conv layers (static "gemm"
+    and native) take, saved flat in their spec, as lists (YAML holds no tuples)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: list[int]
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+
+
+def conv_args(conv: Any) -> ConvArgs:
+    """The geometry of `conv`: an nn.Conv2d with numeric padding ("same"/"valid" are refused
+    before quantizing) or a quantized conv layer."""
+    if isinstance(conv.padding, str):
+        raise ValueError(f"string padding {conv.padding!r} is not supported")
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": list(conv.kernel_size),
+        "stride": list(conv.stride),
+        "padding": list(conv.padding),
+        "dilation": list(conv.dilation),
     }
 
 
@@ -256,22 +283,13 @@ class StaticInt8Conv2d(_StaticInput):
 
     kind = "int8_static_conv2d"
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: list[int],
-        stride: list[int],
-        padding: list[int],
-        dilation: list[int],
-        bias: bool = True,
-    ) -> None:
+    def __init__(self, *, bias: bool = True, **conv: Unpack[ConvArgs]) -> None:
         super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
-        self.padding, self.dilation = tuple(padding), tuple(dilation)
-        k = in_channels * self.kernel_size[0] * self.kernel_size[1]
-        self._init_static(k, out_channels, bias)
+        self.in_channels, self.out_channels = conv["in_channels"], conv["out_channels"]
+        self.kernel_size, self.stride = tuple(conv["kernel_size"]), tuple(conv["stride"])
+        self.padding, self.dilation = tuple(conv["padding"]), tuple(conv["dilation"])
+        k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self._init_static(k, self.out_channels, bias)
 
     @classmethod
     def from_float(
@@ -281,31 +299,12 @@ class StaticInt8Conv2d(_StaticInput):
         zero_point: torch.Tensor,
         per_channel: bool = True,
     ) -> StaticInt8Conv2d:
-        padding = conv.padding
-        if isinstance(padding, str):  # "same"/"valid": refused earlier by quantize_
-            raise ValueError(f"string padding {padding!r} is not supported")
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            list(conv.kernel_size),
-            list(conv.stride),
-            list(padding),
-            list(conv.dilation),
-            conv.bias is not None,
-        )
+        layer = cls(bias=conv.bias is not None, **conv_args(conv))
         layer._load_float(conv.weight, conv.bias, per_channel, scale, zero_point)
         return layer
 
     def spec(self) -> dict[str, Any]:
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": list(self.kernel_size),
-            "stride": list(self.stride),
-            "padding": list(self.padding),
-            "dilation": list(self.dilation),
-            "bias": self.bias is not None,
-        }
+        return {**conv_args(self), "bias": self.bias is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize the input first (C*H*W values per image, not C*KH*KW*L), pad with the zero

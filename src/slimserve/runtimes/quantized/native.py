@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ from torch import nn
 
 from slimserve.runtimes import qmath
 from slimserve.runtimes.quantized.cpu import bf16_supported
-from slimserve.runtimes.quantized.layers import QuantizedLayer
+from slimserve.runtimes.quantized.layers import ConvArgs, QuantizedLayer
 
 # torch 2.13 deprecates creating quantized tensors (a C++ warn-once per process, which the
 # test suite's warnings-as-errors would turn into a failure at a random first call). The
@@ -314,28 +314,16 @@ class NativeInt8Conv2d(_NativeInt8):
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: list[int],
-        stride: list[int],
-        padding: list[int],
-        dilation: list[int],
+        *,
         groups: int = 1,
         bias: bool = True,
         relu: bool = False,
         float_output: bool = False,
+        **conv: Unpack[ConvArgs],
     ) -> None:
         super().__init__()
-        self.conv_args = {
-            "in_channels": in_channels,
-            "out_channels": out_channels,
-            "kernel_size": list(kernel_size),
-            "stride": list(stride),
-            "padding": list(padding),
-            "dilation": list(dilation),
-            "groups": groups,
-        }
-        shape = (out_channels, in_channels // groups, *kernel_size)
+        self.conv_args: dict[str, Any] = {**conv, "groups": groups}
+        shape = (conv["out_channels"], conv["in_channels"] // groups, *conv["kernel_size"])
         self._init_native(shape, bias, relu, float_output)
 
     def spec(self) -> dict[str, Any]:

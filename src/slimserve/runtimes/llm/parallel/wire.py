@@ -42,3 +42,10 @@ def decode(message: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         tensors[name] = flat.view(shape)
         offset += nbytes
     return fields, tensors
+
+
+def header(message: bytes) -> dict[str, Any]:
+    """A message's fields alone (its tensors not copied)."""
+    (size,) = struct.unpack_from("<I", message)
+    fields: dict[str, Any] = json.loads(message[4 : 4 + size])
+    return fields

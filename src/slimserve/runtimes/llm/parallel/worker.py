@@ -1,17 +1,19 @@
-"""One model-parallel worker process: a pipeline stage's layers (a tensor rank's share).
+"""One model-parallel worker: a pipeline stage's layers (a tensor rank's share).
 
-Started by the driver (group.py) with `spawn`. It joins the group's torch.distributed
-process group (gloo: the forward runs on the CPU), reads its shard (shard.py), then serves
-the driver's messages on its pipe until `stop` or the pipe closes (the driver is gone):
+Started by a launcher (runtimes/launch.py): a child process of the server (local.py, entry
+point `main`) or a Ray actor (cluster/ray_group.py), both around the same `Worker`. It joins the
+group's torch.distributed process group (gloo: the forward runs on the CPU), reads its shard
+(shard.py), then answers the driver's messages (`Worker.handle`):
 
     allocate {num_blocks, block_size}  -> its KV pool (its layers, its KV heads); replies bytes
     forward  {batch tensors, micro, all_logits}
              the rows in `micro` micro-batches: stage s computes micro-batch i while stage s+1
              computes i-1 (hidden states go on with isend); the last stage's rank 0 replies
              the logits. Every rank gets the same batch metadata each step.
-    stop
+    stats    -> seconds in forwards and waiting on peers
+    stop     (local processes: the loop ends)
 
-Any exception is reported on the pipe (`error`) and the process exits: the driver fails the
+Any exception is reported to the driver (`error`) and the worker ends: the driver fails the
 requests in flight and restarts the group.
 """
 
@@ -22,7 +24,6 @@ import dataclasses
 import itertools
 import os
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from slimserve.runtimes.launch import WorkerSpec
 from slimserve.runtimes.llm.model import (
     Batch,
     compute_dtype,
@@ -47,47 +49,38 @@ from slimserve.runtimes.llm.runtime import linear_maker
 MiB = 2**20
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerSpec:
-    """What a worker is started with (plain values: it crosses the process boundary)."""
-
-    folder: str
-    config: dict[str, Any]  # the transformers config's to_dict(): no transformers import here
-    weights: str
-    pipeline: int
-    tensor: int
-    rank: int
-    address: str  # tcp://127.0.0.1:PORT of the rendezvous
-    threads: int  # torch intra-op threads
-    budget_bytes: int  # weights + KV this process may hold (0: unchecked)
-    timeout_s: float  # collectives fail after this long (a peer gone)
-
-
 def main(spec: WorkerSpec, conn: Connection) -> None:
-    """The process's entry point."""
+    """A local worker process's entry point: the driver's messages on `conn` until `stop`."""
     try:
-        torch.set_num_threads(spec.threads)
-        worker = _Worker(spec, conn)
-        conn.send_bytes(encode({"op": "loaded", "bytes": worker.shard.model.nbytes()}))
-        worker.serve()
+        worker = Worker(spec)
+        conn.send_bytes(worker.loaded())
+        while True:
+            fields, tensors = decode(conn.recv_bytes())
+            if fields["op"] == "stop":
+                return
+            reply = worker.handle(fields, tensors)
+            if reply is not None:
+                conn.send_bytes(reply)
     except (EOFError, OSError, KeyboardInterrupt):
         pass  # the driver is gone or stopping us
     except Exception as exc:  # noqa: BLE001 - reported to the driver, which fails the step
-        stage, tp = divmod(spec.rank, spec.tensor)
-        _send(conn, {"op": "error", "message": f"stage {stage} rank {tp}: {exc}"})
+        with contextlib.suppress(OSError):
+            conn.send_bytes(encode({"op": "error", "message": spec.failure(exc)}))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close()
 
 
-def _send(conn: Connection, fields: dict[str, Any]) -> None:
-    with contextlib.suppress(OSError):
-        conn.send_bytes(encode(fields))
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
-class _Worker:
-    def __init__(self, spec: WorkerSpec, conn: Connection) -> None:
-        self.spec, self.conn = spec, conn
+class Worker:
+    """One rank's shard, KV pool and forward (see the module docstring)."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        torch.set_num_threads(spec.threads)
         dist.init_process_group(
             "gloo",  # the forward is oneDNN on the CPU (model.py): NCCL would need CUDA tensors
             init_method=spec.address,
@@ -130,23 +123,29 @@ class _Worker:
         self.times["wait_s"] += time.perf_counter() - start
         return partial
 
-    def serve(self) -> None:
-        with torch.inference_mode():
-            while True:
-                fields, tensors = decode(self.conn.recv_bytes())
-                if fields["op"] == "stop":
-                    return
-                if fields["op"] == "allocate":
-                    self._allocate(int(fields["num_blocks"]), int(fields["block_size"]))
-                elif fields["op"] == "stats":
-                    self.conn.send_bytes(encode({"op": "stats", **self.times}))
-                else:
-                    start = time.perf_counter()
-                    self._forward(fields, tensors)
-                    self.times["forward_s"] += time.perf_counter() - start
-                    self.times["steps"] += 1
+    def loaded(self) -> bytes:
+        """The reply that says this rank has read its shard."""
+        return encode({"op": "loaded", "bytes": self.shard.model.nbytes()})
 
-    def _allocate(self, num_blocks: int, block_size: int) -> None:
+    def handle_bytes(self, message: bytes) -> bytes | None:
+        return self.handle(*decode(message))
+
+    def handle(self, fields: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes | None:
+        """One (decoded) message from the driver; its reply, or None where none is due."""
+        with torch.inference_mode():
+            if fields["op"] == "allocate":
+                return self._allocate(int(fields["num_blocks"]), int(fields["block_size"]))
+            if fields["op"] == "stats":
+                return encode({"op": "stats", **self.times})
+            if fields["op"] != "forward":
+                raise ValueError(f"unknown message {fields['op']!r}")
+            start = time.perf_counter()
+            reply = self._forward(fields, tensors)
+            self.times["forward_s"] += time.perf_counter() - start
+            self.times["steps"] += 1
+            return reply
+
+    def _allocate(self, num_blocks: int, block_size: int) -> bytes:
         self.pool = new_kv_pool(self.shard.model.shape, num_blocks, block_size)
         weights = self.shard.model.nbytes()
         kv = self.pool.numel() * self.pool.element_size()
@@ -157,11 +156,9 @@ class _Worker:
                 f"of KV cache, over its memory budget of {budget / MiB:.1f} MiB; raise "
                 "memory_budget_bytes, lower kv_cache_bytes or raise pipeline_parallel"
             )
-        self.conn.send_bytes(
-            encode({"op": "allocated", "weights": weights, "kv": kv, "pid": os.getpid()})
-        )
+        return encode({"op": "allocated", "weights": weights, "kv": kv, "pid": os.getpid()})
 
-    def _forward(self, fields: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def _forward(self, fields: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes | None:
         if self.pool is None:
             raise RuntimeError("forward before allocate")
         model, shard, plan = self.shard.model, self.shard, self.plan
@@ -187,8 +184,9 @@ class _Worker:
         for handle in sends:
             handle.wait()
         self.times["wait_s"] += time.perf_counter() - start
-        if outputs:
-            self.conn.send_bytes(encode({"op": "logits"}, {"logits": torch.cat(outputs)}))
+        if not outputs:
+            return None
+        return encode({"op": "logits"}, {"logits": torch.cat(outputs)})
 
     def _receive(self, part: Batch) -> torch.Tensor:
         """The previous stage's hidden states (rows, T, D) fp32 for this micro-batch."""

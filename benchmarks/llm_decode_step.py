@@ -125,14 +125,15 @@ def breakdown(
     model.lm_head = Preallocated(shape.vocab)
     step = lambda: decode.forward_step(model, pool, batch)  # noqa: E731
     no_matmuls = median_ms(step, repeats, clock)
-    kept = decode._attend_run, attention.attend, attention.write_kv
+    kept = decode._attend_run, attention.attend, attention.write_kv, qgemv.attend_one
     decode._attend_run = lambda q, k, v, kv, run: q  # type: ignore[assignment]
+    qgemv.attend_one = lambda q, k, v, kv, first, keys, scale: q  # type: ignore[assignment]
     attention.attend = lambda q, kv, index, softcap=None: q  # type: ignore[assignment]
     attention.write_kv = lambda *args: None  # type: ignore[assignment]
     try:
         neither = median_ms(step, repeats, clock)
     finally:
-        decode._attend_run, attention.attend, attention.write_kv = kept
+        decode._attend_run, attention.attend, attention.write_kv, qgemv.attend_one = kept
         for layer, (a, b, c, d) in zip(model.layers, saved[0], strict=True):
             layer.qkv, layer.o, layer.gate_up, layer.down = a, b, c, d
         model.lm_head = saved[1]

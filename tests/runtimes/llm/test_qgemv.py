@@ -113,3 +113,22 @@ def test_no_compiler_means_torch_kernels(
         assert list(tmp_path.iterdir()) == []
     finally:
         qgemv._library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_attention_writes_the_new_token_and_matches_torch(dtype: torch.dtype) -> None:
+    """Grouped-query attention of one query over slots 4..4+keys-1 of a pool (2, Hkv,
+    blocks, block_size, hd): the new K/V lands at the last slot, the output is torch's."""
+    heads, kv_heads, hd, keys, first = 6, 2, 32, 11, 4
+    cache = torch.randn(2, kv_heads, 5, 4, hd).to(dtype)
+    q, k, v = torch.randn(heads, hd), torch.randn(kv_heads, hd), torch.randn(kv_heads, hd)
+    out = qgemv.attend_one(q, k.to(dtype), v.to(dtype), cache, first, keys, 0.3)
+    flat = cache.view(2, kv_heads, 20, hd)[:, :, first : first + keys].float()
+    assert torch.equal(flat[0, :, -1], k.to(dtype).float())
+    assert torch.equal(flat[1, :, -1], v.to(dtype).float())
+    grouped = q.view(kv_heads, heads // kv_heads, hd)  # query heads of each K/V head
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        grouped, flat[0], flat[1], scale=0.3
+    )
+    torch.testing.assert_close(out, expected.reshape(heads, hd), rtol=1e-4, atol=1e-5)

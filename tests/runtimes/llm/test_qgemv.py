@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from slimserve.runtimes.llm import qgemv  # noqa: E402
-from slimserve.runtimes.llm.int4mm import DualLinear, Int4Linear  # noqa: E402
+from slimserve.runtimes.llm.int4mm import HAS_INT4_KERNEL, DualLinear, Int4Linear  # noqa: E402
 from slimserve.runtimes.llm.qgemv import QLinear  # noqa: E402
 
 from .test_int4mm import four_bit_weight  # noqa: E402
@@ -91,8 +91,16 @@ def test_two_cores_give_the_same_bits_as_one() -> None:
 
 @needs_kernel
 def test_dual_linear_takes_the_kernel_and_falls_back_when_switched_off() -> None:
-    weight = four_bit_weight(64, 256)
-    assert isinstance(DualLinear(weight).small, QLinear)
+    weight = q4_1_weight(64, 256)
+    dual = DualLinear(weight)
+    assert isinstance(dual.small, QLinear)
+    x = torch.randn(8, 256)
+    expected = x @ dual.small.dequantize().T
+    for rows in (1, qgemv.MAX_ROWS, qgemv.MAX_ROWS + 1, 8, 9):  # qgemv, torch's int4, bf16
+        got = dual(x[:rows]).float()  # within activation rounding (int8 or bf16)
+        assert float((got - expected[:rows]).norm() / expected[:rows].norm()) < 0.015
+    if HAS_INT4_KERNEL:  # a one-plane weight keeps torch's planes for 5..8 rows
+        assert isinstance(dual.middle, Int4Linear)
     with qgemv.switched_off():
         assert isinstance(DualLinear(weight).small, Int4Linear)
 

@@ -9,6 +9,7 @@ import orjson
 
 from slimserve.bench import payload as pl
 from slimserve.bench.command import _parameter
+from slimserve.bench.profile import open_seconds
 from slimserve.bench.runner import open_loop
 
 
@@ -47,3 +48,9 @@ def test_parameters_travel_in_json_binary_and_grpc():
     message = pl.grpc_messages().ModelInferRequest.FromString(pl.grpc_request(p, "m"))
     assert message.parameters["latency_slo_ms"].double_param == 2.5
     assert message.parameters["degrade"].bool_param is True
+
+
+def test_profile_open_loop_points_run_long_enough_for_a_p99_within_a_bound():
+    assert open_seconds(1.0, 1000.0) == 1.0  # 1,000 arrivals already
+    assert open_seconds(1.0, 50.0) == 4.0  # 200 arrivals take 4 s
+    assert open_seconds(1.0, 10.0) == 5.0  # 20 s would be needed; at most 5x the duration

@@ -40,3 +40,22 @@ def test_a_long_queue_delay_adds_one_and_rays_own_count_is_seen_first():
     slow = {"in_flight": {"r1": 2.0}, "oldest_s": {"r1": 3.0}}
     assert policy(context(1, 0, slow))[0] == 2
     assert policy(context(1, 9, {}))[0] == 3  # requests queued at the proxy, none reported yet
+
+
+def test_deployment_options_name_the_router_and_react_within_seconds():
+    from slimserve.cluster.ray_serve import deployment_options
+    from slimserve.config import Settings
+
+    ours = deployment_options(Settings(ray="local", autoscale="1,2"))
+    rays = deployment_options(Settings(ray="local", replicas=2, ray_router="ray"))
+    # Ray's proxy keeps a deployment's router across a redeploy of the same name.
+    assert ours["name"] != rays["name"]
+    assert ours["request_router_config"].request_router_class.endswith("SlimserveRouter")
+    # Routing reports wait in the replica for a change: asked again at once, never timed out.
+    assert ours["request_router_config"].request_routing_stats_period_s <= 0.1
+    assert ours["request_router_config"].request_routing_stats_timeout_s > 1.0
+    auto = ours["autoscaling_config"]
+    assert (auto.min_replicas, auto.max_replicas) == (1, 2)
+    # Push, look-back and delay add up to a few seconds from a load step to the decision.
+    assert auto.metrics_interval_s + 0.2 * auto.look_back_period_s + auto.upscale_delay_s <= 2.0
+    assert auto.aggregation_function == "max"

@@ -11,6 +11,7 @@ from starlette.types import Receive, Scope, Send
 from slimserve.cluster.replica_app import (
     PrefixIndex,
     ReplicaApp,
+    ResidencyReports,
     post_json,
     prompt_text,
     request_prefixes,
@@ -56,10 +57,27 @@ def test_routing_stats_from_health_and_loaded_or_loading_models():
         RepositoryEntry("m2", "1", "UNLOADED"),
         RepositoryEntry("m3", "1", "UNAVAILABLE"),
     ]
-    assert routing_stats(health, units, 4, ["h1"], seq=7) == {
+    assert routing_stats(health, units, 4, ["h1"], seq=7, sizes={"mlp:": 300}) == {
         "resident": ["mlp:", "mlp:fast"], "free_bytes": 700, "queue": 4, "prefixes": ["h1"],
-        "seq": 7,
+        "seq": 7, "sizes": {"mlp:": 300},
     }  # fmt: skip
+
+
+def test_residency_reports_go_at_once_on_a_change_else_on_the_period():
+    async def main() -> list[tuple[bool, float]]:
+        reports, out = ResidencyReports(every_s=0.3), []
+        loop = asyncio.get_running_loop()
+        for change_after in (None, None, 0.05):  # the first report: at once
+            if change_after is not None:
+                loop.call_later(change_after, reports.changed)
+            t = loop.time()
+            out.append((await reports.wait(), loop.time() - t))
+        return out
+
+    (first, t1), (idle, t2), (changed, t3) = asyncio.run(main())
+    assert first and t1 < 0.1
+    assert not idle and t2 >= 0.29  # no change: the period
+    assert changed and t3 < 0.25  # a change ends the wait early
 
 
 LONG = "You are a helpful assistant for a shop selling garden tools. " * 12  # > 2 blocks

@@ -250,9 +250,10 @@ def write(path: Path, text: str) -> Path:
 
 def test_plan_from_the_profiles_is_taken_by_the_server(repo, tmp_path, capsys):
     measured = profile(repo, None)  # the original's: the only unit with a sweep
-    (point,), high = measured["sweep"], measured["open_loop"][-1]
-    # At the rate of the open-loop point, within twice what was measured there.
-    rate, p99 = high["rate_rps"], max(point["p99_ms"], high["p99_ms"]) * 2
+    # At the highest open-loop point's rate, within 4x the worst p99 measured (a loaded
+    # machine's p99s are noisy; this test is about the plan being served, not its accuracy).
+    rate = measured["open_loop"][-1]["rate_rps"]
+    p99 = 4 * max(p["p99_ms"] for p in measured["sweep"] + measured["open_loop"])
     workload = write(
         tmp_path / "workload.yaml",
         f"machines: {{cores: 2, memory_gb: 2, count: 2}}\n"
@@ -266,6 +267,9 @@ def test_plan_from_the_profiles_is_taken_by_the_server(repo, tmp_path, capsys):
     plan = yaml.safe_load((out / "plan.yaml").read_text())["models"]["mlp"]
     # The only unit with a sweep (variants have optimize's offline profile only).
     assert (plan["variant"], plan["replicas"]) == (None, 1)
+    # Its p99 includes the serving path fitted on the profile's open-loop points.
+    assert set(plan["serving_path"]) == {"extra_ms", "per_request_ms"}
+    assert plan["serving_path"]["per_request_ms"] >= 0
     assert plan["serve_as"] in stdout
     settings = yaml.safe_load((out / "machine-0.yaml").read_text())
     key = "mlp/1" + (f":{plan['variant']}" if plan["variant"] else "")

@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from slimserve.errors import InvalidArgument
-from slimserve.train import LossScaler, TrainConfig, accuracy, classification_loss, fit
+from slimserve.train import Callback, LossScaler, TrainConfig, accuracy, classification_loss, fit
 from slimserve.zoo import MLP
 
 QUIET = {"progress": False}
@@ -121,3 +121,31 @@ def test_bad_config_is_named(kwargs):
 def test_mismatched_tensors_are_refused(digits):
     with pytest.raises(InvalidArgument, match="first"):
         fit(_mlp(), classification_loss, (digits[0], digits[1][:10]), TrainConfig(**QUIET))
+
+
+def test_a_conv_net_trains_channels_last_and_gets_its_layout_back(digits):
+    # fit trains convolutions in channels-last layout (faster on CPU); the steps are the same
+    # as a plain loop in the default layout up to summation order, and the layout is restored.
+    x, y = digits[0][:256].view(-1, 1, 8, 8), digits[1][:256]
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+
+    class Layout(Callback):
+        def on_train_start(self, model: nn.Module) -> None:
+            seen.append(model[0].weight.is_contiguous(memory_format=torch.channels_last))
+
+    seen: list[bool] = []
+    model, plain = net(), net()
+    config = TrainConfig(epochs=2, lr=1e-2, batch_size=256, shuffle=False, **QUIET)
+    fit(model, classification_loss, (x, y), config, [Layout()])
+    assert seen == [True]
+    opt = torch.optim.Adam(plain.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(plain(x), y).backward()
+        opt.step()
+    assert model[0].weight.is_contiguous()
+    for mine, theirs in zip(model.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)

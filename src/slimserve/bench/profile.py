@@ -46,6 +46,7 @@ from slimserve.runtimes import RuntimeOptions, create_runtime
 # One thread inside each model call, in the sweep's servers and in the in-process timing
 # alike: the figures then say what one call costs, whatever else shares the cores.
 INTRA_OP_THREADS = 1
+_OPEN_ARRIVALS, _OPEN_STRETCH = 200, 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +194,12 @@ async def _batch_stats(server: LocalServer, served: str, version: int) -> dict[i
     return out
 
 
+def open_seconds(duration_s: float, rate_rps: float) -> float:
+    """An open-loop point's window: long enough for _OPEN_ARRIVALS expected arrivals (a p99
+    needs samples, and a low rate sends few), at most _OPEN_STRETCH x the sweep's duration."""
+    return min(max(duration_s, _OPEN_ARRIVALS / rate_rps), duration_s * _OPEN_STRETCH)
+
+
 async def _measure_config(
     server: LocalServer,
     target: Target,
@@ -208,16 +215,18 @@ async def _measure_config(
 
     async def run(clients: int, rate: float | None) -> Result:
         driver = HttpDriver("http-binary", "127.0.0.1", server.http_port, served, version, payload)
+        seconds = grid.duration_s
         try:
             sends = await driver.senders(clients)
             if rate is None:
-                rec, cpu = await closed_loop(sends, grid.duration_s, grid.warmup_s)
+                rec, cpu = await closed_loop(sends, seconds, grid.warmup_s)
             else:
-                rec, cpu = await open_loop(sends, rate, grid.duration_s, grid.warmup_s)
+                seconds = open_seconds(grid.duration_s, rate)
+                rec, cpu = await open_loop(sends, rate, seconds, grid.warmup_s)
         finally:
             await driver.close()
         step()
-        return summarize("http-binary", clients, grid.duration_s, rec, cpu)
+        return summarize("http-binary", clients, seconds, rec, cpu)
 
     points = []
     for n in grid.concurrency:

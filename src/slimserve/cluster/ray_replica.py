@@ -3,8 +3,11 @@ composition root as `slimserve serve`, served through Ray Serve's ASGI ingress.
 
 The builder is handed in (`build`, normally `slimserve.app.build_server`) rather than
 imported, so that the app module, which starts Ray, and this module, which Ray runs, do not
-import each other. Ray calls `record_routing_stats` (for cluster.ray_router) and
-`record_autoscaling_stats` (for cluster.ray_autoscale) on a timer.
+import each other. Ray calls `record_autoscaling_stats` (for cluster.ray_autoscale) on a
+timer, and `record_routing_stats` (for cluster.ray_router) again as soon as its last call
+returned: each call waits until this replica's residency changes (or a second passes), so a
+model loaded or evicted reaches the routers at the next tick of Ray's controller (0.1 s)
+rather than at the next timed report.
 
 gRPC does not go through Ray: Ray's gRPC proxy calls one deployment method per RPC with
 messages it unpickles, which cannot carry the v2 service as slimserve serves it (its own
@@ -16,6 +19,7 @@ port (the kernel spreads connections over them).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Protocol
 
 from ray import serve
@@ -26,6 +30,7 @@ from slimserve.cluster.ray_metrics import RayMetricsMirror
 from slimserve.cluster.replica_app import (
     PrefixIndex,
     ReplicaApp,
+    ResidencyReports,
     post_json,
     request_prefixes,
     routing_stats,
@@ -35,6 +40,10 @@ from slimserve.runtimes.launch import WorkerLauncher
 from slimserve.serving.engine import Engine
 
 log = logging.getLogger("slimserve.ray")
+
+# The longest a routing report waits for a residency change; under Ray's
+# request_routing_stats_timeout_s (cluster.ray_serve).
+ROUTING_REPORT_EVERY_S = 1.0
 
 
 class GrpcServer(Protocol):
@@ -85,23 +94,37 @@ class SlimserveReplica:
         self.metrics = RayMetricsMirror()
         self.prefixes = PrefixIndex()
         self.reports = 0  # routing stats reported so far
+        self.residency = ResidencyReports(every_s=ROUTING_REPORT_EVERY_S)
+        self.server.engine.models.watch_residency(self.residency.changed)
+        self.metrics_at = 0.0  # when Ray's copy of this replica's metrics was last updated
         log.info("replica %s serving", self.name)
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return self.asgi
 
-    def record_routing_stats(self) -> dict[str, Any]:
-        """Called by Ray every second or so; also the tick that copies this replica's metrics
-        into Ray's (cluster.ray_metrics)."""
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Called by Ray's controller in a loop (see the module's doc): returns when residency
+        changed, or after ROUTING_REPORT_EVERY_S. Also the tick that copies this replica's
+        metrics into Ray's (cluster.ray_metrics), at most once a second."""
+        await self.residency.wait()
         engine = self.server.engine
-        self.metrics.update(engine.metrics_text()[0].decode())
+        now = time.monotonic()
+        if now - self.metrics_at >= 1.0:
+            self.metrics_at = now
+            self.metrics.update(engine.metrics_text()[0].decode())
         self.reports += 1
+        sizes = {
+            f"{u.target.model}:{u.target.variant or ''}": u.resident.size_bytes
+            for u in engine.models.resident_units()
+            if u.resident is not None
+        }
         stats = routing_stats(
             engine.health(),
             engine.repository_index(),
             self.asgi.in_flight(),
             self.prefixes.published(),
             self.reports,
+            sizes,
         )
         return {**stats, "name": self.name}
 
@@ -115,7 +138,7 @@ class SlimserveReplica:
             self.prefixes.add(request_prefixes(path, body))
         return {"status": status, "body": answer, "replica": self.name}
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         return {"in_flight": self.asgi.in_flight(), "oldest_s": self.asgi.oldest_age_s()}
 
     async def __del__(self) -> None:

@@ -1,6 +1,14 @@
 """Our Ray Serve request router: model-aware routing (policies.routing) over the stats each
-replica publishes (`record_routing_stats`: resident model:variants, free budget, requests in
-flight), with Ray's own, fresher queue-length cache for the queue depth.
+replica publishes (`record_routing_stats`: resident model:variants and their sizes, free
+budget, requests in flight), with Ray's own, fresher queue-length cache for the queue depth.
+
+Residency is kept fresh two ways. Replicas report as soon as it changes (cluster.ray_replica;
+Ray's controller relays each report to every router), and the router counts its own
+decisions: a cold model it has just sent to replica R (Ray's `on_request_routed`, once R
+accepted) is resident there until a report of R received REPORT_LAG_S after that leaves it
+out, so the next requests for it follow the first instead of loading it elsewhere. Cold
+models go to their home replica (rendezvous hashing, policies.routing), which every router
+and proxy computes alike.
 
 What a request is for: Ray's HTTP proxy hands the router the request's ASGI scope (pickled,
 the body still at the proxy) and a few headers. The model is the `serve_multiplexed_model_id`
@@ -24,18 +32,28 @@ from typing import Any
 # Ray 2.58's public router API (the module re-exports them without an __all__).
 from ray.serve.request_router import (
     PendingRequest,
+    ReplicaID,
+    ReplicaResult,
     RequestRouter,
     RunningReplica,
 )
 
 from slimserve.cluster.replica_app import request_prefixes
-from slimserve.policies.routing import ReplicaStats, RouteConfig, RouteRequest, route
+from slimserve.policies.routing import (
+    ReplicaStats,
+    RouteConfig,
+    RouteRequest,
+    balanced_homes,
+    route,
+)
 
 V2_PATH = re.compile(r"^/v2/models/([^/]+)")
-# A cold model just routed counts as resident on its replica until that replica reports
-# again (its report then lists the model, loading or loaded, or not: it was evicted), or
-# for at most this long.
-ASSUMED_RESIDENT_S = 5.0
+# A report of a replica received this long after a cold model was sent there was made after
+# that request reached it (report -> Ray's controller tick -> router: ~0.1-0.2 s): if it
+# leaves the model out, the model was evicted or failed to load there.
+REPORT_LAG_S = 1.0
+ASSUMED_AT_MOST_S = 10.0  # and never longer than this (a replica that stopped reporting)
+KEYS_SEEN_S = 60.0  # models requested this recently share the replicas out (balanced_homes)
 
 
 class SlimserveRouter(RequestRouter):
@@ -45,9 +63,31 @@ class SlimserveRouter(RequestRouter):
         """kwargs (request_router_kwargs): imbalance (queue length), seed (for tests)."""
         self._config = RouteConfig(imbalance=int(kwargs.get("imbalance", 8)))
         self._rng = random.Random(kwargs.get("seed"))
-        # model key -> (replica, when routed, that replica's report count then)
-        self._recent: dict[str, tuple[str, float, int]] = {}
+        self._assumed: dict[str, dict[str, float]] = {}  # replica -> {cold key sent: when}
+        self._reported: dict[str, tuple[int, float]] = {}  # replica -> (report seq, received)
+        self._sizes: dict[str, int] = {}  # "model:variant" -> resident bytes, as last reported
+        self._seen: dict[str, float] = {}  # model key -> when last requested
+        self._homes: tuple[frozenset[str], tuple[str, ...], dict[str, str]] = (
+            frozenset(), (), {},
+        )  # fmt: skip
+        self._pruned = 0.0
         self.decisions: dict[str, int] = {}  # reason -> count (for tests and benchmarks)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Ray's controller pushed the replica set or a replica's new routing stats: note when
+        each replica's report arrived (for REPORT_LAG_S) and the model sizes it lists."""
+        super().update_replicas(replicas)
+        now, names = time.monotonic(), set()
+        for replica in replicas:
+            name, stats = replica.replica_id.unique_id, replica.routing_stats or {}
+            names.add(name)
+            seq = int(stats.get("seq", 0))
+            if self._reported.get(name, (-1, 0.0))[0] != seq:
+                self._reported[name] = (seq, now)
+            self._sizes.update(stats.get("sizes", {}))
+        for gone in set(self._reported) - names:
+            self._reported.pop(gone, None)
+            self._assumed.pop(gone, None)
 
     async def choose_replicas(
         self,
@@ -60,15 +100,40 @@ class SlimserveRouter(RequestRouter):
         body = handle_post(pending_request) if pending_request is not None else None
         prefixes = request_prefixes(*body) if body is not None else ()
         now = time.monotonic()
-        stats = [self._stats(r, key, now) for r in candidate_replicas]
-        decision = route(self._config, stats, RouteRequest(key, prefixes=prefixes), self._rng)
+        stats = [self._stats(r, now) for r in candidate_replicas]
+        size = self._sizes.get(key, 0) if key is not None else 0
+        home = self._home(key, now) if key is not None else None
+        request = RouteRequest(key, home=home, size_bytes=size, prefixes=prefixes)
+        decision = route(self._config, stats, request, self._rng)
         self.decisions[decision.reason] = self.decisions.get(decision.reason, 0) + 1
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         first, *rest = (by_id[name] for name in decision.ranked)
-        if key is not None:
-            seq = int((first.routing_stats or {}).get("seq", 0))
-            self._recent[key] = (first.replica_id.unique_id, now, seq)
         return [[first], rest] if rest else [[first]]
+
+    def _home(self, key: str, now: float) -> str | None:
+        """`key`'s home among all replicas (policies.routing.balanced_homes over the models
+        requested in the last KEYS_SEEN_S), recomputed when those or the replicas change."""
+        self._seen[key] = now
+        if now - self._pruned > 1.0:
+            self._pruned = now
+            self._seen = {k: t for k, t in self._seen.items() if now - t < KEYS_SEEN_S}
+        keys = frozenset(self._seen)
+        names = tuple(sorted(r.unique_id for r in self.curr_replicas))
+        if (keys, names) != self._homes[:2]:
+            self._homes = (keys, names, balanced_homes(keys, names))
+        return self._homes[2].get(key)
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
+    ) -> None:
+        """`replica_id` accepted the request: a model it has not reported counts as resident
+        there from now on (see the module's doc)."""
+        key = request_key(pending_request)
+        name = replica_id.unique_id
+        replica = self.curr_replicas.get(replica_id)
+        published = (replica.routing_stats or {}) if replica is not None else {}
+        if key is not None and key not in published.get("resident", ()):
+            self._assumed.setdefault(name, {}).setdefault(key, time.monotonic())
 
     def _fulfill_next_pending_request(
         self, replica: RunningReplica, request_metadata: Any = None
@@ -90,14 +155,17 @@ class SlimserveRouter(RequestRouter):
             matched.future.set_result(replica)
             self._remove_pending_request_from_indices(matched)
 
-    def _stats(self, replica: RunningReplica, key: str | None, now: float) -> ReplicaStats:
+    def _stats(self, replica: RunningReplica, now: float) -> ReplicaStats:
         published: dict[str, Any] = replica.routing_stats or {}
         name = replica.replica_id.unique_id
         resident = set(published.get("resident", ()))
-        recent = self._recent.get(key) if key is not None else None
-        if key is not None and recent is not None and recent[0] == name:
-            unreported = int(published.get("seq", 0)) == recent[2]
-            resident.update([key] if unreported and now - recent[1] < ASSUMED_RESIDENT_S else [])
+        received = self._reported.get(name, (0, 0.0))[1]
+        assumed = self._assumed.get(name, {})
+        for key, sent in list(assumed.items()):
+            if key in resident or received - sent >= REPORT_LAG_S or now - sent > ASSUMED_AT_MOST_S:
+                del assumed[key]  # reported (resident, or not any more), or too old
+            else:
+                resident.add(key)
         cached = self.replica_queue_len_cache.get(replica.replica_id)
         queue = cached if cached is not None else int(published.get("queue", 0))
         free, prefixes = int(published.get("free_bytes", 0)), published.get("prefixes", ())

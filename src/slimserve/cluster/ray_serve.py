@@ -39,12 +39,18 @@ MAX_ONGOING = 64  # requests one replica takes at once; more wait at the proxy's
 def deployment_options(settings: Settings) -> dict[str, Any]:
     """Ray Serve options of the slimserve deployment for these settings."""
     options: dict[str, Any] = {
-        "name": "SlimserveReplica",
+        # Named after the router: Ray's proxy keeps a deployment's handle, and the router
+        # object in it, across a delete and redeploy of the same name (ray.serve's
+        # get_proxy_handle), so a redeploy with the other --ray-router would still be routed
+        # by the first one.
+        "name": "SlimserveReplica" + ("" if settings.ray_router == "slimserve" else "RayRouter"),
         "max_ongoing_requests": MAX_ONGOING,
         # One CPU each, so that replicas spread over nodes as the cluster has CPUs for them.
         "ray_actor_options": {"num_cpus": 1},
+        # Each routing report waits in the replica for a residency change (cluster.ray_replica),
+        # so a short period means "ask again as soon as the last one answered", not "every 0.1 s".
         "request_router_config": RequestRouterConfig.model_validate(
-            {"request_routing_stats_period_s": 1.0}
+            {"request_routing_stats_period_s": 0.1, "request_routing_stats_timeout_s": 5.0}
             | ({"request_router_class": ROUTER} if settings.ray_router == "slimserve" else {})
         ),
         "health_check_period_s": 2.0,
@@ -60,10 +66,18 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
             max_replicas=bounds[1],
             initial_replicas=max(bounds[0], 1),
             target_ongoing_requests=8,
-            upscale_delay_s=3.0,
+            # From a load step to the decision: the replica's next sample of its metrics
+            # (every 0.2 x look_back_period_s), its next push (metrics_interval_s), then
+            # upscale_delay_s of wanting more. The look-back window is aggregated by its max:
+            # a step counts from its first sample rather than once the window's mean has
+            # crossed the target. Measured 7.0 s from the step to the decision with
+            # 1 s / 3 s mean / 3 s before (benchmarks/RESULTS.md, issue 11); the rest is Ray
+            # starting the replica.
+            upscale_delay_s=1.0,
             downscale_delay_s=10.0,
-            metrics_interval_s=1.0,
-            look_back_period_s=3.0,
+            metrics_interval_s=0.5,
+            look_back_period_s=2.0,
+            aggregation_function="max",
             policy=AutoscalingPolicy(policy_function=AUTOSCALE_POLICY),
         )
     return options

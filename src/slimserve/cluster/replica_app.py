@@ -7,6 +7,7 @@ No Ray here: the Ray deployment (cluster.ray_replica) wraps its app in this.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections import OrderedDict
@@ -65,11 +66,13 @@ def routing_stats(
     in_flight: int,
     prefixes: Iterable[str] = (),
     seq: int = 0,
+    sizes: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """What the router reads of one replica (kept to JSON types: Ray ships it as is).
     `health` is Engine.health(), `units` Engine.repository_index(), `prefixes`
-    PrefixIndex.published(); `seq` counts the replica's reports, so that the router knows
-    when it sees one newer than a decision it made."""
+    PrefixIndex.published(), `sizes` the resident bytes of each loaded "model:variant" (the
+    router learns how much room a cold model needs from them); `seq` counts the replica's
+    reports."""
     resident = {e.name for e in units if e.state in RESIDENT_STATES}
     return {
         "resident": sorted(n if ":" in n else f"{n}:" for n in resident),
@@ -77,7 +80,32 @@ def routing_stats(
         "queue": in_flight,
         "prefixes": list(prefixes),
         "seq": seq,
+        "sizes": dict(sizes or {}),
     }
+
+
+class ResidencyReports:
+    """When a replica reports its routing stats: as soon as its residency changed (a model
+    started loading, became ready, failed, or was evicted), else every `every_s` (for the
+    queue depth and prefixes). `changed` is the engine's residency watcher; `wait` is what
+    each report awaits. Starts changed, so the first report goes at once."""
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self._changed = asyncio.Event()
+        self._changed.set()
+
+    def changed(self) -> None:
+        self._changed.set()
+
+    async def wait(self) -> bool:
+        """Until a change since the last wait (True) or `every_s` without one (False)."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), self.every_s)
+        except TimeoutError:
+            return False
+        self._changed.clear()
+        return True
 
 
 OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions")

@@ -172,7 +172,7 @@ def _service(
     model = calibrate(points, curve, target.config.batching.max_batch_size)
     opened = _same_batching((profile.model_extra or {}).get("open_loop"), target)
     measured = [
-        OpenLoopPoint(float(r["rate_rps"]), float(r["p99_ms"]))
+        OpenLoopPoint(float(r["rate_rps"]), float(r["p99_ms"]), float(r["throughput_rps"]))
         for r in opened
         if isinstance(r.get("rate_rps"), int | float)
     ]
@@ -215,6 +215,12 @@ def plan_document(result: Plan) -> dict[str, Any]:
                 "expected_p99_ms": round(m.expected_p99_ms, 3),
                 "capacity_rps_per_replica": round(m.capacity_rps, 2),
                 "memory_bytes_per_replica": m.memory_bytes,
+                "serving_path": None
+                if m.serving is None
+                else {
+                    "extra_ms": round(m.serving.extra_ms, 3),
+                    "per_request_ms": round(m.serving.per_request_ms, 4),
+                },
             }
             for m in result.models
         },

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 
 from slimserve.policies import queueing
-from slimserve.policies.queueing import ServiceModel
+from slimserve.policies.queueing import ServiceModel, ServingPath
 
 
 class PlanError(ValueError):
@@ -95,6 +95,7 @@ class ModelPlan:
     rate_rps: float  # the workload's (what the plan expects to serve)
     expected_p99_ms: float
     memory_bytes: int  # one replica's
+    serving: ServingPath | None = None  # the fitted serving path the p99 includes
 
     @property
     def per_replica_rps(self) -> float:
@@ -189,8 +190,18 @@ def plan(demands: list[Demand], units: list[Unit], machines: Machines) -> Plan:
             )
         per_replica = d.rate_rps / replicas
         p99 = unit.p99_at(per_replica * unit.cores / machines.cores, d.p99_ms)
+        serving = unit.service.serving if unit.service is not None else None
         models.append(
-            ModelPlan(d.model, unit.variant, replicas, capacity, d.rate_rps, p99, unit.memory_bytes)
+            ModelPlan(
+                d.model,
+                unit.variant,
+                replicas,
+                capacity,
+                d.rate_rps,
+                p99,
+                unit.memory_bytes,
+                serving,
+            )
         )
     return Plan(models, place(models, machines))
 

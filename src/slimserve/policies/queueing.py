@@ -68,6 +68,7 @@ class OpenLoopPoint:
 
     rate_rps: float
     p99_ms: float
+    weight: float = 1.0  # its share in the fit (the requests it measured: a p99 of more is surer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,25 +192,26 @@ def p99_ms(model: ServiceModel, rate_rps: float) -> float:
 
 
 def fit_serving_path(model: ServiceModel, points: list[OpenLoopPoint]) -> ServingPath | None:
-    """c and e (see the module doc) by least squares on what the open-loop points' p99 leaves
-    after `model` (without a serving path): for each c on a fine grid below the cost that
-    would saturate at the highest measured rate, e is the mean residual; None without a
-    usable point (one the model says it keeps up with)."""
+    """c and e (see the module doc) by weighted least squares on what the open-loop points'
+    p99 leaves after `model` (without a serving path): for each c on a fine grid below the
+    cost that would saturate at the highest measured rate, e is the weighted mean residual;
+    None without a usable point (one the model says it keeps up with)."""
     bare = replace(model, serving=None)
-    residuals = [
-        (p.rate_rps, p.p99_ms - base)
+    used = [
+        (p.rate_rps, p.p99_ms - base, max(p.weight, 1e-9))
         for p in points
         if p.rate_rps > 0 and math.isfinite(base := p99_ms(bare, p.rate_rps))
     ]
-    if not residuals:
+    if not used:
         return None
-    most = 1000.0 / max(rate for rate, _ in residuals) * 0.999
+    total = sum(w for _, _, w in used)
+    most = 1000.0 / max(rate for rate, _, _ in used) * 0.999
     best: tuple[float, ServingPath] | None = None
-    for step in range(_FIT_STEPS if len(residuals) > 1 else 1):
+    for step in range(_FIT_STEPS if len(used) > 1 else 1):
         c = most * step / _FIT_STEPS
-        waits = [ServingPath(0.0, c).wait_p99_ms(rate) for rate, _ in residuals]
-        extra = sum(r - w for (_, r), w in zip(residuals, waits, strict=True)) / len(waits)
-        error = sum((r - w - extra) ** 2 for (_, r), w in zip(residuals, waits, strict=True))
+        left = [(r - ServingPath(0.0, c).wait_p99_ms(rate), w) for rate, r, w in used]
+        extra = sum(x * w for x, w in left) / total
+        error = sum(w * (x - extra) ** 2 for x, w in left)
         if best is None or error < best[0] - 1e-12:
             best = (error, ServingPath(extra, c))
     assert best is not None

@@ -1,17 +1,25 @@
 """Which replica serves a request: model-aware routing across replicas (cluster.ray_router).
 
-Each replica publishes what it holds (resident model:variants, free memory budget, queue
-depth, for LLMs the hashes of prompt prefixes it has cached). A request goes, in order of
-preference:
+Each replica publishes what it holds (resident model:variants and their sizes, free memory
+budget, queue depth, for LLMs the hashes of prompt prefixes it has cached). Every model also
+has a home order over the replicas (rendezvous hashing of the model key with each replica's
+name): every router computes the same order without talking to the others, and adding or
+removing a replica moves only the models whose first choice it was. Its home is the first
+in that order that is not already home to its share of the models seen (balanced_homes).
+A request goes, in order of preference:
 
 1. to a replica where its model:variant is resident (no load, no eviction), unless that
    replica's queue is far longer than the shortest one (`imbalance`): a hot model then spills
-   to a second replica instead of queueing behind one;
+   to a second replica instead of queueing behind one. Among several, to the first in the
+   model's home order unless another's queue is `spread` shorter: a model's requests keep to
+   one copy (the others age out of their budgets) until load asks for more;
 2. for an LLM prompt, to the replica holding the longest cached prefix of it (its KV cache
    answers the prefill);
-3. for a cold model, to a replica whose free budget holds it (nothing is evicted), or with
-   its size unknown, to those with the most free budget;
-4. by the power of two choices on queue depth among what is left.
+3. for a cold model of known size, to a replica whose free budget holds it (nothing is
+   evicted); otherwise, or with no room anywhere, to its home: the first in its home order
+   whose queue is not far behind. So cold models do not scatter over replicas (which would
+   load each everywhere) but partition the repository between them;
+4. with no model named, by the power of two choices on queue depth.
 
 `route` returns every replica ranked, best first, so the caller can fall back in order when
 the first refuses or has died. Pure: the caller passes the random source.
@@ -20,8 +28,9 @@ the first refuses or has died. Pure: the caller passes the random source.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 PREFIX_BLOCK_CHARS = 256  # a prompt is hashed per prefix of whole blocks of this many chars
@@ -41,6 +50,7 @@ class ReplicaStats:
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
     key: str | None = None  # "model:variant", None when the request names no model
+    home: str | None = None  # the replica the key is assigned to (balanced_homes), if known
     size_bytes: int = 0  # the model's size when it is cold (0: unknown, go for the most room)
     prefixes: tuple[str, ...] = ()  # prefix_hashes(prompt), shortest first
 
@@ -48,13 +58,14 @@ class RouteRequest:
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
     imbalance: int = 8  # queue length over the shortest at which residency no longer wins
+    spread: int = 2  # among resident copies, a queue this much shorter beats the home order
     min_prefix_blocks: int = 1  # matched blocks that make prefix affinity count
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     ranked: tuple[str, ...]  # replica names, best first
-    reason: str  # "resident" | "prefix" | "room" | "queue": which rule chose the first
+    reason: str  # "resident" | "prefix" | "room" | "home" | "queue": which rule chose the first
     candidates: tuple[str, ...] = field(default=())  # the set the first was chosen from
 
 
@@ -68,6 +79,36 @@ def prefix_hashes(prompt: str, block: int = PREFIX_BLOCK_CHARS, most: int = 16) 
     return tuple(out)
 
 
+def home_order(key: str, names: Sequence[str]) -> list[str]:
+    """Replica names in `key`'s rendezvous-hash order (highest random weight first): the same
+    in every router, and only the models whose first choice a replica was move when it
+    comes or goes."""
+
+    def weight(name: str) -> bytes:
+        return hashlib.blake2b(f"{key}\0{name}".encode(), digest_size=8).digest()
+
+    return sorted(names, key=weight, reverse=True)
+
+
+def balanced_homes(keys: Iterable[str], names: Sequence[str], slack: float = 1.0) -> dict[str, str]:
+    """A home replica for each key: its first in home_order with fewer than
+    ceil(slack x keys / replicas) keys so far, keys taken in hash order. Rendezvous hashing
+    alone is lumpy for few models (six models on two replicas split 5/1 one time in five);
+    this bounds the split (consistent hashing with bounded loads) and stays the same in every
+    router that has seen the same keys."""
+    ordered = sorted(set(keys), key=lambda k: hashlib.blake2b(k.encode(), digest_size=8).digest())
+    if not names or not ordered:
+        return {}
+    cap = math.ceil(slack * len(ordered) / len(names))
+    count = dict.fromkeys(names, 0)
+    out = {}
+    for key in ordered:
+        home = next(n for n in home_order(key, names) if count[n] < cap)
+        count[home] += 1
+        out[key] = home
+    return out
+
+
 def route(
     config: RouteConfig,
     replicas: Sequence[ReplicaStats],
@@ -78,27 +119,45 @@ def route(
     if not replicas:
         return Route((), "none")
     shortest = min(r.queue for r in replicas)
-    reason, pool = "queue", list(replicas)
-    resident = [r for r in replicas if request.key is not None and request.key in r.resident]
-    resident = [r for r in resident if r.queue - shortest < config.imbalance]
-    matched = _longest_prefix(config, replicas, request.prefixes)
-    if resident:
-        reason, pool = "resident", resident
-        matched = _longest_prefix(config, resident, request.prefixes) or resident
-        pool = matched
+    near = [r for r in replicas if r.queue - shortest < config.imbalance]
+    key = request.key
+    resident = [r for r in near if key in r.resident] if key is not None else []
+    matched = [r for r in _longest_prefix(config, replicas, request.prefixes) if r in near]
+    if resident and key is not None:
+        pool = _longest_prefix(config, resident, request.prefixes) or resident
+        first, reason = _home_first(config, key, request.home, pool), "resident"
     elif matched:
-        reason, pool = "prefix", [r for r in matched if r.queue - shortest < config.imbalance]
-        if not pool:
-            reason, pool = "queue", list(replicas)
-    elif request.key is not None:
-        room = _room(replicas, request.size_bytes)
-        if room:
-            reason, pool = "room", room
-    first = _two_choices(pool, rng)
+        first, reason, pool = _two_choices(matched, rng), "prefix", matched
+    elif key is not None:
+        room = [r for r in near if request.size_bytes > 0 and r.free_bytes >= request.size_bytes]
+        reason, pool = ("room", room) if room else ("home", near)
+        first = _by_home(key, request.home, pool)[0]
+    else:
+        first, reason, pool = _two_choices(replicas, rng), "queue", list(replicas)
     rest = sorted((r for r in replicas if r is not first), key=lambda r: r.queue)
     return Route(
         (first.replica, *(r.replica for r in rest)), reason, tuple(r.replica for r in pool)
     )
+
+
+def _by_home(key: str, home: str | None, pool: Sequence[ReplicaStats]) -> list[ReplicaStats]:
+    """`pool` in the key's home order, its assigned home (if in `pool`) first."""
+    by_name = {r.replica: r for r in pool}
+    order = home_order(key, list(by_name))
+    if home in by_name:
+        order.remove(home)
+        order.insert(0, home)
+    return [by_name[name] for name in order]
+
+
+def _home_first(
+    config: RouteConfig, key: str, home: str | None, pool: Sequence[ReplicaStats]
+) -> ReplicaStats:
+    """The first of `pool` in the model's home order, unless another's queue is `spread`
+    shorter (then the shortest)."""
+    first = _by_home(key, home, pool)[0]
+    shortest = min(pool, key=lambda r: r.queue)
+    return shortest if first.queue - shortest.queue >= config.spread else first
 
 
 def _longest_prefix(
@@ -115,14 +174,6 @@ def _longest_prefix(
             best = n
             holders.append(r)
     return holders
-
-
-def _room(replicas: Sequence[ReplicaStats], size: int) -> list[ReplicaStats]:
-    """Replicas whose free budget holds `size` bytes; size unknown (0): those with the most."""
-    if size > 0:
-        return [r for r in replicas if r.free_bytes >= size]
-    most = max(r.free_bytes for r in replicas)
-    return [r for r in replicas if r.free_bytes == most] if most > 0 else []
 
 
 def _two_choices(pool: Sequence[ReplicaStats], rng: random.Random) -> ReplicaStats:

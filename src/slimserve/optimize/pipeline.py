@@ -15,7 +15,9 @@ Order of work, so that bad input changes nothing:
 
 Under torchrun (`--parallel`), every process runs every recipe's steps, since the steps that
 train need them all; only rank 0 measures, writes variants and the report. The others stop
-after the last step (`_follow`).
+after the last step (`_follow`). Under pipeline stages, when every recipe distills from the
+original, no process loads it whole: each holds its stage, and the original is profiled
+stage by stage (split_original.py).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from tqdm.auto import tqdm
 
 from slimserve.errors import InvalidArgument
 from slimserve.fields import pick
-from slimserve.optimize import artifacts, staging
+from slimserve.optimize import artifacts, split_original, staging
 from slimserve.optimize.data import load_data
 from slimserve.optimize.evaluation import as_predictor, evaluate, predict_all
 from slimserve.optimize.lm_quant import optimize_lm
@@ -86,6 +88,9 @@ class _Original:
     model: Any  # nn.Module or Path
     config: ModelConfig
     folder: Path
+    # Set when the original is kept split over pipeline stages (split_original.py): `model`
+    # then holds only this process's stage, the rest is on the meta device.
+    split: artifacts.TorchFiles | None = None
 
 
 def optimize(
@@ -113,15 +118,19 @@ def optimize(
     if data is None:
         for recipe in recipes_:
             check_data([(s.spec, s.config, s.text) for s in recipe.steps])
-    kind, model = artifacts.load_original(vdir, config)
-    original = _Original(kind, model, config, vdir)
+    original = _load_original(vdir, config, recipes_)
     train = _inputs(original, data, "--data", opts.seed)
     evaluation = train if eval_data is None else _inputs(original, eval_data, "--eval-data", 0)
     result = Result(name, version, {})
+    measured = None
+    if original.split is not None:  # every process of the pipeline measures its stage
+        rows = _rows(evaluation, opts.max_eval_rows)
+        measured = split_original.profile_split(original.model, original.split, rows, opts)
+        measured = measured[0], _mark_accuracy(measured[1], rows[1], opts.embedding)
     if not context().is_main:
         _follow(_Made(original, train, evaluation, np.empty(0), opts, data is None, {}), recipes_)
         return result
-    reference, result.original = _profile_original(original, evaluation, opts)
+    reference, result.original = measured or _profile_original(original, evaluation, opts)
     baseline = {k: result.original.get(k) for k in ("accuracy", "size_bytes", "latency_ms_batch1")}
     made = _Made(original, train, evaluation, reference, opts, data is None, plain(baseline))
     staged = staging.stage_all(
@@ -132,6 +141,16 @@ def optimize(
     out = opts.report_dir or (repo.model_dir(name) / "reports" / str(version))
     result.report = write_report(result, out)
     return result
+
+
+def _load_original(vdir: Path, config: ModelConfig, recipes: list[Recipe]) -> _Original:
+    """The original whole, or only this process's pipeline stage of it (split_original.py)."""
+    files = split_original.split_files(vdir, config, recipes)
+    if files is None:
+        return _Original(*artifacts.load_original(vdir, config), config, vdir)
+    layout = context().layout
+    stage = artifacts.load_torch_stage(files, layout.spec.pp, layout.stage)
+    return _Original("torch", stage, config, vdir, files)
 
 
 def _inputs(original: _Original, data: str | Arrays | None, flag: str, seed: int) -> Arrays:
@@ -174,7 +193,10 @@ def _check_fits(original: _Original, x: np.ndarray, flag: str) -> None:
                 f"{want} in model.yaml; give rows shaped {want[1:]} (reshape the data)"
             )
     try:
-        as_predictor(original.model)(np.ascontiguousarray(x[:2]))
+        if original.split is not None:  # shapes only: the weights are not all here
+            split_original.run_on_meta(original.split, x[:2])
+        else:
+            as_predictor(original.model)(np.ascontiguousarray(x[:2]))
     except Exception as exc:  # noqa: BLE001 - any framework error here means the shapes disagree
         raise InvalidArgument(
             f"{flag}: the model cannot run on data of shape {list(x.shape)}: "
@@ -271,6 +293,10 @@ class _Made:
         state.model_class, state.model_args = cfg.model_class, dict(cfg.model_args)
         if self.original.kind == "onnx":
             state.onnx_path = self.original.model
+        elif self.original.split is not None:
+            # Only ever a teacher (every recipe starts with distill, which leaves the teacher
+            # as it was): no copy, so one stage per process is all the memory it takes.
+            state.model = self.original.model
         else:
             state.model = copy.deepcopy(self.original.model)
         return state

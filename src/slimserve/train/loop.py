@@ -226,7 +226,7 @@ def fit(
     result.loss_scale = scaler.scale if scaler else None
     engine.finish(model)
     if fast_layout:
-        model.to(memory_format=torch.contiguous_format)
+        _set_conv_layout(model, torch.contiguous_format)
     model.train(was_training)
     if ctx.is_distributed:
         # Free the DDP wrapper now: left to the garbage collector it can outlive the process
@@ -294,8 +294,16 @@ def _channels_last(model: nn.Module, ctx: DistContext) -> bool:
     convs = any(p.dim() == 4 for p in model.parameters())
     if not convs or ctx.is_distributed or ctx.device.type != "cpu":
         return False
-    model.to(memory_format=torch.channels_last)
+    _set_conv_layout(model, torch.channels_last)
     return True
+
+
+@torch.no_grad()
+def _set_conv_layout(model: nn.Module, layout: torch.memory_format) -> None:
+    # In place on `.data`: the Parameter objects (and anything holding them) stay the same.
+    for param in model.parameters():
+        if param.dim() == 4:
+            param.data = param.data.contiguous(memory_format=layout)
 
 
 def masked_parameters(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:

@@ -218,27 +218,33 @@ def pipeline_forward(
         out = schedule.step(_pad(chunk.to(ctx.device), rows)) if layout.stage == 0 else None
         if layout.stage != 0:
             out = schedule.step()
-        outs.append(_share_last(out, layout, ctx.device)[: len(chunk)])
+        last = layout.spec.pp - 1
+        outs.append(share_stage_output(out, layout, ctx.device, last)[: len(chunk)])
     model.train(was_training)
     return torch.cat(outs)
 
 
-def _share_last(out: torch.Tensor | None, layout: Layout, device: torch.device) -> torch.Tensor:
-    """The last stage's output on every process of the pipeline (shape sent first)."""
-    last = layout.spec.pp - 1
+def share_stage_output(
+    out: torch.Tensor | None, layout: Layout, device: torch.device, stage: int
+) -> torch.Tensor:
+    """Stage `stage`'s output (float32) on every process of the pipeline (shape sent first)."""
     shape = torch.zeros(8, dtype=torch.long, device=device)
-    if out is not None and layout.stage == last:
+    if out is not None and layout.stage == stage:
         out = out.float().contiguous()
         shape[0] = out.dim()
         shape[1 : 1 + out.dim()] = torch.tensor(out.shape)
-    dist.broadcast(shape, group=layout.pp_group, group_src=last)
-    if layout.stage != last or out is None:
+    dist.broadcast(shape, group=layout.pp_group, group_src=stage)
+    if layout.stage != stage or out is None:
         out = torch.empty(shape[1 : 1 + int(shape[0])].tolist(), device=device)
-    dist.broadcast(out, group=layout.pp_group, group_src=last)
+    dist.broadcast(out, group=layout.pp_group, group_src=stage)
     return out.cpu()
 
 
 def _release(blocks: list[nn.Module]) -> None:
+    """Free the blocks' tensors. Those on the meta device (a stage never loaded, as
+    optimize.artifacts.load_torch_stage leaves them) hold no memory and keep their shapes, so
+    the model still splits into the same stages and can run pipelined again."""
     for block in blocks:
         for t in [*block.parameters(), *block.buffers()]:
-            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+            if not t.is_meta:
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)

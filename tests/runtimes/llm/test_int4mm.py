@@ -82,21 +82,24 @@ def test_the_kernel_multiplies_what_dequantize_says() -> None:
 @needs_kernel
 @pytest.mark.skipif(not HAS_BF16, reason="the bf16 copy needs bf16 arithmetic")
 def test_one_row_and_many_rows_give_the_same_products() -> None:
-    """A decode step of one row (int4 planes) and of many (the bf16 copy) multiply the same
-    weight values: only rounding of the bf16 activations and sums differs."""
+    """A decode step of one row (the C kernel or int4 planes) and of many (the bf16 copy)
+    multiply the same weight values: only rounding of the activations (int8 per group of 32
+    in the C kernel, bf16 otherwise) and sums differs, ~0.5% of the products' norm."""
     dual = DualLinear(four_bit_weight(64, 256))
     rows = torch.randn(8, 256)
     together = dual(rows).float()
     alone = torch.cat([dual(rows[i : i + 1]) for i in range(8)]).float()
-    torch.testing.assert_close(alone, together, rtol=0.02, atol=0.02)
+    assert float((alone - together).norm() / together.norm()) < 0.015
 
 
 @needs_kernel
 @pytest.mark.skipif(not HAS_BF16, reason="bf16+int4 is bf16 where the CPU has it")
 def test_bf16_int4_decodes_what_its_prefill_predicts(tiny_llama_dir: Path) -> None:
-    """Token by token (one-row steps: int4 planes) against one prefill (the bf16 copy): the
-    logits within bf16 rounding, and the same greedy tokens but at near ties (a random
-    30,522-token head has many)."""
+    """Token by token (one-row steps: the C kernel's int8 activations, or torch's int4 planes)
+    against one prefill (the bf16 copy): the logits within rounding, and the same greedy
+    tokens but at near ties (a random 30,522-token head has many). Cosine > 0.998, not 0.999:
+    int8 activations per group of 32 (llama.cpp's Q8_0) round each value to 1/254 of its
+    group's largest, a little coarser than bf16's 1/256 of the value itself (0.9989 seen)."""
     runtime = TextGenerationRuntime.load(tiny_llama_dir, weights="bf16+int4")
     assert isinstance(runtime.model.layers[0].gate_up, DualLinear)
     tokens, block = list(range(700, 723)), 4
@@ -112,7 +115,7 @@ def test_bf16_int4_decodes_what_its_prefill_predicts(tiny_llama_dir: Path) -> No
             last=torch.tensor([0]),
         )
         logits = forward(runtime.model, pool, step)[0]
-        assert torch.nn.functional.cosine_similarity(logits, expected[position], dim=0) > 0.999
+        assert torch.nn.functional.cosine_similarity(logits, expected[position], dim=0) > 0.998
         agree += int(logits.argmax()) == int(expected[position].argmax())
     assert agree >= 0.8 * len(tokens)
 

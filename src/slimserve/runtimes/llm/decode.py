@@ -23,11 +23,20 @@ engine output with transformers' generate() in fp32).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from slimserve.runtimes.llm import attention
-from slimserve.runtimes.llm.model import _ACTIVATIONS, Batch, LayerWeights, LlamaModel, forward
+from slimserve.runtimes.llm import attention, qgemv
+from slimserve.runtimes.llm.model import (
+    _ACTIVATIONS,
+    Batch,
+    LayerWeights,
+    LlamaModel,
+    LlamaShape,
+    forward,
+)
 
 
 def supported(model: LlamaModel) -> bool:
@@ -53,6 +62,9 @@ def forward_step(
         fast = supported(model)
     if not fast or batch.tokens.shape[1] != 1:
         return forward(model, pool, batch)
+    if batch.tokens.shape[0] <= qgemv.MAX_ROWS:  # the few-row kernel takes the cores
+        with qgemv.owning_cores():
+            return _decode(model, pool, batch)
     return _decode(model, pool, batch)
 
 
@@ -79,6 +91,9 @@ def _decode(model: LlamaModel, pool: torch.Tensor, batch: Batch) -> torch.Tensor
     rotate = rotations(model.rope, batch.positions.view(-1))
     run = _consecutive(batch)
     index = None if run is not None else _index(batch, pool)
+    # One row over consecutive blocks: the C kernel's attention where it is built.
+    direct = run is not None and qgemv.attends(pool, hd)
+    scale = shape.query_scale / math.sqrt(hd)
     activation = _ACTIVATIONS[shape.activation]
     for kv, layer in zip(pool, model.layers, strict=True):
         h = F.rms_norm(x, norm_shape, layer.attn_norm, eps).to(dtype)
@@ -87,24 +102,43 @@ def _decode(model: LlamaModel, pool: torch.Tensor, batch: Batch) -> torch.Tensor
             qkv = qkv + layer.qkv_bias
         qkv = qkv.view(rows, heads + 2 * kvh, hd)
         # rotary in fp32 (a small bf16 bmm takes 6x as long on the CPU)
-        qk = torch.bmm(qkv[:, : heads + kvh].float(), rotate).to(kv.dtype)  # (B, H + Hkv, hd)
-        qkv = qkv.to(kv.dtype)
-        q = qk[:, :heads]
-        if shape.query_scale != 1.0:
-            q = q * shape.query_scale
-        k, v = qk[:, heads:], qkv[:, heads + kvh :]
-        if run is not None:
-            out = _attend_run(q, k, v, kv, run)
+        rotated = torch.bmm(qkv[:, : heads + kvh].float(), rotate)  # (B, H + Hkv, hd) fp32
+        if direct:
+            assert run is not None
+            first, keys = run[0] * kv.shape[3], run[1]
+            q1, k1, v1 = rotated[0, :heads], rotated[0, heads:], qkv[0, heads + kvh :]
+            out = qgemv.attend_one(q1, k1, v1, kv, first, keys, scale)
         else:
-            assert index is not None
-            attention.write_kv(kv, k, v, index)
-            out = attention.attend(q.view(rows, 1, heads, hd), kv, index)
+            out = _attend_torch(shape, rotated, qkv, kv, run, index)
         x = x + layer.o(out.reshape(rows, heads * hd))
         h = F.rms_norm(x, norm_shape, layer.mlp_norm, eps).to(dtype)
         gate, up = layer.gate_up(h).chunk(2, dim=-1)
         x = x + layer.down(activation(gate).mul_(up))
     logits = model.lm_head(F.rms_norm(x, norm_shape, model.norm, eps).to(dtype)).float()
     return logits
+
+
+def _attend_torch(
+    shape: LlamaShape,
+    rotated: torch.Tensor,
+    qkv: torch.Tensor,
+    kv: torch.Tensor,
+    run: tuple[int, int] | None,
+    index: attention.KvIndex | None,
+) -> torch.Tensor:
+    """Write K/V and attend with torch: rotated (B, H + Hkv, hd) fp32, qkv (B, H + 2 Hkv,
+    hd) -> (B, H, hd) or (B, 1, H * hd) in the pool's dtype."""
+    heads, kvh, hd = shape.heads, shape.kv_heads, shape.head_dim
+    qk, qkv = rotated.to(kv.dtype), qkv.to(kv.dtype)
+    q = qk[:, :heads]
+    if shape.query_scale != 1.0:
+        q = q * shape.query_scale
+    k, v = qk[:, heads:], qkv[:, heads + kvh :]
+    if run is not None:
+        return _attend_run(q, k, v, kv, run)
+    assert index is not None
+    attention.write_kv(kv, k, v, index)
+    return attention.attend(q.view(q.shape[0], 1, heads, hd), kv, index)
 
 
 def _consecutive(batch: Batch) -> tuple[int, int] | None:

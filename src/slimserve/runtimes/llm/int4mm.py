@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import torch
 
+from slimserve.runtimes.llm import qgemv
 from slimserve.runtimes.llm.model import HAS_BF16, BFloat16Linear, Linear, bf16_linear
+from slimserve.runtimes.llm.qgemv import QLinear
 
 GROUP = 32  # input channels per scale; the GGUF block size, and a size the kernel takes
 LEVELS = 15
@@ -145,21 +147,46 @@ class Int4Linear:
 
 
 class DualLinear:
-    """Few rows through the int4 planes, more through a bf16 copy of the same values."""
+    """Few rows through a 4- or 8-bit kernel, more through a bf16 copy of the same values.
+
+    The kernel is qgemv.py's (int8 activations, AVX-512 VNNI, both cores) where it builds on
+    this machine, else torch's int4 planes (`Int4Linear`). qgemv's cost grows with each row
+    (a dot product per row, ~6 vector operations per 64 weights), torch's int4 kernel's
+    less: so with qgemv for up to qgemv.MAX_ROWS rows, a one-plane weight also keeps torch's
+    planes for the steps of up to 8 rows (0.5 byte a weight more; benchmarks/RESULTS.md,
+    issue 14, session 4)."""
 
     def __init__(self, weight: torch.Tensor, role: str = "") -> None:
-        self.small = Int4Linear(weight)
-        self.large = BFloat16Linear(self.small.dequantize())
-        self.small.drop_levels()
+        self.small: QLinear | Int4Linear
+        self.middle: Int4Linear | None = None
+        if qgemv.available() and qgemv.fits(weight):
+            self.small = QLinear(weight)
+            self.max_rows = qgemv.MAX_ROWS
+            self.large = BFloat16Linear(self.small.dequantize())
+            # Only where both hold the same 4-bit levels (torch's scales are bf16-rounded).
+            planes = Int4Linear(weight) if fits(weight) and self.small.bits == 4 else None
+            if planes is not None and planes.max_rows > self.max_rows:
+                planes.drop_levels()
+                self.middle = planes
+        else:
+            planes = Int4Linear(weight)
+            self.max_rows = planes.max_rows
+            self.large = BFloat16Linear(planes.dequantize())
+            planes.drop_levels()
+            self.small = planes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= self.small.max_rows * x.shape[-1]:
+        rows = x.numel() // x.shape[-1]
+        if rows <= self.max_rows:
             return self.small(x)
+        if self.middle is not None and rows <= self.middle.max_rows:
+            return self.middle(x)
         return self.large(x)
 
 
 def dual_linear(weight: torch.Tensor, role: str = "") -> Linear:
-    """The default layer where the CPU has bf16 arithmetic and the kernel takes the shape."""
-    if HAS_BF16 and fits(weight):
+    """The default layer where the CPU has bf16 arithmetic and a few-row kernel takes the
+    shape."""
+    if HAS_BF16 and (fits(weight) or (qgemv.available() and qgemv.fits(weight))):
         return DualLinear(weight, role)
     return bf16_linear(weight, role)

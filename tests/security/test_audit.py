@@ -6,7 +6,7 @@ import json
 import logging
 import stat
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ import pytest
 from slimserve.security.audit import AuditLog
 from slimserve.security.keys import ANONYMOUS, Authenticator, KeyStore
 
-WHEN = datetime(2026, 11, 22, 5, 30, 0, 123000, tzinfo=timezone.utc)
+WHEN = datetime(2026, 11, 22, 5, 30, 0, 123000, tzinfo=UTC)
 
 
 def _lines(path: Path) -> list[dict[str, object]]:

@@ -237,7 +237,7 @@ async def _measure(driver: Driver, n: int, plan: Plan) -> Result:
     run = asyncio.ensure_future(loop)
     try:
         rec, cpu = await asyncio.wait_for(run, plan.duration_s + plan.warmup_s + _GRACE_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise Unavailable(
             f"{driver.protocol} with {n} clients: requests still unanswered {_GRACE_S:g} s after "
             "the run ended; the server is stuck or far overloaded"

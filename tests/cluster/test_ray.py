@@ -1,9 +1,10 @@
 """slimserve on a real two-node Ray cluster (each node one CPU, both on loopback inside a
 private network namespace): answers equal a single process's, both replicas serve, routing
 keeps models where they are resident, v2 gRPC answers on every replica's own port, prefix
-affinity keeps a shared prompt on one replica, a killed replica is replaced with only its
-in-flight requests failing, a killed node leaves the other node serving and its replica is
-placed on a replacement node, and autoscaling goes up under load and back down.
+affinity keeps a shared prompt (through a handle) or a prefix-key header (through HTTP) on one
+replica, a killed replica is replaced with only its in-flight requests failing, a killed node
+leaves the other node serving and its replica is placed on a replacement node, and
+autoscaling goes up under load and back down.
 
 One cluster and one deployment for the module (Ray starts slowly on two cores); the tests run
 in file order and the last ones are destructive.
@@ -270,6 +271,38 @@ def test_prefix_affinity_sends_a_shared_prompt_prefix_to_the_replica_that_cached
     replicas = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"prefix affinity: replicas in call order {replicas}")
     assert len(set(replicas[1:])) == 1 and replicas[1] == replicas[0], replicas
+
+
+def test_http_clients_get_affinity_with_a_prefix_key_header(ray_app: Deployment):
+    """Through Ray's HTTP proxy (body unread when it routes), the `slimserve-prefix-key`
+    header: a key is first served by whichever replica answers a health check (the power of
+    two choices), one key per replica; then OpenAI completions with that key and the tiny LLM
+    (resident on both, so without the key its home order alone would decide) all go to the
+    replica that served the key."""
+    openai = pytest.importorskip("openai")
+    owner: dict[str, str] = {}  # key -> the replica that served it first
+    with httpx.Client(base_url=HTTP, timeout=10) as client:
+        for i in range(40):
+            key = f"conversation-{i}"
+            resp = client.get("/v2/health/ready", headers={"slimserve-prefix-key": key})
+            assert resp.status_code == 200, resp.text
+            if resp.headers["slimserve-replica"] not in owner.values():
+                owner[key] = resp.headers["slimserve-replica"]
+            if len(owner) == 2:
+                break
+    assert len(owner) == 2, owner
+    time.sleep(3)  # the replicas publish the keys they served (every second)
+    client = openai.OpenAI(base_url=f"{HTTP}/v1", api_key="unused", max_retries=0)
+    served: dict[str, list[str]] = {}
+    for key in owner:
+        headers = {"slimserve-prefix-key": key, "serve_multiplexed_model_id": "tiny"}
+        for i in range(3):
+            raw = client.completions.with_raw_response.create(
+                model="tiny", prompt=f"Question {i}:", max_tokens=2, extra_headers=headers
+            )
+            served.setdefault(key, []).append(raw.headers["slimserve-replica"])
+    print(f"prefix key affinity over HTTP: first served by {owner}, then {served}")
+    assert served == {key: [replica] * 3 for key, replica in owner.items()}
 
 
 def test_a_killed_replica_is_replaced_and_only_its_in_flight_requests_fail(

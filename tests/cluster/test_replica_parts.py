@@ -12,12 +12,13 @@ from slimserve.cluster.replica_app import (
     PrefixIndex,
     ReplicaApp,
     ResidencyReports,
+    key_prefixes,
     post_json,
     prompt_text,
     request_prefixes,
     routing_stats,
 )
-from slimserve.policies.routing import PREFIX_BLOCK_CHARS
+from slimserve.policies.routing import PREFIX_BLOCK_CHARS, prefix_key_hash
 from slimserve.types import HealthReport, RepositoryEntry
 
 
@@ -103,6 +104,32 @@ def test_the_prefix_index_keeps_the_most_recent_hashes():
     assert index.published() == ["c", "a", "d"]
 
 
+def test_a_replica_publishes_the_prefix_key_of_each_http_request_it_answered():
+    """The `slimserve-prefix-key` header of a request answered 200 joins the replica's prefix
+    index as the hash the router computes for it; failed requests and other headers do not."""
+
+    async def status_app(scope: Scope, receive: Receive, send: Send) -> None:
+        status = 200 if scope["path"] == "/ok" else 404
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    index = PrefixIndex()
+    app = ReplicaApp(status_app, "r1", prefixes=index)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            await client.post("/ok", headers={"Slimserve-Prefix-Key": "conversation-42"})
+            await client.post("/missing", headers={"slimserve-prefix-key": "conversation-7"})
+            await client.post("/ok", headers={"x-other": "conversation-9"})
+            await client.post("/ok")
+
+    asyncio.run(main())
+    assert index.published() == [prefix_key_hash(b"conversation-42")]
+    assert key_prefixes(b"conversation-42") == (prefix_key_hash(b"conversation-42"),)
+    assert key_prefixes(b"") == ()
+
+
 def test_post_json_runs_one_request_through_the_app():
     async def echo(scope: Scope, receive: Receive, send: Send) -> None:
         body = (await receive())["body"]
@@ -140,11 +167,16 @@ def test_the_router_reads_model_and_prompt_of_a_handle_call():
 def test_the_router_reads_the_v2_model_out_of_rays_request_without_unpickling():
     from ray.serve._private.common import StreamingHTTPRequest
 
-    from slimserve.cluster.ray_router import scope_path
+    from slimserve.cluster.ray_router import scope_header, scope_path
 
     scope = {"type": "http", "method": "POST", "path": "/v2/models/mlp/versions/2/infer",
              "headers": [(b"path", b"/elsewhere")], "query_string": b""}  # fmt: skip
     blob = pickle.dumps(StreamingHTTPRequest(scope, proxy_actor_name="proxy"))
     assert scope_path(blob) == "/v2/models/mlp/versions/2/infer"
     assert scope_path(b"not a pickle") is None
+    keyed = {**scope, "headers": [(b"host", b"h"), (b"slimserve-prefix-key", b"chat-1")]}
+    keyed_blob = pickle.dumps(StreamingHTTPRequest(keyed, proxy_actor_name="proxy"))
+    assert scope_header(keyed_blob, b"slimserve-prefix-key") == b"chat-1"
+    assert scope_header(blob, b"slimserve-prefix-key") is None
+    assert scope_header(b"not a pickle", b"host") is None
     assert scope_path({"path": "/x"}) is None

@@ -6,6 +6,7 @@ RunningReplicaInfo, minus the actor handle."""
 from __future__ import annotations
 
 import asyncio
+import pickle
 import time
 from typing import Any
 
@@ -15,12 +16,13 @@ from ray.serve._private.common import (
     DeploymentID,
     RequestMetadata,
     RunningReplicaInfo,
+    StreamingHTTPRequest,
 )
 from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
 
 from slimserve.cluster import ray_router
 from slimserve.cluster.ray_router import SlimserveRouter
-from slimserve.policies.routing import home_order
+from slimserve.policies.routing import home_order, prefix_key_hash
 
 DEPLOYMENT = DeploymentID(name="SlimserveReplica", app_name="slimserve")
 
@@ -119,3 +121,61 @@ def test_report_arrival_times_are_noted_once_per_report(router: SlimserveRouter)
 
     first, same, newer = asyncio.run(main())
     assert first == same < newer <= time.monotonic()
+
+
+def http_call(model: str, key: bytes | None, loop: asyncio.AbstractEventLoop) -> PendingRequest:
+    """An OpenAI call as Ray's HTTP proxy hands it to the router: the pickled
+    StreamingHTTPRequest over the ASGI scope uvicorn made (body still at the proxy), the
+    model from the `serve_multiplexed_model_id` header."""
+    headers = [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+               (b"serve_multiplexed_model_id", model.encode())]  # fmt: skip
+    if key is not None:
+        headers.append((b"slimserve-prefix-key", key))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions",
+             "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": headers, "client": ("127.0.0.1", 50000),
+             "server": ("127.0.0.1", 8000), "state": {}}  # fmt: skip
+    blob = pickle.dumps(StreamingHTTPRequest(scope, proxy_actor_name="SERVE_PROXY_ACTOR-n"))
+    metadata = RequestMetadata("r", "i", multiplexed_model_id=model)
+    return PendingRequest([blob], {}, metadata, future=loop.create_future())
+
+
+def test_an_http_prefix_key_goes_to_the_replica_that_served_it_among_resident_ones(
+    router: SlimserveRouter,
+):
+    """The model resident on both replicas: without a key (or with a key neither served) the
+    model's home order decides; with the key the other replica served, that replica wins."""
+    home, other = home_order("tiny:", ["a", "b"])
+    served = prefix_key_hash(b"conversation-42")
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        resident = {"resident": ["tiny:"], "seq": 1}
+        report(router, {home: resident, other: {**resident, "prefixes": [served]}})
+        chosen = []
+        for key in (None, b"conversation-7", b"conversation-42", b"conversation-42"):
+            (first, *_), *_ = await router.choose_replicas(
+                router._replicas_list, http_call("tiny", key, loop)
+            )
+            chosen.append(str(first.replica_id.unique_id))
+        return chosen
+
+    assert asyncio.run(main()) == [home, home, other, other]
+    assert router.decisions == {"resident": 4}
+
+
+def test_an_http_prefix_key_leads_a_cold_model_to_the_replica_that_served_it(
+    router: SlimserveRouter,
+):
+    home, other = home_order("tiny:", ["a", "b"])
+
+    async def main() -> str:
+        report(router, {home: {"seq": 1},
+                        other: {"seq": 1, "prefixes": [prefix_key_hash(b"k")]}})  # fmt: skip
+        call = http_call("tiny", b"k", asyncio.get_running_loop())
+        (first, *_), *_ = await router.choose_replicas(router._replicas_list, call)
+        return str(first.replica_id.unique_id)
+
+    assert asyncio.run(main()) == other
+    assert router.decisions == {"prefix": 1}

@@ -90,9 +90,9 @@ class SlimserveReplica:
         if self.server.settings.grpc_port:
             self.grpc = self.server.grpc_server()
             await self.grpc.start()
-        self.asgi = ReplicaApp(self.server.http_app, self.name)
+        self.prefixes = PrefixIndex()  # prompts served through `post`, keys through HTTP
+        self.asgi = ReplicaApp(self.server.http_app, self.name, prefixes=self.prefixes)
         self.metrics = RayMetricsMirror()
-        self.prefixes = PrefixIndex()
         self.reports = 0  # routing stats reported so far
         self.residency = ResidencyReports(every_s=ROUTING_REPORT_EVERY_S)
         self.server.engine.models.watch_residency(self.residency.changed)

@@ -16,9 +16,14 @@ header where a client sets it (`model` or `model:variant`; the way to route Open
 whose model is in the body), else the name in a v2 path (/v2/models/NAME/...). The scope is
 read with `pickletools.genops`, which walks the opcodes without building any object: the
 router never unpickles. Prefix affinity needs the prompt, which is in the body that Ray's
-proxy has not read when it routes: it applies to calls made through a Ray handle
-(`handle.post.remote(path, body)`, cluster.ray_replica), whose body the router sees; the
-replicas publish the prefix hashes of the prompts they served (README, scale-out).
+proxy has not read when it routes. Calls made through a Ray handle
+(`handle.post.remote(path, body)`, cluster.ray_replica) carry it, and the router hashes the
+prompt's prefixes; HTTP clients name their own affinity key instead, in the header
+`slimserve-prefix-key` (a conversation id, a hash of the system prompt), which the router
+reads out of the scope's headers the same way and hashes into a one-block prefix. Replicas
+publish the prefix hashes of the prompts and keys they served (README, scale-out), so a
+request goes, among the replicas where its model is resident, to the one that served its
+prefix or key.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import pickletools
 import random
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 # Ray 2.58's public router API (the module re-exports them without an __all__).
@@ -38,7 +44,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from slimserve.cluster.replica_app import request_prefixes
+from slimserve.cluster.replica_app import PREFIX_KEY_HEADER, key_prefixes, request_prefixes
 from slimserve.policies.routing import (
     ReplicaStats,
     RouteConfig,
@@ -97,8 +103,7 @@ class SlimserveRouter(RequestRouter):
         if not candidate_replicas:
             return []
         key = request_key(pending_request) if pending_request is not None else None
-        body = handle_post(pending_request) if pending_request is not None else None
-        prefixes = request_prefixes(*body) if body is not None else ()
+        prefixes = request_prefixes_of(pending_request) if pending_request is not None else ()
         now = time.monotonic()
         stats = [self._stats(r, now) for r in candidate_replicas]
         size = self._sizes.get(key, 0) if key is not None else 0
@@ -181,6 +186,16 @@ def handle_post(request: PendingRequest) -> tuple[str, dict[str, Any]] | None:
     return (path, body) if isinstance(path, str) and isinstance(body, dict) else None
 
 
+def request_prefixes_of(request: PendingRequest) -> tuple[str, ...]:
+    """The prefix hashes a request asks affinity for: its prompt's (a handle call), or its
+    PREFIX_KEY_HEADER's (an HTTP request through Ray's proxy); none for other requests."""
+    body = handle_post(request)
+    if body is not None:
+        return request_prefixes(*body)
+    key = scope_header(request.args[0], PREFIX_KEY_HEADER) if request.args else None
+    return key_prefixes(key) if key else ()
+
+
 def request_key(request: PendingRequest) -> str | None:
     """The "model:variant" a request is for, or None (see the module's doc)."""
     model = request.metadata.multiplexed_model_id
@@ -199,15 +214,34 @@ def request_key(request: PendingRequest) -> str | None:
 
 def scope_path(arg: Any) -> str | None:
     """The ASGI scope's "path" out of Ray's pickled HTTP request, reading opcodes only."""
-    if not isinstance(arg, bytes):
-        return None
     previous: str | None = None
+    for value in _pickled_values(arg):
+        if isinstance(value, str):
+            if previous == "path":
+                return value
+            previous = value
+    return None
+
+
+def scope_header(arg: Any, name: bytes) -> bytes | None:
+    """The value of the header `name` (lower case, as ASGI servers give it) out of Ray's
+    pickled HTTP request: the scope's headers are (name, value) pairs of bytes, pickled one
+    after the other. Opcodes only, like scope_path."""
+    previous: str | bytes | None = None
+    for value in _pickled_values(arg):
+        if previous == name and isinstance(value, bytes):
+            return value
+        previous = value
+    return None
+
+
+def _pickled_values(arg: Any) -> Iterator[str | bytes]:
+    """The str and bytes constants of a pickle, in order, without building any object."""
+    if not isinstance(arg, bytes):
+        return
     try:
         for _op, value, _pos in pickletools.genops(arg):
-            if isinstance(value, str):
-                if previous == "path":
-                    return value
-                previous = value
-    except (ValueError, IndexError):  # not a pickle stream we understand: route without a key
-        return None
-    return None
+            if isinstance(value, (str, bytes)):
+                yield value
+    except (ValueError, IndexError):  # not a pickle stream we understand: route without it
+        return

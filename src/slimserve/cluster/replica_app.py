@@ -1,6 +1,7 @@
 """What a replica adds around the server's ASGI app: its name on every response and the load
 it carries (requests in flight, the oldest one's age), which it publishes to the router and
-the autoscaler; the prompts it served (as prefix hashes), for prefix affinity; and one JSON
+the autoscaler; the prompts it served (as prefix hashes) and the affinity keys of the HTTP
+requests it answered (the `slimserve-prefix-key` header), for prefix affinity; and one JSON
 POST through the app, for calls that come through a Ray handle rather than Ray's HTTP proxy.
 No Ray here: the Ray deployment (cluster.ray_replica) wraps its app in this.
 """
@@ -17,17 +18,27 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from slimserve.policies.routing import prefix_hashes
+from slimserve.policies.routing import prefix_hashes, prefix_key_hash
 from slimserve.types import HealthReport, RepositoryEntry
 
 REPLICA_HEADER = b"slimserve-replica"
+# A client's affinity key for calls through Ray's HTTP proxy, which routes before it reads the
+# body (so before the prompt is known): requests with the same key go to the same replica.
+PREFIX_KEY_HEADER = b"slimserve-prefix-key"
 
 
 class ReplicaApp:
-    """ASGI middleware: `slimserve-replica: NAME` on every HTTP response; counts in flight."""
+    """ASGI middleware: `slimserve-replica: NAME` on every HTTP response; counts in flight;
+    the affinity key (PREFIX_KEY_HEADER) of each request answered 200 goes into `prefixes`."""
 
-    def __init__(self, app: ASGIApp, name: str, clock: Callable[[], float] = time.monotonic):
-        self.app, self.name, self.clock = app, name, clock
+    def __init__(
+        self,
+        app: ASGIApp,
+        name: str,
+        clock: Callable[[], float] = time.monotonic,
+        prefixes: PrefixIndex | None = None,
+    ) -> None:
+        self.app, self.name, self.clock, self.prefixes = app, name, clock, prefixes
         self._header = (REPLICA_HEADER, name.encode())
         self._started: dict[int, float] = {}  # in-flight request -> when it arrived
         self._ids = itertools.count()
@@ -38,10 +49,13 @@ class ReplicaApp:
             return
         request = next(self._ids)
         self._started[request] = self.clock()
+        key = dict(scope.get("headers", ())).get(PREFIX_KEY_HEADER)
 
         async def send_named(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", ()), self._header]}
+                if key and self.prefixes is not None and message["status"] == 200:
+                    self.prefixes.add(key_prefixes(key))
             await send(message)
 
         try:
@@ -127,6 +141,11 @@ def request_prefixes(path: str, body: Mapping[str, Any]) -> tuple[str, ...]:
     """The prefix hashes of a language-model call's prompt (none for other calls)."""
     text = prompt_text(path, body)
     return prefix_hashes(text) if text else ()
+
+
+def key_prefixes(key: bytes) -> tuple[str, ...]:
+    """The prefix hash of a PREFIX_KEY_HEADER value, the same on a replica and in the router."""
+    return (prefix_key_hash(key),) if key else ()
 
 
 class PrefixIndex:

@@ -14,7 +14,8 @@ A request goes, in order of preference:
    model's home order unless another's queue is `spread` shorter: a model's requests keep to
    one copy (the others age out of their budgets) until load asks for more;
 2. for an LLM prompt, to the replica holding the longest cached prefix of it (its KV cache
-   answers the prefill);
+   answers the prefill); a client's affinity key (prefix_key_hash) counts as a one-block
+   prefix, and the same ranking also narrows the choice among resident replicas in 1;
 3. for a cold model of known size, to a replica whose free budget holds it (nothing is
    evicted); otherwise, or with no room anywhere, to its home: the first in its home order
    whose queue is not far behind. So cold models do not scatter over replicas (which would
@@ -77,6 +78,13 @@ def prefix_hashes(prompt: str, block: int = PREFIX_BLOCK_CHARS, most: int = 16) 
         digest.update(prompt[end - block : end].encode())
         out.append(digest.copy().hexdigest())
     return tuple(out)
+
+
+def prefix_key_hash(key: bytes) -> str:
+    """The prefix hash of a client's own affinity key (the `slimserve-prefix-key` header: a
+    conversation id, a hash of the system prompt): a one-block "prefix" that replicas publish
+    and the router matches like the hash of a prompt's first block."""
+    return hashlib.blake2b(b"key\0" + key, digest_size=8).hexdigest()
 
 
 def home_order(key: str, names: Sequence[str]) -> list[str]:

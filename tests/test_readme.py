@@ -16,7 +16,9 @@ README = Path(__file__).parent.parent / "README.md"
 
 
 def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    """The README's runnable examples: its top-level ```python blocks. Blocks indented inside
+    a list item are fragments that need more around them (a Ray cluster, a prompt)."""
+    return re.findall(r"^```python\n(.*?)^```", README.read_text(), re.S | re.M)
 
 
 def _mnist_mlp(root: Path) -> None:

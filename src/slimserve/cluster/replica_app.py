@@ -49,7 +49,7 @@ class ReplicaApp:
             return
         request = next(self._ids)
         self._started[request] = self.clock()
-        key = dict(scope.get("headers", ())).get(PREFIX_KEY_HEADER)
+        key = _header(scope, PREFIX_KEY_HEADER) if self.prefixes is not None else None
 
         async def send_named(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -69,6 +69,11 @@ class ReplicaApp:
     def oldest_age_s(self) -> float:
         """How long the oldest request in flight has been in this replica (0: none)."""
         return self.clock() - min(self._started.values()) if self._started else 0.0
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header `name` (lower case, as ASGI servers give names)."""
+    return next((value for key, value in scope.get("headers", ()) if key == name), None)
 
 
 RESIDENT_STATES = ("READY", "LOADING")  # a unit loading now is resident for routing

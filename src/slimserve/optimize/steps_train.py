@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from torch import nn
 from tqdm.auto import tqdm
 
 from slimserve.errors import InvalidArgument
@@ -180,8 +181,9 @@ def _run_finetune(state: State, config: TrainConfig) -> None:
 
 @dataclass(frozen=True)
 class DistillStep:
-    """distill:hidden=256 (every hidden layer 256 wide) or hidden=300-100 (explicit sizes), or
-    width=0.25[,depth=1] (the teacher's hidden sizes scaled); the rest is DistillConfig."""
+    """distill:hidden=256 (every hidden layer 256 wide) or hidden=300-100 (explicit sizes, any
+    teacher ending in a Linear layer, convolutional ones too), or width=0.25[,depth=1] (an MLP
+    teacher's hidden sizes scaled); the rest is DistillConfig."""
 
     hidden: list[int] | None
     width: float
@@ -200,13 +202,22 @@ def _build_distill(args: dict[str, Any]) -> DistillStep:
     return DistillStep(hidden, width, depth, DistillConfig(**{"epochs": 5, **args}))
 
 
+def _student(teacher: Any, step: DistillStep, state: State) -> nn.Module:
+    """The student MLP. hidden= gives its sizes for any teacher whose last layer is Linear
+    (e.g. a convolutional LeNet-5 into 784-300-100-10: inputs flattened, the teacher's classes
+    out); width=/depth= scale an MLP teacher's hidden sizes (refused for other teachers)."""
+    if step.hidden is None:
+        return derive_student(teacher, step.width, step.depth)
+    sizes = mlp_sizes(teacher)
+    if not isinstance(teacher, MLP):
+        return MLP([state.tensors()[0][0].numel(), *step.hidden, sizes[-1]])
+    hidden = step.hidden * (len(sizes) - 2) if len(step.hidden) == 1 else step.hidden
+    return MLP([sizes[0], *hidden, sizes[-1]])
+
+
 def _run_distill(state: State, step: DistillStep) -> None:
     teacher = state.model
-    student = derive_student(teacher, step.width, step.depth)  # refuses non-MLP teachers
-    if step.hidden is not None:
-        sizes = mlp_sizes(teacher)
-        hidden = step.hidden * (len(sizes) - 2) if len(step.hidden) == 1 else step.hidden
-        student = MLP([sizes[0], *hidden, sizes[-1]])
+    student = _student(teacher, step, state)
     # The teacher is dropped after this step: under pipeline parallelism each process may free
     # the stages of it that it does not run.
     distill(teacher.eval(), student, state.labelled("distill"), step.config, release_teacher=True)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from slimserve.cli import main
 from slimserve.optimize.data import digits
 from slimserve.optimize.deep_compression import CONV_LR, FC_LR, DeepCompression, schedule_for
+from slimserve.optimize.recipe import parse_step
 from slimserve.zoo import LeNet5
 from tests.optimize.quant_fixtures import make_repository, tree_digest
 
@@ -98,6 +99,11 @@ def test_iterative_pruning_is_one_step(repo):
     assert len(sparsities) == 3 and sparsities == sorted(sparsities)
     assert notes["sparsity"] == pytest.approx(0.8, abs=0.02)
     assert all(r["accuracy"] > 0.5 for r in notes["rounds"])
+    # Defaults chosen on Fashion-MNIST's validation split (RESULTS.md, issue 16, session 5): one
+    # global threshold, and retraining at the rate deep-compression uses for the model's kind.
+    assert notes["retrain_lr"] == FC_LR
+    assert parse_step("prune:0.9,rounds=2,epochs=1").config.pruning.scope == "global"
+    assert parse_step("prune:0.9,scope=layer").config.pruning.scope == "layer"
 
 
 def test_iterative_structured_pruning_is_one_step(repo):

@@ -12,8 +12,11 @@ Baselines, repositories and `slimserve optimize` runs come from `deep_compressio
 - distill: the LeNet-5 baseline of the same seed teaches a fresh 784-300-100-10 student
   (`distill:hidden=300-100,...`, the student alone being the LeNet-300-100 baseline of that seed,
   trained on the same schedule); gap closed = (distilled - alone) / (teacher - alone).
-- ddp: the same recipe in one process and in two (`torchrun --nproc_per_node=2 -m slimserve
-  optimize ... --parallel dp=2`), alternated; accuracy of each and wall seconds of the command.
+- ddp: the same recipe (iterative pruning: its retraining is what DDP splits) in one process
+  and in two (`torchrun --nproc_per_node=2 -m slimserve optimize ... --parallel dp=2`),
+  alternated `--repeats` times; accuracy of each, the recipe's own seconds (`build_seconds`
+  in variant.yaml: the step, without start-up, evaluation and profiling) and the command's.
+  A timing: run it on a quiet machine.
 
     OMP_NUM_THREADS=1 nice -n 15 python benchmarks/repro_cli.py --kind prune --model lenet300 \
         --seeds 0,1,2 --work /tmp/dcz --json out.json
@@ -56,7 +59,7 @@ RECIPES = {
     "structured": "structured:0.5,rounds=3,epochs=2",
     # The student alone is the LeNet-300-100 baseline: 30 epochs, Adam 1e-3 x0.9 per epoch.
     "distill": "distill:hidden=300-100,epochs=30,lr=0.001,lr_gamma=0.9,temperature=2,alpha=0.5",
-    "ddp": "finetune:epochs=2,lr=0.0003",
+    "ddp": "prune:0.92,rounds=4,epochs=4",
 }
 VAL_ROWS = 50_000
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2")
@@ -147,7 +150,7 @@ def _sd(values: list[float]) -> float:
 
 
 def _pm(values: list[float], fmt: str = "+.2f") -> str:
-    return f"{statistics.mean(values):{fmt}} +- {_sd(values):.2f}"
+    return f"{statistics.mean(values):{fmt}} +- {_sd(values):{fmt.lstrip('+')}}"
 
 
 def _ms(pair: tuple[float, float]) -> str:
@@ -168,13 +171,16 @@ def table(rows: list[dict]) -> list[str]:
         cells.append(f"| **mean +- sd** | | | | **{_pm(gaps, '.0f')}%** |")
         return [head, "|---|---|---|---|---|", *cells]
     if kind == "ddp":
-        head = "| seed | repeat | processes | accuracy | wall seconds | load avg |"
+        head = (
+            "| seed | repeat | processes | accuracy | step seconds | command seconds | load avg |"
+        )
         cells = [
             f"| {r['seed']} | {r['repeat']} | {r['processes']} | {100 * r['acc']:.2f} "
-            f"| {r['seconds']:.1f} | {r['load']:.2f} |"
+            f"| {r['notes'].get('build_seconds', float('nan')):.1f} | {r['seconds']:.1f} "
+            f"| {r['load']:.2f} |"
             for r in rows
         ]
-        return [head, "|---|---|---|---|---|---|", *cells]
+        return [head, "|---|---|---|---|---|---|---|", *cells]
     head = (
         "| model | seed | baseline acc | result acc | drop (points) | fewer non-zeros "
         "| p50 batch 1 (ms) | MACs removed |"
@@ -224,10 +230,9 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             rows += one(args, name, seed, ctx)
             print("\n".join(table(rows)), flush=True)
-    facts = machine_facts()
-    print("\n".join(table(rows)) + "\n\n" + facts_markdown(facts))
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "facts": facts}, indent=2))
+            if args.json:  # after each seed: a run cut short keeps what it measured
+                args.json.write_text(json.dumps({"rows": rows, "facts": machine_facts()}, indent=2))
+    print("\n".join(table(rows)) + "\n\n" + facts_markdown(machine_facts()))
 
 
 if __name__ == "__main__":

@@ -161,7 +161,9 @@ def optimize(
     found = {p.parent: yaml.safe_load(p.read_text()) for p in variants.glob("*/variant.yaml")}
     ((where, doc),) = [(p, d) for p, d in found.items() if d["recipe"]["text"] == recipe]
     report = json.loads((repo / model / "reports" / "1" / "report.json").read_text())
-    shown = " ".join(launcher or ("slimserve",)) + " " + " ".join(command)
+    shown = " ".join(
+        [*launcher, "-m", "slimserve", *command] if launcher else ["slimserve", *command]
+    )
     return Run(doc, report["original"], seconds, shown, where)
 
 

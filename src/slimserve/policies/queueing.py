@@ -43,7 +43,9 @@ Pure; units: milliseconds and requests per second.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from slimserve.policies.slo import batch_latency_ms
 
@@ -193,8 +195,11 @@ def p99_ms(model: ServiceModel, rate_rps: float) -> float:
 
 def fit_serving_path(model: ServiceModel, points: list[OpenLoopPoint]) -> ServingPath | None:
     """c and e (see the module doc) by weighted least squares on what the open-loop points'
-    p99 leaves after `model` (without a serving path): for each c on a fine grid below the
-    cost that would saturate at the highest measured rate, e is the weighted mean residual;
+    p99 leaves after `model` (without a serving path), within what is physical: for each c on
+    a fine grid from 0 to the cost that would saturate at the highest measured rate, e is the
+    weighted mean residual, but never below 0 (an open-loop request costs no less than a
+    closed-loop one: a negative e only fits the noise of few points, and would predict under
+    the lone request's own p99 at low rates). One point pins one term: c = 0 and e from it.
     None without a usable point (one the model says it keeps up with)."""
     bare = replace(model, serving=None)
     used = [
@@ -210,12 +215,60 @@ def fit_serving_path(model: ServiceModel, points: list[OpenLoopPoint]) -> Servin
     for step in range(_FIT_STEPS if len(used) > 1 else 1):
         c = most * step / _FIT_STEPS
         left = [(r - ServingPath(0.0, c).wait_p99_ms(rate), w) for rate, r, w in used]
-        extra = sum(x * w for x, w in left) / total
+        extra = max(0.0, sum(x * w for x, w in left) / total)
         error = sum(w * (x - extra) ** 2 for x, w in left)
         if best is None or error < best[0] - 1e-12:
             best = (error, ServingPath(extra, c))
     assert best is not None
     return best[1]
+
+
+def same_batching(rows: Any, max_batch_size: int, delay_ms: float) -> list[dict[str, Any]]:
+    """Profile rows (sweep or open-loop points) measured without errors with this batching
+    (what the server will do); all usable rows when none were."""
+    usable = [
+        r
+        for r in (rows if isinstance(rows, list) else [])
+        if isinstance(r, dict)
+        and not r.get("errors")
+        and r.get("throughput_rps")
+        and r.get("p99_ms") is not None
+    ]
+    same = [
+        r
+        for r in usable
+        if r.get("max_batch_size") == max_batch_size and r.get("max_queue_delay_ms") == delay_ms
+    ]
+    return same or usable
+
+
+def from_profile(
+    extra: Mapping[str, Any], batch_ms: Curve, max_batch_size: int, delay_ms: float
+) -> ServiceModel | None:
+    """A unit's model from what `slimserve profile` wrote (`extra`: the profile's `sweep` and
+    `open_loop` rows) and its batch latency curve, with the serving path fitted on the
+    open-loop points (each weighted by its throughput: the requests behind its p99); None
+    without the curve or a sweep point with a concurrency and a p50."""
+    rows = same_batching(extra.get("sweep"), max_batch_size, delay_ms)
+    points = [
+        SweepPoint(
+            int(r["concurrency"]),
+            float(r["throughput_rps"]),
+            float(r["p50_ms"]),
+            float(r["p99_ms"]),
+        )
+        for r in rows
+        if r.get("concurrency") and r.get("p50_ms") is not None
+    ]
+    if not points or not batch_ms:
+        return None
+    model = calibrate(points, batch_ms, max_batch_size)
+    opened = [
+        OpenLoopPoint(float(r["rate_rps"]), float(r["p99_ms"]), float(r["throughput_rps"]))
+        for r in same_batching(extra.get("open_loop"), max_batch_size, delay_ms)
+        if isinstance(r.get("rate_rps"), int | float)
+    ]
+    return replace(model, serving=fit_serving_path(model, opened))
 
 
 def capacity_rps(model: ServiceModel, objective_ms: float) -> float:

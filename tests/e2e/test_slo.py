@@ -134,6 +134,7 @@ def test_profile_writes_the_sweep_where_the_server_reads_it(repo: Path):
     for o in opened:
         assert o["concurrency"] == 32 and o["max_batch_size"] == 8 and o["errors"] == 0
         assert o["throughput_rps"] > 0 and o["p99_ms"] >= o["p50_ms"] > 0
+        assert o["requests"] > 0  # the fit's weight: how many answers its p99 rests on
     # The manifest covers profile.yaml and was refreshed, not broken.
     assert verify_manifest(repo / "mlp" / "1")
     assert (repo / "mlp" / "reports" / "1" / "profile-original.png").stat().st_size > 1000

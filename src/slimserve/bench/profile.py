@@ -90,6 +90,7 @@ class OpenPoint(Point):
 
     rate_rps: float
     sender_late_p99_ms: float  # the load generator's own lateness (no server in it)
+    requests: int = 0  # answered in its window: how sure its p99 is
 
 
 @dataclass
@@ -250,6 +251,7 @@ async def _measure_config(
                 sum(r.errors.values()),
                 rate,
                 r.late_p99_ms,
+                r.requests,
             )
         )
     return points, opened, await _batch_stats(server, served, target.version)

@@ -247,8 +247,9 @@ def from_profile(
 ) -> ServiceModel | None:
     """A unit's model from what `slimserve profile` wrote (`extra`: the profile's `sweep` and
     `open_loop` rows) and its batch latency curve, with the serving path fitted on the
-    open-loop points (each weighted by its throughput: the requests behind its p99); None
-    without the curve or a sweep point with a concurrency and a p50."""
+    open-loop points (each weighted by the requests it answered, the number behind its p99;
+    by its throughput where the profile predates that count); None without the curve or a
+    sweep point with a concurrency and a p50."""
     rows = same_batching(extra.get("sweep"), max_batch_size, delay_ms)
     points = [
         SweepPoint(
@@ -264,7 +265,11 @@ def from_profile(
         return None
     model = calibrate(points, batch_ms, max_batch_size)
     opened = [
-        OpenLoopPoint(float(r["rate_rps"]), float(r["p99_ms"]), float(r["throughput_rps"]))
+        OpenLoopPoint(
+            float(r["rate_rps"]),
+            float(r["p99_ms"]),
+            float(r.get("requests") or r["throughput_rps"]),
+        )
         for r in same_batching(extra.get("open_loop"), max_batch_size, delay_ms)
         if isinstance(r.get("rate_rps"), int | float)
     ]

@@ -200,6 +200,15 @@ def run_plan(root: Path, work: Path, workload: dict[str, Any], args: Any) -> dic
     }
 
 
+def plan_or_error(root: Path, work: Path, workload: dict[str, Any], args: Any) -> dict[str, Any]:
+    """run_plan, or what went wrong (a profile measured in a busy minute can make a workload
+    unplannable on one machine): the other parts of the run still report."""
+    try:
+        return run_plan(root, work, workload, args)
+    except (SystemExit, subprocess.CalledProcessError) as exc:
+        return {"workload": workload, "error": str(exc), "load_average": os.getloadavg()}
+
+
 # -- 3. mixed traffic -------------------------------------------------------------------------
 
 
@@ -389,7 +398,7 @@ def main() -> None:
                 for v, p in prof.items()
             },
             "plan": {
-                name: run_plan(root, Path(tmp) / name, workload, args)
+                name: plan_or_error(root, Path(tmp) / name, workload, args)
                 for name, workload in workloads(prof, args).items()
             },
             "mixed": run_mixed(root, prof, args),

@@ -51,7 +51,10 @@ from slimserve.policies.slo import batch_latency_ms
 
 Curve = tuple[tuple[int, float], ...]
 _Z99 = 2.326  # standard normal 99th percentile: p99 - p50 = 2.326 sigma for a normal spread
-_FIT_STEPS = 2000  # grid of the serving path's per-request cost (cheap: a few points each)
+# The serving path's per-request cost is searched on a grid of this many steps, then again
+# on as many steps within one step of the best (resolution: the range / steps^2; a few ms in
+# all, paid once per profile by the server).
+_FIT_STEPS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,18 +212,22 @@ def fit_serving_path(model: ServiceModel, points: list[OpenLoopPoint]) -> Servin
     ]
     if not used:
         return None
-    total = sum(w for _, _, w in used)
     most = 1000.0 / max(rate for rate, _, _ in used) * 0.999
-    best: tuple[float, ServingPath] | None = None
-    for step in range(_FIT_STEPS if len(used) > 1 else 1):
-        c = most * step / _FIT_STEPS
-        left = [(r - ServingPath(0.0, c).wait_p99_ms(rate), w) for rate, r, w in used]
-        extra = max(0.0, sum(x * w for x, w in left) / total)
-        error = sum(w * (x - extra) ** 2 for x, w in left)
-        if best is None or error < best[0] - 1e-12:
-            best = (error, ServingPath(extra, c))
-    assert best is not None
-    return best[1]
+    if len(used) == 1:
+        return _fit_at(used, 0.0)[1]
+    step = most / _FIT_STEPS
+    best = min((_fit_at(used, step * i) for i in range(_FIT_STEPS)), key=lambda f: f[0])
+    low = max(0.0, best[1].per_request_ms - step)
+    fine = (_fit_at(used, min(most, low + 2 * step * i / _FIT_STEPS)) for i in range(_FIT_STEPS))
+    return min([best, *fine], key=lambda f: f[0])[1]
+
+
+def _fit_at(used: list[tuple[float, float, float]], c: float) -> tuple[float, ServingPath]:
+    """The squared error and the path with per-request cost `c`, e its best value >= 0, on
+    (rate, residual p99, weight) points."""
+    left = [(r - ServingPath(0.0, c).wait_p99_ms(rate), w) for rate, r, w in used]
+    extra = max(0.0, sum(x * w for x, w in left) / sum(w for _, w in left))
+    return sum(w * (x - extra) ** 2 for x, w in left), ServingPath(extra, c)
 
 
 def same_batching(rows: Any, max_batch_size: int, delay_ms: float) -> list[dict[str, Any]]:

@@ -72,7 +72,7 @@ def slowdown(batcher: Batcher, curve: Curve) -> float:
     return min(_SLOWDOWN_MAX, max(_SLOWDOWN_MIN, estimate.batch_s * 1000.0 / profiled))
 
 
-def service_model(unit: Unit, curve: Curve) -> ServiceModel | None:
+def service_model(unit: Unit) -> ServiceModel | None:
     """The unit's queueing model from its profile (policies/queueing.py), made once per
     profile (the serving path's fit takes milliseconds); None without a sweep or curve."""
     profile = unit.target.profile
@@ -82,7 +82,7 @@ def service_model(unit: Unit, curve: Curve) -> ServiceModel | None:
     if profile is not None and profile.model_extra:
         batching = unit.target.config.batching
         size, delay = batching.max_batch_size, batching.max_queue_delay_ms
-        model = from_profile(profile.model_extra, curve, size, delay)
+        model = from_profile(profile.model_extra, profile.latency_curve(), size, delay)
     unit.service = (profile, model)
     return model
 
@@ -147,7 +147,7 @@ def option(unit: Unit, loss: float, healthy: bool, neighbours: list[Unit]) -> Op
         fill_rows=fill,
         slowdown=factor,
         overhead_ms=overhead_ms(unit.target.profile, curve),
-        tail_ms=tail_ms(service_model(unit, curve), rate),
+        tail_ms=tail_ms(service_model(unit), rate),
         load_ms=load_ms,
     )
 

@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from slimserve.policies.queueing import ServiceModel, ServingPath
-from slimserve.repository.schema import VariantProfile
+from slimserve.policies.queueing import ServiceModel, ServingPath, from_profile, p99_ms
+from slimserve.repository.schema import ModelConfig, VariantProfile
+from slimserve.repository.store import Target
 from slimserve.serving.batcher import Batcher
-from slimserve.serving.slo import left_ms, overhead_ms, slowdown, tail_ms
+from slimserve.serving.models import Unit
+from slimserve.serving.slo import left_ms, overhead_ms, service_model, slowdown, tail_ms
 from slimserve.testing import FakeClock
 
 CURVE = ((1, 2.0), (8, 8.0))  # profile: ms per batch of 1 and 8 rows
@@ -91,3 +94,40 @@ def test_the_tail_is_the_lone_spread_and_the_serving_paths_p99_at_the_rate():
     assert tail_ms(model, 5000.0) == pytest.approx(1.5 + path.p99_ms(0.99 * 2000.0))
     assert tail_ms(ServiceModel(CURVE, 8, 3.0, 4.5, 0.0), 1000.0) == 0.0  # no open-loop points
     assert tail_ms(None, 1000.0) == 0.0
+
+
+def test_the_server_makes_the_units_model_from_its_profile_once_per_profile(tmp_path):
+    # The rows `slimserve profile` writes: a lone client (3 ms, p99 4.5 ms), one busier
+    # point, and open-loop points 2 ms over the bare model's p99: the fitted extra is ~2 ms.
+    batching = {"max_batch_size": 8, "max_queue_delay_ms": 1.0, "errors": 0}
+    sweep = [
+        {"concurrency": 1, "throughput_rps": 300.0, "p50_ms": 3.0, "p99_ms": 4.5, **batching},
+        {"concurrency": 4, "throughput_rps": 800.0, "p50_ms": 5.0, "p99_ms": 6.0, **batching},
+    ]
+    curve = {"1": 2.0, "8": 8.0}
+    bare = from_profile({"sweep": sweep}, CURVE, 8, 1.0)
+    assert bare is not None and bare.serving is None  # no open-loop points: no path
+    opened = [
+        {"rate_rps": r, "throughput_rps": r, "p99_ms": p99_ms(bare, r) + 2.0, **batching}
+        for r in (20.0, 40.0)
+    ]
+    profile = VariantProfile(sweep=sweep, open_loop=opened, latency_ms_by_batch=curve)
+    config = ModelConfig.model_validate(
+        {
+            "backend": "torch",
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
+            "batching": {"max_batch_size": 8, "max_queue_delay_ms": 1},
+        }
+    )
+    unit = Unit(Target("m", 1, None, tmp_path, config, version_profile=profile))
+    model = service_model(unit)
+    assert model is not None and model.serving is not None
+    assert model.serving.extra_ms == pytest.approx(2.0, abs=0.05)
+    assert tail_ms(model, 0.0) == pytest.approx(1.5 + model.serving.extra_ms)
+    assert service_model(unit) is model  # kept: the fit is not redone per request
+    new = VariantProfile(sweep=sweep, latency_ms_by_batch=curve)  # re-read, say
+    unit.target = dataclasses.replace(unit.target, version_profile=new)
+    remade = service_model(unit)  # a new profile, here without open-loop points: no tail
+    assert remade is not None and remade is not model and remade.serving is None
+    assert tail_ms(remade, 0.0) == 0.0

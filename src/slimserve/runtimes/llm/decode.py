@@ -62,7 +62,7 @@ def forward_step(
         fast = supported(model)
     if not fast or batch.tokens.shape[1] != 1:
         return forward(model, pool, batch)
-    if batch.tokens.shape[0] <= qgemv.MAX_ROWS:  # the few-row kernel takes the cores
+    if qgemv.serves(batch.tokens.shape[0]):  # the few-row kernel takes the cores
         with qgemv.owning_cores():
             return _decode(model, pool, batch)
     return _decode(model, pool, batch)

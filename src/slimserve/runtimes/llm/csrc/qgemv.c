@@ -2,20 +2,30 @@
  * the cores by a small spinning thread pool (no OpenMP barrier per call).
  *
  * Built and loaded by slimserve/runtimes/llm/qgemv.py (compiled on first use, ctypes), which
- * also packs the weights. The approach is llama.cpp's Q4_1 x Q8_0 / Q8_0 x Q8_0 dot product:
+ * also packs the weights. The arithmetic is llama.cpp's Q4_1 x Q8_0 / Q8_0 x Q8_0 product:
  *
  * - weights: unsigned levels per group of 32 input channels, w = level * scale + offset, scale
  *   and offset fp16 per group; 4-bit levels (two a byte) or 8-bit levels (a Q8_0 weight q in
  *   -127..127 is level q + 128 with offset -128 * scale);
  * - activations: each row quantized per group of 32 to int8, x = q * d (d = max|x| / 127);
  * - y[m, n] = sum over groups g of scale[n, g] * d[m, g] * dot(level, q) + offset[n, g] * d[m, g]
- *   * sum(q): `vpdpbusd` multiplies 64 unsigned levels by 64 signed activations a cycle.
+ *   * sum(q).
  *
- * Inside each chunk of 64 channels (two groups) the values are stored permuted so that the
- * 16 int32 lanes of one `vpdpbusd` alternate between the two groups (lane l sums channels of
- * group l % 2): the two groups' scales then broadcast as a pair (`vbroadcastf32x2`) and no
- * horizontal sum is needed until the end of the row. The 4-bit chunk is 32 bytes: low
- * nibbles are permuted positions 0..31, high nibbles 32..63.
+ * Layout (as oneDNN's blocked formats and llama.cpp's repacked Q4_0x8): 16 output channels are
+ * interleaved, one a 32-bit lane, each lane holding 4 consecutive input channels, so that one
+ * `vpdpbusd` multiplies 16 outputs x 4 inputs with ONE activation broadcast (4 int8 of a row),
+ * and the 16 sums land in the lanes of the outputs: no horizontal sum, and the weights are
+ * unpacked once for every activation row. For each block of 16 outputs and each group of 32
+ * inputs one record, consecutive in memory (a single stream for the prefetcher):
+ *
+ * - 4-bit: 256 bytes, 4 vectors of 64: vector v, lane l, byte i holds in its low nibble the
+ *   level of input 4 v + i of output l, in its high nibble that of input 16 + 4 v + i;
+ *   8-bit: 512 bytes, 8 vectors: vector v, lane l, byte i: input 4 v + i of output l;
+ * - then the 16 outputs' scales (fp16) and offsets (fp16), 32 bytes each.
+ *
+ * Per activation row and record (512 weights): 8 `vpdpbusd`, one conversion, one multiply, two
+ * FMAs. A short last block (N not a multiple of 16) is padded with zero records and its
+ * outputs stored under a mask.
  */
 #include <immintrin.h>
 #include <pthread.h>
@@ -25,18 +35,15 @@
 #include <time.h>
 #include <unistd.h>
 
-#define CHUNK 64
+#define BLOCK 16 /* output channels interleaved */
 #define GROUP 32
+#define ROW_TILE 8 /* activation rows whose accumulators stay in registers */
 #define MAX_THREADS 64
 #define SPIN_NS 200000 /* a worker spins this long for the next job before it sleeps */
 
-/* Position p of a permuted chunk holds channel perm(p) of the chunk. */
-static inline int perm(int p) {
-    int lane = p >> 2;
-    return (lane & 1) * GROUP + (lane >> 1) * 4 + (p & 3);
-}
+static inline int record_bytes(int bits) { return (bits == 4 ? 256 : 512) + 64; }
 
-int qgemv_perm(int p) { return perm(p); }
+int qgemv_record_bytes(int bits) { return record_bytes(bits); }
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -45,131 +52,140 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
-/* Rows of x (M, K) fp32 or bf16 -> qx (M, K) int8 permuted per chunk, d (M, K/32) fp32 the
- * groups' steps, dsum (M, K/32) fp32 = d * sum(q) of each group. */
+/* Rows of x (M, K) fp32 or bf16 -> qx (M, K) int8, d (M, K/32) fp32 the groups' steps,
+ * dsum (M, K/32) fp32 = d * sum(q) of each group. */
 void qgemv_quantize(const void *x, int is_bf16, int M, int K, int8_t *qx, float *d, float *dsum) {
     int groups = K / GROUP;
     for (int m = 0; m < M; m++) {
-        for (int c = 0; c < K / CHUNK; c++) {
-            float v[CHUNK];
-            int8_t q[CHUNK];
-            size_t base = (size_t)m * K + (size_t)c * CHUNK;
-            for (int i = 0; i < CHUNK; i++)
+        for (int g = 0; g < groups; g++) {
+            float v[GROUP];
+            size_t base = (size_t)m * K + (size_t)g * GROUP;
+            for (int i = 0; i < GROUP; i++)
                 v[i] = is_bf16 ? bf16_to_float(((const uint16_t *)x)[base + i])
                                : ((const float *)x)[base + i];
-            for (int g = 0; g < 2; g++) {
-                float amax = 0.0f;
-                for (int i = 0; i < GROUP; i++) {
-                    float a = v[g * GROUP + i] < 0 ? -v[g * GROUP + i] : v[g * GROUP + i];
-                    amax = a > amax ? a : amax;
-                }
-                float step = amax / 127.0f;
-                float inv = step > 0 ? 1.0f / step : 0.0f;
-                int sum = 0;
-                for (int i = 0; i < GROUP; i++) {
-                    int r = (int)__builtin_roundf(v[g * GROUP + i] * inv);
-                    q[g * GROUP + i] = (int8_t)r;
-                    sum += r;
-                }
-                d[(size_t)m * groups + 2 * c + g] = step;
-                dsum[(size_t)m * groups + 2 * c + g] = step * (float)sum;
+            float amax = 0.0f;
+            for (int i = 0; i < GROUP; i++) {
+                float a = v[i] < 0 ? -v[i] : v[i];
+                amax = a > amax ? a : amax;
             }
-            for (int p = 0; p < CHUNK; p++) qx[base + p] = q[perm(p)];
+            float step = amax / 127.0f;
+            float inv = step > 0 ? 1.0f / step : 0.0f;
+            int sum = 0;
+            for (int i = 0; i < GROUP; i++) {
+                int r = (int)__builtin_roundf(v[i] * inv);
+                qx[base + i] = (int8_t)r;
+                sum += r;
+            }
+            d[(size_t)m * groups + g] = step;
+            dsum[(size_t)m * groups + g] = step * (float)sum;
         }
     }
 }
 
 typedef struct {
-    const uint8_t *levels;   /* (N, K / 2) 4-bit or (N, K) 8-bit, permuted chunks */
-    const float *scales;     /* (N, K / 32) fp32 (read every chunk: no conversion) */
-    const uint16_t *offsets; /* (N, K / 32) fp16 */
-    const int8_t *qx;        /* (M, K) */
-    const float *d;          /* (M, K / 32) */
-    const float *dsum;       /* (M, K / 32) */
-    float *y;                /* (M, N) */
+    const uint8_t *packed; /* (ceil(N / 16), K / 32) records, see the top */
+    const int8_t *qx;      /* (M, K) */
+    const float *d;        /* (M, K / 32) */
+    const float *dsum;     /* (M, K / 32) */
+    float *y;              /* (M, N) */
     int M, N, K, bits;
 } Job;
 
-static inline float offset_dot(const uint16_t *off, const float *dsum, int groups) {
-    __m512 acc = _mm512_setzero_ps();
-    int g = 0;
-    for (; g + 16 <= groups; g += 16) {
-        __m512 o = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(off + g)));
-        acc = _mm512_fmadd_ps(o, _mm512_loadu_ps(dsum + g), acc);
-    }
-    if (g < groups) {
-        __mmask16 mask = (__mmask16)((1u << (groups - g)) - 1);
-        __m512 o = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, off + g));
-        acc = _mm512_fmadd_ps(o, _mm512_maskz_loadu_ps(mask, dsum + g), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
+static inline int32_t four(const int8_t *q) {
+    int32_t v;
+    memcpy(&v, q, sizeof v);
+    return v;
 }
 
-static inline __m512 pair(const void *two_floats) {
-    return _mm512_broadcast_f32x2(_mm_castpd_ps(_mm_load_sd((const double *)two_floats)));
-}
-
-static inline __m512i load_levels(const uint8_t *row, int c, int bits) {
-    if (bits == 8) return _mm512_loadu_si512((const void *)(row + (size_t)c * CHUNK));
-    /* 32 bytes in both halves; the upper half shifted by 4: low nibbles, then high ones. */
-    __m512i both = _mm512_broadcast_i64x4(
-        _mm256_loadu_si256((const __m256i *)(row + (size_t)c * (CHUNK / 2))));
-    __m512i shifted = _mm512_srlv_epi64(both, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0));
-    return _mm512_and_si512(shifted, _mm512_set1_epi8(0x0F));
-}
-
-/* Output n for R (1..4) activation rows starting at m0: the weight row is unpacked once. */
-static inline __attribute__((always_inline)) void rows_dot(const Job *j, int n, int m0, int R) {
-    const int K = j->K, groups = K / GROUP, chunks = K / CHUNK;
-    const size_t row_bytes = (size_t)(j->bits == 4 ? K / 2 : K);
-    const uint8_t *row = j->levels + (size_t)n * row_bytes;
-    const float *scale = j->scales + (size_t)n * groups;
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                     _mm512_setzero_ps()};
-    const __m512i zero = _mm512_setzero_si512();
-    for (int c = 0; c < chunks; c++) {
-        __m512i w = load_levels(row, c, j->bits);
-        __m512 s = pair(scale + 2 * c);
+/* Outputs 16 b .. 16 b + 15 for R (1..ROW_TILE) activation rows from m0, BITS 4 or 8: each
+ * record's levels unpacked once into eight vectors, then eight `vpdpbusd` per row. */
+static inline __attribute__((always_inline)) void block_rows(const Job *j, int b, int m0, int R,
+                                                             int BITS) {
+    const int K = j->K, groups = K / GROUP, rec = record_bytes(BITS);
+    const uint8_t *p = j->packed + (size_t)b * groups * rec;
+    __m512 acc[ROW_TILE];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int g = 0; g < groups; g++, p += rec) {
+        __m512i w[8];
+        if (BITS == 4) {
+            for (int v = 0; v < 4; v++) {
+                __m512i both = _mm512_loadu_si512((const void *)(p + 64 * v));
+                w[v] = _mm512_and_si512(both, low);
+                w[v + 4] = _mm512_and_si512(_mm512_srli_epi16(both, 4), low);
+            }
+        } else {
+            for (int v = 0; v < 8; v++) w[v] = _mm512_loadu_si512((const void *)(p + 64 * v));
+        }
+        const uint8_t *tail = p + (BITS == 4 ? 256 : 512);
+        __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)tail));
+        __m512 offset = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tail + 32)));
         for (int r = 0; r < R; r++) {
-            int m = m0 + r;
-            const int8_t *q = j->qx + (size_t)m * K + (size_t)c * CHUNK;
-            __m512i dot = _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512((const void *)q));
-            __m512 step = _mm512_mul_ps(s, pair(j->d + (size_t)m * groups + 2 * c));
+            const size_t m = (size_t)(m0 + r);
+            const int8_t *q = j->qx + m * K + (size_t)g * GROUP;
+            __m512i dot;
+            if (R <= 2) { /* two chains: few rows leave the core little else to overlap */
+                __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0],
+                                                _mm512_set1_epi32(four(q)));
+                __m512i c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[4],
+                                                _mm512_set1_epi32(four(q + 16)));
+                for (int v = 1; v < 4; v++) {
+                    a = _mm512_dpbusd_epi32(a, w[v], _mm512_set1_epi32(four(q + 4 * v)));
+                    c = _mm512_dpbusd_epi32(c, w[v + 4], _mm512_set1_epi32(four(q + 16 + 4 * v)));
+                }
+                dot = _mm512_add_epi32(a, c);
+            } else {
+                dot = _mm512_setzero_si512();
+                for (int v = 0; v < 8; v++)
+                    dot = _mm512_dpbusd_epi32(dot, w[v], _mm512_set1_epi32(four(q + 4 * v)));
+            }
+            const size_t at = m * groups + g;
+            __m512 step = _mm512_mul_ps(scale, _mm512_set1_ps(j->d[at]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), step, acc[r]);
+            acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(j->dsum[at]), acc[r]);
         }
     }
-    const uint16_t *off = j->offsets + (size_t)n * groups;
-    for (int r = 0; r < R; r++) {
-        int m = m0 + r;
-        float tail = offset_dot(off, j->dsum + (size_t)m * groups, groups);
-        j->y[(size_t)m * j->N + n] = _mm512_reduce_add_ps(acc[r]) + tail;
+    const int left = j->N - b * BLOCK;
+    const __mmask16 mask = left >= BLOCK ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    for (int r = 0; r < R; r++)
+        _mm512_mask_storeu_ps(j->y + (size_t)(m0 + r) * j->N + (size_t)b * BLOCK, mask, acc[r]);
+}
+
+#define ROWS_CASE(R, BITS)                                                                    \
+    case R: block_rows(j, b, m0, R, BITS); break;
+
+#define TILE(BITS)                                                                            \
+    static void tile_##BITS(const Job *j, int b, int m0, int R) {                             \
+        switch (R) {                                                                          \
+            ROWS_CASE(1, BITS) ROWS_CASE(2, BITS) ROWS_CASE(3, BITS) ROWS_CASE(4, BITS)       \
+            ROWS_CASE(5, BITS) ROWS_CASE(6, BITS) ROWS_CASE(7, BITS) ROWS_CASE(8, BITS)       \
+            default: break;                                                                   \
+        }                                                                                     \
+    }
+TILE(4)
+TILE(8)
+
+/* Blocks b0..b1-1 of outputs for every activation row, ROW_TILE rows at a time (a block's
+ * records, 5-9 KiB at SmolLM2's widths, are read again from L1/L2 for a second tile). */
+static void run_blocks(const Job *j, int b0, int b1) {
+    for (int b = b0; b < b1; b++) {
+        for (int m0 = 0; m0 < j->M; m0 += ROW_TILE) {
+            int R = j->M - m0 < ROW_TILE ? j->M - m0 : ROW_TILE;
+            if (j->bits == 4)
+                tile_4(j, b, m0, R);
+            else
+                tile_8(j, b, m0, R);
+        }
     }
 }
 
-/* Outputs n0..n1-1 for every activation row. One weight row at a time, all activation rows
- * against it: interleaving four weight rows (activations loaded once for four) was slower
- * when the weights stream from DRAM (SmolLM2's head: 4.9 against 2.0 ms); the hardware
- * prefetcher prefers one stream. */
-static void run_rows(const Job *j, int n0, int n1) {
-    for (int n = n0; n < n1; n++) {
-        int m0 = 0;
-        for (; m0 + 4 <= j->M; m0 += 4) rows_dot(j, n, m0, 4);
-        switch (j->M - m0) {
-            case 3: rows_dot(j, n, m0, 3); break;
-            case 2: rows_dot(j, n, m0, 2); break;
-            case 1: rows_dot(j, n, m0, 1); break;
-            default: break;
-        }
-    }
-}
-
-/* The pool shares a job's outputs in units of UNIT rows, each claimed by whichever thread
+/* The pool shares a job's outputs in units of UNIT blocks of 16, each claimed by whichever thread
  * comes first: the caller never waits for a worker that has not started (a busy machine
  * may not schedule it for milliseconds), only for units a worker already holds. Workers
  * spin for SPIN_NS between jobs (a decode step's next matmul comes within microseconds),
  * then sleep on a condition variable. `cursor` is the job's generation (high 32 bits) and
  * its next unclaimed unit: a late worker cannot claim a unit of a newer job. */
-#define UNIT 32
+#define UNIT 2
 
 static Job job;
 static _Atomic uint64_t cursor;
@@ -195,10 +211,10 @@ static int claim(uint32_t gen, int units) {
 }
 
 static void work(const Job *j, uint32_t gen) {
-    int units = (j->N + UNIT - 1) / UNIT;
+    int blocks = (j->N + BLOCK - 1) / BLOCK, units = (blocks + UNIT - 1) / UNIT;
     for (int u; (u = claim(gen, units)) >= 0;) {
-        int n1 = (u + 1) * UNIT < j->N ? (u + 1) * UNIT : j->N;
-        run_rows(j, u * UNIT, n1);
+        int b1 = (u + 1) * UNIT < blocks ? (u + 1) * UNIT : blocks;
+        run_blocks(j, u * UNIT, b1);
         atomic_fetch_add_explicit(&finished, 1, memory_order_release);
     }
 }
@@ -244,16 +260,16 @@ static void grow(int threads) {
     }
 }
 
-/* y (M, N) fp32 = x (M, K) @ W.T for W held as `bits`-bit levels (see the top). `threads`:
- * how many threads may share the outputs (the caller's is one of them). */
-void qgemv(const uint8_t *levels, const float *scales, const uint16_t *offsets, int bits,
-           const int8_t *qx, const float *d, const float *dsum, int M, int N, int K,
-           float *y, int threads) {
-    Job j = {levels, scales, offsets, qx, d, dsum, y, M, N, K, bits};
+/* y (M, N) fp32 = x (M, K) @ W.T for W packed as `bits`-bit records (see the top).
+ * `threads`: how many threads may share the outputs (the caller's is one of them). */
+void qgemv(const uint8_t *packed, int bits, const int8_t *qx, const float *d, const float *dsum,
+           int M, int N, int K, float *y, int threads) {
+    Job j = {packed, qx, d, dsum, y, M, N, K, bits};
+    int blocks = (N + BLOCK - 1) / BLOCK, units = (blocks + UNIT - 1) / UNIT;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > 1 && N >= 4 * UNIT) grow(threads);
-    if (threads < 2 || N < 4 * UNIT || created < 2) {
-        run_rows(&j, 0, N);
+    if (threads > 1 && units >= 4) grow(threads);
+    if (threads < 2 || units < 4 || created < 2) {
+        run_blocks(&j, 0, blocks);
         return;
     }
     job = j;
@@ -265,7 +281,6 @@ void qgemv(const uint8_t *levels, const float *scales, const uint16_t *offsets, 
     if (sleepers) pthread_cond_broadcast(&wake);
     pthread_mutex_unlock(&lock);
     work(&j, gen);
-    int units = (N + UNIT - 1) / UNIT;
     while (atomic_load_explicit(&finished, memory_order_acquire) < units) _mm_pause();
 }
 
@@ -327,9 +342,7 @@ void qgemv_attend_one(const float *q, const void *k, const void *v, void *cache,
 
 /* One packed weight, described once (qgemv.py keeps it next to the tensors). */
 typedef struct {
-    const uint8_t *levels;
-    const float *scales;
-    const uint16_t *offsets;
+    const uint8_t *packed;
     int bits, N, K;
 } Weight;
 
@@ -341,5 +354,5 @@ void qgemv_linear(const Weight *w, const void *x, int is_bf16, int M, float *y, 
     float *d = (float *)(qx + (size_t)M * w->K);
     float *dsum = d + (size_t)M * (w->K / GROUP);
     qgemv_quantize(x, is_bf16, M, w->K, qx, d, dsum);
-    qgemv(w->levels, w->scales, w->offsets, w->bits, qx, d, dsum, M, w->N, w->K, y, threads);
+    qgemv(w->packed, w->bits, qx, d, dsum, M, w->N, w->K, y, threads);
 }

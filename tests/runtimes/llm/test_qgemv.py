@@ -244,3 +244,29 @@ def test_paths_are_chosen_by_timing_the_models_own_layer(
         assert "few-row matmul paths" in caplog.text and "chosen" in caplog.text
     finally:
         qgemv.set_routes({})
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_attention_reads_each_rows_block_table_and_matches_torch(dtype: torch.dtype) -> None:
+    """Three rows of different lengths over scattered blocks (bs 4): each row's new K/V land
+    at its slot, and each output is torch's attention over that row's positions."""
+    heads, kv_heads, hd, bs = 6, 2, 32, 4
+    cache = torch.randn(2, kv_heads, 12, bs, hd).to(dtype)
+    tables = torch.tensor([[3, 7, 1], [5, 0, 0], [11, 2, 9]])  # padding: block 0
+    positions = torch.tensor([[9], [2], [10]])
+    slots = torch.stack([tables[b, p // bs] * bs + p % bs for b, p in enumerate(positions[:, 0])])
+    q = torch.randn(3, heads, hd)
+    k, v = torch.randn(3, kv_heads, hd).to(dtype), torch.randn(3, kv_heads, hd).to(dtype)
+    out = qgemv.attend_rows(q, k, v, cache, slots, tables, positions, 0.3)
+    flat = cache.view(2, kv_heads, 12 * bs, hd).float()
+    for b in range(3):
+        assert torch.equal(flat[0, :, int(slots[b])], k[b].float())
+        assert torch.equal(flat[1, :, int(slots[b])], v[b].float())
+        keys = int(positions[b, 0]) + 1
+        at = torch.tensor([int(tables[b, p // bs]) * bs + p % bs for p in range(keys)])
+        grouped = q[b].view(kv_heads, heads // kv_heads, hd)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            grouped, flat[0][:, at], flat[1][:, at], scale=0.3
+        )
+        torch.testing.assert_close(out[b], expected.reshape(heads, hd), rtol=1e-4, atol=1e-5)

@@ -110,6 +110,8 @@ def _library() -> ctypes.CDLL | None:
     _L = ctypes.c_long
     lib.qgemv_attend_one.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _L, _L, _I, _F, _P, _P]
     lib.qgemv_attend_one.restype = None
+    lib.qgemv_attend_rows.argtypes = [_P, _P, _P, _P, *[_I] * 5, _L, _I, _P, _P, _I, _P, _F, _P, _P]
+    lib.qgemv_attend_rows.restype = None
     lib.qgemv_linear.argtypes = [_P, _P, _I, _I, _P, _P, _I]
     lib.qgemv_linear.restype = None
     lib.qgemv_record_bytes.argtypes = [_I]
@@ -358,6 +360,55 @@ def attend_one(
         slots,
         first_slot,
         keys,
+        scale,
+        scores.data_ptr(),
+        out.data_ptr(),
+    )
+    return out
+
+
+def attend_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    tables: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode rows' attention over their block tables, in one call (no gather of K/V).
+
+    q (B, H, hd) fp32 with rotary applied; k, v (B, Hkv, hd), written at each row's slot
+    (`slots` (B,) int64, flat within a head) first; cache (2, Hkv, blocks, block_size, hd)
+    fp32 or bf16, contiguous; row b reads positions 0..positions[b] through its block table
+    (`tables` (B, M) int64). Returns (B, H, hd) fp32. The caller checks `attends`."""
+    lib = _library()
+    assert lib is not None
+    rows, heads, hd = q.shape
+    _, kv_heads, blocks, block_size, _ = cache.shape
+    q = q.float().contiguous()
+    k, v = k.to(cache.dtype).contiguous(), v.to(cache.dtype).contiguous()
+    slots, tables = slots.contiguous(), tables.contiguous()
+    positions = positions.reshape(rows).contiguous()
+    scores = torch.empty(tables.shape[1] * block_size)
+    out = torch.empty(rows, heads, hd)
+    lib.qgemv_attend_rows(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        cache.data_ptr(),
+        int(cache.dtype == torch.bfloat16),
+        rows,
+        heads,
+        kv_heads,
+        hd,
+        blocks,
+        block_size,
+        slots.data_ptr(),
+        tables.data_ptr(),
+        tables.shape[1],
+        positions.data_ptr(),
         scale,
         scores.data_ptr(),
         out.data_ptr(),

@@ -340,6 +340,65 @@ void qgemv_attend_one(const float *q, const void *k, const void *v, void *cache,
     }
 }
 
+/* Decode rows' attention over their block tables, one call per layer (no gather of K/V).
+ *
+ * `cache`: the layer's pool (2, Hkv, blocks, bs, hd), fp32 or bf16. Row b's new K/V (`k`,
+ * `v`: (B, Hkv, hd), the pool's dtype) are written at slot `slots[b]` of each head first;
+ * its keys are positions 0 .. positions[b], position p at slot tables[b, p / bs] * bs +
+ * p % bs. `q` (B, H, hd) fp32 with rotary applied, query head h reading K/V head
+ * h / (H / Hkv); `out` (B, H, hd) fp32; scores * `scale`, softmax in fp32. `scores`: room
+ * for the longest row's keys. hd a multiple of 16. */
+void qgemv_attend_rows(const float *q, const void *k, const void *v, void *cache, int is_bf16,
+                       int rows, int heads, int kv_heads, int hd, long blocks, int bs,
+                       const int64_t *slots, const int64_t *tables, int width,
+                       const int64_t *positions, float scale, float *scores, float *out) {
+    const size_t item = is_bf16 ? 2 : 4, per_head = (size_t)blocks * bs;
+    const size_t plane = (size_t)kv_heads * per_head * hd;
+    const int group = heads / kv_heads;
+    for (int b = 0; b < rows; b++) {
+        for (int g = 0; g < kv_heads; g++) {
+            size_t at = ((size_t)g * per_head + (size_t)slots[b]) * hd * item;
+            size_t from = ((size_t)b * kv_heads + g) * hd * item;
+            memcpy((char *)cache + at, (const char *)k + from, hd * item);
+            memcpy((char *)cache + plane * item + at, (const char *)v + from, hd * item);
+        }
+    }
+    for (int b = 0; b < rows; b++) {
+        const int keys = (int)positions[b] + 1;
+        const int64_t *table = tables + (size_t)b * width;
+        for (int h = 0; h < heads; h++) {
+            const size_t head_base = (size_t)(h / group) * per_head * hd;
+            const float *qh = q + ((size_t)b * heads + h) * hd;
+            float top = -3.4e38f;
+            for (int p = 0; p < keys; p++) {
+                size_t at = head_base + ((size_t)table[p / bs] * bs + p % bs) * hd;
+                __m512 acc = _mm512_setzero_ps();
+                for (int i = 0; i < hd; i += 16)
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load16(cache, at + i, is_bf16),
+                                          acc);
+                scores[p] = _mm512_reduce_add_ps(acc) * scale;
+                top = scores[p] > top ? scores[p] : top;
+            }
+            float total = 0.0f;
+            for (int p = 0; p < keys; p++) {
+                scores[p] = __builtin_expf(scores[p] - top);
+                total += scores[p];
+            }
+            const float inv = 1.0f / total;
+            float *oh = out + ((size_t)b * heads + h) * hd;
+            for (int i = 0; i < hd; i += 16) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int p = 0; p < keys; p++) {
+                    size_t at = plane + head_base + ((size_t)table[p / bs] * bs + p % bs) * hd;
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[p] * inv),
+                                          load16(cache, at + i, is_bf16), acc);
+                }
+                _mm512_storeu_ps(oh + i, acc);
+            }
+        }
+    }
+}
+
 /* One packed weight, described once (qgemv.py keeps it next to the tensors). */
 typedef struct {
     const uint8_t *packed;

@@ -291,33 +291,37 @@ static inline __m512 load16(const void *base, size_t index, int is_bf16) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* One decode row's attention over keys stored in consecutive slots of one layer's pool.
- *
- * `cache`: the layer's pool (2, Hkv, slots, hd), fp32 or bf16; the row's keys are slots
- * first .. first + keys - 1 of each head, the last one the new token's, whose K and V
- * (`k`, `v`: (Hkv, hd), the pool's dtype) are written here first. `q` (H, hd) fp32, query
- * head h reading K/V head h / (H / Hkv); `out` (H, hd) fp32; scores scaled by 1/sqrt(hd),
- * softmax in fp32. `scores`: room for `keys` floats. hd a multiple of 16. */
-void qgemv_attend_one(const float *q, const void *k, const void *v, void *cache, int is_bf16,
-                      int heads, int kv_heads, int hd, long slots, long first, int keys,
-                      float scale, float *scores, float *out) {
-    size_t item = is_bf16 ? 2 : 4, plane = (size_t)kv_heads * slots * hd;
+/* The new token's K and V (Hkv, hd each, the pool's dtype) at `slot` of every head. */
+static void write_kv(void *cache, const void *k, const void *v, size_t item, size_t plane,
+                     size_t per_head, size_t slot, int kv_heads, int hd) {
     for (int g = 0; g < kv_heads; g++) {
-        size_t at = ((size_t)g * slots + first + keys - 1) * hd * item;
+        size_t at = ((size_t)g * per_head + slot) * hd * item;
         memcpy((char *)cache + at, (const char *)k + (size_t)g * hd * item, hd * item);
-        memcpy((char *)cache + plane * item + at, (const char *)v + (size_t)g * hd * item,
+        memcpy((char *)cache + (plane + at / item) * item, (const char *)v + (size_t)g * hd * item,
                hd * item);
     }
+}
+
+/* Where key p of a row is, within a head: through its block table, or from `first` on. */
+static inline size_t key_slot(const int64_t *table, int bs, size_t first, int p) {
+    return table ? (size_t)table[p / bs] * bs + (size_t)(p % bs) : first + (size_t)p;
+}
+
+/* One row's grouped-query attention: `heads` query heads of q (fp32) over `keys` keys of
+ * the pool (K at head_base(g) + slot * hd, V `plane` further), out fp32. */
+static void attend(const float *q, const void *cache, int is_bf16, int heads, int kv_heads,
+                   int hd, size_t plane, size_t per_head, const int64_t *table, int bs,
+                   size_t first, int keys, float scale, float *scores, float *out) {
     const int group = heads / kv_heads;
     for (int h = 0; h < heads; h++) {
-        size_t head_base = ((size_t)(h / group) * slots + first) * hd;
+        const size_t head_base = (size_t)(h / group) * per_head * hd;
         const float *qh = q + (size_t)h * hd;
         float top = -3.4e38f;
         for (int p = 0; p < keys; p++) {
+            size_t at = head_base + key_slot(table, bs, first, p) * hd;
             __m512 acc = _mm512_setzero_ps();
             for (int i = 0; i < hd; i += 16)
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i),
-                                      load16(cache, head_base + (size_t)p * hd + i, is_bf16), acc);
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load16(cache, at + i, is_bf16), acc);
             scores[p] = _mm512_reduce_add_ps(acc) * scale;
             top = scores[p] > top ? scores[p] : top;
         }
@@ -330,14 +334,30 @@ void qgemv_attend_one(const float *q, const void *k, const void *v, void *cache,
         float *oh = out + (size_t)h * hd;
         for (int i = 0; i < hd; i += 16) {
             __m512 acc = _mm512_setzero_ps();
-            for (int p = 0; p < keys; p++)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[p]),
-                                      load16(cache, plane + head_base + (size_t)p * hd + i,
-                                             is_bf16),
+            for (int p = 0; p < keys; p++) {
+                size_t at = plane + head_base + key_slot(table, bs, first, p) * hd;
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[p]), load16(cache, at + i, is_bf16),
                                       acc);
+            }
             _mm512_storeu_ps(oh + i, acc);
         }
     }
+}
+
+/* One decode row's attention over keys stored in consecutive slots of one layer's pool.
+ *
+ * `cache`: the layer's pool (2, Hkv, slots, hd), fp32 or bf16; the row's keys are slots
+ * first .. first + keys - 1 of each head, the last one the new token's, whose K and V
+ * (`k`, `v`: (Hkv, hd), the pool's dtype) are written here first. `q` (H, hd) fp32, query
+ * head h reading K/V head h / (H / Hkv); `out` (H, hd) fp32; scores scaled by 1/sqrt(hd),
+ * softmax in fp32. `scores`: room for `keys` floats. hd a multiple of 16. */
+void qgemv_attend_one(const float *q, const void *k, const void *v, void *cache, int is_bf16,
+                      int heads, int kv_heads, int hd, long slots, long first, int keys,
+                      float scale, float *scores, float *out) {
+    size_t item = is_bf16 ? 2 : 4, plane = (size_t)kv_heads * slots * hd;
+    write_kv(cache, k, v, item, plane, (size_t)slots, (size_t)(first + keys - 1), kv_heads, hd);
+    attend(q, cache, is_bf16, heads, kv_heads, hd, plane, (size_t)slots, NULL, 1, (size_t)first,
+           keys, scale, scores, out);
 }
 
 /* Decode rows' attention over their block tables, one call per layer (no gather of K/V).
@@ -345,58 +365,20 @@ void qgemv_attend_one(const float *q, const void *k, const void *v, void *cache,
  * `cache`: the layer's pool (2, Hkv, blocks, bs, hd), fp32 or bf16. Row b's new K/V (`k`,
  * `v`: (B, Hkv, hd), the pool's dtype) are written at slot `slots[b]` of each head first;
  * its keys are positions 0 .. positions[b], position p at slot tables[b, p / bs] * bs +
- * p % bs. `q` (B, H, hd) fp32 with rotary applied, query head h reading K/V head
- * h / (H / Hkv); `out` (B, H, hd) fp32; scores * `scale`, softmax in fp32. `scores`: room
- * for the longest row's keys. hd a multiple of 16. */
+ * p % bs. `q` (B, H, hd) fp32 with rotary applied; `out` (B, H, hd) fp32; as above. */
 void qgemv_attend_rows(const float *q, const void *k, const void *v, void *cache, int is_bf16,
                        int rows, int heads, int kv_heads, int hd, long blocks, int bs,
                        const int64_t *slots, const int64_t *tables, int width,
                        const int64_t *positions, float scale, float *scores, float *out) {
     const size_t item = is_bf16 ? 2 : 4, per_head = (size_t)blocks * bs;
-    const size_t plane = (size_t)kv_heads * per_head * hd;
-    const int group = heads / kv_heads;
-    for (int b = 0; b < rows; b++) {
-        for (int g = 0; g < kv_heads; g++) {
-            size_t at = ((size_t)g * per_head + (size_t)slots[b]) * hd * item;
-            size_t from = ((size_t)b * kv_heads + g) * hd * item;
-            memcpy((char *)cache + at, (const char *)k + from, hd * item);
-            memcpy((char *)cache + plane * item + at, (const char *)v + from, hd * item);
-        }
-    }
-    for (int b = 0; b < rows; b++) {
-        const int keys = (int)positions[b] + 1;
-        const int64_t *table = tables + (size_t)b * width;
-        for (int h = 0; h < heads; h++) {
-            const size_t head_base = (size_t)(h / group) * per_head * hd;
-            const float *qh = q + ((size_t)b * heads + h) * hd;
-            float top = -3.4e38f;
-            for (int p = 0; p < keys; p++) {
-                size_t at = head_base + ((size_t)table[p / bs] * bs + p % bs) * hd;
-                __m512 acc = _mm512_setzero_ps();
-                for (int i = 0; i < hd; i += 16)
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load16(cache, at + i, is_bf16),
-                                          acc);
-                scores[p] = _mm512_reduce_add_ps(acc) * scale;
-                top = scores[p] > top ? scores[p] : top;
-            }
-            float total = 0.0f;
-            for (int p = 0; p < keys; p++) {
-                scores[p] = __builtin_expf(scores[p] - top);
-                total += scores[p];
-            }
-            const float inv = 1.0f / total;
-            float *oh = out + ((size_t)b * heads + h) * hd;
-            for (int i = 0; i < hd; i += 16) {
-                __m512 acc = _mm512_setzero_ps();
-                for (int p = 0; p < keys; p++) {
-                    size_t at = plane + head_base + ((size_t)table[p / bs] * bs + p % bs) * hd;
-                    acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[p] * inv),
-                                          load16(cache, at + i, is_bf16), acc);
-                }
-                _mm512_storeu_ps(oh + i, acc);
-            }
-        }
-    }
+    const size_t plane = (size_t)kv_heads * per_head * hd, kv = (size_t)kv_heads * hd * item;
+    for (int b = 0; b < rows; b++)
+        write_kv(cache, (const char *)k + b * kv, (const char *)v + b * kv, item, plane, per_head,
+                 (size_t)slots[b], kv_heads, hd);
+    for (int b = 0; b < rows; b++)
+        attend(q + (size_t)b * heads * hd, cache, is_bf16, heads, kv_heads, hd, plane, per_head,
+               tables + (size_t)b * width, bs, 0, (int)positions[b] + 1, scale, scores,
+               out + (size_t)b * heads * hd);
 }
 
 /* One packed weight, described once (qgemv.py keeps it next to the tensors). */

@@ -248,10 +248,15 @@ def test_paths_are_chosen_by_timing_the_models_own_layer(
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rows_attention_reads_each_rows_block_table_and_matches_torch(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("heads,kv_heads,hd", [(6, 2, 32), (9, 3, 64), (10, 2, 64), (4, 1, 160)])
+def test_rows_attention_reads_each_rows_block_table_and_matches_torch(
+    dtype: torch.dtype, heads: int, kv_heads: int, hd: int
+) -> None:
     """Three rows of different lengths over scattered blocks (bs 4): each row's new K/V land
-    at its slot, and each output is torch's attention over that row's positions."""
-    heads, kv_heads, hd, bs = 6, 2, 32, 4
+    at its slot, and each output is torch's attention over that row's positions. Shapes:
+    the query heads of a K/V head in registers (SmolLM2's 3 x 64), in two passes (5), and
+    one head at a time (hd 160)."""
+    bs = 4
     cache = torch.randn(2, kv_heads, 12, bs, hd).to(dtype)
     tables = torch.tensor([[3, 7, 1], [5, 0, 0], [11, 2, 9]])  # padding: block 0
     positions = torch.tensor([[9], [2], [10]])

@@ -346,7 +346,7 @@ def attend_one(
     heads, hd = q.shape
     kv_heads, slots = cache.shape[1], cache.shape[2] * cache.shape[3]
     q, k, v = q.contiguous(), k.to(cache.dtype).contiguous(), v.to(cache.dtype).contiguous()
-    scores = torch.empty(keys)
+    scores = torch.empty(4 * keys)  # up to 4 query heads of one K/V head at a time
     out = torch.empty(heads, hd)
     lib.qgemv_attend_one(
         q.data_ptr(),
@@ -391,7 +391,7 @@ def attend_rows(
     k, v = k.to(cache.dtype).contiguous(), v.to(cache.dtype).contiguous()
     slots, tables = slots.contiguous(), tables.contiguous()
     positions = positions.reshape(rows).contiguous()
-    scores = torch.empty(tables.shape[1] * block_size)
+    scores = torch.empty(4 * tables.shape[1] * block_size)
     out = torch.empty(rows, heads, hd)
     lib.qgemv_attend_rows(
         q.data_ptr(),

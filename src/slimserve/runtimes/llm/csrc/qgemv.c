@@ -307,39 +307,111 @@ static inline size_t key_slot(const int64_t *table, int bs, size_t first, int p)
     return table ? (size_t)table[p / bs] * bs + (size_t)(p % bs) : first + (size_t)p;
 }
 
+/* The query heads of one K/V head (G of them, hd = 16 VECS) over `keys` keys: each K and V
+ * row is read and widened once for the G heads (SmolLM2: 3). `scores`: G * keys floats. */
+static inline __attribute__((always_inline)) void attend_group(
+    const float *q, const void *cache, int is_bf16, size_t k_base, size_t v_base,
+    const int64_t *table, int bs, size_t first, int keys, float scale, float *scores,
+    float *out, int G, int VECS, int hd) {
+    __m512 qv[4][8];
+    for (int j = 0; j < G; j++)
+        for (int i = 0; i < VECS; i++) qv[j][i] = _mm512_loadu_ps(q + (size_t)j * hd + 16 * i);
+    float top[4] = {-3.4e38f, -3.4e38f, -3.4e38f, -3.4e38f};
+    for (int p = 0; p < keys; p++) {
+        size_t at = k_base + key_slot(table, bs, first, p) * hd;
+        __m512 kv[8];
+        for (int i = 0; i < VECS; i++) kv[i] = load16(cache, at + 16 * i, is_bf16);
+        for (int j = 0; j < G; j++) {
+            __m512 acc = _mm512_mul_ps(qv[j][0], kv[0]);
+            for (int i = 1; i < VECS; i++) acc = _mm512_fmadd_ps(qv[j][i], kv[i], acc);
+            float score = _mm512_reduce_add_ps(acc) * scale;
+            scores[(size_t)j * keys + p] = score;
+            top[j] = score > top[j] ? score : top[j];
+        }
+    }
+    for (int j = 0; j < G; j++) {
+        float *row = scores + (size_t)j * keys, total = 0.0f;
+        for (int p = 0; p < keys; p++) {
+            row[p] = __builtin_expf(row[p] - top[j]);
+            total += row[p];
+        }
+        for (int p = 0; p < keys; p++) row[p] /= total;
+    }
+    __m512 acc[4][8];
+    for (int j = 0; j < G; j++)
+        for (int i = 0; i < VECS; i++) acc[j][i] = _mm512_setzero_ps();
+    for (int p = 0; p < keys; p++) {
+        size_t at = v_base + key_slot(table, bs, first, p) * hd;
+        __m512 vv[8];
+        for (int i = 0; i < VECS; i++) vv[i] = load16(cache, at + 16 * i, is_bf16);
+        for (int j = 0; j < G; j++) {
+            __m512 w = _mm512_set1_ps(scores[(size_t)j * keys + p]);
+            for (int i = 0; i < VECS; i++) acc[j][i] = _mm512_fmadd_ps(w, vv[i], acc[j][i]);
+        }
+    }
+    for (int j = 0; j < G; j++)
+        for (int i = 0; i < VECS; i++) _mm512_storeu_ps(out + (size_t)j * hd + 16 * i, acc[j][i]);
+}
+
+/* One head at a time, for shapes attend_group's registers do not take (hd > 128). */
+static void attend_head(const float *qh, const void *cache, int is_bf16, size_t k_base,
+                        size_t v_base, const int64_t *table, int bs, size_t first, int keys,
+                        float scale, float *scores, float *oh, int hd) {
+    float top = -3.4e38f;
+    for (int p = 0; p < keys; p++) {
+        size_t at = k_base + key_slot(table, bs, first, p) * hd;
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < hd; i += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load16(cache, at + i, is_bf16), acc);
+        scores[p] = _mm512_reduce_add_ps(acc) * scale;
+        top = scores[p] > top ? scores[p] : top;
+    }
+    float total = 0.0f;
+    for (int p = 0; p < keys; p++) {
+        scores[p] = __builtin_expf(scores[p] - top);
+        total += scores[p];
+    }
+    for (int p = 0; p < keys; p++) scores[p] /= total;
+    for (int i = 0; i < hd; i += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int p = 0; p < keys; p++) {
+            size_t at = v_base + key_slot(table, bs, first, p) * hd;
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[p]), load16(cache, at + i, is_bf16), acc);
+        }
+        _mm512_storeu_ps(oh + i, acc);
+    }
+}
+
 /* One row's grouped-query attention: `heads` query heads of q (fp32) over `keys` keys of
- * the pool (K at head_base(g) + slot * hd, V `plane` further), out fp32. */
+ * the pool (K at head_base(g) + slot * hd, V `plane` further), out fp32. `scores`: room
+ * for 4 * keys floats. */
 static void attend(const float *q, const void *cache, int is_bf16, int heads, int kv_heads,
                    int hd, size_t plane, size_t per_head, const int64_t *table, int bs,
                    size_t first, int keys, float scale, float *scores, float *out) {
-    const int group = heads / kv_heads;
-    for (int h = 0; h < heads; h++) {
-        const size_t head_base = (size_t)(h / group) * per_head * hd;
-        const float *qh = q + (size_t)h * hd;
-        float top = -3.4e38f;
-        for (int p = 0; p < keys; p++) {
-            size_t at = head_base + key_slot(table, bs, first, p) * hd;
-            __m512 acc = _mm512_setzero_ps();
-            for (int i = 0; i < hd; i += 16)
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load16(cache, at + i, is_bf16), acc);
-            scores[p] = _mm512_reduce_add_ps(acc) * scale;
-            top = scores[p] > top ? scores[p] : top;
-        }
-        float total = 0.0f;
-        for (int p = 0; p < keys; p++) {
-            scores[p] = __builtin_expf(scores[p] - top);
-            total += scores[p];
-        }
-        for (int p = 0; p < keys; p++) scores[p] /= total;
-        float *oh = out + (size_t)h * hd;
-        for (int i = 0; i < hd; i += 16) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int p = 0; p < keys; p++) {
-                size_t at = plane + head_base + key_slot(table, bs, first, p) * hd;
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[p]), load16(cache, at + i, is_bf16),
-                                      acc);
+    const int group = heads / kv_heads, vecs = hd / 16;
+    for (int g = 0; g < kv_heads; g++) {
+        const size_t k_base = (size_t)g * per_head * hd, v_base = plane + k_base;
+        for (int j0 = 0; j0 < group; j0 += 4) {
+            const int G = group - j0 < 4 ? group - j0 : 4, h = g * group + j0;
+            const float *qh = q + (size_t)h * hd;
+            float *oh = out + (size_t)h * hd;
+#define GROUP_CASE(GG, VV)                                                                    \
+    if (G == GG && vecs == VV) {                                                              \
+        attend_group(qh, cache, is_bf16, k_base, v_base, table, bs, first, keys, scale,       \
+                     scores, oh, GG, VV, hd);                                                 \
+        continue;                                                                             \
+    }
+            GROUP_CASE(1, 4) GROUP_CASE(2, 4) GROUP_CASE(3, 4) GROUP_CASE(4, 4)
+            GROUP_CASE(1, 8) GROUP_CASE(2, 8) GROUP_CASE(3, 8) GROUP_CASE(4, 8)
+#undef GROUP_CASE
+            if (vecs <= 8) {
+                attend_group(qh, cache, is_bf16, k_base, v_base, table, bs, first, keys, scale,
+                             scores, oh, G, vecs, hd);
+                continue;
             }
-            _mm512_storeu_ps(oh + i, acc);
+            for (int j = 0; j < G; j++)
+                attend_head(qh + (size_t)j * hd, cache, is_bf16, k_base, v_base, table, bs,
+                            first, keys, scale, scores, oh + (size_t)j * hd, hd);
         }
     }
 }
@@ -350,7 +422,7 @@ static void attend(const float *q, const void *cache, int is_bf16, int heads, in
  * first .. first + keys - 1 of each head, the last one the new token's, whose K and V
  * (`k`, `v`: (Hkv, hd), the pool's dtype) are written here first. `q` (H, hd) fp32, query
  * head h reading K/V head h / (H / Hkv); `out` (H, hd) fp32; scores scaled by 1/sqrt(hd),
- * softmax in fp32. `scores`: room for `keys` floats. hd a multiple of 16. */
+ * softmax in fp32. `scores`: room for 4 * `keys` floats. hd a multiple of 16. */
 void qgemv_attend_one(const float *q, const void *k, const void *v, void *cache, int is_bf16,
                       int heads, int kv_heads, int hd, long slots, long first, int keys,
                       float scale, float *scores, float *out) {

@@ -212,14 +212,16 @@ def dual_linear(weight: torch.Tensor, role: str = "") -> Linear:
 TUNED_ROWS = (1, 4, 8, qgemv.MAX_ROWS)
 
 
-def choose_paths(model: LlamaModel, repeats: int = 7) -> dict[int, str]:
+def choose_paths(model: LlamaModel, repeats: int = 15) -> dict[int, str]:
     """Time the few-row paths on the model's first layer (its own weights and shapes, with
     this thread's torch threads, as a decode step runs them) and route each step size to the
     fastest: the C kernel, torch's int4 planes or the bf16 copy (llama.cpp tunes its threads
-    the same way). torch's paths must beat the kernel's median by 10% to be chosen: on a busy
-    machine a descheduled thread makes torch's OpenMP split wait (50 ms a call seen), which
-    the kernel's pool does not. ~40 ms on SmolLM2-135M. Sets qgemv's routes and returns them;
-    {} (the kernel everywhere) when no layer has both the kernel and torch's planes."""
+    the same way). Each path is judged by its mean time, tail included, and torch's must beat
+    the kernel's by 10%: on a busy machine a descheduled thread makes torch's OpenMP split
+    wait (50 ms a call seen; its median over a few calls can still look fast, and was chosen
+    so in a test at load 5), which the kernel's pool does not. ~60 ms on SmolLM2-135M (a
+    quiet machine). Sets qgemv's routes and returns them; {} (the kernel everywhere) when no
+    layer has both the kernel and torch's planes."""
     layer = model.layers[0]
     matmuls = (layer.qkv, layer.o, layer.gate_up, layer.down)
     duals = [m for m in matmuls if isinstance(m, DualLinear) and _both(m)]
@@ -232,7 +234,7 @@ def choose_paths(model: LlamaModel, repeats: int = 7) -> dict[int, str]:
         paths = {"kernel": _kernel_step(duals, xs), "bf16": _run(duals, xs, "large")}
         if all(d.middle is not None and rows <= d.middle.max_rows for d in duals):
             paths["planes"] = _run(duals, xs, "middle")
-        times = _median_times(paths, repeats)
+        times = _mean_times(paths, repeats)
         best = min(times, key=lambda name: times[name] * (0.9 if name == "kernel" else 1))
         table.update(dict.fromkeys(range(done + 1, rows + 1), best))
         done = rows
@@ -274,8 +276,8 @@ def _kernel_step(duals: list[DualLinear], xs: list[torch.Tensor]) -> Callable[[]
     return step
 
 
-def _median_times(paths: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds of each step, alternating (a burst of load falls on all of them); a
+def _mean_times(paths: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Mean seconds of each step, alternating (a burst of load falls on all of them); a
     path 3x slower than the best after 3 rounds stops being timed (on a busy machine torch's
     OpenMP split can take 50 ms a call: the choice is clear, and start-up stays short)."""
     for step in paths.values():
@@ -290,4 +292,4 @@ def _median_times(paths: dict[str, Callable[[], None]], repeats: int) -> dict[st
         if round_ >= 2:
             best = min(statistics.median(times[name]) for name in alive)
             alive = [name for name in alive if statistics.median(times[name]) <= 3 * best]
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: statistics.fmean(values) for name, values in times.items()}

@@ -264,6 +264,14 @@ def test_rows_attention_reads_each_rows_block_table_and_matches_torch(
     q = torch.randn(3, heads, hd)
     k, v = torch.randn(3, kv_heads, hd).to(dtype), torch.randn(3, kv_heads, hd).to(dtype)
     out = qgemv.attend_rows(q, k, v, cache, slots, tables, positions, 0.3)
+    saved = torch.get_num_threads()
+    try:  # the (row, K/V head) units shared by two threads, or all on one: the same bits
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            again = qgemv.attend_rows(q, k, v, cache, slots, tables, positions, 0.3)
+            assert torch.equal(again, out)
+    finally:
+        torch.set_num_threads(saved)
     flat = cache.view(2, kv_heads, 12 * bs, hd).float()
     for b in range(3):
         assert torch.equal(flat[0, :, int(slots[b])], k[b].float())

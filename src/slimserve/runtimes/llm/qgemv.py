@@ -108,9 +108,9 @@ def _library() -> ctypes.CDLL | None:
     lib.qgemv.restype = None
     _F = ctypes.c_float
     _L = ctypes.c_long
-    lib.qgemv_attend_one.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _L, _L, _I, _F, _P, _P]
+    lib.qgemv_attend_one.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _L, _L, _I, _F, _P, _I]
     lib.qgemv_attend_one.restype = None
-    lib.qgemv_attend_rows.argtypes = [_P, _P, _P, _P, *[_I] * 5, _L, _I, _P, _P, _I, _P, _F, _P, _P]
+    lib.qgemv_attend_rows.argtypes = [_P, _P, _P, _P, *[_I] * 5, _L, _I, _P, _P, _I, _P, _F, _P, _I]
     lib.qgemv_attend_rows.restype = None
     lib.qgemv_linear.argtypes = [_P, _P, _I, _I, _P, _P, _I]
     lib.qgemv_linear.restype = None
@@ -267,6 +267,12 @@ class _Weight(ctypes.Structure):
     ]
 
 
+def _threads() -> int:
+    """The kernel's threads: all of torch's inside `owning_cores`, else torch's count."""
+    threads: int = getattr(_local, "threads", None) or torch.get_num_threads()
+    return threads
+
+
 def _scratch(size: int) -> torch.Tensor:
     """This thread's buffer for quantized activations, grown as needed (never shared between
     threads: two engines may decode at once)."""
@@ -320,7 +326,7 @@ class QLinear:
             rows,
             out.data_ptr(),
             scratch.data_ptr(),
-            getattr(_local, "threads", None) or torch.get_num_threads(),
+            _threads(),
         )
         return out.view(*x.shape[:-1], n)
 
@@ -346,7 +352,6 @@ def attend_one(
     heads, hd = q.shape
     kv_heads, slots = cache.shape[1], cache.shape[2] * cache.shape[3]
     q, k, v = q.contiguous(), k.to(cache.dtype).contiguous(), v.to(cache.dtype).contiguous()
-    scores = torch.empty(4 * keys)  # up to 4 query heads of one K/V head at a time
     out = torch.empty(heads, hd)
     lib.qgemv_attend_one(
         q.data_ptr(),
@@ -361,8 +366,8 @@ def attend_one(
         first_slot,
         keys,
         scale,
-        scores.data_ptr(),
         out.data_ptr(),
+        _threads(),
     )
     return out
 
@@ -391,7 +396,6 @@ def attend_rows(
     k, v = k.to(cache.dtype).contiguous(), v.to(cache.dtype).contiguous()
     slots, tables = slots.contiguous(), tables.contiguous()
     positions = positions.reshape(rows).contiguous()
-    scores = torch.empty(4 * tables.shape[1] * block_size)
     out = torch.empty(rows, heads, hd)
     lib.qgemv_attend_rows(
         q.data_ptr(),
@@ -410,8 +414,8 @@ def attend_rows(
         tables.shape[1],
         positions.data_ptr(),
         scale,
-        scores.data_ptr(),
         out.data_ptr(),
+        _threads(),
     )
     return out
 

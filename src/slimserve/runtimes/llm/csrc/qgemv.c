@@ -31,6 +31,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -82,6 +83,8 @@ void qgemv_quantize(const void *x, int is_bf16, int M, int K, int8_t *qx, float 
     }
 }
 
+typedef struct Attn Attn; /* an attention job (below) */
+
 typedef struct {
     const uint8_t *packed; /* (ceil(N / 16), K / 32) records, see the top */
     const int8_t *qx;      /* (M, K) */
@@ -89,7 +92,11 @@ typedef struct {
     const float *dsum;     /* (M, K / 32) */
     float *y;              /* (M, N) */
     int M, N, K, bits;
+    const Attn *attn; /* instead of a matmul: attention, one unit a (row, K/V head) */
+    int units;        /* what the pool shares */
 } Job;
+
+static void attend_unit(const Attn *a, int unit);
 
 static inline int32_t four(const int8_t *q) {
     int32_t v;
@@ -211,10 +218,14 @@ static int claim(uint32_t gen, int units) {
 }
 
 static void work(const Job *j, uint32_t gen) {
-    int blocks = (j->N + BLOCK - 1) / BLOCK, units = (blocks + UNIT - 1) / UNIT;
-    for (int u; (u = claim(gen, units)) >= 0;) {
-        int b1 = (u + 1) * UNIT < blocks ? (u + 1) * UNIT : blocks;
-        run_blocks(j, u * UNIT, b1);
+    int blocks = (j->N + BLOCK - 1) / BLOCK;
+    for (int u; (u = claim(gen, j->units)) >= 0;) {
+        if (j->attn) {
+            attend_unit(j->attn, u);
+        } else {
+            int b1 = (u + 1) * UNIT < blocks ? (u + 1) * UNIT : blocks;
+            run_blocks(j, u * UNIT, b1);
+        }
         atomic_fetch_add_explicit(&finished, 1, memory_order_release);
     }
 }
@@ -260,19 +271,23 @@ static void grow(int threads) {
     }
 }
 
-/* y (M, N) fp32 = x (M, K) @ W.T for W packed as `bits`-bit records (see the top).
- * `threads`: how many threads may share the outputs (the caller's is one of them). */
-void qgemv(const uint8_t *packed, int bits, const int8_t *qx, const float *d, const float *dsum,
-           int M, int N, int K, float *y, int threads) {
-    Job j = {packed, qx, d, dsum, y, M, N, K, bits};
-    int blocks = (N + BLOCK - 1) / BLOCK, units = (blocks + UNIT - 1) / UNIT;
+/* Run j's units on `threads` threads (the caller's one of them), or all on the caller's when
+ * there are fewer than `least` units or no worker. */
+static void dispatch(const Job *j, int threads, int least) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > 1 && units >= 4) grow(threads);
-    if (threads < 2 || units < 4 || created < 2) {
-        run_blocks(&j, 0, blocks);
+    if (threads > 1 && j->units >= least) grow(threads);
+    if (threads < 2 || j->units < least || created < 2) {
+        for (int u = 0; u < j->units; u++) {
+            if (j->attn) {
+                attend_unit(j->attn, u);
+            } else {
+                int blocks = (j->N + BLOCK - 1) / BLOCK;
+                run_blocks(j, u * UNIT, (u + 1) * UNIT < blocks ? (u + 1) * UNIT : blocks);
+            }
+        }
         return;
     }
-    job = j;
+    job = *j;
     atomic_store_explicit(&finished, 0, memory_order_relaxed);
     uint32_t gen = atomic_load(&generation) + 1;
     atomic_store_explicit(&cursor, (uint64_t)gen << 32, memory_order_release);
@@ -280,8 +295,17 @@ void qgemv(const uint8_t *packed, int bits, const int8_t *qx, const float *d, co
     pthread_mutex_lock(&lock);
     if (sleepers) pthread_cond_broadcast(&wake);
     pthread_mutex_unlock(&lock);
-    work(&j, gen);
-    while (atomic_load_explicit(&finished, memory_order_acquire) < units) _mm_pause();
+    work(j, gen);
+    while (atomic_load_explicit(&finished, memory_order_acquire) < j->units) _mm_pause();
+}
+
+/* y (M, N) fp32 = x (M, K) @ W.T for W packed as `bits`-bit records (see the top).
+ * `threads`: how many threads may share the outputs (the caller's is one of them). */
+void qgemv(const uint8_t *packed, int bits, const int8_t *qx, const float *d, const float *dsum,
+           int M, int N, int K, float *y, int threads) {
+    int blocks = (N + BLOCK - 1) / BLOCK;
+    Job j = {packed, qx, d, dsum, y, M, N, K, bits, NULL, (blocks + UNIT - 1) / UNIT};
+    dispatch(&j, threads, 4);
 }
 
 /* Sixteen K/V values (fp32 or bf16) as fp32. */
@@ -382,38 +406,73 @@ static void attend_head(const float *qh, const void *cache, int is_bf16, size_t 
     }
 }
 
-/* One row's grouped-query attention: `heads` query heads of q (fp32) over `keys` keys of
- * the pool (K at head_base(g) + slot * hd, V `plane` further), out fp32. `scores`: room
- * for 4 * keys floats. */
-static void attend(const float *q, const void *cache, int is_bf16, int heads, int kv_heads,
-                   int hd, size_t plane, size_t per_head, const int64_t *table, int bs,
-                   size_t first, int keys, float scale, float *scores, float *out) {
-    const int group = heads / kv_heads, vecs = hd / 16;
-    for (int g = 0; g < kv_heads; g++) {
-        const size_t k_base = (size_t)g * per_head * hd, v_base = plane + k_base;
-        for (int j0 = 0; j0 < group; j0 += 4) {
-            const int G = group - j0 < 4 ? group - j0 : 4, h = g * group + j0;
-            const float *qh = q + (size_t)h * hd;
-            float *oh = out + (size_t)h * hd;
+/* An attention job: rows (or one row over consecutive slots: tables NULL) of queries over
+ * one layer's pool. */
+struct Attn {
+    const float *q; /* (rows, H, hd) fp32 */
+    const void *cache;
+    int is_bf16, heads, kv_heads, hd, bs, width;
+    size_t plane, per_head, first; /* first: the lone row's first slot (tables NULL) */
+    const int64_t *tables;         /* (rows, width) or NULL */
+    const int64_t *positions;      /* (rows,) keys - 1, or NULL: `keys` */
+    int keys;
+    float scale;
+    float *out; /* (rows, H, hd) fp32 */
+};
+
+/* This thread's room for scores, grown as needed (each of the pool's threads has one). */
+static float *scores_room(int count) {
+    static __thread float *room = NULL;
+    static __thread int size = 0;
+    if (size < count) {
+        float *grown = realloc(room, (size_t)count * sizeof *room);
+        if (!grown) abort();
+        room = grown;
+        size = count;
+    }
+    return room;
+}
+
+/* Unit u: row u / Hkv, the query heads of K/V head u % Hkv, 4 at a time. */
+static void attend_unit(const Attn *a, int unit) {
+    const int b = unit / a->kv_heads, g = unit % a->kv_heads, hd = a->hd, vecs = hd / 16;
+    const int group = a->heads / a->kv_heads;
+    const int64_t *table = a->tables ? a->tables + (size_t)b * a->width : NULL;
+    const int keys = a->positions ? (int)a->positions[b] + 1 : a->keys;
+    const size_t k_base = (size_t)g * a->per_head * hd, v_base = a->plane + k_base;
+    float *scores = scores_room(4 * keys);
+    for (int j0 = 0; j0 < group; j0 += 4) {
+        const int G = group - j0 < 4 ? group - j0 : 4;
+        const size_t h = (size_t)b * a->heads + (size_t)g * group + j0;
+        const float *qh = a->q + h * hd;
+        float *oh = a->out + h * hd;
 #define GROUP_CASE(GG, VV)                                                                    \
     if (G == GG && vecs == VV) {                                                              \
-        attend_group(qh, cache, is_bf16, k_base, v_base, table, bs, first, keys, scale,       \
-                     scores, oh, GG, VV, hd);                                                 \
+        attend_group(qh, a->cache, a->is_bf16, k_base, v_base, table, a->bs, a->first, keys,  \
+                     a->scale, scores, oh, GG, VV, hd);                                       \
         continue;                                                                             \
     }
-            GROUP_CASE(1, 4) GROUP_CASE(2, 4) GROUP_CASE(3, 4) GROUP_CASE(4, 4)
-            GROUP_CASE(1, 8) GROUP_CASE(2, 8) GROUP_CASE(3, 8) GROUP_CASE(4, 8)
+        GROUP_CASE(1, 4) GROUP_CASE(2, 4) GROUP_CASE(3, 4) GROUP_CASE(4, 4)
+        GROUP_CASE(1, 8) GROUP_CASE(2, 8) GROUP_CASE(3, 8) GROUP_CASE(4, 8)
 #undef GROUP_CASE
-            if (vecs <= 8) {
-                attend_group(qh, cache, is_bf16, k_base, v_base, table, bs, first, keys, scale,
-                             scores, oh, G, vecs, hd);
-                continue;
-            }
-            for (int j = 0; j < G; j++)
-                attend_head(qh + (size_t)j * hd, cache, is_bf16, k_base, v_base, table, bs,
-                            first, keys, scale, scores, oh + (size_t)j * hd, hd);
+        if (vecs <= 8) {
+            attend_group(qh, a->cache, a->is_bf16, k_base, v_base, table, a->bs, a->first, keys,
+                         a->scale, scores, oh, G, vecs, hd);
+            continue;
         }
+        for (int j = 0; j < G; j++)
+            attend_head(qh + (size_t)j * hd, a->cache, a->is_bf16, k_base, v_base, table, a->bs,
+                        a->first, keys, a->scale, scores, oh + (size_t)j * hd, hd);
     }
+}
+
+/* Units of `a` shared by `threads` threads when there are at least two. */
+static void attend_all(const Attn *a, int rows, int threads) {
+    Job j;
+    memset(&j, 0, sizeof j);
+    j.attn = a;
+    j.units = rows * a->kv_heads;
+    dispatch(&j, threads, 2);
 }
 
 /* One decode row's attention over keys stored in consecutive slots of one layer's pool.
@@ -421,15 +480,16 @@ static void attend(const float *q, const void *cache, int is_bf16, int heads, in
  * `cache`: the layer's pool (2, Hkv, slots, hd), fp32 or bf16; the row's keys are slots
  * first .. first + keys - 1 of each head, the last one the new token's, whose K and V
  * (`k`, `v`: (Hkv, hd), the pool's dtype) are written here first. `q` (H, hd) fp32, query
- * head h reading K/V head h / (H / Hkv); `out` (H, hd) fp32; scores scaled by 1/sqrt(hd),
- * softmax in fp32. `scores`: room for 4 * `keys` floats. hd a multiple of 16. */
+ * head h reading K/V head h / (H / Hkv); `out` (H, hd) fp32; scores scaled by `scale`,
+ * softmax in fp32. hd a multiple of 16. `threads` share the K/V heads. */
 void qgemv_attend_one(const float *q, const void *k, const void *v, void *cache, int is_bf16,
                       int heads, int kv_heads, int hd, long slots, long first, int keys,
-                      float scale, float *scores, float *out) {
+                      float scale, float *out, int threads) {
     size_t item = is_bf16 ? 2 : 4, plane = (size_t)kv_heads * slots * hd;
     write_kv(cache, k, v, item, plane, (size_t)slots, (size_t)(first + keys - 1), kv_heads, hd);
-    attend(q, cache, is_bf16, heads, kv_heads, hd, plane, (size_t)slots, NULL, 1, (size_t)first,
-           keys, scale, scores, out);
+    Attn a = {q,     cache, is_bf16, heads,         kv_heads, hd,   1,    0,   plane,
+              (size_t)slots, (size_t)first, NULL, NULL, keys, scale, out};
+    attend_all(&a, 1, threads);
 }
 
 /* Decode rows' attention over their block tables, one call per layer (no gather of K/V).
@@ -441,16 +501,15 @@ void qgemv_attend_one(const float *q, const void *k, const void *v, void *cache,
 void qgemv_attend_rows(const float *q, const void *k, const void *v, void *cache, int is_bf16,
                        int rows, int heads, int kv_heads, int hd, long blocks, int bs,
                        const int64_t *slots, const int64_t *tables, int width,
-                       const int64_t *positions, float scale, float *scores, float *out) {
+                       const int64_t *positions, float scale, float *out, int threads) {
     const size_t item = is_bf16 ? 2 : 4, per_head = (size_t)blocks * bs;
     const size_t plane = (size_t)kv_heads * per_head * hd, kv = (size_t)kv_heads * hd * item;
     for (int b = 0; b < rows; b++)
         write_kv(cache, (const char *)k + b * kv, (const char *)v + b * kv, item, plane, per_head,
                  (size_t)slots[b], kv_heads, hd);
-    for (int b = 0; b < rows; b++)
-        attend(q + (size_t)b * heads * hd, cache, is_bf16, heads, kv_heads, hd, plane, per_head,
-               tables + (size_t)b * width, bs, 0, (int)positions[b] + 1, scale, scores,
-               out + (size_t)b * heads * hd);
+    Attn a = {q, cache, is_bf16, heads, kv_heads, hd, bs, width, plane, per_head, 0,
+              tables, positions, 0, scale, out};
+    attend_all(&a, rows, threads);
 }
 
 /* One packed weight, described once (qgemv.py keeps it next to the tensors). */

@@ -223,7 +223,10 @@ def test_routes_send_each_step_size_to_its_path() -> None:
 @needs_kernel
 @pytest.mark.skipif(not HAS_INT4_KERNEL, reason="torch lacks the CPU int4 kernel")
 def test_paths_are_chosen_by_timing_the_models_own_layer(
-    tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_llama_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The tiny Llama with its matrices rounded to Q4_1 levels (so both the kernel and
     torch's planes hold them): every step size gets a path, logged, and routed."""
@@ -242,6 +245,9 @@ def test_paths_are_chosen_by_timing_the_models_own_layer(
         assert set(table.values()) <= {"kernel", "planes", "bf16"}
         assert all(qgemv.route(rows) == path for rows, path in table.items())
         assert "few-row matmul paths" in caplog.text and "chosen" in caplog.text
+        qgemv.set_routes({1: "planes"})
+        monkeypatch.setenv("SLIMSERVE_CHOOSE_PATHS", "0")  # no timing: the kernel everywhere
+        assert choose_paths(runtime.model) == {} and qgemv.route(1) == "kernel"
     finally:
         qgemv.set_routes({})
 

@@ -32,6 +32,7 @@ paths multiply the same weight values.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -216,12 +217,17 @@ def choose_paths(model: LlamaModel, repeats: int = 15) -> dict[int, str]:
     """Time the few-row paths on the model's first layer (its own weights and shapes, with
     this thread's torch threads, as a decode step runs them) and route each step size to the
     fastest: the C kernel, torch's int4 planes or the bf16 copy (llama.cpp tunes its threads
-    the same way). Each path is judged by its mean time, tail included, and torch's must beat
-    the kernel's by 10%: on a busy machine a descheduled thread makes torch's OpenMP split
-    wait (50 ms a call seen; its median over a few calls can still look fast, and was chosen
-    so in a test at load 5), which the kernel's pool does not. ~60 ms on SmolLM2-135M (a
-    quiet machine). Sets qgemv's routes and returns them; {} (the kernel everywhere) when no
-    layer has both the kernel and torch's planes."""
+    the same way). Each path is judged by the 80th percentile of its calls (the tail a
+    descheduled thread makes: an OpenMP split waits at its barrier, 50 ms a call seen, and
+    the kernel's pool waits for a unit a sleeping worker holds), torch's needing a 10% lead.
+    On a busy machine the choice is still a draw of the moment (at load 3-5 torch's paths
+    won a few rounds by median or mean and then took 0.2-0.5 s a step); on a quiet one the
+    tail is near the typical call. `SLIMSERVE_CHOOSE_PATHS=0`: no timing, the kernel for
+    every few-row step. ~60 ms on SmolLM2-135M (quiet). Sets qgemv's routes and returns
+    them; {} (the kernel everywhere) when no layer has both the kernel and torch's planes."""
+    if os.environ.get("SLIMSERVE_CHOOSE_PATHS", "1") == "0":
+        qgemv.set_routes({})
+        return {}
     layer = model.layers[0]
     matmuls = (layer.qkv, layer.o, layer.gate_up, layer.down)
     duals = [m for m in matmuls if isinstance(m, DualLinear) and _both(m)]
@@ -234,14 +240,16 @@ def choose_paths(model: LlamaModel, repeats: int = 15) -> dict[int, str]:
         paths = {"kernel": _kernel_step(duals, xs), "bf16": _run(duals, xs, "large")}
         if all(d.middle is not None and rows <= d.middle.max_rows for d in duals):
             paths["planes"] = _run(duals, xs, "middle")
-        times = _mean_times(paths, repeats)
-        best = min(times, key=lambda name: times[name] * (0.9 if name == "kernel" else 1))
+        samples = _times(paths, repeats)
+        times = {name: _tail(v) * (0.9 if name == "kernel" else 1) for name, v in samples.items()}
+        best = min(times, key=lambda name: times[name])
         table.update(dict.fromkeys(range(done + 1, rows + 1), best))
         done = rows
-        report.append(f"{rows}: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in times.items()))
+        means = {name: statistics.fmean(v) * 1e3 for name, v in samples.items()}
+        report.append(f"{rows}: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items()))
     qgemv.set_routes(table)
     log.info(
-        "few-row matmul paths (layer 0, ms, %d threads): %s; chosen: %s",
+        "few-row matmul paths (layer 0, mean ms, %d threads): %s; chosen: %s",
         torch.get_num_threads(),
         "; ".join(report),
         {rows: table[rows] for rows in TUNED_ROWS},
@@ -276,8 +284,14 @@ def _kernel_step(duals: list[DualLinear], xs: list[torch.Tensor]) -> Callable[[]
     return step
 
 
-def _mean_times(paths: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Mean seconds of each step, alternating (a burst of load falls on all of them); a
+def _tail(seconds: list[float]) -> float:
+    """The 80th percentile: 12th of 15 calls."""
+    ordered = sorted(seconds)
+    return ordered[min(len(ordered) - 1, int(0.8 * len(ordered)))]
+
+
+def _times(paths: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each step's calls, alternating (a burst of load falls on all of them); a
     path 3x slower than the best after 3 rounds stops being timed (on a busy machine torch's
     OpenMP split can take 50 ms a call: the choice is clear, and start-up stays short)."""
     for step in paths.values():
@@ -292,4 +306,4 @@ def _mean_times(paths: dict[str, Callable[[], None]], repeats: int) -> dict[str,
         if round_ >= 2:
             best = min(statistics.median(times[name]) for name in alive)
             alive = [name for name in alive if statistics.median(times[name]) <= 3 * best]
-    return {name: statistics.fmean(values) for name, values in times.items()}
+    return times

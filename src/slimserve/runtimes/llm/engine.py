@@ -278,6 +278,7 @@ class GenerationEngine:
             self._waiting.remove(seq)
             self._allocate_prompt(seq)
         self._run_batch(admitted, self.prefill)
+        self._deliver()  # first tokens now, not after the decode step below
         self._running += admitted
         # A lost model-parallel group fails every running sequence (_lose_kv).
         self._run_batch([s for s in decoding if s.finish_reason is None], self.decode_step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import numpy as np
 import orjson
@@ -10,7 +11,7 @@ import orjson
 from slimserve.bench import payload as pl
 from slimserve.bench.command import _parameter
 from slimserve.bench.profile import open_seconds
-from slimserve.bench.runner import open_loop
+from slimserve.bench.runner import closed_loop, open_loop
 
 
 def test_open_loop_sends_the_poisson_schedule_over_few_connections():
@@ -51,6 +52,25 @@ def test_parameters_travel_in_json_binary_and_grpc():
 
 
 def test_profile_open_loop_points_run_long_enough_for_a_p99_within_a_bound():
-    assert open_seconds(1.0, 1000.0) == 1.0  # 1,000 arrivals already
-    assert open_seconds(1.0, 50.0) == 4.0  # 200 arrivals take 4 s
-    assert open_seconds(1.0, 10.0) == 5.0  # 20 s would be needed; at most 5x the duration
+    assert open_seconds(1.0, 2000.0) == 1.0  # 2,000 arrivals already
+    assert open_seconds(1.0, 250.0) == 4.0  # 1,000 arrivals take 4 s
+    assert open_seconds(1.0, 10.0) == 5.0  # 100 s would be needed; at most 5x the duration
+
+
+def test_the_load_generator_runs_without_collector_pauses_and_restores_the_collector():
+    seen = []
+
+    async def send() -> str:
+        seen.append(gc.isenabled())
+        return "ok"
+
+    assert gc.isenabled()
+    rec, _ = asyncio.run(closed_loop([send], 0.05, 0.0))
+    assert rec.latencies_ns and seen and not any(seen)  # off while it measured
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # as it was, nothing left frozen
+    gc.disable()
+    try:
+        asyncio.run(open_loop([send], 200.0, 0.05, 0.0))
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()

@@ -25,14 +25,24 @@ from tritonclient.utils import InferenceServerException
 from slimserve.cli import main
 from slimserve.optimize.data import digits
 from slimserve.optimize.pipeline import Options, optimize
+from slimserve.policies.queueing import from_profile
 from slimserve.repository import verify_manifest, write_manifest
+from slimserve.serving.slo import tail_ms
 from slimserve.zoo import MLP
 from tests.e2e.conftest import ServerProcess, start_server, stop_server
 
 RECIPES = ["int8", "structured:0.75"]
 SIZES = [64, 2048, 2048, 10]  # wide enough that the pruned variant is clearly faster
 SWEEP = ["--concurrency", "2", "--max-batch-size", "8", "--queue-delay-ms", "1"]
-SWEEP += ["--duration", "0.3", "--warmup", "0.1", "--no-progress"]
+SWEEP += [
+    "--duration",
+    "0.3",
+    "--warmup",
+    "0.1",
+    "--no-progress",
+    "--open-loop-shares",
+    "0.1,0.3,0.5",
+]
 
 
 MODEL_YAML = {
@@ -98,6 +108,13 @@ def predicted_ms(repo: Path, variant: str | None) -> float:
     return float(profile(repo, variant)["latency_ms_by_batch"]["1"])
 
 
+def serving_tail_ms(repo: Path) -> float:
+    """The least the original's serving path adds to its prediction (serving/slo.py)."""
+    p = profile(repo, None)
+    curve = tuple(sorted((int(k), float(v)) for k, v in p["latency_ms_by_batch"].items()))
+    return tail_ms(from_profile(p, curve, 8, 1.0), 0.0)
+
+
 def loss(repo: Path, variant: str | None) -> float:
     return 0.0 if variant is None else round((1 - profile(repo, variant)["agreement"]) * 100, 9)
 
@@ -117,6 +134,7 @@ def test_profile_writes_the_sweep_where_the_server_reads_it(repo: Path):
     for o in opened:
         assert o["concurrency"] == 32 and o["max_batch_size"] == 8 and o["errors"] == 0
         assert o["throughput_rps"] > 0 and o["p99_ms"] >= o["p50_ms"] > 0
+        assert o["requests"] > 0  # the fit's weight: how many answers its p99 rests on
     # The manifest covers profile.yaml and was refreshed, not broken.
     assert verify_manifest(repo / "mlp" / "1")
     assert (repo / "mlp" / "reports" / "1" / "profile-original.png").stat().st_size > 1000
@@ -173,6 +191,10 @@ def test_tight_and_loose_objectives_get_different_variants(repo, server, ask):
     # unit predicted first answers and says so.
     base = ask(server, latency_slo_ms=1000.0, max_quality_loss=0.0)
     assert base["model"] == "mlp" and base["slo_reachable"] is True
+    # The original's profile has open-loop points: its prediction is a 99th percentile that
+    # includes the serving path's tail, as the plan predicts it (the lone spread plus the
+    # fitted extra at least; more when requests queue).
+    assert base["predicted_latency_ms"] >= serving_tail_ms(repo) - 1e-3 > 0
     tight = base["predicted_latency_ms"] / 2
     answers = [ask(server, latency_slo_ms=tight, max_quality_loss=100.0) for _ in range(10)]
     for a in answers:

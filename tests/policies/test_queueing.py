@@ -16,6 +16,7 @@ from slimserve.policies.queueing import (
     calibrate,
     capacity_rps,
     fit_serving_path,
+    from_profile,
     p99_ms,
     utilization,
 )
@@ -110,6 +111,42 @@ def test_the_serving_path_is_fitted_on_what_open_loop_points_leave_over():
     one = fit_serving_path(BATCHED, [OpenLoopPoint(100.0, 7.0)])
     assert one == ServingPath(pytest.approx(7.0 - 4.9), 0.0)
     assert fit_serving_path(BATCHED, [OpenLoopPoint(1000.0, 7.0)]) is None  # model: inf
+
+
+def test_the_fitted_extra_is_never_negative():
+    # Points under the model's own p99 (4.9 ms at 100 req/s, 5.7 at 300): the least-squares
+    # extra would be < 0, which would predict under a lone request's p99 at low rates; it is
+    # held at 0, and c fits what is left (here nothing: 0).
+    low = [OpenLoopPoint(100.0, 4.0), OpenLoopPoint(300.0, 4.2)]
+    assert p99_ms(BATCHED, 300.0) > 4.2
+    fitted = fit_serving_path(BATCHED, low)
+    assert fitted == ServingPath(0.0, 0.0)
+    assert fit_serving_path(BATCHED, low[:1]) == ServingPath(0.0, 0.0)
+
+
+def test_a_model_is_made_from_the_rows_slimserve_profile_writes():
+    # A lone client 3 ms flat; the busiest point (4 clients, batches of 4 = 5 ms) at 800 req/s
+    # gives h = 1000 / 800 - 5 / 4 = 0; the open-loop points are PATH's over that model.
+    sweep = [
+        {"concurrency": 1, "throughput_rps": 300.0, "p50_ms": 3.0, "p99_ms": 3.0},
+        {"concurrency": 4, "throughput_rps": 800.0, "p50_ms": 5.0, "p99_ms": 6.0},
+    ]
+    batching = {"max_batch_size": 8, "max_queue_delay_ms": 1.0, "errors": 0}
+    rows = [{**r, **batching} for r in sweep]
+    opened = [
+        {"rate_rps": r, "throughput_rps": r, "p99_ms": p99_ms(BATCHED, r) + PATH.p99_ms(r)}
+        for r in (100.0, 300.0)
+    ]
+    other = {**rows[1], "max_batch_size": 32, "throughput_rps": 5000.0}  # another batching
+    extra = {"sweep": [*rows, other], "open_loop": [{**o, **batching} for o in opened]}
+    model = from_profile(extra, BATCHED.batch_ms, 8, 1.0)
+    assert model is not None
+    assert (model.lone_p50_ms, model.lone_p99_ms, model.per_request_ms) == (3.0, 3.0, 0.0)
+    assert model.serving is not None
+    assert model.serving.per_request_ms == pytest.approx(0.5, abs=0.002)
+    assert model.serving.extra_ms == pytest.approx(1.0, abs=0.01)
+    assert from_profile({"open_loop": extra["open_loop"]}, BATCHED.batch_ms, 8, 1.0) is None
+    assert from_profile(extra, (), 8, 1.0) is None  # no batch latency curve
 
 
 def test_the_planner_adds_the_serving_path_to_the_expected_p99():

@@ -52,6 +52,15 @@ def test_other_units_on_the_same_thread_slowdown_and_transport_count():
     assert predict_ms(shared, 1) == pytest.approx(32.0)  # waits for the neighbour's batch
     slow = Option("v", 0.0, CURVE, slowdown=3.0, overhead_ms=0.5)
     assert predict_ms(slow, 1) == pytest.approx(2.0 * 3.0 + 0.5)
+    tail = Option("v", 0.0, CURVE, overhead_ms=0.5, tail_ms=4.0)  # the serving path's p99
+    assert predict_ms(tail, 1) == pytest.approx(2.0 + 0.5 + 4.0)
+
+
+def test_a_unit_whose_median_fits_but_whose_tail_does_not_is_passed_over():
+    # bf16: 6 ms of compute fits 7 ms, but its serving path adds 3 ms at the 99th percentile;
+    # int8 (3 + 1) fits: the objective goes to int8, not to a unit likely to miss it.
+    got = choose(units(bf16={"tail_ms": 3.0}, int8={"tail_ms": 1.0}), 7.0, 1.0, 1, 0.0, 0.0)
+    assert (got.variant, got.met, got.predicted_ms) == ("int8", True, 4.0)
 
 
 def test_loose_objective_keeps_the_original_tight_one_degrades_only_as_far_as_needed():

@@ -46,7 +46,7 @@ from slimserve.runtimes import RuntimeOptions, create_runtime
 # One thread inside each model call, in the sweep's servers and in the in-process timing
 # alike: the figures then say what one call costs, whatever else shares the cores.
 INTRA_OP_THREADS = 1
-_OPEN_ARRIVALS, _OPEN_STRETCH = 200, 5.0
+_OPEN_ARRIVALS, _OPEN_STRETCH = 1000, 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,7 @@ class Grid:
     queue_delay_ms: tuple[float, ...] = (0.0, 2.0)
     duration_s: float = 1.0
     warmup_s: float = 0.3
-    open_loop_shares: tuple[float, ...] = (0.1, 0.3, 0.5)  # of the best closed-loop throughput
+    open_loop_shares: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)  # of the best throughput
     connections: int = 32  # the open loop's (as `slimserve bench --rate` uses by default)
 
     def configs(self, model: ModelConfig) -> list[tuple[int, float]]:
@@ -90,6 +90,7 @@ class OpenPoint(Point):
 
     rate_rps: float
     sender_late_p99_ms: float  # the load generator's own lateness (no server in it)
+    requests: int = 0  # answered in its window: how sure its p99 is
 
 
 @dataclass
@@ -196,7 +197,8 @@ async def _batch_stats(server: LocalServer, served: str, version: int) -> dict[i
 
 def open_seconds(duration_s: float, rate_rps: float) -> float:
     """An open-loop point's window: long enough for _OPEN_ARRIVALS expected arrivals (a p99
-    needs samples, and a low rate sends few), at most _OPEN_STRETCH x the sweep's duration."""
+    needs samples: of 1,000, ten lie above it; a low rate sends few), at most _OPEN_STRETCH x
+    the sweep's duration."""
     return min(max(duration_s, _OPEN_ARRIVALS / rate_rps), duration_s * _OPEN_STRETCH)
 
 
@@ -249,6 +251,7 @@ async def _measure_config(
                 sum(r.errors.values()),
                 rate,
                 r.late_p99_ms,
+                r.requests,
             )
         )
     return points, opened, await _batch_stats(server, served, target.version)

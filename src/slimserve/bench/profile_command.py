@@ -45,8 +45,9 @@ ABOUT = """measure a model or variant: throughput, p50/p99, memory over a sweep
 Sweep client concurrency x max_batch_size x max_queue_delay_ms against a real `slimserve
 serve` (one per batching configuration), write the results into the profile the server reads
 (variant.yaml, or VERSION/profile.yaml for an original) and plot throughput against p99.
-Time: configurations x concurrencies x (duration + warmup), plus a server start per
-configuration.
+Time: configurations x (concurrencies + open-loop shares) x (duration + warmup), an open-loop
+point running longer at a low rate (until about 1,000 requests, at most 5 x duration), plus a
+server start per configuration.
 """
 
 

@@ -13,7 +13,6 @@ the plan as a table and writes it as files the server takes:
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +31,7 @@ from slimserve.policies.planning import (
     Unit,
     plan,
 )
-from slimserve.policies.queueing import (
-    OpenLoopPoint,
-    ServiceModel,
-    SweepPoint,
-    calibrate,
-    fit_serving_path,
-)
+from slimserve.policies.queueing import ServiceModel, from_profile, same_batching
 from slimserve.repository.schema import VariantProfile
 from slimserve.repository.store import Repository, Target
 
@@ -120,63 +113,23 @@ def _unit(target: Target) -> Unit | None:
     extra = profile.model_extra or {}
     cores = int((extra.get("sweep_settings") or {}).get("cpu_count") or 1)
     memory = profile.memory_bytes or profile.size_bytes or 0
-    service = _service(profile, rows, target)
+    service = _service(profile, target)
     return Unit(target.model, target.variant, loss, memory, points, cores, service)
-
-
-def _same_batching(rows: Any, target: Target) -> list[dict[str, Any]]:
-    """Rows measured without errors with the batching model.yaml has now (what the server
-    will do); all usable rows when none were."""
-    rows = [
-        r
-        for r in (rows if isinstance(rows, list) else [])
-        if isinstance(r, dict)
-        and not r.get("errors")
-        and r.get("throughput_rps")
-        and r.get("p99_ms") is not None
-    ]
-    batching = target.config.batching
-    same = [
-        r
-        for r in rows
-        if r.get("max_batch_size") == batching.max_batch_size
-        and r.get("max_queue_delay_ms") == batching.max_queue_delay_ms
-    ]
-    return same or rows
 
 
 def _sweep_rows(profile: VariantProfile, target: Target) -> list[dict[str, Any]]:
     """Closed-loop sweep points run with the batching the server will use."""
-    return _same_batching((profile.model_extra or {}).get("sweep"), target)
+    batching = target.config.batching
+    sweep = (profile.model_extra or {}).get("sweep")
+    return same_batching(sweep, batching.max_batch_size, batching.max_queue_delay_ms)
 
 
-def _service(
-    profile: VariantProfile, rows: list[dict[str, Any]], target: Target
-) -> ServiceModel | None:
-    """The unit's queueing model, calibrated on its sweep and batch latency curve, with the
-    serving path fitted on its open-loop points where the profile has them (None: the profile
-    lacks the curve or the points' concurrency and p50)."""
-    points = [
-        SweepPoint(
-            int(r["concurrency"]),
-            float(r["throughput_rps"]),
-            float(r["p50_ms"]),
-            float(r["p99_ms"]),
-        )
-        for r in rows
-        if r.get("concurrency") and r.get("p50_ms") is not None
-    ]
+def _service(profile: VariantProfile, target: Target) -> ServiceModel | None:
+    """The unit's queueing model (policies/queueing.py), with its serving path."""
+    batching = target.config.batching
+    extra = profile.model_extra or {}
     curve = profile.latency_curve()
-    if not points or not curve:
-        return None
-    model = calibrate(points, curve, target.config.batching.max_batch_size)
-    opened = _same_batching((profile.model_extra or {}).get("open_loop"), target)
-    measured = [
-        OpenLoopPoint(float(r["rate_rps"]), float(r["p99_ms"]), float(r["throughput_rps"]))
-        for r in opened
-        if isinstance(r.get("rate_rps"), int | float)
-    ]
-    return replace(model, serving=fit_serving_path(model, measured))
+    return from_profile(extra, curve, batching.max_batch_size, batching.max_queue_delay_ms)
 
 
 def _served(model: str, variant: str | None) -> str:

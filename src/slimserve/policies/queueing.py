@@ -43,13 +43,18 @@ Pure; units: milliseconds and requests per second.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from slimserve.policies.slo import batch_latency_ms
 
 Curve = tuple[tuple[int, float], ...]
 _Z99 = 2.326  # standard normal 99th percentile: p99 - p50 = 2.326 sigma for a normal spread
-_FIT_STEPS = 2000  # grid of the serving path's per-request cost (cheap: a few points each)
+# The serving path's per-request cost is searched on a grid of this many steps, then again
+# on as many steps within one step of the best (resolution: the range / steps^2; a few ms in
+# all, paid once per profile by the server).
+_FIT_STEPS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +198,11 @@ def p99_ms(model: ServiceModel, rate_rps: float) -> float:
 
 def fit_serving_path(model: ServiceModel, points: list[OpenLoopPoint]) -> ServingPath | None:
     """c and e (see the module doc) by weighted least squares on what the open-loop points'
-    p99 leaves after `model` (without a serving path): for each c on a fine grid below the
-    cost that would saturate at the highest measured rate, e is the weighted mean residual;
+    p99 leaves after `model` (without a serving path), within what is physical: for each c on
+    a fine grid from 0 to the cost that would saturate at the highest measured rate, e is the
+    weighted mean residual, but never below 0 (an open-loop request costs no less than a
+    closed-loop one: a negative e only fits the noise of few points, and would predict under
+    the lone request's own p99 at low rates). One point pins one term: c = 0 and e from it.
     None without a usable point (one the model says it keeps up with)."""
     bare = replace(model, serving=None)
     used = [
@@ -204,18 +212,75 @@ def fit_serving_path(model: ServiceModel, points: list[OpenLoopPoint]) -> Servin
     ]
     if not used:
         return None
-    total = sum(w for _, _, w in used)
     most = 1000.0 / max(rate for rate, _, _ in used) * 0.999
-    best: tuple[float, ServingPath] | None = None
-    for step in range(_FIT_STEPS if len(used) > 1 else 1):
-        c = most * step / _FIT_STEPS
-        left = [(r - ServingPath(0.0, c).wait_p99_ms(rate), w) for rate, r, w in used]
-        extra = sum(x * w for x, w in left) / total
-        error = sum(w * (x - extra) ** 2 for x, w in left)
-        if best is None or error < best[0] - 1e-12:
-            best = (error, ServingPath(extra, c))
-    assert best is not None
-    return best[1]
+    if len(used) == 1:
+        return _fit_at(used, 0.0)[1]
+    step = most / _FIT_STEPS
+    best = min((_fit_at(used, step * i) for i in range(_FIT_STEPS)), key=lambda f: f[0])
+    low = max(0.0, best[1].per_request_ms - step)
+    fine = (_fit_at(used, min(most, low + 2 * step * i / _FIT_STEPS)) for i in range(_FIT_STEPS))
+    return min([best, *fine], key=lambda f: f[0])[1]
+
+
+def _fit_at(used: list[tuple[float, float, float]], c: float) -> tuple[float, ServingPath]:
+    """The squared error and the path with per-request cost `c`, e its best value >= 0, on
+    (rate, residual p99, weight) points."""
+    left = [(r - ServingPath(0.0, c).wait_p99_ms(rate), w) for rate, r, w in used]
+    extra = max(0.0, sum(x * w for x, w in left) / sum(w for _, w in left))
+    return sum(w * (x - extra) ** 2 for x, w in left), ServingPath(extra, c)
+
+
+def same_batching(rows: Any, max_batch_size: int, delay_ms: float) -> list[dict[str, Any]]:
+    """Profile rows (sweep or open-loop points) measured without errors with this batching
+    (what the server will do); all usable rows when none were."""
+    usable = [
+        r
+        for r in (rows if isinstance(rows, list) else [])
+        if isinstance(r, dict)
+        and not r.get("errors")
+        and r.get("throughput_rps")
+        and r.get("p99_ms") is not None
+    ]
+    same = [
+        r
+        for r in usable
+        if r.get("max_batch_size") == max_batch_size and r.get("max_queue_delay_ms") == delay_ms
+    ]
+    return same or usable
+
+
+def from_profile(
+    extra: Mapping[str, Any], batch_ms: Curve, max_batch_size: int, delay_ms: float
+) -> ServiceModel | None:
+    """A unit's model from what `slimserve profile` wrote (`extra`: the profile's `sweep` and
+    `open_loop` rows) and its batch latency curve, with the serving path fitted on the
+    open-loop points (each weighted by the requests it answered, the number behind its p99;
+    by its throughput where the profile predates that count); None without the curve or a
+    sweep point with a concurrency and a p50."""
+    rows = same_batching(extra.get("sweep"), max_batch_size, delay_ms)
+    points = [
+        SweepPoint(
+            int(r["concurrency"]),
+            float(r["throughput_rps"]),
+            float(r["p50_ms"]),
+            float(r["p99_ms"]),
+        )
+        for r in rows
+        if r.get("concurrency") and r.get("p50_ms") is not None
+    ]
+    if not points or not batch_ms:
+        return None
+    model = calibrate(points, batch_ms, max_batch_size)
+    opened = [
+        OpenLoopPoint(
+            float(r["rate_rps"]),
+            float(r["p99_ms"]),
+            float(r.get("requests") or r["throughput_rps"]),
+        )
+        for r in same_batching(extra.get("open_loop"), max_batch_size, delay_ms)
+        if isinstance(r.get("rate_rps"), int | float)
+    ]
+    return replace(model, serving=fit_serving_path(model, opened))
 
 
 def capacity_rps(model: ServiceModel, objective_ms: float) -> float:

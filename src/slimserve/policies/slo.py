@@ -13,8 +13,13 @@ its queue. The choice, in the manner of INFaaS but per request:
    that several units may share, so a small variant waits behind a large original's batch),
    the batching delay while a partial batch fills toward the batcher's target, the profile's
    latency at the batch the request joins, scaled by how much slower than its profile the unit
-   runs now (CPU contention from other processes), and the fixed time a request spends outside
-   the model (transport; from the profile's one-client sweep point);
+   runs now (CPU contention from other processes), the fixed time a request spends outside
+   the model (transport; from the profile's one-client sweep point) and, where the profile
+   measured the serving path (open-loop points), its tail: the lone request's spread
+   (one-client p99 - p50) and the fitted serving path's p99 at the server's current request
+   rate (policies/queueing.py, as the plan predicts it). With the tail the prediction is a
+   99th percentile, what the request is expected to stay within, so a unit is chosen only
+   when it is likely to meet the objective, not when its median only just does;
 3. among the loaded options whose prediction fits the time left, answer with the one that gives
    up the least quality (the original first), the faster one on a tie: a request is degraded
    only as far as its deadline needs, never further;
@@ -52,6 +57,7 @@ class Option:
     fill_rows: int = 1  # rows the batcher waits for before it sends a partial batch
     slowdown: float = 1.0  # live batch time / the profile's at the same rows (> 1: a busy box)
     overhead_ms: float = 0.0  # per request outside the model (transport), from the profile
+    tail_ms: float = 0.0  # the serving path's tail (p99) at the current rate, from the profile
     load_ms: float | None = None  # last measured load time (unloaded options only)
 
 
@@ -84,7 +90,8 @@ def batch_latency_ms(curve: tuple[tuple[int, float], ...], rows: float) -> float
 
 def predict_ms(option: Option, rows: int) -> float | None:
     """Milliseconds until a request of `rows` arriving now is answered by `option`: the work
-    ahead of its batch, the batching delay, its batch's compute, the transport overhead."""
+    ahead of its batch, the batching delay, its batch's compute, the transport overhead and
+    the serving path's tail."""
     size = max(1, option.max_batch_size)
     full, joined = divmod(option.queued_rows, size)  # full batches leave before it
     batch = min(joined + rows, size) if option.max_batch_size > 1 else rows
@@ -97,7 +104,8 @@ def predict_ms(option: Option, rows: int) -> float | None:
     # A partial batch waits (at most the delay bound) while the batcher expects more rows.
     delay = option.batch_delay_ms if batch < min(option.fill_rows, size) else 0.0
     work = (ahead + compute) * option.slowdown
-    total = option.running_left_ms + option.thread_busy_ms + delay + work + option.overhead_ms
+    outside = option.overhead_ms + option.tail_ms
+    total = option.running_left_ms + option.thread_busy_ms + delay + work + outside
     if not option.loaded:
         if option.load_ms is None:
             return None  # never loaded here: its load time is unknown

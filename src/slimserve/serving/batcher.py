@@ -37,6 +37,8 @@ _QUIET_TURNS = 2
 # ends a wait for the target: a share of the recent batch time, within bounds (s).
 _PEAK_WINDOW_NS = 500_000_000
 _PAUSE_SHARE, _PAUSE_MIN_S, _PAUSE_MAX_S = 0.1, 0.0002, 0.005
+# Weight of each new gap between arrivals in their moving average (the arrival rate).
+_GAP_WEIGHT = 0.05
 
 
 @dataclass(slots=True)
@@ -121,6 +123,8 @@ class Batcher:
         # behind other units' batches on that thread, serving/threads.py).
         self.running_started_ns: int | None = None
         self._peak_rows, self._peak_ns = 0, 0  # most rows queued + running, and when seen
+        self._last_arrival_ns: int | None = None
+        self._gap_ns: float | None = None  # moving average of the gaps between arrivals (ns)
         self._arrival: asyncio.Future[bool] | None = None  # resolved by the next submit
         self._queue: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
@@ -166,22 +170,39 @@ class Batcher:
             )
         signature = tuple(a.shape[1:] for a in inputs.values()) if self.max_batch_size else ()
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        item = _Item(inputs, rows, signature, future, self._now_ns(), deadline, priority)
+        now_ns = self._now_ns()
+        item = _Item(inputs, rows, signature, future, now_ns, deadline, priority)
+        self._note_arrival(now_ns)
         if priority and self._queue and self._queue[-1].priority < priority:
             self._insert_by_priority(item)
         else:
             self._queue.append(item)
         self.queued_rows += rows
-        self._note_peak(self._now_ns())
+        self._note_peak(now_ns)
         self._wakeup.set()
         if self._arrival is not None:
             _resolve(self._arrival, True)
         return await future
 
+    def _note_arrival(self, now_ns: int) -> None:
+        last, self._last_arrival_ns = self._last_arrival_ns, now_ns
+        if last is not None:
+            gap, mean = now_ns - last, self._gap_ns
+            self._gap_ns = gap if mean is None else mean + (gap - mean) * _GAP_WEIGHT
+
     def _note_peak(self, now_ns: int) -> None:
         rows = self.queued_rows + self.running_rows
         if rows >= self._peak_rows or now_ns - self._peak_ns > _PEAK_WINDOW_NS:
             self._peak_rows, self._peak_ns = rows, now_ns
+
+    def arrival_rate_rps(self) -> float:
+        """Requests per second arriving lately (a moving average of the gaps between them,
+        which a silence since the last one lengthens); 0 before the first request."""
+        last = self._last_arrival_ns
+        if last is None:
+            return 0.0
+        gap = max(self._gap_ns or 0.0, float(self._now_ns() - last))
+        return 1e9 / gap if gap > 0 else 0.0
 
     def running_for_s(self) -> float | None:
         """Seconds the running batch has been computing (None: no batch has started)."""

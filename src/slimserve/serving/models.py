@@ -36,6 +36,7 @@ from slimserve.errors import (
     Unavailable,
 )
 from slimserve.policies.eviction import Resident, make_policy
+from slimserve.policies.queueing import ServiceModel
 from slimserve.repository import hash_tree, verify_manifest
 from slimserve.repository.schema import ModelConfig
 from slimserve.repository.store import Repository, Target
@@ -72,6 +73,8 @@ class Unit:
     loading: asyncio.Future[None] | None = None
     cold_load_s: float | None = None  # last measured load time (start to warmed up)
     stats: BatchStats = field(default_factory=BatchStats)  # kept across evictions
+    # The profile's queueing model (serving/slo.py), and the profile object it was made from.
+    service: tuple[object, ServiceModel | None] | None = None
 
 
 @dataclass(slots=True)

@@ -3,8 +3,10 @@
 For each unit of the asked version (the original and its variants): the quality it gives up
 (its variant.yaml profile), its batch latency curve (the profile's `latency_ms_by_batch`; for
 an original, its profile.yaml from `slimserve profile`, else what its batcher measured while
-serving) and the state of its queue now. The response then says which unit answered, what it
-was predicted to take and whether the objective was reachable.
+serving) and the state of its queue now; where the profile measured the serving path
+(`slimserve profile`'s open-loop points), the queueing model the planner uses, for the tail a
+request adds at the server's current request rate. The response then says which unit
+answered, what it was predicted to take and whether the objective was reachable.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from slimserve.policies.queueing import ServiceModel, from_profile
 from slimserve.policies.slo import Choice, Option, batch_latency_ms, choose
 from slimserve.repository.schema import VariantProfile
 from slimserve.runtimes.base import TextGenerator
@@ -23,6 +26,8 @@ Curve = tuple[tuple[int, float], ...]
 # The live slowdown needs a few batches, and is bounded: one stalled batch must not send
 # every request elsewhere, nor a fast burst make a unit look faster than it is.
 _SLOWDOWN_SAMPLES, _SLOWDOWN_MIN, _SLOWDOWN_MAX = 5, 0.5, 20.0
+# The most of its capacity the serving path is taken to run at (see tail_ms).
+_BUSIEST = 0.99
 
 
 def quality_loss(unit: Unit) -> float | None:
@@ -67,6 +72,36 @@ def slowdown(batcher: Batcher, curve: Curve) -> float:
     return min(_SLOWDOWN_MAX, max(_SLOWDOWN_MIN, estimate.batch_s * 1000.0 / profiled))
 
 
+def service_model(unit: Unit) -> ServiceModel | None:
+    """The unit's queueing model from its profile (policies/queueing.py), made once per
+    profile (the serving path's fit takes milliseconds); None without a sweep or curve."""
+    profile = unit.target.profile
+    if unit.service is not None and unit.service[0] is profile:
+        return unit.service[1]
+    model = None
+    if profile is not None and profile.model_extra:
+        batching = unit.target.config.batching
+        size, delay = batching.max_batch_size, batching.max_queue_delay_ms
+        model = from_profile(profile.model_extra, profile.latency_curve(), size, delay)
+    unit.service = (profile, model)
+    return model
+
+
+def tail_ms(model: ServiceModel | None, rate_rps: float) -> float:
+    """What a request's 99th percentile adds beyond the work the queue shows now: the lone
+    request's spread (one-client p99 - p50) and the serving path's p99 at `rate_rps` (the
+    server's requests/s now); 0 where the profile has no open-loop points. Past the rate the
+    profile says the serving path sustains, its wait at 99% of that rate: long, but finite,
+    so that units still rank by their work."""
+    if model is None or model.serving is None:
+        return 0.0
+    spread = max(0.0, model.lone_p99_ms - model.lone_p50_ms)
+    path = model.serving
+    if path.per_request_ms > 0:
+        rate_rps = min(rate_rps, _BUSIEST * 1000.0 / path.per_request_ms)
+    return spread + path.p99_ms(rate_rps)
+
+
 def left_ms(batcher: Batcher, factor: float, curve: Curve) -> float:
     """What is left of the batch the unit has on (or waiting for) its thread now (ms)."""
     if not batcher.running_rows:
@@ -97,6 +132,7 @@ def option(unit: Unit, loss: float, healthy: bool, neighbours: list[Unit]) -> Op
         for c in (_curve(n),)
     )
     load_ms = unit.cold_load_s * 1000.0 if unit.cold_load_s is not None else None
+    rate = sum(n.batcher.arrival_rate_rps() for n in neighbours if n.batcher is not None)
     return Option(
         variant=unit.target.variant,
         quality_loss=loss,
@@ -111,6 +147,7 @@ def option(unit: Unit, loss: float, healthy: bool, neighbours: list[Unit]) -> Op
         fill_rows=fill,
         slowdown=factor,
         overhead_ms=overhead_ms(unit.target.profile, curve),
+        tail_ms=tail_ms(service_model(unit), rate),
         load_ms=load_ms,
     )
 

@@ -9,9 +9,11 @@ allocates them), alternating in one process:
 
 - `before`: few-row matmuls through torch's int4 kernel (int4mm.Int4Linear) and attention
   through torch, on `--threads` torch threads: the step as session 3 left it;
-- `after`: matmuls and a lone row's attention through the C kernel (qgemv.py: int8
-  activations, AVX-512 VNNI, split over `--threads` cores by its own thread pool; torch on
-  one thread meanwhile), where it builds on this machine;
+- `after`: the defaults: each few-row step size on the path chosen by timing at start-up
+  (int4mm.choose_paths, as an engine does; `--no-choice`: always the C kernel), matmuls
+  through the C kernel (qgemv.py: int8 activations, AVX-512 VNNI, split over `--threads`
+  cores by its own thread pool; torch on one thread meanwhile) and attention of up to 16
+  rows in C, where it builds on this machine;
 
 then splits the `after` step: the same step with every matmul replaced by a preallocated
 output (leaves attention and the small operations), and with attention removed as well
@@ -38,6 +40,7 @@ from slimserve.runtimes.llm import (
     attention,
     convert_gguf,
     decode,
+    int4mm,
     qgemv,
     smollm2_gguf,
 )
@@ -89,6 +92,9 @@ def main() -> None:
     parser.add_argument("--rows", default="1,4,8,32")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--no-choice", action="store_true", help="the C kernel for every few-row step"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = timer(args.threads)
@@ -101,6 +107,9 @@ def main() -> None:
     kind = "CPU" if args.threads == 1 else "wall"
     print(f"torch {torch.__version__}, {args.threads} thread(s), context {CONTEXT}, {kind} ms")
     print(f"C kernel built: {qgemv.available()}")
+    if not args.no_choice:  # as an engine does at start-up
+        chosen = int4mm.choose_paths(model)
+        print("paths chosen at start-up:", {r: chosen.get(r, "kernel") for r in int4mm.TUNED_ROWS})
     for rows in [int(r) for r in args.rows.split(",")]:
         blocks = CONTEXT // BLOCK + 1
         tables = [list(range(1 + i * blocks, 1 + (i + 1) * blocks)) for i in range(rows)]
@@ -134,14 +143,17 @@ def breakdown(
     step = lambda: decode.forward_step(model, pool, batch)  # noqa: E731
     no_matmuls = median_ms(step, repeats, clock)
     kept = decode._attend_run, attention.attend, attention.write_kv, qgemv.attend_one
+    kept_rows = qgemv.attend_rows
     decode._attend_run = lambda q, k, v, kv, run: q  # type: ignore[assignment]
     qgemv.attend_one = lambda q, k, v, kv, first, keys, scale: q  # type: ignore[assignment]
+    qgemv.attend_rows = lambda q, k, v, kv, *args: q  # type: ignore[assignment]
     attention.attend = lambda q, kv, index, softcap=None: q  # type: ignore[assignment]
     attention.write_kv = lambda *args: None  # type: ignore[assignment]
     try:
         neither = median_ms(step, repeats, clock)
     finally:
         decode._attend_run, attention.attend, attention.write_kv, qgemv.attend_one = kept
+        qgemv.attend_rows = kept_rows
         for layer, (a, b, c, d) in zip(model.layers, saved[0], strict=True):
             layer.qkv, layer.o, layer.gate_up, layer.down = a, b, c, d
         model.lm_head = saved[1]

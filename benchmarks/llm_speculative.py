@@ -74,13 +74,17 @@ SETUPS = {
 }
 
 
+KINDS = ["repetitive", "open"]
+IGNORE_EOS = [False]  # --ignore-eos: always max_tokens tokens, as llm_vs_llamacpp.py asks
+
+
 def answer(engine: GenerationEngine, prompt: list[int], max_tokens: int) -> tuple[list[int], float]:
     """The greedy answer and its decode time (after the first token)."""
 
     async def run() -> tuple[list[int], float]:
         tokens: list[int] = []
         first = 0.0
-        params = SamplingParams(max_tokens=max_tokens, temperature=0)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=IGNORE_EOS[0])
         async for event in engine.submit(prompt, params):
             if not tokens:
                 first = time.perf_counter()
@@ -112,6 +116,8 @@ def measure(folder: Path, name: str, max_tokens: int) -> list[str]:
     lines = []
     try:
         for kind, texts in (("repetitive", REPETITIVE), ("open", OPEN)):
+            if kind not in KINDS:
+                continue
             rates: dict[str, list[float]] = {"plain": [], "spec": []}
             same, tokens = 0, 0
             before = fast.stats()
@@ -145,7 +151,11 @@ def main() -> None:
         "--setups", default=",".join(SETUPS), help="comma list of " + ", ".join(SETUPS)
     )
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--ignore-eos", action="store_true", help="always --max-tokens tokens")
+    parser.add_argument("--kinds", default="repetitive,open", help="prompt kinds to run")
     args = parser.parse_args()
+    IGNORE_EOS[0] = args.ignore_eos
+    KINDS[:] = args.kinds.split(",")
     torch.set_num_threads(usable_cores())
     started, facts = (
         time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

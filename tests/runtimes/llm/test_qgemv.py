@@ -4,14 +4,23 @@ clean fallback to torch when it cannot be built."""
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+load_file, save_file = safetensors_torch.load_file, safetensors_torch.save_file
 
-from slimserve.runtimes.llm import qgemv  # noqa: E402
-from slimserve.runtimes.llm.int4mm import HAS_INT4_KERNEL, DualLinear, Int4Linear  # noqa: E402
+from slimserve.runtimes.llm import TextGenerationRuntime, qgemv  # noqa: E402
+from slimserve.runtimes.llm.int4mm import (  # noqa: E402
+    HAS_INT4_KERNEL,
+    DualLinear,
+    Int4Linear,
+    choose_paths,
+)
 from slimserve.runtimes.llm.qgemv import QLinear  # noqa: E402
 
 from .test_int4mm import four_bit_weight  # noqa: E402
@@ -22,7 +31,12 @@ needs_kernel = pytest.mark.skipif(not qgemv.available(), reason="no AVX-512 VNNI
 def q4_1_weight(n: int, k: int) -> torch.Tensor:
     """What a GGUF Q4_1 tensor dequantizes to: levels 0..15 (both ends used) times an fp16
     step, plus an fp16 minimum, per group of 32."""
-    weight = four_bit_weight(n, k).view(n, k // 32, 32)
+    return to_q4_1(four_bit_weight(n, k))
+
+
+def to_q4_1(weight: torch.Tensor) -> torch.Tensor:
+    n, k = weight.shape
+    weight = weight.view(n, k // 32, 32)
     low, high = weight.amin(dim=2, keepdim=True), weight.amax(dim=2, keepdim=True)
     step, low = ((high - low) / 15).half().float(), low.half().float()
     return (torch.round((weight - low) / step) * step + low).view(n, k)
@@ -61,8 +75,8 @@ def test_other_weights_become_int8_per_group() -> None:
 @pytest.mark.parametrize("rows", [1, 3, 4, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_products_match_the_weights_it_holds(rows: int, dtype: torch.dtype) -> None:
-    """Any number of rows (groups of four and the rest), fp32 or bf16 activations: within
-    the rounding of int8 activations per group of 32 (~0.5% of the product's norm)."""
+    """Any number of rows, fp32 or bf16 activations: within the rounding of int8 activations
+    per group of 32 (~0.5% of the product's norm)."""
     for weight in (q4_1_weight(96, 320), torch.randn(80, 128)):
         linear = QLinear(weight)
         x = torch.randn(rows, weight.shape[1]).to(dtype)
@@ -70,6 +84,53 @@ def test_products_match_the_weights_it_holds(rows: int, dtype: torch.dtype) -> N
         got = linear(x)
         assert got.shape == (rows, weight.shape[0]) and got.dtype == torch.float32
         assert float((got - expected).norm() / expected.norm()) < 0.015
+
+
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's activation quantization, in torch: per group of 32, step = max|x| / 127
+    (fp32), q = x * (1 / step) rounded half away from zero."""
+    groups = x.float().view(x.shape[0], -1, 32)
+    step = groups.abs().amax(dim=2) / 127
+    inverse = torch.where(step > 0, 1 / step, torch.zeros_like(step))
+    scaled = groups * inverse[..., None]
+    return torch.sign(scaled) * torch.floor(scaled.abs() + 0.5), step
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_row_count_is_the_exact_integer_product(bits: int) -> None:
+    """1..16 rows (tiles of 8 and the rest), N not a multiple of 16 (a short last block),
+    K a multiple of 32 but not 64: the result is the integer dot products of the weight's
+    levels with the int8 activations, scaled as the GGUF's blocks say, to fp32 rounding."""
+    n, k = 100, 160
+    weight = q4_1_weight(n, k) if bits == 4 else q8_0_weight(n, k)
+    linear = QLinear(weight)
+    assert linear.bits == bits
+    levels, scales, offsets = qgemv.unpack(linear.packed, bits)
+    levels, scales, offsets = levels[:n].double(), scales[:n].double(), offsets[:n].double()
+    for rows in range(1, qgemv.MAX_ROWS + 1):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        q, step = int8_rows(x)
+        dots = torch.einsum("mgi,ngi->mng", q.double(), levels)  # exact integers
+        sums = q.double().sum(dim=2)  # (M, G)
+        expected = (dots * scales[None] * step.double()[:, None]).sum(dim=2)
+        expected += ((step.double() * sums)[:, None] * offsets[None]).sum(dim=2)
+        got = linear(x).double()
+        assert got.shape == (rows, n)
+        torch.testing.assert_close(
+            got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max())
+        )
+
+
+@needs_kernel
+def test_pack_round_trips_and_pads_the_last_block() -> None:
+    levels = torch.randint(0, 16, (20, 3, 32), dtype=torch.uint8)
+    scales, offsets = torch.rand(20, 3).half(), -torch.rand(20, 3).half()
+    packed = qgemv.pack(levels, scales, offsets, 4)
+    assert packed.shape == (2, 3, 256 + 64)  # 20 outputs: two blocks of 16
+    back = qgemv.unpack(packed, 4)
+    assert torch.equal(back[0][:20], levels) and not bool(back[0][20:].any())
+    assert torch.equal(back[1][:20], scales) and torch.equal(back[2][:20], offsets)
 
 
 @needs_kernel
@@ -94,12 +155,12 @@ def test_dual_linear_takes_the_kernel_and_falls_back_when_switched_off() -> None
     weight = q4_1_weight(64, 256)
     dual = DualLinear(weight)
     assert isinstance(dual.small, QLinear)
-    x = torch.randn(8, 256)
+    x = torch.randn(qgemv.MAX_ROWS + 1, 256)
     expected = x @ dual.small.dequantize().T
-    for rows in (1, qgemv.MAX_ROWS, qgemv.MAX_ROWS + 1, 8, 9):  # qgemv, torch's int4, bf16
+    for rows in (1, 8, qgemv.MAX_ROWS, qgemv.MAX_ROWS + 1):  # qgemv, then bf16
         got = dual(x[:rows]).float()  # within activation rounding (int8 or bf16)
         assert float((got - expected[:rows]).norm() / expected[:rows].norm()) < 0.015
-    if HAS_INT4_KERNEL:  # a one-plane weight keeps torch's planes for 5..8 rows
+    if HAS_INT4_KERNEL:  # a one-plane weight keeps torch's planes, should they be faster
         assert isinstance(dual.middle, Int4Linear)
     with qgemv.switched_off():
         assert isinstance(DualLinear(weight).small, Int4Linear)
@@ -140,3 +201,91 @@ def test_one_row_attention_writes_the_new_token_and_matches_torch(dtype: torch.d
         grouped, flat[0], flat[1], scale=0.3
     )
     torch.testing.assert_close(out, expected.reshape(heads, hd), rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.skipif(not HAS_INT4_KERNEL, reason="torch lacks the CPU int4 kernel")
+def test_routes_send_each_step_size_to_its_path() -> None:
+    """What start-up measured decides which of the three a step of r rows takes."""
+    dual = DualLinear(q4_1_weight(64, 256))
+    assert dual.middle is not None
+    x = torch.randn(4, 256)
+    try:
+        qgemv.set_routes({1: "planes", 2: "bf16"})
+        assert torch.equal(dual(x[:1]), dual.middle(x[:1]))
+        assert torch.equal(dual(x[:2]), dual.large(x[:2]))
+        assert torch.equal(dual(x[:3]), dual.small(x[:3]))  # not listed: the kernel
+        assert not qgemv.serves(1) and qgemv.serves(3)
+    finally:
+        qgemv.set_routes({})
+
+
+@needs_kernel
+@pytest.mark.skipif(not HAS_INT4_KERNEL, reason="torch lacks the CPU int4 kernel")
+def test_paths_are_chosen_by_timing_the_models_own_layer(
+    tiny_llama_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tiny Llama with its matrices rounded to Q4_1 levels (so both the kernel and
+    torch's planes hold them): every step size gets a path, logged, and routed."""
+    shutil.copytree(tiny_llama_dir, tmp_path, dirs_exist_ok=True)
+    for file in tmp_path.glob("*.safetensors"):
+        state = load_file(file)
+        for name, tensor in state.items():
+            if tensor.dim() == 2 and tensor.shape[1] % 32 == 0 and tensor.shape[0] % 16 == 0:
+                state[name] = to_q4_1(tensor.float()).to(tensor.dtype)
+        save_file(state, file, metadata={"format": "pt"})
+    runtime = TextGenerationRuntime.load(tmp_path, weights="bf16+int4")
+    try:
+        with caplog.at_level(logging.INFO, logger="slimserve.runtimes.llm.int4mm"):
+            table = choose_paths(runtime.model, repeats=3)
+        assert sorted(table) == list(range(1, qgemv.MAX_ROWS + 1))
+        assert set(table.values()) <= {"kernel", "planes", "bf16"}
+        assert all(qgemv.route(rows) == path for rows, path in table.items())
+        assert "few-row matmul paths" in caplog.text and "chosen" in caplog.text
+        qgemv.set_routes({1: "planes"})
+        monkeypatch.setenv("SLIMSERVE_CHOOSE_PATHS", "0")  # no timing: the kernel everywhere
+        assert choose_paths(runtime.model) == {} and qgemv.route(1) == "kernel"
+    finally:
+        qgemv.set_routes({})
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,hd", [(6, 2, 32), (9, 3, 64), (10, 2, 64), (4, 1, 160)])
+def test_rows_attention_reads_each_rows_block_table_and_matches_torch(
+    dtype: torch.dtype, heads: int, kv_heads: int, hd: int
+) -> None:
+    """Three rows of different lengths over scattered blocks (bs 4): each row's new K/V land
+    at its slot, and each output is torch's attention over that row's positions. Shapes:
+    the query heads of a K/V head in registers (SmolLM2's 3 x 64), in two passes (5), and
+    one head at a time (hd 160)."""
+    bs = 4
+    cache = torch.randn(2, kv_heads, 12, bs, hd).to(dtype)
+    tables = torch.tensor([[3, 7, 1], [5, 0, 0], [11, 2, 9]])  # padding: block 0
+    positions = torch.tensor([[9], [2], [10]])
+    slots = torch.stack([tables[b, p // bs] * bs + p % bs for b, p in enumerate(positions[:, 0])])
+    q = torch.randn(3, heads, hd)
+    k, v = torch.randn(3, kv_heads, hd).to(dtype), torch.randn(3, kv_heads, hd).to(dtype)
+    out = qgemv.attend_rows(q, k, v, cache, slots, tables, positions, 0.3)
+    saved = torch.get_num_threads()
+    try:  # the (row, K/V head) units shared by two threads, or all on one: the same bits
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            again = qgemv.attend_rows(q, k, v, cache, slots, tables, positions, 0.3)
+            assert torch.equal(again, out)
+    finally:
+        torch.set_num_threads(saved)
+    flat = cache.view(2, kv_heads, 12 * bs, hd).float()
+    for b in range(3):
+        assert torch.equal(flat[0, :, int(slots[b])], k[b].float())
+        assert torch.equal(flat[1, :, int(slots[b])], v[b].float())
+        keys = int(positions[b, 0]) + 1
+        at = torch.tensor([int(tables[b, p // bs]) * bs + p % bs for p in range(keys)])
+        grouped = q[b].view(kv_heads, heads // kv_heads, hd)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            grouped, flat[0][:, at], flat[1][:, at], scale=0.3
+        )
+        torch.testing.assert_close(out[b], expected.reshape(heads, hd), rtol=1e-4, atol=1e-5)

@@ -62,7 +62,7 @@ def forward_step(
         fast = supported(model)
     if not fast or batch.tokens.shape[1] != 1:
         return forward(model, pool, batch)
-    if batch.tokens.shape[0] <= qgemv.MAX_ROWS:  # the few-row kernel takes the cores
+    if qgemv.serves(batch.tokens.shape[0]):  # the few-row kernel takes the cores
         with qgemv.owning_cores():
             return _decode(model, pool, batch)
     return _decode(model, pool, batch)
@@ -90,9 +90,11 @@ def _decode(model: LlamaModel, pool: torch.Tensor, batch: Batch) -> torch.Tensor
     dtype = shape.dtype
     rotate = rotations(model.rope, batch.positions.view(-1))
     run = _consecutive(batch)
-    index = None if run is not None else _index(batch, pool)
-    # One row over consecutive blocks: the C kernel's attention where it is built.
-    direct = run is not None and qgemv.attends(pool, hd)
+    # One row over consecutive blocks, or a few rows over their block tables: the C kernel's
+    # attention where it is built (no gathers); torch's otherwise.
+    in_c = qgemv.attends(pool, hd) and rows <= qgemv.MAX_ROWS
+    direct = run is not None and in_c
+    index = None if run is not None or in_c else _index(batch, pool)
     scale = shape.query_scale / math.sqrt(hd)
     activation = _ACTIVATIONS[shape.activation]
     for kv, layer in zip(pool, model.layers, strict=True):
@@ -108,6 +110,10 @@ def _decode(model: LlamaModel, pool: torch.Tensor, batch: Batch) -> torch.Tensor
             first, keys = run[0] * kv.shape[3], run[1]
             q1, k1, v1 = rotated[0, :heads], rotated[0, heads:], qkv[0, heads + kvh :]
             out = qgemv.attend_one(q1, k1, v1, kv, first, keys, scale)
+        elif in_c:
+            q, k, v = rotated[:, :heads], rotated[:, heads:], qkv[:, heads + kvh :]
+            tables, positions = batch.block_tables, batch.positions
+            out = qgemv.attend_rows(q, k, v, kv, batch.slots, tables, positions, scale)
         else:
             out = _attend_torch(shape, rotated, qkv, kv, run, index)
         x = x + layer.o(out.reshape(rows, heads * hd))

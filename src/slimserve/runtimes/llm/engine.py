@@ -40,6 +40,7 @@ from slimserve.runtimes.llm.engine_config import (
     usable_cores,
 )
 from slimserve.runtimes.llm.grammar import Grammars
+from slimserve.runtimes.llm.int4mm import choose_paths
 from slimserve.runtimes.llm.model import (
     Batch,
     LlamaModel,
@@ -234,6 +235,8 @@ class GenerationEngine:
 
     def _run(self) -> None:
         torch.set_num_threads(self.config.threads or usable_cores())
+        if isinstance(self.model, LlamaModel):  # few-row paths timed with these threads
+            choose_paths(self.model)
         while not self._stopping:
             self._take_inbox()
             self._drop_abandoned()

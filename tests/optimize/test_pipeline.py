@@ -159,6 +159,8 @@ def test_overwrite_replaces_a_variant_atomically(tmp_path):
     [
         (["int8+quantum"], TRAIN, "unknown recipe step 'quantum'; known steps:"),
         (["prune:1.5"], TRAIN, "amount=1.5 is impossible"),
+        (["prune:0.9,final_epochs=2"], TRAIN, "final_epochs applies to retraining; add epochs"),
+        (["prune:0.9,rounds=2,epochs=1,final_epochs=1.5"], TRAIN, "final_epochs=1.5: use a whole"),
         (["int8:bits=3"], TRAIN, "bits=3"),
         (["int8:color=red"], TRAIN, "unknown argument 'color'"),
         (["int8+finetune"], TRAIN, "cannot run on a quantized torch model"),

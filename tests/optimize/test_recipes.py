@@ -103,6 +103,12 @@ def test_iterative_pruning_is_one_step(repo):
     # global threshold, and retraining at the rate deep-compression uses for the model's kind.
     assert notes["retrain_lr"] == FC_LR
     assert parse_step("prune:0.9,rounds=2,epochs=1").config.pruning.scope == "global"
+    # Then deep-compression's retraining: weight decay 1e-5, a final one of twice a round's epochs.
+    assert notes["final_epochs"] == 2
+    final = parse_step("prune:0.9,rounds=2,epochs=3").config.final
+    assert (final.epochs, final.weight_decay) == (6, 1e-5)
+    assert parse_step("prune:0.9,rounds=2,epochs=3").config.train.weight_decay == 1e-5
+    assert parse_step("prune:0.9,rounds=2,epochs=3,final_epochs=0").config.final is None
     assert parse_step("prune:0.9,scope=layer").config.pruning.scope == "layer"
 
 

@@ -61,6 +61,7 @@ SIZE_MARGIN = 1.12
 FINAL_GAMMA = 0.7  # learning rate x this per epoch within the final retraining
 CONV_LR = 3e-4  # Adam, retraining a model with convolutions (LeNet-5 measured at this rate)
 FC_LR = 6e-4  # Adam, retraining a model of fully connected layers only (chosen on LeNet-300-100)
+RETRAIN_WEIGHT_DECAY = 1e-5  # L2 in retraining (Han et al.), the final retraining's too
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class DeepCompression(OptimizeConfig):
     epochs: int | None = None  # retraining epochs per round
     final_epochs: int | None = None
     lr: float | None = None  # Adam, retraining
-    weight_decay: float = 1e-5
+    weight_decay: float = RETRAIN_WEIGHT_DECAY
     distill: float = 0.0  # weight of the dense model's soft targets in retraining; 0: labels
     temperature: float = 4.0  # softens the dense model's and the pruned model's outputs
     bits: int = 5  # per shared value, fully connected layers
@@ -158,13 +159,31 @@ def schedule_for(
         sparsity=sparsity,
         round_epochs=per_round if config.epochs is None else config.epochs,
         final_epochs=(
-            min(MAX_EPOCHS, 2 * per_round) if config.final_epochs is None else config.final_epochs
+            final_epochs_for(per_round) if config.final_epochs is None else config.final_epochs
         ),
         centroid_epochs=(
             max(1, per_round // 2) if config.centroid_epochs is None else config.centroid_epochs
         ),
         lr=(CONV_LR if has_conv else FC_LR) if config.lr is None else config.lr,
     )
+
+
+def final_epochs_for(round_epochs: int) -> int:
+    """The final retraining's epochs: twice a pruning round's, at most MAX_EPOCHS."""
+    return min(MAX_EPOCHS, 2 * round_epochs)
+
+
+def final_retrain_(
+    model: nn.Module,
+    data: Sequence[torch.Tensor],
+    train: TrainConfig,
+    loss: LossFn = classification_loss,
+) -> None:
+    """The final retraining after the last pruning round (the `prune` step's too): `train`
+    with its learning rate x FINAL_GAMMA per epoch; masks keep pruned weights at zero."""
+    if train.epochs:
+        fit(model, loss, data, replace(train, lr_gamma=FINAL_GAMMA, desc="retrain"))
+    model.eval()
 
 
 def stored_ratio(model: nn.Module, sparsity: float, sharing: WeightSharing) -> float:
@@ -213,7 +232,8 @@ def deep_compress_(
     bar = tqdm(total=config.rounds + 2, desc="deep-compression", disable=not config.progress)
     data, loss = _retraining(model, config, data)
     _prune_rounds(model, config, schedule, data, loss, score, report, bar)
-    _retrain(model, config, schedule, data, loss)
+    final = _train(config, schedule.final_epochs, schedule.lr, "retrain")
+    final_retrain_(model, data, final, loss)
     report.pruned_accuracy = score(model)
     report.nonzero, report.params = count_nonzero(model)
     bar.set_postfix(stage="pruned", acc=_pct(report.pruned_accuracy))
@@ -261,19 +281,6 @@ def _prune_rounds(
     )
     for entry, r in zip(report.rounds, rounds, strict=True):
         entry["sparsity"] = round(r.sparsity, 4)
-
-
-def _retrain(
-    model: nn.Module,
-    config: DeepCompression,
-    schedule: Schedule,
-    data: Sequence[torch.Tensor],
-    loss: LossFn,
-) -> None:
-    if schedule.final_epochs:
-        train = _train(config, schedule.final_epochs, schedule.lr, "retrain")
-        fit(model, loss, data, replace(train, lr_gamma=FINAL_GAMMA))
-    model.eval()
 
 
 def _retraining(

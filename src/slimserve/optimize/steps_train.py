@@ -2,7 +2,8 @@
 
 Steps that retrain need labelled --data and say so; without retraining, `prune`, `structured`
 (l2 importance) and `share` need none. Iterative pruning is one step: `prune:0.92,rounds=4,
-epochs=2` prunes on a cubic schedule in 4 rounds with 2 epochs of retraining after each.
+epochs=2` prunes on a cubic schedule in 4 rounds with 2 epochs of retraining after each, then
+retrains as deep-compression does (`final_epochs`, default 4: twice a round's, the rate decaying).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from tqdm.auto import tqdm
 
 from slimserve.errors import InvalidArgument
 from slimserve.optimize.compress import finetune_centroids, share_weights_
-from slimserve.optimize.deep_compression import DeepCompression, deep_compress_, retrain_lr
+from slimserve.optimize.deep_compression import (
+    RETRAIN_WEIGHT_DECAY,
+    DeepCompression,
+    deep_compress_,
+    final_epochs_for,
+    final_retrain_,
+    retrain_lr,
+)
 from slimserve.optimize.distillation import DistillConfig, derive_student, distill, mlp_sizes
 from slimserve.optimize.prune import (
     MagnitudePruning,
@@ -76,15 +84,37 @@ class RoundBar:
 
 @dataclass(frozen=True)
 class PruneStep:
-    """prune:0.9[,scope=layer][,rounds=4,epochs=2,lr=0.0006,schedule=cubic]; structured too.
-    prune's threshold is global unless scope=layer; its retraining rate follows the model
-    (deep_compression.retrain_lr) unless lr= is given."""
+    """prune:0.9[,scope=layer][,rounds=4,epochs=2,final_epochs=4,lr=0.0006,schedule=cubic];
+    structured too. prune's threshold is global unless scope=layer; its retraining rate follows
+    the model (deep_compression.retrain_lr) unless lr= is given; after the last round it
+    retrains as deep-compression does (deep_compression.final_retrain_)."""
 
     pruning: MagnitudePruning | StructuredPruning
     rounds: int = 1
     schedule: str = "cubic"
     train: TrainConfig | None = None  # retraining after each round; None: none (no data)
     lr_given: bool = False  # prune: else the rate follows the model (deep_compression.retrain_lr)
+    final: TrainConfig | None = None  # prune: the final retraining (its rate is train's)
+
+
+def _deep_compression_retraining(
+    train: TrainConfig | None, final_epochs: Any, decay_given: bool
+) -> tuple[TrainConfig | None, TrainConfig | None]:
+    """The `prune` step retrains as deep-compression does: weight decay RETRAIN_WEIGHT_DECAY
+    unless weight_decay= is given, and after the last round a final retraining of
+    `final_epochs` (default twice a round's epochs; 0: none) with a decaying rate. On the
+    validation split only both together helped (benchmarks/RESULTS.md, issue 16)."""
+    whole = isinstance(final_epochs, int) and 0 <= final_epochs <= 200
+    if final_epochs is not None and not whole:
+        raise InvalidArgument(f"final_epochs={final_epochs!r}: use a whole number of epochs, 0-200")
+    if train is None:
+        if final_epochs:
+            raise InvalidArgument("final_epochs applies to retraining; add epochs=N")
+        return None, None
+    if not decay_given:
+        train = replace(train, weight_decay=RETRAIN_WEIGHT_DECAY)
+    epochs = final_epochs_for(train.epochs) if final_epochs is None else final_epochs
+    return train, replace(train, epochs=epochs) if epochs else None
 
 
 def _build_pruning(cls: type[MagnitudePruning] | type[StructuredPruning]) -> Any:
@@ -95,13 +125,17 @@ def _build_pruning(cls: type[MagnitudePruning] | type[StructuredPruning]) -> Any
             raise InvalidArgument(f"rounds={rounds!r}: use 1 to 20 rounds")
         schedule_fraction(1, 1, schedule)  # validates the schedule's name
         lr_given = "lr" in args
+        decay_given = "weight_decay" in args
         train = _retrain_config(args, f"{cls.technique} round")
+        final = None
         if cls is MagnitudePruning:
+            final_epochs = args.pop("final_epochs", None)
+            train, final = _deep_compression_retraining(train, final_epochs, decay_given)
             # One threshold for all layers by default, as Han et al.'s per-layer sensitivity
             # does by hand and deep-compression does: on LeNet-300-100 at 92% (validation
             # split) each layer at 92% lost 3.3 points, the global threshold 1.9.
             args.setdefault("scope", "global")
-        return PruneStep(cls(**args), rounds, schedule, train, lr_given)
+        return PruneStep(cls(**args), rounds, schedule, train, lr_given, final)
 
     return build
 
@@ -130,6 +164,10 @@ def _run_prune(state: State, step: PruneStep) -> None:
         state.notes["rounds"] = [_round_note(r.sparsity, r.metric) for r in reports]
         if step.train:
             state.notes["retrain_lr"] = train.lr
+        if step.final is not None:
+            final = replace(step.final, lr=train.lr, seed=state.seed)
+            final_retrain_(state.model, state.labelled("prune"), final)
+            state.notes["final_epochs"] = step.final.epochs
     state.model.eval()
     state.notes["sparsity"] = round(float(sparsity(state.model)), 4)
 
@@ -166,7 +204,9 @@ register_step(
     main="amount",
     needs=labels_if(_prune_needs_labels),
     help="e.g. prune:0.9, prune:amount=0.9,scope=global, or iterative with retraining: "
-    "prune:0.92,rounds=4,epochs=4[,scope=layer,lr=0.0006,lr_gamma=0.8,schedule=cubic|linear]",
+    "prune:0.92,rounds=4,epochs=4[,final_epochs=8,scope=layer,lr=0.0006,lr_gamma=0.8,"
+    "weight_decay=0.00001,schedule=cubic|linear] (then a final retraining, rate decaying, "
+    "final_epochs=0 for none)",
 )
 register_step(
     "structured",

@@ -77,10 +77,13 @@ class TestAccuracy(Callback):
         print(f"{self.name} epoch {epoch + 1}: loss {loss:.4f}, test {acc:.4f}", flush=True)
 
 
-def train_baseline(name: str, seed: int, work: Path, data: tuple) -> tuple[Path, float]:
-    """The cached or freshly trained baseline's weights and its test accuracy."""
+def train_baseline(
+    name: str, seed: int, work: Path, data: tuple, split: str = ""
+) -> tuple[Path, float]:
+    """The cached or freshly trained baseline's weights and its accuracy on data[2:]
+    (`split` names a training set other than the whole of Fashion-MNIST's, e.g. "val50k")."""
     b = BASELINES[name]
-    path = work / f"{name}-{b.tag}-seed{seed}.safetensors"
+    path = work / f"{name}{split and '-' + split}-{b.tag}-seed{seed}.safetensors"
     xtr, ytr, xte, yte = data
     model = build(b)
     if path.exists():
@@ -98,18 +101,34 @@ def train_baseline(name: str, seed: int, work: Path, data: tuple) -> tuple[Path,
     return path, acc
 
 
-def slimserve(*args: str) -> str:
-    """Run the slimserve command line (this interpreter, this checkout)."""
-    cmd = [sys.executable, "-m", "slimserve", *args]
+def slimserve(*args: str, launcher: tuple[str, ...] = ()) -> str:
+    """Run the slimserve command line (this interpreter, this checkout; under `launcher`,
+    e.g. torchrun's arguments, when given)."""
+    cmd = [*launcher, *(["-m"] if launcher else [sys.executable, "-m"]), "slimserve", *args]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return out.stdout
 
 
-def compress(name: str, seed: int, weights: Path, work: Path, recipe: str) -> dict:
+TEST_DATA = ("fashion-mnist:train", "fashion-mnist:test")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One `slimserve optimize` run: its variant.yaml, the report's original, wall seconds."""
+
+    doc: dict
+    original: dict
+    seconds: float
+    command: str
+    variant_dir: Path
+
+
+def imported(name: str, seed: int, weights: Path, work: Path, tag: str = "") -> tuple[Path, str]:
+    """The repository holding `weights` as model NAME-sSEED (added with `repo add` once)."""
     b = BASELINES[name]
-    repo = work / f"repo-{name}-seed{seed}"
+    repo = work / f"repo-{name}{tag and '-' + tag}-seed{seed}"
     model = f"{name}-s{seed}"
     if not (repo / model).exists():
         slimserve(
@@ -117,20 +136,41 @@ def compress(name: str, seed: int, weights: Path, work: Path, recipe: str) -> di
             "--model-class", b.model_class, "--model-args", json.dumps(b.model_args),
             "--input-shape", b.input_shape,
         )  # fmt: skip
+    return repo, model
+
+
+def optimize(
+    repo: Path,
+    model: str,
+    recipe: str,
+    seed: int,
+    data: tuple[str, str] = TEST_DATA,
+    launcher: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (),
+) -> Run:
+    """`slimserve optimize` through the command line (under `launcher`, e.g. torchrun)."""
     command = [
-        "optimize", model, "-r", str(repo), "--recipe", recipe,
-        "--data", "fashion-mnist:train", "--eval-data", "fashion-mnist:test",
-        "--max-eval-rows", "10000", "--seed", str(seed), "--overwrite",
+        "optimize", model, "-r", str(repo), "--recipe", recipe, "--data", data[0],
+        "--eval-data", data[1], "--max-eval-rows", "10000", "--seed", str(seed),
+        "--overwrite", *extra,
     ]  # fmt: skip
     t0 = time.perf_counter()
-    print(slimserve(*command), flush=True)
+    print(slimserve(*command, launcher=launcher), flush=True)
     seconds = time.perf_counter() - t0
     variants = repo / model / "1" / "variants"
-    docs = [yaml.safe_load(p.read_text()) for p in sorted(variants.glob("*/variant.yaml"))]
-    (doc,) = [d for d in docs if d["recipe"]["text"] == recipe]
+    found = {p.parent: yaml.safe_load(p.read_text()) for p in variants.glob("*/variant.yaml")}
+    ((where, doc),) = [(p, d) for p, d in found.items() if d["recipe"]["text"] == recipe]
     report = json.loads((repo / model / "reports" / "1" / "report.json").read_text())
-    profile = doc["profile"]
-    original = report["original"]
+    shown = " ".join(
+        [*launcher, "-m", "slimserve", *command] if launcher else ["slimserve", *command]
+    )
+    return Run(doc, report["original"], seconds, shown, where)
+
+
+def compress(name: str, seed: int, weights: Path, work: Path, recipe: str) -> dict:
+    repo, model = imported(name, seed, weights, work)
+    run = optimize(repo, model, recipe, seed)
+    profile, original = run.doc["profile"], run.original
     return {
         "model": name,
         "seed": seed,
@@ -140,10 +180,15 @@ def compress(name: str, seed: int, weights: Path, work: Path, recipe: str) -> di
         "original_bytes": original["size_bytes"],
         "stored_bytes": profile["size_bytes"],
         "ratio": original["size_bytes"] / profile["size_bytes"],
-        "notes": doc.get("notes", {}),
-        "seconds": seconds,
-        "command": "slimserve " + " ".join(command),
+        "notes": run.doc.get("notes", {}),
+        "seconds": run.seconds,
+        "command": run.command,
     }
+
+
+def by_model(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Rows grouped by their model, in name order (one mean +- sd line each)."""
+    return [(n, [r for r in rows if r["model"] == n]) for n in sorted({r["model"] for r in rows})]
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -157,8 +202,7 @@ def summary(rows: list[dict]) -> list[str]:
             f"| {100 * r['compressed_acc']:.2f} | {r['drop_points']:+.2f} "
             f"| {r['stored_bytes']:,} | {r['ratio']:.1f}x |"
         )
-    for name in sorted({r["model"] for r in rows}):
-        mine = [r for r in rows if r["model"] == name]
+    for name, mine in by_model(rows):
         drops = [r["drop_points"] for r in mine]
         ratios = [r["ratio"] for r in mine]
         sd = statistics.stdev if len(mine) > 1 else (lambda _: 0.0)

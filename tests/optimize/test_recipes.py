@@ -10,11 +10,15 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from slimserve.cli import main
 from slimserve.optimize.data import digits
 from slimserve.optimize.deep_compression import CONV_LR, FC_LR, DeepCompression, schedule_for
+from slimserve.optimize.recipe import parse_step
+from slimserve.zoo import LeNet5
 from tests.optimize.quant_fixtures import make_repository, tree_digest
 
 FAST = ["--batch-sizes", "1,4", "--min-time-s", "0.01", "--max-eval-rows", "300"]
@@ -95,6 +99,11 @@ def test_iterative_pruning_is_one_step(repo):
     assert len(sparsities) == 3 and sparsities == sorted(sparsities)
     assert notes["sparsity"] == pytest.approx(0.8, abs=0.02)
     assert all(r["accuracy"] > 0.5 for r in notes["rounds"])
+    # Defaults chosen on Fashion-MNIST's validation split (RESULTS.md, issue 16, session 5): one
+    # global threshold, and retraining at the rate deep-compression uses for the model's kind.
+    assert notes["retrain_lr"] == FC_LR
+    assert parse_step("prune:0.9,rounds=2,epochs=1").config.pruning.scope == "global"
+    assert parse_step("prune:0.9,scope=layer").config.pruning.scope == "layer"
 
 
 def test_iterative_structured_pruning_is_one_step(repo):
@@ -103,6 +112,44 @@ def test_iterative_structured_pruning_is_one_step(repo):
     assert len(doc["notes"]["rounds"]) == 2
     hidden = doc["model_args"]["layers"]["net.0"]["out_features"]
     assert 28 <= hidden <= 36  # 64 neurons, half removed in two rounds
+
+
+def test_a_convolutional_teacher_distills_into_an_mlp_student(tmp_path):
+    # hidden= sizes the student for any teacher ending in a Linear layer (issue 16: LeNet-5
+    # taught 784-300-100-10 on Fashion-MNIST); inputs are flattened, the teacher's classes kept.
+    torch.manual_seed(0)
+    teacher = LeNet5().eval()
+    save_file(teacher.state_dict(), str(tmp_path / "lenet.safetensors"))
+    x = torch.rand(256, 1, 28, 28)
+    with torch.no_grad():
+        y = teacher(x).argmax(1)
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy())
+    repo = str(tmp_path / "r")
+    add = ["--model-class", "slimserve.zoo:LeNet5", "--input-shape", "1,28,28"]
+    assert (
+        main(["repo", "add", "lenet", str(tmp_path / "lenet.safetensors"), "-r", repo, *add]) == 0
+    )
+    recipe = "distill:hidden=16,epochs=3,temperature=2,alpha=0.5"
+    assert (
+        main(
+            [
+                "optimize",
+                "lenet",
+                "-r",
+                repo,
+                "--recipe",
+                recipe,
+                "--data",
+                str(tmp_path / "d.npz"),
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    (path,) = (tmp_path / "r" / "lenet" / "1" / "variants").glob("*/variant.yaml")
+    doc = yaml.safe_load(path.read_text())
+    assert doc["model_args"] == {"sizes": [784, 16, 10]}
+    assert doc["profile"]["agreement"] > 0.5, doc["profile"]
 
 
 DATA_FREE = ["int8", "weight-int8", "int4:group=32", "bf16", "prune:0.5", "structured:0.3"]

@@ -137,6 +137,16 @@ class DeepCompressionReport:
         return self.dense_bytes / max(self.stored_bytes, 1)
 
 
+def has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) for m in model.modules())
+
+
+def retrain_lr(model: nn.Module) -> float:
+    """Adam's rate for retraining a pruned `model`: CONV_LR with convolutions, else FC_LR (the
+    `prune` step's default too: benchmarks/RESULTS.md, issue 16, session 5)."""
+    return CONV_LR if has_conv(model) else FC_LR
+
+
 def schedule_for(
     config: DeepCompression, rows: int, sparsity: float, has_conv: bool = True
 ) -> Schedule:
@@ -198,8 +208,7 @@ def deep_compress_(
     in the progress bar and kept in the report), or None.
     """
     score: Metric = metric or (lambda m: None)
-    has_conv = any(isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) for m in model.modules())
-    schedule = schedule_for(config, len(data[0]), plan_sparsity(model, config), has_conv)
+    schedule = schedule_for(config, len(data[0]), plan_sparsity(model, config), has_conv(model))
     report = DeepCompressionReport(schedule, score(model))
     bar = tqdm(total=config.rounds + 2, desc="deep-compression", disable=not config.progress)
     data, loss = _retraining(model, config, data)

@@ -283,6 +283,8 @@ def test_queue_bound_refuses_with_resource_exhausted(runtime: TextGenerationRunt
 def test_engine_config_names_a_bad_field() -> None:
     with pytest.raises(InvalidArgument, match=r"EngineConfig.block_size=0"):
         EngineConfig(block_size=0)
+    with pytest.raises(InvalidArgument, match=r"EngineConfig.prefill_first=-1"):
+        EngineConfig(prefill_first=-1)
 
 
 def test_a_kv_budget_below_two_blocks_is_refused(runtime: TextGenerationRuntime) -> None:

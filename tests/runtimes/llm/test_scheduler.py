@@ -23,8 +23,21 @@ def running(seq_id: int, needs: int = 0, freeable: int = 2) -> RunningSeq:
 
 
 def test_new_sequences_join_a_running_batch() -> None:
-    decision = schedule(CONTINUOUS, [waiting(3)], [running(1), running(2)], 10, Limits())
+    limits = Limits(prefill_first=0)
+    decision = schedule(CONTINUOUS, [waiting(3)], [running(1), running(2)], 10, limits)
     assert decision == Decision(prefill=(3,), decode=(1, 2))
+
+
+def test_an_iteration_that_admits_does_not_decode_for_a_bounded_streak() -> None:
+    limits = Limits(prefill_first=2)
+    batch, queue = [running(1), running(2)], [waiting(3)]
+    for streak in (0, 1):  # prefill first: the running sequences wait one iteration
+        assert schedule(CONTINUOUS, queue, batch, 10, limits, streak) == Decision(prefill=(3,))
+    # after `prefill_first` such iterations in a row, the running ones step again
+    both = schedule(CONTINUOUS, queue, batch, 10, limits, 2)
+    assert both == Decision(prefill=(3,), decode=(1, 2))
+    # nothing admitted (no room): the running ones decode whatever the streak
+    assert schedule(CONTINUOUS, queue, batch, 0, limits, 0) == Decision(decode=(1, 2))
 
 
 def test_static_batching_admits_only_into_an_empty_batch() -> None:

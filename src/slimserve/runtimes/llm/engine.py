@@ -118,7 +118,8 @@ class GenerationEngine:
             self._forward, self._remote = model.forward, model
         pool_tokens = self.blocks.capacity * self.config.block_size
         self.max_context = min(model.shape.max_positions, pool_tokens)
-        self._limits = Limits(self.config.max_seqs, self.config.max_prefill_tokens)
+        config = self.config
+        self._limits = Limits(config.max_seqs, config.max_prefill_tokens, config.prefill_first)
         self._state = SchedulerState(continuous=self.config.continuous)
         self._inbox: list[Request] = []
         self._lock = threading.Lock()
@@ -126,6 +127,7 @@ class GenerationEngine:
         self._waiting: deque[Seq] = deque()
         self._running: list[Seq] = []
         self._stopping = False
+        self._streak = 0  # iterations in a row that admitted without decoding (scheduler.py)
         self._counts = dict.fromkeys(
             ("preemptions", "cached_tokens", "iterations", "drafted_tokens", "accepted_tokens"), 0
         )
@@ -267,7 +269,10 @@ class GenerationEngine:
             self._running_view(),
             self.blocks.free_count(),
             self._limits,
+            self._streak,
         )
+        prefill_only = bool(decision.prefill and self._running and not decision.decode)
+        self._streak = self._streak + 1 if prefill_only else 0
         by_id = {seq.seq_id: seq for seq in (*self._running, *self._waiting)}
         self._preempt([by_id[i] for i in decision.preempt])
         admitted = [by_id[i] for i in decision.prefill]
@@ -276,6 +281,7 @@ class GenerationEngine:
             self._waiting.remove(seq)
             self._allocate_prompt(seq)
         self._run_batch(admitted, self.prefill)
+        self._deliver()  # first tokens now, not after the decode step below
         self._running += admitted
         # A lost model-parallel group fails every running sequence (_lose_kv).
         self._run_batch([s for s in decoding if s.finish_reason is None], self.decode_step)

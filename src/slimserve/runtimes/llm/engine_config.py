@@ -20,6 +20,9 @@ class EngineConfig:
     kv_cache_bytes: int = 256 * 2**20  # the KV pool's size (all layers, K and V; fp32 or bf16)
     max_seqs: int = 32  # sequences decoded together at most
     max_prefill_tokens: int = 2048  # prompt tokens computed per iteration at most
+    # Iterations in a row that admit prompts without a decode step (scheduler.py); 0: every
+    # iteration decodes the running sequences too.
+    prefill_first: int = 4
     max_waiting: int = 256  # queued requests before submit refuses (RESOURCE_EXHAUSTED)
     continuous: bool = True  # False: static batching (admit only into an empty batch)
     prefix_caching: bool = True
@@ -30,6 +33,8 @@ class EngineConfig:
         for name in ("block_size", "kv_cache_bytes", "max_seqs", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"EngineConfig.{name}={getattr(self, name)!r}; use >= 1")
+        if self.prefill_first < 0:
+            raise InvalidArgument(f"EngineConfig.prefill_first={self.prefill_first!r}; use >= 0")
 
 
 @dataclass(frozen=True, slots=True)

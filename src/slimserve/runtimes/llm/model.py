@@ -462,7 +462,10 @@ def _attention(
     q, k = qk.split([shape.heads, kvh], dim=2)
     if shape.query_scale != 1.0:
         q = q * shape.query_scale
-    attention.write_kv(kv, k, qkv[:, :, shape.heads + kvh :], index)
+    v = qkv[:, :, shape.heads + kvh :]
+    attention.write_kv(kv, k, v, index)
+    if index.fresh and shape.attn_softcap is None:  # no prefix: its own keys, causally
+        return layer.o(attention.attend_new(q, k, v))
     return layer.o(attention.attend(q, kv, index, shape.attn_softcap))
 
 

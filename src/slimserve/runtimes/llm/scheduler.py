@@ -9,6 +9,14 @@ running ones to decode, and which to preempt, given the free KV blocks. The poli
   FIFO: admission stops at the first sequence that does not fit, so none is starved by
   later, smaller ones (the first one is always admitted alone if the pool can hold it, even
   over the prefill budget, so a long prompt still gets in).
+- Prefill first (as vLLM's default scheduler): an iteration that admits prompts does not
+  decode the running sequences, for at most `prefill_first` iterations in a row (the engine
+  counts them: `streak`), so that a wave of simultaneous requests all get their first token
+  before the running ones step again. The running ones wait the same prefills either way (an
+  iteration runs its prefill before its decode step); what is saved is the decode steps of a
+  partial batch between the wave's prefills, which every prompt of the wave but the first
+  ones waited for, and which a full batch does in one step afterwards. The bound keeps a
+  steady stream of arrivals from starving decode.
 - Static batching (`continuous=False`, the baseline): admit only when nothing is running.
 - Preemption by recompute: a running sequence that needs one more block when none is free
   takes it from the most recently admitted running sequences, which are preempted (their
@@ -36,6 +44,7 @@ class SchedulerState:
 class Limits:
     max_seqs: int = 32  # sequences decoded together at most
     max_prefill_tokens: int = 4096  # prompt tokens computed in one iteration at most
+    prefill_first: int = 4  # iterations in a row that may admit without decoding; 0: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +74,16 @@ def schedule(
     running: Sequence[RunningSeq],
     free_blocks: int,
     limits: Limits,
+    streak: int = 0,
 ) -> Decision:
-    """Decide one iteration. `running` is ordered oldest first, `waiting` in queue order."""
+    """Decide one iteration. `running` is ordered oldest first, `waiting` in queue order;
+    `streak`: the iterations just before this one that admitted without decoding."""
     decode, preempt, free_blocks = _grow_running(running, free_blocks)
     if preempt or (running and not state.continuous):
         return Decision(decode=decode, preempt=preempt)
     prefill = _admit(waiting, len(decode), free_blocks, limits)
+    if prefill and streak < limits.prefill_first:  # the running ones keep their blocks' room
+        return Decision(prefill=prefill)
     return Decision(prefill=prefill, decode=decode, preempt=())
 
 

@@ -192,6 +192,12 @@ class DualLinear:
             return self.large(x)
         if isinstance(self.small, Int4Linear):
             return self.small(x)
+        if not qgemv.in_decode():  # prefill chunks, verification: qgemv.OTHER_ROWS
+            if rows <= qgemv.OTHER_ROWS:
+                return self.small(x)
+            if self.middle is not None and rows <= self.middle.max_rows:
+                return self.middle(x)
+            return self.large(x)
         path = qgemv.route(rows)
         if path == "planes" and self.middle is not None and rows <= self.middle.max_rows:
             return self.middle(x)

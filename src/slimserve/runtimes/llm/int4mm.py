@@ -166,7 +166,8 @@ class DualLinear:
     The kernel is qgemv.py's (int8 activations, AVX-512 VNNI, both cores) where it builds on
     this machine, else torch's int4 planes (`Int4Linear`). With qgemv, a one-plane (4-bit)
     weight also keeps torch's planes (0.5 byte a weight more), and which of the three serves
-    a step of up to qgemv.MAX_ROWS rows is `routes` (measured at start-up: `choose_paths`)."""
+    a decode step of up to qgemv.MAX_ROWS rows is qgemv's `route` (measured at start-up:
+    `choose_paths`); other calls (prefill chunks) keep qgemv.OTHER_ROWS."""
 
     def __init__(self, weight: torch.Tensor, role: str = "") -> None:
         self.small: QLinear | Int4Linear

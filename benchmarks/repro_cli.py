@@ -4,9 +4,9 @@ well-trained baselines, per seed (issue 16; the issue-3 reproductions redone as 
 Baselines, repositories and `slimserve optimize` runs come from `deep_compression_cli.py`
 (trained once per model and seed, cached under --work, imported with `repo add`). Kinds:
 
-- prune: `--recipe prune:0.92,rounds=4,epochs=2`; non-zeros (biases included) of the variant
+- prune: `--recipe prune:0.92,rounds=4,epochs=4`; non-zeros (biases included) of the variant
   against the baseline's parameters, accuracy delta (Han et al. 2015: >= 12x, <= 0.5 points).
-- structured: `structured:0.5,rounds=3,epochs=2`; MACs of the variant as the server loads it
+- structured: `structured:0.5,rounds=3,epochs=4`; MACs of the variant as the server loads it
   (`count_macs`), the optimize report's p50 latency at batch 1 for both (issue 3: >= 30% FLOPs,
   >= 1.25x p50, <= 0.5 points).
 - distill: the LeNet-5 baseline of the same seed teaches a fresh 784-300-100-10 student
@@ -55,8 +55,8 @@ from slimserve.optimize.artifacts import load_torch
 from slimserve.optimize.structured import count_macs
 
 RECIPES = {
-    "prune": "prune:0.92,rounds=4,epochs=2",
-    "structured": "structured:0.5,rounds=3,epochs=2",
+    "prune": "prune:0.92,rounds=4,epochs=4",
+    "structured": "structured:0.5,rounds=3,epochs=4",
     # The student alone is the LeNet-300-100 baseline: 30 epochs, Adam 1e-3 x0.9 per epoch.
     "distill": "distill:hidden=300-100,epochs=30,lr=0.001,lr_gamma=0.9,temperature=2,alpha=0.5",
     "ddp": "prune:0.92,rounds=4,epochs=4",

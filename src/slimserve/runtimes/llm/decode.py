@@ -91,9 +91,11 @@ def _decode(model: LlamaModel, pool: torch.Tensor, batch: Batch) -> torch.Tensor
     dtype = shape.dtype
     rotate = rotations(model.rope, batch.positions.view(-1))
     run = _consecutive(batch)
-    # One row over consecutive blocks, or a few rows over their block tables: the C kernel's
-    # attention where it is built (no gathers); torch's otherwise.
-    in_c = qgemv.attends(pool, hd) and rows <= qgemv.MAX_ROWS
+    # One row over consecutive blocks, or any number of rows over their block tables: the C
+    # kernel's attention where it is built (no gathers); torch's otherwise. Past the kernel's
+    # matmul rows too: a 32-row SmolLM2 step, one thread, 165.6 -> 139.8 ms CPU (RESULTS.md,
+    # issue 14, session 5, many streams).
+    in_c = qgemv.attends(pool, hd)
     direct = run is not None and in_c
     index = None if run is not None or in_c else _index(batch, pool)
     scale = shape.query_scale / math.sqrt(hd)

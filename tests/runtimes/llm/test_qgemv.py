@@ -212,12 +212,20 @@ def test_routes_send_each_step_size_to_its_path() -> None:
     x = torch.randn(4, 256)
     try:
         qgemv.set_routes({1: "planes", 2: "bf16"})
-        assert torch.equal(dual(x[:1]), dual.middle(x[:1]))
-        assert torch.equal(dual(x[:2]), dual.large(x[:2]))
-        assert torch.equal(dual(x[:3]), dual.small(x[:3]))  # not listed: the kernel
+        with qgemv.decoding():
+            assert torch.equal(dual(x[:1]), dual.middle(x[:1]))
+            assert torch.equal(dual(x[:2]), dual.large(x[:2]))
+            assert torch.equal(dual(x[:3]), dual.small(x[:3]))  # not listed: the kernel
         assert not qgemv.serves(1) and qgemv.serves(3)
     finally:
         qgemv.set_routes({})
+    # Outside decode steps (prefill chunks): the kernel up to OTHER_ROWS, then torch's
+    # planes, then bf16, whatever the routes say.
+    y = torch.randn(qgemv.OTHER_ROWS + 1, 256)
+    assert torch.equal(dual(y[:1]), dual.small(y[:1]))
+    assert torch.equal(dual(y), dual.middle(y))
+    with qgemv.decoding():
+        assert torch.equal(dual(y), dual.small(y))
 
 
 @needs_kernel

@@ -62,10 +62,11 @@ def forward_step(
         fast = supported(model)
     if not fast or batch.tokens.shape[1] != 1:
         return forward(model, pool, batch)
-    if qgemv.serves(batch.tokens.shape[0]):  # the few-row kernel takes the cores
-        with qgemv.owning_cores():
-            return _decode(model, pool, batch)
-    return _decode(model, pool, batch)
+    with qgemv.decoding():
+        if qgemv.serves(batch.tokens.shape[0]):  # the few-row kernel takes the cores
+            with qgemv.owning_cores():
+                return _decode(model, pool, batch)
+        return _decode(model, pool, batch)
 
 
 def rotations(tables: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:

@@ -166,7 +166,8 @@ class DualLinear:
     The kernel is qgemv.py's (int8 activations, AVX-512 VNNI, both cores) where it builds on
     this machine, else torch's int4 planes (`Int4Linear`). With qgemv, a one-plane (4-bit)
     weight also keeps torch's planes (0.5 byte a weight more), and which of the three serves
-    a step of up to qgemv.MAX_ROWS rows is `routes` (measured at start-up: `choose_paths`)."""
+    a decode step of up to qgemv.MAX_ROWS rows is qgemv's `route` (measured at start-up:
+    `choose_paths`); other calls (prefill chunks) keep qgemv.OTHER_ROWS."""
 
     def __init__(self, weight: torch.Tensor, role: str = "") -> None:
         self.small: QLinear | Int4Linear
@@ -192,6 +193,12 @@ class DualLinear:
             return self.large(x)
         if isinstance(self.small, Int4Linear):
             return self.small(x)
+        if not qgemv.in_decode():  # prefill chunks, verification: qgemv.OTHER_ROWS
+            if rows <= qgemv.OTHER_ROWS:
+                return self.small(x)
+            if self.middle is not None and rows <= self.middle.max_rows:
+                return self.middle(x)
+            return self.large(x)
         path = qgemv.route(rows)
         if path == "planes" and self.middle is not None and rows <= self.middle.max_rows:
             return self.middle(x)
@@ -213,18 +220,21 @@ def dual_linear(weight: torch.Tensor, role: str = "") -> Linear:
 TUNED_ROWS = (1, 4, 8, qgemv.MAX_ROWS)
 
 
-def choose_paths(model: LlamaModel, repeats: int = 15) -> dict[int, str]:
+def choose_paths(model: LlamaModel, repeats: int = 9) -> dict[int, str]:
     """Time the few-row paths on the model's first layer (its own weights and shapes, with
     this thread's torch threads, as a decode step runs them) and route each step size to the
     fastest: the C kernel, torch's int4 planes or the bf16 copy (llama.cpp tunes its threads
-    the same way). Each path is judged by the 80th percentile of its calls (the tail a
-    descheduled thread makes: an OpenMP split waits at its barrier, 50 ms a call seen, and
-    the kernel's pool waits for a unit a sleeping worker holds), torch's needing a 10% lead.
-    On a busy machine the choice is still a draw of the moment (at load 3-5 torch's paths
-    won a few rounds by median or mean and then took 0.2-0.5 s a step); on a quiet one the
-    tail is near the typical call. `SLIMSERVE_CHOOSE_PATHS=0`: no timing, the kernel for
-    every few-row step. ~60 ms on SmolLM2-135M (quiet). Sets qgemv's routes and returns
-    them; {} (the kernel everywhere) when no layer has both the kernel and torch's planes."""
+    the same way). Each sample is the layer's four matmuls run `CALLS` times, and each path
+    is judged by the 80th percentile of its samples (the tail a descheduled thread makes:
+    an OpenMP split waits at its barrier, 50 ms a call seen, and the kernel's pool waits for
+    a unit a sleeping worker holds); torch's paths need a 1.5x lead, since on a busy machine
+    short samples are a draw of the moment (at load 3-5, with medians, means or a 10% lead,
+    torch's paths won the timing and then took 0.2-0.5 s a step, the kernel 16-40 ms). On
+    one thread the kernel measured 1.7-3.4x faster than torch's int4 kernel at 1-16 rows,
+    so the lead only decides where another machine differs a lot.
+    `SLIMSERVE_CHOOSE_PATHS=0`: no timing, the kernel for every few-row step. ~0.1-0.4 s on
+    SmolLM2-135M. Sets qgemv's routes and returns them; {} (the kernel everywhere) when no
+    layer has both the kernel and torch's planes."""
     if os.environ.get("SLIMSERVE_CHOOSE_PATHS", "1") == "0":
         qgemv.set_routes({})
         return {}
@@ -241,7 +251,7 @@ def choose_paths(model: LlamaModel, repeats: int = 15) -> dict[int, str]:
         if all(d.middle is not None and rows <= d.middle.max_rows for d in duals):
             paths["planes"] = _run(duals, xs, "middle")
         samples = _times(paths, repeats)
-        times = {name: _tail(v) * (0.9 if name == "kernel" else 1) for name, v in samples.items()}
+        times = {name: _tail(v) / (1.5 if name == "kernel" else 1) for name, v in samples.items()}
         best = min(times, key=lambda name: times[name])
         table.update(dict.fromkeys(range(done + 1, rows + 1), best))
         done = rows
@@ -249,7 +259,8 @@ def choose_paths(model: LlamaModel, repeats: int = 15) -> dict[int, str]:
         report.append(f"{rows}: " + ", ".join(f"{k} {v:.2f}" for k, v in means.items()))
     qgemv.set_routes(table)
     log.info(
-        "few-row matmul paths (layer 0, mean ms, %d threads): %s; chosen: %s",
+        "few-row matmul paths (layer 0 x %d, mean ms, %d threads): %s; chosen: %s",
+        CALLS,
         torch.get_num_threads(),
         "; ".join(report),
         {rows: table[rows] for rows in TUNED_ROWS},
@@ -266,10 +277,14 @@ def _width(dual: DualLinear) -> int:
     return dual.small.in_features
 
 
+CALLS = 4  # runs of the layer's matmuls per timed sample
+
+
 def _run(duals: list[DualLinear], xs: list[torch.Tensor], part: str) -> Callable[[], None]:
     def step() -> None:
-        for dual, x in zip(duals, xs, strict=True):
-            getattr(dual, part)(x)
+        for _ in range(CALLS):
+            for dual, x in zip(duals, xs, strict=True):
+                getattr(dual, part)(x)
 
     return step
 

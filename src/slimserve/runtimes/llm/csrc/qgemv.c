@@ -29,6 +29,7 @@
  */
 #include <immintrin.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -41,6 +42,7 @@
 #define ROW_TILE 8 /* activation rows whose accumulators stay in registers */
 #define MAX_THREADS 64
 #define SPIN_NS 200000 /* a worker spins this long for the next job before it sleeps */
+#define YIELD_NS 50000 /* the caller spins this long for a worker's units, then yields */
 
 static inline int record_bytes(int bits) { return (bits == 4 ? 256 : 512) + 64; }
 
@@ -296,7 +298,18 @@ static void dispatch(const Job *j, int threads, int least) {
     if (sleepers) pthread_cond_broadcast(&wake);
     pthread_mutex_unlock(&lock);
     work(j, gen);
-    while (atomic_load_explicit(&finished, memory_order_acquire) < j->units) _mm_pause();
+    /* Wait for the units workers hold; past YIELD_NS give the core away: on a busy machine
+     * the worker we wait for may be waiting for this very core. */
+    long start = 0;
+    for (int spins = 1; atomic_load_explicit(&finished, memory_order_acquire) < j->units; spins++) {
+        _mm_pause();
+        if (spins % 64 == 0) {
+            if (!start)
+                start = now_ns();
+            else if (now_ns() - start > YIELD_NS)
+                sched_yield();
+        }
+    }
 }
 
 /* y (M, N) fp32 = x (M, K) @ W.T for W packed as `bits`-bit records (see the top).

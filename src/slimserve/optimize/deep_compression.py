@@ -36,7 +36,7 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -94,9 +94,7 @@ class DeepCompression(OptimizeConfig):
         if not (isinstance(self.rounds, int) and 1 <= self.rounds <= 20):
             raise InvalidArgument(f"rounds={self.rounds!r}: use 1 to 20 rounds")
         for name in ("epochs", "final_epochs", "centroid_epochs"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and 0 <= value <= 200):
-                raise InvalidArgument(f"{name}={value!r}: use a whole number of epochs, 0-200")
+            check_epochs(name, getattr(self, name))
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise InvalidArgument(f"lr={self.lr!r}: use a positive learning rate, e.g. 0.0003")
         if not (isinstance(self.distill, int | float) and 0 <= self.distill <= 1):
@@ -166,6 +164,12 @@ def schedule_for(
         ),
         lr=(CONV_LR if has_conv else FC_LR) if config.lr is None else config.lr,
     )
+
+
+def check_epochs(name: str, value: Any) -> None:
+    """An epochs setting is None (chosen from the data) or a whole number, 0-200."""
+    if value is not None and not (isinstance(value, int) and 0 <= value <= 200):
+        raise InvalidArgument(f"{name}={value!r}: use a whole number of epochs, 0-200")
 
 
 def final_epochs_for(round_epochs: int) -> int:

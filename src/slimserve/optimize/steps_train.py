@@ -19,6 +19,7 @@ from slimserve.optimize.compress import finetune_centroids, share_weights_
 from slimserve.optimize.deep_compression import (
     RETRAIN_WEIGHT_DECAY,
     DeepCompression,
+    check_epochs,
     deep_compress_,
     final_epochs_for,
     final_retrain_,
@@ -104,9 +105,7 @@ def _deep_compression_retraining(
     unless weight_decay= is given, and after the last round a final retraining of
     `final_epochs` (default twice a round's epochs; 0: none) with a decaying rate. On the
     validation split only both together helped (benchmarks/RESULTS.md, issue 16)."""
-    whole = isinstance(final_epochs, int) and 0 <= final_epochs <= 200
-    if final_epochs is not None and not whole:
-        raise InvalidArgument(f"final_epochs={final_epochs!r}: use a whole number of epochs, 0-200")
+    check_epochs("final_epochs", final_epochs)
     if train is None:
         if final_epochs:
             raise InvalidArgument("final_epochs applies to retraining; add epochs=N")

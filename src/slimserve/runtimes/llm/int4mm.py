@@ -217,7 +217,7 @@ def dual_linear(weight: torch.Tensor, role: str = "") -> Linear:
 
 # Rows at which `choose_paths` times the paths; a step of r rows takes the choice made at the
 # first of these >= r.
-TUNED_ROWS = (1, 4, 8, qgemv.MAX_ROWS)
+TUNED_ROWS = (1, 4, 8, 16, qgemv.MAX_ROWS)
 
 
 def choose_paths(model: LlamaModel, repeats: int = 9) -> dict[int, str]:

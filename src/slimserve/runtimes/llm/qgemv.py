@@ -119,10 +119,13 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-# Steps of at most this many rows may go through the kernel (int4mm.DualLinear); more through
-# oneDNN's bf16 matmuls. Its cost grows ~1.4 vector instructions per 64 weights per row;
-# measured in benchmarks/RESULTS.md (issue 14, session 5).
-MAX_ROWS = 16
+# Decode steps of at most this many rows (an engine's default max_seqs) may go through the
+# kernel (int4mm.DualLinear); more through oneDNN's bf16 matmuls. Its cost grows ~1.4 vector
+# instructions per 64 weights per row: alone, at 32 rows, it is as fast as oneDNN's bf16, but
+# in a step it keeps the cores to one pool (attention is the kernel's too), where bf16
+# matmuls meet the pool's spinning workers and took twice as long (benchmarks/RESULTS.md,
+# issue 14, session 6).
+MAX_ROWS = 32
 # Which path serves a step of a given number of rows, "kernel" (this one), "planes" (torch's
 # int4 kernel) or "bf16": measured on the model's own matmuls when an engine starts
 # (int4mm.choose_paths); rows not listed take the kernel. One table per process: it says

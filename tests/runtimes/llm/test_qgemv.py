@@ -4,6 +4,7 @@ clean fallback to torch when it cannot be built."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shutil
 from pathlib import Path
@@ -297,3 +298,78 @@ def test_rows_attention_reads_each_rows_block_table_and_matches_torch(
             grouped, flat[0][:, at], flat[1][:, at], scale=0.3
         )
         torch.testing.assert_close(out[b], expected.reshape(heads, hd), rtol=1e-4, atol=1e-5)
+
+
+def paged_expected(
+    q: torch.Tensor, flat: torch.Tensor, table: torch.Tensor, keys: int, bs: int
+) -> torch.Tensor:
+    """torch's attention of one row (H, hd) over positions 0..keys-1 through its block table,
+    `flat` the pool (2, Hkv, slots, hd) in fp32."""
+    at = table[torch.arange(keys) // bs] * bs + torch.arange(keys) % bs
+    kv_heads, hd = flat.shape[1], flat.shape[3]
+    grouped = q.view(kv_heads, -1, hd)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        grouped, flat[0][:, at], flat[1][:, at], scale=0.125
+    )
+    return out.reshape(q.shape)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_attention_over_long_contexts_of_different_lengths(dtype: torch.dtype) -> None:
+    """SmolLM2's shape, rows of 1, 17 (16 keys and one more), 1000 and 1300 keys over
+    shuffled blocks of 16: scores are taken 16 keys at a time, so every tail length meets
+    torch's attention; large scores (a softmax whose smaller terms underflow) included."""
+    heads, kv_heads, hd, bs = 9, 3, 64, 16
+    lengths = [1, 17, 1000, 1300]
+    width = -(-max(lengths) // bs)
+    blocks = len(lengths) * width
+    cache = (torch.randn(2, kv_heads, blocks, bs, hd) * 3).to(dtype)
+    tables = torch.randperm(blocks).view(len(lengths), width)
+    positions = torch.tensor(lengths).view(-1, 1) - 1
+    last = positions[:, 0]
+    slots = tables[torch.arange(len(lengths)), last // bs] * bs + last % bs
+    q = torch.randn(len(lengths), heads, hd) * 3
+    k, v = torch.randn(len(lengths), kv_heads, hd).to(dtype), torch.randn(4, kv_heads, hd)
+    out = qgemv.attend_rows(q, k, v.to(dtype), cache, slots, tables, positions, 0.125)
+    flat = cache.view(2, kv_heads, blocks * bs, hd).float()
+    for b, keys in enumerate(lengths):
+        expected = paged_expected(q[b], flat, tables[b], keys, bs)
+        torch.testing.assert_close(out[b], expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_one_row_attention_over_a_long_context_matches_torch() -> None:
+    """Consecutive slots (no block table), 1500 keys from slot 7, hd 128 and 4 query heads
+    a K/V head (the other register shape), then hd 160 (sizes known at run time only)."""
+    for heads, hd in ((8, 128), (4, 160)):
+        kv_heads, first, keys = 2, 7, 1500
+        cache = torch.randn(2, kv_heads, 100, 16, hd)
+        q, k, v = torch.randn(heads, hd), torch.randn(kv_heads, hd), torch.randn(kv_heads, hd)
+        out = qgemv.attend_one(q, k, v, cache, first, keys, 0.125)
+        flat = cache.view(2, kv_heads, 1600, hd)
+        table = torch.arange(first, first + keys)  # a "block table" of single positions
+        expected = paged_expected(q, flat, table, keys, 1)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_the_softmax_exponential_is_within_one_ulp_of_exp() -> None:
+    """The kernel's vectorized e^x (csrc/qgemv.c, exp16) over a softmax's exponents (x <= 0),
+    against fp64's exp rounded to fp32: at most 1 ulp (as bit patterns, subnormals too),
+    exactly 1 at 0, exactly 0 where fp32's e^x rounds to 0, NaN kept."""
+    lib = qgemv._library()
+    assert lib is not None
+    lib.qgemv_exp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.qgemv_exp.restype = None
+    special = [0.0, -0.0, -1e-30, -87.34, -103.97, -103.98, -200.0, -float("inf"), float("nan")]
+    x = torch.cat(
+        [torch.linspace(-110, 0, 400_001), -torch.rand(100_000) * 4, torch.tensor(special)]
+    )
+    y = torch.empty_like(x)
+    lib.qgemv_exp(x.data_ptr(), y.data_ptr(), x.numel() - 3)  # a short last vector too
+    lib.qgemv_exp(x[-3:].data_ptr(), y[-3:].data_ptr(), 3)
+    expected = torch.exp(x.double()).float()
+    ulps = (y.view(torch.int32).long() - expected.view(torch.int32).long()).abs()
+    assert int(ulps[:-1].max()) <= 1
+    assert y[x == 0].eq(1).all() and y[x < -103.98].eq(0).all() and y[-1].isnan()

@@ -339,83 +339,174 @@ static void write_kv(void *cache, const void *k, const void *v, size_t item, siz
     }
 }
 
-/* Where key p of a row is, within a head: through its block table, or from `first` on. */
-static inline size_t key_slot(const int64_t *table, int bs, size_t first, int p) {
-    return table ? (size_t)table[p / bs] * bs + (size_t)(p % bs) : first + (size_t)p;
+/* Key positions walked in order, within a head: through a block table (position p at slot
+ * table[p / bs] * bs + p % bs) or from `first` on (table NULL). One division where the walk
+ * starts, none a key. */
+typedef struct {
+    const int64_t *table;
+    int bs, block, offset;
+    size_t first;
+} Walk;
+
+static inline Walk walk_from(const int64_t *table, int bs, size_t first, int p) {
+    Walk w = {table, bs, 0, p, first};
+    if (table) {
+        w.block = p / bs;
+        w.offset = p % bs;
+    }
+    return w;
 }
 
-/* The query heads of one K/V head (G of them, hd = 16 VECS) over `keys` keys: each K and V
- * row is read and widened once for the G heads (SmolLM2: 3). `scores`: G * keys floats. */
+/* The slot of the walk's key, then on to the next key. */
+static inline size_t next_slot(Walk *w) {
+    if (!w->table) return w->first + (size_t)w->offset++;
+    size_t slot = (size_t)w->table[w->block] * w->bs + (size_t)w->offset;
+    if (++w->offset == w->bs) {
+        w->offset = 0;
+        w->block++;
+    }
+    return slot;
+}
+
+/* e^x in 16 lanes for a softmax's exponents (x <= 0): x = n ln2 + r with |r| <= ln2 / 2, e^r
+ * by Cephes' expf polynomial, times 2^n by vscalefps (which rounds into subnormals as expf
+ * does); exactly 0 below ln(2^-150), where expf rounds to 0. NaN stays NaN. Within 2 ulp of
+ * expf over [-104, 0] (tests/runtimes/llm/test_qgemv.py). */
+static inline __m512 exp16(__m512 x) {
+    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-103.972084f), _CMP_NLT_UQ);
+    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x); /* vmaxps returns its 2nd operand on NaN */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* ln2 in two parts */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r,
+                               _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+/* y = e^x for n floats (exp16, exposed for its test). */
+void qgemv_exp(const float *x, float *y, int n) {
+    for (int i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, m, exp16(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+/* Lane sums of 16 vectors in four pairing steps, instead of one horizontal sum each: */
+static inline __m512 pair_halves(__m512 a, __m512 b) { /* 256-bit halves: a's, b's */
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+}
+static inline __m512 pair_quarters(__m512 u, __m512 v) { /* 128-bit quarters: a b c d */
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x88), _mm512_shuffle_f32x4(u, v, 0xDD));
+}
+static inline __m512 pair_twos(__m512 u, __m512 v) { /* in each quarter: 2 of u, 2 of v */
+    return _mm512_add_ps(_mm512_shuffle_ps(u, v, 0x44), _mm512_shuffle_ps(u, v, 0xEE));
+}
+static inline __m512 pair_ones(__m512 u, __m512 v) { /* in each quarter: 1 of each of 4 */
+    return _mm512_add_ps(_mm512_shuffle_ps(u, v, 0x88), _mm512_shuffle_ps(u, v, 0xDD));
+}
+
+/* Query head q (hd = 16 VECS) times one K row, in 16 lanes still to be summed. */
+static inline __attribute__((always_inline)) __m512 dot_lanes(const float *q, const float *row,
+                                                              int VECS) {
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(row));
+    for (int i = 1; i < VECS; i++)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * i), _mm512_loadu_ps(row + 16 * i), acc);
+    return acc;
+}
+
+/* The scores of query head q against 16 K rows, lane k row k's. The pairing steps leave
+ * in lane 4c + i the sum of the (4i + c)-th vector, so row 4c + i goes in that place. */
+static inline __attribute__((always_inline)) __m512 dots16(const float *q,
+                                                           const float *const *rows, int VECS) {
+    __m512 quarters[4];
+    for (int t = 0; t < 4; t++)
+        quarters[t] = pair_quarters(
+            pair_halves(dot_lanes(q, rows[t], VECS), dot_lanes(q, rows[4 + t], VECS)),
+            pair_halves(dot_lanes(q, rows[8 + t], VECS), dot_lanes(q, rows[12 + t], VECS)));
+    return pair_ones(pair_twos(quarters[0], quarters[1]), pair_twos(quarters[2], quarters[3]));
+}
+
+/* The next `count` (1..16) keys' K rows as fp32: pointers into the pool (fp32), or into
+ * `tile` (16, hd) once widened (bf16); rows past `count` repeat the last (scores dropped). */
+static inline void key_rows(const void *cache, int is_bf16, size_t base, Walk *w, int count,
+                            int hd, float *tile, const float **rows) {
+    for (int s = 0; s < count; s++) {
+        const size_t at = base + next_slot(w) * hd;
+        if (!is_bf16) {
+            rows[s] = (const float *)cache + at;
+            continue;
+        }
+        for (int i = 0; i < hd; i += 16)
+            _mm512_storeu_ps(tile + (size_t)s * hd + i, load16(cache, at + i, 1));
+        rows[s] = tile + (size_t)s * hd;
+    }
+    for (int s = count; s < 16; s++) rows[s] = rows[count - 1];
+}
+
+/* Scores s (n of them, a multiple of 16) into e^(s - max s); returns 1 / their sum. */
+static inline float softmax_exp(float *s, int n) {
+    __m512 top = _mm512_set1_ps(-__builtin_inff());
+    for (int p = 0; p < n; p += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + p));
+    const __m512 most = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int p = 0; p < n; p += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + p), most));
+        _mm512_storeu_ps(s + p, e);
+        total = _mm512_add_ps(total, e);
+    }
+    return 1.0f / _mm512_reduce_add_ps(total);
+}
+
+/* The query heads of one K/V head (G <= 4 of them, hd = 16 VECS) over `keys` keys: scores
+ * 16 keys at a time, each K row read (and widened) once for the G heads (SmolLM2: 3);
+ * softmax by exp16; weighted V rows summed, times 1 / total once. `scores`: G * (keys
+ * rounded up to 16) floats; `tile`: 16 * hd. V in chunks of VC vectors, so that the
+ * accumulators stay in registers. */
 static inline __attribute__((always_inline)) void attend_group(
     const float *q, const void *cache, int is_bf16, size_t k_base, size_t v_base,
     const int64_t *table, int bs, size_t first, int keys, float scale, float *scores,
-    float *out, int G, int VECS, int hd) {
-    __m512 qv[4][8];
-    for (int j = 0; j < G; j++)
-        for (int i = 0; i < VECS; i++) qv[j][i] = _mm512_loadu_ps(q + (size_t)j * hd + 16 * i);
-    float top[4] = {-3.4e38f, -3.4e38f, -3.4e38f, -3.4e38f};
-    for (int p = 0; p < keys; p++) {
-        size_t at = k_base + key_slot(table, bs, first, p) * hd;
-        __m512 kv[8];
-        for (int i = 0; i < VECS; i++) kv[i] = load16(cache, at + 16 * i, is_bf16);
+    float *tile, float *out, int G, int VECS, int hd) {
+    const int stride = (keys + 15) & ~15, VC = G * VECS <= 16 && VECS <= 8 ? VECS : 4;
+    Walk w = walk_from(table, bs, first, 0);
+    for (int p0 = 0; p0 < keys; p0 += 16) {
+        const int count = keys - p0 < 16 ? keys - p0 : 16;
+        const __mmask16 valid = (__mmask16)((1u << count) - 1);
+        const float *rows[16];
+        key_rows(cache, is_bf16, k_base, &w, count, hd, tile, rows);
         for (int j = 0; j < G; j++) {
-            __m512 acc = _mm512_mul_ps(qv[j][0], kv[0]);
-            for (int i = 1; i < VECS; i++) acc = _mm512_fmadd_ps(qv[j][i], kv[i], acc);
-            float score = _mm512_reduce_add_ps(acc) * scale;
-            scores[(size_t)j * keys + p] = score;
-            top[j] = score > top[j] ? score : top[j];
+            const __m512 s = _mm512_mul_ps(dots16(q + (size_t)j * hd, rows, VECS),
+                                           _mm512_set1_ps(scale));
+            _mm512_storeu_ps(scores + (size_t)j * stride + p0,
+                             _mm512_mask_mov_ps(_mm512_set1_ps(-__builtin_inff()), valid, s));
         }
     }
-    for (int j = 0; j < G; j++) {
-        float *row = scores + (size_t)j * keys, total = 0.0f;
+    float inv[4];
+    for (int j = 0; j < G; j++) inv[j] = softmax_exp(scores + (size_t)j * stride, stride);
+    for (int i0 = 0; i0 < VECS; i0 += VC) {
+        const int n = VECS - i0 < VC ? VECS - i0 : VC;
+        __m512 acc[4][8];
+        for (int j = 0; j < G; j++)
+            for (int i = 0; i < n; i++) acc[j][i] = _mm512_setzero_ps();
+        w = walk_from(table, bs, first, 0);
         for (int p = 0; p < keys; p++) {
-            row[p] = __builtin_expf(row[p] - top[j]);
-            total += row[p];
+            const size_t at = v_base + next_slot(&w) * hd + 16 * (size_t)i0;
+            __m512 vv[8];
+            for (int i = 0; i < n; i++) vv[i] = load16(cache, at + 16 * i, is_bf16);
+            for (int j = 0; j < G; j++) {
+                const __m512 weight = _mm512_set1_ps(scores[(size_t)j * stride + p]);
+                for (int i = 0; i < n; i++) acc[j][i] = _mm512_fmadd_ps(weight, vv[i], acc[j][i]);
+            }
         }
-        for (int p = 0; p < keys; p++) row[p] /= total;
-    }
-    __m512 acc[4][8];
-    for (int j = 0; j < G; j++)
-        for (int i = 0; i < VECS; i++) acc[j][i] = _mm512_setzero_ps();
-    for (int p = 0; p < keys; p++) {
-        size_t at = v_base + key_slot(table, bs, first, p) * hd;
-        __m512 vv[8];
-        for (int i = 0; i < VECS; i++) vv[i] = load16(cache, at + 16 * i, is_bf16);
-        for (int j = 0; j < G; j++) {
-            __m512 w = _mm512_set1_ps(scores[(size_t)j * keys + p]);
-            for (int i = 0; i < VECS; i++) acc[j][i] = _mm512_fmadd_ps(w, vv[i], acc[j][i]);
-        }
-    }
-    for (int j = 0; j < G; j++)
-        for (int i = 0; i < VECS; i++) _mm512_storeu_ps(out + (size_t)j * hd + 16 * i, acc[j][i]);
-}
-
-/* One head at a time, for shapes attend_group's registers do not take (hd > 128). */
-static void attend_head(const float *qh, const void *cache, int is_bf16, size_t k_base,
-                        size_t v_base, const int64_t *table, int bs, size_t first, int keys,
-                        float scale, float *scores, float *oh, int hd) {
-    float top = -3.4e38f;
-    for (int p = 0; p < keys; p++) {
-        size_t at = k_base + key_slot(table, bs, first, p) * hd;
-        __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < hd; i += 16)
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + i), load16(cache, at + i, is_bf16), acc);
-        scores[p] = _mm512_reduce_add_ps(acc) * scale;
-        top = scores[p] > top ? scores[p] : top;
-    }
-    float total = 0.0f;
-    for (int p = 0; p < keys; p++) {
-        scores[p] = __builtin_expf(scores[p] - top);
-        total += scores[p];
-    }
-    for (int p = 0; p < keys; p++) scores[p] /= total;
-    for (int i = 0; i < hd; i += 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int p = 0; p < keys; p++) {
-            size_t at = v_base + key_slot(table, bs, first, p) * hd;
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[p]), load16(cache, at + i, is_bf16), acc);
-        }
-        _mm512_storeu_ps(oh + i, acc);
+        for (int j = 0; j < G; j++)
+            for (int i = 0; i < n; i++)
+                _mm512_storeu_ps(out + (size_t)j * hd + 16 * (i0 + i),
+                                 _mm512_mul_ps(acc[j][i], _mm512_set1_ps(inv[j])));
     }
 }
 
@@ -453,7 +544,8 @@ static void attend_unit(const Attn *a, int unit) {
     const int64_t *table = a->tables ? a->tables + (size_t)b * a->width : NULL;
     const int keys = a->positions ? (int)a->positions[b] + 1 : a->keys;
     const size_t k_base = (size_t)g * a->per_head * hd, v_base = a->plane + k_base;
-    float *scores = scores_room(4 * keys);
+    const int stride = (keys + 15) & ~15;
+    float *scores = scores_room(4 * stride + 16 * hd), *tile = scores + 4 * stride;
     for (int j0 = 0; j0 < group; j0 += 4) {
         const int G = group - j0 < 4 ? group - j0 : 4;
         const size_t h = (size_t)b * a->heads + (size_t)g * group + j0;
@@ -462,20 +554,15 @@ static void attend_unit(const Attn *a, int unit) {
 #define GROUP_CASE(GG, VV)                                                                    \
     if (G == GG && vecs == VV) {                                                              \
         attend_group(qh, a->cache, a->is_bf16, k_base, v_base, table, a->bs, a->first, keys,  \
-                     a->scale, scores, oh, GG, VV, hd);                                       \
+                     a->scale, scores, tile, oh, GG, VV, hd);                                 \
         continue;                                                                             \
     }
         GROUP_CASE(1, 4) GROUP_CASE(2, 4) GROUP_CASE(3, 4) GROUP_CASE(4, 4)
         GROUP_CASE(1, 8) GROUP_CASE(2, 8) GROUP_CASE(3, 8) GROUP_CASE(4, 8)
 #undef GROUP_CASE
-        if (vecs <= 8) {
-            attend_group(qh, a->cache, a->is_bf16, k_base, v_base, table, a->bs, a->first, keys,
-                         a->scale, scores, oh, G, vecs, hd);
-            continue;
-        }
-        for (int j = 0; j < G; j++)
-            attend_head(qh + (size_t)j * hd, a->cache, a->is_bf16, k_base, v_base, table, a->bs,
-                        a->first, keys, a->scale, scores, oh + (size_t)j * hd, hd);
+        /* Other head sizes (hd > 128 included): the same steps, sizes known at run time. */
+        attend_group(qh, a->cache, a->is_bf16, k_base, v_base, table, a->bs, a->first, keys,
+                     a->scale, scores, tile, oh, G, vecs, hd);
     }
 }
 

@@ -1,15 +1,21 @@
 """Decode attention in C (`qgemv.attend_rows`): this checkout's kernel against an older one's.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/llm_attention_c.py
+    PYTHONPATH=src .venv/bin/python benchmarks/llm_attention_c.py              # from DRAM
+    PYTHONPATH=src .venv/bin/python benchmarks/llm_attention_c.py --layers 1   # from cache
     PYTHONPATH=src .venv/bin/python benchmarks/llm_attention_c.py --base main --dtypes bf16
 
 SmolLM2-135M's attention shape (9 query heads, 3 K/V heads, head_dim 64) over a paged pool
 (blocks of 16 positions, each row's blocks scattered over the pool), rows 1, 8 and 32 at
-contexts 200 and 1000, on 1 and 2 threads. The older kernel is `csrc/qgemv.c` as it was at
-`--base` (default: the commit before session 6's attention change), built with the same flags
-into a temporary library, and called through the same `qgemv.attend_rows` (the two differ
-only in the C they reach). Each call `--calls` times per sample, the two kernels alternating,
-median of `--samples` samples, in us a call (wall clock).
+contexts 200 and 1000, on 1 and 2 threads, fp32 and bf16 K/V. Calls go round `--layers`
+pools, one a layer, as a decode step's layers do (30 for SmolLM2), so that K and V come from
+DRAM as in a step, where the other layers' K/V and the weights pass through the caches
+between two uses of a layer's pool; `--layers 1` times one pool that stays in cache.
+
+The older kernel is `csrc/qgemv.c` as it was at `--base` (default: the commit before session
+6's attention change), built with the same flags into a temporary library, and reached
+through the same `qgemv.attend_rows` (the two differ only in the C they run), checked to give
+the same output within fp32 rounding. Each sample goes `--rounds` times round the layers, the
+two kernels alternating, median of `--samples` samples, in us a call (wall clock).
 """
 
 from __future__ import annotations
@@ -67,30 +73,30 @@ def case(rows: int, context: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...
     return q, k, v, cache, slots, tables, positions
 
 
-def time_call(args: tuple[torch.Tensor, ...], calls: int) -> float:
+def time_call(cases: list[tuple[torch.Tensor, ...]], rounds: int) -> float:
+    """Wall-clock us a call, going `rounds` times round the layers' pools."""
     start = time.perf_counter()
-    for _ in range(calls):
-        qgemv.attend_rows(*args, 0.125)
-    return (time.perf_counter() - start) / calls * 1e6
+    for _ in range(rounds):
+        for args in cases:
+            qgemv.attend_rows(*args, 0.125)
+    return (time.perf_counter() - start) / rounds / len(cases) * 1e6
 
 
 def compare(
-    old: ctypes.CDLL, args: tuple[torch.Tensor, ...], options: argparse.Namespace
+    old: ctypes.CDLL, cases: list[tuple[torch.Tensor, ...]], options: argparse.Namespace
 ) -> tuple[float, float]:
     """Median us a call of the old and the new kernel, alternating samples."""
     new = qgemv._library()
     samples: dict[str, list[float]] = {"old": [], "new": []}
     with mock.patch.object(qgemv, "_library", lambda: old):
-        time_call(args, 3)
-        expected = qgemv.attend_rows(*args, 0.125)
-    time_call(args, 3)
-    got = qgemv.attend_rows(*args, 0.125)
+        expected = qgemv.attend_rows(*cases[0], 0.125)
+    got = qgemv.attend_rows(*cases[0], 0.125)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     for _ in range(options.samples):
         with mock.patch.object(qgemv, "_library", lambda: old):
-            samples["old"].append(time_call(args, options.calls))
+            samples["old"].append(time_call(cases, options.rounds))
         assert qgemv._library() is new
-        samples["new"].append(time_call(args, options.calls))
+        samples["new"].append(time_call(cases, options.rounds))
     return statistics.median(samples["old"]), statistics.median(samples["new"])
 
 
@@ -101,21 +107,25 @@ def main() -> None:
     parser.add_argument("--contexts", default="200,1000")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--dtypes", default="fp32,bf16", help="K/V pool dtypes: fp32, bf16")
+    parser.add_argument("--layers", type=int, default=30, help="pools gone round (1: cached)")
     parser.add_argument("--samples", type=int, default=7)
-    parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the layers a sample")
     options = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         old = build_old(options.base, Path(folder))
-        print(f"torch {torch.__version__}; old kernel: {options.base}; us a call, medians")
+        print(
+            f"torch {torch.__version__}; old kernel: {options.base}; {options.layers} pools; "
+            "us a call, medians"
+        )
         print("dtype threads rows context      old      new  speed-up")
         for name in options.dtypes.split(","):
             for threads in [int(t) for t in options.threads.split(",")]:
                 torch.set_num_threads(threads)
                 for rows in [int(r) for r in options.rows.split(",")]:
                     for context in [int(c) for c in options.contexts.split(",")]:
-                        args = case(rows, context, DTYPES[name])
-                        before, after = compare(old, args, options)
+                        cases = [case(rows, context, DTYPES[name]) for _ in range(options.layers)]
+                        before, after = compare(old, cases, options)
                         print(
                             f"{name:5s} {threads:7d} {rows:4d} {context:7d} {before:8.1f} "
                             f"{after:8.1f}  {before / after:6.2f}x",

@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from slimserve.runtimes.llm import attention, qgemv
+from slimserve.runtimes.llm import attention, fused, qgemv
 from slimserve.runtimes.llm.model import (
     _ACTIVATIONS,
     Batch,
@@ -89,13 +89,17 @@ def _decode(model: LlamaModel, pool: torch.Tensor, batch: Batch) -> torch.Tensor
     if shape.embed_scale != 1.0:
         x = x * shape.embed_scale
     dtype = shape.dtype
+    in_c = qgemv.attends(pool, hd)
+    fused_layers = fused.plan(model) if in_c and qgemv.serves(rows) else None
+    if fused_layers is not None:  # every layer in one C call each (fused.py)
+        x = fused.run_layers(fused_layers, model, pool, batch, x.float().contiguous())
+        return model.lm_head(F.rms_norm(x, norm_shape, model.norm, eps).to(dtype)).float()
     rotate = rotations(model.rope, batch.positions.view(-1))
     run = _consecutive(batch)
     # One row over consecutive blocks, or any number of rows over their block tables: the C
     # kernel's attention where it is built (no gathers); torch's otherwise. Past the kernel's
     # matmul rows too: a 32-row SmolLM2 step, one thread, 165.6 -> 139.8 ms CPU (RESULTS.md,
     # issue 14, session 5, many streams).
-    in_c = qgemv.attends(pool, hd)
     direct = run is not None and in_c
     index = None if run is not None or in_c else _index(batch, pool)
     scale = shape.query_scale / math.sqrt(hd)

@@ -354,22 +354,23 @@ def test_one_row_attention_over_a_long_context_matches_torch() -> None:
 
 
 @needs_kernel
-def test_the_softmax_exponential_is_within_one_ulp_of_exp() -> None:
-    """The kernel's vectorized e^x (csrc/qgemv.c, exp16) over a softmax's exponents (x <= 0),
+def test_the_kernels_exponential_is_within_one_ulp_of_exp() -> None:
+    """The kernels' vectorized e^x (csrc/qgemv.c, exp16: the softmax's, x <= 0, and silu's)
     against fp64's exp rounded to fp32: at most 1 ulp (as bit patterns, subnormals too),
-    exactly 1 at 0, exactly 0 where fp32's e^x rounds to 0, NaN kept."""
+    exactly 1 at 0, exactly 0 and inf where fp32's e^x rounds to 0 and overflows, NaN kept."""
     lib = qgemv._library()
     assert lib is not None
     lib.qgemv_exp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.qgemv_exp.restype = None
-    special = [0.0, -0.0, -1e-30, -87.34, -103.97, -103.98, -200.0, -float("inf"), float("nan")]
-    x = torch.cat(
-        [torch.linspace(-110, 0, 400_001), -torch.rand(100_000) * 4, torch.tensor(special)]
-    )
+    special = [0.0, -0.0, -1e-30, -87.34, -103.97, -103.98, -200.0, -float("inf")]
+    special += [88.72, 88.73, 1e30, float("inf"), float("nan")]
+    softmax = -torch.rand(100_000) * 4
+    x = torch.cat([torch.linspace(-110, 89, 400_001), softmax, torch.tensor(special)])
     y = torch.empty_like(x)
     lib.qgemv_exp(x.data_ptr(), y.data_ptr(), x.numel() - 3)  # a short last vector too
     lib.qgemv_exp(x[-3:].data_ptr(), y[-3:].data_ptr(), 3)
     expected = torch.exp(x.double()).float()
     ulps = (y.view(torch.int32).long() - expected.view(torch.int32).long()).abs()
     assert int(ulps[:-1].max()) <= 1
-    assert y[x == 0].eq(1).all() and y[x < -103.98].eq(0).all() and y[-1].isnan()
+    assert y[x == 0].eq(1).all() and y[x < -103.98].eq(0).all() and y[x > 88.73].isinf().all()
+    assert y[-1].isnan()

@@ -14,6 +14,8 @@ from slimserve.runtimes.llm import (
     GenerationEngine,
     SamplingParams,
     TextGenerationRuntime,
+    fused,
+    qgemv,
 )
 from slimserve.runtimes.llm.speculate import SpeculativeConfig, accept, lookup
 
@@ -136,3 +138,24 @@ def test_a_draft_model_must_share_the_vocabulary(runtime: TextGenerationRuntime)
         GenerationEngine(runtime.model, runtime.tokenizer, config, draft=other)
     with pytest.raises(InvalidArgument, match="needs a draft model"):
         GenerationEngine(runtime.model, runtime.tokenizer, config)
+
+
+@pytest.mark.skipif(not qgemv.available(), reason="no AVX-512 VNNI or compiler")
+def test_verification_matches_plain_decoding_with_the_default_weights(
+    tiny_llama_dir: Path,
+) -> None:
+    """bf16 activations, int8 few-row matmuls: verification runs each drafted token as a
+    decode row of its own through the C layers, so the output is plain decoding's, token for
+    token, where model.forward over the drafts could differ at near ties."""
+    quantized = TextGenerationRuntime.load(tiny_llama_dir, weights="bf16+int4")
+    plain, _ = generate(quantized, None)
+    assert isinstance(quantized.model.fused, fused.FusedLayers)  # decode steps took C layers
+    spec = SpeculativeConfig(method="prompt-lookup", num_tokens=4, ngram_min=1, min_acceptance=0)
+    looked_up, engine = generate(quantized, spec)
+    assert looked_up == plain
+    assert engine.stats().drafted_tokens > 0
+    drafted, engine = generate(
+        quantized, SpeculativeConfig(method="draft", num_tokens=3), draft=quantized.model
+    )
+    assert drafted == plain
+    assert 0 < engine.stats().accepted_tokens <= engine.stats().drafted_tokens

@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from slimserve.runtimes.llm import attention, qgemv
+from slimserve.runtimes.llm import attention, fused, qgemv
 from slimserve.runtimes.llm.model import (
     _ACTIVATIONS,
     Batch,
@@ -69,6 +69,32 @@ def forward_step(
         return _decode(model, pool, batch)
 
 
+def forward_rows(model: LlamaModel, pool: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+    """Every new token's logits (B, T, V), each token a decode row of its own through the C
+    layers (fused.py), or None where they do not serve both B and B * T rows.
+
+    A verification of drafted tokens (speculate.py) this way gives, bit for bit, the logits
+    plain decoding would: each row of a C step is computed independently of the rows beside
+    it (per-row int8 activations, integer dot products, per-row attention; tested), and a
+    sequence's rows write their K/V before any of them attends, so the row at position p sees
+    the keys plain decoding would have written by then. model.forward (bf16 matmuls over the
+    whole block) can differ from decoding at near ties."""
+    rows, new = batch.tokens.shape
+    count = rows * new
+    if not (supported(model) and qgemv.serves(rows) and qgemv.serves(count)):
+        return None
+    if not qgemv.attends(pool, model.shape.head_dim) or fused.plan(model) is None:
+        return None
+    tokens = Batch(
+        batch.tokens.reshape(count, 1),
+        batch.positions.reshape(count, 1),
+        batch.slots,
+        batch.block_tables.repeat_interleave(new, 0),
+        torch.zeros(count, dtype=torch.int64),
+    )
+    return forward_step(model, pool, tokens, True).view(rows, new, -1)
+
+
 def rotations(tables: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
     """(B, hd, hd): x @ R[b] == x * cos + rotate_half(x) * sin at row b's position."""
     cos, sin = tables[0][positions], tables[1][positions]  # (B, hd)
@@ -89,13 +115,17 @@ def _decode(model: LlamaModel, pool: torch.Tensor, batch: Batch) -> torch.Tensor
     if shape.embed_scale != 1.0:
         x = x * shape.embed_scale
     dtype = shape.dtype
+    in_c = qgemv.attends(pool, hd)
+    fused_layers = fused.plan(model) if in_c and qgemv.serves(rows) else None
+    if fused_layers is not None:  # every layer in one C call each (fused.py)
+        x = fused.run_layers(fused_layers, model, pool, batch, x.float().contiguous())
+        return model.lm_head(F.rms_norm(x, norm_shape, model.norm, eps).to(dtype)).float()
     rotate = rotations(model.rope, batch.positions.view(-1))
     run = _consecutive(batch)
     # One row over consecutive blocks, or any number of rows over their block tables: the C
     # kernel's attention where it is built (no gathers); torch's otherwise. Past the kernel's
     # matmul rows too: a 32-row SmolLM2 step, one thread, 165.6 -> 139.8 ms CPU (RESULTS.md,
     # issue 14, session 5, many streams).
-    in_c = qgemv.attends(pool, hd)
     direct = run is not None and in_c
     index = None if run is not None or in_c else _index(batch, pool)
     scale = shape.query_scale / math.sqrt(hd)

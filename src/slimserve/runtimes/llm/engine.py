@@ -32,7 +32,7 @@ import torch
 
 from slimserve.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from slimserve.runtimes.llm.blocks import BlockAllocator, block_keys
-from slimserve.runtimes.llm.decode import forward_step, supported
+from slimserve.runtimes.llm.decode import forward_rows, forward_step, supported
 from slimserve.runtimes.llm.engine_config import (
     EngineConfig,
     EngineStats,
@@ -489,8 +489,10 @@ def _put_all(items: list[tuple[Request, Any]]) -> None:
 def _local_forward(
     model: LlamaModel, pool: torch.Tensor, fast: bool, batch: Batch, all_logits: bool
 ) -> torch.Tensor:
-    """This process's forward: every position's logits through model.forward (verification,
-    prefill), or the last token's through decode.forward_step (lean for decode steps)."""
+    """This process's forward: every position's logits (verification: each token a decode
+    row where decode.forward_rows serves it, so that it matches plain decoding; else
+    model.forward), or the last token's through decode.forward_step (lean for decode steps)."""
     if all_logits:
-        return forward(model, pool, batch, True)
+        rows = forward_rows(model, pool, batch) if fast else None
+        return rows if rows is not None else forward(model, pool, batch, True)
     return forward_step(model, pool, batch, fast)

@@ -89,6 +89,8 @@ class LlamaModel:
     lm_head: Linear  # D -> V
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (max_positions, hd)
     local_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # sliding layers' (Gemma-3)
+    # decode steps' layers in C (fused.py), made on the first decode step; False: not possible
+    fused: Any = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in _tensors(self))

@@ -44,7 +44,9 @@ import torch
 log = logging.getLogger(__name__)
 
 GROUP, BLOCK = 32, 16  # input channels per scale; output channels interleaved
-_SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
+# layer.c includes qgemv.c: one translation unit (the pool and kernel stay static)
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = (_CSRC / "layer.c", _CSRC / "qgemv.c")
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 _ISA = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"]
 _CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
@@ -75,7 +77,7 @@ def _cache_dir() -> Path:
 
 def _compile(compiler: str) -> Path:
     """The shared library, compiled once per source, flags and compiler (atomic rename)."""
-    key = hashlib.sha256(_SOURCE.read_bytes())
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in _SOURCES))
     key.update(" ".join([compiler, *_FLAGS, *_ISA]).encode())
     target = _cache_dir() / f"qgemv-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -83,7 +85,7 @@ def _compile(compiler: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        command = [compiler, *_FLAGS, *_ISA, "-o", str(built), str(_SOURCE)]
+        command = [compiler, *_FLAGS, *_ISA, "-o", str(built), str(_SOURCES[0])]
         subprocess.run(command, check=True, capture_output=True, timeout=300)
         os.replace(built, target)
     return target
@@ -116,7 +118,16 @@ def _library() -> ctypes.CDLL | None:
     lib.qgemv_linear.restype = None
     lib.qgemv_record_bytes.argtypes = [_I]
     lib.qgemv_record_bytes.restype = _I
+    lib.qgemv_decode_scratch_bytes.argtypes = [_P]
+    lib.qgemv_decode_scratch_bytes.restype = ctypes.c_long
+    lib.qgemv_decode_layer.argtypes = [_P, _P, _P, _P]
+    lib.qgemv_decode_layer.restype = None
     return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library (None where `available()` is False); fused.py calls it."""
+    return _library() if not _switched_off else None
 
 
 # Decode steps of at most this many rows (an engine's default max_seqs) may go through the
@@ -291,13 +302,13 @@ class _Weight(ctypes.Structure):
     ]
 
 
-def _threads() -> int:
+def threads() -> int:
     """The kernel's threads: all of torch's inside `owning_cores`, else torch's count."""
-    threads: int = getattr(_local, "threads", None) or torch.get_num_threads()
-    return threads
+    count: int = getattr(_local, "threads", None) or torch.get_num_threads()
+    return count
 
 
-def _scratch(size: int) -> torch.Tensor:
+def scratch(size: int) -> torch.Tensor:
     """This thread's buffer for quantized activations, grown as needed (never shared between
     threads: two engines may decode at once)."""
     buffer: torch.Tensor | None = getattr(_local, "scratch", None)
@@ -323,8 +334,8 @@ class QLinear:
         self.out_features, self.in_features = n, k
         self.packed = pack(levels, scales, offsets, self.bits)
         assert self.packed.shape[-1] == lib.qgemv_record_bytes(self.bits)
-        self._weight = _Weight(self.packed.data_ptr(), self.bits, n, k)
-        self._weight_ref = ctypes.byref(self._weight)
+        self.weight_struct = _Weight(self.packed.data_ptr(), self.bits, n, k)
+        self._weight_ref = ctypes.byref(self.weight_struct)
 
     def dequantize(self) -> torch.Tensor:
         """The weight (N, K) in fp32 exactly as the kernel multiplies it."""
@@ -341,7 +352,7 @@ class QLinear:
         flat = flat.contiguous()
         rows = flat.shape[0]
         # int8 activations (M, K), then their steps and step * sums: (M, K / 32) fp32 each
-        scratch = _scratch(rows * k + 8 * rows * (k // GROUP))
+        room = scratch(rows * k + 8 * rows * (k // GROUP))
         out = torch.empty(rows, n)
         self._lib.qgemv_linear(
             self._weight_ref,
@@ -349,8 +360,8 @@ class QLinear:
             int(flat.dtype == torch.bfloat16),
             rows,
             out.data_ptr(),
-            scratch.data_ptr(),
-            _threads(),
+            room.data_ptr(),
+            threads(),
         )
         return out.view(*x.shape[:-1], n)
 
@@ -391,7 +402,7 @@ def attend_one(
         keys,
         scale,
         out.data_ptr(),
-        _threads(),
+        threads(),
     )
     return out
 
@@ -439,7 +450,7 @@ def attend_rows(
         positions.data_ptr(),
         scale,
         out.data_ptr(),
-        _threads(),
+        threads(),
     )
     return out
 

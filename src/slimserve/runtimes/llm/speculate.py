@@ -4,9 +4,12 @@ A decode step of few rows reads every weight to produce one token per row; fed k
 tokens as well, the same forward (now T = k + 1 positions per row) scores all of them. The
 target's greedy token at each position is compared with the draft; the longest agreeing
 prefix is kept, plus the target's own token after it. Every kept token is the target's
-argmax given the tokens before it, so the output is that of plain greedy decoding (the same
-tokens, provided the forward's arithmetic gives the same argmax for T = 1 and T = k + 1 rows:
-exact in fp32; bf16 can differ at near ties, as any change of batch shape can).
+argmax given the tokens before it, so the output is that of plain greedy decoding, provided
+the verification's arithmetic gives the logits a decode step would: it does, bit for bit,
+where the C layers (fused.py) serve it, each drafted token a decode row of its own
+(decode.forward_rows; the defaults on a CPU with AVX-512 VNNI); elsewhere the verification
+is one model.forward over the k + 1 positions, exact in fp32, and bf16 can differ at near
+ties, as any change of batch shape can.
 
 Drafts come from one of two proposers:
 

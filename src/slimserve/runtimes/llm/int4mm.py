@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import torch
 
-from slimserve.runtimes.llm import qgemv
+from slimserve.runtimes.llm import fused, qgemv
 from slimserve.runtimes.llm.model import (
     HAS_BF16,
     BFloat16Linear,
@@ -234,9 +234,17 @@ def choose_paths(model: LlamaModel, repeats: int = 9) -> dict[int, str]:
     so the lead only decides where another machine differs a lot.
     `SLIMSERVE_CHOOSE_PATHS=0`: no timing, the kernel for every few-row step. ~0.1-0.4 s on
     SmolLM2-135M. Sets qgemv's routes and returns them; {} (the kernel everywhere) when no
-    layer has both the kernel and torch's planes."""
+    layer has both the kernel and torch's planes, or when the model's decode steps run as C
+    layers (fused.py), faster than any of the three paths with torch around it."""
     if os.environ.get("SLIMSERVE_CHOOSE_PATHS", "1") == "0":
         qgemv.set_routes({})
+        return {}
+    if fused.build(model) is not None:
+        # The kernel's steps run each layer as one C call (fused.py), which timing the bare
+        # matmuls cannot see: SmolLM2, one row, 7.2 ms against 10.8 for the kernel with torch
+        # around it and more for torch's paths (benchmarks/RESULTS.md, issue 14, session 6).
+        qgemv.set_routes({})
+        log.info("few-row matmul paths: the C kernel and C layers for every decode step")
         return {}
     layer = model.layers[0]
     matmuls = (layer.qkv, layer.o, layer.gate_up, layer.down)

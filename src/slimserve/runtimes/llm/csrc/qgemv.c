@@ -443,7 +443,7 @@ static inline __attribute__((always_inline)) __m512 dots16(const float *q,
     return pair_ones(pair_twos(quarters[0], quarters[1]), pair_twos(quarters[2], quarters[3]));
 }
 
-/* The scores of G query heads (hd = 16 VECS <= 128) against 16 keys (K rows at `at`, fp32
+/* The scores of G query heads (G VECS <= 16, hd = 16 VECS) against 16 keys (K rows at `at`, fp32
  * or bf16) as dots16, each K row loaded (and widened) once into registers for the G heads. */
 static inline __attribute__((always_inline)) void dots16_heads(const float *q, const void *cache,
                                                                int is_bf16, const size_t *at,
@@ -549,10 +549,11 @@ static inline __attribute__((always_inline)) void attend_group(
         prefetch_rows(cache, k_base, &k_ahead, next < 16 ? next : 16, hd, item);
         prefetch_rows(cache, v_base, &v_ahead, count, hd, item);
         const __mmask16 valid = (__mmask16)((1u << count) - 1);
-        /* bf16: each K row widened once, in registers, for the G heads. fp32 (and bf16 over
-         * 128 wide, widened into `tile`): head by head, the first head's reads bringing the
-         * 16 rows into L1 for the others (from DRAM ~7% faster than the bf16 order). */
-        const int widen = is_bf16 && VECS <= 8;
+        /* bf16: each K row widened once, in registers, for the G heads (while their query
+         * vectors fit in 16 registers). fp32 (and other bf16 shapes, widened into `tile`):
+         * head by head, the first head's reads bringing the 16 rows into L1 for the others
+         * (from DRAM ~7% faster than the bf16 order). */
+        const int widen = is_bf16 && G * VECS <= 16;
         __m512 sums[4];
         const float *rows[16];
         if (widen) {

@@ -2,14 +2,16 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/llm_attention_c.py              # from DRAM
     PYTHONPATH=src .venv/bin/python benchmarks/llm_attention_c.py --layers 1   # from cache
+    PYTHONPATH=src .venv/bin/python benchmarks/llm_attention_c.py --consecutive
     PYTHONPATH=src .venv/bin/python benchmarks/llm_attention_c.py --base main --dtypes bf16
 
 SmolLM2-135M's attention shape (9 query heads, 3 K/V heads, head_dim 64) over a paged pool
-(blocks of 16 positions, each row's blocks scattered over the pool), rows 1, 8 and 32 at
-contexts 200 and 1000, on 1 and 2 threads, fp32 and bf16 K/V. Calls go round `--layers`
-pools, one a layer, as a decode step's layers do (30 for SmolLM2), so that K and V come from
-DRAM as in a step, where the other layers' K/V and the weights pass through the caches
-between two uses of a layer's pool; `--layers 1` times one pool that stays in cache.
+(blocks of 16 positions, each row's blocks scattered over the pool, or in order with
+`--consecutive`), rows 1, 8 and 32 at contexts 200 and 1000, on 1 and 2 threads, fp32 and
+bf16 K/V. Calls go round `--layers` pools, one a layer, as a decode step's layers do (30 for
+SmolLM2), so that K and V come from DRAM as in a step, where the other layers' K/V and the
+weights pass through the caches between two uses of a layer's pool; `--layers 1` times one
+pool that stays in cache.
 
 The older kernel is `csrc/qgemv.c` as it was at `--base` (default: the commit before session
 6's attention change), built with the same flags into a temporary library, and reached
@@ -58,12 +60,16 @@ def build_old(base: str, folder: Path) -> ctypes.CDLL:
     return old
 
 
-def case(rows: int, context: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """q, k, v, pool, slots, tables, positions: each row `context` keys in scattered blocks."""
+def case(
+    rows: int, context: int, dtype: torch.dtype, consecutive: bool
+) -> tuple[torch.Tensor, ...]:
+    """q, k, v, pool, slots, tables, positions: each row `context` keys in blocks scattered
+    over the pool (as a long-running server's are), or consecutive (as a fresh one's)."""
     per_row = -(-context // BS)
     blocks = rows * per_row + 1
     cache = torch.randn(2, KV_HEADS, blocks, BS, HD).to(dtype)
-    tables = (torch.randperm(blocks - 1)[: rows * per_row] + 1).view(rows, per_row)
+    order = torch.arange(blocks - 1) if consecutive else torch.randperm(blocks - 1)
+    tables = (order + 1).view(rows, per_row)
     positions = torch.full((rows, 1), context - 1)
     last = positions[:, 0]
     slots = tables[torch.arange(rows), last // BS] * BS + last % BS
@@ -108,6 +114,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--dtypes", default="fp32,bf16", help="K/V pool dtypes: fp32, bf16")
     parser.add_argument("--layers", type=int, default=30, help="pools gone round (1: cached)")
+    parser.add_argument("--consecutive", action="store_true", help="each row's blocks in order")
     parser.add_argument("--samples", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the layers a sample")
     options = parser.parse_args()
@@ -124,7 +131,10 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 for rows in [int(r) for r in options.rows.split(",")]:
                     for context in [int(c) for c in options.contexts.split(",")]:
-                        cases = [case(rows, context, DTYPES[name]) for _ in range(options.layers)]
+                        cases = [
+                            case(rows, context, DTYPES[name], options.consecutive)
+                            for _ in range(options.layers)
+                        ]
                         before, after = compare(old, cases, options)
                         print(
                             f"{name:5s} {threads:7d} {rows:4d} {context:7d} {before:8.1f} "

@@ -73,7 +73,6 @@ static void rms_norm(const float *x, const float *w, int rows, int n, float eps,
     }
 }
 
-/* exp16: qgemv.c's. */
 /* act (rows, I) = silu(gate) * up, from gate_up (rows, 2 I) = [gate | up]. */
 static void silu_mul(const float *gate_up, int rows, int inter, float *act) {
     const __m512 one = _mm512_set1_ps(1.0f);

@@ -609,7 +609,8 @@ struct Attn {
     float *out; /* (rows, H, hd) fp32 */
 };
 
-/* This thread's room for scores, grown as needed (each of the pool's threads has one). */
+/* This thread's room for scores and a widened K tile, grown as needed (each of the pool's
+ * threads has one). */
 static float *scores_room(int count) {
     static __thread float *room = NULL;
     static __thread int size = 0;

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimserve.runtimes.llm import attention
+from slimserve.runtimes.llm import attention, qgemv
 from slimserve.runtimes.llm.sequence import Row, make_batch
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 16, 4
@@ -31,16 +31,29 @@ def _fresh_and_gathered(lengths: list[int], dtype: torch.dtype) -> tuple[torch.T
     real = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
     fresh = attention.attend_new(q, k, v)
     gathered = attention.attend(q, kv, index)
-    return fresh, gathered, real, torch.tensor(index.fresh)
+    in_c = attention.attend_new_c(q, k, v, kv, index) if qgemv.attends(kv, HEAD_DIM) else fresh
+    return fresh, gathered, real, torch.tensor(index.fresh), in_c
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fresh_prefill_equals_the_gathered_path(dtype: torch.dtype) -> None:
-    fresh, gathered, real, is_fresh = _fresh_and_gathered([7, 3, 12, 1], dtype)
+    fresh, gathered, real, is_fresh, _ = _fresh_and_gathered([7, 3, 12, 1], dtype)
     assert bool(is_fresh)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(
         fresh[real].float(), gathered[real].float(), atol=tolerance, rtol=tolerance
+    )
+
+
+@pytest.mark.skipif(not qgemv.available(), reason="no AVX-512 VNNI or compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fresh_prefill_in_c_equals_the_gathered_path(dtype: torch.dtype) -> None:
+    """Each new token a row of the C attention over its row's blocks up to itself."""
+    _, gathered, real, _, in_c = _fresh_and_gathered([7, 3, 12, 1, 30], dtype)
+    assert in_c.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(
+        in_c[real].float(), gathered[real].float(), atol=tolerance, rtol=tolerance
     )
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from slimserve.runtimes.llm import qgemv
+
 
 @dataclass(frozen=True, slots=True)
 class KvIndex:
@@ -38,6 +40,9 @@ class KvIndex:
     # A prefill whose every row starts at position 0 (no cached prefix): each row's keys are
     # exactly its new tokens, so it can attend causally over them (`attend_new`), no gather.
     fresh: bool = False
+    # Then also each new token as a row of its own for the C attention (`attend_new_c`): its
+    # slot (B * T,), its row's block table (B * T, M) and its position (B * T,), int64.
+    token_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def kv_index(
@@ -56,7 +61,11 @@ def kv_index(
     head_blocks = torch.arange(kv_heads) * num_blocks  # (Hkv,) first block row of each head
     read = (block_tables[:, None, :] + head_blocks[None, :, None]).view(-1)  # (B, Hkv, M)
     fresh = positions.shape[1] > 1 and not bool(positions[:, 0].any())
-    return KvIndex(write, read, _mask(positions, keys), rows, keys, fresh)
+    token_rows = None
+    if fresh:
+        tables = block_tables.repeat_interleave(positions.shape[1], 0)
+        token_rows = (slots.contiguous(), tables, positions.reshape(-1).contiguous())
+    return KvIndex(write, read, _mask(positions, keys), rows, keys, fresh, token_rows)
 
 
 def with_window(index: KvIndex, positions: torch.Tensor, window: int) -> KvIndex:
@@ -142,6 +151,32 @@ def attend_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
         enable_gqa=k.shape[2] != heads,
     )  # (B, H, T, hd)
     return out.transpose(1, 2).reshape(rows, new, heads * head_dim)
+
+
+def attend_new_c(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, index: KvIndex
+) -> torch.Tensor:
+    """`attend_new` through the C attention (qgemv.attend_rows): each new token a row over
+    its row's block table up to its own position, softmax in fp32. Its K/V are written to the
+    pool first (again: write_kv already did). torch's flash attention took 8-16 ms a layer for
+    16 SmolLM2 prompts of 120 tokens at two threads (~10 GFLOP/s: small tiles), the C one
+    10 ms before its session-6 rewrite (benchmarks/RESULTS.md, issue 14, session 6). Returns
+    (B, T, H * hd) in q's dtype."""
+    assert index.token_rows is not None
+    slots, tables, positions = index.token_rows
+    rows, new, heads, head_dim = q.shape
+    flat = rows * new
+    out = qgemv.attend_rows(
+        q.reshape(flat, heads, head_dim),
+        k.reshape(flat, -1, head_dim),
+        v.reshape(flat, -1, head_dim),
+        kv,
+        slots,
+        tables,
+        positions,
+        1.0 / math.sqrt(head_dim),
+    )
+    return out.view(rows, new, heads * head_dim).to(q.dtype)
 
 
 def _gather(

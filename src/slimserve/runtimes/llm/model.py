@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from slimserve.errors import InvalidArgument, ModelLoadError
 from slimserve.repository.families import Family, family_of, layer_windows, rope_theta
-from slimserve.runtimes.llm import attention
+from slimserve.runtimes.llm import attention, qgemv
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 # Builds a layer's matmul from its fp32 weight (out, in) and its role: qkv, o, gate_up, down,
@@ -467,6 +467,8 @@ def _attention(
     v = qkv[:, :, shape.heads + kvh :]
     attention.write_kv(kv, k, v, index)
     if index.fresh and shape.attn_softcap is None:  # no prefix: its own keys, causally
+        if index.token_rows is not None and qgemv.attends(kv, hd):
+            return layer.o(attention.attend_new_c(q, k, v, kv, index))
         return layer.o(attention.attend_new(q, k, v))
     return layer.o(attention.attend(q, kv, index, shape.attn_softcap))
 

@@ -158,9 +158,9 @@ def attend_new_c(
 ) -> torch.Tensor:
     """`attend_new` through the C attention (qgemv.attend_rows): each new token a row over
     its row's block table up to its own position, softmax in fp32. Its K/V are written to the
-    pool first (again: write_kv already did). torch's flash attention took 8-16 ms a layer for
-    16 SmolLM2 prompts of 120 tokens at two threads (~10 GFLOP/s: small tiles), the C one
-    10 ms before its session-6 rewrite (benchmarks/RESULTS.md, issue 14, session 6). Returns
+    pool first (again: write_kv already did). 16 SmolLM2 prompts of 120 tokens, two threads,
+    30 layers: 223 ms against 272 for torch's flash attention (small tiles: ~10 GFLOP/s), the
+    whole prefill 1394 against 1468 ms (benchmarks/RESULTS.md, issue 14, session 6). Returns
     (B, T, H * hd) in q's dtype."""
     assert index.token_rows is not None
     slots, tables, positions = index.token_rows

@@ -31,7 +31,7 @@ def _fresh_and_gathered(lengths: list[int], dtype: torch.dtype) -> tuple[torch.T
     real = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
     fresh = attention.attend_new(q, k, v)
     gathered = attention.attend(q, kv, index)
-    in_c = attention.attend_new_c(q, k, v, kv, index) if qgemv.attends(kv, HEAD_DIM) else fresh
+    in_c = attention.attend_c(q, k, v, kv, index) if qgemv.attends(kv, HEAD_DIM) else fresh
     return fresh, gathered, real, torch.tensor(index.fresh), in_c
 
 

@@ -102,3 +102,17 @@ def test_models_the_c_layers_do_not_take_use_torch(model: LlamaModel) -> None:
     assert fused.build(gelu) is None
     with qgemv.switched_off():
         assert fused.build(model) is None
+
+
+@pytest.mark.parametrize("lengths", [(4, 3), (4, 4), (7, 3), (2, 9)])
+def test_a_prompt_prefills_the_same_alone_or_beside_another(
+    model: LlamaModel, lengths: tuple[int, int]
+) -> None:
+    """Its first token's logits and its K/V, bit for bit, whatever else is in the batch
+    (the matmuls of every prefill take one path whatever its rows)."""
+    a, b = (list(range(start, start + n)) for start, n in zip((100, 200), lengths, strict=True))
+    together, alone = new_kv_pool(model.shape, 16, BLOCK), new_kv_pool(model.shape, 16, BLOCK)
+    both = forward(model, together, make_batch([Row(a, 0, [1, 2, 5]), Row(b, 0, [3, 4, 6])], BLOCK))
+    one = forward(model, alone, make_batch([Row(a, 0, [1, 2, 5])], BLOCK))
+    assert torch.equal(both[0], one[0])
+    assert torch.equal(together[:, :, :, [1, 2, 5]], alone[:, :, :, [1, 2, 5]])

@@ -40,8 +40,8 @@ class KvIndex:
     # A prefill whose every row starts at position 0 (no cached prefix): each row's keys are
     # exactly its new tokens, so it can attend causally over them (`attend_new`), no gather.
     fresh: bool = False
-    # Then also each new token as a row of its own for the C attention (`attend_new_c`): its
-    # slot (B * T,), its row's block table (B * T, M) and its position (B * T,), int64.
+    # A prefill's (T > 1) new tokens as rows of their own for the C attention (`attend_c`):
+    # each one's slot (B * T,), its row's block table (B * T, M), its position (B * T,), int64.
     token_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
@@ -62,7 +62,7 @@ def kv_index(
     read = (block_tables[:, None, :] + head_blocks[None, :, None]).view(-1)  # (B, Hkv, M)
     fresh = positions.shape[1] > 1 and not bool(positions[:, 0].any())
     token_rows = None
-    if fresh:
+    if positions.shape[1] > 1:
         tables = block_tables.repeat_interleave(positions.shape[1], 0)
         token_rows = (slots.contiguous(), tables, positions.reshape(-1).contiguous())
     return KvIndex(write, read, _mask(positions, keys), rows, keys, fresh, token_rows)
@@ -71,7 +71,8 @@ def kv_index(
 def with_window(index: KvIndex, positions: torch.Tensor, window: int) -> KvIndex:
     """`index` for a sliding-window layer: a query at p sees keys in (p - window, p], as
     transformers' sliding-window mask (Mistral, Phi-3, Gemma-2's local layers)."""
-    return dataclasses.replace(index, mask=_mask(positions, index.keys, window), fresh=False)
+    mask = _mask(positions, index.keys, window)
+    return dataclasses.replace(index, mask=mask, fresh=False, token_rows=None)
 
 
 def _mask(positions: torch.Tensor, keys: int, window: int | None = None) -> torch.Tensor:
@@ -153,15 +154,18 @@ def attend_new(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return out.transpose(1, 2).reshape(rows, new, heads * head_dim)
 
 
-def attend_new_c(
+def attend_c(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, index: KvIndex
 ) -> torch.Tensor:
-    """`attend_new` through the C attention (qgemv.attend_rows): each new token a row over
-    its row's block table up to its own position, softmax in fp32. Its K/V are written to the
-    pool first (again: write_kv already did). 16 SmolLM2 prompts of 120 tokens, two threads,
-    30 layers: 223 ms against 272 for torch's flash attention (small tiles: ~10 GFLOP/s), the
-    whole prefill 1394 against 1468 ms (benchmarks/RESULTS.md, issue 14, session 6). Returns
-    (B, T, H * hd) in q's dtype."""
+    """A prefill's attention through the C kernel (qgemv.attend_rows): each new token a row
+    over its row's block table up to its own position (a cached prefix included), softmax in
+    fp32; its K/V are written to the pool first (again: write_kv already did). The decode
+    steps' attention is the same code, so a prompt computed whole, or in part after a cached
+    prefix, gives the same K/V and first token (tests/runtimes/test_generation.py). A fresh
+    prefill of 16 SmolLM2 prompts of 120 tokens, two threads, 30 layers: 223 ms against 272
+    for torch's flash attention (small tiles: ~10 GFLOP/s), the whole prefill 1394 against
+    1468 ms (benchmarks/RESULTS.md, issue 14, session 6). Returns (B, T, H * hd) in q's
+    dtype."""
     assert index.token_rows is not None
     slots, tables, positions = index.token_rows
     rows, new, heads, head_dim = q.shape

@@ -167,7 +167,7 @@ class DualLinear:
     this machine, else torch's int4 planes (`Int4Linear`). With qgemv, a one-plane (4-bit)
     weight also keeps torch's planes (0.5 byte a weight more), and which of the three serves
     a decode step of up to qgemv.MAX_ROWS rows is qgemv's `route` (measured at start-up:
-    `choose_paths`); other calls (prefill chunks) keep qgemv.OTHER_ROWS."""
+    `choose_paths`); other calls (prefill chunks) take the bf16 copy."""
 
     def __init__(self, weight: torch.Tensor, role: str = "") -> None:
         self.small: QLinear | Int4Linear
@@ -193,11 +193,13 @@ class DualLinear:
             return self.large(x)
         if isinstance(self.small, Int4Linear):
             return self.small(x)
-        if not qgemv.in_decode():  # prefill chunks, verification: qgemv.OTHER_ROWS
-            if rows <= qgemv.OTHER_ROWS:
-                return self.small(x)
-            if self.middle is not None and rows <= self.middle.max_rows:
-                return self.middle(x)
+        if not qgemv.in_decode():
+            # Prefills (and model.forward's verifications) take the bf16 copy at any size, so
+            # that a prompt's K/V and first token do not depend on how many rows it was
+            # computed with: by the kernel at 4 rows and bf16 at 8, one prompt alone and the
+            # same prompt beside another answered differently at a near tie (a tiny Llama,
+            # tests/runtimes/test_generation.py), as a cached prefix's 5-16 token prefill did
+            # (SmolLM2, logits 25.24 / 25.10, session 5).
             return self.large(x)
         path = qgemv.route(rows)
         if path == "planes" and self.middle is not None and rows <= self.middle.max_rows:

@@ -154,13 +154,6 @@ def set_routes(table: dict[int, str]) -> None:
     _routes.update(table)
 
 
-# Outside decode steps (prefill chunks, speculative verification) the kernel keeps session
-# 4's reach: a cached prefix's prefill of 5-16 tokens through int8 activations gave another
-# first token than the full prompt's bf16 prefill at a near tie (SmolLM2, 25.24 / 25.10);
-# the int4 planes and the bf16 copy (bf16 activations both) agree there, as before.
-OTHER_ROWS = 4
-
-
 @contextlib.contextmanager
 def decoding() -> Iterator[None]:
     """Inside: a decode step (one new token a row), whose few-row matmuls take `routes`."""

@@ -4,6 +4,7 @@ clean fallback to torch when it cannot be built."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import logging
 import shutil
@@ -378,3 +379,22 @@ def test_the_kernels_exponential_is_within_one_ulp_of_exp() -> None:
     assert int(ulps[:-1].max()) <= 1
     assert y[x == 0].eq(1).all() and y[x < -103.98].eq(0).all() and y[x > 88.73].isinf().all()
     assert y[-1].isnan()
+
+
+@needs_kernel
+@pytest.mark.timeout(120)
+def test_two_callers_at_once_each_get_their_own_result() -> None:
+    """Two engines of one server (two models) may call the kernel at the same moment: one
+    job has the pool, the other runs on its caller's thread; both right, neither hangs."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: no pool to share")
+    weights = [QLinear(q4_1_weight(n, k)) for n, k in ((1024, 512), (512, 1024), (64, 256))]
+    xs = [torch.randn(16, 512), torch.randn(1, 1024), torch.randn(2, 256)]
+    expected = [w(x) for w, x in zip(weights, xs, strict=True)]
+
+    def hammer(i: int) -> bool:
+        return all(torch.equal(weights[i](xs[i]), expected[i]) for _ in range(1000))
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(hammer, range(3)))
+    assert results == [True, True, True]

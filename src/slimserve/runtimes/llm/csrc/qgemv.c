@@ -279,21 +279,35 @@ static void grow(int threads) {
     }
 }
 
+/* All of j's units on the caller's thread. */
+static void run_here(const Job *j) {
+    for (int u = 0; u < j->units; u++) {
+        if (j->attn) {
+            attend_unit(j->attn, u);
+        } else {
+            int blocks = (j->N + BLOCK - 1) / BLOCK;
+            int b1 = (u + 1) * j->unit < blocks ? (u + 1) * j->unit : blocks;
+            run_blocks(j, u * j->unit, b1);
+        }
+    }
+}
+
+/* One job in the pool at a time: two engines of one server (two models) may call at once. */
+static pthread_mutex_t pool_owner = PTHREAD_MUTEX_INITIALIZER;
+
 /* Run j's units on `threads` threads (the caller's one of them), or all on the caller's when
- * there are fewer than `least` units or no worker. */
+ * there are fewer than `least` units, no worker, or another caller's job in the pool (it
+ * does not wait for the pool: the other job has the cores). */
 static void dispatch(const Job *j, int threads, int least) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > 1 && j->units >= least) grow(threads);
-    if (threads < 2 || j->units < least || created < 2) {
-        for (int u = 0; u < j->units; u++) {
-            if (j->attn) {
-                attend_unit(j->attn, u);
-            } else {
-                int blocks = (j->N + BLOCK - 1) / BLOCK;
-                int b1 = (u + 1) * j->unit < blocks ? (u + 1) * j->unit : blocks;
-                run_blocks(j, u * j->unit, b1);
-            }
-        }
+    if (threads < 2 || j->units < least || pthread_mutex_trylock(&pool_owner) != 0) {
+        run_here(j);
+        return;
+    }
+    grow(threads);
+    if (created < 2) {
+        pthread_mutex_unlock(&pool_owner);
+        run_here(j);
         return;
     }
     job = *j;
@@ -317,6 +331,7 @@ static void dispatch(const Job *j, int threads, int least) {
                 sched_yield();
         }
     }
+    pthread_mutex_unlock(&pool_owner);
 }
 
 /* y (M, N) fp32 = x (M, K) @ W.T for W packed as `bits`-bit records (see the top).

@@ -449,6 +449,7 @@ def attend_rows(
 
 
 def attends(cache: torch.Tensor, head_dim: int) -> bool:
-    """Whether `attend_one` takes this pool: fp32 or bf16, contiguous, hd a multiple of 16."""
-    dtype_ok = cache.dtype in (torch.float32, torch.bfloat16)
+    """Whether `attend_one` takes this pool: fp32 or bf16, contiguous, in CPU memory, hd a
+    multiple of 16."""
+    dtype_ok = cache.dtype in (torch.float32, torch.bfloat16) and cache.device.type == "cpu"
     return available() and dtype_ok and cache.is_contiguous() and head_dim % 16 == 0

@@ -159,7 +159,7 @@ def attend_c(
 ) -> torch.Tensor:
     """A prefill's attention through the C kernel (qgemv.attend_rows): each new token a row
     over its row's block table up to its own position (a cached prefix included), softmax in
-    fp32; its K/V are written to the pool first (again: write_kv already did). The decode
+    fp32; the new tokens' K/V are written to the pool first (in C: no write_kv). The decode
     steps' attention is the same code, so a prompt computed whole, or in part after a cached
     prefix, gives the same K/V and first token (tests/runtimes/test_generation.py). A fresh
     prefill of 16 SmolLM2 prompts of 120 tokens, two threads, 30 layers: 223 ms against 272

@@ -81,9 +81,8 @@ def forward_rows(model: LlamaModel, pool: torch.Tensor, batch: Batch) -> torch.T
     whole block) can differ from decoding at near ties."""
     rows, new = batch.tokens.shape
     count = rows * new
-    if not (supported(model) and qgemv.serves(rows) and qgemv.serves(count)):
-        return None
-    if not qgemv.attends(pool, model.shape.head_dim) or fused.plan(model) is None:
+    # plain decoding of these rows must take the C layers too, or the logits could differ
+    if not supported(model) or any(_c_layers(model, pool, n) is None for n in (rows, count)):
         return None
     tokens = Batch(
         batch.tokens.reshape(count, 1),
@@ -106,26 +105,43 @@ def rotations(tables: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor
     return eye * cos[:, None, :] + swap * sin[:, None, :]
 
 
+def _c_layers(model: LlamaModel, pool: torch.Tensor, rows: int) -> fused.FusedLayers | None:
+    """The model's C layers where they serve a decode step of `rows` rows over `pool`."""
+    if not (qgemv.serves(rows) and qgemv.attends(pool, model.shape.head_dim)):
+        return None
+    return fused.plan(model)
+
+
 def _decode(model: LlamaModel, pool: torch.Tensor, batch: Batch) -> torch.Tensor:
     shape = model.shape
-    rows = batch.tokens.shape[0]
-    heads, kvh, hd, eps = shape.heads, shape.kv_heads, shape.head_dim, shape.eps
-    norm_shape = (shape.hidden,)
     x = model.embed[batch.tokens.view(-1)]  # (B, D) fp32
     if shape.embed_scale != 1.0:
         x = x * shape.embed_scale
+    c_layers = _c_layers(model, pool, x.shape[0])
+    if c_layers is not None:  # every layer in one C call each (fused.py)
+        x = fused.run_layers(c_layers, model, pool, batch, x.float().contiguous())
+    else:
+        x = _torch_layers(model, pool, batch, x)
+    norm = F.rms_norm(x, (shape.hidden,), model.norm, shape.eps)
+    return model.lm_head(norm.to(shape.dtype)).float()
+
+
+def _torch_layers(
+    model: LlamaModel, pool: torch.Tensor, batch: Batch, x: torch.Tensor
+) -> torch.Tensor:
+    """The residual stream x (B, D) through every layer, torch around the matmuls."""
+    shape = model.shape
+    rows = x.shape[0]
+    heads, kvh, hd, eps = shape.heads, shape.kv_heads, shape.head_dim, shape.eps
+    norm_shape = (shape.hidden,)
     dtype = shape.dtype
-    in_c = qgemv.attends(pool, hd)
-    fused_layers = fused.plan(model) if in_c and qgemv.serves(rows) else None
-    if fused_layers is not None:  # every layer in one C call each (fused.py)
-        x = fused.run_layers(fused_layers, model, pool, batch, x.float().contiguous())
-        return model.lm_head(F.rms_norm(x, norm_shape, model.norm, eps).to(dtype)).float()
     rotate = rotations(model.rope, batch.positions.view(-1))
     run = _consecutive(batch)
     # One row over consecutive blocks, or any number of rows over their block tables: the C
     # kernel's attention where it is built (no gathers); torch's otherwise. Past the kernel's
     # matmul rows too: a 32-row SmolLM2 step, one thread, 165.6 -> 139.8 ms CPU (RESULTS.md,
     # issue 14, session 5, many streams).
+    in_c = qgemv.attends(pool, hd)
     direct = run is not None and in_c
     index = None if run is not None or in_c else _index(batch, pool)
     scale = shape.query_scale / math.sqrt(hd)
@@ -153,8 +169,7 @@ def _decode(model: LlamaModel, pool: torch.Tensor, batch: Batch) -> torch.Tensor
         h = F.rms_norm(x, norm_shape, layer.mlp_norm, eps).to(dtype)
         gate, up = layer.gate_up(h).chunk(2, dim=-1)
         x = x + layer.down(activation(gate).mul_(up))
-    logits = model.lm_head(F.rms_norm(x, norm_shape, model.norm, eps).to(dtype)).float()
-    return logits
+    return x
 
 
 def _attend_torch(

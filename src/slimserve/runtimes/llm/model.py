@@ -465,9 +465,9 @@ def _attention(
     if shape.query_scale != 1.0:
         q = q * shape.query_scale
     v = qkv[:, :, shape.heads + kvh :]
-    attention.write_kv(kv, k, v, index)
     if index.token_rows is not None and shape.attn_softcap is None and qgemv.attends(kv, hd):
-        return layer.o(attention.attend_c(q, k, v, kv, index))
+        return layer.o(attention.attend_c(q, k, v, kv, index))  # writes the K/V itself
+    attention.write_kv(kv, k, v, index)
     if index.fresh and shape.attn_softcap is None:  # no prefix: its own keys, causally
         return layer.o(attention.attend_new(q, k, v))
     return layer.o(attention.attend(q, kv, index, shape.attn_softcap))
